@@ -1,0 +1,43 @@
+# Updraft. Quick start: `make run`, `make test`. Both set up the machine first (scripts/setup.sh).
+SHELL := bash
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+UPDRAFT := $(TARGET_DIR)/debug/updraft
+
+.PHONY: setup server site run test check fmt fmt-check clippy purity unit e2e clean-data
+
+setup:
+	@scripts/setup.sh
+
+server: setup
+	cargo build -p server --bin updraft
+
+site: setup
+	scripts/build-site.sh
+
+## Build (first time: ~15 min on 2 cores), then start Updraft with embedded defaults under ./data.
+run: server site
+	$(UPDRAFT) serve
+
+## Everything CI checks: format, clippy per feature set, crate purity, unit + integration tests
+## (SQLite always, PostgreSQL when UPDRAFT_TEST_POSTGRES_URL is set), then end2end in headless Chromium.
+test: setup
+	scripts/test.sh
+
+fmt:
+	cargo +stable fmt --all
+
+fmt-check:
+	cargo +stable fmt --all --check
+
+clippy: setup
+	cargo clippy --workspace --exclude frontend --all-targets -- -D warnings
+	RUSTC_BOOTSTRAP=1 cargo clippy -p frontend --target wasm32-unknown-unknown -Z build-std=std,panic_abort -- -D warnings
+
+unit: setup
+	cargo nextest run --workspace --exclude frontend
+
+e2e: setup site
+	scripts/e2e.sh
+
+clean-data:
+	rm -rf data

@@ -1,0 +1,65 @@
+//! Updraft's web console: Leptos components, routes and server functions.
+//!
+//! - [`shell`] is the HTML document the server renders; [`App`] is the router.
+//! - [`api`]: server functions (`#[server]`, POST `/api/...`) and the DTOs they exchange.
+//! - [`pages`]: one component per page (`LoginPage`, `DevicesPage`...), [`components`]: shared pieces.
+//! - [`error`]: [`ApiError`](error::ApiError), the one error contract of the server functions.
+//!
+//! Built twice: with `ssr` into the server (rendering and server-function bodies) and with `hydrate` into
+//! the wasm bundle (`frontend`), which takes over the server-rendered page.
+
+pub mod api;
+pub mod components;
+pub mod error;
+pub mod pages;
+
+use leptos::prelude::*;
+use leptos_meta::{MetaTags, Stylesheet, Title, provide_meta_context};
+use leptos_router::components::{ParentRoute, Redirect, Route, Router, Routes};
+use leptos_router::path;
+
+use pages::{
+    DevicesPage, GroupsPage, Layout, LoginPage, NotFound, ProductsPage, SettingsPage, UpgradesPage,
+};
+
+/// The HTML document around [`App`].
+pub fn shell(options: LeptosOptions) -> impl IntoView {
+    view! {
+        <!DOCTYPE html>
+        <html lang="en">
+            <head>
+                <meta charset="utf-8" />
+                <meta name="viewport" content="width=device-width, initial-scale=1" />
+                <meta name="color-scheme" content="light" />
+                <HydrationScripts options />
+                <MetaTags />
+            </head>
+            <body>
+                <App />
+            </body>
+        </html>
+    }
+}
+
+/// The console's router.
+#[component]
+pub fn App() -> impl IntoView {
+    provide_meta_context();
+    view! {
+        <Stylesheet id="updraft" href="/pkg/updraft.css" />
+        <Title formatter=|page: String| if page.is_empty() { "Updraft".to_owned() } else { format!("{page} · Updraft") } />
+        <Router>
+            <Routes fallback=NotFound>
+                <Route path=path!("/login") view=LoginPage />
+                <ParentRoute path=path!("") view=Layout>
+                    <Route path=path!("") view=|| view! { <Redirect path="/devices" /> } />
+                    <Route path=path!("devices") view=DevicesPage />
+                    <Route path=path!("groups") view=GroupsPage />
+                    <Route path=path!("products") view=ProductsPage />
+                    <Route path=path!("upgrades") view=UpgradesPage />
+                    <Route path=path!("settings") view=SettingsPage />
+                </ParentRoute>
+            </Routes>
+        </Router>
+    }
+}

@@ -1,0 +1,63 @@
+//! Connecting to the database: a SQLite file by default (WAL, foreign keys on), PostgreSQL when the URL
+//! says `postgres://`. Migrations are run by the caller (`migrations::Migrator::up`).
+
+use std::time::Duration;
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
+
+/// Opens a pool on `url`. For a SQLite file, its directory is created and WAL is switched on.
+///
+/// # Errors
+/// [`DbErr`] when the database cannot be reached or opened.
+pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
+    let sqlite = url.starts_with("sqlite:");
+    if sqlite {
+        if let Some(path) = sqlite_path(url) {
+            if let Some(dir) = std::path::Path::new(&path).parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", dir.display())))?;
+            }
+        }
+    }
+    let mut opts = ConnectOptions::new(url.to_owned());
+    opts.sqlx_logging(false).acquire_timeout(Duration::from_secs(10));
+    if sqlite {
+        // SQLite serialises writers anyway; a small pool avoids "database is locked" storms, and the busy
+        // timeout lets a writer wait for another instead of failing.
+        opts.max_connections(8).min_connections(1).map_sqlx_sqlite_opts(|o| {
+            o.create_if_missing(true)
+                .foreign_keys(true)
+                .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+        });
+    } else {
+        opts.max_connections(32).min_connections(1);
+    }
+    let db = Database::connect(opts).await?;
+    if sqlite {
+        // Belt and braces: confirm the journal mode really is WAL (it is persistent in the file).
+        db.execute_unprepared("PRAGMA journal_mode=WAL").await?;
+    }
+    Ok(db)
+}
+
+/// The file path of a `sqlite:` URL, if it names a file.
+fn sqlite_path(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && path != ":memory:").then(|| path.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_paths_are_found_in_urls() {
+        assert_eq!(sqlite_path("sqlite://./data/updraft.db?mode=rwc").as_deref(), Some("./data/updraft.db"));
+        assert_eq!(sqlite_path("sqlite:/tmp/x.db").as_deref(), Some("/tmp/x.db"));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://x"), None);
+    }
+}

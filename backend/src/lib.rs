@@ -1,0 +1,24 @@
+//! Updraft's services and adapters: the imperative shell around the pure `domain` and `protocol` crates.
+//!
+//! - [`clock`]: the injected [`Clock`](clock::Clock): the real one, and a manual one for tests.
+//! - [`secrets`]: authenticated encryption of device secrets and AK/SK with a key kept outside the database.
+//! - [`ids`]: generation of ids, tokens and passwords from the operating system's random source.
+//! - [`db`]: connecting to SQLite (WAL) or PostgreSQL.
+//! - [`storage`]: sea-orm entities for every table.
+//! - [`service`]: the operations the console, the API and the command line share (auth, projects, products,
+//!   devices, groups, overview).
+//! - [`state`]: [`AppState`](state::AppState), what every handler and server function receives.
+//! - [`error`]: the service [`Error`](error::Error).
+#![warn(missing_docs)]
+
+pub mod clock;
+pub mod db;
+pub mod error;
+pub mod ids;
+pub mod secrets;
+pub mod service;
+pub mod state;
+pub mod storage;
+
+pub use error::{Error, Result};
+pub use state::AppState;

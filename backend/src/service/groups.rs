@@ -1,0 +1,97 @@
+//! Device groups (static).
+
+use domain::text;
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+
+use super::{Page, Paged};
+use crate::storage::entity::{device_group_members, device_groups};
+use crate::{AppState, Error, Result, ids};
+
+/// A group with its member count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupRow {
+    /// The group.
+    pub group: device_groups::Model,
+    /// How many devices it holds.
+    pub members: u64,
+}
+
+/// Creates a static group in `project_id`'s default resource space.
+///
+/// # Errors
+/// [`Error::Validation`]; [`Error::Conflict`] for a taken name; [`Error::Db`].
+pub async fn create(state: &AppState, project_id: &str, name: &str, description: &str) -> Result<device_groups::Model> {
+    let name = text::bounded("name", name, 64, true)?;
+    let description = text::bounded("description", description, 64, false)?;
+    let app = super::projects::default_app(state, project_id).await?;
+    let now = state.clock.now().as_millis();
+    device_groups::ActiveModel {
+        id: Set(ids::uuid_like()),
+        project_id: Set(project_id.to_owned()),
+        app_id: Set(app.id),
+        name: Set(name.clone()),
+        description: Set(description),
+        super_group_id: Set(None),
+        group_type: Set("STATIC".to_owned()),
+        dynamic_group_rule: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    }
+    .insert(&state.db)
+    .await
+    .map_err(|e| {
+        if crate::storage::is_unique_violation(&e) {
+            Error::Conflict(format!("a group named {name} already exists"))
+        } else {
+            e.into()
+        }
+    })
+}
+
+/// Lists `project_id`'s groups by name.
+///
+/// # Errors
+/// [`Error::Db`].
+pub async fn list(state: &AppState, project_id: &str, page: Page) -> Result<Paged<GroupRow>> {
+    let query = device_groups::Entity::find().filter(device_groups::Column::ProjectId.eq(project_id));
+    let total = query.clone().count(&state.db).await?;
+    let groups = query.order_by_asc(device_groups::Column::Name).limit(page.limit).offset(page.offset).all(&state.db).await?;
+    let mut items = Vec::with_capacity(groups.len());
+    for group in groups {
+        let members = device_group_members::Entity::find()
+            .filter(device_group_members::Column::GroupId.eq(&group.id))
+            .count(&state.db)
+            .await?;
+        items.push(GroupRow { group, members });
+    }
+    Ok(Paged { items, total })
+}
+
+/// Adds `device_id` to `group_id` (idempotent).
+///
+/// # Errors
+/// [`Error::NotFound`] when the group or device is not in this project; [`Error::Db`].
+pub async fn add_device(state: &AppState, project_id: &str, group_id: &str, device_id: &str) -> Result<()> {
+    device_groups::Entity::find_by_id(group_id.to_owned())
+        .filter(device_groups::Column::ProjectId.eq(project_id))
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::not_found("group", group_id))?;
+    crate::storage::entity::devices::Entity::find_by_id(device_id.to_owned())
+        .filter(crate::storage::entity::devices::Column::ProjectId.eq(project_id))
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::not_found("device", device_id))?;
+    let res = device_group_members::ActiveModel {
+        group_id: Set(group_id.to_owned()),
+        device_id: Set(device_id.to_owned()),
+        added_at: Set(state.clock.now().as_millis()),
+    }
+    .insert(&state.db)
+    .await;
+    match res {
+        Ok(_) => Ok(()),
+        Err(e) if crate::storage::is_unique_violation(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

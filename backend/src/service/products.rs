@@ -1,0 +1,106 @@
+//! Products (device models).
+
+use domain::device::{DataFormat, ProtocolType};
+use domain::{ProductId, text};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+
+use super::{Page, Paged};
+use crate::storage::entity::{devices, products};
+use crate::{AppState, Error, Result, ids};
+
+/// What an operator gives to create a product.
+#[derive(Clone, Debug, Default)]
+pub struct NewProduct {
+    /// The id; generated when `None`.
+    pub product_id: Option<String>,
+    /// Display name (1-64 characters).
+    pub name: String,
+    /// Device type (1-32 characters).
+    pub device_type: String,
+    /// `MQTT`, `CoAP`...
+    pub protocol_type: String,
+    /// `json` or `binary`; `json` when empty.
+    pub data_format: String,
+    /// Manufacturer (up to 32 characters).
+    pub manufacturer_name: String,
+    /// Industry (up to 64 characters).
+    pub industry: String,
+    /// Description (up to 128 characters).
+    pub description: String,
+}
+
+/// Creates a product in `project_id`'s default resource space.
+///
+/// # Errors
+/// [`Error::Validation`] naming the field; [`Error::Conflict`] for a taken id; [`Error::Db`].
+pub async fn create(state: &AppState, project_id: &str, new: NewProduct) -> Result<products::Model> {
+    let now = state.clock.now();
+    let id = match new.product_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        Some(id) => ProductId::parse(id)?,
+        None => ProductId::parse(ids::object_id(now))?,
+    };
+    let protocol = ProtocolType::parse(new.protocol_type.trim())?;
+    let format = if new.data_format.trim().is_empty() { DataFormat::Json } else { DataFormat::parse(new.data_format.trim())? };
+    let app = super::projects::default_app(state, project_id).await?;
+    products::ActiveModel {
+        id: Set(id.to_string()),
+        project_id: Set(project_id.to_owned()),
+        app_id: Set(app.id),
+        name: Set(text::bounded("name", &new.name, 64, true)?),
+        device_type: Set(text::bounded("device_type", &new.device_type, 32, true)?),
+        protocol_type: Set(protocol.as_str().to_owned()),
+        data_format: Set(format.as_str().to_owned()),
+        manufacturer_name: Set(text::bounded("manufacturer_name", &new.manufacturer_name, 32, false)?),
+        industry: Set(text::bounded("industry", &new.industry, 64, false)?),
+        description: Set(text::bounded("description", &new.description, 128, false)?),
+        service_capabilities: Set("[]".to_owned()),
+        created_at: Set(now.as_millis()),
+        updated_at: Set(now.as_millis()),
+    }
+    .insert(&state.db)
+    .await
+    .map_err(|e| {
+        if crate::storage::is_unique_violation(&e) {
+            Error::Conflict(format!("product {id} already exists"))
+        } else {
+            e.into()
+        }
+    })
+}
+
+/// A product with how many devices use it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProductRow {
+    /// The product.
+    pub product: products::Model,
+    /// Devices of this product.
+    pub devices: u64,
+}
+
+/// Lists `project_id`'s products, newest first.
+///
+/// # Errors
+/// [`Error::Db`].
+pub async fn list(state: &AppState, project_id: &str, page: Page) -> Result<Paged<ProductRow>> {
+    let query = products::Entity::find().filter(products::Column::ProjectId.eq(project_id));
+    let total = query.clone().count(&state.db).await?;
+    let rows = query.order_by_desc(products::Column::Id).limit(page.limit).offset(page.offset).all(&state.db).await?;
+    let mut items = Vec::with_capacity(rows.len());
+    for product in rows {
+        let devices = devices::Entity::find().filter(devices::Column::ProductId.eq(&product.id)).count(&state.db).await?;
+        items.push(ProductRow { product, devices });
+    }
+    Ok(Paged { items, total })
+}
+
+/// One product of `project_id`.
+///
+/// # Errors
+/// [`Error::NotFound`] when it does not exist in this project; [`Error::Db`].
+pub async fn get(state: &AppState, project_id: &str, product_id: &str) -> Result<products::Model> {
+    products::Entity::find_by_id(product_id.to_owned())
+        .filter(products::Column::ProjectId.eq(project_id))
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::not_found("product", product_id))
+}

@@ -1,0 +1,59 @@
+//! [`AppState`]: what every HTTP handler, server function and background job receives.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use domain::throttle::Throttle;
+use sea_orm::DatabaseConnection;
+
+use crate::clock::Clock;
+use crate::secrets::Sealer;
+
+/// Settings the services need (a subset of the server's configuration).
+#[derive(Clone, Debug)]
+pub struct ServiceSettings {
+    /// How long a console session lives without activity.
+    pub session_idle: Duration,
+    /// The longest a console session lives at all.
+    pub session_max: Duration,
+    /// Failed logins allowed per user name and client address within `login_window`.
+    pub login_max_failures: usize,
+    /// The failed-login window.
+    pub login_window: Duration,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            session_idle: Duration::from_secs(12 * 3600),
+            session_max: Duration::from_secs(7 * 24 * 3600),
+            login_max_failures: 5,
+            login_window: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// Shared state. Cheap to clone (everything is behind `Arc`s or is a pool handle).
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The database pool.
+    pub db: DatabaseConnection,
+    /// The injected clock.
+    pub clock: Arc<dyn Clock>,
+    /// Seals and opens stored secrets.
+    pub sealer: Arc<Sealer>,
+    /// Service settings.
+    pub settings: ServiceSettings,
+    /// Failed-login throttle. A std mutex: the critical sections are a few map operations, never held
+    /// across an await.
+    pub(crate) login_throttle: Arc<Mutex<Throttle>>,
+}
+
+impl AppState {
+    /// Assembles the state.
+    #[must_use]
+    pub fn new(db: DatabaseConnection, clock: Arc<dyn Clock>, sealer: Arc<Sealer>, settings: ServiceSettings) -> Self {
+        let throttle = Throttle::new(settings.login_max_failures, settings.login_window, 100_000);
+        Self { db, clock, sealer, settings, login_throttle: Arc::new(Mutex::new(throttle)) }
+    }
+}

@@ -1,0 +1,17 @@
+//! Persistence: sea-orm entities (one per table) and small query helpers shared by the services.
+
+pub mod entity;
+
+use sea_orm::{DbErr, SqlErr};
+
+/// Whether `e` is a unique-constraint violation (the sea-orm analogue of realworld's `on_constraint`).
+#[must_use]
+pub fn is_unique_violation(e: &DbErr) -> bool {
+    matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+/// Whether `e` is a foreign-key violation (a row still referenced, or a reference to a missing row).
+#[must_use]
+pub fn is_foreign_key_violation(e: &DbErr) -> bool {
+    matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_)))
+}

@@ -1,0 +1,36 @@
+//! The `packages` table (schema: `migrations`).
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "packages")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    pub project_id: String,
+    pub app_id: String,
+    pub product_id: String,
+    pub package_type: String,
+    pub module_name: Option<String>,
+    pub version: String,
+    #[sea_orm(column_type = "Text")]
+    pub support_source_versions: String,
+    pub description: String,
+    #[sea_orm(column_type = "Text")]
+    pub custom_info: String,
+    pub file_name: String,
+    pub size: i64,
+    pub sha256: String,
+    pub source: String,
+    pub bucket: String,
+    #[sea_orm(column_type = "Text")]
+    pub object_key: String,
+    pub region: Option<String>,
+    pub segment_size: i32,
+    pub created_at: i64,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,485 @@
+//! Repository and service tests, run on a real SQLite file always and on PostgreSQL when
+//! `UPDRAFT_TEST_POSTGRES_URL` is set (each test gets its own fresh database there). CI sets
+//! `UPDRAFT_REQUIRE_POSTGRES=1`, which turns a missing PostgreSQL into a failure instead of a skip.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backend::clock::ManualClock;
+use backend::secrets::Sealer;
+use backend::service::auth::{self, AdminBootstrap};
+use backend::service::{Page, devices, groups, products, projects};
+use backend::storage::entity::*;
+use backend::{AppState, Error};
+use domain::Timestamp;
+use migrations::{Migrator, MigratorTrait};
+use sea_orm::{ActiveModelTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait, ModelTrait, Set, Statement};
+use secrecy::{ExposeSecret, SecretString};
+
+const START: i64 = 1_795_000_000_000; // 2026-11-17
+
+/// One database under test, with services on a manual clock.
+struct TestDb {
+    kind: &'static str,
+    state: AppState,
+    clock: ManualClock,
+    _dir: tempfile::TempDir,
+    drop_pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    async fn cleanup(self) {
+        self.state.db.close().await.ok();
+        if let Some((admin_url, name)) = self.drop_pg {
+            let admin = Database::connect(&admin_url).await.expect("postgres admin connection");
+            admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.expect("drop test db");
+            admin.close().await.ok();
+        }
+    }
+}
+
+async fn state_on(db: DatabaseConnection, dir: &tempfile::TempDir) -> (AppState, ManualClock) {
+    Migrator::up(&db, None).await.expect("migrations apply");
+    let clock = ManualClock::new(Timestamp::from_millis(START));
+    let sealer = Sealer::load_or_create(&dir.path().join("secret.key")).expect("secret key");
+    let state = AppState::new(db, Arc::new(clock.clone()), Arc::new(sealer), Default::default());
+    (state, clock)
+}
+
+/// Every database this run tests against.
+async fn databases() -> Vec<TestDb> {
+    let mut out = Vec::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("updraft.db").display());
+    let db = backend::db::connect(&url).await.expect("sqlite connects");
+    let (state, clock) = state_on(db, &dir).await;
+    out.push(TestDb { kind: "sqlite", state, clock, _dir: dir, drop_pg: None });
+
+    match std::env::var("UPDRAFT_TEST_POSTGRES_URL") {
+        Ok(admin_url) => {
+            let name = format!("updraft_test_{}", backend::ids::hex32());
+            let admin = Database::connect(&admin_url).await.expect("UPDRAFT_TEST_POSTGRES_URL connects");
+            admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+            admin.close().await.ok();
+            let (base, _) = admin_url.rsplit_once('/').expect("postgres URL has a database path");
+            let db = backend::db::connect(&format!("{base}/{name}")).await.expect("test database connects");
+            let dir = tempfile::tempdir().unwrap();
+            let (state, clock) = state_on(db, &dir).await;
+            out.push(TestDb { kind: "postgres", state, clock, _dir: dir, drop_pg: Some((admin_url, name)) });
+        }
+        Err(_) if std::env::var("UPDRAFT_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
+            panic!("UPDRAFT_REQUIRE_POSTGRES=1 but UPDRAFT_TEST_POSTGRES_URL is not set")
+        }
+        Err(_) => {}
+    }
+    out
+}
+
+async fn mqtt_product(t: &TestDb, project: &str) -> products::Model {
+    products::create(
+        &t.state,
+        project,
+        products::NewProduct {
+            product_id: Some("meter".into()),
+            name: "Water meter".into(),
+            device_type: "WaterMeter".into(),
+            protocol_type: "MQTT".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("product created")
+}
+
+#[tokio::test]
+async fn migrations_roll_back_and_apply_again() {
+    for t in databases().await {
+        Migrator::down(&t.state.db, None).await.unwrap_or_else(|e| panic!("{}: down: {e}", t.kind));
+        Migrator::up(&t.state.db, None).await.unwrap_or_else(|e| panic!("{}: up again: {e}", t.kind));
+        assert!(projects::ensure_default(&t.state).await.is_ok(), "{}", t.kind);
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn sqlite_runs_in_wal_mode_with_foreign_keys() {
+    let t = databases().await.into_iter().next().unwrap();
+    let db = &t.state.db;
+    let mode = db.query_one_raw(Statement::from_string(db.get_database_backend(), "PRAGMA journal_mode")).await.unwrap().unwrap();
+    assert_eq!(mode.try_get_by_index::<String>(0).unwrap().to_lowercase(), "wal");
+    let fk = db.query_one_raw(Statement::from_string(db.get_database_backend(), "PRAGMA foreign_keys")).await.unwrap().unwrap();
+    assert_eq!(fk.try_get_by_index::<i32>(0).unwrap(), 1);
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_whole_model_round_trips_and_cascades() {
+    for t in databases().await {
+        let kind = t.kind;
+        let db = &t.state.db;
+        let now = START;
+        let project = projects::ensure_default(&t.state).await.unwrap();
+        let product = mqtt_product(&t, &project.id).await;
+        let registered = devices::register(
+            &t.state,
+            &project.id,
+            devices::NewDevice { product_id: product.id.clone(), node_id: "node1".into(), ..Default::default() },
+        )
+        .await
+        .unwrap();
+        let device = registered.device;
+        let group = groups::create(&t.state, &project.id, "north", "north wing").await.unwrap();
+        groups::add_device(&t.state, &project.id, &group.id, &device.id).await.unwrap();
+        groups::add_device(&t.state, &project.id, &group.id, &device.id).await.expect("adding twice is harmless");
+
+        let package = packages::ActiveModel {
+            id: Set("pkg00000000000000000001".into()),
+            project_id: Set(project.id.clone()),
+            app_id: Set(product.app_id.clone()),
+            product_id: Set(product.id.clone()),
+            package_type: Set("softwarePackage".into()),
+            module_name: Set(None),
+            version: Set("2.0.0".into()),
+            support_source_versions: Set(r#"["1.0.0"]"#.into()),
+            description: Set(String::new()),
+            custom_info: Set(String::new()),
+            file_name: Set("app-2.0.0.bin".into()),
+            size: Set(65_536),
+            sha256: Set("ab".repeat(32)),
+            source: Set("upload".into()),
+            bucket: Set("updraft".into()),
+            object_key: Set("meter/app-2.0.0.bin".into()),
+            region: Set(None),
+            segment_size: Set(500),
+            created_at: Set(now),
+        }
+        .insert(db)
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: package: {e}"));
+        let task = tasks::ActiveModel {
+            id: Set("0123456789abcdef01234567".into()),
+            project_id: Set(project.id.clone()),
+            app_id: Set(product.app_id.clone()),
+            task_name: Set("upgrade_north".into()),
+            task_type: Set("softwareUpgrade".into()),
+            task_mode: Set(None),
+            need_confirm: Set(false),
+            task_ext_info: Set(None),
+            targets_filter: Set(Some(format!(r#"{{"group_ids":["{}"]}}"#, group.id))),
+            document: Set(format!(r#"{{"package_ids":["{}"]}}"#, package.id)),
+            package_id: Set(Some(package.id.clone())),
+            schedule_time: Set(None),
+            retry_count: Set(2),
+            retry_interval_min: Set(5),
+            status: Set("Processing".into()),
+            status_desc: Set(String::new()),
+            total: Set(1),
+            processing: Set(1),
+            success: Set(0),
+            fail: Set(0),
+            waitting: Set(0),
+            fail_wait_retry: Set(0),
+            stopped: Set(0),
+            removed: Set(0),
+            created_at: Set(now),
+            started_at: Set(Some(now)),
+            finished_at: Set(None),
+            updated_at: Set(now),
+        }
+        .insert(db)
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: task: {e}"));
+        let subtask = subtasks::ActiveModel {
+            task_id: Set(task.id.clone()),
+            device_id: Set(device.id.clone()),
+            status: Set("Processing".into()),
+            step: Set("Downloading".into()),
+            progress: Set(40),
+            attempts: Set(1),
+            deadline_at: Set(Some(now + 86_400_000)),
+            created_at: Set(now),
+            updated_at: Set(now),
+            ..Default::default()
+        }
+        .insert(db)
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: subtask: {e}"));
+        subtask_steps::ActiveModel {
+            subtask_id: Set(subtask.id),
+            at: Set(now),
+            step: Set("VersionQuery".into()),
+            status: Set("Processing".into()),
+            progress: Set(0),
+            detail: Set("sent version_query".into()),
+            ..Default::default()
+        }
+        .insert(db)
+        .await
+        .unwrap();
+        download_tokens::ActiveModel {
+            token_hash: Set(backend::ids::sha256_hex("token")),
+            subtask_id: Set(subtask.id),
+            device_id: Set(device.id.clone()),
+            package_id: Set(package.id.clone()),
+            issued_at: Set(now),
+            expires_at: Set(now + 86_400_000),
+            revoked_at: Set(None),
+            bytes_served: Set(0),
+            last_used_at: Set(None),
+        }
+        .insert(db)
+        .await
+        .unwrap();
+        let sub = notification_subscriptions::ActiveModel {
+            id: Set("sub1".into()),
+            project_id: Set(project.id.clone()),
+            app_id: Set(None),
+            url: Set("https://app.example/hook".into()),
+            secret_enc: Set(t.state.sealer.seal("sub1", "hook-secret")),
+            kinds: Set(r#"["batchtask.update"]"#.into()),
+            enabled: Set(true),
+            created_at: Set(now),
+            updated_at: Set(now),
+        }
+        .insert(db)
+        .await
+        .unwrap();
+        let event = outbox::ActiveModel {
+            project_id: Set(project.id.clone()),
+            kind: Set("batchtask.update".into()),
+            aggregate_id: Set(task.id.clone()),
+            payload: Set(r#"{"status":"Processing"}"#.into()),
+            created_at: Set(now),
+            ..Default::default()
+        }
+        .insert(db)
+        .await
+        .unwrap();
+        notification_deliveries::ActiveModel {
+            outbox_id: Set(event.id),
+            subscription_id: Set(sub.id.clone()),
+            status: Set("pending".into()),
+            attempts: Set(0),
+            next_attempt_at: Set(now),
+            created_at: Set(now),
+            ..Default::default()
+        }
+        .insert(db)
+        .await
+        .unwrap();
+        api_credentials::ActiveModel {
+            access_key: Set("AKUPDRAFTTEST0000001".into()),
+            project_id: Set(project.id.clone()),
+            secret_key_enc: Set(t.state.sealer.seal("AKUPDRAFTTEST0000001", "sk")),
+            description: Set("ci".into()),
+            created_at: Set(now),
+            last_used_at: Set(None),
+            revoked_at: Set(None),
+        }
+        .insert(db)
+        .await
+        .unwrap();
+
+        // A product still used by devices cannot go (restrict), and a package used by a task cannot either.
+        assert!(product.clone().delete(db).await.is_err(), "{kind}: product delete must be refused");
+        assert!(package.clone().delete(db).await.is_err(), "{kind}: package delete must be refused");
+
+        // Deleting the task takes its subtasks, their history and their tokens with it.
+        task.delete(db).await.unwrap_or_else(|e| panic!("{kind}: task delete: {e}"));
+        assert_eq!(subtasks::Entity::find().all(db).await.unwrap().len(), 0, "{kind}");
+        assert_eq!(subtask_steps::Entity::find().all(db).await.unwrap().len(), 0, "{kind}");
+        assert_eq!(download_tokens::Entity::find().all(db).await.unwrap().len(), 0, "{kind}");
+        // Deleting a device removes its group memberships.
+        devices::Entity::delete_by_id(device.id.clone()).exec(db).await.unwrap();
+        assert_eq!(device_group_members::Entity::find().all(db).await.unwrap().len(), 0, "{kind}");
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn device_secrets_are_stored_sealed_and_open_with_the_key() {
+    for t in databases().await {
+        let project = projects::ensure_default(&t.state).await.unwrap();
+        mqtt_product(&t, &project.id).await;
+        let r = devices::register(
+            &t.state,
+            &project.id,
+            devices::NewDevice {
+                product_id: "meter".into(),
+                node_id: "n-42".into(),
+                secret: Some(SecretString::from("plain-secret-123".to_owned())),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.device.id, "meter_n-42");
+        let stored = devices::Entity::find_by_id("meter_n-42".to_owned()).one(&t.state.db).await.unwrap().unwrap();
+        let sealed = stored.secret_enc.clone().unwrap();
+        assert!(!sealed.windows(12).any(|w| w == b"plain-secret"), "{}: secret stored in clear", t.kind);
+        let opened = devices::secret(&t.state, "meter_n-42").await.unwrap().unwrap();
+        assert_eq!(opened.expose_secret(), "plain-secret-123");
+
+        // Generated secrets follow the protocol's rules.
+        let generated = devices::register(
+            &t.state,
+            &project.id,
+            devices::NewDevice { product_id: "meter".into(), node_id: "n-43".into(), ..Default::default() },
+        )
+        .await
+        .unwrap();
+        assert_eq!(generated.secret.expose_secret().len(), 24);
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn duplicates_and_bad_input_get_clear_errors() {
+    for t in databases().await {
+        let kind = t.kind;
+        let project = projects::ensure_default(&t.state).await.unwrap();
+        mqtt_product(&t, &project.id).await;
+        let dup = products::create(
+            &t.state,
+            &project.id,
+            products::NewProduct { product_id: Some("meter".into()), name: "x".into(), device_type: "y".into(), protocol_type: "MQTT".into(), ..Default::default() },
+        )
+        .await;
+        assert!(matches!(dup, Err(Error::Conflict(_))), "{kind}: {dup:?}");
+
+        let bad = products::create(
+            &t.state,
+            &project.id,
+            products::NewProduct { name: "x".into(), device_type: "y".into(), protocol_type: "ZIGBEE".into(), ..Default::default() },
+        )
+        .await;
+        match bad {
+            Err(Error::Validation(v)) => assert_eq!(v.field, "protocol_type"),
+            other => panic!("{kind}: {other:?}"),
+        }
+
+        let new = |node: &str| devices::NewDevice { product_id: "meter".into(), node_id: node.into(), ..Default::default() };
+        devices::register(&t.state, &project.id, new("n1")).await.unwrap();
+        let again = devices::register(&t.state, &project.id, new("n1")).await;
+        assert!(matches!(again, Err(Error::Conflict(_))), "{kind}: {again:?}");
+        match devices::register(&t.state, &project.id, new("bad id")).await {
+            Err(Error::Validation(v)) => assert_eq!(v.field, "node_id"),
+            other => panic!("{kind}: {other:?}"),
+        }
+        let unknown = devices::register(
+            &t.state,
+            &project.id,
+            devices::NewDevice { product_id: "nope".into(), node_id: "n2".into(), ..Default::default() },
+        )
+        .await;
+        assert!(matches!(unknown, Err(Error::NotFound { .. })), "{kind}: {unknown:?}");
+
+        groups::create(&t.state, &project.id, "north", "").await.unwrap();
+        let dup_group = groups::create(&t.state, &project.id, "north", "").await;
+        assert!(matches!(dup_group, Err(Error::Conflict(_))), "{kind}: {dup_group:?}");
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn device_lists_filter_search_and_page() {
+    for t in databases().await {
+        let kind = t.kind;
+        let project = projects::ensure_default(&t.state).await.unwrap();
+        mqtt_product(&t, &project.id).await;
+        for i in 0..23 {
+            t.clock.advance(Duration::from_secs(1));
+            devices::register(
+                &t.state,
+                &project.id,
+                devices::NewDevice {
+                    product_id: "meter".into(),
+                    node_id: format!("node{i:02}"),
+                    device_name: if i % 2 == 0 { format!("Pump {i}") } else { format!("Valve {i}") },
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+        let all = devices::DeviceFilter::default();
+        let first = devices::list(&t.state, &project.id, &all, Page::new(10, 0)).await.unwrap();
+        assert_eq!((first.total, first.items.len()), (23, 10), "{kind}");
+        assert_eq!(first.items[0].node_id, "node22", "{kind}: newest first");
+        let last = devices::list(&t.state, &project.id, &all, Page::new(10, 20)).await.unwrap();
+        assert_eq!(last.items.len(), 3, "{kind}");
+
+        let pumps = devices::DeviceFilter { search: "PUMP".into(), ..Default::default() };
+        assert_eq!(devices::list(&t.state, &project.id, &pumps, Page::default()).await.unwrap().total, 12, "{kind}");
+        let literal = devices::DeviceFilter { search: "%".into(), ..Default::default() };
+        assert_eq!(devices::list(&t.state, &project.id, &literal, Page::default()).await.unwrap().total, 0, "{kind}: % is literal");
+        let inactive = devices::DeviceFilter { status: "INACTIVE".into(), ..Default::default() };
+        assert_eq!(devices::list(&t.state, &project.id, &inactive, Page::default()).await.unwrap().total, 23, "{kind}");
+        let online = devices::DeviceFilter { status: "ONLINE".into(), ..Default::default() };
+        assert_eq!(devices::list(&t.state, &project.id, &online, Page::default()).await.unwrap().total, 0, "{kind}");
+        let bad = devices::DeviceFilter { status: "online".into(), ..Default::default() };
+        assert!(matches!(devices::list(&t.state, &project.id, &bad, Page::default()).await, Err(Error::Validation(_))));
+        assert_eq!(devices::list(&t.state, "other-project", &all, Page::default()).await.unwrap().total, 0, "{kind}");
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn the_first_admin_logs_in_and_failures_are_throttled_on_the_clock() {
+    for t in databases().await {
+        let kind = t.kind;
+        let project = projects::ensure_default(&t.state).await.unwrap();
+        let AdminBootstrap::CreatedWithGeneratedPassword { password, .. } =
+            auth::bootstrap_admin(&t.state, "admin", None).await.unwrap()
+        else {
+            panic!("{kind}: first start must generate a password");
+        };
+        assert!(matches!(auth::bootstrap_admin(&t.state, "admin", None).await.unwrap(), AdminBootstrap::Existing));
+        let stored = users::Entity::find().one(&t.state.db).await.unwrap().unwrap();
+        assert!(stored.password_hash.starts_with("$argon2id$"), "{kind}");
+
+        let login = |pw: &str, addr: &'static str| {
+            let state = t.state.clone();
+            let project = project.id.clone();
+            let pw = SecretString::from(pw.to_owned());
+            async move { auth::login(&state, "admin", pw, &project, Some(addr), None).await }
+        };
+        let session = login(password.expose_secret(), "10.0.0.1").await.unwrap();
+        let me = auth::authenticate(&t.state, session.token.expose_secret()).await.unwrap();
+        assert_eq!((me.username.as_str(), me.is_admin), ("admin", true));
+
+        for _ in 0..5 {
+            assert!(matches!(login("wrong-password", "10.0.0.2").await, Err(Error::Unauthorized(_))), "{kind}");
+        }
+        // Locked out, even with the right password, from that address...
+        assert!(matches!(login(password.expose_secret(), "10.0.0.2").await, Err(Error::RateLimited { .. })), "{kind}");
+        // ...but not from another.
+        assert!(login(password.expose_secret(), "10.0.0.3").await.is_ok(), "{kind}");
+        t.clock.advance(Duration::from_secs(15 * 60));
+        assert!(login(password.expose_secret(), "10.0.0.2").await.is_ok(), "{kind}: lockout ends with the window");
+
+        // Sessions slide with use and end after the idle time.
+        t.clock.advance(Duration::from_secs(11 * 3600));
+        assert!(auth::authenticate(&t.state, session.token.expose_secret()).await.is_ok(), "{kind}");
+        t.clock.advance(Duration::from_secs(11 * 3600));
+        assert!(auth::authenticate(&t.state, session.token.expose_secret()).await.is_ok(), "{kind}: use slid the expiry");
+        t.clock.advance(Duration::from_secs(13 * 3600));
+        assert!(matches!(auth::authenticate(&t.state, session.token.expose_secret()).await, Err(Error::Unauthorized(_))), "{kind}");
+
+        let other = login(password.expose_secret(), "10.0.0.4").await.unwrap();
+        auth::logout(&t.state, other.token.expose_secret()).await.unwrap();
+        assert!(auth::authenticate(&t.state, other.token.expose_secret()).await.is_err(), "{kind}");
+        assert!(auth::authenticate(&t.state, "not-a-token").await.is_err(), "{kind}");
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn a_given_admin_password_must_meet_the_policy() {
+    let t = databases().await.into_iter().next().unwrap();
+    let short = auth::bootstrap_admin(&t.state, "admin", Some(SecretString::from("short".to_owned()))).await;
+    assert!(matches!(short, Err(Error::Validation(_))), "{short:?}");
+    let ok = auth::bootstrap_admin(&t.state, "admin", Some(SecretString::from("long-enough-pw".to_owned()))).await.unwrap();
+    assert!(matches!(ok, AdminBootstrap::CreatedWithGivenPassword { .. }));
+    t.cleanup().await;
+}

@@ -1,0 +1,20 @@
+//! Updraft's database schema as sea-orm migrations. They run at start-up (`Migrator::up`) on SQLite and
+//! PostgreSQL alike, so only portable types are used: text ids, `BIGINT` times in milliseconds since the
+//! Unix epoch, JSON documents as text, secrets as encrypted blobs.
+//!
+//! Migrations are named `mYYYYMMDD_HHMMSS_<verb>_<object>` and are never edited once released; a change is
+//! a new migration.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_create_schema;
+
+/// Every migration, in order.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261127_000001_create_schema::Migration)]
+    }
+}

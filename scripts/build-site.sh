@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# scripts/build-site.sh: builds the console's hydrate bundle into target/site/pkg (wasm + JS glue + CSS).
+# The server binary is built separately (cargo); both read target/site at run time.
+# RUSTC_BOOTSTRAP=1 is scoped to the one wasm command: set for host builds, it would flip proc-macro2's
+# cfg and rebuild nearly everything.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+NAME=updraft
+SITE="$ROOT/target/site"
+PKG="$SITE/pkg"
+if [ "${1:-}" = "--release" ]; then PROFILE_ARGS=(--profile wasm-release); DIR=wasm-release; else PROFILE_ARGS=(); DIR=debug; fi
+
+RUSTC_BOOTSTRAP=1 cargo build -p frontend --lib --target wasm32-unknown-unknown \
+  -Z build-std=std,panic_abort "${PROFILE_ARGS[@]}"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+wasm-bindgen --target web --no-typescript --out-dir "$tmp" --out-name "$NAME" \
+  "$TARGET_DIR/wasm32-unknown-unknown/$DIR/frontend.wasm"
+# Leptos asks for NAME.wasm when LEPTOS_OUTPUT_NAME was set at compile time (.cargo/config.toml), else
+# NAME_bg.wasm; serve both names (a hard link, no copy).
+mkdir -p "$PKG"
+cp "$tmp/${NAME}_bg.wasm" "$PKG/$NAME.wasm.new" && mv "$PKG/$NAME.wasm.new" "$PKG/$NAME.wasm"
+ln -f "$PKG/$NAME.wasm" "$PKG/${NAME}_bg.wasm"
+rm "$tmp/${NAME}_bg.wasm" 2>/dev/null || true
+cp -r "$tmp"/. "$PKG"/   # the JS glue, and snippets/ if any crate has inline JS
+cp style/main.css "$PKG/$NAME.css"
+echo "site: $(du -h "$PKG/$NAME.wasm" | cut -f1) wasm in $PKG" >&2

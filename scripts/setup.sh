@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# scripts/setup.sh: installs what a fresh Debian 12 machine of this project's kind lacks, idempotently.
+# A no-op re-run takes about a second. Only apt, cargo and npm clients are used; nothing else is downloaded.
+#
+#   * Debian's rustc-web/cargo-web 1.96 (the only Rust here that builds wasm32, with -Zbuild-std from
+#     rust-web-src), rust-web-llvm + lld-22 (rust-lld), rust-web-clippy
+#   * a rustup toolchain `debian-web` linked to /usr, selected by rust-toolchain.toml
+#   * wasm-bindgen-cli at exactly the version of the wasm-bindgen crate in Cargo.lock
+#   * Debian's chromium and the end2end npm packages (Playwright without a browser download)
+#   * cargo-nextest if missing
+#
+# Never Debian's binaryen: its wasm-opt 108 silently breaks the hydrate bundle.
+# Env: SKIP_BROWSER=1 skips chromium and npm (build-only machines).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+TOOLCHAIN=debian-web
+MIN_RUSTC_MINOR=94
+export DEBIAN_FRONTEND=noninteractive
+log() { printf '[setup] %s\n' "$*" >&2; }
+SECONDS=0
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+
+# --- apt ------------------------------------------------------------------------------------------
+pkgs=(rustc-web cargo-web rust-web-src rust-web-llvm lld-22 rust-web-clippy)
+[ "${SKIP_BROWSER:-0}" = 1 ] || pkgs+=(chromium)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+minor=$(/usr/bin/rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
+if [ "$minor" -lt "$MIN_RUSTC_MINOR" ]; then
+  log "ERROR: /usr/bin/rustc is $(/usr/bin/rustc --version); need >= 1.$MIN_RUSTC_MINOR (bookworm-security must be in apt sources)"
+  exit 1
+fi
+[ -x /usr/bin/rust-lld ] || { log "ERROR: /usr/bin/rust-lld missing (rust-web-llvm + lld-22)"; exit 1; }
+[ -f /usr/lib/rustlib/src/rust/library/Cargo.lock ] || { log "ERROR: rust-web-src missing"; exit 1; }
+if [ -x /usr/bin/wasm-opt ] && /usr/bin/wasm-opt --version 2>/dev/null | grep -qE 'version 1(0[0-9]|1[0-5])\b'; then
+  log "WARNING: Debian's wasm-opt ($(/usr/bin/wasm-opt --version)) is installed; Updraft never runs it, but other tools might."
+fi
+
+# --- rustup linked toolchain ----------------------------------------------------------------------
+if command -v rustup >/dev/null 2>&1; then
+  if ! rustup toolchain list | awk '{print $1}' | grep -qx "$TOOLCHAIN"; then
+    log "rustup toolchain link $TOOLCHAIN /usr"
+    rustup toolchain link "$TOOLCHAIN" /usr
+  fi
+  CARGO=(cargo "+$TOOLCHAIN")
+else
+  export PATH="/usr/bin:$PATH"
+  CARGO=(/usr/bin/cargo)
+fi
+
+# --- cargo tools ----------------------------------------------------------------------------------
+wbg=$(awk '/^name = "wasm-bindgen"$/{getline; gsub(/version = |"/,""); print; exit}' "$ROOT/Cargo.lock")
+have=$( (wasm-bindgen --version 2>/dev/null || true) | awk '{print $2}')
+if [ "$have" != "$wbg" ]; then
+  log "cargo install wasm-bindgen-cli $wbg (about 4 minutes on 2 cores)"
+  # --locked first; this registry mirror sometimes lacks a locked transitive version, so fall back.
+  "${CARGO[@]}" install wasm-bindgen-cli --version "=$wbg" --locked --force \
+    || "${CARGO[@]}" install wasm-bindgen-cli --version "=$wbg" --force
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "cargo install cargo-nextest"
+  "${CARGO[@]}" install cargo-nextest --locked
+fi
+if ! cargo +stable fmt --version >/dev/null 2>&1; then
+  log "WARNING: rustup's stable rustfmt is missing; 'make fmt' and the format check need it"
+fi
+
+# --- end2end --------------------------------------------------------------------------------------
+if [ "${SKIP_BROWSER:-0}" != 1 ]; then
+  cd "$ROOT/end2end"
+  if [ ! -d node_modules/@playwright/test ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    log "npm ci in end2end/"
+    PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error
+  fi
+fi
+log "ready in ${SECONDS}s: $(/usr/bin/rustc --version), wasm-bindgen $(wasm-bindgen --version | awk '{print $2}')"

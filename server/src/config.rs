@@ -1,0 +1,243 @@
+//! Configuration: built-in defaults, then `updraft.toml` (or `--config FILE`), then `UPDRAFT_*`
+//! environment variables with `__` for nesting (`UPDRAFT_HTTP__LISTEN=0.0.0.0:9443`).
+//!
+//! Unknown keys in the file are errors (a typo must not be silently ignored), and a bad value stops
+//! start-up with a message that names the key and where it came from. Durations are written the human
+//! way (`"12h"`, `"15m"`, `"5s"`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// Every setting of `updraft serve`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Where Updraft keeps its state: the SQLite file, packages, TLS material and the secret key.
+    pub data_dir: PathBuf,
+    /// The built console (server-rendered pages load `/pkg/*` from here).
+    pub site_root: PathBuf,
+    /// The HTTPS listener (console, REST API, downloads).
+    pub http: HttpSettings,
+    /// TLS certificates.
+    pub tls: TlsSettings,
+    /// The database.
+    pub database: DatabaseSettings,
+    /// The web console.
+    pub console: ConsoleSettings,
+    /// The first administrator, created on first start.
+    pub admin: AdminSettings,
+    /// The key that seals device secrets and SKs (64 hex digits). Default: `{data_dir}/secret.key`,
+    /// created on first start. Keep it out of the database's backups, and never lose it.
+    #[serde(skip_serializing)]
+    pub secret_key: Option<SecretString>,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// The HTTPS listener.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// How long in-flight requests may take to finish after SIGTERM before connections are cut.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// TLS. Without `cert`/`key`, Updraft generates a local CA and a server certificate on first start
+/// (under `{data_dir}/tls`) for `localhost`, `127.0.0.1`, `::1`, this host's name and `names`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// A PEM certificate chain provided by the operator.
+    pub cert: Option<PathBuf>,
+    /// The PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// Extra DNS names or IP addresses for the generated server certificate.
+    pub names: Vec<String>,
+}
+
+/// The database.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `sqlite://path?mode=rwc` or `postgres://user:pass@host/db`. Default: `{data_dir}/updraft.db`.
+    #[serde(skip_serializing)]
+    pub url: Option<SecretString>,
+}
+
+/// The web console.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleSettings {
+    /// A session ends after this long without use.
+    #[serde(with = "humantime_serde")]
+    pub session_idle: Duration,
+    /// A session ends after this long in any case.
+    #[serde(with = "humantime_serde")]
+    pub session_max: Duration,
+    /// Failed logins allowed per user name and client address within `login_window`.
+    pub login_max_failures: usize,
+    /// The failed-login window.
+    #[serde(with = "humantime_serde")]
+    pub login_window: Duration,
+}
+
+/// The first administrator.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// User name.
+    pub username: String,
+    /// Password (10-128 characters). When absent, a random one is generated and printed once.
+    #[serde(skip_serializing)]
+    pub password: Option<SecretString>,
+}
+
+/// Log output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `updraft=debug,info`...); `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            site_root: PathBuf::from("target/site"),
+            http: HttpSettings::default(),
+            tls: TlsSettings::default(),
+            database: DatabaseSettings::default(),
+            console: ConsoleSettings::default(),
+            admin: AdminSettings::default(),
+            secret_key: None,
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([0, 0, 0, 0], 8443)), shutdown_grace: Duration::from_secs(3) }
+    }
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        let d = backend::state::ServiceSettings::default();
+        Self {
+            session_idle: d.session_idle,
+            session_max: d.session_max,
+            login_max_failures: d.login_max_failures,
+            login_window: d.login_window,
+        }
+    }
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self { username: backend::service::auth::DEFAULT_ADMIN.to_owned(), password: None }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, filter: "info".to_owned() }
+    }
+}
+
+/// The top-level keys; environment variables naming anything else (`UPDRAFT_TEST_...`) are not ours.
+const TOP_LEVEL_KEYS: &[&str] =
+    &["data_dir", "site_root", "http", "tls", "database", "console", "admin", "secret_key", "log"];
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", .0.join("\n"))]
+pub struct ConfigError(Vec<String>);
+
+impl Settings {
+    /// Loads defaults, then `file` (`updraft.toml` in the working directory if none is given; an explicitly
+    /// given file must exist), then the `UPDRAFT_*` environment.
+    ///
+    /// # Errors
+    /// [`ConfigError`] listing every bad key with its source.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, must_exist) = match file {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from("updraft.toml"), false),
+        };
+        if must_exist && !path.exists() {
+            return Err(ConfigError(vec![format!("  - config file {} does not exist", path.display())]));
+        }
+        let env = Env::prefixed("UPDRAFT_")
+            .split("__")
+            .filter(|key| TOP_LEVEL_KEYS.iter().any(|k| key.as_str().split('.').next() == Some(*k)));
+        let settings: Self =
+            Figment::from(Serialized::defaults(Self::default())).merge(Toml::file_exact(&path)).merge(env).extract()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            problems.push("  - tls.cert and tls.key must be given together".to_owned());
+        }
+        if self.admin.username.trim().is_empty() {
+            problems.push("  - admin.username must not be empty".to_owned());
+        }
+        if self.console.login_max_failures == 0 {
+            problems.push("  - console.login_max_failures must be at least 1".to_owned());
+        }
+        if problems.is_empty() { Ok(()) } else { Err(ConfigError(problems)) }
+    }
+
+    /// The database URL: the configured one, or the SQLite file under `data_dir`.
+    #[must_use]
+    pub fn database_url(&self) -> SecretString {
+        use secrecy::ExposeSecret;
+        match &self.database.url {
+            Some(url) => SecretString::from(url.expose_secret().to_owned()),
+            None => SecretString::from(format!("sqlite://{}?mode=rwc", self.data_dir.join("updraft.db").display())),
+        }
+    }
+
+    /// The service settings derived from this configuration.
+    #[must_use]
+    pub fn service_settings(&self) -> backend::state::ServiceSettings {
+        backend::state::ServiceSettings {
+            session_idle: self.console.session_idle,
+            session_max: self.console.session_max,
+            login_max_failures: self.console.login_max_failures,
+            login_window: self.console.login_window,
+        }
+    }
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        Self(e.into_iter().map(|e| format!("  - {e}")).collect())
+    }
+}

@@ -1,0 +1,85 @@
+//! The HTTPS surface: health checks, console sign-in, the server-rendered console with its server
+//! functions, and the static bundle under `/pkg`.
+//!
+//! Request flow: request id → trace span → security headers → same-origin check (unsafe methods) →
+//! session check → handler.
+
+mod auth;
+mod health;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::FromRef;
+use axum::routing::{get, post};
+use backend::AppState;
+use http::HeaderValue;
+use http::header;
+use leptos::prelude::*;
+use leptos_axum::{LeptosRoutes, generate_route_list};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+/// The router's state.
+#[derive(Clone, Debug)]
+pub struct ServerState {
+    /// Leptos' rendering options (site root, bundle name).
+    pub leptos: LeptosOptions,
+    /// The services.
+    pub app: AppState,
+    /// The project console sessions work in.
+    pub default_project: Arc<str>,
+}
+
+impl FromRef<ServerState> for LeptosOptions {
+    fn from_ref(s: &ServerState) -> Self {
+        s.leptos.clone()
+    }
+}
+
+/// The header carrying the request id (also returned on every response).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Builds the router.
+pub fn router(state: ServerState) -> Router {
+    let routes = generate_route_list(app::App);
+    let app_state = state.app.clone();
+    let leptos_options = state.leptos.clone();
+    let x_request_id = header::HeaderName::from_static(REQUEST_ID);
+
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/auth/login", post(auth::login))
+        .route("/auth/logout", post(auth::logout))
+        .leptos_routes_with_context(
+            &state,
+            routes,
+            move || provide_context(app_state.clone()),
+            move || app::shell(leptos_options.clone()),
+        )
+        .fallback(leptos_axum::file_and_error_handler::<ServerState, _>(app::shell))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_session))
+        .layer(axum::middleware::from_fn(auth::same_origin))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
+        .layer(SetResponseHeaderLayer::if_not_present(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
+        .layer(SetResponseHeaderLayer::if_not_present(header::REFERRER_POLICY, HeaderValue::from_static("same-origin")))
+        .layer(TimeoutLayer::with_status_code(http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(60)))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
+                let matched = req.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_owned());
+                let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+                tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), matched_path = matched, request_id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .with_state(state)
+}

@@ -1,0 +1,157 @@
+//! Building the application as a value (`Application::build`), so tests run the real thing on port 0, and
+//! running it until a shutdown signal (`run_until_stopped`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum_server::tls_rustls::RustlsConfig;
+use backend::clock::Clock;
+use backend::secrets::Sealer;
+use backend::service::auth::AdminBootstrap;
+use backend::{AppState, service};
+use leptos::prelude::LeptosOptions;
+use migrations::{Migrator, MigratorTrait};
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::http::{ServerState, router};
+use crate::tls;
+
+/// A built, bound, not yet serving Updraft.
+pub struct Application {
+    settings: Settings,
+    state: AppState,
+    server: ServerState,
+    listener: std::net::TcpListener,
+    https_addr: SocketAddr,
+    tls: RustlsConfig,
+    ca_path: Option<PathBuf>,
+    admin: AdminBootstrap,
+}
+
+impl Application {
+    /// Opens the database (migrating it), prepares secrets and TLS, creates the default project and first
+    /// admin if needed, and binds the listeners.
+    ///
+    /// # Errors
+    /// Any start-up failure, with context saying which step failed.
+    pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self> {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("creating data_dir {}", settings.data_dir.display()))?;
+        let sealer = match &settings.secret_key {
+            Some(key) => Sealer::from_hex(key).context("secret_key")?,
+            None => Sealer::load_or_create(&settings.data_dir.join("secret.key")).context("loading the secret key")?,
+        };
+        let db = backend::db::connect(settings.database_url().expose_secret()).await.context("connecting to the database")?;
+        Migrator::up(&db, None).await.context("migrating the database")?;
+        let state = AppState::new(db, clock.clone(), Arc::new(sealer), settings.service_settings());
+
+        let project = service::projects::ensure_default(&state).await.context("creating the default project")?;
+        let admin = service::auth::bootstrap_admin(&state, &settings.admin.username, settings.admin.password.clone())
+            .await
+            .context("creating the first admin (admin.password)")?;
+
+        let now_unix = clock.now().as_millis() / 1000;
+        let material = tls::prepare(&settings, now_unix).context("preparing TLS")?;
+        let tls = RustlsConfig::from_pem(material.cert_pem, material.key_pem).await.context("loading the TLS certificate")?;
+
+        let listener = std::net::TcpListener::bind(settings.http.listen)
+            .with_context(|| format!("binding HTTPS on {} (http.listen)", settings.http.listen))?;
+        listener.set_nonblocking(true)?;
+        let https_addr = listener.local_addr()?;
+
+        let leptos = LeptosOptions::builder()
+            .output_name("updraft")
+            .site_root(settings.site_root.display().to_string())
+            .site_pkg_dir("pkg")
+            .site_addr(https_addr)
+            .build();
+        let server = ServerState { leptos, app: state.clone(), default_project: Arc::from(project.id.as_str()) };
+        Ok(Self { settings, state, server, listener, https_addr, tls, ca_path: material.ca_path, admin })
+    }
+
+    /// The bound HTTPS address (the real port when configured with port 0).
+    #[must_use]
+    pub fn https_addr(&self) -> SocketAddr {
+        self.https_addr
+    }
+
+    /// The generated CA certificate, if Updraft made its own certificate.
+    #[must_use]
+    pub fn ca_path(&self) -> Option<&std::path::Path> {
+        self.ca_path.as_deref()
+    }
+
+    /// What start-up did about the first admin (to print a generated password once).
+    #[must_use]
+    pub fn admin_bootstrap(&self) -> &AdminBootstrap {
+        &self.admin
+    }
+
+    /// The services (for tests and embedded use).
+    #[must_use]
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish within
+    /// `http.shutdown_grace`, stops background jobs and closes the database.
+    ///
+    /// # Errors
+    /// When a listener fails.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+        let stop = CancellationToken::new();
+        let handle = axum_server::Handle::new();
+        let grace = self.settings.http.shutdown_grace;
+        {
+            let (handle, stop) = (handle.clone(), stop.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = shutdown => {},
+                    () = stop.cancelled() => {},
+                }
+                tracing::info!("shutting down");
+                stop.cancel();
+                handle.graceful_shutdown(Some(grace));
+            });
+        }
+        let janitor = tokio::spawn(janitor(self.state.clone(), stop.clone()));
+
+        let app = router(self.server).into_make_service_with_connect_info::<SocketAddr>();
+        let result = axum_server::from_tcp_rustls(self.listener, self.tls)
+            .context("HTTPS listener")?
+            .handle(handle)
+            .serve(app)
+            .await
+            .context("HTTPS server");
+        stop.cancel();
+        let _ = janitor.await;
+        if let Err(e) = self.state.db.close().await {
+            tracing::warn!(error.message = %e, "closing the database");
+        }
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Periodic housekeeping: expired sessions.
+async fn janitor(state: AppState, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {
+                match service::auth::purge_expired_sessions(&state).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(sessions = n, "purged expired sessions"),
+                    Err(e) => tracing::warn!(error.message = %e, "purging sessions failed"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! `spawn_app`: the real application on port 0 in a fresh data directory, on a manual clock, and an HTTPS
+//! client that trusts only the CA Updraft generated.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use backend::clock::ManualClock;
+use domain::Timestamp;
+use server::config::Settings;
+use server::startup::Application;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub(crate) const PASSWORD: &str = "correct-horse-battery";
+pub(crate) const START: i64 = 1_795_000_000_000;
+
+pub(crate) struct TestApp {
+    pub base: String,
+    pub origin: String,
+    pub client: reqwest::Client,
+    pub clock: ManualClock,
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub(crate) fn settings_for(data_dir: &Path) -> Settings {
+    let mut s = Settings::default();
+    s.data_dir = data_dir.to_path_buf();
+    s.http.listen = "127.0.0.1:0".parse().unwrap();
+    s.admin.password = Some(PASSWORD.to_owned().into());
+    s
+}
+
+pub(crate) async fn spawn_app(data_dir: &Path) -> TestApp {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    if std::env::var_os("TEST_LOG").is_some() {
+        server::telemetry::init(server::config::LogFormat::Text, "debug", std::io::stderr);
+    }
+    let clock = ManualClock::new(Timestamp::from_millis(START));
+    let app = Application::build(settings_for(data_dir), Arc::new(clock.clone())).await.expect("application builds");
+    let addr = app.https_addr();
+    let ca = std::fs::read(app.ca_path().expect("generated CA")).unwrap();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(app.run_until_stopped(async {
+        let _ = rx.await;
+    }));
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // The certificate names localhost and 127.0.0.1; check the real name against the real CA.
+    TestApp {
+        base: format!("https://localhost:{}", addr.port()),
+        origin: format!("https://localhost:{}", addr.port()),
+        client,
+        clock,
+        data_dir: data_dir.to_path_buf(),
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub(crate) async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server stops cleanly");
+        }
+    }
+
+    /// Signs in as the admin; returns the session cookie (`name=value`).
+    pub(crate) async fn sign_in(&self) -> String {
+        let resp = self
+            .client
+            .post(self.url("/auth/login"))
+            .header("origin", &self.origin)
+            .form(&[("username", "admin"), ("password", PASSWORD), ("next", "")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 303, "login redirects");
+        assert_eq!(resp.headers()["location"], "/devices");
+        let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+        cookie.split(';').next().unwrap().to_owned()
+    }
+
+    /// Calls a server function as the browser does (URL-encoded arguments).
+    pub(crate) async fn server_fn(&self, cookie: &str, name: &str, args: &[(&str, &str)]) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/api/{name}")))
+            .header("origin", &self.origin)
+            .header("cookie", cookie)
+            .header("accept", "application/json")
+            .form(args)
+            .send()
+            .await
+            .unwrap()
+    }
+}

@@ -2,6 +2,8 @@
 SHELL := bash
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 UPDRAFT := $(TARGET_DIR)/debug/updraft
+# The wasm build needs RUSTC_BOOTSTRAP=1, which must not touch host artifacts: its own target directory.
+WASM_TARGET_DIR := $(TARGET_DIR)/wasm-build
 
 .PHONY: setup server site run test check fmt fmt-check clippy purity unit e2e clean-data
 
@@ -31,7 +33,7 @@ fmt-check:
 
 clippy: setup
 	cargo clippy --workspace --exclude frontend --all-targets -- -D warnings
-	RUSTC_BOOTSTRAP=1 cargo clippy -p frontend --target wasm32-unknown-unknown -Z build-std=std,panic_abort -- -D warnings
+	CARGO_TARGET_DIR="$(WASM_TARGET_DIR)" RUSTC_BOOTSTRAP=1 cargo clippy -p frontend --target wasm32-unknown-unknown -Z build-std=std,panic_abort -- -D warnings
 
 unit: setup
 	cargo nextest run --workspace --exclude frontend

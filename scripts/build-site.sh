@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # scripts/build-site.sh: builds the console's hydrate bundle into target/site/pkg (wasm + JS glue + CSS).
 # The server binary is built separately (cargo); both read target/site at run time.
-# RUSTC_BOOTSTRAP=1 is scoped to the one wasm command: set for host builds, it would flip proc-macro2's
-# cfg and rebuild nearly everything.
+# RUSTC_BOOTSTRAP=1 is needed for -Zbuild-std. It also changes how proc-macro2 builds (its build script
+# watches that variable), so the wasm build gets a target directory of its own: sharing one with the host
+# build made every switch between the two rebuild proc-macro2, syn and nearly everything after them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+WASM_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/wasm-build"
 NAME=updraft
 SITE="$ROOT/target/site"
 PKG="$SITE/pkg"
 if [ "${1:-}" = "--release" ]; then PROFILE_ARGS=(--profile wasm-release); DIR=wasm-release; else PROFILE_ARGS=(); DIR=debug; fi
 
-RUSTC_BOOTSTRAP=1 cargo build -p frontend --lib --target wasm32-unknown-unknown \
+CARGO_TARGET_DIR="$WASM_TARGET_DIR" RUSTC_BOOTSTRAP=1 cargo build -p frontend --lib --target wasm32-unknown-unknown \
   -Z build-std=std,panic_abort "${PROFILE_ARGS[@]}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 wasm-bindgen --target web --no-typescript --out-dir "$tmp" --out-name "$NAME" \
-  "$TARGET_DIR/wasm32-unknown-unknown/$DIR/frontend.wasm"
+  "$WASM_TARGET_DIR/wasm32-unknown-unknown/$DIR/frontend.wasm"
 # Leptos asks for NAME.wasm when LEPTOS_OUTPUT_NAME was set at compile time (.cargo/config.toml), else
 # NAME_bg.wasm; serve both names (a hard link, no copy).
 mkdir -p "$PKG"

@@ -4,6 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 SECONDS=0
+WASM_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/wasm-build"
 step() { printf '\n== %s (%ds)\n' "$*" "$SECONDS" >&2; }
 
 step "format"
@@ -21,7 +22,7 @@ step "clippy: host crates (app with ssr)"
 cargo clippy --workspace --exclude frontend --all-targets -- -D warnings
 
 step "clippy: wasm32 (frontend, app with hydrate, domain)"
-RUSTC_BOOTSTRAP=1 cargo clippy -p frontend --target wasm32-unknown-unknown -Z build-std=std,panic_abort -- -D warnings
+CARGO_TARGET_DIR="$WASM_TARGET_DIR" RUSTC_BOOTSTRAP=1 cargo clippy -p frontend --target wasm32-unknown-unknown -Z build-std=std,panic_abort -- -D warnings
 
 step "unit and integration tests${UPDRAFT_TEST_POSTGRES_URL:+ (with PostgreSQL)}"
 cargo nextest run --workspace --exclude frontend --no-fail-fast

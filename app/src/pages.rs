@@ -1,13 +1,13 @@
 //! One component per console page. Every page renders on the server (it works without JavaScript:
 //! links and GET forms navigate, POST forms submit) and becomes interactive once hydrated.
 
-mod devices;
-mod groups;
-mod layout;
-mod login;
-mod products;
-mod settings;
-mod upgrades;
+pub mod devices;
+pub mod groups;
+pub mod layout;
+pub mod login;
+pub mod products;
+pub mod settings;
+pub mod upgrades;
 
 pub use devices::DevicesPage;
 pub use groups::GroupsPage;

@@ -9,7 +9,7 @@ use backend::clock::ManualClock;
 use backend::secrets::Sealer;
 use backend::service::auth::{self, AdminBootstrap};
 use backend::service::{Page, devices, groups, products, projects};
-use backend::storage::entity::*;
+use backend::storage::entity::{self as e, *};
 use backend::{AppState, Error};
 use domain::Timestamp;
 use migrations::{Migrator, MigratorTrait};
@@ -75,7 +75,7 @@ async fn databases() -> Vec<TestDb> {
     out
 }
 
-async fn mqtt_product(t: &TestDb, project: &str) -> products::Model {
+async fn mqtt_product(t: &TestDb, project: &str) -> e::products::Model {
     products::create(
         &t.state,
         project,
@@ -290,7 +290,7 @@ async fn the_whole_model_round_trips_and_cascades() {
         assert_eq!(subtask_steps::Entity::find().all(db).await.unwrap().len(), 0, "{kind}");
         assert_eq!(download_tokens::Entity::find().all(db).await.unwrap().len(), 0, "{kind}");
         // Deleting a device removes its group memberships.
-        devices::Entity::delete_by_id(device.id.clone()).exec(db).await.unwrap();
+        e::devices::Entity::delete_by_id(device.id.clone()).exec(db).await.unwrap();
         assert_eq!(device_group_members::Entity::find().all(db).await.unwrap().len(), 0, "{kind}");
         t.cleanup().await;
     }
@@ -314,7 +314,7 @@ async fn device_secrets_are_stored_sealed_and_open_with_the_key() {
         .await
         .unwrap();
         assert_eq!(r.device.id, "meter_n-42");
-        let stored = devices::Entity::find_by_id("meter_n-42".to_owned()).one(&t.state.db).await.unwrap().unwrap();
+        let stored = e::devices::Entity::find_by_id("meter_n-42".to_owned()).one(&t.state.db).await.unwrap().unwrap();
         let sealed = stored.secret_enc.clone().unwrap();
         assert!(!sealed.windows(12).any(|w| w == b"plain-secret"), "{}: secret stored in clear", t.kind);
         let opened = devices::secret(&t.state, "meter_n-42").await.unwrap().unwrap();

@@ -39,6 +39,8 @@ fn index(table: &'static str, name: &str, columns: &[&'static str], unique: bool
 
 use ForeignKeyAction::{Cascade, Restrict};
 
+// `async_trait` requires the trait's exact signature, whose lifetime is elided.
+#[allow(elided_lifetimes_in_paths)]
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {

@@ -58,7 +58,8 @@ fn to_json(settings: &Settings) -> Result<String> {
 }
 
 async fn serve(settings: Settings) -> Result<()> {
-    crate::telemetry::init(settings.log.format, &settings.log.filter, std::io::stdout);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    crate::telemetry::init(settings.log.format, &settings.log.filter, std::io::stdout, ansi);
     let clock = Arc::new(backend::clock::SystemClock);
     let application = Application::build(settings, clock).await?;
     let addr = application.https_addr();
@@ -78,6 +79,7 @@ async fn serve(settings: Settings) -> Result<()> {
         AdminBootstrap::Existing => println!("  Sign in with an existing account."),
     }
     if let Some(ca) = application.ca_path() {
+        let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.to_path_buf());
         println!("  CA certificate: {}   (trust it in browsers and devices)", ca.display());
     }
     println!();

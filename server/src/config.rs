@@ -193,9 +193,15 @@ impl Settings {
         }
         let env = Env::prefixed("UPDRAFT_")
             .split("__")
-            .filter(|key| TOP_LEVEL_KEYS.iter().any(|k| key.as_str().split('.').next() == Some(*k)));
-        let settings: Self =
-            Figment::from(Serialized::defaults(Self::default())).merge(Toml::file_exact(&path)).merge(env).extract()?;
+            .filter(|key| {
+                let first = key.as_str().split('.').next().unwrap_or_default();
+                TOP_LEVEL_KEYS.iter().any(|k| first.eq_ignore_ascii_case(k))
+            });
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if path.exists() {
+            figment = figment.merge(Toml::file_exact(&path));
+        }
+        let settings: Self = figment.merge(env).extract()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -237,7 +243,24 @@ impl Settings {
 }
 
 impl From<figment::Error> for ConfigError {
+    /// One line per problem: the key as written in `updraft.toml`, what is wrong, and where the value came
+    /// from (the file, or the exact environment variable to fix).
     fn from(e: figment::Error) -> Self {
-        Self(e.into_iter().map(|e| format!("  - {e}")).collect())
+        Self(
+            e.into_iter()
+                .map(|e| {
+                    let key = e.path.join(".").to_lowercase();
+                    let source = match &e.metadata {
+                        Some(m) if m.name.contains("environment") => {
+                            format!("environment variable UPDRAFT_{}", key.to_uppercase().replace('.', "__"))
+                        }
+                        Some(m) => m.source.as_ref().map_or_else(|| m.name.to_string(), ToString::to_string),
+                        None => "built-in defaults".to_owned(),
+                    };
+                    let key = if key.is_empty() { "(top level)".to_owned() } else { key };
+                    format!("  - {key}: {} (from {source})", e.kind)
+                })
+                .collect(),
+        )
     }
 }

@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use backend::AppState;
 use http::HeaderValue;
 use http::header;
-use leptos::prelude::*;
+use leptos::prelude::{LeptosOptions, provide_context};
 use leptos_axum::{LeptosRoutes, generate_route_list};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;

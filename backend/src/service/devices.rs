@@ -2,7 +2,7 @@
 
 use domain::device::{DeviceStatus, NodeId, ProtocolType, check_secret};
 use domain::{DeviceId, text};
-use sea_orm::sea_query::{Expr, Func};
+use sea_orm::sea_query::{Expr, ExprTrait, Func};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
 };

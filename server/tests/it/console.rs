@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helpers::{PASSWORD, spawn_app};
+use crate::helpers::{PASSWORD, settings_for, spawn_app, spawn_with};
 
 #[tokio::test]
 async fn health_and_readiness_answer_over_verified_https() {
@@ -190,5 +190,22 @@ async fn data_and_keys_survive_a_restart() {
     use secrecy::ExposeSecret;
     assert_eq!(sealer.open(&row.id, &row.secret_enc.unwrap()).unwrap().expose_secret(), "restart-secret-1");
     state_db.close().await.unwrap();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn operator_provided_certificates_are_served_instead_of_generated_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("own.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("own.key"), key.serialize_pem()).unwrap();
+    let mut settings = settings_for(&dir.path().join("data"));
+    settings.tls.cert = Some(dir.path().join("own.pem"));
+    settings.tls.key = Some(dir.path().join("own.key"));
+    let app = spawn_with(settings).await;
+    // The client trusts only the operator's certificate, so this succeeds only if it is the one served.
+    assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
+    assert!(!dir.path().join("data/tls/ca.pem").exists(), "no CA is generated when certificates are given");
     app.stop().await;
 }

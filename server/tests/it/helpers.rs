@@ -33,14 +33,21 @@ pub(crate) fn settings_for(data_dir: &Path) -> Settings {
 }
 
 pub(crate) async fn spawn_app(data_dir: &Path) -> TestApp {
+    spawn_with(settings_for(data_dir)).await
+}
+
+/// Starts the application with `settings`; the client trusts the generated CA, or `settings.tls.cert`.
+pub(crate) async fn spawn_with(settings: Settings) -> TestApp {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let data_dir = settings.data_dir.clone();
     if std::env::var_os("TEST_LOG").is_some() {
-        server::telemetry::init(server::config::LogFormat::Text, "debug", std::io::stderr);
+        server::telemetry::init(server::config::LogFormat::Text, "debug", std::io::stderr, false);
     }
     let clock = ManualClock::new(Timestamp::from_millis(START));
-    let app = Application::build(settings_for(data_dir), Arc::new(clock.clone())).await.expect("application builds");
+    let trust = settings.tls.cert.clone();
+    let app = Application::build(settings, Arc::new(clock.clone())).await.expect("application builds");
     let addr = app.https_addr();
-    let ca = std::fs::read(app.ca_path().expect("generated CA")).unwrap();
+    let ca = std::fs::read(trust.as_deref().or(app.ca_path()).expect("a certificate to trust")).unwrap();
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
@@ -56,7 +63,7 @@ pub(crate) async fn spawn_app(data_dir: &Path) -> TestApp {
         origin: format!("https://localhost:{}", addr.port()),
         client,
         clock,
-        data_dir: data_dir.to_path_buf(),
+        data_dir,
         stop: Some(tx),
         task: Some(task),
     }

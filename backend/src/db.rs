@@ -11,13 +11,9 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbE
 /// [`DbErr`] when the database cannot be reached or opened.
 pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     let sqlite = url.starts_with("sqlite:");
-    if sqlite {
-        if let Some(path) = sqlite_path(url) {
-            if let Some(dir) = std::path::Path::new(&path).parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", dir.display())))?;
-            }
-        }
+    let sqlite_dir = sqlite_path(url).and_then(|p| std::path::Path::new(&p).parent().map(std::path::Path::to_path_buf));
+    if let Some(dir) = sqlite_dir.filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(&dir).map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", dir.display())))?;
     }
     let mut opts = ConnectOptions::new(url.to_owned());
     opts.sqlx_logging(false).acquire_timeout(Duration::from_secs(10));

@@ -31,7 +31,7 @@ impl Timestamp {
 
     /// `self + d`, saturating at the ends of the range.
     #[must_use]
-    pub fn add(self, d: std::time::Duration) -> Self {
+    pub fn plus(self, d: std::time::Duration) -> Self {
         let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         Self(self.0.saturating_add(ms))
     }
@@ -98,8 +98,8 @@ mod tests {
     #[test]
     fn arithmetic_saturates_and_never_goes_negative() {
         let t = Timestamp::from_millis(1_000);
-        assert_eq!(t.add(std::time::Duration::from_secs(1)).as_millis(), 2_000);
-        assert_eq!(Timestamp::from_millis(i64::MAX).add(std::time::Duration::from_secs(1)).as_millis(), i64::MAX);
+        assert_eq!(t.plus(std::time::Duration::from_secs(1)).as_millis(), 2_000);
+        assert_eq!(Timestamp::from_millis(i64::MAX).plus(std::time::Duration::from_secs(1)).as_millis(), i64::MAX);
         assert_eq!(Timestamp::EPOCH.since(t), std::time::Duration::ZERO);
         assert_eq!(t.since(Timestamp::EPOCH), std::time::Duration::from_secs(1));
     }

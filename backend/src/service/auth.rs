@@ -198,7 +198,7 @@ pub async fn login(
     state.login_throttle.lock().expect("login throttle lock").record_success(&user_key);
 
     let token = SecretString::from(ids::token());
-    let expires_at = now.add(state.settings.session_idle);
+    let expires_at = now.plus(state.settings.session_idle);
     sessions::ActiveModel {
         id: Set(ids::sha256_hex(token.expose_secret())),
         user_id: Set(user.id.clone()),
@@ -243,14 +243,14 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<CurrentUser> 
     let Some(user) = users::Entity::find_by_id(session.user_id.clone()).one(&state.db).await? else {
         return Err(UNAUTHORIZED);
     };
-    let hard_end = Timestamp::from_millis(session.created_at).add(state.settings.session_max);
+    let hard_end = Timestamp::from_millis(session.created_at).plus(state.settings.session_max);
     if now.as_millis() >= session.expires_at || now >= hard_end {
         sessions::Entity::delete_by_id(session.id).exec(&state.db).await?;
         return Err(UNAUTHORIZED);
     }
     let mut expires_at = Timestamp::from_millis(session.expires_at);
     if now.as_millis() - session.last_seen_at >= 60_000 {
-        expires_at = now.add(state.settings.session_idle).min(hard_end);
+        expires_at = now.plus(state.settings.session_idle).min(hard_end);
         let mut active = session.clone().into_active_model();
         active.last_seen_at = Set(now.as_millis());
         active.expires_at = Set(expires_at.as_millis());

@@ -92,10 +92,10 @@ pub(super) async fn login(
 
 /// `POST /auth/logout`: ends the session and clears the cookie.
 pub(super) async fn logout(State(state): State<ServerState>, jar: CookieJar) -> Response {
-    if let Some(c) = jar.get(SESSION_COOKIE) {
-        if let Err(e) = auth::logout(&state.app, c.value()).await {
-            tracing::error!(error.message = %e, "logout failed");
-        }
+    if let Some(c) = jar.get(SESSION_COOKIE)
+        && let Err(e) = auth::logout(&state.app, c.value()).await
+    {
+        tracing::error!(error.message = %e, "logout failed");
     }
     let removal = Cookie::build((SESSION_COOKIE, "")).path("/").secure(true).http_only(true).build();
     (jar.remove(removal), Redirect::to("/login")).into_response()

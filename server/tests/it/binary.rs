@@ -63,6 +63,7 @@ fn start(dir: &std::path::Path) -> (std::process::Child, String) {
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("updraft did not start: {seen}");
 }
 

@@ -25,8 +25,7 @@ pub(crate) struct TestApp {
 }
 
 pub(crate) fn settings_for(data_dir: &Path) -> Settings {
-    let mut s = Settings::default();
-    s.data_dir = data_dir.to_path_buf();
+    let mut s = Settings { data_dir: data_dir.to_path_buf(), ..Default::default() };
     s.http.listen = "127.0.0.1:0".parse().unwrap();
     s.admin.password = Some(PASSWORD.to_owned().into());
     s

@@ -11,7 +11,7 @@ WASM_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/wasm-build"
 NAME=updraft
 SITE="$ROOT/target/site"
 PKG="$SITE/pkg"
-if [ "${1:-}" = "--release" ]; then PROFILE_ARGS=(--profile wasm-release); DIR=wasm-release; else PROFILE_ARGS=(); DIR=debug; fi
+if [ "${1:-}" = "--release" ]; then PROFILE_ARGS=(--profile wasm-release); DIR=wasm-release; else PROFILE_ARGS=(--profile wasm-dev); DIR=wasm-dev; fi
 
 CARGO_TARGET_DIR="$WASM_TARGET_DIR" RUSTC_BOOTSTRAP=1 cargo build -p frontend --lib --target wasm32-unknown-unknown \
   -Z build-std=std,panic_abort "${PROFILE_ARGS[@]}"
@@ -27,4 +27,5 @@ ln -f "$PKG/$NAME.wasm" "$PKG/${NAME}_bg.wasm"
 rm "$tmp/${NAME}_bg.wasm" 2>/dev/null || true
 cp -r "$tmp"/. "$PKG"/   # the JS glue, and snippets/ if any crate has inline JS
 cp style/main.css "$PKG/$NAME.css"
+cp style/favicon.svg "$PKG/favicon.svg"
 echo "site: $(du -h "$PKG/$NAME.wasm" | cut -f1) wasm in $PKG" >&2

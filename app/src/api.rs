@@ -40,7 +40,12 @@ pub(crate) mod ssr {
             .ok_or_else(|| ApiError::new(ErrorCode::Internal, "application state missing"))?;
         let axum::Extension(user) = leptos_axum::extract::<axum::Extension<CurrentUser>>()
             .await
-            .map_err(|_| ApiError::new(ErrorCode::Unauthorized, "not logged in or the session expired"))?;
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "not logged in or the session expired",
+                )
+            })?;
         Ok((state, user))
     }
 

@@ -54,7 +54,11 @@ impl ErrorCode {
 impl ApiError {
     /// An error without field details.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), fields: BTreeMap::new() }
+        Self {
+            code,
+            message: message.into(),
+            fields: BTreeMap::new(),
+        }
     }
 
     /// The message for `field`, if any.
@@ -68,7 +72,11 @@ impl From<domain::ValidationError> for ApiError {
     fn from(e: domain::ValidationError) -> Self {
         let mut fields = BTreeMap::new();
         fields.insert(e.field.clone(), e.message.clone());
-        Self { code: ErrorCode::Validation, message: e.to_string(), fields }
+        Self {
+            code: ErrorCode::Validation,
+            message: e.to_string(),
+            fields,
+        }
     }
 }
 
@@ -80,9 +88,24 @@ impl FromServerFnError for ApiError {
     }
 }
 
+/// Maps a service error for the browser and sets the server function's HTTP status to match the code
+/// (422, 409, 404...), so an error is an error on the wire too, not only in the body.
 #[cfg(feature = "ssr")]
 impl From<backend::Error> for ApiError {
     fn from(e: backend::Error) -> Self {
+        let api = Self::from_service(e);
+        if let Some(response) = leptos::prelude::use_context::<leptos_axum::ResponseOptions>()
+            && let Ok(status) = axum::http::StatusCode::from_u16(api.code.status())
+        {
+            response.set_status(status);
+        }
+        api
+    }
+}
+
+#[cfg(feature = "ssr")]
+impl ApiError {
+    fn from_service(e: backend::Error) -> Self {
         use backend::Error as E;
         match e {
             E::Validation(v) => v.into(),

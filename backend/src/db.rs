@@ -11,22 +11,30 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbE
 /// [`DbErr`] when the database cannot be reached or opened.
 pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     let sqlite = url.starts_with("sqlite:");
-    let sqlite_dir = sqlite_path(url).and_then(|p| std::path::Path::new(&p).parent().map(std::path::Path::to_path_buf));
+    let sqlite_dir = sqlite_path(url).and_then(|p| {
+        std::path::Path::new(&p)
+            .parent()
+            .map(std::path::Path::to_path_buf)
+    });
     if let Some(dir) = sqlite_dir.filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(&dir).map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", dir.display())))?;
     }
     let mut opts = ConnectOptions::new(url.to_owned());
-    opts.sqlx_logging(false).acquire_timeout(Duration::from_secs(10));
+    opts.sqlx_logging(false)
+        .acquire_timeout(Duration::from_secs(10));
     if sqlite {
         // SQLite serialises writers anyway; a small pool avoids "database is locked" storms, and the busy
         // timeout lets a writer wait for another instead of failing.
-        opts.max_connections(8).min_connections(1).map_sqlx_sqlite_opts(|o| {
-            o.create_if_missing(true)
-                .foreign_keys(true)
-                .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(10))
-        });
+        opts.max_connections(8)
+            .min_connections(1)
+            .map_sqlx_sqlite_opts(|o| {
+                o.create_if_missing(true)
+                    .foreign_keys(true)
+                    .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(10))
+            });
     } else {
         opts.max_connections(32).min_connections(1);
     }
@@ -40,7 +48,9 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
 
 /// The file path of a `sqlite:` URL, if it names a file.
 fn sqlite_path(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next()?;
     (!path.is_empty() && path != ":memory:").then(|| path.to_owned())
 }
@@ -51,8 +61,14 @@ mod tests {
 
     #[test]
     fn sqlite_paths_are_found_in_urls() {
-        assert_eq!(sqlite_path("sqlite://./data/updraft.db?mode=rwc").as_deref(), Some("./data/updraft.db"));
-        assert_eq!(sqlite_path("sqlite:/tmp/x.db").as_deref(), Some("/tmp/x.db"));
+        assert_eq!(
+            sqlite_path("sqlite://./data/updraft.db?mode=rwc").as_deref(),
+            Some("./data/updraft.db")
+        );
+        assert_eq!(
+            sqlite_path("sqlite:/tmp/x.db").as_deref(),
+            Some("/tmp/x.db")
+        );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
         assert_eq!(sqlite_path("postgres://x"), None);
     }

@@ -49,7 +49,10 @@ impl Error {
     /// A not-found error.
     #[must_use]
     pub fn not_found(what: &'static str, id: impl Into<String>) -> Self {
-        Self::NotFound { what, id: id.into() }
+        Self::NotFound {
+            what,
+            id: id.into(),
+        }
     }
 
     /// Whether this error is the service's fault (and should be logged with its cause), not the caller's.

@@ -58,7 +58,8 @@ impl Sealer {
         if key.expose_secret().len() != 32 {
             return Err(SecretsError::BadKey);
         }
-        let cipher = XChaCha20Poly1305::new_from_slice(key.expose_secret()).map_err(|_| SecretsError::BadKey)?;
+        let cipher = XChaCha20Poly1305::new_from_slice(key.expose_secret())
+            .map_err(|_| SecretsError::BadKey)?;
         Ok(Self { cipher })
     }
 
@@ -67,7 +68,10 @@ impl Sealer {
     /// # Errors
     /// [`SecretsError`] when the file cannot be read or created, or holds no valid key.
     pub fn load_or_create(path: &Path) -> Result<Self, SecretsError> {
-        let io = |source| SecretsError::Io { path: path.display().to_string(), source };
+        let io = |source| SecretsError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         match std::fs::read_to_string(path) {
             Ok(text) => Self::from_hex(&SecretString::from(text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -91,7 +95,13 @@ impl Sealer {
         rand::rng().fill(&mut nonce);
         let ct = self
             .cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain.as_bytes(), aad: row.as_bytes() })
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plain.as_bytes(),
+                    aad: row.as_bytes(),
+                },
+            )
             .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
         let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
         out.push(VERSION);
@@ -111,9 +121,17 @@ impl Sealer {
         let (nonce, ct) = sealed[1..].split_at(NONCE_LEN);
         let plain = self
             .cipher
-            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: row.as_bytes() })
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: row.as_bytes(),
+                },
+            )
             .map_err(|_| SecretsError::Open)?;
-        String::from_utf8(plain).map(SecretString::from).map_err(|_| SecretsError::Open)
+        String::from_utf8(plain)
+            .map(SecretString::from)
+            .map_err(|_| SecretsError::Open)
     }
 }
 
@@ -121,7 +139,11 @@ impl Sealer {
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }
@@ -140,12 +162,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Sealer::load_or_create(&dir.path().join("k")).unwrap();
         let sealed = a.seal("dev-1", "s3cret-value");
-        assert!(!sealed.windows(6).any(|w| w == b"s3cret"), "ciphertext must not contain the secret");
-        assert_eq!(a.open("dev-1", &sealed).unwrap().expose_secret(), "s3cret-value");
+        assert!(
+            !sealed.windows(6).any(|w| w == b"s3cret"),
+            "ciphertext must not contain the secret"
+        );
+        assert_eq!(
+            a.open("dev-1", &sealed).unwrap().expose_secret(),
+            "s3cret-value"
+        );
         assert!(a.open("dev-2", &sealed).is_err());
 
         let again = Sealer::load_or_create(&dir.path().join("k")).unwrap();
-        assert_eq!(again.open("dev-1", &sealed).unwrap().expose_secret(), "s3cret-value");
+        assert_eq!(
+            again.open("dev-1", &sealed).unwrap().expose_secret(),
+            "s3cret-value"
+        );
 
         let other = Sealer::load_or_create(&dir.path().join("other")).unwrap();
         assert!(other.open("dev-1", &sealed).is_err());
@@ -162,7 +193,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secret.key");
         Sealer::load_or_create(&path).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

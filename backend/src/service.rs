@@ -24,7 +24,10 @@ impl Page {
     /// A page, with `limit` clamped to 1..=500.
     #[must_use]
     pub fn new(limit: u64, offset: u64) -> Self {
-        Self { limit: limit.clamp(1, 500), offset }
+        Self {
+            limit: limit.clamp(1, 500),
+            offset,
+        }
     }
 }
 

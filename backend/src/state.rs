@@ -52,8 +52,19 @@ pub struct AppState {
 impl AppState {
     /// Assembles the state.
     #[must_use]
-    pub fn new(db: DatabaseConnection, clock: Arc<dyn Clock>, sealer: Arc<Sealer>, settings: ServiceSettings) -> Self {
+    pub fn new(
+        db: DatabaseConnection,
+        clock: Arc<dyn Clock>,
+        sealer: Arc<Sealer>,
+        settings: ServiceSettings,
+    ) -> Self {
         let throttle = Throttle::new(settings.login_max_failures, settings.login_window, 100_000);
-        Self { db, clock, sealer, settings, login_throttle: Arc::new(Mutex::new(throttle)) }
+        Self {
+            db,
+            clock,
+            sealer,
+            settings,
+            login_throttle: Arc::new(Mutex::new(throttle)),
+        }
     }
 }

@@ -13,7 +13,10 @@ use backend::storage::entity::{self as e, *};
 use backend::{AppState, Error};
 use domain::Timestamp;
 use migrations::{Migrator, MigratorTrait};
-use sea_orm::{ActiveModelTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait, ModelTrait, Set, Statement};
+use sea_orm::{
+    ActiveModelTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait, ModelTrait, Set,
+    Statement,
+};
 use secrecy::{ExposeSecret, SecretString};
 
 const START: i64 = 1_795_000_000_000; // 2026-11-17
@@ -31,8 +34,13 @@ impl TestDb {
     async fn cleanup(self) {
         self.state.db.close().await.ok();
         if let Some((admin_url, name)) = self.drop_pg {
-            let admin = Database::connect(&admin_url).await.expect("postgres admin connection");
-            admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.expect("drop test db");
+            let admin = Database::connect(&admin_url)
+                .await
+                .expect("postgres admin connection");
+            admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .expect("drop test db");
             admin.close().await.ok();
         }
     }
@@ -42,7 +50,12 @@ async fn state_on(db: DatabaseConnection, dir: &tempfile::TempDir) -> (AppState,
     Migrator::up(&db, None).await.expect("migrations apply");
     let clock = ManualClock::new(Timestamp::from_millis(START));
     let sealer = Sealer::load_or_create(&dir.path().join("secret.key")).expect("secret key");
-    let state = AppState::new(db, Arc::new(clock.clone()), Arc::new(sealer), Default::default());
+    let state = AppState::new(
+        db,
+        Arc::new(clock.clone()),
+        Arc::new(sealer),
+        Default::default(),
+    );
     (state, clock)
 }
 
@@ -50,22 +63,46 @@ async fn state_on(db: DatabaseConnection, dir: &tempfile::TempDir) -> (AppState,
 async fn databases() -> Vec<TestDb> {
     let mut out = Vec::new();
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.path().join("updraft.db").display());
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("updraft.db").display()
+    );
     let db = backend::db::connect(&url).await.expect("sqlite connects");
     let (state, clock) = state_on(db, &dir).await;
-    out.push(TestDb { kind: "sqlite", state, clock, _dir: dir, drop_pg: None });
+    out.push(TestDb {
+        kind: "sqlite",
+        state,
+        clock,
+        _dir: dir,
+        drop_pg: None,
+    });
 
     match std::env::var("UPDRAFT_TEST_POSTGRES_URL") {
         Ok(admin_url) => {
             let name = format!("updraft_test_{}", backend::ids::hex32());
-            let admin = Database::connect(&admin_url).await.expect("UPDRAFT_TEST_POSTGRES_URL connects");
-            admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+            let admin = Database::connect(&admin_url)
+                .await
+                .expect("UPDRAFT_TEST_POSTGRES_URL connects");
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create test database");
             admin.close().await.ok();
-            let (base, _) = admin_url.rsplit_once('/').expect("postgres URL has a database path");
-            let db = backend::db::connect(&format!("{base}/{name}")).await.expect("test database connects");
+            let (base, _) = admin_url
+                .rsplit_once('/')
+                .expect("postgres URL has a database path");
+            let db = backend::db::connect(&format!("{base}/{name}"))
+                .await
+                .expect("test database connects");
             let dir = tempfile::tempdir().unwrap();
             let (state, clock) = state_on(db, &dir).await;
-            out.push(TestDb { kind: "postgres", state, clock, _dir: dir, drop_pg: Some((admin_url, name)) });
+            out.push(TestDb {
+                kind: "postgres",
+                state,
+                clock,
+                _dir: dir,
+                drop_pg: Some((admin_url, name)),
+            });
         }
         Err(_) if std::env::var("UPDRAFT_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
             panic!("UPDRAFT_REQUIRE_POSTGRES=1 but UPDRAFT_TEST_POSTGRES_URL is not set")
@@ -94,9 +131,17 @@ async fn mqtt_product(t: &TestDb, project: &str) -> e::products::Model {
 #[tokio::test]
 async fn migrations_roll_back_and_apply_again() {
     for t in databases().await {
-        Migrator::down(&t.state.db, None).await.unwrap_or_else(|e| panic!("{}: down: {e}", t.kind));
-        Migrator::up(&t.state.db, None).await.unwrap_or_else(|e| panic!("{}: up again: {e}", t.kind));
-        assert!(projects::ensure_default(&t.state).await.is_ok(), "{}", t.kind);
+        Migrator::down(&t.state.db, None)
+            .await
+            .unwrap_or_else(|e| panic!("{}: down: {e}", t.kind));
+        Migrator::up(&t.state.db, None)
+            .await
+            .unwrap_or_else(|e| panic!("{}: up again: {e}", t.kind));
+        assert!(
+            projects::ensure_default(&t.state).await.is_ok(),
+            "{}",
+            t.kind
+        );
         t.cleanup().await;
     }
 }
@@ -105,9 +150,26 @@ async fn migrations_roll_back_and_apply_again() {
 async fn sqlite_runs_in_wal_mode_with_foreign_keys() {
     let t = databases().await.into_iter().next().unwrap();
     let db = &t.state.db;
-    let mode = db.query_one_raw(Statement::from_string(db.get_database_backend(), "PRAGMA journal_mode")).await.unwrap().unwrap();
-    assert_eq!(mode.try_get_by_index::<String>(0).unwrap().to_lowercase(), "wal");
-    let fk = db.query_one_raw(Statement::from_string(db.get_database_backend(), "PRAGMA foreign_keys")).await.unwrap().unwrap();
+    let mode = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "PRAGMA journal_mode",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        mode.try_get_by_index::<String>(0).unwrap().to_lowercase(),
+        "wal"
+    );
+    let fk = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "PRAGMA foreign_keys",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(fk.try_get_by_index::<i32>(0).unwrap(), 1);
     t.cleanup().await;
 }
@@ -123,14 +185,24 @@ async fn the_whole_model_round_trips_and_cascades() {
         let registered = devices::register(
             &t.state,
             &project.id,
-            devices::NewDevice { product_id: product.id.clone(), node_id: "node1".into(), ..Default::default() },
+            devices::NewDevice {
+                product_id: product.id.clone(),
+                node_id: "node1".into(),
+                ..Default::default()
+            },
         )
         .await
         .unwrap();
         let device = registered.device;
-        let group = groups::create(&t.state, &project.id, "north", "north wing").await.unwrap();
-        groups::add_device(&t.state, &project.id, &group.id, &device.id).await.unwrap();
-        groups::add_device(&t.state, &project.id, &group.id, &device.id).await.expect("adding twice is harmless");
+        let group = groups::create(&t.state, &project.id, "north", "north wing")
+            .await
+            .unwrap();
+        groups::add_device(&t.state, &project.id, &group.id, &device.id)
+            .await
+            .unwrap();
+        groups::add_device(&t.state, &project.id, &group.id, &device.id)
+            .await
+            .expect("adding twice is harmless");
 
         let package = packages::ActiveModel {
             id: Set("pkg00000000000000000001".into()),
@@ -281,17 +353,48 @@ async fn the_whole_model_round_trips_and_cascades() {
         .unwrap();
 
         // A product still used by devices cannot go (restrict), and a package used by a task cannot either.
-        assert!(product.clone().delete(db).await.is_err(), "{kind}: product delete must be refused");
-        assert!(package.clone().delete(db).await.is_err(), "{kind}: package delete must be refused");
+        assert!(
+            product.clone().delete(db).await.is_err(),
+            "{kind}: product delete must be refused"
+        );
+        assert!(
+            package.clone().delete(db).await.is_err(),
+            "{kind}: package delete must be refused"
+        );
 
         // Deleting the task takes its subtasks, their history and their tokens with it.
-        task.delete(db).await.unwrap_or_else(|e| panic!("{kind}: task delete: {e}"));
-        assert_eq!(subtasks::Entity::find().all(db).await.unwrap().len(), 0, "{kind}");
-        assert_eq!(subtask_steps::Entity::find().all(db).await.unwrap().len(), 0, "{kind}");
-        assert_eq!(download_tokens::Entity::find().all(db).await.unwrap().len(), 0, "{kind}");
+        task.delete(db)
+            .await
+            .unwrap_or_else(|e| panic!("{kind}: task delete: {e}"));
+        assert_eq!(
+            subtasks::Entity::find().all(db).await.unwrap().len(),
+            0,
+            "{kind}"
+        );
+        assert_eq!(
+            subtask_steps::Entity::find().all(db).await.unwrap().len(),
+            0,
+            "{kind}"
+        );
+        assert_eq!(
+            download_tokens::Entity::find().all(db).await.unwrap().len(),
+            0,
+            "{kind}"
+        );
         // Deleting a device removes its group memberships.
-        e::devices::Entity::delete_by_id(device.id.clone()).exec(db).await.unwrap();
-        assert_eq!(device_group_members::Entity::find().all(db).await.unwrap().len(), 0, "{kind}");
+        e::devices::Entity::delete_by_id(device.id.clone())
+            .exec(db)
+            .await
+            .unwrap();
+        assert_eq!(
+            device_group_members::Entity::find()
+                .all(db)
+                .await
+                .unwrap()
+                .len(),
+            0,
+            "{kind}"
+        );
         t.cleanup().await;
     }
 }
@@ -314,17 +417,32 @@ async fn device_secrets_are_stored_sealed_and_open_with_the_key() {
         .await
         .unwrap();
         assert_eq!(r.device.id, "meter_n-42");
-        let stored = e::devices::Entity::find_by_id("meter_n-42".to_owned()).one(&t.state.db).await.unwrap().unwrap();
+        let stored = e::devices::Entity::find_by_id("meter_n-42".to_owned())
+            .one(&t.state.db)
+            .await
+            .unwrap()
+            .unwrap();
         let sealed = stored.secret_enc.clone().unwrap();
-        assert!(!sealed.windows(12).any(|w| w == b"plain-secret"), "{}: secret stored in clear", t.kind);
-        let opened = devices::secret(&t.state, "meter_n-42").await.unwrap().unwrap();
+        assert!(
+            !sealed.windows(12).any(|w| w == b"plain-secret"),
+            "{}: secret stored in clear",
+            t.kind
+        );
+        let opened = devices::secret(&t.state, "meter_n-42")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(opened.expose_secret(), "plain-secret-123");
 
         // Generated secrets follow the protocol's rules.
         let generated = devices::register(
             &t.state,
             &project.id,
-            devices::NewDevice { product_id: "meter".into(), node_id: "n-43".into(), ..Default::default() },
+            devices::NewDevice {
+                product_id: "meter".into(),
+                node_id: "n-43".into(),
+                ..Default::default()
+            },
         )
         .await
         .unwrap();
@@ -342,7 +460,13 @@ async fn duplicates_and_bad_input_get_clear_errors() {
         let dup = products::create(
             &t.state,
             &project.id,
-            products::NewProduct { product_id: Some("meter".into()), name: "x".into(), device_type: "y".into(), protocol_type: "MQTT".into(), ..Default::default() },
+            products::NewProduct {
+                product_id: Some("meter".into()),
+                name: "x".into(),
+                device_type: "y".into(),
+                protocol_type: "MQTT".into(),
+                ..Default::default()
+            },
         )
         .await;
         assert!(matches!(dup, Err(Error::Conflict(_))), "{kind}: {dup:?}");
@@ -350,7 +474,12 @@ async fn duplicates_and_bad_input_get_clear_errors() {
         let bad = products::create(
             &t.state,
             &project.id,
-            products::NewProduct { name: "x".into(), device_type: "y".into(), protocol_type: "ZIGBEE".into(), ..Default::default() },
+            products::NewProduct {
+                name: "x".into(),
+                device_type: "y".into(),
+                protocol_type: "ZIGBEE".into(),
+                ..Default::default()
+            },
         )
         .await;
         match bad {
@@ -358,10 +487,19 @@ async fn duplicates_and_bad_input_get_clear_errors() {
             other => panic!("{kind}: {other:?}"),
         }
 
-        let new = |node: &str| devices::NewDevice { product_id: "meter".into(), node_id: node.into(), ..Default::default() };
-        devices::register(&t.state, &project.id, new("n1")).await.unwrap();
+        let new = |node: &str| devices::NewDevice {
+            product_id: "meter".into(),
+            node_id: node.into(),
+            ..Default::default()
+        };
+        devices::register(&t.state, &project.id, new("n1"))
+            .await
+            .unwrap();
         let again = devices::register(&t.state, &project.id, new("n1")).await;
-        assert!(matches!(again, Err(Error::Conflict(_))), "{kind}: {again:?}");
+        assert!(
+            matches!(again, Err(Error::Conflict(_))),
+            "{kind}: {again:?}"
+        );
         match devices::register(&t.state, &project.id, new("bad id")).await {
             Err(Error::Validation(v)) => assert_eq!(v.field, "node_id"),
             other => panic!("{kind}: {other:?}"),
@@ -369,14 +507,26 @@ async fn duplicates_and_bad_input_get_clear_errors() {
         let unknown = devices::register(
             &t.state,
             &project.id,
-            devices::NewDevice { product_id: "nope".into(), node_id: "n2".into(), ..Default::default() },
+            devices::NewDevice {
+                product_id: "nope".into(),
+                node_id: "n2".into(),
+                ..Default::default()
+            },
         )
         .await;
-        assert!(matches!(unknown, Err(Error::NotFound { .. })), "{kind}: {unknown:?}");
+        assert!(
+            matches!(unknown, Err(Error::NotFound { .. })),
+            "{kind}: {unknown:?}"
+        );
 
-        groups::create(&t.state, &project.id, "north", "").await.unwrap();
+        groups::create(&t.state, &project.id, "north", "")
+            .await
+            .unwrap();
         let dup_group = groups::create(&t.state, &project.id, "north", "").await;
-        assert!(matches!(dup_group, Err(Error::Conflict(_))), "{kind}: {dup_group:?}");
+        assert!(
+            matches!(dup_group, Err(Error::Conflict(_))),
+            "{kind}: {dup_group:?}"
+        );
         t.cleanup().await;
     }
 }
@@ -395,7 +545,11 @@ async fn device_lists_filter_search_and_page() {
                 devices::NewDevice {
                     product_id: "meter".into(),
                     node_id: format!("node{i:02}"),
-                    device_name: if i % 2 == 0 { format!("Pump {i}") } else { format!("Valve {i}") },
+                    device_name: if i % 2 == 0 {
+                        format!("Pump {i}")
+                    } else {
+                        format!("Valve {i}")
+                    },
                     ..Default::default()
                 },
             )
@@ -403,23 +557,80 @@ async fn device_lists_filter_search_and_page() {
             .unwrap();
         }
         let all = devices::DeviceFilter::default();
-        let first = devices::list(&t.state, &project.id, &all, Page::new(10, 0)).await.unwrap();
+        let first = devices::list(&t.state, &project.id, &all, Page::new(10, 0))
+            .await
+            .unwrap();
         assert_eq!((first.total, first.items.len()), (23, 10), "{kind}");
         assert_eq!(first.items[0].node_id, "node22", "{kind}: newest first");
-        let last = devices::list(&t.state, &project.id, &all, Page::new(10, 20)).await.unwrap();
+        let last = devices::list(&t.state, &project.id, &all, Page::new(10, 20))
+            .await
+            .unwrap();
         assert_eq!(last.items.len(), 3, "{kind}");
 
-        let pumps = devices::DeviceFilter { search: "PUMP".into(), ..Default::default() };
-        assert_eq!(devices::list(&t.state, &project.id, &pumps, Page::default()).await.unwrap().total, 12, "{kind}");
-        let literal = devices::DeviceFilter { search: "%".into(), ..Default::default() };
-        assert_eq!(devices::list(&t.state, &project.id, &literal, Page::default()).await.unwrap().total, 0, "{kind}: % is literal");
-        let inactive = devices::DeviceFilter { status: "INACTIVE".into(), ..Default::default() };
-        assert_eq!(devices::list(&t.state, &project.id, &inactive, Page::default()).await.unwrap().total, 23, "{kind}");
-        let online = devices::DeviceFilter { status: "ONLINE".into(), ..Default::default() };
-        assert_eq!(devices::list(&t.state, &project.id, &online, Page::default()).await.unwrap().total, 0, "{kind}");
-        let bad = devices::DeviceFilter { status: "online".into(), ..Default::default() };
-        assert!(matches!(devices::list(&t.state, &project.id, &bad, Page::default()).await, Err(Error::Validation(_))));
-        assert_eq!(devices::list(&t.state, "other-project", &all, Page::default()).await.unwrap().total, 0, "{kind}");
+        let pumps = devices::DeviceFilter {
+            search: "PUMP".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            devices::list(&t.state, &project.id, &pumps, Page::default())
+                .await
+                .unwrap()
+                .total,
+            12,
+            "{kind}"
+        );
+        let literal = devices::DeviceFilter {
+            search: "%".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            devices::list(&t.state, &project.id, &literal, Page::default())
+                .await
+                .unwrap()
+                .total,
+            0,
+            "{kind}: % is literal"
+        );
+        let inactive = devices::DeviceFilter {
+            status: "INACTIVE".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            devices::list(&t.state, &project.id, &inactive, Page::default())
+                .await
+                .unwrap()
+                .total,
+            23,
+            "{kind}"
+        );
+        let online = devices::DeviceFilter {
+            status: "ONLINE".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            devices::list(&t.state, &project.id, &online, Page::default())
+                .await
+                .unwrap()
+                .total,
+            0,
+            "{kind}"
+        );
+        let bad = devices::DeviceFilter {
+            status: "online".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            devices::list(&t.state, &project.id, &bad, Page::default()).await,
+            Err(Error::Validation(_))
+        ));
+        assert_eq!(
+            devices::list(&t.state, "other-project", &all, Page::default())
+                .await
+                .unwrap()
+                .total,
+            0,
+            "{kind}"
+        );
         t.cleanup().await;
     }
 }
@@ -430,12 +641,23 @@ async fn the_first_admin_logs_in_and_failures_are_throttled_on_the_clock() {
         let kind = t.kind;
         let project = projects::ensure_default(&t.state).await.unwrap();
         let AdminBootstrap::CreatedWithGeneratedPassword { password, .. } =
-            auth::bootstrap_admin(&t.state, "admin", None).await.unwrap()
+            auth::bootstrap_admin(&t.state, "admin", None)
+                .await
+                .unwrap()
         else {
             panic!("{kind}: first start must generate a password");
         };
-        assert!(matches!(auth::bootstrap_admin(&t.state, "admin", None).await.unwrap(), AdminBootstrap::Existing));
-        let stored = users::Entity::find().one(&t.state.db).await.unwrap().unwrap();
+        assert!(matches!(
+            auth::bootstrap_admin(&t.state, "admin", None)
+                .await
+                .unwrap(),
+            AdminBootstrap::Existing
+        ));
+        let stored = users::Entity::find()
+            .one(&t.state.db)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(stored.password_hash.starts_with("$argon2id$"), "{kind}");
 
         let login = |pw: &str, addr: &'static str| {
@@ -445,31 +667,77 @@ async fn the_first_admin_logs_in_and_failures_are_throttled_on_the_clock() {
             async move { auth::login(&state, "admin", pw, &project, Some(addr), None).await }
         };
         let session = login(password.expose_secret(), "10.0.0.1").await.unwrap();
-        let me = auth::authenticate(&t.state, session.token.expose_secret()).await.unwrap();
+        let me = auth::authenticate(&t.state, session.token.expose_secret())
+            .await
+            .unwrap();
         assert_eq!((me.username.as_str(), me.is_admin), ("admin", true));
 
         for _ in 0..5 {
-            assert!(matches!(login("wrong-password", "10.0.0.2").await, Err(Error::Unauthorized(_))), "{kind}");
+            assert!(
+                matches!(
+                    login("wrong-password", "10.0.0.2").await,
+                    Err(Error::Unauthorized(_))
+                ),
+                "{kind}"
+            );
         }
         // Locked out, even with the right password, from that address...
-        assert!(matches!(login(password.expose_secret(), "10.0.0.2").await, Err(Error::RateLimited { .. })), "{kind}");
+        assert!(
+            matches!(
+                login(password.expose_secret(), "10.0.0.2").await,
+                Err(Error::RateLimited { .. })
+            ),
+            "{kind}"
+        );
         // ...but not from another.
-        assert!(login(password.expose_secret(), "10.0.0.3").await.is_ok(), "{kind}");
+        assert!(
+            login(password.expose_secret(), "10.0.0.3").await.is_ok(),
+            "{kind}"
+        );
         t.clock.advance(Duration::from_secs(15 * 60));
-        assert!(login(password.expose_secret(), "10.0.0.2").await.is_ok(), "{kind}: lockout ends with the window");
+        assert!(
+            login(password.expose_secret(), "10.0.0.2").await.is_ok(),
+            "{kind}: lockout ends with the window"
+        );
 
         // Sessions slide with use and end after the idle time.
         t.clock.advance(Duration::from_secs(11 * 3600));
-        assert!(auth::authenticate(&t.state, session.token.expose_secret()).await.is_ok(), "{kind}");
+        assert!(
+            auth::authenticate(&t.state, session.token.expose_secret())
+                .await
+                .is_ok(),
+            "{kind}"
+        );
         t.clock.advance(Duration::from_secs(11 * 3600));
-        assert!(auth::authenticate(&t.state, session.token.expose_secret()).await.is_ok(), "{kind}: use slid the expiry");
+        assert!(
+            auth::authenticate(&t.state, session.token.expose_secret())
+                .await
+                .is_ok(),
+            "{kind}: use slid the expiry"
+        );
         t.clock.advance(Duration::from_secs(13 * 3600));
-        assert!(matches!(auth::authenticate(&t.state, session.token.expose_secret()).await, Err(Error::Unauthorized(_))), "{kind}");
+        assert!(
+            matches!(
+                auth::authenticate(&t.state, session.token.expose_secret()).await,
+                Err(Error::Unauthorized(_))
+            ),
+            "{kind}"
+        );
 
         let other = login(password.expose_secret(), "10.0.0.4").await.unwrap();
-        auth::logout(&t.state, other.token.expose_secret()).await.unwrap();
-        assert!(auth::authenticate(&t.state, other.token.expose_secret()).await.is_err(), "{kind}");
-        assert!(auth::authenticate(&t.state, "not-a-token").await.is_err(), "{kind}");
+        auth::logout(&t.state, other.token.expose_secret())
+            .await
+            .unwrap();
+        assert!(
+            auth::authenticate(&t.state, other.token.expose_secret())
+                .await
+                .is_err(),
+            "{kind}"
+        );
+        assert!(
+            auth::authenticate(&t.state, "not-a-token").await.is_err(),
+            "{kind}"
+        );
         t.cleanup().await;
     }
 }
@@ -477,9 +745,23 @@ async fn the_first_admin_logs_in_and_failures_are_throttled_on_the_clock() {
 #[tokio::test]
 async fn a_given_admin_password_must_meet_the_policy() {
     let t = databases().await.into_iter().next().unwrap();
-    let short = auth::bootstrap_admin(&t.state, "admin", Some(SecretString::from("short".to_owned()))).await;
+    let short = auth::bootstrap_admin(
+        &t.state,
+        "admin",
+        Some(SecretString::from("short".to_owned())),
+    )
+    .await;
     assert!(matches!(short, Err(Error::Validation(_))), "{short:?}");
-    let ok = auth::bootstrap_admin(&t.state, "admin", Some(SecretString::from("long-enough-pw".to_owned()))).await.unwrap();
-    assert!(matches!(ok, AdminBootstrap::CreatedWithGivenPassword { .. }));
+    let ok = auth::bootstrap_admin(
+        &t.state,
+        "admin",
+        Some(SecretString::from("long-enough-pw".to_owned())),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        ok,
+        AdminBootstrap::CreatedWithGivenPassword { .. }
+    ));
     t.cleanup().await;
 }

@@ -19,10 +19,19 @@ impl NodeId {
     pub fn parse(s: impl Into<String>) -> Result<Self, ValidationError> {
         let s = s.into();
         if s.is_empty() || s.len() > 64 {
-            return Err(ValidationError::new("node_id", "must be 1 to 64 characters"));
+            return Err(ValidationError::new(
+                "node_id",
+                "must be 1 to 64 characters",
+            ));
         }
-        if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err(ValidationError::new("node_id", "may contain only letters, digits, '_' and '-'"));
+        if !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ValidationError::new(
+                "node_id",
+                "may contain only letters, digits, '_' and '-'",
+            ));
         }
         Ok(Self(s))
     }
@@ -63,11 +72,20 @@ pub fn check_secret(secret: &str, protocol: ProtocolType) -> Result<(), Validati
     if !(8..=32).contains(&secret.len()) {
         return Err(ValidationError::new("secret", "must be 8 to 32 characters"));
     }
-    if !secret.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        return Err(ValidationError::new("secret", "may contain only letters, digits, '_' and '-'"));
+    if !secret
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(ValidationError::new(
+            "secret",
+            "may contain only letters, digits, '_' and '-'",
+        ));
     }
     if protocol == ProtocolType::CoAP && !secret.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(ValidationError::new("secret", "must be hexadecimal for LwM2M/CoAP devices"));
+        return Err(ValidationError::new(
+            "secret",
+            "must be hexadecimal for LwM2M/CoAP devices",
+        ));
     }
     Ok(())
 }

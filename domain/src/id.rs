@@ -45,10 +45,16 @@ fn check(field: &str, s: &str, max: usize, charset: Charset) -> Result<(), Valid
         return Err(ValidationError::new(field, "must not be empty"));
     }
     if s.len() > max {
-        return Err(ValidationError::new(field, format!("must be at most {max} characters")));
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
     if !s.chars().all(|c| charset.allows(c)) {
-        return Err(ValidationError::new(field, format!("may contain only {}", charset.describe())));
+        return Err(ValidationError::new(
+            field,
+            format!("may contain only {}", charset.describe()),
+        ));
     }
     Ok(())
 }
@@ -146,7 +152,10 @@ impl DeviceId {
     ///
     /// # Errors
     /// [`ValidationError`] when the result would be longer than [`DeviceId::MAX_LEN`].
-    pub fn derived(product: &ProductId, node: &crate::device::NodeId) -> Result<Self, ValidationError> {
+    pub fn derived(
+        product: &ProductId,
+        node: &crate::device::NodeId,
+    ) -> Result<Self, ValidationError> {
         Self::parse(format!("{product}_{node}"))
     }
 }
@@ -188,7 +197,8 @@ mod tests {
     fn serde_json_like<T: for<'de> Deserialize<'de>>(s: &str) -> Result<T, String> {
         use serde::de::IntoDeserializer;
         let inner = s.trim_matches('"').to_owned();
-        let de: serde::de::value::StringDeserializer<serde::de::value::Error> = inner.into_deserializer();
+        let de: serde::de::value::StringDeserializer<serde::de::value::Error> =
+            inner.into_deserializer();
         T::deserialize(de).map_err(|e| e.to_string())
     }
 }

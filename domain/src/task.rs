@@ -41,7 +41,10 @@ impl TaskStatus {
     /// `Success`, `Fail`, `PartialSuccess` and `Stopped`: the states in which a task may be deleted.
     #[must_use]
     pub const fn is_completed(self) -> bool {
-        matches!(self, Self::Success | Self::Fail | Self::PartialSuccess | Self::Stopped)
+        matches!(
+            self,
+            Self::Success | Self::Fail | Self::PartialSuccess | Self::Stopped
+        )
     }
 }
 
@@ -69,7 +72,10 @@ impl SubtaskStatus {
     /// Whether nothing more will happen without an operator (retry).
     #[must_use]
     pub const fn is_terminal(self) -> bool {
-        matches!(self, Self::Success | Self::Fail | Self::Stopped | Self::Removed)
+        matches!(
+            self,
+            Self::Success | Self::Fail | Self::Stopped | Self::Removed
+        )
     }
 }
 
@@ -118,7 +124,10 @@ mod tests {
     #[test]
     fn statuses_use_iotda_spelling() {
         assert_eq!(TaskStatus::Waiting.as_str(), "Waitting");
-        assert_eq!(SubtaskStatus::parse("FailWaitRetry").unwrap(), SubtaskStatus::FailWaitRetry);
+        assert_eq!(
+            SubtaskStatus::parse("FailWaitRetry").unwrap(),
+            SubtaskStatus::FailWaitRetry
+        );
         assert!(TaskStatus::PartialSuccess.is_completed());
         assert!(!TaskStatus::Stopping.is_completed());
     }

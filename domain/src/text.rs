@@ -7,16 +7,27 @@ use crate::ValidationError;
 ///
 /// # Errors
 /// [`ValidationError`] naming `field`.
-pub fn bounded(field: &str, s: &str, max: usize, required: bool) -> Result<String, ValidationError> {
+pub fn bounded(
+    field: &str,
+    s: &str,
+    max: usize,
+    required: bool,
+) -> Result<String, ValidationError> {
     let s = s.trim();
     if required && s.is_empty() {
         return Err(ValidationError::new(field, "is required"));
     }
     if s.chars().count() > max {
-        return Err(ValidationError::new(field, format!("must be at most {max} characters")));
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
     if s.chars().any(char::is_control) {
-        return Err(ValidationError::new(field, "must not contain control characters"));
+        return Err(ValidationError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(s.to_owned())
 }
@@ -37,10 +48,19 @@ impl Version {
             return Err(ValidationError::new("version", "must not be empty"));
         }
         if s.len() > 256 {
-            return Err(ValidationError::new("version", "must be at most 256 characters"));
+            return Err(ValidationError::new(
+                "version",
+                "must be at most 256 characters",
+            ));
         }
-        if !s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
-            return Err(ValidationError::new("version", "may contain only letters, digits, '_', '.' and '-'"));
+        if !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        {
+            return Err(ValidationError::new(
+                "version",
+                "may contain only letters, digits, '_', '.' and '-'",
+            ));
         }
         Ok(Self(s))
     }

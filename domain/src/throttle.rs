@@ -25,7 +25,12 @@ impl Throttle {
     /// Allows `max_failures` failures per `window` per key, tracking at most `max_keys` keys.
     #[must_use]
     pub fn new(max_failures: usize, window: Duration, max_keys: usize) -> Self {
-        Self { max_failures: max_failures.max(1), window, max_keys: max_keys.max(1), failures: HashMap::new() }
+        Self {
+            max_failures: max_failures.max(1),
+            window,
+            max_keys: max_keys.max(1),
+            failures: HashMap::new(),
+        }
     }
 
     /// Whether `key` may try now.
@@ -33,14 +38,21 @@ impl Throttle {
     /// # Errors
     /// [`RetryAfter`] while `key` has used up its failures in the window.
     pub fn check(&self, key: &str, now: Timestamp) -> Result<(), RetryAfter> {
-        let Some(times) = self.failures.get(key) else { return Ok(()) };
-        let recent: Vec<_> = times.iter().filter(|t| now.since(**t) < self.window).collect();
+        let Some(times) = self.failures.get(key) else {
+            return Ok(());
+        };
+        let recent: Vec<_> = times
+            .iter()
+            .filter(|t| now.since(**t) < self.window)
+            .collect();
         if recent.len() < self.max_failures {
             return Ok(());
         }
         // The key frees up when the oldest failure that still counts leaves the window.
         let oldest_counted = *recent[recent.len() - self.max_failures];
-        Err(RetryAfter(self.window.saturating_sub(now.since(oldest_counted))))
+        Err(RetryAfter(
+            self.window.saturating_sub(now.since(oldest_counted)),
+        ))
     }
 
     /// Records a failure of `key` at `now`.
@@ -70,7 +82,8 @@ impl Throttle {
 
     fn evict(&mut self, now: Timestamp) {
         let window = self.window;
-        self.failures.retain(|_, times| times.back().is_some_and(|t| now.since(*t) < window));
+        self.failures
+            .retain(|_, times| times.back().is_some_and(|t| now.since(*t) < window));
         while self.failures.len() >= self.max_keys {
             let stalest = self
                 .failures

@@ -6,7 +6,9 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since 1970-01-01T00:00:00Z. The database stores exactly this number.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Timestamp(i64);
 
@@ -56,7 +58,9 @@ impl Timestamp {
     /// IoTDA's millisecond form used by two device fields, `2015-12-12T12:12:12.000Z`.
     #[must_use]
     pub fn to_iso_millis(self) -> String {
-        self.to_chrono().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+        self.to_chrono()
+            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            .to_string()
     }
 
     /// Parses IoTDA's compact form (`20151212T121212Z`).
@@ -66,7 +70,9 @@ impl Timestamp {
     pub fn parse_compact(field: &str, s: &str) -> Result<Self, crate::ValidationError> {
         NaiveDateTime::parse_from_str(s, COMPACT)
             .map(|t| Self(t.and_utc().timestamp_millis()))
-            .map_err(|_| crate::ValidationError::new(field, "expected a UTC time like 20151212T121212Z"))
+            .map_err(|_| {
+                crate::ValidationError::new(field, "expected a UTC time like 20151212T121212Z")
+            })
     }
 }
 
@@ -99,7 +105,12 @@ mod tests {
     fn arithmetic_saturates_and_never_goes_negative() {
         let t = Timestamp::from_millis(1_000);
         assert_eq!(t.plus(std::time::Duration::from_secs(1)).as_millis(), 2_000);
-        assert_eq!(Timestamp::from_millis(i64::MAX).plus(std::time::Duration::from_secs(1)).as_millis(), i64::MAX);
+        assert_eq!(
+            Timestamp::from_millis(i64::MAX)
+                .plus(std::time::Duration::from_secs(1))
+                .as_millis(),
+            i64::MAX
+        );
         assert_eq!(Timestamp::EPOCH.since(t), std::time::Duration::ZERO);
         assert_eq!(t.since(Timestamp::EPOCH), std::time::Duration::from_secs(1));
     }

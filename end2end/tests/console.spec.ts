@@ -46,6 +46,10 @@ test("pages need a session and the login page works without JavaScript", async (
 test("the hydrated console creates a product and registers a device through server functions", async ({ page }) => {
   const errors: string[] = [];
   page.on("pageerror", (e) => errors.push(e.message));
+  // Console errors fail the test, except the 422 of the invalid form submitted on purpose below.
+  page.on("console", (m) => {
+    if (m.type() === "error" && !m.text().includes("status of 422")) errors.push(m.text());
+  });
   await signIn(page);
 
   // A product, through a server function (the form posts; the list refetches).
@@ -59,6 +63,7 @@ test("the hydrated console creates a product and registers a device through serv
   await form.getByLabel(/Product ID/).fill(product);
   await form.getByRole("button", { name: "Create product" }).click();
   await expect(page.locator("#products")).toContainText(product);
+  await expect(form.getByLabel(/Product ID/)).toHaveValue(""); // cleared for the next one
   await page.screenshot({ path: `${SHOTS}/products.png`, fullPage: true });
 
   // The Devices page: the toggle only works once hydrated.

@@ -3,8 +3,8 @@
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::{
-    big_integer, big_integer_null, big_pk_auto, blob, blob_null, boolean, integer, integer_null, string,
-    string_null, text, text_null,
+    big_integer, big_integer_null, big_pk_auto, blob, blob_null, boolean, integer, integer_null,
+    string, string_null, text, text_null,
 };
 
 #[derive(DeriveMigrationName)]
@@ -16,7 +16,12 @@ fn id(name: &'static str) -> ColumnDef {
 }
 
 /// A foreign key from `table.column` to `target.id`.
-fn fk(table: &'static str, column: &'static str, target: &'static str, on_delete: ForeignKeyAction) -> ForeignKeyCreateStatement {
+fn fk(
+    table: &'static str,
+    column: &'static str,
+    target: &'static str,
+    on_delete: ForeignKeyAction,
+) -> ForeignKeyCreateStatement {
     ForeignKey::create()
         .name(format!("fk_{table}_{column}"))
         .from(table, column)
@@ -25,9 +30,18 @@ fn fk(table: &'static str, column: &'static str, target: &'static str, on_delete
         .take()
 }
 
-fn index(table: &'static str, name: &str, columns: &[&'static str], unique: bool) -> IndexCreateStatement {
+fn index(
+    table: &'static str,
+    name: &str,
+    columns: &[&'static str],
+    unique: bool,
+) -> IndexCreateStatement {
     let mut i = Index::create();
-    i.name(format!("{}_{table}_{name}", if unique { "uq" } else { "ix" })).table(table);
+    i.name(format!(
+        "{}_{table}_{name}",
+        if unique { "uq" } else { "ix" }
+    ))
+    .table(table);
     for c in columns {
         i.col(*c);
     }
@@ -54,7 +68,8 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
-        m.create_index(index("projects", "name", &["name"], true)).await?;
+        m.create_index(index("projects", "name", &["name"], true))
+            .await?;
 
         // IoTDA's resource spaces ("applications"); every project has one default space.
         m.create_table(
@@ -69,7 +84,13 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
-        m.create_index(index("applications", "project_name", &["project_id", "name"], true)).await?;
+        m.create_index(index(
+            "applications",
+            "project_name",
+            &["project_id", "name"],
+            true,
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -84,7 +105,8 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
-        m.create_index(index("users", "username", &["username"], true)).await?;
+        m.create_index(index("users", "username", &["username"], true))
+            .await?;
 
         // Console sessions. The id is the SHA-256 of the cookie value, so a database leak yields no session.
         m.create_table(
@@ -103,7 +125,8 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
-        m.create_index(index("sessions", "expires", &["expires_at"], false)).await?;
+        m.create_index(index("sessions", "expires", &["expires_at"], false))
+            .await?;
 
         // Application AK/SK. The SK is needed in clear to verify HMAC signatures, so it is encrypted with the
         // key kept outside the database (backend::secrets), never stored in plain text.
@@ -117,11 +140,17 @@ impl MigrationTrait for Migration {
                 .col(big_integer("created_at"))
                 .col(big_integer_null("last_used_at"))
                 .col(big_integer_null("revoked_at"))
-                .foreign_key(&mut fk("api_credentials", "project_id", "projects", Cascade))
+                .foreign_key(&mut fk(
+                    "api_credentials",
+                    "project_id",
+                    "projects",
+                    Cascade,
+                ))
                 .take(),
         )
         .await?;
-        m.create_index(index("api_credentials", "project", &["project_id"], false)).await?;
+        m.create_index(index("api_credentials", "project", &["project_id"], false))
+            .await?;
 
         // --- device registry ----------------------------------------------------------------------
         m.create_table(
@@ -145,7 +174,8 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
-        m.create_index(index("products", "project", &["project_id", "id"], false)).await?;
+        m.create_index(index("products", "project", &["project_id", "id"], false))
+            .await?;
 
         m.create_table(
             Table::create()
@@ -179,10 +209,19 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
-        m.create_index(index("devices", "product_node", &["product_id", "node_id"], true)).await?;
-        m.create_index(index("devices", "node", &["node_id"], false)).await?;
-        m.create_index(index("devices", "project", &["project_id", "id"], false)).await?;
-        m.create_index(index("devices", "status", &["project_id", "status"], false)).await?;
+        m.create_index(index(
+            "devices",
+            "product_node",
+            &["product_id", "node_id"],
+            true,
+        ))
+        .await?;
+        m.create_index(index("devices", "node", &["node_id"], false))
+            .await?;
+        m.create_index(index("devices", "project", &["project_id", "id"], false))
+            .await?;
+        m.create_index(index("devices", "status", &["project_id", "status"], false))
+            .await?;
 
         m.create_table(
             Table::create()
@@ -198,11 +237,22 @@ impl MigrationTrait for Migration {
                 .col(big_integer("created_at"))
                 .col(big_integer("updated_at"))
                 .foreign_key(&mut fk("device_groups", "project_id", "projects", Cascade))
-                .foreign_key(&mut fk("device_groups", "super_group_id", "device_groups", Restrict))
+                .foreign_key(&mut fk(
+                    "device_groups",
+                    "super_group_id",
+                    "device_groups",
+                    Restrict,
+                ))
                 .take(),
         )
         .await?;
-        m.create_index(index("device_groups", "name", &["project_id", "app_id", "name"], true)).await?;
+        m.create_index(index(
+            "device_groups",
+            "name",
+            &["project_id", "app_id", "name"],
+            true,
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -211,12 +261,28 @@ impl MigrationTrait for Migration {
                 .col(string("device_id"))
                 .col(big_integer("added_at"))
                 .primary_key(Index::create().col("group_id").col("device_id"))
-                .foreign_key(&mut fk("device_group_members", "group_id", "device_groups", Cascade))
-                .foreign_key(&mut fk("device_group_members", "device_id", "devices", Cascade))
+                .foreign_key(&mut fk(
+                    "device_group_members",
+                    "group_id",
+                    "device_groups",
+                    Cascade,
+                ))
+                .foreign_key(&mut fk(
+                    "device_group_members",
+                    "device_id",
+                    "devices",
+                    Cascade,
+                ))
                 .take(),
         )
         .await?;
-        m.create_index(index("device_group_members", "device", &["device_id"], false)).await?;
+        m.create_index(index(
+            "device_group_members",
+            "device",
+            &["device_id"],
+            false,
+        ))
+        .await?;
 
         // --- packages -----------------------------------------------------------------------------
         m.create_table(
@@ -246,8 +312,20 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
-        m.create_index(index("packages", "version", &["product_id", "package_type", "version"], true)).await?;
-        m.create_index(index("packages", "project", &["project_id", "package_type", "id"], false)).await?;
+        m.create_index(index(
+            "packages",
+            "version",
+            &["product_id", "package_type", "version"],
+            true,
+        ))
+        .await?;
+        m.create_index(index(
+            "packages",
+            "project",
+            &["project_id", "package_type", "id"],
+            false,
+        ))
+        .await?;
 
         // --- tasks --------------------------------------------------------------------------------
         // Progress counters are kept on the task row, updated in the same transaction as each subtask
@@ -271,7 +349,16 @@ impl MigrationTrait for Migration {
             .col(integer("retry_interval_min"))
             .col(string("status"))
             .col(text("status_desc"));
-        for counter in ["total", "processing", "success", "fail", "waitting", "fail_wait_retry", "stopped", "removed"] {
+        for counter in [
+            "total",
+            "processing",
+            "success",
+            "fail",
+            "waitting",
+            "fail_wait_retry",
+            "stopped",
+            "removed",
+        ] {
             tasks.col(big_integer(counter).default(0));
         }
         tasks
@@ -282,8 +369,15 @@ impl MigrationTrait for Migration {
             .foreign_key(&mut fk("tasks", "project_id", "projects", Cascade))
             .foreign_key(&mut fk("tasks", "package_id", "packages", Restrict));
         m.create_table(tasks.take()).await?;
-        m.create_index(index("tasks", "list", &["project_id", "task_type", "id"], false)).await?;
-        m.create_index(index("tasks", "status", &["status"], false)).await?;
+        m.create_index(index(
+            "tasks",
+            "list",
+            &["project_id", "task_type", "id"],
+            false,
+        ))
+        .await?;
+        m.create_index(index("tasks", "status", &["status"], false))
+            .await?;
 
         // One device's run inside a task. `device_id` has no foreign key on purpose: the history of a
         // task outlives the devices it upgraded.
@@ -313,10 +407,29 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
-        m.create_index(index("subtasks", "task_device", &["task_id", "device_id"], true)).await?;
-        m.create_index(index("subtasks", "task_status", &["task_id", "status", "id"], false)).await?;
-        m.create_index(index("subtasks", "deadline", &["status", "deadline_at"], false)).await?;
-        m.create_index(index("subtasks", "device", &["device_id", "status"], false)).await?;
+        m.create_index(index(
+            "subtasks",
+            "task_device",
+            &["task_id", "device_id"],
+            true,
+        ))
+        .await?;
+        m.create_index(index(
+            "subtasks",
+            "task_status",
+            &["task_id", "status", "id"],
+            false,
+        ))
+        .await?;
+        m.create_index(index(
+            "subtasks",
+            "deadline",
+            &["status", "deadline_at"],
+            false,
+        ))
+        .await?;
+        m.create_index(index("subtasks", "device", &["device_id", "status"], false))
+            .await?;
 
         m.create_table(
             Table::create()
@@ -338,7 +451,13 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
-        m.create_index(index("subtask_steps", "subtask", &["subtask_id", "id"], false)).await?;
+        m.create_index(index(
+            "subtask_steps",
+            "subtask",
+            &["subtask_id", "id"],
+            false,
+        ))
+        .await?;
 
         // Bearer tokens for package downloads; only the SHA-256 of a token is stored.
         m.create_table(
@@ -363,7 +482,8 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
-        m.create_index(index("download_tokens", "subtask", &["subtask_id"], false)).await?;
+        m.create_index(index("download_tokens", "subtask", &["subtask_id"], false))
+            .await?;
 
         // --- notifications ------------------------------------------------------------------------
         m.create_table(
@@ -378,7 +498,12 @@ impl MigrationTrait for Migration {
                 .col(boolean("enabled"))
                 .col(big_integer("created_at"))
                 .col(big_integer("updated_at"))
-                .foreign_key(&mut fk("notification_subscriptions", "project_id", "projects", Cascade))
+                .foreign_key(&mut fk(
+                    "notification_subscriptions",
+                    "project_id",
+                    "projects",
+                    Cascade,
+                ))
                 .take(),
         )
         .await?;
@@ -398,7 +523,8 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
-        m.create_index(index("outbox", "project", &["project_id", "id"], false)).await?;
+        m.create_index(index("outbox", "project", &["project_id", "id"], false))
+            .await?;
 
         m.create_table(
             Table::create()
@@ -420,12 +546,29 @@ impl MigrationTrait for Migration {
                         .to("outbox", "id")
                         .on_delete(Cascade),
                 )
-                .foreign_key(&mut fk("notification_deliveries", "subscription_id", "notification_subscriptions", Cascade))
+                .foreign_key(&mut fk(
+                    "notification_deliveries",
+                    "subscription_id",
+                    "notification_subscriptions",
+                    Cascade,
+                ))
                 .take(),
         )
         .await?;
-        m.create_index(index("notification_deliveries", "due", &["status", "next_attempt_at"], false)).await?;
-        m.create_index(index("notification_deliveries", "once", &["outbox_id", "subscription_id"], true)).await?;
+        m.create_index(index(
+            "notification_deliveries",
+            "due",
+            &["status", "next_attempt_at"],
+            false,
+        ))
+        .await?;
+        m.create_index(index(
+            "notification_deliveries",
+            "once",
+            &["outbox_id", "subscription_id"],
+            true,
+        ))
+        .await?;
         Ok(())
     }
 

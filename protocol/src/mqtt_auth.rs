@@ -47,7 +47,11 @@ impl<'a> ClientId<'a> {
         else {
             return Err(ClientIdError::Malformed);
         };
-        if kind != "0" || device_id.is_empty() || timestamp.len() != 10 || !timestamp.bytes().all(|b| b.is_ascii_digit()) {
+        if kind != "0"
+            || device_id.is_empty()
+            || timestamp.len() != 10
+            || !timestamp.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err(ClientIdError::Malformed);
         }
         let sig_type = match sig {
@@ -55,14 +59,19 @@ impl<'a> ClientId<'a> {
             "1" => SigType::TimestampCheck,
             other => return Err(ClientIdError::UnsupportedSigType(other.to_owned())),
         };
-        Ok(Self { device_id, sig_type, timestamp })
+        Ok(Self {
+            device_id,
+            sig_type,
+            timestamp,
+        })
     }
 }
 
 /// The password a device with `secret` sends for the hour `timestamp` (`YYYYMMDDHH`).
 #[must_use]
 pub fn password(secret: &str, timestamp: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(timestamp.as_bytes()).expect("HMAC accepts keys of any length");
+    let mut mac = Hmac::<Sha256>::new_from_slice(timestamp.as_bytes())
+        .expect("HMAC accepts keys of any length");
     mac.update(secret.as_bytes());
     hex::encode(mac.finalize().into_bytes())
 }
@@ -70,8 +79,11 @@ pub fn password(secret: &str, timestamp: &str) -> String {
 /// Checks `given` against the expected password in constant time.
 #[must_use]
 pub fn verify_password(secret: &str, timestamp: &str, given: &str) -> bool {
-    let Ok(given) = hex::decode(given.trim()) else { return false };
-    let mut mac = Hmac::<Sha256>::new_from_slice(timestamp.as_bytes()).expect("HMAC accepts keys of any length");
+    let Ok(given) = hex::decode(given.trim()) else {
+        return false;
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(timestamp.as_bytes())
+        .expect("HMAC accepts keys of any length");
     mac.update(secret.as_bytes());
     mac.verify_slice(&given).is_ok()
 }
@@ -86,18 +98,38 @@ mod tests {
         assert_eq!(c.device_id, "prod_1_node_7");
         assert_eq!(c.sig_type, SigType::TimestampCheck);
         assert_eq!(c.timestamp, "2024052317");
-        assert_eq!(ClientId::parse("D39564861q3gDa_0_0_2018072417").unwrap().sig_type, SigType::NoTimestampCheck);
-        assert_eq!(ClientId::parse("dev_0_2_2018072417"), Err(ClientIdError::UnsupportedSigType("2".into())));
-        assert_eq!(ClientId::parse("dev_1_0_2018072417"), Err(ClientIdError::Malformed));
-        assert_eq!(ClientId::parse("dev_0_0_20180724"), Err(ClientIdError::Malformed));
-        assert_eq!(ClientId::parse("justadevice"), Err(ClientIdError::Malformed));
+        assert_eq!(
+            ClientId::parse("D39564861q3gDa_0_0_2018072417")
+                .unwrap()
+                .sig_type,
+            SigType::NoTimestampCheck
+        );
+        assert_eq!(
+            ClientId::parse("dev_0_2_2018072417"),
+            Err(ClientIdError::UnsupportedSigType("2".into()))
+        );
+        assert_eq!(
+            ClientId::parse("dev_1_0_2018072417"),
+            Err(ClientIdError::Malformed)
+        );
+        assert_eq!(
+            ClientId::parse("dev_0_0_20180724"),
+            Err(ClientIdError::Malformed)
+        );
+        assert_eq!(
+            ClientId::parse("justadevice"),
+            Err(ClientIdError::Malformed)
+        );
     }
 
     #[test]
     fn password_is_hmac_keyed_by_the_timestamp() {
         // Computed independently with Python's hmac/hashlib, as Huawei's Python device SDK does.
         let p = password("12345678", "2018072417");
-        assert_eq!(p, "cda20ea47ca2e8f01d9dd8aa9eb7e7937562f5be6982ea82d46c582c4a476b3f");
+        assert_eq!(
+            p,
+            "cda20ea47ca2e8f01d9dd8aa9eb7e7937562f5be6982ea82d46c582c4a476b3f"
+        );
         assert!(verify_password("12345678", "2018072417", &p));
         assert!(verify_password("12345678", "2018072417", &p.to_uppercase()));
         assert!(!verify_password("12345679", "2018072417", &p));

@@ -59,11 +59,20 @@ fn to_json(settings: &Settings) -> Result<String> {
 
 async fn serve(settings: Settings) -> Result<()> {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    crate::telemetry::init(settings.log.format, &settings.log.filter, std::io::stdout, ansi);
+    crate::telemetry::init(
+        settings.log.format,
+        &settings.log.filter,
+        std::io::stdout,
+        ansi,
+    );
     let clock = Arc::new(backend::clock::SystemClock);
     let application = Application::build(settings, clock).await?;
     let addr = application.https_addr();
-    let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        addr.ip().to_string()
+    };
     let console = format!("https://{host}:{}/", addr.port());
     // Printed plainly (not only logged) so a person starting Updraft sees it whatever the log format.
     println!();
@@ -71,7 +80,10 @@ async fn serve(settings: Settings) -> Result<()> {
     println!("  Console:        {console}");
     match application.admin_bootstrap() {
         AdminBootstrap::CreatedWithGeneratedPassword { username, password } => {
-            println!("  First admin:    {username} / {}   (shown once; change it in Settings)", password.expose_secret());
+            println!(
+                "  First admin:    {username} / {}   (shown once; change it in Settings)",
+                password.expose_secret()
+            );
         }
         AdminBootstrap::CreatedWithGivenPassword { username } => {
             println!("  First admin:    {username} (password from admin.password)");
@@ -80,7 +92,10 @@ async fn serve(settings: Settings) -> Result<()> {
     }
     if let Some(ca) = application.ca_path() {
         let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.to_path_buf());
-        println!("  CA certificate: {}   (trust it in browsers and devices)", ca.display());
+        println!(
+            "  CA certificate: {}   (trust it in browsers and devices)",
+            ca.display()
+        );
     }
     println!();
     tracing::info!(%console, "listening");

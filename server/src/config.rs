@@ -140,7 +140,10 @@ impl Default for Settings {
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([0, 0, 0, 0], 8443)), shutdown_grace: Duration::from_secs(3) }
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            shutdown_grace: Duration::from_secs(3),
+        }
     }
 }
 
@@ -158,19 +161,34 @@ impl Default for ConsoleSettings {
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self { username: backend::service::auth::DEFAULT_ADMIN.to_owned(), password: None }
+        Self {
+            username: backend::service::auth::DEFAULT_ADMIN.to_owned(),
+            password: None,
+        }
     }
 }
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { format: LogFormat::Text, filter: "info".to_owned() }
+        Self {
+            format: LogFormat::Text,
+            filter: "info".to_owned(),
+        }
     }
 }
 
 /// The top-level keys; environment variables naming anything else (`UPDRAFT_TEST_...`) are not ours.
-const TOP_LEVEL_KEYS: &[&str] =
-    &["data_dir", "site_root", "http", "tls", "database", "console", "admin", "secret_key", "log"];
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "data_dir",
+    "site_root",
+    "http",
+    "tls",
+    "database",
+    "console",
+    "admin",
+    "secret_key",
+    "log",
+];
 
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -189,14 +207,15 @@ impl Settings {
             None => (PathBuf::from("updraft.toml"), false),
         };
         if must_exist && !path.exists() {
-            return Err(ConfigError(vec![format!("  - config file {} does not exist", path.display())]));
+            return Err(ConfigError(vec![format!(
+                "  - config file {} does not exist",
+                path.display()
+            )]));
         }
-        let env = Env::prefixed("UPDRAFT_")
-            .split("__")
-            .filter(|key| {
-                let first = key.as_str().split('.').next().unwrap_or_default();
-                TOP_LEVEL_KEYS.iter().any(|k| first.eq_ignore_ascii_case(k))
-            });
+        let env = Env::prefixed("UPDRAFT_").split("__").filter(|key| {
+            let first = key.as_str().split('.').next().unwrap_or_default();
+            TOP_LEVEL_KEYS.iter().any(|k| first.eq_ignore_ascii_case(k))
+        });
         let mut figment = Figment::from(Serialized::defaults(Self::default()));
         if path.exists() {
             figment = figment.merge(Toml::file_exact(&path));
@@ -217,7 +236,11 @@ impl Settings {
         if self.console.login_max_failures == 0 {
             problems.push("  - console.login_max_failures must be at least 1".to_owned());
         }
-        if problems.is_empty() { Ok(()) } else { Err(ConfigError(problems)) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
+        }
     }
 
     /// The database URL: the configured one, or the SQLite file under `data_dir`.
@@ -226,7 +249,10 @@ impl Settings {
         use secrecy::ExposeSecret;
         match &self.database.url {
             Some(url) => SecretString::from(url.expose_secret().to_owned()),
-            None => SecretString::from(format!("sqlite://{}?mode=rwc", self.data_dir.join("updraft.db").display())),
+            None => SecretString::from(format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("updraft.db").display()
+            )),
         }
     }
 
@@ -252,12 +278,22 @@ impl From<figment::Error> for ConfigError {
                     let key = e.path.join(".").to_lowercase();
                     let source = match &e.metadata {
                         Some(m) if m.name.contains("environment") => {
-                            format!("environment variable UPDRAFT_{}", key.to_uppercase().replace('.', "__"))
+                            format!(
+                                "environment variable UPDRAFT_{}",
+                                key.to_uppercase().replace('.', "__")
+                            )
                         }
-                        Some(m) => m.source.as_ref().map_or_else(|| m.name.to_string(), ToString::to_string),
+                        Some(m) => m
+                            .source
+                            .as_ref()
+                            .map_or_else(|| m.name.to_string(), ToString::to_string),
                         None => "built-in defaults".to_owned(),
                     };
-                    let key = if key.is_empty() { "(top level)".to_owned() } else { key };
+                    let key = if key.is_empty() {
+                        "(top level)".to_owned()
+                    } else {
+                        key
+                    };
                     format!("  - {key}: {} (from {source})", e.kind)
                 })
                 .collect(),

@@ -45,20 +45,38 @@ impl Application {
             .with_context(|| format!("creating data_dir {}", settings.data_dir.display()))?;
         let sealer = match &settings.secret_key {
             Some(key) => Sealer::from_hex(key).context("secret_key")?,
-            None => Sealer::load_or_create(&settings.data_dir.join("secret.key")).context("loading the secret key")?,
+            None => Sealer::load_or_create(&settings.data_dir.join("secret.key"))
+                .context("loading the secret key")?,
         };
-        let db = backend::db::connect(settings.database_url().expose_secret()).await.context("connecting to the database")?;
-        Migrator::up(&db, None).await.context("migrating the database")?;
-        let state = AppState::new(db, clock.clone(), Arc::new(sealer), settings.service_settings());
-
-        let project = service::projects::ensure_default(&state).await.context("creating the default project")?;
-        let admin = service::auth::bootstrap_admin(&state, &settings.admin.username, settings.admin.password.clone())
+        let db = backend::db::connect(settings.database_url().expose_secret())
             .await
-            .context("creating the first admin (admin.password)")?;
+            .context("connecting to the database")?;
+        Migrator::up(&db, None)
+            .await
+            .context("migrating the database")?;
+        let state = AppState::new(
+            db,
+            clock.clone(),
+            Arc::new(sealer),
+            settings.service_settings(),
+        );
+
+        let project = service::projects::ensure_default(&state)
+            .await
+            .context("creating the default project")?;
+        let admin = service::auth::bootstrap_admin(
+            &state,
+            &settings.admin.username,
+            settings.admin.password.clone(),
+        )
+        .await
+        .context("creating the first admin (admin.password)")?;
 
         let now_unix = clock.now().as_millis() / 1000;
         let material = tls::prepare(&settings, now_unix).context("preparing TLS")?;
-        let tls = RustlsConfig::from_pem(material.cert_pem, material.key_pem).await.context("loading the TLS certificate")?;
+        let tls = RustlsConfig::from_pem(material.cert_pem, material.key_pem)
+            .await
+            .context("loading the TLS certificate")?;
 
         let listener = std::net::TcpListener::bind(settings.http.listen)
             .with_context(|| format!("binding HTTPS on {} (http.listen)", settings.http.listen))?;
@@ -71,8 +89,21 @@ impl Application {
             .site_pkg_dir("pkg")
             .site_addr(https_addr)
             .build();
-        let server = ServerState { leptos, app: state.clone(), default_project: Arc::from(project.id.as_str()) };
-        Ok(Self { settings, state, server, listener, https_addr, tls, ca_path: material.ca_path, admin })
+        let server = ServerState {
+            leptos,
+            app: state.clone(),
+            default_project: Arc::from(project.id.as_str()),
+        };
+        Ok(Self {
+            settings,
+            state,
+            server,
+            listener,
+            https_addr,
+            tls,
+            ca_path: material.ca_path,
+            admin,
+        })
     }
 
     /// The bound HTTPS address (the real port when configured with port 0).
@@ -104,7 +135,10 @@ impl Application {
     ///
     /// # Errors
     /// When a listener fails.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
         let stop = CancellationToken::new();
         let handle = axum_server::Handle::new();
         let grace = self.settings.http.shutdown_grace;

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use serde::{Deserialize, Serialize};
 
@@ -41,13 +41,23 @@ struct Issued {
 /// When provided files cannot be read, or generated ones cannot be written.
 pub fn prepare(settings: &Settings, now_unix: i64) -> Result<TlsMaterial> {
     if let (Some(cert), Some(key)) = (&settings.tls.cert, &settings.tls.key) {
-        let cert_pem = std::fs::read(cert).with_context(|| format!("reading tls.cert {}", cert.display()))?;
-        let key_pem = std::fs::read(key).with_context(|| format!("reading tls.key {}", key.display()))?;
-        return Ok(TlsMaterial { cert_pem, key_pem, ca_path: None });
+        let cert_pem =
+            std::fs::read(cert).with_context(|| format!("reading tls.cert {}", cert.display()))?;
+        let key_pem =
+            std::fs::read(key).with_context(|| format!("reading tls.key {}", key.display()))?;
+        return Ok(TlsMaterial {
+            cert_pem,
+            key_pem,
+            ca_path: None,
+        });
     }
     let dir = settings.data_dir.join("tls");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     if let Some(host) = hostname() {
         names.push(host);
     }
@@ -61,7 +71,11 @@ fn hostname() -> Option<String> {
     std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|s| s.trim().to_owned())
-        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        })
 }
 
 const DAY: i64 = 86_400;
@@ -77,42 +91,61 @@ fn generated(dir: &Path, names: Vec<String>, now_unix: i64) -> Result<TlsMateria
         dn.push(DnType::OrganizationName, "Updraft");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.not_before = at(now_unix - DAY);
         params.not_after = at(now_unix + 3650 * DAY);
         let cert = params.self_signed(&key).context("self-signing the CA")?;
         write_private(&ca_key_path, key.serialize_pem().as_bytes())?;
-        std::fs::write(&ca_cert_path, cert.pem()).with_context(|| format!("writing {}", ca_cert_path.display()))?;
+        std::fs::write(&ca_cert_path, cert.pem())
+            .with_context(|| format!("writing {}", ca_cert_path.display()))?;
         tracing::info!(path = %ca_cert_path.display(), "generated a local certificate authority");
     }
 
     let cert_path = dir.join("server.pem");
     let key_path = dir.join("server.key");
     let issued_path = dir.join("server.json");
-    let issued: Option<Issued> = std::fs::read(&issued_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let issued: Option<Issued> = std::fs::read(&issued_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let fresh = issued.is_some_and(|i| i.names == names && i.not_after_unix - now_unix > 30 * DAY);
     if !(fresh && cert_path.exists() && key_path.exists()) {
         let ca_key_pem = std::fs::read_to_string(&ca_key_path).context("reading the CA key")?;
         let ca_key = KeyPair::from_pem(&ca_key_pem).context("parsing the CA key")?;
-        let ca_pem = std::fs::read_to_string(&ca_cert_path).context("reading the CA certificate")?;
+        let ca_pem =
+            std::fs::read_to_string(&ca_cert_path).context("reading the CA certificate")?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).context("loading the CA")?;
         let key = KeyPair::generate().context("generating the server key")?;
-        let mut params = CertificateParams::new(names.clone()).context("server certificate names")?;
+        let mut params =
+            CertificateParams::new(names.clone()).context("server certificate names")?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "Updraft server");
         params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let not_after = now_unix + 397 * DAY; // browsers refuse server certificates valid for longer
         params.not_before = at(now_unix - DAY);
         params.not_after = at(not_after);
-        let cert = params.signed_by(&key, &issuer).context("signing the server certificate")?;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .context("signing the server certificate")?;
         write_private(&key_path, key.serialize_pem().as_bytes())?;
         // The chain a client needs: server certificate, then the CA.
-        std::fs::write(&cert_path, format!("{}{}", cert.pem(), ca_pem)).context("writing the server certificate")?;
-        let record = Issued { names: names.clone(), not_after_unix: not_after };
-        std::fs::write(&issued_path, serde_json::to_vec_pretty(&record)?).context("writing server.json")?;
+        std::fs::write(&cert_path, format!("{}{}", cert.pem(), ca_pem))
+            .context("writing the server certificate")?;
+        let record = Issued {
+            names: names.clone(),
+            not_after_unix: not_after,
+        };
+        std::fs::write(&issued_path, serde_json::to_vec_pretty(&record)?)
+            .context("writing server.json")?;
         tracing::info!(names = ?names, "issued the server certificate");
     }
     Ok(TlsMaterial {
@@ -134,7 +167,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     opts.mode(0o600);
-    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(bytes)?;
     Ok(())
 }

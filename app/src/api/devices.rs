@@ -41,11 +41,26 @@ pub const PAGE_SIZE: u64 = 50;
 
 /// Lists devices matching the filters.
 #[server(prefix = "/api", endpoint = "list_devices")]
-pub async fn list_devices(search: String, product_id: String, status: String, offset: u64) -> Result<PageOf<DeviceRow>, ApiError> {
+pub async fn list_devices(
+    search: String,
+    product_id: String,
+    status: String,
+    offset: u64,
+) -> Result<PageOf<DeviceRow>, ApiError> {
     use backend::service::{Page, devices};
     let (state, user) = super::ssr::context().await?;
-    let filter = devices::DeviceFilter { search, product_id, status };
-    let page = devices::list(&state, &user.project_id, &filter, Page::new(PAGE_SIZE, offset)).await?;
+    let filter = devices::DeviceFilter {
+        search,
+        product_id,
+        status,
+    };
+    let page = devices::list(
+        &state,
+        &user.project_id,
+        &filter,
+        Page::new(PAGE_SIZE, offset),
+    )
+    .await?;
     Ok(PageOf {
         items: page
             .items
@@ -79,7 +94,8 @@ pub async fn register_device(
     use backend::service::devices;
     use secrecy::ExposeSecret;
     let (state, user) = super::ssr::context().await?;
-    let secret = (!secret.trim().is_empty()).then(|| secrecy::SecretString::from(secret.trim().to_owned()));
+    let secret =
+        (!secret.trim().is_empty()).then(|| secrecy::SecretString::from(secret.trim().to_owned()));
     let new = devices::NewDevice {
         product_id,
         node_id,
@@ -89,5 +105,8 @@ pub async fn register_device(
         secret,
     };
     let registered = devices::register(&state, &user.project_id, new).await?;
-    Ok(RegisteredDevice { device_id: registered.device.id, secret: registered.secret.expose_secret().to_owned() })
+    Ok(RegisteredDevice {
+        device_id: registered.device.id,
+        secret: registered.secret.expose_secret().to_owned(),
+    })
 }

@@ -17,12 +17,29 @@ pub fn DevicesPage() -> impl IntoView {
     let param = move |k: &str| query.read().get(k).unwrap_or_default();
     let register = ServerAction::<RegisterDevice>::new();
     let devices = Resource::new(
-        move || (param("q"), param("product"), param("status"), param("offset").parse::<u64>().unwrap_or(0), register.version().get()),
+        move || {
+            (
+                param("q"),
+                param("product"),
+                param("status"),
+                param("offset").parse::<u64>().unwrap_or(0),
+                register.version().get(),
+            )
+        },
         |(q, product, status, offset, _)| list_devices(q, product, status, offset),
     );
     let products = Resource::new(|| (), |()| list_products());
     let (form_open, set_form_open) = signal(false);
     let error = Signal::derive(move || register.value().get().and_then(Result::err));
+    // After a successful submission, clear the form for the next entry.
+    let form_ref = NodeRef::<leptos::html::Form>::new();
+    Effect::new(move |_| {
+        if matches!(register.value().get(), Some(Ok(_)))
+            && let Some(form) = form_ref.get()
+        {
+            form.reset();
+        }
+    });
     let registered = move || register.value().get().and_then(Result::ok);
 
     view! {
@@ -49,7 +66,7 @@ pub fn DevicesPage() -> impl IntoView {
 
         <section class="card" id="register-form" hidden=move || !form_open.get()>
             <h2>"Register a device"</h2>
-            <ActionForm action=register attr:class="form-grid">
+            <ActionForm action=register node_ref=form_ref attr:class="form-grid">
                 <label>
                     "Product"
                     <Transition fallback=|| view! { <select name="product_id" disabled=true></select> }>
@@ -123,7 +140,10 @@ pub fn DevicesPage() -> impl IntoView {
 }
 
 #[component]
-fn DeviceTable(page: crate::api::PageOf<crate::api::devices::DeviceRow>, base: String) -> impl IntoView {
+fn DeviceTable(
+    page: crate::api::PageOf<crate::api::devices::DeviceRow>,
+    base: String,
+) -> impl IntoView {
     if page.items.is_empty() {
         return view! { <p class="empty" id="devices-empty">"No devices match. Register one with the button above."</p> }.into_any();
     }

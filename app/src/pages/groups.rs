@@ -12,12 +12,21 @@ pub fn GroupsPage() -> impl IntoView {
     let create = ServerAction::<CreateGroup>::new();
     let groups = Resource::new(move || create.version().get(), |_| list_groups());
     let error = Signal::derive(move || create.value().get().and_then(Result::err));
+    // After a successful submission, clear the form for the next entry.
+    let form_ref = NodeRef::<leptos::html::Form>::new();
+    Effect::new(move |_| {
+        if matches!(create.value().get(), Some(Ok(_)))
+            && let Some(form) = form_ref.get()
+        {
+            form.reset();
+        }
+    });
     view! {
         <Title text="Groups" />
         <div class="page-head"><h1>"Groups"</h1></div>
         <section class="card">
             <h2>"Create a group"</h2>
-            <ActionForm action=create attr:class="form-grid" attr:id="group-form">
+            <ActionForm action=create node_ref=form_ref attr:class="form-grid" attr:id="group-form">
                 <label>"Name" <input name="name" required maxlength="64" /><FieldError error field="name" /></label>
                 <label>"Description" <input name="description" maxlength="64" /><FieldError error field="description" /></label>
                 <FormError error />

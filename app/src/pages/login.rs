@@ -22,7 +22,13 @@ fn message(code: &str) -> &'static str {
 pub fn LoginPage() -> impl IntoView {
     let query = use_query_map();
     let error = move || query.read().get("error").map(|code| message(&code));
-    let next = move || query.read().get("next").filter(|n| n.starts_with('/') && !n.starts_with("//")).unwrap_or_default();
+    let next = move || {
+        query
+            .read()
+            .get("next")
+            .filter(|n| n.starts_with('/') && !n.starts_with("//"))
+            .unwrap_or_default()
+    };
     view! {
         <Title text="Sign in" />
         <main class="login">

@@ -12,12 +12,21 @@ pub fn ProductsPage() -> impl IntoView {
     let create = ServerAction::<CreateProduct>::new();
     let products = Resource::new(move || create.version().get(), |_| list_products());
     let error = Signal::derive(move || create.value().get().and_then(Result::err));
+    // After a successful submission, clear the form for the next entry.
+    let form_ref = NodeRef::<leptos::html::Form>::new();
+    Effect::new(move |_| {
+        if matches!(create.value().get(), Some(Ok(_)))
+            && let Some(form) = form_ref.get()
+        {
+            form.reset();
+        }
+    });
     view! {
         <Title text="Products" />
         <div class="page-head"><h1>"Products"</h1></div>
         <section class="card">
             <h2>"Create a product"</h2>
-            <ActionForm action=create attr:class="form-grid" attr:id="product-form">
+            <ActionForm action=create node_ref=form_ref attr:class="form-grid" attr:id="product-form">
                 <label>"Name" <input name="name" required maxlength="64" /><FieldError error field="name" /></label>
                 <label>"Device type" <input name="device_type" required maxlength="32" placeholder="WaterMeter" /><FieldError error field="device_type" /></label>
                 <label>

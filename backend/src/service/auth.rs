@@ -9,9 +9,9 @@
 
 use std::sync::LazyLock;
 
+use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use domain::Timestamp;
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, Set};
 use secrecy::{ExposeSecret, SecretString};
@@ -68,7 +68,8 @@ pub enum AdminBootstrap {
 }
 
 /// A hash to verify against when the user does not exist, so both paths cost the same.
-static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| hash_blocking("not a real password").expect("argon2 hashing works"));
+static DUMMY_HASH: LazyLock<String> =
+    LazyLock::new(|| hash_blocking("not a real password").expect("argon2 hashing works"));
 
 fn hash_blocking(password: &str) -> Result<String> {
     let salt = SaltString::generate(&mut OsRng);
@@ -79,7 +80,11 @@ fn hash_blocking(password: &str) -> Result<String> {
 }
 
 fn verify_blocking(password: &str, phc: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+    PasswordHash::new(phc).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
 }
 
 /// Hashes `password` with argon2id on a blocking thread.
@@ -99,7 +104,9 @@ pub async fn hash_password(password: SecretString) -> Result<String> {
 pub fn check_password_policy(password: &str) -> Result<()> {
     let n = password.chars().count();
     if !(10..=128).contains(&n) {
-        return Err(domain::ValidationError::new("password", "must be 10 to 128 characters").into());
+        return Err(
+            domain::ValidationError::new("password", "must be 10 to 128 characters").into(),
+        );
     }
     Ok(())
 }
@@ -108,7 +115,11 @@ pub fn check_password_policy(password: &str) -> Result<()> {
 ///
 /// # Errors
 /// [`Error::Validation`] when a given password breaks the policy; [`Error::Db`].
-pub async fn bootstrap_admin(state: &AppState, username: &str, password: Option<SecretString>) -> Result<AdminBootstrap> {
+pub async fn bootstrap_admin(
+    state: &AppState,
+    username: &str,
+    password: Option<SecretString>,
+) -> Result<AdminBootstrap> {
     if users::Entity::find().one(&state.db).await?.is_some() {
         return Ok(AdminBootstrap::Existing);
     }
@@ -121,9 +132,14 @@ pub async fn bootstrap_admin(state: &AppState, username: &str, password: Option<
     };
     create_user(state, username, password.clone(), true).await?;
     Ok(if generated {
-        AdminBootstrap::CreatedWithGeneratedPassword { username: username.to_owned(), password }
+        AdminBootstrap::CreatedWithGeneratedPassword {
+            username: username.to_owned(),
+            password,
+        }
     } else {
-        AdminBootstrap::CreatedWithGivenPassword { username: username.to_owned() }
+        AdminBootstrap::CreatedWithGivenPassword {
+            username: username.to_owned(),
+        }
     })
 }
 
@@ -131,10 +147,22 @@ pub async fn bootstrap_admin(state: &AppState, username: &str, password: Option<
 ///
 /// # Errors
 /// [`Error::Validation`] for a bad name or password; [`Error::Conflict`] when the name is taken; [`Error::Db`].
-pub async fn create_user(state: &AppState, username: &str, password: SecretString, is_admin: bool) -> Result<users::Model> {
+pub async fn create_user(
+    state: &AppState,
+    username: &str,
+    password: SecretString,
+    is_admin: bool,
+) -> Result<users::Model> {
     let username = domain::text::bounded("username", username, 64, true)?;
-    if !username.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@')) {
-        return Err(domain::ValidationError::new("username", "may contain only letters, digits, '_', '-', '.' and '@'").into());
+    if !username
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'))
+    {
+        return Err(domain::ValidationError::new(
+            "username",
+            "may contain only letters, digits, '_', '-', '.' and '@'",
+        )
+        .into());
     }
     check_password_policy(password.expose_secret())?;
     let hash = hash_password(password).await?;
@@ -178,10 +206,17 @@ pub async fn login(
     let addr_key = format!("a:{addr}");
     {
         let throttle = state.login_throttle.lock().expect("login throttle lock");
-        throttle.check(&user_key, now).map_err(|r| Error::RateLimited { retry_after: r.0 })?;
+        throttle
+            .check(&user_key, now)
+            .map_err(|r| Error::RateLimited { retry_after: r.0 })?;
     }
-    let user = users::Entity::find().filter(users::Column::Username.eq(username)).one(&state.db).await?;
-    let phc = user.as_ref().map_or_else(|| DUMMY_HASH.clone(), |u| u.password_hash.clone());
+    let user = users::Entity::find()
+        .filter(users::Column::Username.eq(username))
+        .one(&state.db)
+        .await?;
+    let phc = user
+        .as_ref()
+        .map_or_else(|| DUMMY_HASH.clone(), |u| u.password_hash.clone());
     let ok = tokio::task::spawn_blocking(move || verify_blocking(password.expose_secret(), &phc))
         .await
         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -195,7 +230,11 @@ pub async fn login(
             return Err(Error::Unauthorized("wrong user name or password"));
         }
     };
-    state.login_throttle.lock().expect("login throttle lock").record_success(&user_key);
+    state
+        .login_throttle
+        .lock()
+        .expect("login throttle lock")
+        .record_success(&user_key);
 
     let token = SecretString::from(ids::token());
     let expires_at = now.plus(state.settings.session_idle);
@@ -240,12 +279,17 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<CurrentUser> 
     let Some(session) = sessions::Entity::find_by_id(id).one(&state.db).await? else {
         return Err(UNAUTHORIZED);
     };
-    let Some(user) = users::Entity::find_by_id(session.user_id.clone()).one(&state.db).await? else {
+    let Some(user) = users::Entity::find_by_id(session.user_id.clone())
+        .one(&state.db)
+        .await?
+    else {
         return Err(UNAUTHORIZED);
     };
     let hard_end = Timestamp::from_millis(session.created_at).plus(state.settings.session_max);
     if now.as_millis() >= session.expires_at || now >= hard_end {
-        sessions::Entity::delete_by_id(session.id).exec(&state.db).await?;
+        sessions::Entity::delete_by_id(session.id)
+            .exec(&state.db)
+            .await?;
         return Err(UNAUTHORIZED);
     }
     let mut expires_at = Timestamp::from_millis(session.expires_at);
@@ -270,7 +314,9 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<CurrentUser> 
 /// # Errors
 /// [`Error::Db`].
 pub async fn logout(state: &AppState, token: &str) -> Result<()> {
-    sessions::Entity::delete_by_id(ids::sha256_hex(token)).exec(&state.db).await?;
+    sessions::Entity::delete_by_id(ids::sha256_hex(token))
+        .exec(&state.db)
+        .await?;
     Ok(())
 }
 
@@ -280,6 +326,9 @@ pub async fn logout(state: &AppState, token: &str) -> Result<()> {
 /// [`Error::Db`].
 pub async fn purge_expired_sessions(state: &AppState) -> Result<u64> {
     let now = state.clock.now().as_millis();
-    let res = sessions::Entity::delete_many().filter(sessions::Column::ExpiresAt.lte(now)).exec(&state.db).await?;
+    let res = sessions::Entity::delete_many()
+        .filter(sessions::Column::ExpiresAt.lte(now))
+        .exec(&state.db)
+        .await?;
     Ok(res.rows_affected)
 }

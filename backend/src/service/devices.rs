@@ -4,7 +4,8 @@ use domain::device::{DeviceStatus, NodeId, ProtocolType, check_secret};
 use domain::{DeviceId, text};
 use sea_orm::sea_query::{Expr, ExprTrait, Func};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    ActiveModelTrait, ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -48,7 +49,12 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
     let protocol = ProtocolType::parse(&product.protocol_type)?;
     let node = NodeId::parse(new.node_id.trim())?;
     let product_id = domain::ProductId::parse(product.id.clone())?;
-    let device_id = match new.device_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+    let device_id = match new
+        .device_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         Some(id) => DeviceId::parse(id)?,
         None => DeviceId::derived(&product_id, &node)?,
     };
@@ -73,7 +79,11 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
         gateway_id: Set(None),
         node_type: Set("GATEWAY".to_owned()),
         auth_type: Set("SECRET".to_owned()),
-        secret_enc: Set(Some(state.sealer.seal(device_id.as_str(), secret.expose_secret()))),
+        secret_enc: Set(Some(
+            state
+                .sealer
+                .seal(device_id.as_str(), secret.expose_secret()),
+        )),
         secondary_secret_enc: Set(None),
         fingerprint: Set(None),
         secure_access: Set(true),
@@ -92,7 +102,9 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
     .await
     .map_err(|e| {
         if crate::storage::is_unique_violation(&e) {
-            Error::Conflict(format!("device {device_id} or node id {node} is already registered"))
+            Error::Conflict(format!(
+                "device {device_id} or node id {node} is already registered"
+            ))
         } else {
             e.into()
         }
@@ -110,7 +122,10 @@ pub async fn secret(state: &AppState, device_id: &str) -> Result<Option<SecretSt
         .one(&state.db)
         .await?
         .ok_or_else(|| Error::not_found("device", device_id))?;
-    device.secret_enc.map(|sealed| state.sealer.open(&device.id, &sealed).map_err(Error::from)).transpose()
+    device
+        .secret_enc
+        .map(|sealed| state.sealer.open(&device.id, &sealed).map_err(Error::from))
+        .transpose()
 }
 
 /// Filters for [`list`]; empty fields do not filter.
@@ -128,12 +143,26 @@ pub struct DeviceFilter {
 ///
 /// # Errors
 /// [`Error::Validation`] for an unknown status; [`Error::Db`].
-pub async fn list(state: &AppState, project_id: &str, filter: &DeviceFilter, page: Page) -> Result<Paged<devices::Model>> {
+pub async fn list(
+    state: &AppState,
+    project_id: &str,
+    filter: &DeviceFilter,
+    page: Page,
+) -> Result<Paged<devices::Model>> {
     let mut cond = Condition::all().add(devices::Column::ProjectId.eq(project_id));
     let search = filter.search.trim().to_lowercase();
     if !search.is_empty() {
-        let pattern = format!("%{}%", search.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
-        let like = |col: devices::Column| Expr::expr(Func::lower(Expr::col(col))).like(sea_orm::sea_query::LikeExpr::new(pattern.clone()).escape('\\'));
+        let pattern = format!(
+            "%{}%",
+            search
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        let like = |col: devices::Column| {
+            Expr::expr(Func::lower(Expr::col(col)))
+                .like(sea_orm::sea_query::LikeExpr::new(pattern.clone()).escape('\\'))
+        };
         cond = cond.add(
             Condition::any()
                 .add(like(devices::Column::Id))

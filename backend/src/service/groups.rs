@@ -1,7 +1,10 @@
 //! Device groups (static).
 
 use domain::text;
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
+};
 
 use super::{Page, Paged};
 use crate::storage::entity::{device_group_members, device_groups};
@@ -20,7 +23,12 @@ pub struct GroupRow {
 ///
 /// # Errors
 /// [`Error::Validation`]; [`Error::Conflict`] for a taken name; [`Error::Db`].
-pub async fn create(state: &AppState, project_id: &str, name: &str, description: &str) -> Result<device_groups::Model> {
+pub async fn create(
+    state: &AppState,
+    project_id: &str,
+    name: &str,
+    description: &str,
+) -> Result<device_groups::Model> {
     let name = text::bounded("name", name, 64, true)?;
     let description = text::bounded("description", description, 64, false)?;
     let app = super::projects::default_app(state, project_id).await?;
@@ -53,9 +61,15 @@ pub async fn create(state: &AppState, project_id: &str, name: &str, description:
 /// # Errors
 /// [`Error::Db`].
 pub async fn list(state: &AppState, project_id: &str, page: Page) -> Result<Paged<GroupRow>> {
-    let query = device_groups::Entity::find().filter(device_groups::Column::ProjectId.eq(project_id));
+    let query =
+        device_groups::Entity::find().filter(device_groups::Column::ProjectId.eq(project_id));
     let total = query.clone().count(&state.db).await?;
-    let groups = query.order_by_asc(device_groups::Column::Name).limit(page.limit).offset(page.offset).all(&state.db).await?;
+    let groups = query
+        .order_by_asc(device_groups::Column::Name)
+        .limit(page.limit)
+        .offset(page.offset)
+        .all(&state.db)
+        .await?;
     let mut items = Vec::with_capacity(groups.len());
     for group in groups {
         let members = device_group_members::Entity::find()
@@ -71,7 +85,12 @@ pub async fn list(state: &AppState, project_id: &str, page: Page) -> Result<Page
 ///
 /// # Errors
 /// [`Error::NotFound`] when the group or device is not in this project; [`Error::Db`].
-pub async fn add_device(state: &AppState, project_id: &str, group_id: &str, device_id: &str) -> Result<()> {
+pub async fn add_device(
+    state: &AppState,
+    project_id: &str,
+    group_id: &str,
+    device_id: &str,
+) -> Result<()> {
     device_groups::Entity::find_by_id(group_id.to_owned())
         .filter(device_groups::Column::ProjectId.eq(project_id))
         .one(&state.db)

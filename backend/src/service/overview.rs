@@ -10,10 +10,19 @@ use crate::{AppState, Result};
 ///
 /// # Errors
 /// [`crate::Error::Db`].
-pub async fn packages(state: &AppState, project_id: &str, page: Page) -> Result<Paged<packages::Model>> {
+pub async fn packages(
+    state: &AppState,
+    project_id: &str,
+    page: Page,
+) -> Result<Paged<packages::Model>> {
     let query = packages::Entity::find().filter(packages::Column::ProjectId.eq(project_id));
     let total = query.clone().count(&state.db).await?;
-    let items = query.order_by_desc(packages::Column::Id).limit(page.limit).offset(page.offset).all(&state.db).await?;
+    let items = query
+        .order_by_desc(packages::Column::Id)
+        .limit(page.limit)
+        .offset(page.offset)
+        .all(&state.db)
+        .await?;
     Ok(Paged { items, total })
 }
 
@@ -24,6 +33,11 @@ pub async fn packages(state: &AppState, project_id: &str, page: Page) -> Result<
 pub async fn tasks(state: &AppState, project_id: &str, page: Page) -> Result<Paged<tasks::Model>> {
     let query = tasks::Entity::find().filter(tasks::Column::ProjectId.eq(project_id));
     let total = query.clone().count(&state.db).await?;
-    let items = query.order_by_desc(tasks::Column::Id).limit(page.limit).offset(page.offset).all(&state.db).await?;
+    let items = query
+        .order_by_desc(tasks::Column::Id)
+        .limit(page.limit)
+        .offset(page.offset)
+        .all(&state.db)
+        .await?;
     Ok(Paged { items, total })
 }

@@ -2,7 +2,10 @@
 
 use domain::device::{DataFormat, ProtocolType};
 use domain::{ProductId, text};
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
+};
 
 use super::{Page, Paged};
 use crate::storage::entity::{devices, products};
@@ -33,14 +36,27 @@ pub struct NewProduct {
 ///
 /// # Errors
 /// [`Error::Validation`] naming the field; [`Error::Conflict`] for a taken id; [`Error::Db`].
-pub async fn create(state: &AppState, project_id: &str, new: NewProduct) -> Result<products::Model> {
+pub async fn create(
+    state: &AppState,
+    project_id: &str,
+    new: NewProduct,
+) -> Result<products::Model> {
     let now = state.clock.now();
-    let id = match new.product_id.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+    let id = match new
+        .product_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         Some(id) => ProductId::parse(id)?,
         None => ProductId::parse(ids::object_id(now))?,
     };
     let protocol = ProtocolType::parse(new.protocol_type.trim())?;
-    let format = if new.data_format.trim().is_empty() { DataFormat::Json } else { DataFormat::parse(new.data_format.trim())? };
+    let format = if new.data_format.trim().is_empty() {
+        DataFormat::Json
+    } else {
+        DataFormat::parse(new.data_format.trim())?
+    };
     let app = super::projects::default_app(state, project_id).await?;
     products::ActiveModel {
         id: Set(id.to_string()),
@@ -50,7 +66,12 @@ pub async fn create(state: &AppState, project_id: &str, new: NewProduct) -> Resu
         device_type: Set(text::bounded("device_type", &new.device_type, 32, true)?),
         protocol_type: Set(protocol.as_str().to_owned()),
         data_format: Set(format.as_str().to_owned()),
-        manufacturer_name: Set(text::bounded("manufacturer_name", &new.manufacturer_name, 32, false)?),
+        manufacturer_name: Set(text::bounded(
+            "manufacturer_name",
+            &new.manufacturer_name,
+            32,
+            false,
+        )?),
         industry: Set(text::bounded("industry", &new.industry, 64, false)?),
         description: Set(text::bounded("description", &new.description, 128, false)?),
         service_capabilities: Set("[]".to_owned()),
@@ -84,10 +105,18 @@ pub struct ProductRow {
 pub async fn list(state: &AppState, project_id: &str, page: Page) -> Result<Paged<ProductRow>> {
     let query = products::Entity::find().filter(products::Column::ProjectId.eq(project_id));
     let total = query.clone().count(&state.db).await?;
-    let rows = query.order_by_desc(products::Column::Id).limit(page.limit).offset(page.offset).all(&state.db).await?;
+    let rows = query
+        .order_by_desc(products::Column::Id)
+        .limit(page.limit)
+        .offset(page.offset)
+        .all(&state.db)
+        .await?;
     let mut items = Vec::with_capacity(rows.len());
     for product in rows {
-        let devices = devices::Entity::find().filter(devices::Column::ProductId.eq(&product.id)).count(&state.db).await?;
+        let devices = devices::Entity::find()
+            .filter(devices::Column::ProductId.eq(&product.id))
+            .count(&state.db)
+            .await?;
         items.push(ProductRow { product, devices });
     }
     Ok(Paged { items, total })

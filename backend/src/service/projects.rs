@@ -1,6 +1,8 @@
 //! Projects (tenants) and their default resource space.
 
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
+};
 
 use crate::storage::entity::{applications, projects};
 use crate::{AppState, Error, Result, ids};
@@ -13,14 +15,22 @@ pub const DEFAULT_PROJECT: &str = "default";
 /// # Errors
 /// [`Error::Db`] when the database fails.
 pub async fn ensure_default(state: &AppState) -> Result<projects::Model> {
-    if let Some(p) = projects::Entity::find().filter(projects::Column::Name.eq(DEFAULT_PROJECT)).one(&state.db).await? {
+    if let Some(p) = projects::Entity::find()
+        .filter(projects::Column::Name.eq(DEFAULT_PROJECT))
+        .one(&state.db)
+        .await?
+    {
         return Ok(p);
     }
     let now = state.clock.now().as_millis();
     let txn = state.db.begin().await?;
-    let project = projects::ActiveModel { id: Set(ids::hex32()), name: Set(DEFAULT_PROJECT.to_owned()), created_at: Set(now) }
-        .insert(&txn)
-        .await?;
+    let project = projects::ActiveModel {
+        id: Set(ids::hex32()),
+        name: Set(DEFAULT_PROJECT.to_owned()),
+        created_at: Set(now),
+    }
+    .insert(&txn)
+    .await?;
     applications::ActiveModel {
         id: Set(ids::object_id(state.clock.now())),
         project_id: Set(project.id.clone()),

@@ -35,7 +35,11 @@ pub(super) struct LoginForm {
 
 /// A local path to return to after sign-in; anything else (`//evil`, `https://...`) becomes `/devices`.
 fn safe_next(next: &str) -> &str {
-    if next.starts_with('/') && !next.starts_with("//") && !next.starts_with("/\\") && !next.starts_with("/auth/") {
+    if next.starts_with('/')
+        && !next.starts_with("//")
+        && !next.starts_with("/\\")
+        && !next.starts_with("/auth/")
+    {
         next
     } else {
         "/devices"
@@ -54,7 +58,9 @@ fn login_redirect(error: &str, next: &str) -> Response {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -68,10 +74,21 @@ pub(super) async fn login(
     jar: CookieJar,
     Form(form): Form<LoginForm>,
 ) -> Response {
-    let agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok());
+    let agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok());
     let addr = peer.ip().to_string();
     let next = safe_next(&form.next).to_owned();
-    match auth::login(&state.app, form.username.trim(), form.password, &state.default_project, Some(&addr), agent).await {
+    match auth::login(
+        &state.app,
+        form.username.trim(),
+        form.password,
+        &state.default_project,
+        Some(&addr),
+        agent,
+    )
+    .await
+    {
         Ok(session) => {
             let cookie = Cookie::build((SESSION_COOKIE, session.token.expose_secret().to_owned()))
                 .path("/")
@@ -97,18 +114,30 @@ pub(super) async fn logout(State(state): State<ServerState>, jar: CookieJar) -> 
     {
         tracing::error!(error.message = %e, "logout failed");
     }
-    let removal = Cookie::build((SESSION_COOKIE, "")).path("/").secure(true).http_only(true).build();
+    let removal = Cookie::build((SESSION_COOKIE, ""))
+        .path("/")
+        .secure(true)
+        .http_only(true)
+        .build();
     (jar.remove(removal), Redirect::to("/login")).into_response()
 }
 
 /// Paths anyone may reach without a session.
 fn is_public(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/login" | "/auth/login" | "/favicon.ico") || path.starts_with("/pkg/")
+    matches!(
+        path,
+        "/healthz" | "/readyz" | "/login" | "/auth/login" | "/favicon.ico"
+    ) || path.starts_with("/pkg/")
 }
 
 /// Resolves the session cookie; signed-in requests carry [`auth::CurrentUser`] as an extension. Pages
 /// without a session redirect to `/login`; server functions get a 401 in the `ApiError` shape.
-pub(super) async fn require_session(State(state): State<ServerState>, jar: CookieJar, mut req: Request, next: Next) -> Response {
+pub(super) async fn require_session(
+    State(state): State<ServerState>,
+    jar: CookieJar,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let path = req.uri().path().to_owned();
     if is_public(&path) {
         return next.run(req).await;
@@ -129,11 +158,18 @@ pub(super) async fn require_session(State(state): State<ServerState>, jar: Cooki
         None => "",
     };
     if path.starts_with("/api/") {
-        let body = app::error::ApiError::new(app::error::ErrorCode::Unauthorized, "not logged in or the session expired");
+        let body = app::error::ApiError::new(
+            app::error::ErrorCode::Unauthorized,
+            "not logged in or the session expired",
+        );
         return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
     }
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let next_param = if target == "/" { String::new() } else { format!("next={}", urlencode(target)) };
+    let next_param = if target == "/" {
+        String::new()
+    } else {
+        format!("next={}", urlencode(target))
+    };
     let url = match (failure.is_empty(), next_param.is_empty()) {
         (true, true) => "/login".to_owned(),
         (true, false) => format!("/login?{next_param}"),
@@ -149,12 +185,20 @@ pub(super) async fn same_origin(req: Request, next: Next) -> Response {
         return next.run(req).await;
     }
     let headers = req.headers();
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
     let origin = headers
         .get(header::ORIGIN)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-        .or_else(|| headers.get(header::REFERER).and_then(|v| v.to_str().ok()).and_then(origin_of));
+        .or_else(|| {
+            headers
+                .get(header::REFERER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(origin_of)
+        });
     let same = matches!((host, origin.as_deref()), (Some(h), Some(o)) if o.strip_prefix("https://") == Some(h));
     if same {
         return next.run(req).await;
@@ -163,7 +207,10 @@ pub(super) async fn same_origin(req: Request, next: Next) -> Response {
     if req.uri().path() == "/auth/login" {
         return Redirect::to("/login?error=csrf").into_response();
     }
-    let body = app::error::ApiError::new(app::error::ErrorCode::Unauthorized, "cross-origin request refused");
+    let body = app::error::ApiError::new(
+        app::error::ErrorCode::Unauthorized,
+        "cross-origin request refused",
+    );
     (StatusCode::FORBIDDEN, axum::Json(body)).into_response()
 }
 
@@ -189,7 +236,10 @@ mod tests {
 
     #[test]
     fn referer_origins_are_extracted() {
-        assert_eq!(origin_of("https://127.0.0.1:8443/login?x").as_deref(), Some("https://127.0.0.1:8443"));
+        assert_eq!(
+            origin_of("https://127.0.0.1:8443/login?x").as_deref(),
+            Some("https://127.0.0.1:8443")
+        );
         assert_eq!(origin_of("nonsense"), None);
     }
 }

@@ -16,10 +16,16 @@ pub(super) async fn healthz() -> Json<Value> {
 /// Readiness: 200 when the database answers a query, 503 otherwise.
 pub(super) async fn readyz(State(state): State<ServerState>) -> (StatusCode, Json<Value>) {
     match state.app.db.execute_unprepared("SELECT 1").await {
-        Ok(_) => (StatusCode::OK, Json(json!({ "status": "ready", "database": "ok" }))),
+        Ok(_) => (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "database": "ok" })),
+        ),
         Err(e) => {
             tracing::warn!(error.message = %e, "readiness check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "unavailable", "database": "unreachable" })))
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "unavailable", "database": "unreachable" })),
+            )
         }
     }
 }

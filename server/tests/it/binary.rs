@@ -18,37 +18,64 @@ fn updraft(dir: &std::path::Path) -> Command {
 #[test]
 fn a_bad_environment_value_stops_start_up_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let out = updraft(dir.path()).env("UPDRAFT_HTTP__LISTEN", "not-an-address").arg("serve").output().unwrap();
+    let out = updraft(dir.path())
+        .env("UPDRAFT_HTTP__LISTEN", "not-an-address")
+        .arg("serve")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("http.listen") || err.contains("HTTP__LISTEN"), "names the key: {err}");
+    assert!(
+        err.contains("http.listen") || err.contains("HTTP__LISTEN"),
+        "names the key: {err}"
+    );
     assert!(!dir.path().join("data").exists(), "nothing was created");
 }
 
 #[test]
 fn unknown_or_bad_keys_in_the_file_are_errors() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("updraft.toml"), "[http]\nlisen = \"0.0.0.0:1\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("updraft.toml"),
+        "[http]\nlisen = \"0.0.0.0:1\"\n",
+    )
+    .unwrap();
     let out = updraft(dir.path()).arg("check-config").output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("lisen"), "names the unknown key: {err}");
 
-    std::fs::write(dir.path().join("updraft.toml"), "[console]\nsession_idle = \"forever\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("updraft.toml"),
+        "[console]\nsession_idle = \"forever\"\n",
+    )
+    .unwrap();
     let out = updraft(dir.path()).arg("check-config").output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("session_idle"), "names the key: {err}");
 
-    std::fs::write(dir.path().join("updraft.toml"), "[console]\nsession_idle = \"2h\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("updraft.toml"),
+        "[console]\nsession_idle = \"2h\"\n",
+    )
+    .unwrap();
     let out = updraft(dir.path()).arg("check-config").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"session_idle\": \"2h\""));
 }
 
 /// Starts `updraft serve`, waits for the console line, returns the child and everything printed so far.
 fn start(dir: &std::path::Path) -> (std::process::Child, String) {
-    let mut child = updraft(dir).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut child = updraft(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -69,14 +96,20 @@ fn start(dir: &std::path::Path) -> (std::process::Child, String) {
 
 fn sigterm_and_wait(child: &mut std::process::Child) -> Duration {
     let started = Instant::now();
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             assert!(status.success(), "clean exit after SIGTERM: {status:?}");
             return started.elapsed();
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "updraft must stop within 5 s of SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "updraft must stop within 5 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -86,9 +119,15 @@ fn serve_prints_how_to_connect_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, out) = start(dir.path());
     assert!(out.contains("Console:        https://127.0.0.1:"), "{out}");
-    assert!(out.contains("First admin:    admin / "), "prints the generated password once: {out}");
+    assert!(
+        out.contains("First admin:    admin / "),
+        "prints the generated password once: {out}"
+    );
     let ca = std::fs::canonicalize(dir.path().join("data/tls/ca.pem")).unwrap();
-    assert!(out.contains(&format!("CA certificate: {}", ca.display())), "{out}");
+    assert!(
+        out.contains(&format!("CA certificate: {}", ca.display())),
+        "{out}"
+    );
     sigterm_and_wait(&mut child);
 
     // Second start: same data, no new password.

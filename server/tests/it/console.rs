@@ -12,8 +12,14 @@ async fn health_and_readiness_answer_over_verified_https() {
     let app = spawn_app(dir.path()).await;
     let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers().contains_key("x-request-id"), "every response carries a request id");
-    assert_eq!(resp.headers()["strict-transport-security"], "max-age=31536000");
+    assert!(
+        resp.headers().contains_key("x-request-id"),
+        "every response carries a request id"
+    );
+    assert_eq!(
+        resp.headers()["strict-transport-security"],
+        "max-age=31536000"
+    );
     assert_eq!(resp.json::<Value>().await.unwrap()["status"], "ok");
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
@@ -25,15 +31,35 @@ async fn health_and_readiness_answer_over_verified_https() {
 async fn pages_without_a_session_redirect_to_the_login_page() {
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_app(dir.path()).await;
-    let resp = app.client.get(app.url("/devices?q=pump")).send().await.unwrap();
+    let resp = app
+        .client
+        .get(app.url("/devices?q=pump"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 303);
-    assert_eq!(resp.headers()["location"], "/login?next=/devices%3Fq%3Dpump");
+    assert_eq!(
+        resp.headers()["location"],
+        "/login?next=/devices%3Fq%3Dpump"
+    );
     let login = app.client.get(app.url("/login")).send().await.unwrap();
     assert_eq!(login.status(), 200);
     let html = login.text().await.unwrap();
-    assert!(html.contains(r#"action="/auth/login""#), "server-rendered sign-in form");
-    let stale = app.client.get(app.url("/devices")).header("cookie", "__Host-updraft_session=stale").send().await.unwrap();
-    assert_eq!(stale.headers()["location"], "/login?error=expired&next=/devices");
+    assert!(
+        html.contains(r#"action="/auth/login""#),
+        "server-rendered sign-in form"
+    );
+    let stale = app
+        .client
+        .get(app.url("/devices"))
+        .header("cookie", "__Host-updraft_session=stale")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        stale.headers()["location"],
+        "/login?error=expired&next=/devices"
+    );
     app.stop().await;
 }
 
@@ -45,28 +71,60 @@ async fn signing_in_sets_a_secure_cookie_and_serves_the_rendered_console() {
         .client
         .post(app.url("/auth/login"))
         .header("origin", &app.origin)
-        .form(&[("username", "admin"), ("password", PASSWORD), ("next", "/groups")])
+        .form(&[
+            ("username", "admin"),
+            ("password", PASSWORD),
+            ("next", "/groups"),
+        ])
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 303);
     assert_eq!(resp.headers()["location"], "/groups");
     let set_cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
-    for attr in ["__Host-updraft_session=", "Secure", "HttpOnly", "SameSite=Lax", "Path=/"] {
-        assert!(set_cookie.contains(attr), "cookie lacks {attr}: {set_cookie}");
+    for attr in [
+        "__Host-updraft_session=",
+        "Secure",
+        "HttpOnly",
+        "SameSite=Lax",
+        "Path=/",
+    ] {
+        assert!(
+            set_cookie.contains(attr),
+            "cookie lacks {attr}: {set_cookie}"
+        );
     }
     let cookie = set_cookie.split(';').next().unwrap().to_owned();
 
-    let page = app.client.get(app.url("/devices")).header("cookie", &cookie).send().await.unwrap();
+    let page = app
+        .client
+        .get(app.url("/devices"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), 200);
     let html = page.text().await.unwrap();
     assert!(html.contains("<h1>Devices</h1>"), "rendered on the server");
     assert!(html.contains("/pkg/updraft.js"), "loads the hydrate bundle");
     assert!(html.contains("Software/Firmware Upgrades"), "navigation");
 
-    let logout = app.client.post(app.url("/auth/logout")).header("origin", &app.origin).header("cookie", &cookie).send().await.unwrap();
+    let logout = app
+        .client
+        .post(app.url("/auth/logout"))
+        .header("origin", &app.origin)
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(logout.headers()["location"], "/login");
-    let after = app.client.get(app.url("/devices")).header("cookie", &cookie).send().await.unwrap();
+    let after = app
+        .client
+        .get(app.url("/devices"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(after.status(), 303, "the session is gone after logout");
     app.stop().await;
 }
@@ -75,37 +133,102 @@ async fn signing_in_sets_a_secure_cookie_and_serves_the_rendered_console() {
 async fn server_functions_need_a_session_and_report_field_errors() {
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_app(dir.path()).await;
-    let anon = app.server_fn("", "list_devices", &[("search", ""), ("product_id", ""), ("status", ""), ("offset", "0")]).await;
+    let anon = app
+        .server_fn(
+            "",
+            "list_devices",
+            &[
+                ("search", ""),
+                ("product_id", ""),
+                ("status", ""),
+                ("offset", "0"),
+            ],
+        )
+        .await;
     assert_eq!(anon.status(), 401);
     assert_eq!(anon.json::<Value>().await.unwrap()["code"], "unauthorized");
 
     let cookie = app.sign_in().await;
     let created = app
-        .server_fn(&cookie, "create_product", &[("product_id", "meter"), ("name", "Meter"), ("device_type", "WaterMeter"), ("protocol_type", "MQTT"), ("manufacturer_name", "")])
+        .server_fn(
+            &cookie,
+            "create_product",
+            &[
+                ("product_id", "meter"),
+                ("name", "Meter"),
+                ("device_type", "WaterMeter"),
+                ("protocol_type", "MQTT"),
+                ("manufacturer_name", ""),
+            ],
+        )
         .await;
     assert_eq!(created.status(), 200, "{}", created.text().await.unwrap());
 
     let bad = app
-        .server_fn(&cookie, "register_device", &[("product_id", "meter"), ("node_id", "bad id"), ("device_name", ""), ("device_id", ""), ("secret", "")])
+        .server_fn(
+            &cookie,
+            "register_device",
+            &[
+                ("product_id", "meter"),
+                ("node_id", "bad id"),
+                ("device_name", ""),
+                ("device_id", ""),
+                ("secret", ""),
+            ],
+        )
         .await;
-    assert_eq!(bad.status(), 500, "server functions report application errors with 500 and the error body");
+    assert_eq!(
+        bad.status(),
+        422,
+        "validation errors are 422, with the details in the body"
+    );
     let body: Value = bad.json().await.unwrap();
     assert_eq!(body["code"], "validation");
-    assert!(body["fields"]["node_id"].as_str().unwrap().contains("may contain only"), "{body}");
+    assert!(
+        body["fields"]["node_id"]
+            .as_str()
+            .unwrap()
+            .contains("may contain only"),
+        "{body}"
+    );
 
     let ok = app
-        .server_fn(&cookie, "register_device", &[("product_id", "meter"), ("node_id", "n1"), ("device_name", "Pump"), ("device_id", ""), ("secret", "")])
+        .server_fn(
+            &cookie,
+            "register_device",
+            &[
+                ("product_id", "meter"),
+                ("node_id", "n1"),
+                ("device_name", "Pump"),
+                ("device_id", ""),
+                ("secret", ""),
+            ],
+        )
         .await;
     assert_eq!(ok.status(), 200);
     let reg: Value = ok.json().await.unwrap();
     assert_eq!(reg["device_id"], "meter_n1");
     assert_eq!(reg["secret"].as_str().unwrap().len(), 24);
 
-    let list = app.server_fn(&cookie, "list_devices", &[("search", "pump"), ("product_id", ""), ("status", ""), ("offset", "0")]).await;
+    let list = app
+        .server_fn(
+            &cookie,
+            "list_devices",
+            &[
+                ("search", "pump"),
+                ("product_id", ""),
+                ("status", ""),
+                ("offset", "0"),
+            ],
+        )
+        .await;
     let page: Value = list.json().await.unwrap();
     assert_eq!(page["total"], 1);
     assert_eq!(page["items"][0]["device_id"], "meter_n1");
-    assert!(page["items"][0].get("secret").is_none(), "lists never carry secrets");
+    assert!(
+        page["items"][0].get("secret").is_none(),
+        "lists never carry secrets"
+    );
     app.stop().await;
 }
 
@@ -126,10 +249,29 @@ async fn cross_origin_requests_are_refused() {
 
     let cookie = app.sign_in().await;
     let args = [("name", "g1"), ("description", "")];
-    let evil = app.client.post(app.url("/api/create_group")).header("origin", "https://evil.example").header("cookie", &cookie).form(&args).send().await.unwrap();
+    let evil = app
+        .client
+        .post(app.url("/api/create_group"))
+        .header("origin", "https://evil.example")
+        .header("cookie", &cookie)
+        .form(&args)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(evil.status(), 403);
-    let bare = app.client.post(app.url("/api/create_group")).header("cookie", &cookie).form(&args).send().await.unwrap();
-    assert_eq!(bare.status(), 403, "no Origin and no Referer is refused too");
+    let bare = app
+        .client
+        .post(app.url("/api/create_group"))
+        .header("cookie", &cookie)
+        .form(&args)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        bare.status(),
+        403,
+        "no Origin and no Referer is refused too"
+    );
     let referer = app
         .client
         .post(app.url("/api/create_group"))
@@ -149,15 +291,29 @@ async fn failed_logins_are_throttled_until_the_window_passes() {
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_app(dir.path()).await;
     let attempt = |password: &'static str| {
-        app.client.post(app.url("/auth/login")).header("origin", &app.origin).form(&[("username", "admin"), ("password", password)]).send()
+        app.client
+            .post(app.url("/auth/login"))
+            .header("origin", &app.origin)
+            .form(&[("username", "admin"), ("password", password)])
+            .send()
     };
     for _ in 0..5 {
-        assert_eq!(attempt("wrong-password").await.unwrap().headers()["location"], "/login?error=invalid");
+        assert_eq!(
+            attempt("wrong-password").await.unwrap().headers()["location"],
+            "/login?error=invalid"
+        );
     }
     let locked = attempt(PASSWORD).await.unwrap();
-    assert_eq!(locked.headers()["location"], "/login?error=throttled", "even the right password waits");
+    assert_eq!(
+        locked.headers()["location"],
+        "/login?error=throttled",
+        "even the right password waits"
+    );
     app.clock.advance(Duration::from_secs(15 * 60));
-    assert_eq!(attempt(PASSWORD).await.unwrap().headers()["location"], "/devices");
+    assert_eq!(
+        attempt(PASSWORD).await.unwrap().headers()["location"],
+        "/devices"
+    );
     app.stop().await;
 }
 
@@ -166,9 +322,30 @@ async fn data_and_keys_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_app(dir.path()).await;
     let cookie = app.sign_in().await;
-    app.server_fn(&cookie, "create_product", &[("product_id", "meter"), ("name", "Meter"), ("device_type", "T"), ("protocol_type", "MQTT"), ("manufacturer_name", "")]).await;
+    app.server_fn(
+        &cookie,
+        "create_product",
+        &[
+            ("product_id", "meter"),
+            ("name", "Meter"),
+            ("device_type", "T"),
+            ("protocol_type", "MQTT"),
+            ("manufacturer_name", ""),
+        ],
+    )
+    .await;
     let reg: Value = app
-        .server_fn(&cookie, "register_device", &[("product_id", "meter"), ("node_id", "n1"), ("device_name", ""), ("device_id", ""), ("secret", "restart-secret-1")])
+        .server_fn(
+            &cookie,
+            "register_device",
+            &[
+                ("product_id", "meter"),
+                ("node_id", "n1"),
+                ("device_name", ""),
+                ("device_id", ""),
+                ("secret", "restart-secret-1"),
+            ],
+        )
         .await
         .json()
         .await
@@ -178,17 +355,51 @@ async fn data_and_keys_survive_a_restart() {
     app.stop().await;
 
     let app = spawn_app(dir.path()).await;
-    assert_eq!(std::fs::read(dir.path().join("tls/ca.pem")).unwrap(), ca_before, "the CA is kept");
+    assert_eq!(
+        std::fs::read(dir.path().join("tls/ca.pem")).unwrap(),
+        ca_before,
+        "the CA is kept"
+    );
     let cookie = app.sign_in().await; // the admin created on first start, same password
-    let page: Value = app.server_fn(&cookie, "list_devices", &[("search", ""), ("product_id", ""), ("status", ""), ("offset", "0")]).await.json().await.unwrap();
+    let page: Value = app
+        .server_fn(
+            &cookie,
+            "list_devices",
+            &[
+                ("search", ""),
+                ("product_id", ""),
+                ("status", ""),
+                ("offset", "0"),
+            ],
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["total"], 1);
     // The secret key file was reused: the sealed secret still opens.
-    let state_db = backend::db::connect(&format!("sqlite://{}?mode=rw", app.data_dir.join("updraft.db").display())).await.unwrap();
-    let sealer = backend::secrets::Sealer::load_or_create(&app.data_dir.join("secret.key")).unwrap();
+    let state_db = backend::db::connect(&format!(
+        "sqlite://{}?mode=rw",
+        app.data_dir.join("updraft.db").display()
+    ))
+    .await
+    .unwrap();
+    let sealer =
+        backend::secrets::Sealer::load_or_create(&app.data_dir.join("secret.key")).unwrap();
     use sea_orm::EntityTrait;
-    let row = backend::storage::entity::devices::Entity::find_by_id("meter_n1".to_owned()).one(&state_db).await.unwrap().unwrap();
+    let row = backend::storage::entity::devices::Entity::find_by_id("meter_n1".to_owned())
+        .one(&state_db)
+        .await
+        .unwrap()
+        .unwrap();
     use secrecy::ExposeSecret;
-    assert_eq!(sealer.open(&row.id, &row.secret_enc.unwrap()).unwrap().expose_secret(), "restart-secret-1");
+    assert_eq!(
+        sealer
+            .open(&row.id, &row.secret_enc.unwrap())
+            .unwrap()
+            .expose_secret(),
+        "restart-secret-1"
+    );
     state_db.close().await.unwrap();
     app.stop().await;
 }
@@ -197,7 +408,10 @@ async fn data_and_keys_survive_a_restart() {
 async fn operator_provided_certificates_are_served_instead_of_generated_ones() {
     let dir = tempfile::tempdir().unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
     std::fs::write(dir.path().join("own.pem"), cert.pem()).unwrap();
     std::fs::write(dir.path().join("own.key"), key.serialize_pem()).unwrap();
     let mut settings = settings_for(&dir.path().join("data"));
@@ -205,7 +419,18 @@ async fn operator_provided_certificates_are_served_instead_of_generated_ones() {
     settings.tls.key = Some(dir.path().join("own.key"));
     let app = spawn_with(settings).await;
     // The client trusts only the operator's certificate, so this succeeds only if it is the one served.
-    assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
-    assert!(!dir.path().join("data/tls/ca.pem").exists(), "no CA is generated when certificates are given");
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        !dir.path().join("data/tls/ca.pem").exists(),
+        "no CA is generated when certificates are given"
+    );
     app.stop().await;
 }

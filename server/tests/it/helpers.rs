@@ -25,7 +25,10 @@ pub(crate) struct TestApp {
 }
 
 pub(crate) fn settings_for(data_dir: &Path) -> Settings {
-    let mut s = Settings { data_dir: data_dir.to_path_buf(), ..Default::default() };
+    let mut s = Settings {
+        data_dir: data_dir.to_path_buf(),
+        ..Default::default()
+    };
     s.http.listen = "127.0.0.1:0".parse().unwrap();
     s.admin.password = Some(PASSWORD.to_owned().into());
     s
@@ -40,13 +43,26 @@ pub(crate) async fn spawn_with(settings: Settings) -> TestApp {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let data_dir = settings.data_dir.clone();
     if std::env::var_os("TEST_LOG").is_some() {
-        server::telemetry::init(server::config::LogFormat::Text, "debug", std::io::stderr, false);
+        server::telemetry::init(
+            server::config::LogFormat::Text,
+            "debug",
+            std::io::stderr,
+            false,
+        );
     }
     let clock = ManualClock::new(Timestamp::from_millis(START));
     let trust = settings.tls.cert.clone();
-    let app = Application::build(settings, Arc::new(clock.clone())).await.expect("application builds");
+    let app = Application::build(settings, Arc::new(clock.clone()))
+        .await
+        .expect("application builds");
     let addr = app.https_addr();
-    let ca = std::fs::read(trust.as_deref().or(app.ca_path()).expect("a certificate to trust")).unwrap();
+    let ca = std::fs::read(
+        trust
+            .as_deref()
+            .or(app.ca_path())
+            .expect("a certificate to trust"),
+    )
+    .unwrap();
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
@@ -79,7 +95,9 @@ impl TestApp {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
-            task.await.expect("server task").expect("server stops cleanly");
+            task.await
+                .expect("server task")
+                .expect("server stops cleanly");
         }
     }
 
@@ -100,7 +118,12 @@ impl TestApp {
     }
 
     /// Calls a server function as the browser does (URL-encoded arguments).
-    pub(crate) async fn server_fn(&self, cookie: &str, name: &str, args: &[(&str, &str)]) -> reqwest::Response {
+    pub(crate) async fn server_fn(
+        &self,
+        cookie: &str,
+        name: &str,
+        args: &[(&str, &str)],
+    ) -> reqwest::Response {
         self.client
             .post(self.url(&format!("/api/{name}")))
             .header("origin", &self.origin)

@@ -81,7 +81,7 @@ async fn serve(settings: Settings) -> Result<()> {
     match application.admin_bootstrap() {
         AdminBootstrap::CreatedWithGeneratedPassword { username, password } => {
             println!(
-                "  First admin:    {username} / {}   (shown once; change it in Settings)",
+                "  First admin:    {username} / {}   (shown once; store it safely)",
                 password.expose_secret()
             );
         }

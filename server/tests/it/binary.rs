@@ -71,7 +71,12 @@ fn unknown_or_bad_keys_in_the_file_are_errors() {
 
 /// Starts `updraft serve`, waits for the console line, returns the child and everything printed so far.
 fn start(dir: &std::path::Path) -> (std::process::Child, String) {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &std::path::Path, args: &[&str]) -> (std::process::Child, String) {
     let mut child = updraft(dir)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -134,5 +139,28 @@ fn serve_prints_how_to_connect_and_stops_cleanly_on_sigterm() {
     let (mut child, out) = start(dir.path());
     assert!(out.contains("Sign in with an existing account."), "{out}");
     assert!(!out.contains("First admin:"), "{out}");
+    sigterm_and_wait(&mut child);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, out) = start_with(dir.path(), &["--log-format", "json", "serve"]);
+    let logs: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("valid JSON"))
+        .collect();
+    assert!(!logs.is_empty(), "{out}");
+    assert!(
+        logs.iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string()),
+        "{out}"
+    );
+    assert!(
+        logs.iter()
+            .any(|l| l["message"] == "generated a local certificate authority"),
+        "{out}"
+    );
     sigterm_and_wait(&mut child);
 }

@@ -81,7 +81,7 @@ async fn serve(settings: Settings) -> Result<()> {
     match application.admin_bootstrap() {
         AdminBootstrap::CreatedWithGeneratedPassword { username, password } => {
             println!(
-                "  First admin:    {username} / {}   (shown once; store it safely)",
+                "  First admin:    {username} / {}   (shown once; change it in Settings)",
                 password.expose_secret()
             );
         }

@@ -32,3 +32,28 @@ pub async fn whoami() -> Result<Me, ApiError> {
         version: env!("CARGO_PKG_VERSION").to_owned(),
     })
 }
+
+/// Changes the signed-in user's password; the user's other sessions end.
+#[server(prefix = "/api", endpoint = "change_password")]
+pub async fn change_password(
+    current_password: String,
+    password: String,
+    confirm: String,
+) -> Result<(), ApiError> {
+    use secrecy::SecretString;
+    let (state, user) = super::ssr::context().await?;
+    if password != confirm {
+        return Err(
+            domain::ValidationError::new("confirm", "does not match the new password").into(),
+        );
+    }
+    backend::service::auth::change_password(
+        &state,
+        &user.user_id,
+        Some(&user.session_id),
+        SecretString::from(current_password),
+        SecretString::from(password),
+    )
+    .await?;
+    Ok(())
+}

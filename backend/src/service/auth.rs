@@ -35,6 +35,8 @@ pub struct CurrentUser {
     pub project_id: String,
     /// When the session ends unless used again.
     pub expires_at: Timestamp,
+    /// The session's stored id (the SHA-256 of its token, never the token itself).
+    pub session_id: String,
 }
 
 /// A new session: the token goes into the cookie and nowhere else.
@@ -187,6 +189,50 @@ pub async fn create_user(
     })
 }
 
+/// Changes `user_id`'s password after checking the current one, and ends the user's other sessions.
+///
+/// # Errors
+/// [`Error::Validation`] for `current_password` when it is wrong, or for `password` when the new one breaks
+/// the policy; [`Error::NotFound`]; [`Error::Db`].
+pub async fn change_password(
+    state: &AppState,
+    user_id: &str,
+    keep_session_id: Option<&str>,
+    current: SecretString,
+    new: SecretString,
+) -> Result<()> {
+    let user = users::Entity::find_by_id(user_id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::not_found("user", user_id))?;
+    check_password_policy(new.expose_secret())?;
+    let phc = user.password_hash.clone();
+    let ok = tokio::task::spawn_blocking(move || verify_blocking(current.expose_secret(), &phc))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    if !ok {
+        return Err(domain::ValidationError::new(
+            "current_password",
+            "is not your current password",
+        )
+        .into());
+    }
+    let hash = hash_password(new).await?;
+    let now = state.clock.now().as_millis();
+    let mut active = user.into_active_model();
+    active.password_hash = Set(hash);
+    active.updated_at = Set(now);
+    active.update(&state.db).await?;
+    let keep = keep_session_id.unwrap_or_default();
+    sessions::Entity::delete_many()
+        .filter(sessions::Column::UserId.eq(user_id))
+        .filter(sessions::Column::Id.ne(keep))
+        .exec(&state.db)
+        .await?;
+    tracing::info!(user_id, "password changed; other sessions ended");
+    Ok(())
+}
+
 /// Logs a user in and opens a session in `project_id`.
 ///
 /// # Errors
@@ -238,8 +284,9 @@ pub async fn login(
 
     let token = SecretString::from(ids::token());
     let expires_at = now.plus(state.settings.session_idle);
+    let session_id = ids::sha256_hex(token.expose_secret());
     sessions::ActiveModel {
-        id: Set(ids::sha256_hex(token.expose_secret())),
+        id: Set(session_id.clone()),
         user_id: Set(user.id.clone()),
         project_id: Set(project_id.to_owned()),
         created_at: Set(now.as_millis()),
@@ -263,6 +310,7 @@ pub async fn login(
             is_admin: user.is_admin,
             project_id: project_id.to_owned(),
             expires_at,
+            session_id,
         },
     })
 }
@@ -306,6 +354,7 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<CurrentUser> 
         is_admin: user.is_admin,
         project_id: session.project_id,
         expires_at,
+        session_id: session.id,
     })
 }
 

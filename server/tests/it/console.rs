@@ -434,3 +434,80 @@ async fn operator_provided_certificates_are_served_instead_of_generated_ones() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn changing_the_password_checks_the_old_one_and_ends_other_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let mine = app.sign_in().await;
+    let other = app.sign_in().await;
+    let (app_ref, mine_ref) = (&app, &mine);
+    let change = |current: &'static str, new: &'static str, confirm: &'static str| async move {
+        let args = [
+            ("current_password", current),
+            ("password", new),
+            ("confirm", confirm),
+        ];
+        app_ref.server_fn(mine_ref, "change_password", &args).await
+    };
+    let wrong: Value = change("not-it-at-all", "a-new-password-1", "a-new-password-1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(wrong["fields"]["current_password"].is_string(), "{wrong}");
+    let mismatch: Value = change(PASSWORD, "a-new-password-1", "a-new-password-2")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(mismatch["fields"]["confirm"].is_string(), "{mismatch}");
+    let short: Value = change(PASSWORD, "short", "short")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(short["fields"]["password"].is_string(), "{short}");
+
+    assert_eq!(
+        change(PASSWORD, "a-new-password-1", "a-new-password-1")
+            .await
+            .status(),
+        200
+    );
+    let page = |cookie: &str| {
+        app.client
+            .get(app.url("/devices"))
+            .header("cookie", cookie.to_owned())
+            .send()
+    };
+    assert_eq!(
+        page(&mine).await.unwrap().status(),
+        200,
+        "this session stays"
+    );
+    assert_eq!(
+        page(&other).await.unwrap().status(),
+        303,
+        "other sessions end"
+    );
+    let old = app
+        .client
+        .post(app.url("/auth/login"))
+        .header("origin", &app.origin)
+        .form(&[("username", "admin"), ("password", PASSWORD)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.headers()["location"], "/login?error=invalid");
+    let new = app
+        .client
+        .post(app.url("/auth/login"))
+        .header("origin", &app.origin)
+        .form(&[("username", "admin"), ("password", "a-new-password-1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(new.headers()["location"], "/devices");
+    app.stop().await;
+}

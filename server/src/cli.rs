@@ -58,6 +58,7 @@ fn to_json(settings: &Settings) -> Result<String> {
 }
 
 async fn serve(settings: Settings) -> Result<()> {
+    let shutdown = shutdown_signal()?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     crate::telemetry::init(
         settings.log.format,
@@ -99,27 +100,29 @@ async fn serve(settings: Settings) -> Result<()> {
     }
     println!();
     tracing::info!(%console, "listening");
-    application.run_until_stopped(shutdown_signal()).await
+    application.run_until_stopped(shutdown).await
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Registers SIGINT and SIGTERM handlers **now** and returns a future that completes on either. Registering
+/// before anything is printed matters: a signal that arrives between "Updraft is running" and the first
+/// poll of a lazily registered handler would otherwise kill the process without a clean shutdown.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }

@@ -10,6 +10,17 @@ pub fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
+/// Turns a unique-constraint violation into [`Error::Conflict`] with `message`; other errors pass through.
+///
+/// [`Error::Conflict`]: crate::Error::Conflict
+pub fn conflict_on_unique(e: DbErr, message: impl FnOnce() -> String) -> crate::Error {
+    if is_unique_violation(&e) {
+        crate::Error::Conflict(message())
+    } else {
+        e.into()
+    }
+}
+
 /// Whether `e` is a foreign-key violation (a row still referenced, or a reference to a missing row).
 #[must_use]
 pub fn is_foreign_key_violation(e: &DbErr) -> bool {

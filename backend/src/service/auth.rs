@@ -181,11 +181,7 @@ pub async fn create_user(
     .insert(&state.db)
     .await
     .map_err(|e| {
-        if crate::storage::is_unique_violation(&e) {
-            Error::Conflict(format!("user {username} already exists"))
-        } else {
-            e.into()
-        }
+        crate::storage::conflict_on_unique(e, || format!("user {username} already exists"))
     })
 }
 

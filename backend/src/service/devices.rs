@@ -101,13 +101,9 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
     .insert(&state.db)
     .await
     .map_err(|e| {
-        if crate::storage::is_unique_violation(&e) {
-            Error::Conflict(format!(
-                "device {device_id} or node id {node} is already registered"
-            ))
-        } else {
-            e.into()
-        }
+        crate::storage::conflict_on_unique(e, || {
+            format!("device {device_id} or node id {node} is already registered")
+        })
     })?;
     tracing::info!(device_id = %device.id, product_id = %device.product_id, "device registered");
     Ok(Registered { device, secret })

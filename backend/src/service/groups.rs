@@ -48,11 +48,7 @@ pub async fn create(
     .insert(&state.db)
     .await
     .map_err(|e| {
-        if crate::storage::is_unique_violation(&e) {
-            Error::Conflict(format!("a group named {name} already exists"))
-        } else {
-            e.into()
-        }
+        crate::storage::conflict_on_unique(e, || format!("a group named {name} already exists"))
     })
 }
 

@@ -80,13 +80,7 @@ pub async fn create(
     }
     .insert(&state.db)
     .await
-    .map_err(|e| {
-        if crate::storage::is_unique_violation(&e) {
-            Error::Conflict(format!("product {id} already exists"))
-        } else {
-            e.into()
-        }
-    })
+    .map_err(|e| crate::storage::conflict_on_unique(e, || format!("product {id} already exists")))
 }
 
 /// A product with how many devices use it.

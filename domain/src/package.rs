@@ -19,3 +19,278 @@ wire_enum!(
 pub const SEGMENT_SIZE_RANGE: std::ops::RangeInclusive<u16> = 32..=500;
 /// The PCP segment size used when none is given.
 pub const DEFAULT_SEGMENT_SIZE: u16 = 500;
+
+/// The most source versions a package may list (IoTDA's limit).
+pub const MAX_SOURCE_VERSIONS: usize = 20;
+
+/// A package's descriptive metadata, validated: what an upload or a bucket registration supplies besides
+/// the bytes. Size and SHA-256 are measured by the store, never taken from the client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageMeta {
+    /// Software or firmware.
+    pub package_type: PackageType,
+    /// The product the package is for.
+    pub product_id: crate::ProductId,
+    /// The version a device reports once upgraded.
+    pub version: crate::text::Version,
+    /// Versions allowed to upgrade to this one; empty means any.
+    pub support_source_versions: Vec<crate::text::Version>,
+    /// Free text, up to 1024 characters.
+    pub description: String,
+    /// Sent to devices in the upgrade notification, up to 4096 characters.
+    pub custom_info: String,
+    /// The name devices see (`Content-Disposition`, `file_name`).
+    pub file_name: FileName,
+    /// PCP segment size in bytes (32-500).
+    pub segment_size: u16,
+}
+
+/// Unvalidated package metadata as a form or JSON body gives it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageMetaInput {
+    /// `softwarePackage` or `firmwarePackage`.
+    pub package_type: String,
+    /// Product id.
+    pub product_id: String,
+    /// Version.
+    pub version: String,
+    /// Allowed source versions.
+    #[serde(default)]
+    pub support_source_versions: Vec<String>,
+    /// Description.
+    #[serde(default)]
+    pub description: String,
+    /// Custom information for devices.
+    #[serde(default)]
+    pub custom_info: String,
+    /// File name.
+    pub file_name: String,
+    /// PCP segment size; 500 when absent.
+    #[serde(default)]
+    pub segment_size: Option<u16>,
+}
+
+impl PackageMeta {
+    /// Validates every field.
+    ///
+    /// # Errors
+    /// The first [`ValidationError`], naming its field.
+    pub fn parse(input: PackageMetaInput) -> Result<Self, ValidationError> {
+        let package_type = PackageType::parse(input.package_type.trim())?;
+        let product_id = crate::ProductId::parse(input.product_id.trim())?;
+        let version = crate::text::Version::parse(input.version.trim())?;
+        if input.support_source_versions.len() > MAX_SOURCE_VERSIONS {
+            return Err(ValidationError::new(
+                "support_source_versions",
+                format!("may list at most {MAX_SOURCE_VERSIONS} versions"),
+            ));
+        }
+        let mut sources = Vec::with_capacity(input.support_source_versions.len());
+        for v in input.support_source_versions {
+            let v = crate::text::Version::parse(v.trim()).map_err(|e| {
+                ValidationError::new("support_source_versions", format!("{v:?}: {}", e.message))
+            })?;
+            if !sources.contains(&v) {
+                sources.push(v);
+            }
+        }
+        let segment_size = input.segment_size.unwrap_or(DEFAULT_SEGMENT_SIZE);
+        if !SEGMENT_SIZE_RANGE.contains(&segment_size) {
+            return Err(ValidationError::new(
+                "segment_size",
+                "must be 32 to 500 bytes",
+            ));
+        }
+        Ok(Self {
+            package_type,
+            product_id,
+            version,
+            support_source_versions: sources,
+            description: crate::text::bounded("description", &input.description, 1024, false)?,
+            custom_info: crate::text::bounded("custom_info", &input.custom_info, 4096, false)?,
+            file_name: FileName::parse(&input.file_name)?,
+            segment_size,
+        })
+    }
+
+    /// Whether a device on `current` may upgrade to this package.
+    #[must_use]
+    pub fn accepts_source(&self, current: &str) -> bool {
+        self.support_source_versions.is_empty()
+            || self
+                .support_source_versions
+                .iter()
+                .any(|v| v.as_str() == current)
+    }
+}
+
+/// A file name safe to put in a `Content-Disposition` header, an object key and a URL: one path segment,
+/// 1-255 bytes, no separators, no `.`/`..`, no control characters or quotes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FileName(String);
+
+impl FileName {
+    /// Validates a file name.
+    ///
+    /// # Errors
+    /// [`ValidationError`] for `file_name`, e.g. for anything that tries to leave its directory.
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        let err = |m: &str| Err(ValidationError::new("file_name", m));
+        if s.is_empty() || s.len() > 255 {
+            return err("must be 1 to 255 bytes");
+        }
+        if s == "." || s == ".." {
+            return err("must not be . or ..");
+        }
+        if s.chars()
+            .any(|c| matches!(c, '/' | '\\' | '"') || c.is_control())
+        {
+            return err("must not contain '/', '\\', '\"' or control characters");
+        }
+        if s.trim() != s {
+            return err("must not start or end with spaces");
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The name as text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for FileName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for FileName {
+    type Error = ValidationError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<FileName> for String {
+    fn from(f: FileName) -> Self {
+        f.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input() -> PackageMetaInput {
+        PackageMetaInput {
+            package_type: "softwarePackage".into(),
+            product_id: "meter".into(),
+            version: "2.0.0".into(),
+            support_source_versions: vec!["1.0.0".into(), "1.1.0".into(), "1.0.0".into()],
+            file_name: "app-2.0.0.bin".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn valid_metadata_parses_with_defaults() {
+        let m = PackageMeta::parse(input()).unwrap();
+        assert_eq!(m.segment_size, DEFAULT_SEGMENT_SIZE);
+        assert_eq!(m.support_source_versions.len(), 2, "duplicates are dropped");
+        assert!(m.accepts_source("1.1.0"));
+        assert!(!m.accepts_source("0.9.0"));
+        let any = PackageMeta::parse(PackageMetaInput {
+            support_source_versions: vec![],
+            ..input()
+        })
+        .unwrap();
+        assert!(any.accepts_source("anything"));
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let field = |i: PackageMetaInput| PackageMeta::parse(i).unwrap_err().field;
+        assert_eq!(
+            field(PackageMetaInput {
+                package_type: "modulePackage".into(),
+                ..input()
+            }),
+            "package_type"
+        );
+        assert_eq!(
+            field(PackageMetaInput {
+                version: "2 0".into(),
+                ..input()
+            }),
+            "version"
+        );
+        assert_eq!(
+            field(PackageMetaInput {
+                segment_size: Some(31),
+                ..input()
+            }),
+            "segment_size"
+        );
+        assert_eq!(
+            field(PackageMetaInput {
+                segment_size: Some(501),
+                ..input()
+            }),
+            "segment_size"
+        );
+        assert_eq!(
+            field(PackageMetaInput {
+                custom_info: "x".repeat(4097),
+                ..input()
+            }),
+            "custom_info"
+        );
+        assert_eq!(
+            field(PackageMetaInput {
+                description: "x".repeat(1025),
+                ..input()
+            }),
+            "description"
+        );
+        let many = (0..21).map(|i| format!("1.{i}")).collect();
+        assert_eq!(
+            field(PackageMetaInput {
+                support_source_versions: many,
+                ..input()
+            }),
+            "support_source_versions"
+        );
+        let bad = vec!["1.0 beta".into()];
+        assert_eq!(
+            field(PackageMetaInput {
+                support_source_versions: bad,
+                ..input()
+            }),
+            "support_source_versions"
+        );
+    }
+
+    #[test]
+    fn file_names_cannot_escape_their_directory() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc/passwd",
+            "a/b",
+            "a\\b",
+            "x\"y",
+            "line\nbreak",
+            " lead",
+            &"x".repeat(256),
+        ] {
+            assert!(FileName::parse(bad).is_err(), "{bad:?} must be refused");
+        }
+        for good in ["app.bin", "firmware v2.0.img", "升级包.bin", "..hidden"] {
+            assert!(FileName::parse(good).is_ok(), "{good:?} is fine");
+        }
+    }
+}

@@ -45,3 +45,49 @@ pub struct Paged<T> {
     /// All matching rows, across pages.
     pub total: u64,
 }
+
+/// Runs `query` (already filtered and ordered) for one page, and counts all its rows.
+pub(crate) async fn fetch_page<E>(
+    db: &sea_orm::DatabaseConnection,
+    query: sea_orm::Select<E>,
+    page: Page,
+) -> crate::Result<Paged<E::Model>>
+where
+    E: sea_orm::EntityTrait,
+    E::Model: Sync,
+{
+    use sea_orm::{PaginatorTrait, QuerySelect};
+    let total = query.clone().count(db).await?;
+    let items = query.limit(page.limit).offset(page.offset).all(db).await?;
+    Ok(Paged { items, total })
+}
+
+/// Counts rows of `E` per value of `key` among `keys`, in one grouped query (not one query per key).
+pub(crate) async fn count_by<E, C>(
+    db: &sea_orm::DatabaseConnection,
+    key: C,
+    keys: Vec<String>,
+) -> crate::Result<std::collections::HashMap<String, u64>>
+where
+    E: sea_orm::EntityTrait<Column = C>,
+    C: sea_orm::ColumnTrait,
+{
+    use sea_orm::sea_query::{Expr, ExprTrait};
+    use sea_orm::{QueryFilter, QuerySelect};
+    if keys.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let rows: Vec<(String, i64)> = E::find()
+        .select_only()
+        .column(key)
+        .column_as(Expr::col(key).count(), "n")
+        .filter(key.is_in(keys))
+        .group_by(key)
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(k, n)| (k, u64::try_from(n).unwrap_or(0)))
+        .collect())
+}

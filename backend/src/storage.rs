@@ -20,9 +20,3 @@ pub fn conflict_on_unique(e: DbErr, message: impl FnOnce() -> String) -> crate::
         e.into()
     }
 }
-
-/// Whether `e` is a foreign-key violation (a row still referenced, or a reference to a missing row).
-#[must_use]
-pub fn is_foreign_key_violation(e: &DbErr) -> bool {
-    matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_)))
-}

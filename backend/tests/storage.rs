@@ -203,6 +203,17 @@ async fn the_whole_model_round_trips_and_cascades() {
         groups::add_device(&t.state, &project.id, &group.id, &device.id)
             .await
             .expect("adding twice is harmless");
+        let listed = groups::list(&t.state, &project.id, Page::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            listed.items[0].members, 1,
+            "{kind}: member counts come from one grouped query"
+        );
+        let products_listed = products::list(&t.state, &project.id, Page::default())
+            .await
+            .unwrap();
+        assert_eq!(products_listed.items[0].devices, 1, "{kind}");
 
         let package = packages::ActiveModel {
             id: Set("pkg00000000000000000001".into()),

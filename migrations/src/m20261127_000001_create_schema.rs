@@ -441,13 +441,7 @@ impl MigrationTrait for Migration {
                 .col(string("status"))
                 .col(integer("progress"))
                 .col(text("detail"))
-                .foreign_key(
-                    ForeignKey::create()
-                        .name("fk_subtask_steps_subtask_id")
-                        .from("subtask_steps", "subtask_id")
-                        .to("subtasks", "id")
-                        .on_delete(Cascade),
-                )
+                .foreign_key(&mut fk("subtask_steps", "subtask_id", "subtasks", Cascade))
                 .take(),
         )
         .await?;
@@ -472,13 +466,12 @@ impl MigrationTrait for Migration {
                 .col(big_integer_null("revoked_at"))
                 .col(big_integer("bytes_served").default(0))
                 .col(big_integer_null("last_used_at"))
-                .foreign_key(
-                    ForeignKey::create()
-                        .name("fk_download_tokens_subtask_id")
-                        .from("download_tokens", "subtask_id")
-                        .to("subtasks", "id")
-                        .on_delete(Cascade),
-                )
+                .foreign_key(&mut fk(
+                    "download_tokens",
+                    "subtask_id",
+                    "subtasks",
+                    Cascade,
+                ))
                 .take(),
         )
         .await?;
@@ -539,13 +532,12 @@ impl MigrationTrait for Migration {
                 .col(text_null("last_error"))
                 .col(big_integer_null("delivered_at"))
                 .col(big_integer("created_at"))
-                .foreign_key(
-                    ForeignKey::create()
-                        .name("fk_notification_deliveries_outbox_id")
-                        .from("notification_deliveries", "outbox_id")
-                        .to("outbox", "id")
-                        .on_delete(Cascade),
-                )
+                .foreign_key(&mut fk(
+                    "notification_deliveries",
+                    "outbox_id",
+                    "outbox",
+                    Cascade,
+                ))
                 .foreign_key(&mut fk(
                     "notification_deliveries",
                     "subscription_id",

@@ -3,8 +3,7 @@
 //! - Passwords are hashed with argon2id (OWASP parameters, the `argon2` crate's defaults), on a blocking
 //!   thread so hashing never stalls the async runtime.
 //! - A session is a random 256-bit token in a cookie; the database keeps only its SHA-256.
-//! - Failed logins are throttled per user name and client address, and per client address alone, on the
-//!   injected clock.
+//! - Failed logins are throttled per user name and client address, on the injected clock.
 //! - An unknown user name costs the same hash as a wrong password, so timing does not reveal which names exist.
 
 use std::sync::LazyLock;
@@ -245,7 +244,6 @@ pub async fn login(
     let now = state.clock.now();
     let addr = client_addr.unwrap_or("-");
     let user_key = format!("u:{username}|a:{addr}");
-    let addr_key = format!("a:{addr}");
     {
         let throttle = state.login_throttle.lock().expect("login throttle lock");
         throttle
@@ -267,7 +265,6 @@ pub async fn login(
         _ => {
             let mut throttle = state.login_throttle.lock().expect("login throttle lock");
             throttle.record_failure(&user_key, now);
-            throttle.record_failure(&addr_key, now);
             tracing::warn!(username, client_addr = addr, "failed console login");
             return Err(Error::Unauthorized("wrong user name or password"));
         }

@@ -4,8 +4,7 @@ use domain::device::{DeviceStatus, NodeId, ProtocolType, check_secret};
 use domain::{DeviceId, text};
 use sea_orm::sea_query::{Expr, ExprTrait, Func};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set,
+    ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, Set,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -173,14 +172,9 @@ pub async fn list(
         let status = DeviceStatus::parse(filter.status.trim())?;
         cond = cond.add(devices::Column::Status.eq(status.as_str()));
     }
-    let query = devices::Entity::find().filter(cond);
-    let total = query.clone().count(&state.db).await?;
-    let items = query
+    let query = devices::Entity::find()
+        .filter(cond)
         .order_by_desc(devices::Column::CreatedAt)
-        .order_by_desc(devices::Column::Id)
-        .limit(page.limit)
-        .offset(page.offset)
-        .all(&state.db)
-        .await?;
-    Ok(Paged { items, total })
+        .order_by_desc(devices::Column::Id);
+    super::fetch_page(&state.db, query, page).await
 }

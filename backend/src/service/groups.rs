@@ -1,10 +1,7 @@
 //! Device groups (static).
 
 use domain::text;
-use sea_orm::{
-    ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set,
-};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
 use super::{Page, Paged};
 use crate::storage::entity::{device_group_members, device_groups};
@@ -57,24 +54,29 @@ pub async fn create(
 /// # Errors
 /// [`Error::Db`].
 pub async fn list(state: &AppState, project_id: &str, page: Page) -> Result<Paged<GroupRow>> {
-    let query =
-        device_groups::Entity::find().filter(device_groups::Column::ProjectId.eq(project_id));
-    let total = query.clone().count(&state.db).await?;
-    let groups = query
-        .order_by_asc(device_groups::Column::Name)
-        .limit(page.limit)
-        .offset(page.offset)
-        .all(&state.db)
-        .await?;
-    let mut items = Vec::with_capacity(groups.len());
-    for group in groups {
-        let members = device_group_members::Entity::find()
-            .filter(device_group_members::Column::GroupId.eq(&group.id))
-            .count(&state.db)
-            .await?;
-        items.push(GroupRow { group, members });
-    }
-    Ok(Paged { items, total })
+    let query = device_groups::Entity::find()
+        .filter(device_groups::Column::ProjectId.eq(project_id))
+        .order_by_asc(device_groups::Column::Name);
+    let page = super::fetch_page(&state.db, query, page).await?;
+    let ids = page.items.iter().map(|g| g.id.clone()).collect();
+    let counts = super::count_by::<device_group_members::Entity, _>(
+        &state.db,
+        device_group_members::Column::GroupId,
+        ids,
+    )
+    .await?;
+    let items = page
+        .items
+        .into_iter()
+        .map(|group| GroupRow {
+            members: counts.get(&group.id).copied().unwrap_or(0),
+            group,
+        })
+        .collect();
+    Ok(Paged {
+        items,
+        total: page.total,
+    })
 }
 
 /// Adds `device_id` to `group_id` (idempotent).

@@ -1,6 +1,6 @@
 //! Read-only listings for the Software/Firmware Upgrades page: packages and tasks, newest first.
 
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
 use super::{Page, Paged};
 use crate::storage::entity::{packages, tasks};
@@ -15,15 +15,10 @@ pub async fn packages(
     project_id: &str,
     page: Page,
 ) -> Result<Paged<packages::Model>> {
-    let query = packages::Entity::find().filter(packages::Column::ProjectId.eq(project_id));
-    let total = query.clone().count(&state.db).await?;
-    let items = query
-        .order_by_desc(packages::Column::Id)
-        .limit(page.limit)
-        .offset(page.offset)
-        .all(&state.db)
-        .await?;
-    Ok(Paged { items, total })
+    let query = packages::Entity::find()
+        .filter(packages::Column::ProjectId.eq(project_id))
+        .order_by_desc(packages::Column::Id);
+    super::fetch_page(&state.db, query, page).await
 }
 
 /// `project_id`'s tasks.
@@ -31,13 +26,8 @@ pub async fn packages(
 /// # Errors
 /// [`crate::Error::Db`].
 pub async fn tasks(state: &AppState, project_id: &str, page: Page) -> Result<Paged<tasks::Model>> {
-    let query = tasks::Entity::find().filter(tasks::Column::ProjectId.eq(project_id));
-    let total = query.clone().count(&state.db).await?;
-    let items = query
-        .order_by_desc(tasks::Column::Id)
-        .limit(page.limit)
-        .offset(page.offset)
-        .all(&state.db)
-        .await?;
-    Ok(Paged { items, total })
+    let query = tasks::Entity::find()
+        .filter(tasks::Column::ProjectId.eq(project_id))
+        .order_by_desc(tasks::Column::Id);
+    super::fetch_page(&state.db, query, page).await
 }

@@ -2,10 +2,7 @@
 
 use domain::device::{DataFormat, ProtocolType};
 use domain::{ProductId, text};
-use sea_orm::{
-    ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set,
-};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
 use super::{Page, Paged};
 use crate::storage::entity::{devices, products};
@@ -97,23 +94,25 @@ pub struct ProductRow {
 /// # Errors
 /// [`Error::Db`].
 pub async fn list(state: &AppState, project_id: &str, page: Page) -> Result<Paged<ProductRow>> {
-    let query = products::Entity::find().filter(products::Column::ProjectId.eq(project_id));
-    let total = query.clone().count(&state.db).await?;
-    let rows = query
-        .order_by_desc(products::Column::Id)
-        .limit(page.limit)
-        .offset(page.offset)
-        .all(&state.db)
-        .await?;
-    let mut items = Vec::with_capacity(rows.len());
-    for product in rows {
-        let devices = devices::Entity::find()
-            .filter(devices::Column::ProductId.eq(&product.id))
-            .count(&state.db)
-            .await?;
-        items.push(ProductRow { product, devices });
-    }
-    Ok(Paged { items, total })
+    let query = products::Entity::find()
+        .filter(products::Column::ProjectId.eq(project_id))
+        .order_by_desc(products::Column::Id);
+    let page = super::fetch_page(&state.db, query, page).await?;
+    let ids = page.items.iter().map(|p| p.id.clone()).collect();
+    let counts =
+        super::count_by::<devices::Entity, _>(&state.db, devices::Column::ProductId, ids).await?;
+    let items = page
+        .items
+        .into_iter()
+        .map(|product| ProductRow {
+            devices: counts.get(&product.id).copied().unwrap_or(0),
+            product,
+        })
+        .collect();
+    Ok(Paged {
+        items,
+        total: page.total,
+    })
 }
 
 /// One product of `project_id`.

@@ -57,3 +57,17 @@ pub fn Pager(total: u64, offset: u64, limit: u64, #[prop(into)] base: String) ->
         </div>
     }
 }
+
+/// A reference for an `<ActionForm>` that clears the form each time `succeeded()` turns true, ready for
+/// the next entry.
+pub fn reset_after_success(succeeded: impl Fn() -> bool + 'static) -> NodeRef<leptos::html::Form> {
+    let form_ref = NodeRef::<leptos::html::Form>::new();
+    Effect::new(move |_| {
+        if succeeded()
+            && let Some(form) = form_ref.get()
+        {
+            form.reset();
+        }
+    });
+    form_ref
+}

@@ -8,7 +8,7 @@ use leptos_router::hooks::use_query_map;
 
 use crate::api::devices::{RegisterDevice, list_devices};
 use crate::api::products::list_products;
-use crate::components::{FieldError, FormError, Pager, StatusBadge};
+use crate::components::{FieldError, FormError, Pager, StatusBadge, reset_after_success};
 
 /// `/devices`
 #[component]
@@ -31,15 +31,7 @@ pub fn DevicesPage() -> impl IntoView {
     let products = Resource::new(|| (), |()| list_products());
     let (form_open, set_form_open) = signal(false);
     let error = Signal::derive(move || register.value().get().and_then(Result::err));
-    // After a successful submission, clear the form for the next entry.
-    let form_ref = NodeRef::<leptos::html::Form>::new();
-    Effect::new(move |_| {
-        if matches!(register.value().get(), Some(Ok(_)))
-            && let Some(form) = form_ref.get()
-        {
-            form.reset();
-        }
-    });
+    let form_ref = reset_after_success(move || matches!(register.value().get(), Some(Ok(_))));
     let registered = move || register.value().get().and_then(Result::ok);
 
     view! {

@@ -4,7 +4,7 @@ use leptos::prelude::*;
 use leptos_meta::Title;
 
 use crate::api::groups::{CreateGroup, list_groups};
-use crate::components::{FieldError, FormError};
+use crate::components::{FieldError, FormError, reset_after_success};
 
 /// `/groups`
 #[component]
@@ -12,15 +12,7 @@ pub fn GroupsPage() -> impl IntoView {
     let create = ServerAction::<CreateGroup>::new();
     let groups = Resource::new(move || create.version().get(), |_| list_groups());
     let error = Signal::derive(move || create.value().get().and_then(Result::err));
-    // After a successful submission, clear the form for the next entry.
-    let form_ref = NodeRef::<leptos::html::Form>::new();
-    Effect::new(move |_| {
-        if matches!(create.value().get(), Some(Ok(_)))
-            && let Some(form) = form_ref.get()
-        {
-            form.reset();
-        }
-    });
+    let form_ref = reset_after_success(move || matches!(create.value().get(), Some(Ok(_))));
     view! {
         <Title text="Groups" />
         <div class="page-head"><h1>"Groups"</h1></div>

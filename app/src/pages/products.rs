@@ -4,7 +4,7 @@ use leptos::prelude::*;
 use leptos_meta::Title;
 
 use crate::api::products::{CreateProduct, list_products};
-use crate::components::{FieldError, FormError};
+use crate::components::{FieldError, FormError, reset_after_success};
 
 /// `/products`
 #[component]
@@ -12,15 +12,7 @@ pub fn ProductsPage() -> impl IntoView {
     let create = ServerAction::<CreateProduct>::new();
     let products = Resource::new(move || create.version().get(), |_| list_products());
     let error = Signal::derive(move || create.value().get().and_then(Result::err));
-    // After a successful submission, clear the form for the next entry.
-    let form_ref = NodeRef::<leptos::html::Form>::new();
-    Effect::new(move |_| {
-        if matches!(create.value().get(), Some(Ok(_)))
-            && let Some(form) = form_ref.get()
-        {
-            form.reset();
-        }
-    });
+    let form_ref = reset_after_success(move || matches!(create.value().get(), Some(Ok(_))));
     view! {
         <Title text="Products" />
         <div class="page-head"><h1>"Products"</h1></div>

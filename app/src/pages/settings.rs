@@ -4,7 +4,7 @@ use leptos::prelude::*;
 use leptos_meta::Title;
 
 use crate::api::session::{ChangePassword, whoami};
-use crate::components::{FieldError, FormError};
+use crate::components::{FieldError, FormError, reset_after_success};
 
 /// `/settings`
 #[component]
@@ -12,14 +12,7 @@ pub fn SettingsPage() -> impl IntoView {
     let me = Resource::new(|| (), |()| whoami());
     let change = ServerAction::<ChangePassword>::new();
     let error = Signal::derive(move || change.value().get().and_then(Result::err));
-    let form_ref = NodeRef::<leptos::html::Form>::new();
-    Effect::new(move |_| {
-        if matches!(change.value().get(), Some(Ok(())))
-            && let Some(form) = form_ref.get()
-        {
-            form.reset();
-        }
-    });
+    let form_ref = reset_after_success(move || matches!(change.value().get(), Some(Ok(()))));
     view! {
         <Title text="Settings" />
         <div class="page-head"><h1>"Settings"</h1></div>

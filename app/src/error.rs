@@ -113,7 +113,12 @@ impl ApiError {
             E::Conflict(m) => Self::new(ErrorCode::Conflict, m),
             E::Unauthorized(m) => Self::new(ErrorCode::Unauthorized, m),
             E::RateLimited { .. } => Self::new(ErrorCode::RateLimited, e.to_string()),
-            E::Db(_) | E::Secrets(_) | E::Internal(_) => {
+            E::TooLarge { .. } => {
+                let mut api = Self::new(ErrorCode::Validation, e.to_string());
+                api.fields.insert("file".to_owned(), e.to_string());
+                api
+            }
+            E::Db(_) | E::Secrets(_) | E::Storage(_) | E::Internal(_) => {
                 // The cause is logged here, on the server; the browser gets no internals.
                 tracing::error!(error.message = %e, error.cause_chain = ?e, "server function failed");
                 Self::new(ErrorCode::Internal, "internal error; see the server log")

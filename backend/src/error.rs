@@ -31,6 +31,15 @@ pub enum Error {
         /// When the caller may try again.
         retry_after: Duration,
     },
+    /// An upload is larger than the configured maximum.
+    #[error("the package is larger than the maximum of {limit} bytes")]
+    TooLarge {
+        /// The maximum in bytes.
+        limit: u64,
+    },
+    /// The package store failed.
+    #[error("package store error: {0}")]
+    Storage(#[from] object_store::Error),
     /// The database failed.
     #[error("database error")]
     Db(#[from] sea_orm::DbErr),
@@ -58,6 +67,9 @@ impl Error {
     /// Whether this error is the service's fault (and should be logged with its cause), not the caller's.
     #[must_use]
     pub const fn is_internal(&self) -> bool {
-        matches!(self, Self::Db(_) | Self::Secrets(_) | Self::Internal(_))
+        matches!(
+            self,
+            Self::Db(_) | Self::Secrets(_) | Self::Storage(_) | Self::Internal(_)
+        )
     }
 }

@@ -3,6 +3,7 @@
 //! - [`clock`]: the injected [`Clock`](clock::Clock): the real one, and a manual one for tests.
 //! - [`secrets`]: authenticated encryption of device secrets and AK/SK with a key kept outside the database.
 //! - [`ids`]: generation of ids, tokens and passwords from the operating system's random source.
+//! - [`objects`]: the package store (a local directory or an S3 bucket), streaming in both directions.
 //! - [`db`]: connecting to SQLite (WAL) or PostgreSQL.
 //! - [`storage`]: sea-orm entities for every table.
 //! - [`service`]: the operations the console, the API and the command line share (auth, projects, products,
@@ -15,6 +16,7 @@ pub mod clock;
 pub mod db;
 pub mod error;
 pub mod ids;
+pub mod objects;
 pub mod secrets;
 pub mod service;
 pub mod state;

@@ -6,8 +6,10 @@
 
 pub mod auth;
 pub mod devices;
+pub mod downloads;
 pub mod groups;
 pub mod overview;
+pub mod packages;
 pub mod products;
 pub mod projects;
 

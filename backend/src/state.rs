@@ -7,6 +7,7 @@ use domain::throttle::Throttle;
 use sea_orm::DatabaseConnection;
 
 use crate::clock::Clock;
+use crate::objects::PackageStore;
 use crate::secrets::Sealer;
 
 /// Settings the services need (a subset of the server's configuration).
@@ -20,6 +21,8 @@ pub struct ServiceSettings {
     pub login_max_failures: usize,
     /// The failed-login window.
     pub login_window: Duration,
+    /// How long a package download token works.
+    pub download_token_ttl: Duration,
 }
 
 impl Default for ServiceSettings {
@@ -29,6 +32,7 @@ impl Default for ServiceSettings {
             session_max: Duration::from_secs(7 * 24 * 3600),
             login_max_failures: 5,
             login_window: Duration::from_secs(15 * 60),
+            download_token_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -42,6 +46,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Seals and opens stored secrets.
     pub sealer: Arc<Sealer>,
+    /// Package bytes.
+    pub store: PackageStore,
     /// Service settings.
     pub settings: ServiceSettings,
     /// Failed-login throttle. A std mutex: the critical sections are a few map operations, never held
@@ -56,6 +62,7 @@ impl AppState {
         db: DatabaseConnection,
         clock: Arc<dyn Clock>,
         sealer: Arc<Sealer>,
+        store: PackageStore,
         settings: ServiceSettings,
     ) -> Self {
         let throttle = Throttle::new(settings.login_max_failures, settings.login_window, 100_000);
@@ -63,6 +70,7 @@ impl AppState {
             db,
             clock,
             sealer,
+            store,
             settings,
             login_throttle: Arc::new(Mutex::new(throttle)),
         }

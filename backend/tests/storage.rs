@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backend::clock::ManualClock;
+use backend::objects::{PackageStore, StoreLocation, StoreSettings};
 use backend::secrets::Sealer;
 use backend::service::auth::{self, AdminBootstrap};
 use backend::service::{Page, devices, groups, products, projects};
@@ -50,10 +51,19 @@ async fn state_on(db: DatabaseConnection, dir: &tempfile::TempDir) -> (AppState,
     Migrator::up(&db, None).await.expect("migrations apply");
     let clock = ManualClock::new(Timestamp::from_millis(START));
     let sealer = Sealer::load_or_create(&dir.path().join("secret.key")).expect("secret key");
+    let store = PackageStore::open(&StoreSettings {
+        bucket: "updraft".into(),
+        location: StoreLocation::Local {
+            dir: dir.path().join("packages"),
+        },
+        max_package_size: 64 * 1024 * 1024,
+    })
+    .expect("package store");
     let state = AppState::new(
         db,
         Arc::new(clock.clone()),
         Arc::new(sealer),
+        store,
         Default::default(),
     );
     (state, clock)

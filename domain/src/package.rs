@@ -180,6 +180,115 @@ impl From<FileName> for String {
     }
 }
 
+/// The key prefix of objects Updraft writes itself; registrations may not point into it.
+pub const UPLOAD_PREFIX: &str = "uploads/";
+
+/// An object key below the package store's root, as a bucket registration names it
+/// (`file_location.obs_location.object_key`): `/`-separated segments, none empty, `.` or `..`, no `\`,
+/// no control characters, at most 1024 bytes, not under [`UPLOAD_PREFIX`]. Such a key can never leave the
+/// store's directory.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ObjectKey(String);
+
+impl ObjectKey {
+    /// Validates a key given by a client.
+    ///
+    /// # Errors
+    /// [`ValidationError`] for `object_key`, e.g. for `../secret.key` or `/etc/passwd`.
+    pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        let err = |m: &str| Err(ValidationError::new("object_key", m));
+        if s.is_empty() || s.len() > 1024 {
+            return err("must be 1 to 1024 bytes");
+        }
+        if s.starts_with('/') {
+            return err("must be relative to the bucket (no leading '/')");
+        }
+        if s.chars().any(|c| c == '\\' || c.is_control()) {
+            return err("must not contain '\\' or control characters");
+        }
+        if s.split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        {
+            return err("must not contain empty, '.' or '..' segments");
+        }
+        if s.starts_with(UPLOAD_PREFIX) {
+            return err("uploads/ is reserved for packages uploaded through Updraft");
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The key of an uploaded package's object.
+    #[must_use]
+    pub fn for_upload(package_id: &crate::PackageId) -> Self {
+        Self(format!("{UPLOAD_PREFIX}{package_id}"))
+    }
+
+    /// The key as text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The last segment: the file name a registered object gets when none is given.
+    #[must_use]
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+}
+
+impl TryFrom<String> for ObjectKey {
+    type Error = ValidationError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<ObjectKey> for String {
+    fn from(k: ObjectKey) -> Self {
+        k.0
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Validates an S3/OBS bucket name: 3-63 characters of lowercase letters, digits, `-` and `.`.
+///
+/// # Errors
+/// [`ValidationError`] for `bucket_name`.
+pub fn parse_bucket_name(s: &str) -> Result<&str, ValidationError> {
+    if (3..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        Ok(s)
+    } else {
+        Err(ValidationError::new(
+            "bucket_name",
+            "must be 3 to 63 lowercase letters, digits, '-' or '.'",
+        ))
+    }
+}
+
+/// Validates a SHA-256 given as 64 hex digits (the `sign` of a registration) and lower-cases it.
+///
+/// # Errors
+/// [`ValidationError`] for `sign`.
+pub fn parse_sha256(s: &str) -> Result<String, ValidationError> {
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(ValidationError::new(
+            "sign",
+            "must be 64 hexadecimal digits (SHA-256)",
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +401,45 @@ mod tests {
         for good in ["app.bin", "firmware v2.0.img", "升级包.bin", "..hidden"] {
             assert!(FileName::parse(good).is_ok(), "{good:?} is fine");
         }
+    }
+
+    #[test]
+    fn object_keys_cannot_escape_the_store() {
+        for bad in [
+            "../secret.key",
+            "fw/../../etc/passwd",
+            "/etc/passwd",
+            "fw//v2.bin",
+            "fw/./v2.bin",
+            "fw\\..\\x",
+            "fw/v2.bin/",
+            "",
+            "uploads/abc",
+            "a\u{0}b",
+        ] {
+            assert_eq!(
+                ObjectKey::parse(bad).unwrap_err().field,
+                "object_key",
+                "{bad:?} must be refused"
+            );
+        }
+        let k = ObjectKey::parse("fw/v2.0/app.bin").unwrap();
+        assert_eq!(k.file_name(), "app.bin");
+        let id = crate::PackageId::parse("0123456789abcdef01234567").unwrap();
+        assert_eq!(
+            ObjectKey::for_upload(&id).as_str(),
+            "uploads/0123456789abcdef01234567"
+        );
+    }
+
+    #[test]
+    fn bucket_names_and_signs_are_checked() {
+        assert!(parse_bucket_name("updraft").is_ok());
+        assert!(parse_bucket_name("my.bucket-1").is_ok());
+        assert!(parse_bucket_name("UP").is_err());
+        assert!(parse_bucket_name("a/b").is_err());
+        assert_eq!(parse_sha256(&"AB".repeat(32)).unwrap(), "ab".repeat(32));
+        assert!(parse_sha256("abc").is_err());
+        assert!(parse_sha256(&"g".repeat(64)).is_err());
     }
 }

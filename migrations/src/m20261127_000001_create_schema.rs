@@ -51,7 +51,7 @@ fn index(
     i.take()
 }
 
-use ForeignKeyAction::{Cascade, Restrict};
+use ForeignKeyAction::{Cascade, Restrict, SetNull};
 
 // `async_trait` requires the trait's exact signature, whose lifetime is elided.
 #[allow(elided_lifetimes_in_paths)]
@@ -367,7 +367,7 @@ impl MigrationTrait for Migration {
             .col(big_integer_null("finished_at"))
             .col(big_integer("updated_at"))
             .foreign_key(&mut fk("tasks", "project_id", "projects", Cascade))
-            .foreign_key(&mut fk("tasks", "package_id", "packages", Restrict));
+            .foreign_key(&mut fk("tasks", "package_id", "packages", SetNull));
         m.create_table(tasks.take()).await?;
         m.create_index(index(
             "tasks",

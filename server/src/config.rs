@@ -32,6 +32,10 @@ pub struct Settings {
     pub console: ConsoleSettings,
     /// The first administrator, created on first start.
     pub admin: AdminSettings,
+    /// Where package bytes are stored.
+    pub packages: PackageSettings,
+    /// Package downloads by devices.
+    pub downloads: DownloadSettings,
     /// The key that seals device secrets and SKs (64 hex digits). Default: `{data_dir}/secret.key`,
     /// created on first start. Keep it out of the database's backups, and never lose it.
     #[serde(skip_serializing)]
@@ -101,6 +105,95 @@ pub struct AdminSettings {
     pub password: Option<SecretString>,
 }
 
+/// Where package bytes live: `local` (a directory, the default) or `s3` (any S3-compatible bucket).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// `packages.dir`.
+    #[default]
+    Local,
+    /// `packages.s3`.
+    S3,
+}
+
+/// The package store.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PackageSettings {
+    /// `local` or `s3`.
+    pub store: StoreKind,
+    /// The bucket: the S3 bucket, or the name bucket registrations use for the local directory.
+    pub bucket: String,
+    /// The local directory. Default: `{data_dir}/packages`.
+    pub dir: Option<PathBuf>,
+    /// The largest package accepted, in bytes (default 4 GiB).
+    pub max_size: u64,
+    /// The S3-compatible bucket (with `store = "s3"`).
+    pub s3: S3Settings,
+}
+
+/// An S3-compatible bucket. Credentials may also come from the usual `AWS_*` environment variables.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Settings {
+    /// Endpoint URL (`https://s3.example.com`, `http://127.0.0.1:9000`); AWS when absent.
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: String,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    #[serde(skip_serializing)]
+    pub secret_access_key: Option<SecretString>,
+    /// Path-style URLs (`host/bucket/key`, what MinIO and most S3-compatible servers want) when true;
+    /// virtual-hosted style (`bucket.host/key`) when false.
+    pub path_style: bool,
+    /// Allow a plain `http://` endpoint.
+    pub allow_http: bool,
+}
+
+/// Device downloads.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadSettings {
+    /// How long a download token works (IoTDA: 24 h).
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+}
+
+impl Default for PackageSettings {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Local,
+            bucket: "updraft".to_owned(),
+            dir: None,
+            max_size: 4 * 1024 * 1024 * 1024,
+            s3: S3Settings::default(),
+        }
+    }
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: "us-east-1".to_owned(),
+            access_key_id: None,
+            secret_access_key: None,
+            path_style: true,
+            allow_http: false,
+        }
+    }
+}
+
+impl Default for DownloadSettings {
+    fn default() -> Self {
+        Self {
+            token_ttl: backend::state::ServiceSettings::default().download_token_ttl,
+        }
+    }
+}
+
 /// Log output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -132,6 +225,8 @@ impl Default for Settings {
             database: DatabaseSettings::default(),
             console: ConsoleSettings::default(),
             admin: AdminSettings::default(),
+            packages: PackageSettings::default(),
+            downloads: DownloadSettings::default(),
             secret_key: None,
             log: LogSettings::default(),
         }
@@ -186,6 +281,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "database",
     "console",
     "admin",
+    "packages",
+    "downloads",
     "secret_key",
     "log",
 ];
@@ -233,6 +330,15 @@ impl Settings {
         if self.admin.username.trim().is_empty() {
             problems.push("  - admin.username must not be empty".to_owned());
         }
+        if let Err(e) = domain::package::parse_bucket_name(&self.packages.bucket) {
+            problems.push(format!("  - packages.bucket: {}", e.message));
+        }
+        if self.packages.max_size == 0 {
+            problems.push("  - packages.max_size must be at least 1".to_owned());
+        }
+        if self.downloads.token_ttl < Duration::from_secs(60) {
+            problems.push("  - downloads.token_ttl must be at least 1m".to_owned());
+        }
         if self.console.login_max_failures == 0 {
             problems.push("  - console.login_max_failures must be at least 1".to_owned());
         }
@@ -264,6 +370,38 @@ impl Settings {
             session_max: self.console.session_max,
             login_max_failures: self.console.login_max_failures,
             login_window: self.console.login_window,
+            download_token_ttl: self.downloads.token_ttl,
+        }
+    }
+
+    /// The package store's settings.
+    #[must_use]
+    pub fn store_settings(&self) -> backend::objects::StoreSettings {
+        use backend::objects::StoreLocation;
+        let location = match self.packages.store {
+            StoreKind::Local => StoreLocation::Local {
+                dir: self
+                    .packages
+                    .dir
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join("packages")),
+            },
+            StoreKind::S3 => {
+                let s3 = &self.packages.s3;
+                StoreLocation::S3 {
+                    endpoint: s3.endpoint.clone(),
+                    region: s3.region.clone(),
+                    access_key_id: s3.access_key_id.clone(),
+                    secret_access_key: s3.secret_access_key.clone(),
+                    virtual_hosted_style: !s3.path_style,
+                    allow_http: s3.allow_http,
+                }
+            }
+        };
+        backend::objects::StoreSettings {
+            bucket: self.packages.bucket.clone(),
+            location,
+            max_package_size: self.packages.max_size,
         }
     }
 }

@@ -54,10 +54,13 @@ impl Application {
         Migrator::up(&db, None)
             .await
             .context("migrating the database")?;
+        let store = backend::objects::PackageStore::open(&settings.store_settings())
+            .context("opening the package store (packages.*)")?;
         let state = AppState::new(
             db,
             clock.clone(),
             Arc::new(sealer),
+            store,
             settings.service_settings(),
         );
 

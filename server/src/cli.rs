@@ -33,6 +33,59 @@ pub enum Command {
     Serve,
     /// Print the effective configuration (secrets omitted) and exit; fails on a bad value.
     CheckConfig,
+    /// Software and firmware packages.
+    Package {
+        /// What to do with packages.
+        #[command(subcommand)]
+        command: PackageCommand,
+    },
+}
+
+/// `updraft package ...`.
+#[derive(Debug, Subcommand)]
+pub enum PackageCommand {
+    /// Upload a package file into the package store (with a progress bar), as the console and the API do.
+    Upload(UploadArgs),
+}
+
+/// What a package is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PackageKind {
+    /// `softwarePackage`.
+    Software,
+    /// `firmwarePackage`.
+    Firmware,
+}
+
+/// `updraft package upload FILE --product P --version V`.
+#[derive(Debug, clap::Args)]
+pub struct UploadArgs {
+    /// The package file.
+    pub file: PathBuf,
+    /// The product it is for.
+    #[arg(long)]
+    pub product: String,
+    /// Its version (what devices report once upgraded).
+    #[arg(long)]
+    pub version: String,
+    /// Software or firmware.
+    #[arg(long = "type", value_enum, default_value = "software")]
+    pub kind: PackageKind,
+    /// A version allowed to upgrade to this one (repeat for several; none means any).
+    #[arg(long = "source-version")]
+    pub source_versions: Vec<String>,
+    /// Description.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// Custom information sent to devices with the upgrade.
+    #[arg(long, default_value = "")]
+    pub custom_info: String,
+    /// The file name devices see (default: the file's own name).
+    #[arg(long)]
+    pub file_name: Option<String>,
+    /// PCP segment size for LwM2M devices, 32-500 bytes (default 500).
+    #[arg(long)]
+    pub segment_size: Option<u16>,
 }
 
 /// Runs the command line.
@@ -50,7 +103,71 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("{}", to_json(&settings)?);
             Ok(())
         }
+        Command::Package {
+            command: PackageCommand::Upload(args),
+        } => upload(settings, args).await,
     }
+}
+
+/// Streams a file into the store through the same service the API uses, showing progress on a terminal.
+async fn upload(settings: Settings, args: UploadArgs) -> Result<()> {
+    use anyhow::Context;
+    use futures::StreamExt;
+    let file = tokio::fs::File::open(&args.file)
+        .await
+        .with_context(|| format!("opening {}", args.file.display()))?;
+    let len = file.metadata().await?.len();
+    let file_name = match args.file_name {
+        Some(name) => name,
+        None => args
+            .file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let (state, project) =
+        crate::startup::open_state(&settings, Arc::new(backend::clock::SystemClock)).await?;
+    let meta = domain::package::PackageMetaInput {
+        package_type: match args.kind {
+            PackageKind::Software => domain::package::PackageType::Software,
+            PackageKind::Firmware => domain::package::PackageType::Firmware,
+        }
+        .as_str()
+        .to_owned(),
+        product_id: args.product,
+        version: args.version,
+        support_source_versions: args.source_versions,
+        description: args.description,
+        custom_info: args.custom_info,
+        file_name,
+        segment_size: args.segment_size,
+    };
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_message("uploading");
+    let progress = bar.clone();
+    let body =
+        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect(move |chunk| {
+            if let Ok(c) = chunk {
+                progress.inc(c.len() as u64);
+            }
+        });
+    let result = backend::service::packages::upload(&state, &project.id, meta, body).await;
+    bar.finish_and_clear();
+    state.db.close().await.ok();
+    let package = result?;
+    println!("uploaded package {}", package.id);
+    println!("  product:  {}", package.product_id);
+    println!("  type:     {}", package.package_type);
+    println!("  version:  {}", package.version);
+    println!("  file:     {} ({} bytes)", package.file_name, package.size);
+    println!("  sha256:   {}", package.sha256);
+    Ok(())
 }
 
 fn to_json(settings: &Settings) -> Result<String> {

@@ -5,13 +5,18 @@
 //! session check → handler.
 
 mod auth;
+mod download;
 mod health;
+pub mod iotda;
+mod packages;
+
+pub use download::Transfers;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::FromRef;
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{get, post};
 use backend::AppState;
 use http::HeaderValue;
@@ -33,6 +38,8 @@ pub struct ServerState {
     pub app: AppState,
     /// The project console sessions work in.
     pub default_project: Arc<str>,
+    /// Running downloads (they share a read budget).
+    pub transfers: Arc<Transfers>,
 }
 
 impl FromRef<ServerState> for LeptosOptions {
@@ -51,7 +58,7 @@ pub fn router(state: ServerState) -> Router {
     let leptos_options = state.leptos.clone();
     let x_request_id = header::HeaderName::from_static(REQUEST_ID);
 
-    Router::new()
+    let console = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/auth/login", post(auth::login))
@@ -62,7 +69,36 @@ pub fn router(state: ServerState) -> Router {
             move || provide_context(app_state.clone()),
             move || app::shell(leptos_options.clone()),
         )
-        .fallback(leptos_axum::file_and_error_handler::<ServerState, _>(app::shell))
+        .fallback(leptos_axum::file_and_error_handler::<ServerState, _>(
+            app::shell,
+        ))
+        // gzip for pages, JSON and the wasm bundle (7 MB → about 2 MB on the wire).
+        .layer(CompressionLayer::new())
+        .layer(TimeoutLayer::with_status_code(
+            http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(60),
+        ));
+
+    // The API and downloads have no global timeout: an upload or a download over a slow link may take
+    // hours. Downloads are never compressed (devices need the exact Content-Length).
+    let timeout =
+        TimeoutLayer::with_status_code(http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(60));
+    let packages_path = "/v5/iot/{project_id}/ota-upgrades/packages";
+    let api = Router::new()
+        .route(
+            packages_path,
+            get(packages::list)
+                .layer(timeout.clone())
+                .post(packages::create)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            &format!("{packages_path}/{{package_id}}"),
+            get(packages::show).delete(packages::delete).layer(timeout),
+        )
+        .route("/download/{*path}", get(download::download));
+
+    api.merge(console)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_session))
         .layer(axum::middleware::from_fn(auth::same_origin))
         .layer(SetResponseHeaderLayer::if_not_present(
@@ -72,9 +108,6 @@ pub fn router(state: ServerState) -> Router {
         .layer(SetResponseHeaderLayer::if_not_present(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
         .layer(SetResponseHeaderLayer::if_not_present(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
         .layer(SetResponseHeaderLayer::if_not_present(header::REFERRER_POLICY, HeaderValue::from_static("same-origin")))
-        // gzip for pages, JSON and the wasm bundle (7 MB → about 2 MB on the wire).
-        .layer(CompressionLayer::new())
-        .layer(TimeoutLayer::with_status_code(http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(60)))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
                 let matched = req.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_owned());

@@ -22,6 +22,43 @@ use crate::config::Settings;
 use crate::http::{ServerState, router};
 use crate::tls;
 
+/// Opens what every command needs: the data directory, the secret key, the database (migrated), the
+/// package store, and the default project.
+///
+/// # Errors
+/// Any failure, with context saying which step failed.
+pub async fn open_state(
+    settings: &Settings,
+    clock: Arc<dyn Clock>,
+) -> Result<(AppState, backend::storage::entity::projects::Model)> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating data_dir {}", settings.data_dir.display()))?;
+    let sealer = match &settings.secret_key {
+        Some(key) => Sealer::from_hex(key).context("secret_key")?,
+        None => Sealer::load_or_create(&settings.data_dir.join("secret.key"))
+            .context("loading the secret key")?,
+    };
+    let db = backend::db::connect(settings.database_url().expose_secret())
+        .await
+        .context("connecting to the database")?;
+    Migrator::up(&db, None)
+        .await
+        .context("migrating the database")?;
+    let store = backend::objects::PackageStore::open(&settings.store_settings())
+        .context("opening the package store (packages.*)")?;
+    let state = AppState::new(
+        db,
+        clock,
+        Arc::new(sealer),
+        store,
+        settings.service_settings(),
+    );
+    let project = service::projects::ensure_default(&state)
+        .await
+        .context("creating the default project")?;
+    Ok((state, project))
+}
+
 /// A built, bound, not yet serving Updraft.
 pub struct Application {
     settings: Settings,
@@ -41,32 +78,7 @@ impl Application {
     /// # Errors
     /// Any start-up failure, with context saying which step failed.
     pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self> {
-        std::fs::create_dir_all(&settings.data_dir)
-            .with_context(|| format!("creating data_dir {}", settings.data_dir.display()))?;
-        let sealer = match &settings.secret_key {
-            Some(key) => Sealer::from_hex(key).context("secret_key")?,
-            None => Sealer::load_or_create(&settings.data_dir.join("secret.key"))
-                .context("loading the secret key")?,
-        };
-        let db = backend::db::connect(settings.database_url().expose_secret())
-            .await
-            .context("connecting to the database")?;
-        Migrator::up(&db, None)
-            .await
-            .context("migrating the database")?;
-        let store = backend::objects::PackageStore::open(&settings.store_settings())
-            .context("opening the package store (packages.*)")?;
-        let state = AppState::new(
-            db,
-            clock.clone(),
-            Arc::new(sealer),
-            store,
-            settings.service_settings(),
-        );
-
-        let project = service::projects::ensure_default(&state)
-            .await
-            .context("creating the default project")?;
+        let (state, project) = open_state(&settings, clock.clone()).await?;
         let admin = service::auth::bootstrap_admin(
             &state,
             &settings.admin.username,
@@ -96,6 +108,7 @@ impl Application {
             leptos,
             app: state.clone(),
             default_project: Arc::from(project.id.as_str()),
+            transfers: Arc::default(),
         };
         Ok(Self {
             settings,

@@ -92,8 +92,8 @@ pub struct Grant {
 /// Checks `token` (as sent, `None` when absent) for downloading `package_id`.
 ///
 /// # Errors
-/// `Ok(Err(Denied))` for a refused token; [`Error::NotFound`] when the token is fine but the package is
-/// gone; [`Error::Db`].
+/// `Ok(Err(Denied))` for a refused token; [`Error::NotFound`] when the token is live but no package
+/// `package_id` exists; [`Error::Db`].
 pub async fn authorize(
     state: &AppState,
     token: Option<&str>,
@@ -119,13 +119,13 @@ pub async fn authorize(
     if now >= row.expires_at {
         return Ok(Err(Denied::Expired));
     }
-    if row.package_id != package_id {
-        return Ok(Err(Denied::Foreign));
-    }
     let package = packages::Entity::find_by_id(package_id.to_owned())
         .one(&state.db)
         .await?
         .ok_or_else(|| Error::not_found("package", package_id))?;
+    if row.package_id != package_id {
+        return Ok(Err(Denied::Foreign));
+    }
     Ok(Ok(Grant {
         token_hash: hash,
         device_id: row.device_id,

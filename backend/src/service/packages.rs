@@ -11,7 +11,8 @@ use domain::{PackageId, ValidationError};
 use futures::Stream;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, TransactionTrait,
 };
 
 use super::{Page, Paged};
@@ -282,10 +283,17 @@ pub async fn list(
     if let Some(a) = filter.app_id {
         query = query.filter(packages::Column::AppId.eq(a));
     }
+    // `count` is every matching package; the marker only moves the page.
+    let total = query.clone().count(&state.db).await?;
     if let Some(m) = filter.marker {
         query = query.filter(packages::Column::Id.lt(m));
     }
-    let page = super::fetch_page(&state.db, query, page).await?;
+    let items = query
+        .limit(page.limit)
+        .offset(page.offset)
+        .all(&state.db)
+        .await?;
+    let page = Paged { items, total };
     let names = product_names(
         state,
         page.items.iter().map(|p| p.product_id.clone()).collect(),

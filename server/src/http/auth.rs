@@ -128,6 +128,7 @@ fn is_public(path: &str) -> bool {
         path,
         "/healthz" | "/readyz" | "/login" | "/auth/login" | "/favicon.ico"
     ) || path.starts_with("/pkg/")
+        || path.starts_with("/download/")
 }
 
 /// Resolves the session cookie; signed-in requests carry [`auth::CurrentUser`] as an extension. Pages
@@ -157,6 +158,10 @@ pub(super) async fn require_session(
         },
         None => "",
     };
+    if path.starts_with("/v5/") {
+        return super::iotda::IotdaError::unauthorized("not signed in, or the session expired")
+            .into_response();
+    }
     if path.starts_with("/api/") {
         let body = app::error::ApiError::new(
             app::error::ErrorCode::Unauthorized,

@@ -1,0 +1,116 @@
+//! IoTDA-style errors (`{"error_code": "IOTDA.…", "error_msg": "…"}` with the matching HTTP status) for the
+//! REST API and downloads. The request id travels in `X-Request-Id`, set for every response by the router.
+//!
+//! | status | error_code | when |
+//! |---|---|---|
+//! | 400 | `IOTDA.000006` | invalid input (the message names the field) |
+//! | 401 | `IOTDA.000002` | missing, malformed, expired or revoked credentials or token |
+//! | 403 | `IOTDA.000003` | authenticated, but not allowed (another project, another package's token) |
+//! | 404 | `IOTDA.000005` | no such resource |
+//! | 409 | `IOTDA.000007` | conflicts with existing state (duplicate version, package in use) |
+//! | 413 | `IOTDA.000008` | larger than allowed |
+//! | 415 | `IOTDA.000009` | unsupported `Content-Type` |
+//! | 416 | `IOTDA.000010` | a `Range` that cannot be served |
+//! | 429 | `IOTDA.000011` | too many requests |
+//! | 500 | `IOTDA.000001` | our fault; the cause is in the server log under the request id |
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde::Serialize;
+
+/// An error response in IoTDA's shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IotdaError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// `IOTDA.xxxxxx`.
+    pub code: &'static str,
+    /// A sentence for the caller.
+    pub message: String,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error_code: &'a str,
+    error_msg: &'a str,
+}
+
+impl IotdaError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "IOTDA.000006", message)
+    }
+
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "IOTDA.000002", message)
+    }
+
+    /// 403.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "IOTDA.000003", message)
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "IOTDA.000005", message)
+    }
+
+    /// 415.
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "IOTDA.000009", message)
+    }
+
+    /// 416.
+    pub fn range_not_satisfiable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::RANGE_NOT_SATISFIABLE, "IOTDA.000010", message)
+    }
+
+    /// 500, after logging `cause`.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error.message = %cause, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "IOTDA.000001",
+            "internal error; see the server log for this request id",
+        )
+    }
+}
+
+impl From<backend::Error> for IotdaError {
+    fn from(e: backend::Error) -> Self {
+        use backend::Error as E;
+        match &e {
+            E::Validation(v) => Self::bad_request(v.to_string()),
+            E::NotFound { .. } => Self::not_found(e.to_string()),
+            E::Conflict(m) => Self::new(StatusCode::CONFLICT, "IOTDA.000007", m.clone()),
+            E::Unauthorized(m) => Self::unauthorized(*m),
+            E::TooLarge { .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "IOTDA.000008", e.to_string())
+            }
+            E::RateLimited { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "IOTDA.000011", e.to_string())
+            }
+            E::Db(_) | E::Secrets(_) | E::Storage(_) | E::Internal(_) => Self::internal(&e),
+        }
+    }
+}
+
+impl IntoResponse for IotdaError {
+    fn into_response(self) -> Response {
+        let body = Body {
+            error_code: self.code,
+            error_msg: &self.message,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}

@@ -6,13 +6,21 @@ use rand::Rng;
 use rand::distr::{Alphanumeric, SampleString};
 
 /// A 24-hex-digit id that sorts by creation time, like IoTDA's (and MongoDB's) ids: 4 bytes of seconds
-/// since the epoch, then 8 random bytes. IoTDA pages lists by descending id, so newer rows come first.
+/// since the epoch, 2 bytes of milliseconds, a 2-byte per-process counter (ids made in the same
+/// millisecond still sort in creation order), then 4 random bytes. IoTDA pages lists by descending id, so
+/// newer rows come first.
 #[must_use]
 pub fn object_id(now: Timestamp) -> String {
-    let secs = u32::try_from(now.as_millis().max(0) / 1000).unwrap_or(u32::MAX);
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static COUNTER: AtomicU16 = AtomicU16::new(0);
+    let ms = now.as_millis().max(0);
+    let secs = u32::try_from(ms / 1000).unwrap_or(u32::MAX);
+    let millis = u16::try_from(ms % 1000).unwrap_or(0);
     let mut bytes = [0u8; 12];
     bytes[..4].copy_from_slice(&secs.to_be_bytes());
-    rand::rng().fill(&mut bytes[4..]);
+    bytes[4..6].copy_from_slice(&millis.to_be_bytes());
+    bytes[6..8].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    rand::rng().fill(&mut bytes[8..]);
     hex::encode(bytes)
 }
 
@@ -80,8 +88,15 @@ mod tests {
     #[test]
     fn object_ids_sort_by_time_and_are_valid_task_ids() {
         let a = object_id(Timestamp::from_millis(1_700_000_000_000));
-        let b = object_id(Timestamp::from_millis(1_700_000_001_000));
-        assert!(a < b);
+        let b = object_id(Timestamp::from_millis(1_700_000_000_001));
+        assert!(a < b, "milliseconds order ids");
+        let same: Vec<String> = (0..100)
+            .map(|_| object_id(Timestamp::from_millis(1_700_000_000_002)))
+            .collect();
+        assert!(
+            same.windows(2).all(|w| w[0] < w[1]),
+            "ids of one millisecond keep creation order"
+        );
         assert!(domain::TaskId::parse(a).is_ok());
     }
 

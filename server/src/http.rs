@@ -88,7 +88,7 @@ pub fn router(state: ServerState) -> Router {
         .route(
             packages_path,
             get(packages::list)
-                .layer(timeout.clone())
+                .layer(timeout)
                 .post(packages::create)
                 .layer(DefaultBodyLimit::disable()),
         )

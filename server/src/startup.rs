@@ -173,12 +173,18 @@ impl Application {
         let janitor = tokio::spawn(janitor(self.state.clone(), stop.clone()));
 
         let app = router(self.server).into_make_service_with_connect_info::<SocketAddr>();
-        let result = axum_server::from_tcp_rustls(self.listener, self.tls)
+        let mut server = axum_server::from_tcp_rustls(self.listener, self.tls)
             .context("HTTPS listener")?
-            .handle(handle)
-            .serve(app)
-            .await
-            .context("HTTPS server");
+            .handle(handle);
+        server
+            .http_builder()
+            .http1()
+            // Huawei's C SDK looks for the literal "Content-Length: " in download responses.
+            .title_case_headers(true)
+            // Bounds what hyper queues per connection ahead of a slow reader (default ~400 KiB), which
+            // keeps a thousand concurrent downloads within a small, predictable memory footprint.
+            .max_buf_size(64 * 1024);
+        let result = server.serve(app).await.context("HTTPS server");
         stop.cancel();
         let _ = janitor.await;
         if let Err(e) = self.state.db.close().await {

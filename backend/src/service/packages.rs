@@ -65,19 +65,29 @@ fn duplicate(meta: &PackageMeta, existing: &str) -> Error {
     ))
 }
 
-/// Inserts the row for a complete object. On a unique violation (a concurrent upload of the same version
-/// won), the caller's object is removed when `owned`.
-async fn insert(
-    state: &AppState,
-    project_id: &str,
-    id: &PackageId,
-    meta: &PackageMeta,
-    product: &products::Model,
-    digest: &Digest256,
-    source: &str,
-    key: &ObjectKey,
+/// A complete object about to get its row.
+struct NewRow<'a> {
+    id: &'a PackageId,
+    meta: &'a PackageMeta,
+    product: &'a products::Model,
+    digest: &'a Digest256,
+    source: &'static str,
+    key: &'a ObjectKey,
     region: Option<String>,
-) -> Result<packages::Model> {
+}
+
+/// Inserts the row for a complete object; a unique violation (a concurrent upload of the same version won)
+/// becomes [`Error::Conflict`].
+async fn insert(state: &AppState, project_id: &str, new: NewRow<'_>) -> Result<packages::Model> {
+    let NewRow {
+        id,
+        meta,
+        product,
+        digest,
+        source,
+        key,
+        region,
+    } = new;
     let row = packages::ActiveModel {
         id: Set(id.to_string()),
         project_id: Set(project_id.to_owned()),
@@ -134,19 +144,16 @@ where
     let id = PackageId::parse(ids::object_id(state.clock.now()))?;
     let key = ObjectKey::for_upload(&id);
     let digest = state.store.put_stream(&key, body).await?;
-    match insert(
-        state,
-        project_id,
-        &id,
-        &meta,
-        &product,
-        &digest,
-        SOURCE_UPLOAD,
-        &key,
-        None,
-    )
-    .await
-    {
+    let new = NewRow {
+        id: &id,
+        meta: &meta,
+        product: &product,
+        digest: &digest,
+        source: SOURCE_UPLOAD,
+        key: &key,
+        region: None,
+    };
+    match insert(state, project_id, new).await {
         Ok(row) => {
             tracing::info!(package_id = %id, size = digest.size, sha256 = %digest.sha256, "package uploaded");
             Ok(row)
@@ -218,18 +225,16 @@ pub async fn register(
     }
     let id = PackageId::parse(ids::object_id(state.clock.now()))?;
     let region = (!region.is_empty()).then_some(region);
-    let row = insert(
-        state,
-        project_id,
-        &id,
-        &meta,
-        &product,
-        &digest,
-        SOURCE_BUCKET,
-        &key,
+    let new = NewRow {
+        id: &id,
+        meta: &meta,
+        product: &product,
+        digest: &digest,
+        source: SOURCE_BUCKET,
+        key: &key,
         region,
-    )
-    .await?;
+    };
+    let row = insert(state, project_id, new).await?;
     tracing::info!(package_id = %id, key = %key, size = digest.size, "bucket object registered as a package");
     Ok(row)
 }

@@ -106,7 +106,7 @@ async fn serve(state: &ServerState, uri: &Uri, headers: &HeaderMap) -> Result<Re
         let value = HeaderValue::from_str(&format!("bytes */{size}")).ok();
         (e, value.map(|v| (header::CONTENT_RANGE, v)))
     })?;
-    let (start, end) = range.clone().unwrap_or((0, size.saturating_sub(1)));
+    let (start, end) = range.unwrap_or((0, size.saturating_sub(1)));
     let len = if size == 0 { 0 } else { end - start + 1 };
 
     let key = packages::object_key(package).map_err(refuse)?;

@@ -20,6 +20,8 @@ pub(crate) struct TestApp {
     pub client: reqwest::Client,
     pub clock: ManualClock,
     pub data_dir: PathBuf,
+    /// The running application's services (fixtures the HTTP surface cannot create yet).
+    pub state: backend::AppState,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -56,6 +58,7 @@ pub(crate) async fn spawn_with(settings: Settings) -> TestApp {
         .await
         .expect("application builds");
     let addr = app.https_addr();
+    let state = app.state().clone();
     let ca = std::fs::read(
         trust
             .as_deref()
@@ -79,6 +82,7 @@ pub(crate) async fn spawn_with(settings: Settings) -> TestApp {
         client,
         clock,
         data_dir,
+        state,
         stop: Some(tx),
         task: Some(task),
     }

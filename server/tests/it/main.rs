@@ -4,3 +4,4 @@
 mod binary;
 mod console;
 mod helpers;
+mod packages;

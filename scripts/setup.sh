@@ -8,6 +8,7 @@
 #   * wasm-bindgen-cli at exactly the version of the wasm-bindgen crate in Cargo.lock
 #   * Debian's chromium and the end2end npm packages (Playwright without a browser download)
 #   * cargo-nextest if missing
+#   * moto_server (an S3-compatible server the tests start), in a private venv if not on PATH
 #
 # Never Debian's binaryen: its wasm-opt 108 silently breaks the hydrate bundle.
 # Env: SKIP_BROWSER=1 skips chromium and npm (build-only machines).
@@ -70,6 +71,15 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 if ! cargo +stable fmt --version >/dev/null 2>&1; then
   log "WARNING: rustup's stable rustfmt is missing; 'make fmt' and the format check need it"
+fi
+
+# --- S3-compatible server for the tests (moto) ---------------------------------------------------
+# The S3 tests start a real `moto_server`. Use one on PATH, else install it into a private venv.
+MOTO_VENV="${HOME}/.cache/updraft/moto-venv"
+if ! command -v moto_server >/dev/null 2>&1 && [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
+  log "installing moto[server] into $MOTO_VENV (S3-compatible server for the tests)"
+  python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.1'
 fi
 
 # --- end2end --------------------------------------------------------------------------------------

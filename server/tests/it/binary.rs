@@ -164,3 +164,93 @@ fn json_logs_are_one_object_per_line() {
     );
     sigterm_and_wait(&mut child);
 }
+
+#[tokio::test]
+async fn packages_are_uploaded_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fw-2.0.bin");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let upload = |version: &str| {
+        updraft(dir.path())
+            .args(["package", "upload"])
+            .arg(&file)
+            .args([
+                "--product",
+                "meter",
+                "--version",
+                version,
+                "--type",
+                "firmware",
+            ])
+            .args(["--source-version", "1.0", "--description", "from the CLI"])
+            .output()
+            .unwrap()
+    };
+
+    let out = upload("2.0");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("product meter does not exist"), "{err}");
+
+    let mut settings = server::config::Settings::default();
+    settings.data_dir = dir.path().join("data");
+    let clock = std::sync::Arc::new(backend::clock::SystemClock);
+    let (state, project) = server::startup::open_state(&settings, clock.clone())
+        .await
+        .unwrap();
+    backend::service::products::create(
+        &state,
+        &project.id,
+        backend::service::products::NewProduct {
+            product_id: Some("meter".into()),
+            name: "Meter".into(),
+            device_type: "Meter".into(),
+            protocol_type: "CoAP".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    state.db.close().await.unwrap();
+
+    let out = upload("2.0");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("uploaded package"), "{stdout}");
+    use sha2::Digest;
+    let sha = hex::encode(sha2::Sha256::digest(&data));
+    assert!(stdout.contains(&sha), "prints the SHA-256: {stdout}");
+    assert!(stdout.contains("fw-2.0.bin (3000000 bytes)"), "{stdout}");
+
+    let out = upload("2.0");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already has a firmwarePackage with version 2.0"),
+        "{err}"
+    );
+
+    let (state, project) = server::startup::open_state(&settings, clock).await.unwrap();
+    let list = backend::service::packages::list(
+        &state,
+        &project.id,
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(list.total, 1);
+    let p = &list.items[0].package;
+    assert_eq!(
+        (p.sha256.as_str(), p.size, p.version.as_str()),
+        (sha.as_str(), 3_000_000, "2.0")
+    );
+    assert_eq!(p.description, "from the CLI");
+    let stored = std::fs::read(dir.path().join("data/packages/uploads").join(&p.id)).unwrap();
+    assert_eq!(stored, data);
+}

@@ -1010,12 +1010,20 @@ async fn start_moto() -> Moto {
         .local_addr()
         .unwrap()
         .port();
-    let child = std::process::Command::new("moto_server")
+    // scripts/setup.sh installs it into a private venv when it is not on PATH.
+    let venv = std::path::Path::new(&std::env::var("HOME").unwrap_or_default())
+        .join(".cache/updraft/moto-venv/bin/moto_server");
+    let program = if venv.exists() {
+        venv
+    } else {
+        "moto_server".into()
+    };
+    let child = std::process::Command::new(program)
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .expect("moto_server (pip install 'moto[server]'; scripts/setup.sh installs it)");
+        .expect("moto_server: run scripts/setup.sh (it installs moto[server])");
     let endpoint = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     for _ in 0..300 {

@@ -15,6 +15,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -287,6 +288,7 @@ impl PackageStore {
                 end: range.end,
                 chunk: chunk.max(4096),
                 pending: None,
+                gauge: None,
             }),
             GetResultPayload::Stream(s) => ObjectReader::Stream(s),
         })
@@ -394,6 +396,33 @@ impl ObjectReader {
             f.chunk = chunk.max(4096);
         }
     }
+
+    /// Counts the bytes of every chunk read from now on in `gauge` for as long as the chunk (or any slice
+    /// of it) is alive, so callers can bound the memory held by chunks that are still queued for a slow
+    /// reader (local files only).
+    pub fn track(&mut self, gauge: Arc<AtomicUsize>) {
+        if let Self::File(f) = self {
+            f.gauge = Some(gauge);
+        }
+    }
+}
+
+/// A chunk's buffer that is counted in a gauge until dropped.
+struct Counted {
+    buf: Vec<u8>,
+    gauge: Arc<AtomicUsize>,
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.gauge.fetch_sub(self.buf.len(), Ordering::Relaxed);
+    }
 }
 
 impl Stream for ObjectReader {
@@ -419,6 +448,7 @@ pub struct FileChunks {
     end: u64,
     chunk: usize,
     pending: Option<ReadJob>,
+    gauge: Option<Arc<AtomicUsize>>,
 }
 
 impl Stream for FileChunks {
@@ -440,7 +470,16 @@ impl Stream for FileChunks {
                     }
                     Ok(Ok(buf)) => {
                         self.pos += buf.len() as u64;
-                        Ok(Bytes::from(buf))
+                        Ok(match &self.gauge {
+                            Some(gauge) => {
+                                gauge.fetch_add(buf.len(), Ordering::Relaxed);
+                                Bytes::from_owner(Counted {
+                                    buf,
+                                    gauge: gauge.clone(),
+                                })
+                            }
+                            None => Bytes::from(buf),
+                        })
                     }
                     Ok(Err(e)) => {
                         self.file = None;

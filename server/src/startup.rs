@@ -175,15 +175,18 @@ impl Application {
         let app = router(self.server).into_make_service_with_connect_info::<SocketAddr>();
         let mut server = axum_server::from_tcp_rustls(self.listener, self.tls)
             .context("HTTPS listener")?
+            .map(BoundedTls)
             .handle(handle);
         server
             .http_builder()
             .http1()
             // Huawei's C SDK looks for the literal "Content-Length: " in download responses.
             .title_case_headers(true)
-            // Bounds what hyper queues per connection ahead of a slow reader (default ~400 KiB), which
-            // keeps a thousand concurrent downloads within a small, predictable memory footprint.
-            .max_buf_size(64 * 1024);
+            // Queue body chunks for vectored writes instead of copying them into one flat buffer, and
+            // bound what is queued per connection ahead of a slow reader (default ~400 KiB): download
+            // chunks then stay the ones the download budget counts (see `http::download`).
+            .writev(true)
+            .max_buf_size(16 * 1024);
         let result = server.serve(app).await.context("HTTPS server");
         stop.cancel();
         let _ = janitor.await;
@@ -192,6 +195,39 @@ impl Application {
         }
         tracing::info!("stopped");
         result
+    }
+}
+
+/// Unsent TLS data a connection may buffer (rustls' default is 64 KiB). The kernel's socket buffer keeps a
+/// fast link busy; this bounds what a stalled download holds in our memory.
+const TLS_SEND_BUFFER: usize = 8 * 1024;
+
+/// The rustls acceptor, with each connection's send buffer bounded to [`TLS_SEND_BUFFER`].
+#[derive(Clone, Debug)]
+struct BoundedTls<A>(A);
+
+impl<A, S> axum_server::accept::Accept<tokio::net::TcpStream, S> for BoundedTls<A>
+where
+    A: axum_server::accept::Accept<
+            tokio::net::TcpStream,
+            S,
+            Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        >,
+    A::Future: Send + 'static,
+    A::Service: Send + 'static,
+{
+    type Stream = A::Stream;
+    type Service = A::Service;
+    type Future =
+        futures::future::BoxFuture<'static, std::io::Result<(Self::Stream, Self::Service)>>;
+
+    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+        let accepting = self.0.accept(stream, service);
+        Box::pin(async move {
+            let (mut tls, service) = accepting.await?;
+            tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+            Ok((tls, service))
+        })
     }
 }
 

@@ -6,8 +6,12 @@
 //! a strong `ETag` (the SHA-256) and `Accept-Ranges: bytes`. One `Range` gives 206, so an interrupted
 //! download resumes; several ranges are answered with the whole file (RFC 9110 allows ignoring them).
 //!
-//! Bytes are streamed from the store. Memory stays bounded under load: all downloads share a read budget,
-//! so each reads up to 256 KiB at a time when few run and down to 16 KiB when a thousand do.
+//! Bytes are streamed from the store. Memory stays bounded under load: all downloads share a read budget
+//! of 8 MiB. Every chunk read from the store counts against it until hyper has written it (and dropped
+//! it), so chunks stuck behind a stalled device are accounted for: a download reads up to 256 KiB at a
+//! time while the budget has room and few downloads run, and 8 KiB when it is spent or a thousand run.
+//! With hyper queueing at most one chunk per connection and rustls buffering at most 8 KiB, a stalled
+//! download costs a few tens of KiB.
 
 use std::io;
 use std::pin::Pin;
@@ -29,16 +33,19 @@ use http_body::{Frame, SizeHint};
 use super::ServerState;
 use super::iotda::IotdaError;
 
-/// Bytes all running downloads may have in flight from the store at once.
-const READ_BUDGET: usize = 32 * 1024 * 1024;
+/// Bytes that all running downloads together may hold in chunks read but not yet sent, beyond the
+/// smallest chunk each.
+const READ_BUDGET: usize = 8 * 1024 * 1024;
 /// The smallest and largest read per download.
-const MIN_CHUNK: usize = 16 * 1024;
+const MIN_CHUNK: usize = 8 * 1024;
 const MAX_CHUNK: usize = 256 * 1024;
 
 /// Running downloads, shared by all of them to size their reads.
 #[derive(Debug, Default)]
 pub struct Transfers {
     active: AtomicUsize,
+    /// Bytes in chunks read from the store and not yet dropped by the connection.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Transfers {
@@ -48,9 +55,17 @@ impl Transfers {
         self.active.load(Ordering::Relaxed)
     }
 
+    /// Bytes read from the store and still queued for sending, across all downloads.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The next read's size: a fair share of the budget's free part, within 8-256 KiB.
     fn chunk(&self) -> usize {
-        let n = self.active().max(1);
-        (READ_BUDGET / n).clamp(MIN_CHUNK, MAX_CHUNK) & !4095
+        let fair = READ_BUDGET / self.active().max(1);
+        let free = READ_BUDGET.saturating_sub(self.in_flight());
+        fair.min(free).clamp(MIN_CHUNK, MAX_CHUNK) & !4095
     }
 }
 
@@ -112,7 +127,7 @@ async fn serve(state: &ServerState, uri: &Uri, headers: &HeaderMap) -> Result<Re
     let key = packages::object_key(package).map_err(refuse)?;
     state.transfers.active.fetch_add(1, Ordering::Relaxed);
     let guard = ActiveGuard(state.transfers.clone());
-    let reader = match state
+    let mut reader = match state
         .app
         .store
         .open_range(&key, start..start + len, state.transfers.chunk())
@@ -127,6 +142,7 @@ async fn serve(state: &ServerState, uri: &Uri, headers: &HeaderMap) -> Result<Re
         }
         Err(e) => return Err(refuse(e)),
     };
+    reader.track(state.transfers.in_flight.clone());
     let body = DownloadBody {
         reader,
         remaining: len,

@@ -188,8 +188,10 @@ fn median(v: &mut [Duration]) -> Duration {
 /// Product, package (streamed from a generated file), a task with `n` subtasks and one token each.
 async fn setup(data: &Path, size: u64, n: usize) -> Result<(String, Vec<String>, String)> {
     use futures::StreamExt;
-    let mut settings = server::config::Settings::default();
-    settings.data_dir = data.to_path_buf();
+    let mut settings = server::config::Settings {
+        data_dir: data.to_path_buf(),
+        ..Default::default()
+    };
     settings.packages.max_size = size + 1;
     let (state, project) =
         server::startup::open_state(&settings, Arc::new(backend::clock::SystemClock)).await?;

@@ -193,8 +193,10 @@ async fn packages_are_uploaded_from_the_command_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("product meter does not exist"), "{err}");
 
-    let mut settings = server::config::Settings::default();
-    settings.data_dir = dir.path().join("data");
+    let settings = server::config::Settings {
+        data_dir: dir.path().join("data"),
+        ..Default::default()
+    };
     let clock = std::sync::Arc::new(backend::clock::SystemClock);
     let (state, project) = server::startup::open_state(&settings, clock.clone())
         .await

@@ -5,7 +5,7 @@ UPDRAFT := $(TARGET_DIR)/debug/updraft
 # The wasm build needs RUSTC_BOOTSTRAP=1, which must not touch host artifacts: its own target directory.
 WASM_TARGET_DIR := $(TARGET_DIR)/wasm-build
 
-.PHONY: setup server site run test check fmt fmt-check clippy purity unit e2e clean-data
+.PHONY: setup server site run test bench check fmt fmt-check clippy purity unit e2e clean-data
 
 setup:
 	@scripts/setup.sh
@@ -24,6 +24,10 @@ run: server site
 ## (SQLite always, PostgreSQL when UPDRAFT_TEST_POSTGRES_URL is set), then end2end in headless Chromium.
 test: setup
 	scripts/test.sh
+
+## Download benchmarks against nginx (release build; not part of `make test`).
+bench: setup
+	scripts/bench.sh $(ARGS)
 
 fmt:
 	cargo +stable fmt --all

@@ -235,6 +235,14 @@ async fn upload(
     while let Some(field) = multipart.next_field().await.map_err(bad)? {
         let name = field.name().unwrap_or_default().to_owned();
         if name == "file" {
+            if [&meta.package_type, &meta.product_id, &meta.version]
+                .iter()
+                .any(|v| v.trim().is_empty())
+            {
+                return Err(IotdaError::bad_request(
+                    "package_type, product_id and version must come before the file part",
+                ));
+            }
             if meta.file_name.trim().is_empty() {
                 meta.file_name = field.file_name().unwrap_or_default().to_owned();
             }

@@ -84,6 +84,28 @@ async fn upload(
         .unwrap()
 }
 
+/// `GET url?query` with the session cookie.
+async fn get(app: &TestApp, cookie: &str, url: &str, query: &[(&str, &str)]) -> reqwest::Response {
+    app.client
+        .get(url)
+        .header("cookie", cookie)
+        .query(query)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `DELETE url` with the session cookie from this origin.
+async fn delete(app: &TestApp, cookie: &str, url: &str) -> reqwest::Response {
+    app.client
+        .delete(url)
+        .header("origin", &app.origin)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+}
+
 const SOFTWARE_V2: &[(&str, &str)] = &[
     ("package_type", "softwarePackage"),
     ("product_id", PRODUCT),
@@ -220,48 +242,45 @@ async fn uploads_are_listed_shown_and_deleted_the_iotda_way() {
     assert_eq!(fw["segment_size"], 256);
 
     // List: IoTDA shape, newest first, no file_location, filters and paging.
-    let list: Value = app
-        .client
-        .get(packages_url(&app, &project))
-        .header("cookie", &cookie)
-        .query(&[("package_type", "softwarePackage")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get(
+        &app,
+        &cookie,
+        &packages_url(&app, &project),
+        &[("package_type", "softwarePackage")],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(list["page"]["count"], 1);
     assert_eq!(list["packages"][0]["package_id"], id.as_str());
     assert!(list["packages"][0].get("file_location").is_none());
-    let all: Value = app
-        .client
-        .get(packages_url(&app, &project))
-        .header("cookie", &cookie)
-        .query(&[("limit", "1")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Value = get(
+        &app,
+        &cookie,
+        &packages_url(&app, &project),
+        &[("limit", "1")],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(all["page"]["count"], 2);
     assert_eq!(
         all["packages"][0]["package_id"], fw["package_id"],
         "newest first"
     );
     let marker = all["page"]["marker"].as_str().unwrap();
-    let next: Value = app
-        .client
-        .get(packages_url(&app, &project))
-        .header("cookie", &cookie)
-        .query(&[("limit", "1"), ("marker", marker)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let next: Value = get(
+        &app,
+        &cookie,
+        &packages_url(&app, &project),
+        &[("limit", "1"), ("marker", marker)],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(next["packages"][0]["package_id"], id.as_str());
     for bad in [
         ("limit", "0"),
@@ -270,45 +289,36 @@ async fn uploads_are_listed_shown_and_deleted_the_iotda_way() {
         ("marker", "xyz"),
         ("package_type", "modulePackage"),
     ] {
-        let resp = app
-            .client
-            .get(packages_url(&app, &project))
-            .header("cookie", &cookie)
-            .query(&[bad])
-            .send()
-            .await
-            .unwrap();
+        let resp = get(&app, &cookie, &packages_url(&app, &project), &[bad]).await;
         let (code, msg) = error_of(resp, 400).await;
         assert_eq!(code, "IOTDA.000006");
         assert!(msg.contains(bad.0), "{msg} names {}", bad.0);
     }
 
     // Show.
-    let shown: Value = app
-        .client
-        .get(format!("{}/{id}", packages_url(&app, &project)))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown: Value = get(
+        &app,
+        &cookie,
+        &format!("{}/{id}", packages_url(&app, &project)),
+        &[],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(shown["version"], "2.0.0");
     assert_eq!(
         shown["file_location"]["obs_location"]["object_key"],
         format!("uploads/{id}")
     );
     let (_, msg) = error_of(
-        app.client
-            .get(format!(
-                "{}/0123456789abcdef01234567",
-                packages_url(&app, &project)
-            ))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap(),
+        get(
+            &app,
+            &cookie,
+            &format!("{}/0123456789abcdef01234567", packages_url(&app, &project)),
+            &[],
+        )
+        .await,
         404,
     )
     .await;
@@ -338,23 +348,21 @@ async fn uploads_are_listed_shown_and_deleted_the_iotda_way() {
     assert_eq!(code, "IOTDA.000002");
 
     // Delete: 204, gone from the API and from the store.
-    let resp = app
-        .client
-        .delete(format!("{}/{id}", packages_url(&app, &project)))
-        .header("origin", &app.origin)
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = delete(
+        &app,
+        &cookie,
+        &format!("{}/{id}", packages_url(&app, &project)),
+    )
+    .await;
     assert_eq!(resp.status(), 204);
     assert!(!dir.path().join("packages/uploads").join(&id).exists());
-    let resp = app
-        .client
-        .get(format!("{}/{id}", packages_url(&app, &project)))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = get(
+        &app,
+        &cookie,
+        &format!("{}/{id}", packages_url(&app, &project)),
+        &[],
+    )
+    .await;
     assert_eq!(resp.status(), 404);
     app.stop().await;
 }
@@ -440,6 +448,23 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() {
     )
     .await;
     assert!(msg.contains("file"), "{msg}");
+    let (_, msg) = error_of(
+        app.client
+            .post(packages_url(&app, &project))
+            .header("origin", &app.origin)
+            .header("cookie", &cookie)
+            .multipart(
+                reqwest::multipart::Form::new()
+                    .part("file", reqwest::multipart::Part::bytes(vec![1, 2, 3]))
+                    .text("product_id", PRODUCT),
+            )
+            .send()
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
+    assert!(msg.contains("before the file part"), "{msg}");
     let (code, _) = error_of(
         app.client
             .post(packages_url(&app, &project))
@@ -580,14 +605,12 @@ async fn bucket_objects_are_registered_with_their_measured_size_and_hash() {
 
     // Deleting a registered package leaves the bucket object alone (as IoTDA does).
     let id = created["package_id"].as_str().unwrap();
-    let resp = app
-        .client
-        .delete(format!("{}/{id}", packages_url(&app, &project)))
-        .header("origin", &app.origin)
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = delete(
+        &app,
+        &cookie,
+        &format!("{}/{id}", packages_url(&app, &project)),
+    )
+    .await;
     assert_eq!(resp.status(), 204);
     assert!(dir.path().join("packages/fw/v2.bin").exists());
     app.stop().await;
@@ -1137,14 +1160,12 @@ async fn the_same_flows_work_against_a_real_s3_compatible_server() {
     assert_eq!(app.state.store.list_keys("uploads").await.unwrap().len(), 1);
 
     // Deleting the uploaded package deletes its object.
-    let resp = app
-        .client
-        .delete(format!("{}/{id}", packages_url(&app, &project)))
-        .header("origin", &app.origin)
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = delete(
+        &app,
+        &cookie,
+        &format!("{}/{id}", packages_url(&app, &project)),
+    )
+    .await;
     assert_eq!(resp.status(), 409, "its task is still running");
     let mut task: tasks::ActiveModel =
         tasks::Entity::find_by_id("bbbbbbbbbbbbbbbbbbbbbbbb".to_owned())
@@ -1155,14 +1176,12 @@ async fn the_same_flows_work_against_a_real_s3_compatible_server() {
             .into();
     task.status = Set("Stopped".into());
     task.update(&app.state.db).await.unwrap();
-    let resp = app
-        .client
-        .delete(format!("{}/{id}", packages_url(&app, &project)))
-        .header("origin", &app.origin)
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let resp = delete(
+        &app,
+        &cookie,
+        &format!("{}/{id}", packages_url(&app, &project)),
+    )
+    .await;
     assert_eq!(resp.status(), 204);
     assert!(
         app.state

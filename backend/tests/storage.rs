@@ -783,3 +783,191 @@ async fn a_given_admin_password_must_meet_the_policy() {
     ));
     t.cleanup().await;
 }
+
+/// A task in `status` for `package_id` with one subtask (the rows the task service will write).
+async fn task_fixture(t: &TestDb, project: &str, package_id: &str, status: &str) -> (String, i64) {
+    let app = projects::default_app(&t.state, project).await.unwrap();
+    let id = backend::ids::object_id(t.state.clock.now());
+    tasks::ActiveModel {
+        id: Set(id.clone()),
+        project_id: Set(project.to_owned()),
+        app_id: Set(app.id),
+        task_name: Set("fixture".into()),
+        task_type: Set("softwareUpgrade".into()),
+        task_mode: Set(None),
+        need_confirm: Set(false),
+        task_ext_info: Set(None),
+        targets_filter: Set(None),
+        document: Set("{}".into()),
+        package_id: Set(Some(package_id.to_owned())),
+        schedule_time: Set(None),
+        retry_count: Set(0),
+        retry_interval_min: Set(0),
+        status: Set(status.to_owned()),
+        status_desc: Set(String::new()),
+        total: Set(1),
+        processing: Set(0),
+        success: Set(0),
+        fail: Set(0),
+        waitting: Set(0),
+        fail_wait_retry: Set(0),
+        stopped: Set(0),
+        removed: Set(0),
+        created_at: Set(START),
+        started_at: Set(None),
+        finished_at: Set(None),
+        updated_at: Set(START),
+    }
+    .insert(&t.state.db)
+    .await
+    .unwrap();
+    let sub = subtasks::ActiveModel {
+        task_id: Set(id.clone()),
+        device_id: Set("dev-1".into()),
+        status: Set("Processing".into()),
+        step: Set("download".into()),
+        progress: Set(0),
+        attempts: Set(1),
+        created_at: Set(START),
+        updated_at: Set(START),
+        ..Default::default()
+    }
+    .insert(&t.state.db)
+    .await
+    .unwrap();
+    (id, sub.id)
+}
+
+#[tokio::test]
+async fn packages_and_download_tokens_follow_their_rules() {
+    use backend::service::{downloads, packages as pkgs};
+    use futures::stream;
+    for t in databases().await {
+        let kind = t.kind;
+        let project = projects::ensure_default(&t.state).await.unwrap();
+        mqtt_product(&t, &project.id).await;
+        let meta = |version: &str| domain::package::PackageMetaInput {
+            package_type: "firmwarePackage".into(),
+            product_id: "meter".into(),
+            version: version.into(),
+            file_name: "fw.bin".into(),
+            ..Default::default()
+        };
+        let body = |parts: Vec<&'static [u8]>| {
+            stream::iter(
+                parts
+                    .into_iter()
+                    .map(|p| Ok::<_, std::io::Error>(bytes::Bytes::from_static(p))),
+            )
+        };
+        let p = pkgs::upload(
+            &t.state,
+            &project.id,
+            meta("2.0"),
+            body(vec![b"hello ", b"world"]),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: upload: {e}"));
+        assert_eq!(p.size, 11, "{kind}");
+        assert_eq!(p.sha256, backend::ids::sha256_hex("hello world"), "{kind}");
+        let dup = pkgs::upload(&t.state, &project.id, meta("2.0"), body(vec![b"x"])).await;
+        assert!(matches!(dup, Err(Error::Conflict(_))), "{kind}: {dup:?}");
+        let failed = pkgs::upload(
+            &t.state,
+            &project.id,
+            meta("3.0"),
+            stream::iter(vec![
+                Ok(bytes::Bytes::from_static(b"part")),
+                Err(std::io::Error::other("connection reset")),
+            ]),
+        )
+        .await;
+        assert!(
+            matches!(&failed, Err(Error::Validation(v)) if v.field == "file"),
+            "{kind}: {failed:?}"
+        );
+
+        // Tokens: issued per subtask, checked against the package, expiring on the clock, revocable,
+        // counting bytes.
+        let (task_id, subtask) = task_fixture(&t, &project.id, &p.id, "Processing").await;
+        let issued = downloads::issue(&t.state, subtask, &p.id).await.unwrap();
+        let grant = downloads::authorize(&t.state, Some(&issued.token), &p.id)
+            .await
+            .unwrap()
+            .unwrap_or_else(|d| panic!("{kind}: {d}"));
+        assert_eq!(grant.device_id, "dev-1", "{kind}");
+        downloads::record_served(&t.state, &grant.token_hash, 7)
+            .await
+            .unwrap();
+        downloads::record_served(&t.state, &grant.token_hash, 4)
+            .await
+            .unwrap();
+        let row = downloads::find(&t.state, &issued.token)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.bytes_served, 11, "{kind}");
+        assert_eq!(
+            downloads::authorize(&t.state, None, &p.id)
+                .await
+                .unwrap()
+                .unwrap_err(),
+            downloads::Denied::Missing
+        );
+        assert_eq!(
+            downloads::authorize(&t.state, Some("xyz"), &p.id)
+                .await
+                .unwrap()
+                .unwrap_err(),
+            downloads::Denied::Malformed
+        );
+        t.clock.advance(Duration::from_secs(24 * 3600));
+        assert_eq!(
+            downloads::authorize(&t.state, Some(&issued.token), &p.id)
+                .await
+                .unwrap()
+                .unwrap_err(),
+            downloads::Denied::Expired,
+            "{kind}"
+        );
+        let second = downloads::issue(&t.state, subtask, &p.id).await.unwrap();
+        assert_eq!(
+            downloads::revoke_task(&t.state, &task_id).await.unwrap(),
+            2,
+            "{kind}"
+        );
+        assert_eq!(
+            downloads::authorize(&t.state, Some(&second.token), &p.id)
+                .await
+                .unwrap()
+                .unwrap_err(),
+            downloads::Denied::Revoked,
+            "{kind}"
+        );
+
+        // Delete: refused while the task runs, then allowed; the task keeps its row.
+        let busy = pkgs::delete(&t.state, &project.id, &p.id).await;
+        assert!(
+            matches!(&busy, Err(Error::Conflict(m)) if m.contains(&task_id)),
+            "{kind}: {busy:?}"
+        );
+        let mut task: tasks::ActiveModel = tasks::Entity::find_by_id(task_id.clone())
+            .one(&t.state.db)
+            .await
+            .unwrap()
+            .unwrap()
+            .into();
+        task.status = Set("Fail".into());
+        task.update(&t.state.db).await.unwrap();
+        pkgs::delete(&t.state, &project.id, &p.id)
+            .await
+            .unwrap_or_else(|e| panic!("{kind}: delete: {e}"));
+        let task = tasks::Entity::find_by_id(task_id)
+            .one(&t.state.db)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(task.package_id, None, "{kind}");
+        t.cleanup().await;
+    }
+}

@@ -5,6 +5,7 @@
 //! - [`id`]: identifier newtypes with IoTDA's syntax rules ([`DeviceId`](id::DeviceId), [`TaskId`](id::TaskId)...).
 //! - [`device`], [`package`], [`task`]: the vocabulary of `design.md` as enums spelled as IoTDA spells them
 //!   on the wire (`Waitting` included).
+//! - [`flow`]: the per-device upgrade flows as pure state machines (`handle(now, input) -> effects`).
 //! - [`text`]: validated free-text values (names, versions, descriptions).
 //! - [`throttle`]: the failed-login throttle, a pure sliding window.
 //!
@@ -12,6 +13,7 @@
 //! names the field, so the API, the console and the command line report the same thing.
 
 pub mod device;
+pub mod flow;
 pub mod id;
 pub mod package;
 pub mod task;

@@ -84,16 +84,19 @@ async fn main() -> Result<()> {
     let (package_id, tokens, sha) = setup(&data, size, args.concurrent + 1).await?;
 
     let port = free_port()?;
-    let mut server = Killed(
-        Command::new(&updraft)
-            .arg("serve")
-            .env("UPDRAFT_DATA_DIR", &data)
-            .env("UPDRAFT_HTTP__LISTEN", format!("127.0.0.1:{port}"))
-            .env("UPDRAFT_LOG__FILTER", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", updraft.display()))?,
-    );
+    let start_updraft = || -> Result<Killed> {
+        Ok(Killed(
+            Command::new(&updraft)
+                .arg("serve")
+                .env("UPDRAFT_DATA_DIR", &data)
+                .env("UPDRAFT_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+                .env("UPDRAFT_LOG__FILTER", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", updraft.display()))?,
+        ))
+    };
+    let server = start_updraft()?;
     let ca = reqwest::Certificate::from_pem(&wait_for_file(&data.join("tls/ca.pem")).await?)?;
     let client = reqwest::Client::builder()
         .tls_certs_only([ca])
@@ -158,6 +161,10 @@ async fn main() -> Result<()> {
         b.as_secs_f64() / a.as_secs_f64()
     );
 
+    // Memory is measured on a fresh server, so buffers kept from the throughput run do not count.
+    drop(server);
+    let server = start_updraft()?;
+    wait_ready(&client, &format!("https://localhost:{port}/healthz")).await?;
     let pid = server.0.id();
     let before = rss(pid, "VmRSS")?;
     let hold_url = if args.idle {
@@ -167,12 +174,12 @@ async fn main() -> Result<()> {
     };
     let peak = hold_downloads(&hold_url, &tokens[1..], pid, &data).await?;
     println!(
-        "memory: {} concurrent downloads held open: server RSS {:.1} MiB before, peak (VmHWM) {:.1} MiB",
+        "memory: {} concurrent downloads held open: fresh server RSS {:.1} MiB before, peak (VmHWM) {:.1} MiB",
         tokens.len() - 1,
         before as f64 / 1024.0,
         peak as f64 / 1024.0
     );
-    drop(server.0.kill());
+    drop(server);
     Ok(())
 }
 

@@ -186,7 +186,7 @@ impl Application {
             // bound what is queued per connection ahead of a slow reader (default ~400 KiB): download
             // chunks then stay the ones the download budget counts (see `http::download`).
             .writev(true)
-            .max_buf_size(16 * 1024);
+            .max_buf_size(8 * 1024);
         let result = server.serve(app).await.context("HTTPS server");
         stop.cancel();
         let _ = janitor.await;
@@ -200,7 +200,7 @@ impl Application {
 
 /// Unsent TLS data a connection may buffer (rustls' default is 64 KiB). The kernel's socket buffer keeps a
 /// fast link busy; this bounds what a stalled download holds in our memory.
-const TLS_SEND_BUFFER: usize = 8 * 1024;
+const TLS_SEND_BUFFER: usize = 16 * 1024 + 64;
 
 /// The rustls acceptor, with each connection's send buffer bounded to [`TLS_SEND_BUFFER`].
 #[derive(Clone, Debug)]

@@ -9,9 +9,10 @@
 //! Bytes are streamed from the store. Memory stays bounded under load: all downloads share a read budget
 //! of 8 MiB. Every chunk read from the store counts against it until hyper has written it (and dropped
 //! it), so chunks stuck behind a stalled device are accounted for: a download reads up to 256 KiB at a
-//! time while the budget has room and few downloads run, and 8 KiB when it is spent or a thousand run.
-//! With hyper queueing at most one chunk per connection and rustls buffering at most 8 KiB, a stalled
-//! download costs a few tens of KiB.
+//! time (reading the next chunk while one is sent) while the budget has room and few downloads run, and
+//! 4 KiB when it is spent or a thousand run.
+//! With hyper queueing at most one chunk per connection and rustls buffering at most one record, a
+//! stalled download costs a few tens of KiB.
 
 use std::io;
 use std::pin::Pin;
@@ -37,7 +38,7 @@ use super::iotda::IotdaError;
 /// smallest chunk each.
 const READ_BUDGET: usize = 8 * 1024 * 1024;
 /// The smallest and largest read per download.
-const MIN_CHUNK: usize = 8 * 1024;
+const MIN_CHUNK: usize = 4 * 1024;
 const MAX_CHUNK: usize = 256 * 1024;
 
 /// Running downloads, shared by all of them to size their reads.
@@ -61,11 +62,13 @@ impl Transfers {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The next read's size: a fair share of the budget's free part, within 8-256 KiB.
+    /// The next read's size: a fair share of the budget's free part, within 4-256 KiB, a power of two.
     fn chunk(&self) -> usize {
         let fair = READ_BUDGET / self.active().max(1);
         let free = READ_BUDGET.saturating_sub(self.in_flight());
-        fair.min(free).clamp(MIN_CHUNK, MAX_CHUNK) & !4095
+        // A power of two: read buffers are recycled in power-of-two sizes.
+        let size = fair.min(free).clamp(MIN_CHUNK, MAX_CHUNK);
+        1 << size.ilog2()
     }
 }
 
@@ -308,8 +311,10 @@ impl http_body::Body for DownloadBody {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
-        let chunk = self.guard.0.chunk();
+        let transfers = &self.guard.0;
+        let (chunk, read_ahead) = (transfers.chunk(), transfers.in_flight() < READ_BUDGET / 2);
         self.reader.set_chunk(chunk);
+        self.reader.set_read_ahead(read_ahead);
         match std::task::ready!(self.reader.poll_next_unpin(cx)) {
             Some(Ok(mut bytes)) => {
                 if bytes.len() as u64 > self.remaining {

@@ -117,6 +117,38 @@ impl TaskProgress {
     }
 }
 
+impl TaskProgress {
+    /// Subtasks still in play: waiting, running, or waiting to retry.
+    #[must_use]
+    pub const fn open(&self) -> u64 {
+        self.waitting + self.processing + self.fail_wait_retry
+    }
+
+    /// The task's status as IoTDA derives it from its subtasks, for a task that has started:
+    /// `Processing` (or `Stopping` after a stop) while any subtask is open; then `Stopped` after a stop,
+    /// `Success` when every counted subtask succeeded, `Fail` when none did, `PartialSuccess` otherwise.
+    /// Removed subtasks do not count.
+    #[must_use]
+    pub const fn derived_status(&self, stop_requested: bool) -> TaskStatus {
+        let counted = self.total.saturating_sub(self.removed);
+        if self.open() > 0 {
+            if stop_requested {
+                TaskStatus::Stopping
+            } else {
+                TaskStatus::Processing
+            }
+        } else if stop_requested {
+            TaskStatus::Stopped
+        } else if self.success == counted {
+            TaskStatus::Success
+        } else if self.success == 0 {
+            TaskStatus::Fail
+        } else {
+            TaskStatus::PartialSuccess
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +170,42 @@ mod tests {
         p.add(SubtaskStatus::Waiting, 3);
         p.add(SubtaskStatus::Success, 2);
         assert_eq!((p.total, p.waitting, p.success), (5, 3, 2));
+    }
+
+    #[test]
+    fn task_status_is_derived_from_its_subtasks() {
+        let progress = |pairs: &[(SubtaskStatus, u64)]| {
+            let mut p = TaskProgress::default();
+            for (s, n) in pairs {
+                p.add(*s, *n);
+            }
+            p
+        };
+        use SubtaskStatus as S;
+        let running = progress(&[(S::Success, 2), (S::Processing, 1), (S::FailWaitRetry, 1)]);
+        assert_eq!(running.open(), 2);
+        assert_eq!(running.derived_status(false), TaskStatus::Processing);
+        assert_eq!(running.derived_status(true), TaskStatus::Stopping);
+        assert_eq!(
+            progress(&[(S::Success, 3), (S::Removed, 1)]).derived_status(false),
+            TaskStatus::Success
+        );
+        assert_eq!(
+            progress(&[(S::Fail, 3)]).derived_status(false),
+            TaskStatus::Fail
+        );
+        assert_eq!(
+            progress(&[(S::Success, 1), (S::Fail, 2)]).derived_status(false),
+            TaskStatus::PartialSuccess
+        );
+        assert_eq!(
+            progress(&[(S::Success, 1), (S::Stopped, 2)]).derived_status(true),
+            TaskStatus::Stopped
+        );
+        assert_eq!(
+            TaskProgress::default().derived_status(false),
+            TaskStatus::Success,
+            "an empty task is done"
+        );
     }
 }

@@ -48,7 +48,18 @@ struct Args {
 struct Killed(Child);
 
 impl Drop for Killed {
+    /// SIGTERM first (nginx's master then stops its workers, which SIGKILL would orphan), SIGKILL if it
+    /// is still running after 5 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -49,13 +49,15 @@ pub struct TaskRow {
 /// Lists packages, newest first.
 #[server(prefix = "/api", endpoint = "list_packages")]
 pub async fn list_packages(offset: u64) -> Result<PageOf<PackageRow>, ApiError> {
-    use backend::service::{Page, overview};
+    use backend::service::{Page, packages};
     let (state, user) = super::ssr::context().await?;
-    let page = overview::packages(&state, &user.project_id, Page::new(50, offset)).await?;
+    let filter = packages::Filter::default();
+    let page = packages::list(&state, &user.project_id, filter, Page::new(50, offset)).await?;
     Ok(PageOf {
         items: page
             .items
             .into_iter()
+            .map(|row| row.package)
             .map(|p| PackageRow {
                 package_id: p.id,
                 package_type: p.package_type,

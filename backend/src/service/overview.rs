@@ -1,25 +1,11 @@
-//! Read-only listings for the Software/Firmware Upgrades page: packages and tasks, newest first.
+//! Read-only listings for the Software/Firmware Upgrades page: tasks, newest first (packages are listed
+//! by [`super::packages::list`]).
 
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
 use super::{Page, Paged};
-use crate::storage::entity::{packages, tasks};
+use crate::storage::entity::tasks;
 use crate::{AppState, Result};
-
-/// `project_id`'s packages.
-///
-/// # Errors
-/// [`crate::Error::Db`].
-pub async fn packages(
-    state: &AppState,
-    project_id: &str,
-    page: Page,
-) -> Result<Paged<packages::Model>> {
-    let query = packages::Entity::find()
-        .filter(packages::Column::ProjectId.eq(project_id))
-        .order_by_desc(packages::Column::Id);
-    super::fetch_page(&state.db, query, page).await
-}
 
 /// `project_id`'s tasks.
 ///

@@ -53,16 +53,20 @@ async fn precheck(
         .one(&state.db)
         .await?;
     if let Some(p) = taken {
-        return Err(duplicate(&meta, &p.id));
+        return Err(Error::Conflict(format!(
+            "{} (package {})",
+            duplicate(&meta),
+            p.id
+        )));
     }
     Ok((meta, product))
 }
 
-fn duplicate(meta: &PackageMeta, existing: &str) -> Error {
-    Error::Conflict(format!(
-        "product {} already has a {} with version {} (package {existing})",
+fn duplicate(meta: &PackageMeta) -> String {
+    format!(
+        "product {} already has a {} with version {}",
         meta.product_id, meta.package_type, meta.version
-    ))
+    )
 }
 
 /// A complete object about to get its row.
@@ -114,14 +118,7 @@ async fn insert(state: &AppState, project_id: &str, new: NewRow<'_>) -> Result<p
     };
     row.insert(&state.db)
         .await
-        .map_err(|e| crate::storage::conflict_on_unique(e, || duplicate_message(meta)))
-}
-
-fn duplicate_message(meta: &PackageMeta) -> String {
-    format!(
-        "product {} already has a {} with version {}",
-        meta.product_id, meta.package_type, meta.version
-    )
+        .map_err(|e| crate::storage::conflict_on_unique(e, || duplicate(meta)))
 }
 
 /// Uploads a package: validates the metadata, streams `body` into the store (measuring size and SHA-256),
@@ -338,11 +335,7 @@ async fn product_names(
 /// # Errors
 /// [`Error::NotFound`]; [`Error::Db`].
 pub async fn get(state: &AppState, project_id: &str, package_id: &str) -> Result<PackageRow> {
-    let package = packages::Entity::find_by_id(package_id.to_owned())
-        .filter(packages::Column::ProjectId.eq(project_id))
-        .one(&state.db)
-        .await?
-        .ok_or_else(|| Error::not_found("package", package_id))?;
+    let package = find(state, project_id, package_id).await?;
     let product_name = product_names(state, vec![package.product_id.clone()])
         .await?
         .remove(&package.product_id)
@@ -351,6 +344,14 @@ pub async fn get(state: &AppState, project_id: &str, package_id: &str) -> Result
         package,
         product_name,
     })
+}
+
+async fn find(state: &AppState, project_id: &str, package_id: &str) -> Result<packages::Model> {
+    packages::Entity::find_by_id(package_id.to_owned())
+        .filter(packages::Column::ProjectId.eq(project_id))
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::not_found("package", package_id))
 }
 
 /// Statuses in which a task still needs its package.
@@ -367,7 +368,7 @@ const ACTIVE_TASK_STATUSES: [TaskStatus; 4] = [
 /// # Errors
 /// [`Error::NotFound`]; [`Error::Conflict`] naming the task; [`Error::Db`].
 pub async fn delete(state: &AppState, project_id: &str, package_id: &str) -> Result<()> {
-    let package = get(state, project_id, package_id).await?.package;
+    let package = find(state, project_id, package_id).await?;
     // In one transaction, so a task cannot start using the package between the check and the delete.
     let txn = state.db.begin().await?;
     let busy = tasks::Entity::find()
@@ -394,7 +395,7 @@ pub async fn delete(state: &AppState, project_id: &str, package_id: &str) -> Res
         .await?;
     txn.commit().await?;
     if package.source == SOURCE_UPLOAD {
-        let key = ObjectKey::for_upload(&PackageId::parse(package.id.clone())?);
+        let key = object_key(&package)?;
         if let Err(e) = state.store.delete(&key).await {
             tracing::error!(error.message = %e, key = %key, "deleting a package's object failed; it is orphaned");
         }

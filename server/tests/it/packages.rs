@@ -95,6 +95,14 @@ async fn get(app: &TestApp, cookie: &str, url: &str, query: &[(&str, &str)]) -> 
         .unwrap()
 }
 
+/// `POST` to the packages collection with the session cookie from this origin.
+fn post(app: &TestApp, cookie: &str, project: &str) -> reqwest::RequestBuilder {
+    app.client
+        .post(packages_url(app, project))
+        .header("origin", &app.origin)
+        .header("cookie", cookie)
+}
+
 /// `DELETE url` with the session cookie from this origin.
 async fn delete(app: &TestApp, cookie: &str, url: &str) -> reqwest::Response {
     app.client
@@ -436,10 +444,7 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() {
     .await;
     assert_eq!(code, "IOTDA.000008");
     let (_, msg) = error_of(
-        app.client
-            .post(packages_url(&app, &project))
-            .header("origin", &app.origin)
-            .header("cookie", &cookie)
+        post(&app, &cookie, &project)
             .multipart(reqwest::multipart::Form::new().text("product_id", PRODUCT))
             .send()
             .await
@@ -449,10 +454,7 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() {
     .await;
     assert!(msg.contains("file"), "{msg}");
     let (_, msg) = error_of(
-        app.client
-            .post(packages_url(&app, &project))
-            .header("origin", &app.origin)
-            .header("cookie", &cookie)
+        post(&app, &cookie, &project)
             .multipart(
                 reqwest::multipart::Form::new()
                     .part("file", reqwest::multipart::Part::bytes(vec![1, 2, 3]))
@@ -466,10 +468,7 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() {
     .await;
     assert!(msg.contains("before the file part"), "{msg}");
     let (code, _) = error_of(
-        app.client
-            .post(packages_url(&app, &project))
-            .header("origin", &app.origin)
-            .header("cookie", &cookie)
+        post(&app, &cookie, &project)
             .header("content-type", "text/plain")
             .body("hello")
             .send()
@@ -498,11 +497,7 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() {
         Ok(Bytes::from(random_bytes(200_000))),
         Err(std::io::Error::other("client gave up")),
     ];
-    let result = app
-        .client
-        .post(packages_url(&app, &project))
-        .header("origin", &app.origin)
-        .header("cookie", &cookie)
+    let result = post(&app, &cookie, &project)
         .header("content-type", "multipart/form-data; boundary=XyZ")
         .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
         .send()
@@ -549,14 +544,7 @@ async fn bucket_objects_are_registered_with_their_measured_size_and_hash() {
         serde_json::json!({"app_id": null, "package_type": "firmwarePackage", "product_id": PRODUCT,
             "version": "V2.0", "support_source_versions": ["V1.0"], "file_location": {"obs_location": obs}})
     };
-    let post = |b: Value| {
-        app.client
-            .post(packages_url(&app, &project))
-            .header("origin", &app.origin)
-            .header("cookie", &cookie)
-            .json(&b)
-            .send()
-    };
+    let post = |b: Value| post(&app, &cookie, &project).json(&b).send();
     for (key, bucket, sign, field) in [
         ("../outside.bin", "updraft", None, "object_key"),
         ("fw/../../outside.bin", "updraft", None, "object_key"),
@@ -1127,11 +1115,7 @@ async fn the_same_flows_work_against_a_real_s3_compatible_server() {
         .put_bytes("fw/v9.bin", Bytes::from(object.clone()))
         .await
         .unwrap();
-    let resp = app
-        .client
-        .post(packages_url(&app, &project))
-        .header("origin", &app.origin)
-        .header("cookie", &cookie)
+    let resp = post(&app, &cookie, &project)
         .json(&serde_json::json!({"package_type": "firmwarePackage", "product_id": PRODUCT, "version": "9",
             "file_location": {"obs_location": {"region_name": "us-east-1", "bucket_name": "updraft", "object_key": "fw/v9.bin"}}}))
         .send()

@@ -5,7 +5,7 @@ UPDRAFT := $(TARGET_DIR)/debug/updraft
 # The wasm build needs RUSTC_BOOTSTRAP=1, which must not touch host artifacts: its own target directory.
 WASM_TARGET_DIR := $(TARGET_DIR)/wasm-build
 
-.PHONY: setup server site run test bench check fmt fmt-check clippy purity unit e2e clean-data
+.PHONY: setup server site run test bench bench-tasks check fmt fmt-check clippy purity unit e2e clean-data
 
 setup:
 	@scripts/setup.sh
@@ -28,6 +28,10 @@ test: setup
 ## Download benchmarks against nginx (release build; not part of `make test`).
 bench: setup
 	scripts/bench.sh $(ARGS)
+
+## Upgrade-task benchmark: 10 000 simulated MQTT devices, one task (release build; `ARGS=2000` for fewer).
+bench-tasks: setup
+	scripts/bench-tasks.sh $(ARGS)
 
 fmt:
 	cargo +stable fmt --all

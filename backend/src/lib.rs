@@ -8,14 +8,18 @@
 //! - [`storage`]: sea-orm entities for every table.
 //! - [`service`]: the operations the console, the API and the command line share (auth, projects, products,
 //!   devices, groups, overview).
+//! - [`driver`]: the task driver, which runs every subtask's state machine against the database.
+//! - [`mqtt`]: the device MQTT endpoint (IoTDA login, `$oc` system topics, ACLs) on an embedded rumqttd.
 //! - [`state`]: [`AppState`](state::AppState), what every handler and server function receives.
 //! - [`error`]: the service [`Error`](error::Error).
 #![warn(missing_docs)]
 
 pub mod clock;
 pub mod db;
+pub mod driver;
 pub mod error;
 pub mod ids;
+pub mod mqtt;
 pub mod objects;
 pub mod secrets;
 pub mod service;

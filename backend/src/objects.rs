@@ -70,6 +70,9 @@ pub struct StoreSettings {
     pub location: StoreLocation,
     /// The largest package accepted, in bytes.
     pub max_package_size: u64,
+    /// With an S3-compatible store: send devices presigned URLs to the bucket (IoTDA's `*_upgrade_v2`)
+    /// for uploaded packages too, not only for registered bucket objects, so bytes bypass Updraft.
+    pub offload: bool,
 }
 
 /// What a completed write or a digest measured.
@@ -85,6 +88,9 @@ pub struct Digest256 {
 #[derive(Clone, Debug)]
 pub struct PackageStore {
     inner: Arc<dyn ObjectStore>,
+    /// The same store when it is S3-compatible (it can presign URLs).
+    signer: Option<Arc<object_store::aws::AmazonS3>>,
+    offload: bool,
     bucket: Arc<str>,
     max_package_size: u64,
 }
@@ -96,6 +102,7 @@ impl PackageStore {
     /// [`Error::Internal`] when the directory cannot be created or the S3 settings are incomplete.
     pub fn open(settings: &StoreSettings) -> Result<Self> {
         domain::package::parse_bucket_name(&settings.bucket)?;
+        let mut signer = None;
         let inner: Arc<dyn ObjectStore> = match &settings.location {
             StoreLocation::Local { dir } => {
                 std::fs::create_dir_all(dir).map_err(|e| {
@@ -133,17 +140,46 @@ impl PackageStore {
                 if let Some(s) = secret_access_key {
                     b = b.with_secret_access_key(s.expose_secret().to_owned());
                 }
-                let s3 = b
-                    .build()
-                    .map_err(|e| Error::Internal(format!("S3 package store: {e}")))?;
-                Arc::new(s3)
+                let s3 = Arc::new(
+                    b.build()
+                        .map_err(|e| Error::Internal(format!("S3 package store: {e}")))?,
+                );
+                signer = Some(s3.clone());
+                s3
             }
         };
         Ok(Self {
             inner,
+            signer,
+            offload: settings.offload,
             bucket: Arc::from(settings.bucket.as_str()),
             max_package_size: settings.max_package_size,
         })
+    }
+
+    /// A presigned `GET` URL for `key`, valid for `ttl`, when devices should fetch this package from the
+    /// bucket directly: the store is S3-compatible, and the package was registered from the bucket or
+    /// offload is configured. `None` means devices download from Updraft.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when signing fails; [`Error::Validation`] for a bad key.
+    pub async fn offload_url(
+        &self,
+        key: &ObjectKey,
+        registered: bool,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>> {
+        use object_store::signer::Signer;
+        let Some(s3) = &self.signer else {
+            return Ok(None);
+        };
+        if !(registered || self.offload) {
+            return Ok(None);
+        }
+        let url = s3
+            .signed_url(object_store::signer::Method::GET, &Self::path(key)?, ttl)
+            .await?;
+        Ok(Some(url.to_string()))
     }
 
     /// The bucket name registrations must use.

@@ -12,6 +12,7 @@ pub mod overview;
 pub mod packages;
 pub mod products;
 pub mod projects;
+pub mod tasks;
 
 /// A page request: at most `limit` rows after skipping `offset`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

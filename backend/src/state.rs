@@ -7,6 +7,7 @@ use domain::throttle::Throttle;
 use sea_orm::DatabaseConnection;
 
 use crate::clock::Clock;
+use crate::driver::{Driver, DriverSettings};
 use crate::objects::PackageStore;
 use crate::secrets::Sealer;
 
@@ -23,6 +24,8 @@ pub struct ServiceSettings {
     pub login_window: Duration,
     /// How long a package download token works.
     pub download_token_ttl: Duration,
+    /// The task driver's timeouts and download URL base.
+    pub driver: DriverSettings,
 }
 
 impl Default for ServiceSettings {
@@ -33,6 +36,7 @@ impl Default for ServiceSettings {
             login_max_failures: 5,
             login_window: Duration::from_secs(15 * 60),
             download_token_ttl: Duration::from_secs(24 * 3600),
+            driver: DriverSettings::default(),
         }
     }
 }
@@ -50,6 +54,8 @@ pub struct AppState {
     pub store: PackageStore,
     /// Service settings.
     pub settings: ServiceSettings,
+    /// The task driver (runs subtasks' state machines; see [`crate::driver`]).
+    pub driver: Driver,
     /// Failed-login throttle. A std mutex: the critical sections are a few map operations, never held
     /// across an await.
     pub(crate) login_throttle: Arc<Mutex<Throttle>>,
@@ -71,6 +77,7 @@ impl AppState {
             clock,
             sealer,
             store,
+            driver: Driver::new(settings.driver.clone()),
             settings,
             login_throttle: Arc::new(Mutex::new(throttle)),
         }

@@ -57,6 +57,7 @@ async fn state_on(db: DatabaseConnection, dir: &tempfile::TempDir) -> (AppState,
             dir: dir.path().join("packages"),
         },
         max_package_size: 64 * 1024 * 1024,
+        offload: false,
     })
     .expect("package store");
     let state = AppState::new(

@@ -79,6 +79,62 @@ impl SubtaskStatus {
     }
 }
 
+/// Validates a task name: 1-128 characters of letters, digits, `_` and Chinese characters (IoTDA's rule: no
+/// hyphen, no spaces).
+///
+/// # Errors
+/// [`ValidationError`] for `task_name`.
+pub fn parse_task_name(s: &str) -> Result<String, ValidationError> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(ValidationError::new("task_name", "is required"));
+    }
+    if s.chars().count() > 128 {
+        return Err(ValidationError::new(
+            "task_name",
+            "must be at most 128 characters",
+        ));
+    }
+    let allowed = |c: char| {
+        c.is_ascii_alphanumeric()
+            || c == '_'
+            || ('\u{4e00}'..='\u{9fff}').contains(&c)
+            || ('\u{3400}'..='\u{4dbf}').contains(&c)
+    };
+    if let Some(bad) = s.chars().find(|c| !allowed(*c)) {
+        return Err(ValidationError::new(
+            "task_name",
+            format!("may contain only letters, digits, '_' and Chinese characters, not {bad:?}"),
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// The furthest ahead a task may be scheduled.
+pub const MAX_SCHEDULE_AHEAD: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Checks a task's `schedule_time` against `now`: at most 7 days ahead, and not in the past (a minute of
+/// clock skew is forgiven; such a task starts at once).
+///
+/// # Errors
+/// [`ValidationError`] for `task_policy.schedule_time`.
+pub fn check_schedule(
+    now: crate::Timestamp,
+    at: crate::Timestamp,
+) -> Result<crate::Timestamp, ValidationError> {
+    let field = "task_policy.schedule_time";
+    if at > now.plus(MAX_SCHEDULE_AHEAD) {
+        return Err(ValidationError::new(
+            field,
+            "must be within the next 7 days",
+        ));
+    }
+    if at.plus(std::time::Duration::from_secs(60)) < now {
+        return Err(ValidationError::new(field, "is in the past"));
+    }
+    Ok(at)
+}
+
 /// IoTDA's `task_progress`: subtask counts by status.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskProgress {
@@ -162,6 +218,37 @@ mod tests {
         );
         assert!(TaskStatus::PartialSuccess.is_completed());
         assert!(!TaskStatus::Stopping.is_completed());
+    }
+
+    #[test]
+    fn task_names_follow_iotda_rules() {
+        assert_eq!(parse_task_name(" meter_fw_2 ").unwrap(), "meter_fw_2");
+        assert_eq!(parse_task_name("升级任务_1").unwrap(), "升级任务_1");
+        assert!(
+            parse_task_name("with-hyphen")
+                .unwrap_err()
+                .message
+                .contains("'-'")
+        );
+        assert!(parse_task_name("two words").is_err());
+        assert!(parse_task_name("").is_err());
+        assert!(parse_task_name(&"a".repeat(129)).is_err());
+        assert!(parse_task_name(&"a".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn schedules_are_at_most_seven_days_ahead_and_not_in_the_past() {
+        use crate::Timestamp;
+        use std::time::Duration;
+        let now = Timestamp::from_millis(1_800_000_000_000);
+        assert!(check_schedule(now, now.plus(MAX_SCHEDULE_AHEAD)).is_ok());
+        let late = now.plus(MAX_SCHEDULE_AHEAD).plus(Duration::from_millis(1));
+        assert_eq!(
+            check_schedule(now, late).unwrap_err().field,
+            "task_policy.schedule_time"
+        );
+        assert!(check_schedule(now, Timestamp::from_millis(now.as_millis() - 30_000)).is_ok());
+        assert!(check_schedule(now, Timestamp::from_millis(now.as_millis() - 61_000)).is_err());
     }
 
     #[test]

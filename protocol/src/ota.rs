@@ -237,6 +237,45 @@ pub fn upgrade_event(
     envelope(device_id, event_type, event_time, notice)
 }
 
+/// The `paras` of `software_upgrade_v2` / `firmware_upgrade_v2` (`protocols.md` §1.7): the package is
+/// fetched from a presigned object-store URL, with no token and no `Authorization` header.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeNoticeV2 {
+    /// The package version.
+    pub version: String,
+    /// The presigned download URL.
+    pub url: String,
+    /// Package size in bytes.
+    pub file_size: u64,
+    /// The file name.
+    pub file_name: String,
+    /// URL validity in seconds.
+    pub expires: u64,
+    /// SHA-256 of the package, lowercase hex.
+    pub sign: String,
+    /// The package's custom information, when it has any.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub custom_info: Option<String>,
+    /// The batch task id.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub task_id: Option<String>,
+}
+
+/// `software_upgrade_v2` or `firmware_upgrade_v2` for `device_id`.
+#[must_use]
+pub fn upgrade_event_v2(
+    device_id: &str,
+    event_time: &str,
+    kind: UpgradeKind,
+    notice: &UpgradeNoticeV2,
+) -> Vec<u8> {
+    let event_type = match kind {
+        UpgradeKind::Software => "software_upgrade_v2",
+        UpgradeKind::Firmware => "firmware_upgrade_v2",
+    };
+    envelope(device_id, event_type, event_time, notice)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,5 +390,33 @@ mod tests {
         assert!(s["paras"].get("sign_type").is_none());
         let back: UpgradeNotice = serde_json::from_value(s["paras"].clone()).unwrap();
         assert_eq!(back, notice);
+    }
+
+    #[test]
+    fn v2_upgrade_events_carry_a_presigned_url_and_no_token() {
+        let notice = UpgradeNoticeV2 {
+            version: "2.0".into(),
+            url: "https://bucket.example.com/fw.bin?X-Amz-Signature=abc".into(),
+            file_size: 10,
+            file_name: "fw.bin".into(),
+            expires: 86400,
+            sign: "00".repeat(32),
+            custom_info: None,
+            task_id: Some("t1".into()),
+        };
+        let msg: serde_json::Value = serde_json::from_slice(&upgrade_event_v2(
+            "d1",
+            "20261201T000000Z",
+            UpgradeKind::Firmware,
+            &notice,
+        ))
+        .unwrap();
+        let service = &msg["services"][0];
+        assert_eq!(service["event_type"], "firmware_upgrade_v2");
+        assert_eq!(service["service_id"], "$ota");
+        assert!(service["paras"].get("access_token").is_none());
+        assert!(service["paras"].get("custom_info").is_none());
+        assert_eq!(service["paras"]["url"], notice.url.as_str());
+        assert_eq!(msg["object_device_id"], "d1");
     }
 }

@@ -101,6 +101,7 @@ async fn main() -> Result<()> {
                 .arg("serve")
                 .env("UPDRAFT_DATA_DIR", &data)
                 .env("UPDRAFT_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+                .env("UPDRAFT_MQTT__ENABLED", "false")
                 .env("UPDRAFT_LOG__FILTER", "warn")
                 .stdout(Stdio::null())
                 .spawn()

@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
 
 use crate::config::{LogFormat, Settings};
+
+pub mod manage;
+pub mod sim;
 use crate::startup::Application;
 
 /// Updraft: over-the-air software and firmware upgrades for IoT fleets.
@@ -21,6 +24,9 @@ pub struct Cli {
     /// Log format; overrides `log.format`.
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Print results as JSON (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
     /// What to do (default: `serve`).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -39,6 +45,43 @@ pub enum Command {
         #[command(subcommand)]
         command: PackageCommand,
     },
+    /// Products (device models).
+    Product {
+        /// What to do.
+        #[command(subcommand)]
+        command: manage::ProductCommand,
+    },
+    /// Devices.
+    Device {
+        /// What to do.
+        #[command(subcommand)]
+        command: manage::DeviceCommand,
+    },
+    /// Device groups.
+    Group {
+        /// What to do.
+        #[command(subcommand)]
+        command: manage::GroupCommand,
+    },
+    /// Upgrade tasks. Tasks created here are run by the server sharing the configuration.
+    Task {
+        /// What to do.
+        #[command(subcommand)]
+        command: manage::TaskCommand,
+    },
+    /// Simulated devices.
+    Sim {
+        /// Which kind.
+        #[command(subcommand)]
+        command: SimCommand,
+    },
+}
+
+/// `updraft sim ...`.
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// Simulated MQTT devices doing IoTDA's `$ota` upgrade flow.
+    Mqtt(sim::SimMqttArgs),
 }
 
 /// `updraft package ...`.
@@ -106,6 +149,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Package {
             command: PackageCommand::Upload(args),
         } => upload(settings, args).await,
+        Command::Product { command } => manage::product(settings, command, cli.json).await,
+        Command::Device { command } => manage::device(settings, command, cli.json).await,
+        Command::Group { command } => manage::group(settings, command, cli.json).await,
+        Command::Task { command } => manage::task(settings, command, cli.json).await,
+        Command::Sim {
+            command: SimCommand::Mqtt(args),
+        } => sim::run(settings, args).await,
     }
 }
 
@@ -196,6 +246,13 @@ async fn serve(settings: Settings) -> Result<()> {
     println!();
     println!("  Updraft is running.");
     println!("  Console:        {console}");
+    if let Some((plain, tls)) = application.mqtt_addrs() {
+        println!(
+            "  Devices:        mqtt://{host}:{}  mqtts://{host}:{}  (IoTDA device login)",
+            plain.port(),
+            tls.port()
+        );
+    }
     match application.admin_bootstrap() {
         AdminBootstrap::CreatedWithGeneratedPassword { username, password } => {
             println!(

@@ -36,6 +36,10 @@ pub struct Settings {
     pub packages: PackageSettings,
     /// Package downloads by devices.
     pub downloads: DownloadSettings,
+    /// The device MQTT endpoint.
+    pub mqtt: MqttSettings,
+    /// Upgrade tasks: the MQTT flow's timeouts.
+    pub tasks: TaskSettings,
     /// The key that seals device secrets and SKs (64 hex digits). Default: `{data_dir}/secret.key`,
     /// created on first start. Keep it out of the database's backups, and never lose it.
     #[serde(skip_serializing)]
@@ -150,6 +154,9 @@ pub struct S3Settings {
     pub path_style: bool,
     /// Allow a plain `http://` endpoint.
     pub allow_http: bool,
+    /// Send devices presigned bucket URLs (`*_upgrade_v2`) for uploaded packages too, so package bytes
+    /// flow from the bucket (or its CDN), not through Updraft. Registered bucket objects always are.
+    pub offload: bool,
 }
 
 /// Device downloads.
@@ -159,6 +166,69 @@ pub struct DownloadSettings {
     /// How long a download token works (IoTDA: 24 h).
     #[serde(with = "humantime_serde")]
     pub token_ttl: Duration,
+    /// The base of the download URLs sent to devices (`https://ota.example.com:8443`). Default:
+    /// `https://{host}:{port}` with the HTTPS port and, as host, `http.listen`'s address when it is a
+    /// specific one, else the first of `tls.names`, else this machine's host name.
+    pub public_url: Option<String>,
+}
+
+/// The device MQTT endpoint (IoTDA logins, `$oc` system topics), on an embedded rumqttd router.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSettings {
+    /// Serve MQTT at all.
+    pub enabled: bool,
+    /// Plain MQTT.
+    pub listen: SocketAddr,
+    /// MQTT over TLS, with the HTTPS certificate.
+    pub tls_listen: SocketAddr,
+    /// How far a signature-type-1 login timestamp may be from the clock.
+    #[serde(with = "humantime_serde")]
+    pub timestamp_skew: Duration,
+    /// The most device connections at once.
+    pub max_connections: usize,
+    /// The largest MQTT packet accepted, in bytes.
+    pub max_packet_size: usize,
+}
+
+/// Timeouts of the MQTT upgrade flow (`design.md`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskSettings {
+    /// How long a subtask waits for an offline device to connect.
+    #[serde(with = "humantime_serde")]
+    pub online_timeout: Duration,
+    /// How long it waits for `version_report` after `version_query`.
+    #[serde(with = "humantime_serde")]
+    pub version_timeout: Duration,
+    /// How long download, install and the final report may take after the upgrade event.
+    #[serde(with = "humantime_serde")]
+    pub upgrade_timeout: Duration,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        let d = backend::mqtt::MqttSettings::default();
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            timestamp_skew: d.timestamp_skew,
+            max_connections: d.max_connections,
+            max_packet_size: d.max_packet_size,
+        }
+    }
+}
+
+impl Default for TaskSettings {
+    fn default() -> Self {
+        let d = domain::flow::mqtt::Timeouts::default();
+        Self {
+            online_timeout: d.online,
+            version_timeout: d.version,
+            upgrade_timeout: d.upgrade,
+        }
+    }
 }
 
 impl Default for PackageSettings {
@@ -182,6 +252,7 @@ impl Default for S3Settings {
             secret_access_key: None,
             path_style: true,
             allow_http: false,
+            offload: false,
         }
     }
 }
@@ -190,6 +261,7 @@ impl Default for DownloadSettings {
     fn default() -> Self {
         Self {
             token_ttl: backend::state::ServiceSettings::default().download_token_ttl,
+            public_url: None,
         }
     }
 }
@@ -227,6 +299,8 @@ impl Default for Settings {
             admin: AdminSettings::default(),
             packages: PackageSettings::default(),
             downloads: DownloadSettings::default(),
+            mqtt: MqttSettings::default(),
+            tasks: TaskSettings::default(),
             secret_key: None,
             log: LogSettings::default(),
         }
@@ -283,6 +357,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "admin",
     "packages",
     "downloads",
+    "mqtt",
+    "tasks",
     "secret_key",
     "log",
 ];
@@ -339,6 +415,26 @@ impl Settings {
         if self.downloads.token_ttl < Duration::from_secs(60) {
             problems.push("  - downloads.token_ttl must be at least 1m".to_owned());
         }
+        if let Some(url) = &self.downloads.public_url {
+            let ok = url.starts_with("https://") || url.starts_with("http://");
+            if !ok || url.trim_end_matches('/').contains('?') {
+                problems.push(format!(
+                    "  - downloads.public_url: {url:?} must be an http(s) URL like https://ota.example.com:8443"
+                ));
+            }
+        }
+        for (key, d) in [
+            ("tasks.online_timeout", self.tasks.online_timeout),
+            ("tasks.version_timeout", self.tasks.version_timeout),
+            ("tasks.upgrade_timeout", self.tasks.upgrade_timeout),
+        ] {
+            if d < Duration::from_secs(1) {
+                problems.push(format!("  - {key} must be at least 1s"));
+            }
+        }
+        if self.mqtt.max_packet_size < 1024 {
+            problems.push("  - mqtt.max_packet_size must be at least 1024".to_owned());
+        }
         if self.console.login_max_failures == 0 {
             problems.push("  - console.login_max_failures must be at least 1".to_owned());
         }
@@ -371,7 +467,48 @@ impl Settings {
             login_max_failures: self.console.login_max_failures,
             login_window: self.console.login_window,
             download_token_ttl: self.downloads.token_ttl,
+            driver: backend::driver::DriverSettings {
+                mqtt: domain::flow::mqtt::Timeouts {
+                    online: self.tasks.online_timeout,
+                    version: self.tasks.version_timeout,
+                    upgrade: self.tasks.upgrade_timeout,
+                },
+                download_base_url: self.public_url(self.http.listen.port()),
+            },
         }
+    }
+
+    /// The MQTT endpoint's settings.
+    #[must_use]
+    pub fn mqtt_settings(&self) -> backend::mqtt::MqttSettings {
+        backend::mqtt::MqttSettings {
+            timestamp_skew: self.mqtt.timestamp_skew,
+            max_packet_size: self.mqtt.max_packet_size,
+            max_connections: self.mqtt.max_connections,
+            ..backend::mqtt::MqttSettings::default()
+        }
+    }
+
+    /// `downloads.public_url`, or the default for HTTPS on `port`.
+    #[must_use]
+    pub fn public_url(&self, port: u16) -> String {
+        if let Some(url) = &self.downloads.public_url {
+            return url.trim_end_matches('/').to_owned();
+        }
+        let ip = self.http.listen.ip();
+        let host = if ip.is_unspecified() {
+            self.tls
+                .names
+                .first()
+                .cloned()
+                .or_else(crate::tls::hostname)
+                .unwrap_or_else(|| "localhost".to_owned())
+        } else if ip.is_ipv6() {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        };
+        format!("https://{host}:{port}")
     }
 
     /// The package store's settings.
@@ -402,6 +539,7 @@ impl Settings {
             bucket: self.packages.bucket.clone(),
             location,
             max_package_size: self.packages.max_size,
+            offload: self.packages.s3.offload,
         }
     }
 }

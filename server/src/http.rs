@@ -5,6 +5,7 @@
 //! session check → handler.
 
 mod auth;
+mod batchtasks;
 mod download;
 mod health;
 pub mod iotda;
@@ -95,6 +96,26 @@ pub fn router(state: ServerState) -> Router {
         .route(
             &format!("{packages_path}/{{package_id}}"),
             get(packages::show).delete(packages::delete).layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/batchtasks",
+            get(batchtasks::list)
+                .post(batchtasks::create)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/batchtasks/{task_id}",
+            get(batchtasks::show)
+                .delete(batchtasks::delete)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/batchtasks/{task_id}/stop",
+            post(batchtasks::stop).layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/batchtasks/{task_id}/retry",
+            post(batchtasks::retry).layer(timeout),
         )
         .route("/download/{*path}", get(download::download));
 

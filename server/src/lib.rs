@@ -6,10 +6,12 @@
 //! - [`tls`]: the local CA and server certificate, or operator-provided PEM files.
 //! - [`startup`]: [`Application`](startup::Application), built as a value and run until a signal.
 //! - [`http`]: the router, sign-in and the request guards.
+//! - [`sim`]: simulated MQTT devices (`updraft sim mqtt`), also used by the tests and benchmarks.
 
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod sim;
 pub mod startup;
 pub mod telemetry;
 pub mod tls;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use axum_server::tls_rustls::RustlsConfig;
 use backend::clock::Clock;
+use backend::mqtt::MqttEndpoint;
 use backend::secrets::Sealer;
 use backend::service::auth::AdminBootstrap;
 use backend::{AppState, service};
@@ -69,6 +70,13 @@ pub struct Application {
     tls: RustlsConfig,
     ca_path: Option<PathBuf>,
     admin: AdminBootstrap,
+    mqtt: Option<MqttListeners>,
+}
+
+/// The bound MQTT listeners.
+struct MqttListeners {
+    plain: std::net::TcpListener,
+    tls: std::net::TcpListener,
 }
 
 impl Application {
@@ -77,8 +85,31 @@ impl Application {
     ///
     /// # Errors
     /// Any start-up failure, with context saying which step failed.
-    pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self> {
+    pub async fn build(mut settings: Settings, clock: Arc<dyn Clock>) -> Result<Self> {
+        let listener = std::net::TcpListener::bind(settings.http.listen)
+            .with_context(|| format!("binding HTTPS on {} (http.listen)", settings.http.listen))?;
+        listener.set_nonblocking(true)?;
+        let https_addr = listener.local_addr()?;
+        // Download URLs name the port really bound (it differs from the configured one with port 0).
+        settings.downloads.public_url = Some(settings.public_url(https_addr.port()));
+        let mqtt = if settings.mqtt.enabled {
+            let bind = |addr: SocketAddr, key: &str| -> Result<std::net::TcpListener> {
+                let l = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("binding MQTT on {addr} ({key})"))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            };
+            Some(MqttListeners {
+                plain: bind(settings.mqtt.listen, "mqtt.listen")?,
+                tls: bind(settings.mqtt.tls_listen, "mqtt.tls_listen")?,
+            })
+        } else {
+            None
+        };
         let (state, project) = open_state(&settings, clock.clone()).await?;
+        mark_devices_offline(&state)
+            .await
+            .context("resetting device online states")?;
         let admin = service::auth::bootstrap_admin(
             &state,
             &settings.admin.username,
@@ -92,11 +123,6 @@ impl Application {
         let tls = RustlsConfig::from_pem(material.cert_pem, material.key_pem)
             .await
             .context("loading the TLS certificate")?;
-
-        let listener = std::net::TcpListener::bind(settings.http.listen)
-            .with_context(|| format!("binding HTTPS on {} (http.listen)", settings.http.listen))?;
-        listener.set_nonblocking(true)?;
-        let https_addr = listener.local_addr()?;
 
         let leptos = LeptosOptions::builder()
             .output_name("updraft")
@@ -119,7 +145,15 @@ impl Application {
             tls,
             ca_path: material.ca_path,
             admin,
+            mqtt,
         })
+    }
+
+    /// The bound MQTT addresses (plain, TLS), when MQTT is enabled.
+    #[must_use]
+    pub fn mqtt_addrs(&self) -> Option<(SocketAddr, SocketAddr)> {
+        let m = self.mqtt.as_ref()?;
+        Some((m.plain.local_addr().ok()?, m.tls.local_addr().ok()?))
     }
 
     /// The bound HTTPS address (the real port when configured with port 0).
@@ -156,6 +190,8 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let stop = CancellationToken::new();
+        // If this future is dropped (aborted), background tasks must not outlive it.
+        let _stop_on_drop = stop.clone().drop_guard();
         let handle = axum_server::Handle::new();
         let grace = self.settings.http.shutdown_grace;
         {
@@ -171,6 +207,26 @@ impl Application {
             });
         }
         let janitor = tokio::spawn(janitor(self.state.clone(), stop.clone()));
+        let background = tokio_util::task::TaskTracker::new();
+        {
+            let (driver, state, stop) =
+                (self.state.driver.clone(), self.state.clone(), stop.clone());
+            background.spawn(async move { driver.run(state, stop).await });
+        }
+        if let Some(listeners) = self.mqtt {
+            let endpoint = MqttEndpoint::start(self.state.clone(), self.settings.mqtt_settings())
+                .map_err(anyhow::Error::msg)
+                .context("starting the MQTT router")?;
+            let plain = tokio::net::TcpListener::from_std(listeners.plain)?;
+            let tls = tokio::net::TcpListener::from_std(listeners.tls)?;
+            tracing::info!(
+                mqtt = %plain.local_addr()?, mqtts = %tls.local_addr()?,
+                "MQTT listening"
+            );
+            background.spawn(endpoint.clone().serve_plain(plain, stop.clone()));
+            background.spawn(endpoint.serve_tls(tls, self.tls.get_inner(), stop.clone()));
+        }
+        background.close();
 
         let app = router(self.server).into_make_service_with_connect_info::<SocketAddr>();
         let mut server = axum_server::from_tcp_rustls(self.listener, self.tls)
@@ -190,6 +246,13 @@ impl Application {
         let result = server.serve(app).await.context("HTTPS server");
         stop.cancel();
         let _ = janitor.await;
+        // MQTT sessions record their devices going offline; give them a moment before the database closes.
+        if tokio::time::timeout(grace, background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop within the grace period");
+        }
         if let Err(e) = self.state.db.close().await {
             tracing::warn!(error.message = %e, "closing the database");
         }
@@ -229,6 +292,33 @@ where
             Ok((tls, service))
         })
     }
+}
+
+/// After a restart no device is connected: devices recorded online are marked offline, and their open
+/// subtasks are told so.
+async fn mark_devices_offline(state: &AppState) -> Result<()> {
+    use backend::storage::entity::devices;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+    let online: Vec<String> = devices::Entity::find()
+        .select_only()
+        .column(devices::Column::Id)
+        .filter(devices::Column::Status.eq("ONLINE"))
+        .into_tuple()
+        .all(&state.db)
+        .await?;
+    for device_id in &online {
+        state
+            .driver
+            .device_event(state, device_id, backend::driver::DeviceEvent::Offline)
+            .await?;
+    }
+    if !online.is_empty() {
+        tracing::info!(
+            devices = online.len(),
+            "devices marked offline after start-up"
+        );
+    }
+    Ok(())
 }
 
 /// Periodic housekeeping: expired sessions.

@@ -67,7 +67,8 @@ pub fn prepare(settings: &Settings, now_unix: i64) -> Result<TlsMaterial> {
     generated(&dir, names, now_unix)
 }
 
-fn hostname() -> Option<String> {
+/// This machine's host name, when it is a usable DNS name.
+pub(crate) fn hostname() -> Option<String> {
     std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|s| s.trim().to_owned())

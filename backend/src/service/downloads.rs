@@ -155,6 +155,22 @@ pub async fn record_served(state: &AppState, token_hash: &str, bytes: u64) -> Re
     Ok(())
 }
 
+/// Whether a subtask has a live token that has served bytes (its device got the upgrade event).
+///
+/// # Errors
+/// [`Error::Db`].
+pub async fn live_and_used(state: &AppState, subtask_id: i64) -> Result<bool> {
+    use sea_orm::PaginatorTrait;
+    let n = download_tokens::Entity::find()
+        .filter(download_tokens::Column::SubtaskId.eq(subtask_id))
+        .filter(download_tokens::Column::RevokedAt.is_null())
+        .filter(download_tokens::Column::LastUsedAt.is_not_null())
+        .filter(download_tokens::Column::ExpiresAt.gt(state.clock.now().as_millis()))
+        .count(&state.db)
+        .await?;
+    Ok(n > 0)
+}
+
 /// Revokes every live token of a subtask (it ended). Returns how many were revoked.
 ///
 /// # Errors

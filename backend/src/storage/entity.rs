@@ -6,6 +6,7 @@ pub mod api_credentials;
 pub mod applications;
 pub mod device_group_members;
 pub mod device_groups;
+pub mod device_messages;
 pub mod devices;
 pub mod download_tokens;
 pub mod notification_deliveries;

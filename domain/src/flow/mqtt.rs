@@ -9,6 +9,10 @@
 //! | `Upgrading` | upgrade event sent with a fresh token | report with result 0 and version == target | 24 h | fails |
 //! | `RetryWait` | a failure with attempts left | the retry interval | `retry_interval` | starts again |
 //!
+//! A device that reconnects while a query is unanswered, or before it reported any progress on the upgrade,
+//! is sent the same event again (deadlines unchanged): the first one may have been lost with the connection.
+//! An operator retry (`Start`) restarts a failed, retry-waiting or stopped subtask with fresh attempts.
+//!
 //! Progress reports with result 0 update the progress; a non-zero result fails with that code's meaning.
 //! A `version_report` of the target version while upgrading also counts as success (a device that rebooted
 //! into the new image and reported its versions, as the SDKs do on connect). Leaving `Upgrading` for any
@@ -338,10 +342,12 @@ impl Subtask {
             _ => {}
         }
         match (&self.phase, input) {
-            (Phase::Pending | Phase::Failed { .. }, Input::Start) => {
-                if matches!(self.phase, Phase::Failed { .. }) {
-                    self.attempts = 0;
-                }
+            (
+                Phase::Pending | Phase::Failed { .. } | Phase::RetryWait { .. } | Phase::Stopped,
+                Input::Start,
+            ) => {
+                // An operator retry starts a fresh series of attempts.
+                self.attempts = 0;
                 self.begin_attempt(now, plan)
             }
             (_, Input::Stop) if !self.is_final() => {
@@ -354,6 +360,12 @@ impl Subtask {
                 }
             }
             (Phase::WaitOnline { .. }, Input::Online) => self.query(now, plan),
+            // Reconnects: the device may have missed what was sent while its connection (or Updraft) was
+            // going down. Devices tolerate repeats (`protocols.md`), so send it again; deadlines stay.
+            (Phase::WaitVersion { .. }, Input::Online) => vec![Effect::SendVersionQuery],
+            (Phase::Upgrading { .. }, Input::Online) if self.progress == 0 => {
+                vec![Effect::SendUpgrade]
+            }
             (Phase::WaitVersion { .. }, Input::Offline) => {
                 self.phase = Phase::WaitOnline {
                     deadline: now.plus(plan.timeouts.online),
@@ -799,6 +811,52 @@ mod tests {
             done.status(),
             SubtaskStatus::Success,
             "stop leaves finished devices alone"
+        );
+    }
+
+    #[test]
+    fn a_reconnecting_device_is_sent_the_pending_event_again() {
+        let p = plan();
+        // A new login replacing a lost connection, without a disconnect seen in between.
+        let mut s = Subtask::new(true);
+        s.handle(T0, &p, Input::Start);
+        assert_eq!(
+            s.handle(T0.plus(2 * MIN), &p, Input::Online),
+            [Effect::SendVersionQuery]
+        );
+        assert_eq!(
+            s.poll_timeout(),
+            Some(T0.plus(3 * MIN)),
+            "the deadline is not extended"
+        );
+        let mut s = upgrading(&p);
+        assert_eq!(s.handle(T0, &p, Input::Online), [Effect::SendUpgrade]);
+        s.handle(T0, &p, progress(0, 10, "1.0"));
+        assert!(
+            s.handle(T0, &p, Input::Online).is_empty(),
+            "a device that reported progress got the event"
+        );
+    }
+
+    #[test]
+    fn an_operator_retry_restarts_stopped_and_retry_waiting_devices_with_fresh_attempts() {
+        let p = with_retries(1);
+        let mut s = upgrading(&p);
+        s.handle(T0, &p, Input::Stop);
+        assert_eq!(s.handle(T0, &p, Input::Start), [Effect::SendVersionQuery]);
+        assert_eq!((s.step(), s.attempts), ("version_query", 1));
+        s.handle(T0.plus(3 * MIN), &p, Input::Timer);
+        assert_eq!(s.status(), SubtaskStatus::FailWaitRetry);
+        assert_eq!(
+            s.handle(T0.plus(4 * MIN), &p, Input::Start),
+            [Effect::SendVersionQuery]
+        );
+        assert_eq!(s.attempts, 1);
+        let mut done = upgrading(&p);
+        done.handle(T0, &p, progress(0, 100, "2.0"));
+        assert!(
+            done.handle(T0, &p, Input::Start).is_empty(),
+            "a success is not retried"
         );
     }
 

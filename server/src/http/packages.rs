@@ -22,7 +22,7 @@ use super::ServerState;
 use super::iotda::IotdaError;
 
 /// Checks that the caller works in the project the path names.
-fn project(user: Option<&CurrentUser>, project_id: &str) -> Result<String, IotdaError> {
+pub(crate) fn project(user: Option<&CurrentUser>, project_id: &str) -> Result<String, IotdaError> {
     let user = user.ok_or_else(|| IotdaError::unauthorized("not signed in"))?;
     if user.project_id == project_id {
         Ok(project_id.to_owned())
@@ -300,11 +300,12 @@ pub(super) struct ListQuery {
     offset: Option<String>,
 }
 
+/// IoTDA's `page`.
 #[derive(Serialize)]
-struct PageInfo {
-    count: u64,
+pub(crate) struct PageInfo {
+    pub(crate) count: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    marker: Option<String>,
+    pub(crate) marker: Option<String>,
 }
 
 #[derive(Serialize)]

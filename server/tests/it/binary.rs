@@ -11,6 +11,8 @@ fn updraft(dir: &std::path::Path) -> Command {
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("UPDRAFT_DATA_DIR", dir.join("data"))
         .env("UPDRAFT_HTTP__LISTEN", "127.0.0.1:0")
+        .env("UPDRAFT_MQTT__LISTEN", "127.0.0.1:0")
+        .env("UPDRAFT_MQTT__TLS_LISTEN", "127.0.0.1:0")
         .env("UPDRAFT_HTTP__SHUTDOWN_GRACE", "1s");
     cmd
 }

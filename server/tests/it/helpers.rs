@@ -22,6 +22,12 @@ pub(crate) struct TestApp {
     pub data_dir: PathBuf,
     /// The running application's services (fixtures the HTTP surface cannot create yet).
     pub state: backend::AppState,
+    /// Plain MQTT.
+    pub mqtt: std::net::SocketAddr,
+    /// MQTT over TLS.
+    pub mqtts: std::net::SocketAddr,
+    /// The CA certificate the server's certificate chains to (PEM).
+    pub ca_pem: Vec<u8>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -32,6 +38,8 @@ pub(crate) fn settings_for(data_dir: &Path) -> Settings {
         ..Default::default()
     };
     s.http.listen = "127.0.0.1:0".parse().unwrap();
+    s.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    s.mqtt.tls_listen = "127.0.0.1:0".parse().unwrap();
     s.admin.password = Some(PASSWORD.to_owned().into());
     s
 }
@@ -58,6 +66,7 @@ pub(crate) async fn spawn_with(settings: Settings) -> TestApp {
         .await
         .expect("application builds");
     let addr = app.https_addr();
+    let (mqtt, mqtts) = app.mqtt_addrs().expect("MQTT is enabled");
     let state = app.state().clone();
     let ca = std::fs::read(
         trust
@@ -83,6 +92,9 @@ pub(crate) async fn spawn_with(settings: Settings) -> TestApp {
         clock,
         data_dir,
         state,
+        mqtt,
+        mqtts,
+        ca_pem: ca.clone(),
         stop: Some(tx),
         task: Some(task),
     }
@@ -103,6 +115,16 @@ impl TestApp {
                 .expect("server task")
                 .expect("server stops cleanly");
         }
+    }
+
+    /// Ends the server abruptly, as a crash would: no graceful shutdown, no clean-up.
+    pub(crate) async fn kill(mut self) {
+        let stop = self.stop.take();
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        drop(stop);
     }
 
     /// Signs in as the admin; returns the session cookie (`name=value`).
@@ -138,4 +160,63 @@ impl TestApp {
             .await
             .unwrap()
     }
+}
+
+/// A moto S3 server on a free port, killed on drop.
+pub(crate) struct Moto {
+    child: std::process::Child,
+    pub endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) async fn start_moto() -> Moto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // scripts/setup.sh installs it into a private venv when it is not on PATH.
+    let venv = std::path::Path::new(&std::env::var("HOME").unwrap_or_default())
+        .join(".cache/updraft/moto-venv/bin/moto_server");
+    let program = if venv.exists() {
+        venv
+    } else {
+        "moto_server".into()
+    };
+    let child = std::process::Command::new(program)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("moto_server: run scripts/setup.sh (it installs moto[server])");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if client
+            .get(format!("{endpoint}/moto-api/"))
+            .send()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let resp = client
+        .put(format!("{endpoint}/updraft"))
+        .send()
+        .await
+        .expect("moto answers");
+    assert!(
+        resp.status().is_success(),
+        "creating the bucket: {}",
+        resp.status()
+    );
+    Moto { child, endpoint }
 }

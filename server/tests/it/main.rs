@@ -5,3 +5,4 @@ mod binary;
 mod console;
 mod helpers;
 mod packages;
+mod tasks;

@@ -13,7 +13,7 @@ use sea_orm::{ActiveModelTrait, EntityTrait, Set};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{TestApp, settings_for, spawn_app, spawn_with};
+use crate::helpers::{TestApp, settings_for, spawn_app, spawn_with, start_moto};
 
 const PRODUCT: &str = "meter";
 
@@ -1000,65 +1000,6 @@ async fn the_c_sdk_raw_request_with_bare_line_feeds_is_served() {
     );
     assert_eq!(body, file);
     app.stop().await;
-}
-
-/// A moto S3 server on a free port, killed on drop.
-struct Moto {
-    child: std::process::Child,
-    endpoint: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_moto() -> Moto {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    // scripts/setup.sh installs it into a private venv when it is not on PATH.
-    let venv = std::path::Path::new(&std::env::var("HOME").unwrap_or_default())
-        .join(".cache/updraft/moto-venv/bin/moto_server");
-    let program = if venv.exists() {
-        venv
-    } else {
-        "moto_server".into()
-    };
-    let child = std::process::Command::new(program)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("moto_server: run scripts/setup.sh (it installs moto[server])");
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    for _ in 0..300 {
-        if client
-            .get(format!("{endpoint}/moto-api/"))
-            .send()
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let resp = client
-        .put(format!("{endpoint}/updraft"))
-        .send()
-        .await
-        .expect("moto answers");
-    assert!(
-        resp.status().is_success(),
-        "creating the bucket: {}",
-        resp.status()
-    );
-    Moto { child, endpoint }
 }
 
 #[tokio::test]

@@ -1,0 +1,1191 @@
+//! The task driver: runs every subtask's pure state machine (`domain::flow::mqtt`) against the database.
+//!
+//! Inputs come from three places: devices (connect, disconnect, `version_report`, `upgrade_progress_report`,
+//! through [`Driver::device_event`]), deadlines ([`Driver::run_due`], called by [`Driver::run`] whenever the
+//! earliest `deadline_at` or `schedule_time` passes), and operators (start, stop, retry, through
+//! `service::tasks`).
+//!
+//! Every transition follows the same order: the machine is loaded from its row, handed the input, and the
+//! new state is **committed** (subtask row, task counters and status, step history, outbox) before any
+//! effect is performed (publish a query or an upgrade event, issue or revoke tokens). A crash between the
+//! two loses at most an effect; the machine re-sends it when the device reconnects, and deadlines catch the
+//! rest. On start-up nothing special is needed: the stored rows are the state.
+//!
+//! Transitions are serialised by one in-process lock (`write`): SQLite has one writer anyway, and a
+//! read-modify-write of a subtask must not interleave with another. The lock is never held across an
+//! effect that leaves the process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use domain::Timestamp;
+use domain::flow::RetryPolicy;
+use domain::flow::mqtt::{self, Effect, Input, Plan, Timeouts};
+use domain::package::PackageType;
+use domain::task::{SubtaskStatus, TaskProgress, TaskStatus};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Set, TransactionTrait,
+};
+use serde::Serialize;
+use tokio::sync::{Notify, broadcast};
+
+use crate::storage::entity::{
+    device_messages, devices, outbox, packages, subtask_steps, subtasks, tasks,
+};
+use crate::{AppState, Error, Result};
+
+/// Subtasks handled per transaction when many move at once (a task starts, deadlines pass together).
+const BATCH: u64 = 500;
+
+/// How long [`Driver::run`] waits at most between looks at the clock. Deadlines are found by query, so
+/// this bounds how late a deadline is noticed (and how soon a manual clock's jump is seen without a kick).
+const MAX_IDLE: Duration = Duration::from_secs(1);
+
+/// Where the driver publishes device messages (the MQTT adapter). Publishing is fire-and-forget: a device
+/// that is not connected simply misses the message, and the machine's deadlines and re-sends handle it.
+pub trait Downlink: Send + Sync + std::fmt::Debug + 'static {
+    /// Publishes `payload` on `device_id`'s `$oc/devices/{device_id}/sys/events/down` topic.
+    fn publish(&self, device_id: &str, payload: Vec<u8>);
+}
+
+/// What a device did, as the MQTT adapter saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// It connected (logged in).
+    Online,
+    /// Its connection ended.
+    Offline,
+    /// `version_report`.
+    VersionReport {
+        /// `sw_version`.
+        sw_version: Option<String>,
+        /// `fw_version`.
+        fw_version: Option<String>,
+    },
+    /// `upgrade_progress_report`.
+    Progress {
+        /// `result_code`.
+        result_code: i64,
+        /// `progress`.
+        progress: Option<i64>,
+        /// `version`.
+        version: Option<String>,
+        /// `description`.
+        description: Option<String>,
+    },
+}
+
+impl DeviceEvent {
+    fn input(&self) -> Input<'_> {
+        match self {
+            Self::Online => Input::Online,
+            Self::Offline => Input::Offline,
+            Self::VersionReport {
+                sw_version,
+                fw_version,
+            } => Input::VersionReport {
+                sw: sw_version.as_deref(),
+                fw: fw_version.as_deref(),
+            },
+            Self::Progress {
+                result_code,
+                progress,
+                version,
+                description,
+            } => Input::Progress {
+                result_code: *result_code,
+                progress: *progress,
+                version: version.as_deref(),
+                description: description.as_deref(),
+            },
+        }
+    }
+}
+
+/// An outbox record, also broadcast in-process after its transaction commits (for live views).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind")]
+pub enum Event {
+    /// A subtask changed status, step or progress.
+    #[serde(rename = "subtask.changed")]
+    Subtask {
+        /// The project.
+        project_id: String,
+        /// The task.
+        task_id: String,
+        /// The device.
+        device_id: String,
+        /// IoTDA status.
+        status: String,
+        /// The step name.
+        step: String,
+        /// Percent.
+        progress: i32,
+        /// Attempts started.
+        attempts: i32,
+        /// Failure code, when failed or waiting to retry.
+        error_code: Option<String>,
+        /// Failure message.
+        error_msg: Option<String>,
+        /// When (ms since the epoch).
+        at: i64,
+    },
+    /// A task changed status or counters.
+    #[serde(rename = "task.changed")]
+    Task {
+        /// The project.
+        project_id: String,
+        /// The task.
+        task_id: String,
+        /// IoTDA status.
+        status: String,
+        /// IoTDA `task_progress`.
+        task_progress: TaskProgress,
+        /// When (ms since the epoch).
+        at: i64,
+    },
+}
+
+impl Event {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Subtask { .. } => "subtask.changed",
+            Self::Task { .. } => "task.changed",
+        }
+    }
+
+    fn project_id(&self) -> &str {
+        match self {
+            Self::Subtask { project_id, .. } | Self::Task { project_id, .. } => project_id,
+        }
+    }
+
+    fn aggregate_id(&self) -> String {
+        match self {
+            Self::Subtask {
+                task_id, device_id, ..
+            } => format!("{task_id}/{device_id}"),
+            Self::Task { task_id, .. } => task_id.clone(),
+        }
+    }
+}
+
+/// Driver settings (from the server's configuration).
+#[derive(Clone, Debug)]
+pub struct DriverSettings {
+    /// The MQTT flow's timeouts.
+    pub mqtt: Timeouts,
+    /// The base of download URLs given to devices, e.g. `https://ota.example.com:8443` (no trailing `/`).
+    pub download_base_url: String,
+}
+
+impl Default for DriverSettings {
+    fn default() -> Self {
+        Self {
+            mqtt: Timeouts::default(),
+            download_base_url: "https://localhost:8443".to_owned(),
+        }
+    }
+}
+
+/// What a task's subtasks need to run, read once per task and cached (a task's package and policy never
+/// change after creation).
+#[derive(Clone, Debug)]
+struct TaskPlan {
+    project_id: String,
+    plan: Plan,
+    package: packages::Model,
+    kind: PackageType,
+}
+
+/// The task driver. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Driver {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: DriverSettings,
+    downlink: RwLock<Option<Arc<dyn Downlink>>>,
+    write: tokio::sync::Mutex<()>,
+    plans: Mutex<HashMap<String, Arc<TaskPlan>>>,
+    wake: Notify,
+    events: broadcast::Sender<Event>,
+}
+
+/// A committed transition's effects, to perform after the commit.
+struct Pending {
+    subtask_id: i64,
+    device_id: String,
+    task_id: String,
+    effects: Vec<Effect>,
+}
+
+impl Driver {
+    /// A driver with no downlink yet (see [`Driver::set_downlink`]).
+    #[must_use]
+    pub fn new(settings: DriverSettings) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                downlink: RwLock::new(None),
+                write: tokio::sync::Mutex::new(()),
+                plans: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+                events,
+            }),
+        }
+    }
+
+    /// The settings.
+    #[must_use]
+    pub fn settings(&self) -> &DriverSettings {
+        &self.inner.settings
+    }
+
+    /// Connects the driver to the device messaging adapter.
+    pub fn set_downlink(&self, downlink: Arc<dyn Downlink>) {
+        *self
+            .inner
+            .downlink
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(downlink);
+    }
+
+    /// Committed task and subtask changes, as they happen (a lagging receiver misses some; the outbox
+    /// table has them all).
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Makes [`Driver::run`] look at deadlines now (after a manual clock moved, or new work).
+    pub fn kick(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Forgets a deleted task's cached plan.
+    pub(crate) fn forget(&self, task_id: &str) {
+        self.plans().remove(task_id);
+    }
+
+    fn plans(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TaskPlan>>> {
+        self.inner
+            .plans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn downlink(&self) -> Option<Arc<dyn Downlink>> {
+        self.inner
+            .downlink
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs deadlines as they pass until `stop` is cancelled.
+    pub async fn run(&self, state: AppState, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            let wait = match self.run_due(&state).await {
+                Ok(next) => next
+                    .map(|t| t.since(state.clock.now()))
+                    .map_or(MAX_IDLE, |d| d.min(MAX_IDLE)),
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "task driver: running deadlines failed");
+                    MAX_IDLE
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.inner.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Starts scheduled tasks whose time has come and fires every passed subtask deadline. Returns the next
+    /// deadline, if any.
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub async fn run_due(&self, state: &AppState) -> Result<Option<Timestamp>> {
+        while self.drain_queued(state).await? == BATCH as usize {}
+        let now = state.clock.now();
+        let scheduled: Vec<String> = tasks::Entity::find()
+            .select_only()
+            .column(tasks::Column::Id)
+            .filter(tasks::Column::Status.eq(TaskStatus::Waiting.as_str()))
+            .filter(tasks::Column::ScheduleTime.lte(now.as_millis()))
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        for task_id in scheduled {
+            // Through the service: a group target is resolved now, at the task's start. One task that
+            // cannot start must not hold up every other deadline.
+            if let Err(e) = crate::service::tasks::start(state, &task_id).await {
+                tracing::warn!(task_id, error.message = %e, "task driver: starting a scheduled task failed");
+                if e.is_internal() {
+                    return Err(e);
+                }
+            }
+        }
+        loop {
+            let due = subtasks::Entity::find()
+                .select_only()
+                .column(subtasks::Column::Id)
+                .filter(subtasks::Column::DeadlineAt.lte(now.as_millis()))
+                .order_by_asc(subtasks::Column::DeadlineAt)
+                .limit(BATCH)
+                .into_tuple::<i64>()
+                .all(&state.db)
+                .await?;
+            let n = due.len() as u64;
+            self.apply(state, due, Input::Timer).await?;
+            if n < BATCH {
+                break;
+            }
+        }
+        let next_deadline: Option<i64> = subtasks::Entity::find()
+            .select_only()
+            .column_as(subtasks::Column::DeadlineAt.min(), "m")
+            .into_tuple::<Option<i64>>()
+            .one(&state.db)
+            .await?
+            .flatten();
+        let next_schedule: Option<i64> = tasks::Entity::find()
+            .select_only()
+            .column_as(tasks::Column::ScheduleTime.min(), "m")
+            .filter(tasks::Column::Status.eq(TaskStatus::Waiting.as_str()))
+            .into_tuple::<Option<i64>>()
+            .one(&state.db)
+            .await?
+            .flatten();
+        Ok(next_deadline
+            .into_iter()
+            .chain(next_schedule)
+            .min()
+            .map(Timestamp::from_millis))
+    }
+
+    /// Starts a task: moves it to `Processing` and starts every subtask that has not started.
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub async fn start_task(&self, state: &AppState, task_id: &str) -> Result<()> {
+        {
+            let _w = self.inner.write.lock().await;
+            let now = state.clock.now().as_millis();
+            tasks::Entity::update_many()
+                .col_expr(
+                    tasks::Column::Status,
+                    Expr::value(TaskStatus::Processing.as_str()),
+                )
+                .col_expr(tasks::Column::StartedAt, Expr::value(now))
+                .col_expr(tasks::Column::UpdatedAt, Expr::value(now))
+                .filter(tasks::Column::Id.eq(task_id))
+                .filter(tasks::Column::Status.is_in([
+                    TaskStatus::Waiting.as_str(),
+                    TaskStatus::Initializing.as_str(),
+                ]))
+                .exec(&state.db)
+                .await?;
+        }
+        tracing::info!(task_id, "task started");
+        let mut after = 0_i64;
+        loop {
+            let ids = subtasks::Entity::find()
+                .select_only()
+                .column(subtasks::Column::Id)
+                .filter(subtasks::Column::TaskId.eq(task_id))
+                .filter(subtasks::Column::Step.eq("pending"))
+                .filter(subtasks::Column::Id.gt(after))
+                .order_by_asc(subtasks::Column::Id)
+                .limit(BATCH)
+                .into_tuple::<i64>()
+                .all(&state.db)
+                .await?;
+            let n = ids.len() as u64;
+            if let Some(last) = ids.last() {
+                after = *last;
+            }
+            self.apply(state, ids, Input::Start).await?;
+            if n < BATCH {
+                break;
+            }
+        }
+        // An empty task (or one whose subtasks all finished at once) gets its final status here.
+        self.refresh(state, task_id).await
+    }
+
+    /// Re-derives a task's status from its counters (after a stop, or a start with nothing to do).
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub(crate) async fn refresh(&self, state: &AppState, task_id: &str) -> Result<()> {
+        let events = {
+            let _w = self.inner.write.lock().await;
+            let txn = state.db.begin().await?;
+            let mut events = Vec::new();
+            refresh_task(&txn, task_id, state.clock.now(), &mut events).await?;
+            txn.commit().await?;
+            events
+        };
+        self.publish_events(events);
+        Ok(())
+    }
+
+    /// Applies an operator command (`Start` to retry, `Stop`) to the given subtasks.
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub(crate) async fn command(
+        &self,
+        state: &AppState,
+        subtask_ids: Vec<i64>,
+        input: Input<'static>,
+    ) -> Result<()> {
+        for chunk in subtask_ids.chunks(BATCH as usize) {
+            self.apply(state, chunk.to_vec(), input.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// Restarts subtasks (an operator retry): each is first told whether its device is connected now
+    /// (finished subtasks stop following connects and disconnects), then started.
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub(crate) async fn restart(&self, state: &AppState, subtask_ids: Vec<i64>) -> Result<()> {
+        for chunk in subtask_ids.chunks(BATCH as usize) {
+            let rows: Vec<(i64, String)> = subtasks::Entity::find()
+                .select_only()
+                .column(subtasks::Column::Id)
+                .column(subtasks::Column::DeviceId)
+                .filter(subtasks::Column::Id.is_in(chunk.to_vec()))
+                .into_tuple()
+                .all(&state.db)
+                .await?;
+            let online: std::collections::HashSet<String> = devices::Entity::find()
+                .select_only()
+                .column(devices::Column::Id)
+                .filter(devices::Column::Id.is_in(rows.iter().map(|(_, d)| d.clone())))
+                .filter(devices::Column::Status.eq("ONLINE"))
+                .into_tuple::<String>()
+                .all(&state.db)
+                .await?
+                .into_iter()
+                .collect();
+            let mut steps = Vec::with_capacity(rows.len() * 2);
+            for (id, device) in &rows {
+                let now_online = if online.contains(device) {
+                    Input::Online
+                } else {
+                    Input::Offline
+                };
+                steps.push((*id, now_online));
+                steps.push((*id, Input::Start));
+            }
+            self.apply_each(state, steps).await?;
+        }
+        Ok(())
+    }
+
+    /// Feeds a device event to the device's open subtasks, and records its online state and versions.
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub async fn device_event(
+        &self,
+        state: &AppState,
+        device_id: &str,
+        event: DeviceEvent,
+    ) -> Result<()> {
+        self.device_events(state, vec![(device_id.to_owned(), event)])
+            .await
+    }
+
+    /// [`Driver::device_event`] for many events at once (in order), in one transaction each for the
+    /// device records and the subtasks: what the MQTT adapter hands over when messages arrive together.
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub async fn device_events(
+        &self,
+        state: &AppState,
+        events: Vec<(String, DeviceEvent)>,
+    ) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let now = state.clock.now().as_millis();
+        let txn = state.db.begin().await?;
+        for (device_id, event) in &events {
+            record_device(&txn, device_id, event, now).await?;
+        }
+        txn.commit().await?;
+        let mut device_ids: Vec<&str> = events.iter().map(|(d, _)| d.as_str()).collect();
+        device_ids.sort_unstable();
+        device_ids.dedup();
+        let mut open: HashMap<String, Vec<i64>> = HashMap::new();
+        for chunk in device_ids.chunks(BATCH as usize) {
+            let rows: Vec<(i64, String)> = subtasks::Entity::find()
+                .select_only()
+                .column(subtasks::Column::Id)
+                .column(subtasks::Column::DeviceId)
+                .filter(subtasks::Column::DeviceId.is_in(chunk.iter().copied()))
+                .filter(subtasks::Column::Status.is_in(OPEN.map(SubtaskStatus::as_str)))
+                .order_by_asc(subtasks::Column::Id)
+                .into_tuple()
+                .all(&state.db)
+                .await?;
+            for (id, device) in rows {
+                open.entry(device).or_default().push(id);
+            }
+        }
+        let steps: Vec<(i64, Input<'_>)> = events
+            .iter()
+            .flat_map(|(device, event)| {
+                open.get(device)
+                    .into_iter()
+                    .flatten()
+                    .map(move |id| (*id, event.input()))
+            })
+            .collect();
+        self.apply_each(state, steps).await
+    }
+
+    async fn plan(&self, state: &AppState, task_id: &str) -> Result<Option<Arc<TaskPlan>>> {
+        if let Some(p) = self.plans().get(task_id) {
+            return Ok(Some(p.clone()));
+        }
+        let Some(task) = tasks::Entity::find_by_id(task_id.to_owned())
+            .one(&state.db)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let package = match &task.package_id {
+            Some(id) => {
+                packages::Entity::find_by_id(id.clone())
+                    .one(&state.db)
+                    .await?
+            }
+            None => None,
+        };
+        let Some(package) = package else {
+            return Ok(None);
+        };
+        let kind = PackageType::parse(&package.package_type)?;
+        let sources: Vec<String> =
+            serde_json::from_str(&package.support_source_versions).unwrap_or_default();
+        let retry = RetryPolicy::parse(
+            i64::from(task.retry_count),
+            i64::from(task.retry_interval_min),
+        )
+        .unwrap_or(RetryPolicy::NONE);
+        let plan = Arc::new(TaskPlan {
+            project_id: task.project_id,
+            plan: Plan {
+                kind,
+                target: package.version.clone(),
+                sources,
+                retry: if task.retry_count == 0 {
+                    RetryPolicy::NONE
+                } else {
+                    retry
+                },
+                timeouts: self.inner.settings.mqtt,
+            },
+            package,
+            kind,
+        });
+        self.plans().insert(task_id.to_owned(), plan.clone());
+        Ok(Some(plan))
+    }
+
+    /// The core: load plans, run the machines, commit everything in one transaction, then perform effects.
+    ///
+    /// Rows are read under the write lock but before the transaction, so the transaction's first statement
+    /// is a write: on SQLite a transaction that reads first and writes later fails when another connection
+    /// wrote in between.
+    async fn apply(&self, state: &AppState, ids: Vec<i64>, input: Input<'_>) -> Result<()> {
+        let steps = ids.into_iter().map(|id| (id, input.clone())).collect();
+        self.apply_each(state, steps).await
+    }
+
+    /// Applies each `(subtask id, input)` in order, all in one transaction; a subtask named twice sees the
+    /// state its first input left.
+    async fn apply_each(&self, state: &AppState, steps: Vec<(i64, Input<'_>)>) -> Result<()> {
+        if steps.is_empty() {
+            return Ok(());
+        }
+        let mut pending = Vec::new();
+        let mut events = Vec::new();
+        {
+            let _w = self.inner.write.lock().await;
+            let now = state.clock.now();
+            let mut ids: Vec<i64> = steps.iter().map(|(id, _)| *id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let mut rows: HashMap<i64, subtasks::Model> = HashMap::with_capacity(ids.len());
+            for chunk in ids.chunks(BATCH as usize) {
+                for row in subtasks::Entity::find()
+                    .filter(subtasks::Column::Id.is_in(chunk.to_vec()))
+                    .all(&state.db)
+                    .await?
+                {
+                    rows.insert(row.id, row);
+                }
+            }
+            let mut plans: HashMap<i64, Arc<TaskPlan>> = HashMap::with_capacity(rows.len());
+            for row in rows.values() {
+                if let Some(plan) = self.plan(state, &row.task_id).await? {
+                    plans.insert(row.id, plan);
+                }
+            }
+            let txn = state.db.begin().await?;
+            let mut touched_tasks: Vec<String> = Vec::new();
+            for (id, input) in steps {
+                let (Some(row), Some(plan)) = (rows.remove(&id), plans.get(&id)) else {
+                    continue;
+                };
+                let changed =
+                    match transition(&txn, now, plan, row.clone(), input, &mut events).await? {
+                        Some(changed) => changed,
+                        None => {
+                            rows.insert(id, row);
+                            continue;
+                        }
+                    };
+                if changed.status_changed && !touched_tasks.contains(&changed.row.task_id) {
+                    touched_tasks.push(changed.row.task_id.clone());
+                }
+                if !changed.effects.is_empty() {
+                    pending.push(Pending {
+                        subtask_id: changed.row.id,
+                        device_id: changed.row.device_id.clone(),
+                        task_id: changed.row.task_id.clone(),
+                        effects: changed.effects,
+                    });
+                }
+                rows.insert(id, changed.row);
+            }
+            for task_id in &touched_tasks {
+                refresh_task(&txn, task_id, now, &mut events).await?;
+            }
+            txn.commit().await?;
+        }
+        self.publish_events(events);
+        for p in pending {
+            self.perform(state, p).await;
+        }
+        Ok(())
+    }
+
+    fn publish_events(&self, events: Vec<Event>) {
+        for e in events {
+            // No receiver is fine: nobody is watching.
+            let _ = self.inner.events.send(e);
+        }
+    }
+
+    /// Performs a committed transition's effects. Failures are logged: the state is already stored, and
+    /// the machine's deadlines and re-sends recover from a lost message.
+    async fn perform(&self, state: &AppState, p: Pending) {
+        let downlink = self.downlink();
+        for effect in p.effects.clone() {
+            let result = match effect {
+                Effect::SendVersionQuery => {
+                    let payload =
+                        protocol::ota::version_query(&p.device_id, &state.clock.now().to_compact());
+                    send(state, downlink.as_deref(), &p.device_id, payload).await
+                }
+                Effect::SendUpgrade => self.send_upgrade(state, &p, downlink.as_deref()).await,
+                Effect::RevokeTokens => {
+                    super::service::downloads::revoke_subtask(state, p.subtask_id)
+                        .await
+                        .map(|_| ())
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(
+                    device_id = %p.device_id, task_id = %p.task_id, ?effect,
+                    error.message = %e, "task driver: effect failed"
+                );
+            }
+        }
+    }
+
+    async fn send_upgrade(
+        &self,
+        state: &AppState,
+        p: &Pending,
+        downlink: Option<&dyn Downlink>,
+    ) -> Result<()> {
+        let plan = self
+            .plan(state, &p.task_id)
+            .await?
+            .ok_or_else(|| Error::not_found("task", p.task_id.clone()))?;
+        let package = &plan.package;
+        let kind = match plan.kind {
+            PackageType::Software => protocol::ota::UpgradeKind::Software,
+            PackageType::Firmware => protocol::ota::UpgradeKind::Firmware,
+        };
+        let ttl = state.settings.download_token_ttl.as_secs();
+        let custom_info = Some(package.custom_info.clone()).filter(|c| !c.is_empty());
+        let key = super::service::packages::object_key(package)?;
+        let registered = package.source == super::service::packages::SOURCE_BUCKET;
+        if let Some(url) = state
+            .store
+            .offload_url(&key, registered, state.settings.download_token_ttl)
+            .await?
+        {
+            // IoTDA's `*_upgrade_v2`: the device fetches from the bucket, without a token.
+            let notice = protocol::ota::UpgradeNoticeV2 {
+                version: package.version.clone(),
+                url,
+                file_size: u64::try_from(package.size).unwrap_or(0),
+                file_name: package.file_name.clone(),
+                expires: ttl,
+                sign: package.sha256.clone(),
+                custom_info,
+                task_id: Some(p.task_id.clone()),
+            };
+            let payload = protocol::ota::upgrade_event_v2(
+                &p.device_id,
+                &state.clock.now().to_compact(),
+                kind,
+                &notice,
+            );
+            return send(state, downlink, &p.device_id, payload).await;
+        }
+        if super::service::downloads::live_and_used(state, p.subtask_id).await? {
+            // A re-send after a reconnect, but the device already downloads with the token it has.
+            tracing::debug!(device_id = %p.device_id, "upgrade event not re-sent: download in progress");
+            return Ok(());
+        }
+        let token = super::service::downloads::issue(state, p.subtask_id, &package.id).await?;
+        let notice = protocol::ota::UpgradeNotice {
+            version: package.version.clone(),
+            url: download_url(
+                &self.inner.settings.download_base_url,
+                &package.id,
+                &package.file_name,
+            ),
+            file_size: u64::try_from(package.size).unwrap_or(0),
+            file_name: package.file_name.clone(),
+            access_token: token.token,
+            expires: ttl,
+            sign: package.sha256.clone(),
+            custom_info,
+            task_id: Some(p.task_id.clone()),
+        };
+        let payload = protocol::ota::upgrade_event(
+            &p.device_id,
+            &state.clock.now().to_compact(),
+            kind,
+            &notice,
+        );
+        send(state, downlink, &p.device_id, payload).await
+    }
+
+    /// Publishes messages other processes queued for devices (oldest first), when this process serves
+    /// MQTT. Returns how many were sent.
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub async fn drain_queued(&self, state: &AppState) -> Result<usize> {
+        let Some(downlink) = self.downlink() else {
+            return Ok(0);
+        };
+        let rows = device_messages::Entity::find()
+            .order_by_asc(device_messages::Column::Id)
+            .limit(BATCH)
+            .all(&state.db)
+            .await?;
+        let Some(last) = rows.last().map(|r| r.id) else {
+            return Ok(0);
+        };
+        device_messages::Entity::delete_many()
+            .filter(device_messages::Column::Id.lte(last))
+            .exec(&state.db)
+            .await?;
+        let n = rows.len();
+        for m in rows {
+            downlink.publish(&m.device_id, m.payload);
+        }
+        Ok(n)
+    }
+}
+
+/// Publishes through this process's MQTT endpoint, or, in a process without one (the command line),
+/// queues the message for the instance that serves MQTT (see [`Driver::drain_queued`]).
+async fn send(
+    state: &AppState,
+    downlink: Option<&dyn Downlink>,
+    device_id: &str,
+    payload: Vec<u8>,
+) -> Result<()> {
+    match downlink {
+        Some(d) => d.publish(device_id, payload),
+        None => {
+            device_messages::ActiveModel {
+                device_id: Set(device_id.to_owned()),
+                payload: Set(payload),
+                created_at: Set(state.clock.now().as_millis()),
+                ..Default::default()
+            }
+            .insert(&state.db)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Records what a device event says about the device itself: online state, reported versions.
+async fn record_device(
+    txn: &DatabaseTransaction,
+    device_id: &str,
+    event: &DeviceEvent,
+    now: i64,
+) -> Result<()> {
+    match event {
+        DeviceEvent::Online | DeviceEvent::Offline => {
+            let online = *event == DeviceEvent::Online;
+            let mut update = devices::Entity::update_many()
+                .col_expr(
+                    devices::Column::Status,
+                    Expr::value(if online { "ONLINE" } else { "OFFLINE" }),
+                )
+                .col_expr(
+                    devices::Column::ConnectionStatusUpdateTime,
+                    Expr::value(now),
+                )
+                .filter(devices::Column::Id.eq(device_id));
+            if online {
+                update = update.col_expr(
+                    devices::Column::ActiveTime,
+                    Expr::col(devices::Column::ActiveTime).if_null(now),
+                );
+            }
+            update.exec(txn).await?;
+        }
+        DeviceEvent::VersionReport {
+            sw_version,
+            fw_version,
+        } => {
+            let mut update =
+                devices::Entity::update_many().filter(devices::Column::Id.eq(device_id));
+            let mut any = false;
+            for (col, v) in [
+                (devices::Column::SwVersion, sw_version),
+                (devices::Column::FwVersion, fw_version),
+            ] {
+                if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
+                    update = update.col_expr(col, Expr::value(v.to_owned()));
+                    any = true;
+                }
+            }
+            if any {
+                update.exec(txn).await?;
+            }
+        }
+        DeviceEvent::Progress { .. } => {}
+    }
+    Ok(())
+}
+
+/// The URL a device downloads `file_name` of `package_id` from.
+#[must_use]
+pub fn download_url(base: &str, package_id: &str, file_name: &str) -> String {
+    let name = percent_encode_path(file_name);
+    format!(
+        "{}/download/{package_id}/{name}",
+        base.trim_end_matches('/')
+    )
+}
+
+fn percent_encode_path(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Subtask statuses in which something can still happen without an operator.
+pub(crate) const OPEN: [SubtaskStatus; 3] = [
+    SubtaskStatus::Waiting,
+    SubtaskStatus::Processing,
+    SubtaskStatus::FailWaitRetry,
+];
+
+struct Changed {
+    /// The row as written.
+    row: subtasks::Model,
+    status_changed: bool,
+    effects: Vec<Effect>,
+}
+
+/// Runs one machine and writes its new state (inside `txn`). `None` when nothing changed.
+async fn transition(
+    txn: &DatabaseTransaction,
+    now: Timestamp,
+    plan: &TaskPlan,
+    row: subtasks::Model,
+    input: Input<'_>,
+    events: &mut Vec<Event>,
+) -> Result<Option<Changed>> {
+    let mut machine = match row.machine.as_deref() {
+        Some(json) => serde_json::from_str::<mqtt::Subtask>(json)
+            .map_err(|e| Error::Internal(format!("subtask {}: stored machine: {e}", row.id)))?,
+        None => mqtt::Subtask::new(false),
+    };
+    let before = machine.clone();
+    let effects = machine.handle(now, &plan.plan, input);
+    if machine == before && effects.is_empty() {
+        return Ok(None);
+    }
+    let status = machine.status();
+    let old_status = SubtaskStatus::parse(&row.status)?;
+    let step = machine.step();
+    let progress = i32::from(machine.progress);
+    let failure = machine.failure().cloned();
+    let visible_change = status != old_status || step != row.step || progress != row.progress;
+    let at = now.as_millis();
+    let json = serde_json::to_string(&machine).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut update = subtasks::ActiveModel {
+        id: Set(row.id),
+        status: Set(status.as_str().to_owned()),
+        step: Set(step.to_owned()),
+        progress: Set(progress),
+        attempts: Set(i32::from(machine.attempts)),
+        deadline_at: Set(machine.poll_timeout().map(Timestamp::as_millis)),
+        source_version: Set(machine.source_version.clone()),
+        error_code: Set(failure.as_ref().map(mqtt::Failure::code)),
+        error_msg: Set(failure.as_ref().map(mqtt::Failure::message)),
+        machine: Set(Some(json)),
+        updated_at: Set(at),
+        ..Default::default()
+    };
+    if row.started_at.is_none() && before.phase == mqtt::Phase::Pending {
+        update.started_at = Set(Some(at));
+    }
+    update.finished_at = Set(machine.is_final().then_some(at));
+    let written = update.update(txn).await?;
+    if status == SubtaskStatus::Success && old_status != SubtaskStatus::Success {
+        // The device now runs the package's version (it said so, or it already did).
+        let column = match plan.kind {
+            PackageType::Software => devices::Column::SwVersion,
+            PackageType::Firmware => devices::Column::FwVersion,
+        };
+        devices::Entity::update_many()
+            .col_expr(column, Expr::value(plan.plan.target.clone()))
+            .filter(devices::Column::Id.eq(&row.device_id))
+            .exec(txn)
+            .await?;
+    }
+    if status != old_status {
+        tasks::Entity::update_many()
+            .col_expr(counter(old_status), Expr::col(counter(old_status)).sub(1))
+            .col_expr(counter(status), Expr::col(counter(status)).add(1))
+            .col_expr(tasks::Column::UpdatedAt, Expr::value(at))
+            .filter(tasks::Column::Id.eq(&row.task_id))
+            .exec(txn)
+            .await?;
+    }
+    if visible_change {
+        let detail = failure
+            .as_ref()
+            .map(mqtt::Failure::message)
+            .unwrap_or_default();
+        subtask_steps::ActiveModel {
+            subtask_id: Set(row.id),
+            at: Set(at),
+            step: Set(step.to_owned()),
+            status: Set(status.as_str().to_owned()),
+            progress: Set(progress),
+            detail: Set(detail),
+            ..Default::default()
+        }
+        .insert(txn)
+        .await?;
+        let event = Event::Subtask {
+            project_id: plan.project_id.clone(),
+            task_id: row.task_id.clone(),
+            device_id: row.device_id.clone(),
+            status: status.as_str().to_owned(),
+            step: step.to_owned(),
+            progress,
+            attempts: i32::from(machine.attempts),
+            error_code: failure.as_ref().map(mqtt::Failure::code),
+            error_msg: failure.as_ref().map(mqtt::Failure::message),
+            at,
+        };
+        write_outbox(txn, &event, at).await?;
+        events.push(event);
+    }
+    if status != old_status {
+        tracing::info!(
+            task_id = %row.task_id, device_id = %row.device_id,
+            from = old_status.as_str(), to = status.as_str(), step,
+            error = failure.as_ref().map(mqtt::Failure::message).as_deref(),
+            "subtask status"
+        );
+    }
+    Ok(Some(Changed {
+        row: written,
+        status_changed: status != old_status,
+        effects,
+    }))
+}
+
+/// The task counter column of a subtask status.
+pub(crate) const fn counter(status: SubtaskStatus) -> tasks::Column {
+    match status {
+        SubtaskStatus::Waiting => tasks::Column::Waitting,
+        SubtaskStatus::Processing => tasks::Column::Processing,
+        SubtaskStatus::Success => tasks::Column::Success,
+        SubtaskStatus::Fail => tasks::Column::Fail,
+        SubtaskStatus::FailWaitRetry => tasks::Column::FailWaitRetry,
+        SubtaskStatus::Stopped => tasks::Column::Stopped,
+        SubtaskStatus::Removed => tasks::Column::Removed,
+    }
+}
+
+/// A task row's `task_progress`.
+#[must_use]
+pub fn progress_of(task: &tasks::Model) -> TaskProgress {
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    TaskProgress {
+        total: n(task.total),
+        processing: n(task.processing),
+        success: n(task.success),
+        fail: n(task.fail),
+        waitting: n(task.waitting),
+        fail_wait_retry: n(task.fail_wait_retry),
+        stopped: n(task.stopped),
+        removed: n(task.removed),
+    }
+}
+
+/// Re-derives a started task's status from its counters and records a change (inside `txn`).
+pub(crate) async fn refresh_task(
+    txn: &DatabaseTransaction,
+    task_id: &str,
+    now: Timestamp,
+    events: &mut Vec<Event>,
+) -> Result<()> {
+    let at = now.as_millis();
+    // Write first (see `Driver::apply`), then read the counters this transaction sees.
+    tasks::Entity::update_many()
+        .col_expr(tasks::Column::UpdatedAt, Expr::value(at))
+        .filter(tasks::Column::Id.eq(task_id))
+        .exec(txn)
+        .await?;
+    let Some(task) = tasks::Entity::find_by_id(task_id.to_owned())
+        .one(txn)
+        .await?
+    else {
+        return Ok(());
+    };
+    let current = TaskStatus::parse(&task.status)?;
+    if matches!(current, TaskStatus::Initializing | TaskStatus::Waiting) {
+        return Ok(());
+    }
+    let stop_requested = matches!(current, TaskStatus::Stopping | TaskStatus::Stopped);
+    let progress = progress_of(&task);
+    let status = progress.derived_status(stop_requested);
+    let mut update = tasks::ActiveModel {
+        id: Set(task.id.clone()),
+        updated_at: Set(at),
+        ..Default::default()
+    };
+    if status != current {
+        update.status = Set(status.as_str().to_owned());
+        update.status_desc = Set(describe(status, &progress));
+        update.finished_at = Set(status.is_completed().then_some(at));
+        tracing::info!(
+            task_id,
+            from = current.as_str(),
+            to = status.as_str(),
+            "task status"
+        );
+    }
+    update.update(txn).await?;
+    let event = Event::Task {
+        project_id: task.project_id,
+        task_id: task.id,
+        status: status.as_str().to_owned(),
+        task_progress: progress,
+        at,
+    };
+    write_outbox(txn, &event, at).await?;
+    events.push(event);
+    Ok(())
+}
+
+/// `status_desc` for a task status.
+#[must_use]
+pub fn describe(status: TaskStatus, p: &TaskProgress) -> String {
+    match status {
+        TaskStatus::Initializing => "resolving targets".to_owned(),
+        TaskStatus::Waiting => "waiting for the scheduled time".to_owned(),
+        TaskStatus::Processing => format!(
+            "{} of {} devices done ({} succeeded, {} failed)",
+            p.success + p.fail + p.stopped,
+            p.total,
+            p.success,
+            p.fail
+        ),
+        TaskStatus::Stopping => "stopping".to_owned(),
+        TaskStatus::Stopped => format!("stopped ({} of {} succeeded)", p.success, p.total),
+        TaskStatus::Success => format!("all {} devices succeeded", p.success),
+        TaskStatus::Fail => format!("all {} devices failed", p.fail),
+        TaskStatus::PartialSuccess => format!(
+            "{} of {} devices succeeded, {} failed",
+            p.success, p.total, p.fail
+        ),
+    }
+}
+
+pub(crate) async fn write_outbox<C: ConnectionTrait>(db: &C, event: &Event, at: i64) -> Result<()> {
+    outbox::ActiveModel {
+        project_id: Set(event.project_id().to_owned()),
+        kind: Set(event.kind().to_owned()),
+        aggregate_id: Set(event.aggregate_id()),
+        payload: Set(serde_json::to_string(event).map_err(|e| Error::Internal(e.to_string()))?),
+        created_at: Set(at),
+        ..Default::default()
+    }
+    .insert(db)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_urls_escape_file_names() {
+        assert_eq!(
+            download_url("https://h:8443/", "abc", "fw 2.bin"),
+            "https://h:8443/download/abc/fw%202.bin"
+        );
+        assert_eq!(
+            download_url("https://h:8443", "abc", "fw-2.0_x.bin"),
+            "https://h:8443/download/abc/fw-2.0_x.bin"
+        );
+    }
+}

@@ -1,0 +1,810 @@
+//! The device MQTT endpoint (`protocols.md` §1.1-§1.2): IoTDA logins on an embedded rumqttd router.
+//!
+//! rumqttd routes messages but cannot serve IoTDA devices on its own listeners: it refuses `$`-prefixed
+//! topics, has no per-client ACL, closes the socket instead of answering CONNACK 4 to a bad login, and has
+//! no server-side subscriptions, which Huawei's Python and Go SDKs rely on (they never SUBSCRIBE to
+//! `$oc/devices/{id}/sys/events/down`). So Updraft terminates device connections itself:
+//!
+//! ```text
+//! device ──TCP/TLS──▶ session (this module: MQTT 3.1.1 codec, login, ACL, keep-alive)
+//!                        │ one rumqttd local link per device, client id = device id
+//!                        ▼
+//!                     rumqttd router ◀── "updraft" link: subscribed to every device's up topic;
+//!                                         publishes down-topic messages for the task driver
+//! ```
+//!
+//! - **Login**: client id `{device_id}_0_{0|1}_{YYYYMMDDHH}`, user name = device id, password =
+//!   `HMAC-SHA256(key = YYYYMMDDHH, secret)`; signature type 1 also requires the hour to be within
+//!   `timestamp_skew` of the clock. A wrong login gets CONNACK 4 ("bad user name or password"), a client id
+//!   of the wrong shape CONNACK 2, a frozen device CONNACK 5, MQTT 5 CONNACK 1; then the socket closes.
+//! - **System topics without SUBSCRIBE**: every session is subscribed to its own
+//!   `$oc/devices/{id}/sys/events/down` when it logs in.
+//! - **ACL**: a device publishes only to its own `$oc/devices/{id}/sys/events/up` (other topics below its
+//!   own `$oc/devices/{id}/` are acknowledged and dropped, as Updraft has no use for them; anything else
+//!   ends the session) and subscribes only below `$oc/devices/{id}/` (other filters get SUBACK 0x80).
+//! - **Topics inside the router** are the device topics without the leading `$` (rumqttd refuses `$`
+//!   topics); devices never see those names, and no one else can reach the router.
+//! - **Connect/disconnect** feed the task driver (`DeviceEvent::Online/Offline`), which records the online
+//!   state and wakes subtasks waiting for the device. A second login of the same device ends the first
+//!   session, as MQTT requires for a reused client id.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use protocol::mqtt_auth::{ClientId, SigType, verify_password};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
+    SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::{self, QoS};
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::{Notification, RouterConfig};
+use sea_orm::EntityTrait;
+use secrecy::ExposeSecret;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::AppState;
+use crate::driver::{DeviceEvent, Downlink};
+use crate::storage::entity::devices;
+
+/// MQTT endpoint settings.
+#[derive(Clone, Debug)]
+pub struct MqttSettings {
+    /// How far a signature-type-1 timestamp (`YYYYMMDDHH`) may be from the clock.
+    pub timestamp_skew: Duration,
+    /// How long a new connection has to send CONNECT.
+    pub connect_timeout: Duration,
+    /// The largest packet accepted or sent.
+    pub max_packet_size: usize,
+    /// Connections beyond this are refused with CONNACK 3 (server unavailable).
+    pub max_connections: usize,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            timestamp_skew: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 256 * 1024,
+            // The router reserves (virtual) slots for this many up front.
+            max_connections: 200_000,
+        }
+    }
+}
+
+/// The client id of Updraft's own router link.
+const PLATFORM_LINK: &str = "updraft";
+
+/// The router's name for a device topic (rumqttd refuses `$` topics).
+fn internal(topic: &str) -> &str {
+    topic.strip_prefix('$').unwrap_or(topic)
+}
+
+/// A device's own topic prefix, `$oc/devices/{id}/`.
+fn own_prefix(device_id: &str) -> String {
+    format!("$oc/devices/{device_id}/")
+}
+
+/// The running endpoint: the router, the platform's link and the live sessions.
+#[derive(Clone)]
+pub struct MqttEndpoint {
+    ctx: Arc<Ctx>,
+}
+
+impl std::fmt::Debug for MqttEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttEndpoint")
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Ctx {
+    state: AppState,
+    settings: MqttSettings,
+    broker: rumqttd::Broker,
+    sessions: Mutex<HashMap<String, SessionHandle>>,
+    next_session: AtomicU64,
+    connections: AtomicUsize,
+}
+
+struct SessionHandle {
+    id: u64,
+    kick: CancellationToken,
+    done: Arc<tokio::sync::Notify>,
+}
+
+/// Publishes the driver's messages through the platform link.
+struct RouterDownlink {
+    tx: Mutex<LinkTx>,
+}
+
+impl std::fmt::Debug for RouterDownlink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouterDownlink")
+    }
+}
+
+impl Downlink for RouterDownlink {
+    fn publish(&self, device_id: &str, payload: Vec<u8>) {
+        let topic = protocol::ota::down_topic(device_id);
+        let mut tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The router drains its queue in microseconds; a full queue blocks here only briefly.
+        if let Err(e) = tx.publish(internal(&topic).to_owned(), payload) {
+            tracing::warn!(device_id, error.message = %e, "mqtt: publishing to the router failed");
+        }
+    }
+}
+
+impl MqttEndpoint {
+    /// Starts the router and the platform link, and connects the task driver to it.
+    ///
+    /// # Errors
+    /// When the router refuses the platform link (a message naming why).
+    pub fn start(state: AppState, settings: MqttSettings) -> Result<Self, String> {
+        let config = rumqttd::Config {
+            id: 0,
+            router: RouterConfig {
+                max_connections: settings.max_connections.saturating_add(16),
+                max_outgoing_packet_count: 200,
+                // Each filter keeps a ring of segments; device down topics carry a few small events.
+                max_segment_size: settings.max_packet_size.max(64 * 1024),
+                max_segment_count: 4,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: rumqttd::Strategy::default(),
+            },
+            ..Default::default()
+        };
+        let broker = rumqttd::Broker::new(config);
+        let (mut tx, rx) = broker
+            .link(PLATFORM_LINK)
+            .map_err(|e| format!("linking to the MQTT router: {e}"))?;
+        tx.subscribe("oc/devices/+/sys/events/up")
+            .map_err(|e| format!("subscribing device uplinks: {e}"))?;
+        let ctx = Arc::new(Ctx {
+            state: state.clone(),
+            settings,
+            broker,
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+        });
+        state
+            .driver
+            .set_downlink(Arc::new(RouterDownlink { tx: Mutex::new(tx) }));
+        tokio::spawn(uplinks(state, rx));
+        Ok(Self { ctx })
+    }
+
+    /// Open device connections.
+    #[must_use]
+    pub fn connections(&self) -> usize {
+        self.ctx.connections.load(Ordering::Relaxed)
+    }
+
+    /// Accepts plain MQTT connections on `listener` until `stop`.
+    pub async fn serve_plain(self, listener: TcpListener, stop: CancellationToken) {
+        self.accept_loop(listener, None, stop).await;
+    }
+
+    /// Accepts MQTT-over-TLS connections on `listener` until `stop`.
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        stop: CancellationToken,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        self.accept_loop(listener, Some(acceptor), stop).await;
+    }
+
+    async fn accept_loop(
+        self,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error.message = %e, "mqtt: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let ctx = self.ctx.clone();
+            let stop = stop.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                ctx.connections.fetch_add(1, Ordering::Relaxed);
+                match tls {
+                    None => session(&ctx, stream, peer, stop).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(
+                            ctx.settings.connect_timeout,
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => session(&ctx, s, peer, stop).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error.message = %e, "mqtt: TLS handshake failed");
+                            }
+                            Err(_) => tracing::debug!(%peer, "mqtt: TLS handshake timed out"),
+                        }
+                    }
+                }
+                ctx.connections.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    }
+}
+
+/// Reads device messages from the router and hands `$ota` events to the task driver, in arrival order.
+/// Messages that arrived together are handed over together (one transaction for the lot).
+async fn uplinks(state: AppState, mut rx: LinkRx) {
+    use futures::FutureExt;
+    const MAX_BATCH: usize = 512;
+    loop {
+        let first = match rx.next().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::info!(error.message = %e, "mqtt: router link closed");
+                return;
+            }
+        };
+        let mut batch = Vec::new();
+        let mut next = first;
+        loop {
+            match next {
+                Some(Notification::Forward(forward)) => {
+                    let topic = String::from_utf8_lossy(&forward.publish.topic);
+                    let external = format!("${topic}");
+                    if let Some(device_id) = protocol::ota::up_topic_device(&external) {
+                        uplink_events(device_id, &forward.publish.payload, &mut batch);
+                    }
+                }
+                Some(Notification::Unschedule) => {
+                    if let Err(e) = rx.wake().await {
+                        tracing::warn!(error.message = %e, "mqtt: waking the router link failed");
+                        return;
+                    }
+                }
+                _ => {}
+            }
+            if batch.len() >= MAX_BATCH {
+                break;
+            }
+            // Whatever is already here, without waiting.
+            match rx.next().now_or_never() {
+                Some(Ok(n)) => next = n,
+                Some(Err(_)) | None => break,
+            }
+        }
+        if let Err(e) = state.driver.device_events(&state, batch).await {
+            tracing::warn!(error.message = %e, "mqtt: handling uplinks failed");
+        }
+    }
+}
+
+/// The driver events in one uplink message (`$ota` events; others are logged and ignored).
+fn uplink_events(device_id: &str, payload: &[u8], out: &mut Vec<(String, DeviceEvent)>) {
+    let events = match protocol::ota::parse_uplink(payload) {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::warn!(device_id, error.message = %e, "mqtt: unreadable uplink ignored");
+            return;
+        }
+    };
+    for event in events {
+        let event = match event {
+            protocol::ota::Uplink::VersionReport {
+                sw_version,
+                fw_version,
+            } => DeviceEvent::VersionReport {
+                sw_version,
+                fw_version,
+            },
+            protocol::ota::Uplink::Progress {
+                result_code,
+                progress,
+                version,
+                description,
+            } => DeviceEvent::Progress {
+                result_code,
+                progress,
+                version,
+                description,
+            },
+            protocol::ota::Uplink::Other {
+                service_id,
+                event_type,
+            } => {
+                tracing::debug!(device_id, service_id, event_type, "mqtt: event ignored");
+                continue;
+            }
+        };
+        out.push((device_id.to_owned(), event));
+    }
+}
+
+/// Why a session ended (for the log).
+enum End {
+    Closed,
+    Disconnect,
+    KeepAlive,
+    Kicked,
+    Shutdown,
+    RouterDropped,
+    Acl(String),
+    Protocol(String),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Closed => f.write_str("connection closed"),
+            Self::Disconnect => f.write_str("DISCONNECT"),
+            Self::KeepAlive => f.write_str("keep-alive expired"),
+            Self::Kicked => f.write_str("replaced by a new login of the same device"),
+            Self::Shutdown => f.write_str("server shutting down"),
+            Self::RouterDropped => f.write_str("dropped by the router"),
+            Self::Acl(what) => write!(f, "not allowed: {what}"),
+            Self::Protocol(e) => write!(f, "protocol error: {e}"),
+            Self::Io(e) => write!(f, "I/O error: {e}"),
+        }
+    }
+}
+
+/// One connection, from CONNECT to close.
+async fn session<S>(ctx: &Arc<Ctx>, stream: S, peer: SocketAddr, stop: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf = BytesMut::with_capacity(512);
+    let max = ctx.settings.max_packet_size;
+    let first = tokio::time::timeout(
+        ctx.settings.connect_timeout,
+        read_packet(&mut rd, &mut buf, max),
+    )
+    .await;
+    let connect = match first {
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Err(ReadError::Codec(mqttbytes::Error::InvalidProtocolLevel(level)))) => {
+            tracing::info!(%peer, level, "mqtt: refused protocol level");
+            let _ = write(
+                &mut wr,
+                refuse(ConnectReturnCode::RefusedProtocolVersion),
+                max,
+            )
+            .await;
+            return;
+        }
+        Ok(Ok(Some(other))) => {
+            tracing::debug!(%peer, packet = ?other, "mqtt: first packet is not CONNECT");
+            return;
+        }
+        Ok(Ok(None) | Err(_)) | Err(_) => return,
+    };
+    let device_id = match authenticate(ctx, &connect).await {
+        Ok(id) => id,
+        Err(code) => {
+            tracing::info!(%peer, client_id = %connect.client_id, ?code, "mqtt: login refused");
+            let _ = write(&mut wr, refuse(code), max).await;
+            let _ = wr.shutdown().await;
+            return;
+        }
+    };
+    if ctx.connections.load(Ordering::Relaxed) > ctx.settings.max_connections {
+        let _ = write(&mut wr, refuse(ConnectReturnCode::ServiceUnavailable), max).await;
+        return;
+    }
+
+    // One session per device: end an earlier one (and wait for it to leave the router) first.
+    let id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
+    let kick = CancellationToken::new();
+    let done = Arc::new(tokio::sync::Notify::new());
+    let previous = {
+        let mut sessions = lock(&ctx.sessions);
+        sessions.insert(
+            device_id.clone(),
+            SessionHandle {
+                id,
+                kick: kick.clone(),
+                done: done.clone(),
+            },
+        )
+    };
+    if let Some(prev) = previous {
+        let finished = prev.done.notified();
+        prev.kick.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), finished).await;
+    }
+
+    let end = run_session(
+        ctx, &device_id, &connect, &mut rd, &mut wr, &mut buf, &kick, &stop,
+    )
+    .await;
+
+    {
+        let mut sessions = lock(&ctx.sessions);
+        if sessions.get(&device_id).is_some_and(|s| s.id == id) {
+            sessions.remove(&device_id);
+        }
+    }
+    let still_connected = lock(&ctx.sessions).contains_key(&device_id);
+    if !still_connected
+        && let Err(e) = ctx
+            .state
+            .driver
+            .device_event(&ctx.state, &device_id, DeviceEvent::Offline)
+            .await
+    {
+        tracing::warn!(device_id, error.message = %e, "mqtt: recording disconnect failed");
+    }
+    done.notify_waiters();
+    match &end {
+        End::Acl(_) | End::Protocol(_) => {
+            tracing::warn!(device_id, %peer, reason = %end, "mqtt: session ended");
+        }
+        _ => tracing::info!(device_id, %peer, reason = %end, "mqtt: device disconnected"),
+    }
+    let _ = wr.shutdown().await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_session<R, W>(
+    ctx: &Arc<Ctx>,
+    device_id: &str,
+    connect: &rumqttc::mqttbytes::v4::Connect,
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    kick: &CancellationToken,
+    stop: &CancellationToken,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max = ctx.settings.max_packet_size;
+    let (mut tx, mut rx) = match ctx.broker.link(device_id) {
+        Ok(link) => link,
+        Err(e) => {
+            tracing::warn!(device_id, error.message = %e, "mqtt: router refused the session");
+            let _ = write(wr, refuse(ConnectReturnCode::ServiceUnavailable), max).await;
+            return End::RouterDropped;
+        }
+    };
+    let down = protocol::ota::down_topic(device_id);
+    if let Err(e) = tx.subscribe(internal(&down).to_owned()) {
+        tracing::warn!(device_id, error.message = %e, "mqtt: subscribing the down topic failed");
+        return End::RouterDropped;
+    }
+    if let Err(e) = write(
+        wr,
+        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+        max,
+    )
+    .await
+    {
+        disconnect_link(&mut tx).await;
+        return End::Io(e);
+    }
+    tracing::info!(device_id, "mqtt: device connected");
+    if let Err(e) = ctx
+        .state
+        .driver
+        .device_event(&ctx.state, device_id, DeviceEvent::Online)
+        .await
+    {
+        tracing::warn!(device_id, error.message = %e, "mqtt: recording connect failed");
+    }
+
+    let prefix = own_prefix(device_id);
+    let up = format!("{prefix}sys/events/up");
+    // MQTT 3.1.1 §3.1.2.10: the server closes a connection silent for 1.5 keep-alive periods.
+    let idle = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let mut deadline = idle.map(|d| tokio::time::Instant::now() + d);
+    let end = loop {
+        let keepalive = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => break End::Shutdown,
+            () = kick.cancelled() => break End::Kicked,
+            () = keepalive => break End::KeepAlive,
+            packet = read_packet(rd, buf, max) => {
+                let packet = match packet {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break End::Closed,
+                    Err(ReadError::Io(e)) => break End::Io(e),
+                    Err(ReadError::Codec(e)) => break End::Protocol(e.to_string()),
+                };
+                if let Some(d) = idle {
+                    deadline = Some(tokio::time::Instant::now() + d);
+                }
+                match on_packet(device_id, &prefix, &up, &down, packet, &mut tx) {
+                    Ok(Reply::None) => {}
+                    Ok(Reply::Send(p)) => {
+                        if let Err(e) = write(wr, p, max).await {
+                            break End::Io(e);
+                        }
+                    }
+                    Ok(Reply::Disconnect) => break End::Disconnect,
+                    Err(end) => break end,
+                }
+            }
+            n = rx.next() => match n {
+                Ok(Some(Notification::Forward(f))) => {
+                    let topic = format!("${}", String::from_utf8_lossy(&f.publish.topic));
+                    let out = Publish::from_bytes(topic, QoS::AtMostOnce, f.publish.payload);
+                    if let Err(e) = write(wr, Packet::Publish(out), max).await {
+                        break End::Io(e);
+                    }
+                }
+                Ok(Some(Notification::Unschedule)) => {
+                    if rx.wake().await.is_err() {
+                        break End::RouterDropped;
+                    }
+                }
+                Ok(Some(Notification::Disconnect(..))) | Err(_) => {
+                    // The router dropped this connection; it must not be told to disconnect it again
+                    // (its id may already belong to another connection).
+                    return End::RouterDropped;
+                }
+                Ok(_) => {}
+            },
+        }
+    };
+    disconnect_link(&mut tx).await;
+    end
+}
+
+enum Reply {
+    None,
+    Send(Packet),
+    Disconnect,
+}
+
+/// One packet from a logged-in device: ACL, acknowledgements, routing.
+fn on_packet(
+    device_id: &str,
+    prefix: &str,
+    up: &str,
+    down: &str,
+    packet: Packet,
+    tx: &mut LinkTx,
+) -> Result<Reply, End> {
+    match packet {
+        Packet::Publish(p) => {
+            if !p.topic.starts_with(prefix) {
+                return Err(End::Acl(format!("publish to {}", p.topic)));
+            }
+            if p.topic == up {
+                tx.publish(internal(up).to_owned(), p.payload)
+                    .map_err(|_| End::RouterDropped)?;
+            } else {
+                tracing::debug!(device_id, topic = %p.topic, "mqtt: publish outside sys/events/up dropped");
+            }
+            Ok(match p.qos {
+                QoS::AtMostOnce => Reply::None,
+                QoS::AtLeastOnce => Reply::Send(Packet::PubAck(PubAck::new(p.pkid))),
+                QoS::ExactlyOnce => Reply::Send(Packet::PubRec(PubRec::new(p.pkid))),
+            })
+        }
+        Packet::PubRel(r) => Ok(Reply::Send(Packet::PubComp(PubComp::new(r.pkid)))),
+        Packet::Subscribe(s) => {
+            let mut codes = Vec::with_capacity(s.filters.len());
+            for f in &s.filters {
+                let allowed = f.path.starts_with(prefix) && !f.path[prefix.len()..].is_empty();
+                if !allowed {
+                    tracing::info!(device_id, filter = %f.path, "mqtt: subscription refused");
+                    codes.push(SubscribeReasonCode::Failure);
+                    continue;
+                }
+                // The down topic is subscribed at login.
+                if f.path != down {
+                    tx.subscribe(internal(&f.path).to_owned())
+                        .map_err(|_| End::RouterDropped)?;
+                }
+                let qos = if f.qos == QoS::AtMostOnce {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                codes.push(SubscribeReasonCode::Success(qos));
+            }
+            Ok(Reply::Send(Packet::SubAck(SubAck::new(s.pkid, codes))))
+        }
+        Packet::Unsubscribe(u) => {
+            for f in &u.topics {
+                if f.starts_with(prefix) && f != down {
+                    tx.unsubscribe(internal(f).to_owned())
+                        .map_err(|_| End::RouterDropped)?;
+                }
+            }
+            Ok(Reply::Send(Packet::UnsubAck(UnsubAck::new(u.pkid))))
+        }
+        Packet::PingReq => Ok(Reply::Send(Packet::PingResp)),
+        Packet::Disconnect => Ok(Reply::Disconnect),
+        // Acknowledgements of our QoS 0 downlinks cannot arrive; ignore strays.
+        Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PingResp => {
+            Ok(Reply::None)
+        }
+        Packet::Connect(_) => Err(End::Protocol("second CONNECT".to_owned())),
+        Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) => Err(End::Protocol(
+            "server-to-client packet from a client".to_owned(),
+        )),
+    }
+}
+
+async fn disconnect_link(tx: &mut LinkTx) {
+    let disconnect = rumqttd::protocol::Packet::Disconnect(
+        rumqttd::protocol::Disconnect {
+            reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    );
+    let _ = tx.send(disconnect).await;
+}
+
+/// Checks an IoTDA login; the device id, or the CONNACK code to refuse with.
+async fn authenticate(
+    ctx: &Ctx,
+    connect: &rumqttc::mqttbytes::v4::Connect,
+) -> Result<String, ConnectReturnCode> {
+    let client = ClientId::parse(&connect.client_id).map_err(|_| ConnectReturnCode::BadClientId)?;
+    let login = connect
+        .login
+        .as_ref()
+        .ok_or(ConnectReturnCode::BadUserNamePassword)?;
+    if login.username != client.device_id {
+        return Err(ConnectReturnCode::BadUserNamePassword);
+    }
+    if client.sig_type == SigType::TimestampCheck
+        && !timestamp_fresh(
+            client.timestamp,
+            ctx.state.clock.now(),
+            ctx.settings.timestamp_skew,
+        )
+    {
+        return Err(ConnectReturnCode::BadUserNamePassword);
+    }
+    let device = devices::Entity::find_by_id(client.device_id.to_owned())
+        .one(&ctx.state.db)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error.message = %e, "mqtt: login lookup failed");
+            ConnectReturnCode::ServiceUnavailable
+        })?
+        .ok_or(ConnectReturnCode::BadUserNamePassword)?;
+    let Some(sealed) = device.secret_enc.as_deref() else {
+        return Err(ConnectReturnCode::BadUserNamePassword);
+    };
+    let secret = ctx.state.sealer.open(&device.id, sealed).map_err(|e| {
+        tracing::warn!(device_id = %device.id, error.message = %e, "mqtt: device secret cannot be opened");
+        ConnectReturnCode::ServiceUnavailable
+    })?;
+    if !verify_password(secret.expose_secret(), client.timestamp, &login.password) {
+        return Err(ConnectReturnCode::BadUserNamePassword);
+    }
+    if device.status == "FROZEN" {
+        return Err(ConnectReturnCode::NotAuthorized);
+    }
+    Ok(device.id)
+}
+
+/// Whether the UTC hour `YYYYMMDDHH` overlaps `now ± skew`.
+fn timestamp_fresh(ts: &str, now: domain::Timestamp, skew: Duration) -> bool {
+    let Ok(hour) = chrono::NaiveDateTime::parse_from_str(&format!("{ts}0000"), "%Y%m%d%H%M%S")
+    else {
+        return false;
+    };
+    let start = hour.and_utc().timestamp_millis();
+    let end = start + 3_600_000;
+    let skew = i64::try_from(skew.as_millis()).unwrap_or(i64::MAX);
+    let now = now.as_millis();
+    now >= start.saturating_sub(skew) && now < end.saturating_add(skew)
+}
+
+fn refuse(code: ConnectReturnCode) -> Packet {
+    Packet::ConnAck(ConnAck::new(code, false))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[derive(Debug)]
+enum ReadError {
+    Io(std::io::Error),
+    Codec(mqttbytes::Error),
+}
+
+/// Reads one packet; `None` at a clean end of stream.
+async fn read_packet<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<Packet>, ReadError> {
+    loop {
+        match Packet::read(buf, max) {
+            Ok(p) => return Ok(Some(p)),
+            Err(mqttbytes::Error::InsufficientBytes(n)) => {
+                buf.reserve(n.max(64));
+                let read = rd.read_buf(buf).await.map_err(ReadError::Io)?;
+                if read == 0 {
+                    return if buf.is_empty() {
+                        Ok(None)
+                    } else {
+                        Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+                    };
+                }
+            }
+            Err(e) => return Err(ReadError::Codec(e)),
+        }
+    }
+}
+
+async fn write<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    packet: Packet,
+    max: usize,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::with_capacity(64);
+    packet
+        .write(&mut out, max)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    wr.write_all(&out).await?;
+    wr.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_type_1_timestamps_must_be_near_the_clock() {
+        // 2026-12-01T10:30:00Z
+        let now = domain::Timestamp::from_millis(1_796_121_000_000);
+        let hour = Duration::from_secs(3600);
+        assert!(timestamp_fresh("2026120110", now, Duration::ZERO));
+        assert!(!timestamp_fresh("2026120109", now, Duration::ZERO));
+        assert!(timestamp_fresh("2026120109", now, hour));
+        assert!(timestamp_fresh("2026120111", now, hour));
+        assert!(!timestamp_fresh("2026120112", now, hour));
+        assert!(!timestamp_fresh("2026130110", now, hour), "no 13th month");
+    }
+
+    #[test]
+    fn router_topics_drop_the_dollar() {
+        assert_eq!(
+            internal("$oc/devices/d1/sys/events/up"),
+            "oc/devices/d1/sys/events/up"
+        );
+        assert_eq!(own_prefix("d1"), "$oc/devices/d1/");
+    }
+}

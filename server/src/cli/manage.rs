@@ -1,0 +1,487 @@
+//! `updraft product|device|group|task ...`: scripting on the same services as the console and the API,
+//! working directly on the configured database (run with the server's configuration). Human output by
+//! default, `--json` for scripts.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use backend::AppState;
+use backend::service::{self, Page};
+use clap::Subcommand;
+use domain::Timestamp;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+
+use crate::config::Settings;
+
+/// `updraft product ...`.
+#[derive(Debug, Subcommand)]
+pub enum ProductCommand {
+    /// Create a product.
+    Add {
+        /// Its id (default: generated).
+        #[arg(long)]
+        id: Option<String>,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// `MQTT` or `CoAP`.
+        #[arg(long, default_value = "MQTT")]
+        protocol: String,
+        /// Device type.
+        #[arg(long, default_value = "default")]
+        device_type: String,
+    },
+}
+
+/// `updraft device ...`.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Register a device (its secret is printed once).
+    Add {
+        /// The product.
+        #[arg(long)]
+        product: String,
+        /// Node id (IMEI, MAC, serial number).
+        #[arg(long)]
+        node_id: String,
+        /// Device id (default: `{product}_{node_id}`).
+        #[arg(long)]
+        id: Option<String>,
+        /// Display name.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// The secret (default: generated).
+        #[arg(long)]
+        secret: Option<String>,
+    },
+    /// List devices.
+    List {
+        /// Only this product.
+        #[arg(long, default_value = "")]
+        product: String,
+        /// Rows (at most 500).
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+    },
+}
+
+/// `updraft group ...`.
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create a static group.
+    Add {
+        /// Its name.
+        #[arg(long)]
+        name: String,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Add devices to a group.
+    AddDevices {
+        /// The group id.
+        group: String,
+        /// Device ids.
+        #[arg(required = true)]
+        devices: Vec<String>,
+    },
+    /// List groups.
+    List,
+}
+
+/// `updraft task ...`.
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Create a software or firmware upgrade task (it starts at once unless scheduled).
+    Create {
+        /// Task name (letters, digits, `_`).
+        #[arg(long)]
+        name: String,
+        /// The package.
+        #[arg(long)]
+        package: String,
+        /// Target devices (repeat, or comma-separated).
+        #[arg(long = "device", value_delimiter = ',')]
+        devices: Vec<String>,
+        /// Target groups (used when no device is given).
+        #[arg(long = "group", value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Start time, `yyyyMMddTHHmmssZ` (within 7 days).
+        #[arg(long)]
+        schedule: Option<String>,
+        /// Automatic retries of a failed device (0-5).
+        #[arg(long)]
+        retry_count: Option<i64>,
+        /// Minutes between retries (1-1440).
+        #[arg(long)]
+        retry_interval: Option<i64>,
+    },
+    /// List tasks.
+    List,
+    /// Show a task and its devices.
+    Show {
+        /// The task id.
+        task: String,
+    },
+    /// Stop a task, or some of its devices.
+    Stop {
+        /// The task id.
+        task: String,
+        /// Only these devices.
+        #[arg(long = "device", value_delimiter = ',')]
+        devices: Vec<String>,
+    },
+    /// Retry a task's failed and stopped devices (or the given ones).
+    Retry {
+        /// The task id.
+        task: String,
+        /// Only these devices.
+        #[arg(long = "device", value_delimiter = ',')]
+        devices: Vec<String>,
+    },
+    /// Delete a finished task.
+    Delete {
+        /// The task id.
+        task: String,
+    },
+}
+
+async fn open(settings: &Settings) -> Result<(AppState, String)> {
+    let (state, project) =
+        crate::startup::open_state(settings, Arc::new(backend::clock::SystemClock)).await?;
+    Ok((state, project.id))
+}
+
+fn print(json_out: bool, value: &serde_json::Value, human: impl FnOnce()) {
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+    } else {
+        human();
+    }
+}
+
+/// Runs `updraft product ...`.
+///
+/// # Errors
+/// The service's error.
+pub async fn product(settings: Settings, cmd: ProductCommand, json_out: bool) -> Result<()> {
+    let (state, project) = open(&settings).await?;
+    let ProductCommand::Add {
+        id,
+        name,
+        protocol,
+        device_type,
+    } = cmd;
+    let p = service::products::create(
+        &state,
+        &project,
+        service::products::NewProduct {
+            product_id: id,
+            name,
+            device_type,
+            protocol_type: protocol,
+            ..Default::default()
+        },
+    )
+    .await?;
+    print(
+        json_out,
+        &json!({"product_id": p.id, "name": p.name, "protocol_type": p.protocol_type}),
+        || println!("product {} ({}, {})", p.id, p.name, p.protocol_type),
+    );
+    state.db.close().await.ok();
+    Ok(())
+}
+
+/// Runs `updraft device ...`.
+///
+/// # Errors
+/// The service's error.
+pub async fn device(settings: Settings, cmd: DeviceCommand, json_out: bool) -> Result<()> {
+    let (state, project) = open(&settings).await?;
+    match cmd {
+        DeviceCommand::Add {
+            product,
+            node_id,
+            id,
+            name,
+            secret,
+        } => {
+            let r = service::devices::register(
+                &state,
+                &project,
+                service::devices::NewDevice {
+                    product_id: product,
+                    node_id,
+                    device_id: id,
+                    device_name: name,
+                    secret: secret.map(SecretString::from),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let secret = r.secret.expose_secret().to_owned();
+            print(
+                json_out,
+                &json!({"device_id": r.device.id, "node_id": r.device.node_id, "secret": secret}),
+                || {
+                    println!("device {} registered", r.device.id);
+                    println!("  secret: {secret}   (shown once)");
+                },
+            );
+        }
+        DeviceCommand::List { product, limit } => {
+            let filter = service::devices::DeviceFilter {
+                product_id: product,
+                ..Default::default()
+            };
+            let page =
+                service::devices::list(&state, &project, &filter, Page::new(limit, 0)).await?;
+            let rows: Vec<_> = page
+                .items
+                .iter()
+                .map(|d| {
+                    json!({"device_id": d.id, "product_id": d.product_id, "status": d.status,
+                           "sw_version": d.sw_version, "fw_version": d.fw_version})
+                })
+                .collect();
+            print(
+                json_out,
+                &json!({"devices": rows, "count": page.total}),
+                || {
+                    println!(
+                        "{:<40} {:<20} {:<9} {:<10} {:<10}",
+                        "DEVICE", "PRODUCT", "STATUS", "SW", "FW"
+                    );
+                    for d in &page.items {
+                        println!(
+                            "{:<40} {:<20} {:<9} {:<10} {:<10}",
+                            d.id,
+                            d.product_id,
+                            d.status,
+                            d.sw_version.as_deref().unwrap_or("-"),
+                            d.fw_version.as_deref().unwrap_or("-")
+                        );
+                    }
+                    println!("({} of {})", page.items.len(), page.total);
+                },
+            );
+        }
+    }
+    state.db.close().await.ok();
+    Ok(())
+}
+
+/// Runs `updraft group ...`.
+///
+/// # Errors
+/// The service's error.
+pub async fn group(settings: Settings, cmd: GroupCommand, json_out: bool) -> Result<()> {
+    let (state, project) = open(&settings).await?;
+    match cmd {
+        GroupCommand::Add { name, description } => {
+            let g = service::groups::create(&state, &project, &name, &description).await?;
+            print(json_out, &json!({"group_id": g.id, "name": g.name}), || {
+                println!("group {} ({})", g.id, g.name);
+            });
+        }
+        GroupCommand::AddDevices { group, devices } => {
+            for d in &devices {
+                service::groups::add_device(&state, &project, &group, d).await?;
+            }
+            print(
+                json_out,
+                &json!({"group_id": group, "added": devices.len()}),
+                || {
+                    println!("{} devices added to {group}", devices.len());
+                },
+            );
+        }
+        GroupCommand::List => {
+            let page = service::groups::list(&state, &project, Page::new(500, 0)).await?;
+            let rows: Vec<_> = page
+                .items
+                .iter()
+                .map(
+                    |g| json!({"group_id": g.group.id, "name": g.group.name, "members": g.members}),
+                )
+                .collect();
+            print(json_out, &json!({"groups": rows}), || {
+                for g in &page.items {
+                    println!("{}  {:<30} {} devices", g.group.id, g.group.name, g.members);
+                }
+            });
+        }
+    }
+    state.db.close().await.ok();
+    Ok(())
+}
+
+/// A task as JSON (IoTDA's `Task` fields).
+#[must_use]
+pub fn task_json(t: &backend::storage::entity::tasks::Model) -> serde_json::Value {
+    json!({
+        "task_id": t.id,
+        "task_name": t.task_name,
+        "task_type": t.task_type,
+        "status": t.status,
+        "status_desc": t.status_desc,
+        "document": serde_json::from_str::<serde_json::Value>(&t.document).unwrap_or_default(),
+        "task_policy": {
+            "schedule_time": t.schedule_time.map(|s| Timestamp::from_millis(s).to_compact()),
+            "retry_count": t.retry_count,
+            "retry_interval": t.retry_interval_min,
+        },
+        "task_progress": backend::driver::progress_of(t),
+        "create_time": Timestamp::from_millis(t.created_at).to_compact(),
+    })
+}
+
+/// Runs `updraft task ...`.
+///
+/// # Errors
+/// The service's error.
+pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Result<()> {
+    use service::tasks;
+    let (state, project) = open(&settings).await?;
+    match cmd {
+        TaskCommand::Create {
+            name,
+            package,
+            devices,
+            groups,
+            schedule,
+            retry_count,
+            retry_interval,
+        } => {
+            let package_row = service::packages::get(&state, &project, &package).await?;
+            let task_type = if package_row.package.package_type == "firmwarePackage" {
+                "firmwareUpgrade"
+            } else {
+                "softwareUpgrade"
+            };
+            let schedule_time = schedule
+                .map(|s| Timestamp::parse_compact("schedule", &s))
+                .transpose()?;
+            let t = tasks::create(
+                &state,
+                &project,
+                tasks::NewTask {
+                    task_name: name,
+                    task_type: task_type.to_owned(),
+                    package_id: package,
+                    targets: devices,
+                    group_ids: groups,
+                    schedule_time,
+                    retry_count,
+                    retry_interval,
+                    task_ext_info: None,
+                },
+            )
+            .await?;
+            print(json_out, &task_json(&t), || {
+                println!("task {} created: {} ({})", t.id, t.status, t.status_desc);
+                println!("  devices: {}", t.total);
+                println!("  note: a running server drives it (this command only records it)");
+            });
+        }
+        TaskCommand::List => {
+            let page = tasks::list(
+                &state,
+                &project,
+                &tasks::TaskFilter::default(),
+                Page::new(500, 0),
+            )
+            .await?;
+            let rows: Vec<_> = page.items.iter().map(task_json).collect();
+            print(json_out, &json!({"batchtasks": rows}), || {
+                for t in &page.items {
+                    println!(
+                        "{}  {:<24} {:<16} {:<15} {}/{} ok",
+                        t.id, t.task_name, t.task_type, t.status, t.success, t.total
+                    );
+                }
+            });
+        }
+        TaskCommand::Show { task } => {
+            let t = tasks::get(&state, &project, &task).await?;
+            let details = tasks::details(
+                &state,
+                &project,
+                &task,
+                &tasks::DetailFilter::default(),
+                Page::new(500, 0),
+            )
+            .await?;
+            let rows: Vec<_> = details
+                .items
+                .iter()
+                .map(|s| {
+                    json!({"target": s.device_id, "status": s.status, "step": s.step,
+                           "progress": s.progress, "attempts": s.attempts,
+                           "error": {"error_code": s.error_code, "error_msg": s.error_msg}})
+                })
+                .collect();
+            print(
+                json_out,
+                &json!({"batchtask": task_json(&t), "task_details": rows}),
+                || {
+                    println!("task {} {} ({})", t.id, t.task_name, t.task_type);
+                    println!("  status: {} ({})", t.status, t.status_desc);
+                    for s in &details.items {
+                        println!(
+                            "  {:<40} {:<14} {:<14} {:>3}%  {}",
+                            s.device_id,
+                            s.status,
+                            s.step,
+                            s.progress,
+                            s.error_msg.as_deref().unwrap_or("")
+                        );
+                    }
+                },
+            );
+        }
+        TaskCommand::Stop { task, devices } => {
+            let r = tasks::stop(&state, &project, &task, Some(&devices)).await?;
+            print(json_out, &json!({"targets": r}), || {
+                println!("stop requested");
+                for t in &r {
+                    println!(
+                        "  {} {} {}",
+                        t.target,
+                        t.status,
+                        t.error_msg.as_deref().unwrap_or("")
+                    );
+                }
+            });
+        }
+        TaskCommand::Retry { task, devices } => {
+            let r = tasks::retry(&state, &project, &task, Some(&devices)).await?;
+            print(json_out, &json!({"targets": r}), || {
+                println!("retry requested");
+                for t in &r {
+                    println!(
+                        "  {} {} {}",
+                        t.target,
+                        t.status,
+                        t.error_msg.as_deref().unwrap_or("")
+                    );
+                }
+            });
+        }
+        TaskCommand::Delete { task } => {
+            tasks::delete(&state, &project, &task)
+                .await
+                .with_context(|| format!("deleting task {task}"))?;
+            print(json_out, &json!({"deleted": task}), || {
+                println!("task {task} deleted");
+            });
+        }
+    }
+    state.db.close().await.ok();
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! `updraft sim mqtt`: a fleet of simulated MQTT devices in one process (see [`crate::sim`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use backend::service;
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::sim::{Behaviour, SimDevice, SimOptions, SimStats, run_fleet};
+
+/// `updraft sim mqtt`.
+#[derive(Debug, clap::Args)]
+pub struct SimMqttArgs {
+    /// How many devices.
+    #[arg(long, default_value_t = 10)]
+    pub devices: usize,
+    /// Device ids are `{prefix}{n}`, n = 00000, 00001...
+    #[arg(long, default_value = "sim-")]
+    pub prefix: String,
+    /// The devices' product (needed with `--register`).
+    #[arg(long)]
+    pub product: Option<String>,
+    /// Register devices that do not exist yet (node id = device id).
+    #[arg(long)]
+    pub register: bool,
+    /// MQTT host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// MQTT port (default: `mqtt.listen`'s, or `mqtt.tls_listen`'s with `--tls`).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// MQTT over TLS.
+    #[arg(long)]
+    pub tls: bool,
+    /// The CA to trust for TLS and downloads (default: `{data_dir}/tls/ca.pem`).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// What the devices do when asked to upgrade.
+    #[arg(long, value_enum, default_value = "normal")]
+    pub behaviour: Behaviour,
+    /// The result code for `refuse` (default 1) and `fail` (default 10).
+    #[arg(long)]
+    pub fail_code: Option<i64>,
+    /// The software version devices start on.
+    #[arg(long, default_value = "1.0")]
+    pub sw_version: String,
+    /// The firmware version devices start on.
+    #[arg(long, default_value = "1.0")]
+    pub fw_version: String,
+    /// Subscribe to the system topic (Huawei's C SDK does; the Python and Go SDKs do not).
+    #[arg(long)]
+    pub subscribe: bool,
+    /// Exit once every device has reported a final result.
+    #[arg(long)]
+    pub exit_when_done: bool,
+    /// Exit after this long in any case (e.g. `10m`).
+    #[arg(long)]
+    pub duration: Option<humantime::Duration>,
+}
+
+/// Runs the fleet until Ctrl-C, `--duration`, or (`--exit-when-done`) every device finished.
+///
+/// # Errors
+/// Registration, a missing secret or CA file, or the fleet's set-up.
+pub async fn run(settings: Settings, args: SimMqttArgs) -> Result<()> {
+    let (state, project) =
+        crate::startup::open_state(&settings, Arc::new(backend::clock::SystemClock)).await?;
+    let ids: Vec<String> = (0..args.devices)
+        .map(|n| format!("{}{n:05}", args.prefix))
+        .collect();
+    let mut devices = Vec::with_capacity(ids.len());
+    let mut registered = 0;
+    for id in &ids {
+        let secret = match service::devices::secret(&state, id).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                anyhow::bail!("device {id} has no secret (certificate devices cannot be simulated)")
+            }
+            Err(backend::Error::NotFound { .. }) if args.register => {
+                let product = args.product.clone().context("--register needs --product")?;
+                let secret = SecretString::from(backend::ids::alphanumeric(24));
+                service::devices::register(
+                    &state,
+                    &project.id,
+                    service::devices::NewDevice {
+                        product_id: product,
+                        node_id: id.clone(),
+                        device_id: Some(id.clone()),
+                        device_name: format!("simulated {id}"),
+                        secret: Some(secret.clone()),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .with_context(|| format!("registering {id}"))?;
+                registered += 1;
+                secret
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("device {id} (use --register to create it)"));
+            }
+        };
+        devices.push(SimDevice {
+            device_id: id.clone(),
+            secret: secret.expose_secret().to_owned(),
+        });
+    }
+    state.db.close().await.ok();
+    let ca_path = args
+        .ca
+        .clone()
+        .unwrap_or_else(|| settings.data_dir.join("tls").join("ca.pem"));
+    let ca_pem =
+        std::fs::read(&ca_path).with_context(|| format!("reading the CA {}", ca_path.display()))?;
+    let port = args.port.unwrap_or(if args.tls {
+        settings.mqtt.tls_listen.port()
+    } else {
+        settings.mqtt.listen.port()
+    });
+    let opts = SimOptions {
+        host: args.host.clone(),
+        port,
+        tls: args.tls,
+        ca_pem,
+        sw_version: args.sw_version.clone(),
+        fw_version: args.fw_version.clone(),
+        behaviour: args.behaviour,
+        fail_code: args.fail_code,
+        subscribe: args.subscribe,
+        sig_type: 1,
+    };
+    println!(
+        "simulating {} devices ({} registered now) on {}:{port}{}, behaviour {:?}",
+        devices.len(),
+        registered,
+        args.host,
+        if args.tls { " (TLS)" } else { "" },
+        args.behaviour
+    );
+    let stats = Arc::new(SimStats::default());
+    let stop = CancellationToken::new();
+    let now: Arc<dyn Fn() -> i64 + Send + Sync> =
+        Arc::new(|| chrono::Utc::now().timestamp_millis());
+    let total = devices.len() as u64;
+    let fleet = tokio::spawn(run_fleet(opts, devices, now, stats.clone(), stop.clone()));
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + Duration::from(d));
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {
+                let done = stats.succeeded.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
+                println!(
+                    "{:>6.1}s connected {} reports {} upgrades {} downloads {} ({} MiB) succeeded {} failed {} errors {}",
+                    started.elapsed().as_secs_f64(),
+                    stats.connected.load(Ordering::Relaxed),
+                    stats.version_reports.load(Ordering::Relaxed),
+                    stats.upgrades.load(Ordering::Relaxed),
+                    stats.downloads.load(Ordering::Relaxed),
+                    stats.bytes.load(Ordering::Relaxed) >> 20,
+                    stats.succeeded.load(Ordering::Relaxed),
+                    stats.failed.load(Ordering::Relaxed),
+                    stats.errors.load(Ordering::Relaxed),
+                );
+                if args.exit_when_done && done >= total {
+                    break;
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+            }
+        }
+    }
+    stop.cancel();
+    let _ = fleet.await;
+    Ok(())
+}

@@ -387,6 +387,7 @@ impl Driver {
                     Expr::value(TaskStatus::Processing.as_str()),
                 )
                 .col_expr(tasks::Column::StartedAt, Expr::value(now))
+                .col_expr(tasks::Column::StatusDesc, Expr::value("running"))
                 .col_expr(tasks::Column::UpdatedAt, Expr::value(now))
                 .filter(tasks::Column::Id.eq(task_id))
                 .filter(tasks::Column::Status.is_in([
@@ -1036,12 +1037,20 @@ async fn transition(
         events.push(event);
     }
     if status != old_status {
-        tracing::info!(
-            task_id = %row.task_id, device_id = %row.device_id,
-            from = old_status.as_str(), to = status.as_str(), step,
-            error = failure.as_ref().map(mqtt::Failure::message).as_deref(),
-            "subtask status"
-        );
+        // Failures are worth an operator's eye; the rest of a large fleet's progress is debug noise.
+        let error = failure.as_ref().map(mqtt::Failure::message);
+        if status == SubtaskStatus::Fail {
+            tracing::info!(
+                task_id = %row.task_id, device_id = %row.device_id, error = error.as_deref(),
+                "subtask failed"
+            );
+        } else {
+            tracing::debug!(
+                task_id = %row.task_id, device_id = %row.device_id,
+                from = old_status.as_str(), to = status.as_str(), step, error = error.as_deref(),
+                "subtask status"
+            );
+        }
     }
     Ok(Some(Changed {
         row: written,
@@ -1111,9 +1120,9 @@ pub(crate) async fn refresh_task(
         updated_at: Set(at),
         ..Default::default()
     };
+    update.status_desc = Set(describe(status, &progress));
     if status != current {
         update.status = Set(status.as_str().to_owned());
-        update.status_desc = Set(describe(status, &progress));
         update.finished_at = Set(status.is_completed().then_some(at));
         tracing::info!(
             task_id,

@@ -465,7 +465,7 @@ where
         End::Acl(_) | End::Protocol(_) => {
             tracing::warn!(device_id, %peer, reason = %end, "mqtt: session ended");
         }
-        _ => tracing::info!(device_id, %peer, reason = %end, "mqtt: device disconnected"),
+        _ => tracing::debug!(device_id, %peer, reason = %end, "mqtt: device disconnected"),
     }
     let _ = wr.shutdown().await;
 }
@@ -509,7 +509,7 @@ where
         disconnect_link(&mut tx).await;
         return End::Io(e);
     }
-    tracing::info!(device_id, "mqtt: device connected");
+    tracing::debug!(device_id, "mqtt: device connected");
     if let Err(e) = ctx
         .state
         .driver

@@ -972,3 +972,208 @@ async fn packages_and_download_tokens_follow_their_rules() {
         t.cleanup().await;
     }
 }
+
+/// A collecting downlink: what the driver published, per device.
+#[derive(Debug, Default)]
+struct Sent(std::sync::Mutex<Vec<(String, serde_json::Value)>>);
+
+impl backend::driver::Downlink for Sent {
+    fn publish(&self, device_id: &str, payload: Vec<u8>) {
+        let v = serde_json::from_slice(&payload).expect("JSON payload");
+        self.0.lock().unwrap().push((device_id.to_owned(), v));
+    }
+}
+
+impl Sent {
+    fn event_types(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, v)| v["services"][0]["event_type"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn the_task_driver_runs_subtasks_and_queues_messages_without_a_broker() {
+    use backend::driver::DeviceEvent;
+    use backend::service::tasks;
+    for t in databases().await {
+        let project = projects::ensure_default(&t.state).await.unwrap().id;
+        mqtt_product(&t, &project).await;
+        for node in ["1", "2"] {
+            devices::register(
+                &t.state,
+                &project,
+                devices::NewDevice {
+                    product_id: "meter".into(),
+                    node_id: node.into(),
+                    device_id: Some(format!("d{node}")),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+        let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+            b"firmware",
+        ))]);
+        let package = backend::service::packages::upload(
+            &t.state,
+            &project,
+            domain::package::PackageMetaInput {
+                package_type: "firmwarePackage".into(),
+                product_id: "meter".into(),
+                version: "2.0".into(),
+                file_name: "fw.bin".into(),
+                ..Default::default()
+            },
+            body,
+        )
+        .await
+        .unwrap();
+        // Devices are online before the task; this process has no MQTT endpoint (like the CLI).
+        for d in ["d1", "d2"] {
+            t.state
+                .driver
+                .device_event(&t.state, d, DeviceEvent::Online)
+                .await
+                .unwrap();
+        }
+        let task = tasks::create(
+            &t.state,
+            &project,
+            tasks::NewTask {
+                task_name: "fw".into(),
+                task_type: "firmwareUpgrade".into(),
+                package_id: package.id.clone(),
+                targets: vec!["d1".into(), "d2".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", t.kind));
+        assert_eq!(
+            (task.status.as_str(), task.processing),
+            ("Processing", 2),
+            "{}",
+            t.kind
+        );
+        let queued = e::device_messages::Entity::find()
+            .all(&t.state.db)
+            .await
+            .unwrap();
+        assert_eq!(
+            queued.len(),
+            2,
+            "{}: version queries wait for the MQTT process",
+            t.kind
+        );
+
+        // The process that serves MQTT publishes them (and the queue empties).
+        let sent = Arc::new(Sent::default());
+        t.state.driver.set_downlink(sent.clone());
+        t.state.driver.run_due(&t.state).await.unwrap();
+        assert_eq!(
+            sent.event_types(),
+            ["version_query", "version_query"],
+            "{}",
+            t.kind
+        );
+        assert!(
+            e::device_messages::Entity::find()
+                .all(&t.state.db)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // Several events in one batch, in order, for one device: report, then progress, then success.
+        t.state
+            .driver
+            .device_events(
+                &t.state,
+                vec![
+                    (
+                        "d1".into(),
+                        DeviceEvent::VersionReport {
+                            sw_version: None,
+                            fw_version: Some("1.0".into()),
+                        },
+                    ),
+                    (
+                        "d2".into(),
+                        DeviceEvent::VersionReport {
+                            sw_version: None,
+                            fw_version: Some("2.0".into()),
+                        },
+                    ),
+                ],
+            )
+            .await
+            .unwrap();
+        let types = sent.event_types();
+        assert_eq!(
+            types.last().map(String::as_str),
+            Some("firmware_upgrade"),
+            "{}",
+            t.kind
+        );
+        t.state
+            .driver
+            .device_events(
+                &t.state,
+                vec![
+                    (
+                        "d1".into(),
+                        DeviceEvent::Progress {
+                            result_code: 0,
+                            progress: Some(60),
+                            version: Some("1.0".into()),
+                            description: None,
+                        },
+                    ),
+                    (
+                        "d1".into(),
+                        DeviceEvent::Progress {
+                            result_code: 0,
+                            progress: Some(100),
+                            version: Some("2.0".into()),
+                            description: None,
+                        },
+                    ),
+                ],
+            )
+            .await
+            .unwrap();
+        let task = tasks::get(&t.state, &project, &task.id).await.unwrap();
+        assert_eq!(
+            (task.status.as_str(), task.success),
+            ("Success", 2),
+            "{}",
+            t.kind
+        );
+        let d1 = e::devices::Entity::find_by_id("d1".to_owned())
+            .one(&t.state.db)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d1.fw_version.as_deref(), Some("2.0"), "{}", t.kind);
+        let steps = tasks::history(&t.state, &project, &task.id, "d1")
+            .await
+            .unwrap();
+        let progress: Vec<i32> = steps.iter().map(|s| s.progress).collect();
+        assert!(progress.contains(&60), "{}: {progress:?}", t.kind);
+        assert_eq!(steps.last().unwrap().status, "Success");
+        let outbox = e::outbox::Entity::find().all(&t.state.db).await.unwrap();
+        assert!(
+            outbox
+                .iter()
+                .any(|o| o.kind == "task.changed" && o.payload.contains("\"Success\""))
+        );
+        tasks::delete(&t.state, &project, &task.id).await.unwrap();
+        t.clock.advance(Duration::from_secs(1));
+        t.cleanup().await;
+    }
+}

@@ -89,6 +89,8 @@ pub enum SimCommand {
 pub enum PackageCommand {
     /// Upload a package file into the package store (with a progress bar), as the console and the API do.
     Upload(UploadArgs),
+    /// List packages, newest first.
+    List,
 }
 
 /// What a package is for.
@@ -149,6 +151,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Package {
             command: PackageCommand::Upload(args),
         } => upload(settings, args).await,
+        Command::Package {
+            command: PackageCommand::List,
+        } => manage::packages(settings, cli.json).await,
         Command::Product { command } => manage::product(settings, command, cli.json).await,
         Command::Device { command } => manage::device(settings, command, cli.json).await,
         Command::Group { command } => manage::group(settings, command, cli.json).await,

@@ -341,7 +341,8 @@ impl Default for LogSettings {
     fn default() -> Self {
         Self {
             format: LogFormat::Text,
-            filter: "info".to_owned(),
+            // rumqttd logs every connection and subscription at info: too much for a fleet.
+            filter: "info,rumqttd=warn".to_owned(),
         }
     }
 }

@@ -164,6 +164,41 @@ fn print(json_out: bool, value: &serde_json::Value, human: impl FnOnce()) {
     }
 }
 
+/// Runs `updraft package list`.
+///
+/// # Errors
+/// The service's error.
+pub async fn packages(settings: Settings, json_out: bool) -> Result<()> {
+    let (state, project) = open(&settings).await?;
+    let page = service::packages::list(
+        &state,
+        &project,
+        service::packages::Filter::default(),
+        Page::new(500, 0),
+    )
+    .await?;
+    let rows: Vec<_> = page
+        .items
+        .iter()
+        .map(|r| {
+            let p = &r.package;
+            json!({"package_id": p.id, "product_id": p.product_id, "package_type": p.package_type,
+                   "version": p.version, "file_name": p.file_name, "file_size": p.size, "sha256": p.sha256})
+        })
+        .collect();
+    print(json_out, &json!({"packages": rows}), || {
+        for r in &page.items {
+            let p = &r.package;
+            println!(
+                "{}  {:<16} {:<16} {:<10} {} ({} bytes)",
+                p.id, p.product_id, p.package_type, p.version, p.file_name, p.size
+            );
+        }
+    });
+    state.db.close().await.ok();
+    Ok(())
+}
+
 /// Runs `updraft product ...`.
 ///
 /// # Errors

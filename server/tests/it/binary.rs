@@ -258,3 +258,144 @@ async fn packages_are_uploaded_from_the_command_line() {
     let stored = std::fs::read(dir.path().join("data/packages/uploads").join(&p.id)).unwrap();
     assert_eq!(stored, data);
 }
+
+/// Runs the binary with `args` in `dir`; returns stdout parsed as JSON (the command must succeed).
+fn cli_json(dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = updraft(dir).arg("--json").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "updraft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "updraft {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn devices_groups_and_tasks_are_scripted_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let product = cli_json(d, &["product", "add", "--id", "meter", "--name", "Meter"]);
+    assert_eq!(product["protocol_type"], "MQTT");
+    let device = cli_json(
+        d,
+        &[
+            "device",
+            "add",
+            "--product",
+            "meter",
+            "--node-id",
+            "860000000000001",
+        ],
+    );
+    assert_eq!(device["device_id"], "meter_860000000000001");
+    assert_eq!(
+        device["secret"].as_str().unwrap().len(),
+        24,
+        "the secret is printed once"
+    );
+    let listed = cli_json(d, &["device", "list", "--product", "meter"]);
+    assert_eq!(listed["count"], 1);
+    assert_eq!(listed["devices"][0]["status"], "INACTIVE");
+    let group = cli_json(d, &["group", "add", "--name", "north"]);
+    let group_id = group["group_id"].as_str().unwrap();
+    cli_json(
+        d,
+        &["group", "add-devices", group_id, "meter_860000000000001"],
+    );
+    assert_eq!(cli_json(d, &["group", "list"])["groups"][0]["members"], 1);
+
+    std::fs::write(d.join("app.bin"), vec![7u8; 4096]).unwrap();
+    let out = updraft(d)
+        .args([
+            "package",
+            "upload",
+            "app.bin",
+            "--product",
+            "meter",
+            "--version",
+            "2.0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let packages = cli_json(d, &["package", "list"]);
+    let package = packages["packages"][0]["package_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let task = cli_json(
+        d,
+        &[
+            "task",
+            "create",
+            "--name",
+            "north_2_0",
+            "--package",
+            &package,
+            "--group",
+            group_id,
+            "--retry-count",
+            "1",
+            "--retry-interval",
+            "5",
+        ],
+    );
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(task["status"], "Processing");
+    assert_eq!(task["task_type"], "softwareUpgrade");
+    assert_eq!(task["task_policy"]["retry_count"], 1);
+    assert_eq!(task["task_progress"]["total"], 1);
+    let shown = cli_json(d, &["task", "show", &task_id]);
+    assert_eq!(shown["task_details"][0]["target"], "meter_860000000000001");
+    assert_eq!(
+        shown["task_details"][0]["step"], "wait_online",
+        "the device is offline"
+    );
+
+    let out = updraft(d)
+        .args(["task", "delete", &task_id])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a running task cannot be deleted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop it before deleting it"));
+    let bad = updraft(d)
+        .args([
+            "task",
+            "create",
+            "--name",
+            "bad-name",
+            "--package",
+            &package,
+            "--device",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("task_name"));
+
+    let stopped = cli_json(d, &["task", "stop", &task_id]);
+    assert_eq!(stopped["targets"], serde_json::json!([]));
+    assert_eq!(
+        cli_json(d, &["task", "list"])["batchtasks"][0]["status"],
+        "Stopped"
+    );
+    assert_eq!(
+        cli_json(d, &["task", "delete", &task_id])["deleted"],
+        task_id.as_str()
+    );
+    assert_eq!(
+        cli_json(d, &["task", "list"])["batchtasks"],
+        serde_json::json!([])
+    );
+}

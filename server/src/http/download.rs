@@ -10,7 +10,7 @@
 //! of 8 MiB. Every chunk read from the store counts against it until hyper has written it (and dropped
 //! it), so chunks stuck behind a stalled device are accounted for: a download reads up to 256 KiB at a
 //! time (reading the next chunk while one is sent) while the budget has room and few downloads run, and
-//! 4 KiB when it is spent or a thousand run.
+//! 4 KiB without reading ahead when it is spent or a thousand run.
 //! With hyper queueing at most one chunk per connection and rustls buffering at most one record, a
 //! stalled download costs a few tens of KiB.
 
@@ -37,6 +37,8 @@ use super::iotda::IotdaError;
 /// Bytes that all running downloads together may hold in chunks read but not yet sent, beyond the
 /// smallest chunk each.
 const READ_BUDGET: usize = 8 * 1024 * 1024;
+/// Above this many running downloads, none reads ahead.
+const READ_AHEAD_MAX_ACTIVE: usize = 64;
 /// The smallest and largest read per download.
 const MIN_CHUNK: usize = 4 * 1024;
 const MAX_CHUNK: usize = 256 * 1024;
@@ -63,8 +65,10 @@ impl Transfers {
     }
 
     /// The next read's size: a fair share of the budget's free part, within 4-256 KiB, a power of two.
+    /// The share is half the budget over the active downloads, leaving room for the read-ahead of few
+    /// fast downloads (16 get 256 KiB each) and keeping a crowd of slow ones small (1 000 get 4 KiB).
     fn chunk(&self) -> usize {
-        let fair = READ_BUDGET / self.active().max(1);
+        let fair = READ_BUDGET / 2 / self.active().max(1);
         let free = READ_BUDGET.saturating_sub(self.in_flight());
         // A power of two: read buffers are recycled in power-of-two sizes.
         let size = fair.min(free).clamp(MIN_CHUNK, MAX_CHUNK);
@@ -312,7 +316,10 @@ impl http_body::Body for DownloadBody {
             return Poll::Ready(None);
         }
         let transfers = &self.guard.0;
-        let (chunk, read_ahead) = (transfers.chunk(), transfers.in_flight() < READ_BUDGET / 2);
+        // Reading ahead keeps a few fast transfers busy; with a crowd it only doubles what waits.
+        let read_ahead =
+            transfers.active() <= READ_AHEAD_MAX_ACTIVE && transfers.in_flight() < READ_BUDGET / 2;
+        let chunk = transfers.chunk();
         self.reader.set_chunk(chunk);
         self.reader.set_read_ahead(read_ahead);
         match std::task::ready!(self.reader.poll_next_unpin(cx)) {
@@ -367,6 +374,30 @@ impl Drop for DownloadBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_are_large_for_a_few_downloads_and_small_for_a_crowd() {
+        let t = Transfers::default();
+        let with = |n: usize| {
+            t.active.store(n, Ordering::Relaxed);
+            t.chunk()
+        };
+        assert_eq!(with(1), MAX_CHUNK);
+        assert_eq!(
+            with(16),
+            MAX_CHUNK,
+            "the throughput case keeps 256 KiB reads"
+        );
+        assert_eq!(with(100), 32 * 1024);
+        assert_eq!(with(1000), MIN_CHUNK);
+        t.active.store(1, Ordering::Relaxed);
+        t.in_flight.store(READ_BUDGET, Ordering::Relaxed);
+        assert_eq!(
+            t.chunk(),
+            MIN_CHUNK,
+            "a spent budget leaves the smallest read"
+        );
+    }
 
     #[test]
     fn paths_are_split_decoded_and_traversal_is_refused() {

@@ -10,8 +10,11 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 DEVICES="${1:-10000}"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-cargo build --release --bin updraft
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/updraft"
+# BIN=path/to/updraft skips the release build (a quick look with a debug binary, say).
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --bin updraft
+  BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/updraft"
+fi
 WORK="$(mktemp -d)"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 export UPDRAFT_DATA_DIR="$WORK/data"
@@ -25,7 +28,7 @@ cleanup() {
   [ -n "$SIM_PID" ] && kill "$SIM_PID" 2>/dev/null || true
   [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
   wait 2>/dev/null || true
-  rm -rf "$WORK"
+  if [ -n "${KEEP:-}" ]; then echo "[bench] kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -44,7 +47,7 @@ echo "[bench] registering and connecting $DEVICES simulated devices" >&2
   >"$WORK/sim.log" 2>&1 &
 SIM_PID=$!
 for _ in $(seq 1 3000); do
-  connected=$(grep -o 'connected [0-9]*' "$WORK/sim.log" | tail -1 | awk '{print $2}')
+  connected=$( (grep -o 'connected [0-9]*' "$WORK/sim.log" || true) | tail -1 | awk '{print $2}')
   [ "${connected:-0}" -ge "$DEVICES" ] && break
   kill -0 "$SIM_PID" 2>/dev/null || { cat "$WORK/sim.log"; exit 1; }
   sleep 0.2
@@ -67,5 +70,10 @@ print(t['status'], p['total'], p['success'], p['fail'], p['processing'], p['wait
 done
 end=$(date +%s.%N)
 peak=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$SERVER_PID/status")
+"$BIN" task show "$TASK" --json | python3 -c "
+import json,sys,collections
+d=json.load(sys.stdin)['task_details']
+c=collections.Counter((t['status'], t['error']['error_code']) for t in d if t['status']!='Success')
+print('[bench] unsuccessful (first 500 shown):', dict(c))" >&2
 printf '[bench] %s devices: task %s in %.1f s (total %s, success %s, fail %s); server peak RSS %s MiB\n' \
   "$DEVICES" "$1" "$(echo "$end - $start" | bc)" "$2" "$3" "$4" "$peak"

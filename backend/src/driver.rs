@@ -5,11 +5,13 @@
 //! earliest `deadline_at` or `schedule_time` passes), and operators (start, stop, retry, through
 //! `service::tasks`).
 //!
-//! Every transition follows the same order: the machine is loaded from its row, handed the input, and the
-//! new state is **committed** (subtask row, task counters and status, step history, outbox) before any
-//! effect is performed (publish a query or an upgrade event, issue or revoke tokens). A crash between the
-//! two loses at most an effect; the machine re-sends it when the device reconnects, and deadlines catch the
-//! rest. On start-up nothing special is needed: the stored rows are the state.
+//! Every transition follows the same order: the machine is loaded from its row and handed the input; the
+//! new state (subtask row, task counters and status, step history, outbox) **commits in one transaction**
+//! with what the effects write (download tokens issued or revoked, messages queued when this process has
+//! no MQTT endpoint); only then are messages published. A crash between commit and publish loses at most a
+//! message; the machine re-sends it when the device reconnects, and deadlines catch the rest. On start-up
+//! nothing special is needed: the stored rows are the state. Many subtasks moving together (a task
+//! starting, deadlines passing, a burst of device reports) share one transaction.
 //!
 //! Transitions are serialised by one in-process lock (`write`): SQLite has one writer anyway, and a
 //! read-modify-write of a subtask must not interleave with another. The lock is never held across an
@@ -39,6 +41,9 @@ use crate::{AppState, Error, Result};
 
 /// Subtasks handled per transaction when many move at once (a task starts, deadlines pass together).
 const BATCH: u64 = 500;
+
+/// Queued device messages older than this are dropped instead of published.
+const QUEUED_MAX_AGE_MS: i64 = 3 * 60 * 1000;
 
 /// How long [`Driver::run`] waits at most between looks at the clock. Deadlines are found by query, so
 /// this bounds how late a deadline is noticed (and how soon a manual clock's jump is seen without a kick).
@@ -217,12 +222,10 @@ struct Inner {
     events: broadcast::Sender<Event>,
 }
 
-/// A committed transition's effects, to perform after the commit.
-struct Pending {
-    subtask_id: i64,
+/// A message to publish once the transaction that decided it has committed.
+struct Outgoing {
     device_id: String,
-    task_id: String,
-    effects: Vec<Effect>,
+    payload: Vec<u8>,
 }
 
 impl Driver {
@@ -328,7 +331,7 @@ impl Driver {
         for task_id in scheduled {
             // Through the service: a group target is resolved now, at the task's start. One task that
             // cannot start must not hold up every other deadline.
-            if let Err(e) = crate::service::tasks::start(state, &task_id).await {
+            if let Err(e) = crate::service::tasks::start(state, &task_id, true).await {
                 tracing::warn!(task_id, error.message = %e, "task driver: starting a scheduled task failed");
                 if e.is_internal() {
                     return Err(e);
@@ -492,7 +495,7 @@ impl Driver {
                 steps.push((*id, now_online));
                 steps.push((*id, Input::Start));
             }
-            self.apply_each(state, steps).await?;
+            self.apply_in(state, steps, &[]).await?;
         }
         Ok(())
     }
@@ -524,12 +527,6 @@ impl Driver {
         if events.is_empty() {
             return Ok(());
         }
-        let now = state.clock.now().as_millis();
-        let txn = state.db.begin().await?;
-        for (device_id, event) in &events {
-            record_device(&txn, device_id, event, now).await?;
-        }
-        txn.commit().await?;
         let mut device_ids: Vec<&str> = events.iter().map(|(d, _)| d.as_str()).collect();
         device_ids.sort_unstable();
         device_ids.dedup();
@@ -558,7 +555,7 @@ impl Driver {
                     .map(move |id| (*id, event.input()))
             })
             .collect();
-        self.apply_each(state, steps).await
+        self.apply_in(state, steps, &events).await
     }
 
     async fn plan(&self, state: &AppState, task_id: &str) -> Result<Option<Arc<TaskPlan>>> {
@@ -617,16 +614,22 @@ impl Driver {
     /// wrote in between.
     async fn apply(&self, state: &AppState, ids: Vec<i64>, input: Input<'_>) -> Result<()> {
         let steps = ids.into_iter().map(|id| (id, input.clone())).collect();
-        self.apply_each(state, steps).await
+        self.apply_in(state, steps, &[]).await
     }
 
-    /// Applies each `(subtask id, input)` in order, all in one transaction; a subtask named twice sees the
-    /// state its first input left.
-    async fn apply_each(&self, state: &AppState, steps: Vec<(i64, Input<'_>)>) -> Result<()> {
-        if steps.is_empty() {
+    /// Applies each `(subtask id, input)` in order, all in one transaction that also records what
+    /// `devices` say about their devices (online state, versions), so a device's state and its subtasks'
+    /// view of it commit together. A subtask named twice sees the state its first input left.
+    async fn apply_in(
+        &self,
+        state: &AppState,
+        steps: Vec<(i64, Input<'_>)>,
+        devices: &[(String, DeviceEvent)],
+    ) -> Result<()> {
+        if steps.is_empty() && devices.is_empty() {
             return Ok(());
         }
-        let mut pending = Vec::new();
+        let mut outgoing = Vec::new();
         let mut events = Vec::new();
         {
             let _w = self.inner.write.lock().await;
@@ -650,7 +653,11 @@ impl Driver {
                     plans.insert(row.id, plan);
                 }
             }
+            let downlink = self.downlink();
             let txn = state.db.begin().await?;
+            for (device_id, event) in devices {
+                record_device(&txn, device_id, event, now.as_millis()).await?;
+            }
             let mut touched_tasks: Vec<String> = Vec::new();
             for (id, input) in steps {
                 let (Some(row), Some(plan)) = (rows.remove(&id), plans.get(&id)) else {
@@ -667,24 +674,116 @@ impl Driver {
                 if changed.status_changed && !touched_tasks.contains(&changed.row.task_id) {
                     touched_tasks.push(changed.row.task_id.clone());
                 }
-                if !changed.effects.is_empty() {
-                    pending.push(Pending {
-                        subtask_id: changed.row.id,
-                        device_id: changed.row.device_id.clone(),
-                        task_id: changed.row.task_id.clone(),
-                        effects: changed.effects,
-                    });
+                for effect in &changed.effects {
+                    self.effect_in(state, &txn, now, plan, &changed.row, *effect, &mut outgoing)
+                        .await?;
                 }
                 rows.insert(id, changed.row);
             }
             for task_id in &touched_tasks {
                 refresh_task(&txn, task_id, now, &mut events).await?;
             }
+            if downlink.is_none() {
+                // No MQTT endpoint in this process (the command line): the messages are queued, with
+                // the state that decided them, for the process that has one.
+                for m in outgoing.drain(..) {
+                    device_messages::ActiveModel {
+                        device_id: Set(m.device_id),
+                        payload: Set(m.payload),
+                        created_at: Set(now.as_millis()),
+                        ..Default::default()
+                    }
+                    .insert(&txn)
+                    .await?;
+                }
+            }
             txn.commit().await?;
+            if let Some(d) = downlink {
+                for m in outgoing {
+                    d.publish(&m.device_id, m.payload);
+                }
+            }
         }
         self.publish_events(events);
-        for p in pending {
-            self.perform(state, p).await;
+        Ok(())
+    }
+
+    /// Carries out one effect of a transition inside its transaction: token rows are written or revoked
+    /// with the new state; messages are collected into `outgoing`, published after the commit.
+    #[allow(clippy::too_many_arguments)]
+    async fn effect_in(
+        &self,
+        state: &AppState,
+        txn: &DatabaseTransaction,
+        now: Timestamp,
+        plan: &TaskPlan,
+        row: &subtasks::Model,
+        effect: Effect,
+        outgoing: &mut Vec<Outgoing>,
+    ) -> Result<()> {
+        use super::service::downloads;
+        let event_time = now.to_compact();
+        match effect {
+            Effect::SendVersionQuery => outgoing.push(Outgoing {
+                device_id: row.device_id.clone(),
+                payload: protocol::ota::version_query(&row.device_id, &event_time),
+            }),
+            Effect::RevokeTokens => {
+                downloads::revoke_subtask(txn, now, row.id).await?;
+            }
+            Effect::SendUpgrade => {
+                let package = &plan.package;
+                let kind = match plan.kind {
+                    PackageType::Software => protocol::ota::UpgradeKind::Software,
+                    PackageType::Firmware => protocol::ota::UpgradeKind::Firmware,
+                };
+                let ttl = state.settings.download_token_ttl;
+                let custom_info = Some(package.custom_info.clone()).filter(|c| !c.is_empty());
+                let key = super::service::packages::object_key(package)?;
+                let registered = package.source == super::service::packages::SOURCE_BUCKET;
+                let payload = if let Some(url) =
+                    state.store.offload_url(&key, registered, ttl).await?
+                {
+                    // IoTDA's `*_upgrade_v2`: the device fetches from the bucket, without a token.
+                    let notice = protocol::ota::UpgradeNoticeV2 {
+                        version: package.version.clone(),
+                        url,
+                        file_size: u64::try_from(package.size).unwrap_or(0),
+                        file_name: package.file_name.clone(),
+                        expires: ttl.as_secs(),
+                        sign: package.sha256.clone(),
+                        custom_info,
+                        task_id: Some(row.task_id.clone()),
+                    };
+                    protocol::ota::upgrade_event_v2(&row.device_id, &event_time, kind, &notice)
+                } else if downloads::live_and_used(txn, now, row.id).await? {
+                    // A re-send after a reconnect, but the device already downloads with its token.
+                    tracing::debug!(device_id = %row.device_id, "upgrade event not re-sent: download in progress");
+                    return Ok(());
+                } else {
+                    let token = downloads::issue_in(txn, now, ttl, row, &package.id).await?;
+                    let notice = protocol::ota::UpgradeNotice {
+                        version: package.version.clone(),
+                        url: download_url(
+                            &self.inner.settings.download_base_url,
+                            &package.id,
+                            &package.file_name,
+                        ),
+                        file_size: u64::try_from(package.size).unwrap_or(0),
+                        file_name: package.file_name.clone(),
+                        access_token: token.token,
+                        expires: ttl.as_secs(),
+                        sign: package.sha256.clone(),
+                        custom_info,
+                        task_id: Some(row.task_id.clone()),
+                    };
+                    protocol::ota::upgrade_event(&row.device_id, &event_time, kind, &notice)
+                };
+                outgoing.push(Outgoing {
+                    device_id: row.device_id.clone(),
+                    payload,
+                });
+            }
         }
         Ok(())
     }
@@ -694,106 +793,6 @@ impl Driver {
             // No receiver is fine: nobody is watching.
             let _ = self.inner.events.send(e);
         }
-    }
-
-    /// Performs a committed transition's effects. Failures are logged: the state is already stored, and
-    /// the machine's deadlines and re-sends recover from a lost message.
-    async fn perform(&self, state: &AppState, p: Pending) {
-        let downlink = self.downlink();
-        for effect in p.effects.clone() {
-            let result = match effect {
-                Effect::SendVersionQuery => {
-                    let payload =
-                        protocol::ota::version_query(&p.device_id, &state.clock.now().to_compact());
-                    send(state, downlink.as_deref(), &p.device_id, payload).await
-                }
-                Effect::SendUpgrade => self.send_upgrade(state, &p, downlink.as_deref()).await,
-                Effect::RevokeTokens => {
-                    super::service::downloads::revoke_subtask(state, p.subtask_id)
-                        .await
-                        .map(|_| ())
-                }
-            };
-            if let Err(e) = result {
-                tracing::warn!(
-                    device_id = %p.device_id, task_id = %p.task_id, ?effect,
-                    error.message = %e, "task driver: effect failed"
-                );
-            }
-        }
-    }
-
-    async fn send_upgrade(
-        &self,
-        state: &AppState,
-        p: &Pending,
-        downlink: Option<&dyn Downlink>,
-    ) -> Result<()> {
-        let plan = self
-            .plan(state, &p.task_id)
-            .await?
-            .ok_or_else(|| Error::not_found("task", p.task_id.clone()))?;
-        let package = &plan.package;
-        let kind = match plan.kind {
-            PackageType::Software => protocol::ota::UpgradeKind::Software,
-            PackageType::Firmware => protocol::ota::UpgradeKind::Firmware,
-        };
-        let ttl = state.settings.download_token_ttl.as_secs();
-        let custom_info = Some(package.custom_info.clone()).filter(|c| !c.is_empty());
-        let key = super::service::packages::object_key(package)?;
-        let registered = package.source == super::service::packages::SOURCE_BUCKET;
-        if let Some(url) = state
-            .store
-            .offload_url(&key, registered, state.settings.download_token_ttl)
-            .await?
-        {
-            // IoTDA's `*_upgrade_v2`: the device fetches from the bucket, without a token.
-            let notice = protocol::ota::UpgradeNoticeV2 {
-                version: package.version.clone(),
-                url,
-                file_size: u64::try_from(package.size).unwrap_or(0),
-                file_name: package.file_name.clone(),
-                expires: ttl,
-                sign: package.sha256.clone(),
-                custom_info,
-                task_id: Some(p.task_id.clone()),
-            };
-            let payload = protocol::ota::upgrade_event_v2(
-                &p.device_id,
-                &state.clock.now().to_compact(),
-                kind,
-                &notice,
-            );
-            return send(state, downlink, &p.device_id, payload).await;
-        }
-        if super::service::downloads::live_and_used(state, p.subtask_id).await? {
-            // A re-send after a reconnect, but the device already downloads with the token it has.
-            tracing::debug!(device_id = %p.device_id, "upgrade event not re-sent: download in progress");
-            return Ok(());
-        }
-        let token = super::service::downloads::issue(state, p.subtask_id, &package.id).await?;
-        let notice = protocol::ota::UpgradeNotice {
-            version: package.version.clone(),
-            url: download_url(
-                &self.inner.settings.download_base_url,
-                &package.id,
-                &package.file_name,
-            ),
-            file_size: u64::try_from(package.size).unwrap_or(0),
-            file_name: package.file_name.clone(),
-            access_token: token.token,
-            expires: ttl,
-            sign: package.sha256.clone(),
-            custom_info,
-            task_id: Some(p.task_id.clone()),
-        };
-        let payload = protocol::ota::upgrade_event(
-            &p.device_id,
-            &state.clock.now().to_compact(),
-            kind,
-            &notice,
-        );
-        send(state, downlink, &p.device_id, payload).await
     }
 
     /// Publishes messages other processes queued for devices (oldest first), when this process serves
@@ -818,35 +817,18 @@ impl Driver {
             .exec(&state.db)
             .await?;
         let n = rows.len();
+        // A message that waited longer than a version query may (no MQTT process was running) is stale:
+        // its subtask has moved on, and the device will be asked again.
+        let oldest = state.clock.now().as_millis() - QUEUED_MAX_AGE_MS;
         for m in rows {
-            downlink.publish(&m.device_id, m.payload);
+            if m.created_at >= oldest {
+                downlink.publish(&m.device_id, m.payload);
+            } else {
+                tracing::debug!(device_id = %m.device_id, "dropping a stale queued message");
+            }
         }
         Ok(n)
     }
-}
-
-/// Publishes through this process's MQTT endpoint, or, in a process without one (the command line),
-/// queues the message for the instance that serves MQTT (see [`Driver::drain_queued`]).
-async fn send(
-    state: &AppState,
-    downlink: Option<&dyn Downlink>,
-    device_id: &str,
-    payload: Vec<u8>,
-) -> Result<()> {
-    match downlink {
-        Some(d) => d.publish(device_id, payload),
-        None => {
-            device_messages::ActiveModel {
-                device_id: Set(device_id.to_owned()),
-                payload: Set(payload),
-                created_at: Set(state.clock.now().as_millis()),
-                ..Default::default()
-            }
-            .insert(&state.db)
-            .await?;
-        }
-    }
-    Ok(())
 }
 
 /// Records what a device event says about the device itself: online state, reported versions.

@@ -107,6 +107,8 @@ impl std::fmt::Debug for MqttEndpoint {
 
 struct Ctx {
     state: AppState,
+    /// Connects and disconnects, handed to the same worker as device messages (in order, in batches).
+    events: tokio::sync::mpsc::UnboundedSender<(String, DeviceEvent)>,
     settings: MqttSettings,
     broker: rumqttd::Broker,
     sessions: Mutex<HashMap<String, SessionHandle>>,
@@ -171,8 +173,10 @@ impl MqttEndpoint {
             .map_err(|e| format!("linking to the MQTT router: {e}"))?;
         tx.subscribe("oc/devices/+/sys/events/up")
             .map_err(|e| format!("subscribing device uplinks: {e}"))?;
+        let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let ctx = Arc::new(Ctx {
             state: state.clone(),
+            events,
             settings,
             broker,
             sessions: Mutex::new(HashMap::new()),
@@ -182,7 +186,7 @@ impl MqttEndpoint {
         state
             .driver
             .set_downlink(Arc::new(RouterDownlink { tx: Mutex::new(tx) }));
-        tokio::spawn(uplinks(state, rx));
+        tokio::spawn(uplinks(state, rx, events_rx));
         Ok(Self { ctx })
     }
 
@@ -256,50 +260,84 @@ impl MqttEndpoint {
     }
 }
 
-/// Reads device messages from the router and hands `$ota` events to the task driver, in arrival order.
-/// Messages that arrived together are handed over together (one transaction for the lot).
-async fn uplinks(state: AppState, mut rx: LinkRx) {
+/// Hands connects, disconnects and `$ota` events to the task driver, in arrival order, the ones that
+/// arrived together in one call (one transaction for the lot): with thousands of devices, per-event
+/// transactions would queue behind SQLite's single writer.
+async fn uplinks(
+    state: AppState,
+    mut rx: LinkRx,
+    mut sessions: tokio::sync::mpsc::UnboundedReceiver<(String, DeviceEvent)>,
+) {
     use futures::FutureExt;
     const MAX_BATCH: usize = 512;
     loop {
-        let first = match rx.next().await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::info!(error.message = %e, "mqtt: router link closed");
-                return;
-            }
-        };
         let mut batch = Vec::new();
-        let mut next = first;
-        loop {
-            match next {
-                Some(Notification::Forward(forward)) => {
-                    let topic = String::from_utf8_lossy(&forward.publish.topic);
-                    let external = format!("${topic}");
-                    if let Some(device_id) = protocol::ota::up_topic_device(&external) {
-                        uplink_events(device_id, &forward.publish.payload, &mut batch);
-                    }
-                }
-                Some(Notification::Unschedule) => {
-                    if let Err(e) = rx.wake().await {
-                        tracing::warn!(error.message = %e, "mqtt: waking the router link failed");
+        tokio::select! {
+            // A session's connect is queued before it reads the device's first message: taking the
+            // session queue first keeps a device's connect ahead of what it then says.
+            biased;
+            e = sessions.recv() => match e {
+                Some(e) => batch.push(e),
+                None => return,
+            },
+            n = rx.next() => match n {
+                Ok(n) => {
+                    if !router_notification(n, &mut rx, &mut batch).await {
                         return;
                     }
                 }
-                _ => {}
+                Err(e) => {
+                    tracing::info!(error.message = %e, "mqtt: router link closed");
+                    return;
+                }
+            },
+        }
+        // Whatever else is already here, without waiting.
+        while batch.len() < MAX_BATCH {
+            let mut more = false;
+            while let Ok(e) = sessions.try_recv() {
+                batch.push(e);
+                more = true;
             }
-            if batch.len() >= MAX_BATCH {
+            if let Some(Ok(n)) = rx.next().now_or_never() {
+                if !router_notification(n, &mut rx, &mut batch).await {
+                    return;
+                }
+                more = true;
+            }
+            if !more {
                 break;
-            }
-            // Whatever is already here, without waiting.
-            match rx.next().now_or_never() {
-                Some(Ok(n)) => next = n,
-                Some(Err(_)) | None => break,
             }
         }
         if let Err(e) = state.driver.device_events(&state, batch).await {
-            tracing::warn!(error.message = %e, "mqtt: handling uplinks failed");
+            tracing::warn!(error.message = %e, "mqtt: handling device events failed");
         }
+    }
+}
+
+/// Adds the events of one router notification to `batch`; false when the router link is gone.
+async fn router_notification(
+    n: Option<Notification>,
+    rx: &mut LinkRx,
+    batch: &mut Vec<(String, DeviceEvent)>,
+) -> bool {
+    match n {
+        Some(Notification::Forward(forward)) => {
+            let topic = String::from_utf8_lossy(&forward.publish.topic);
+            let external = format!("${topic}");
+            if let Some(device_id) = protocol::ota::up_topic_device(&external) {
+                uplink_events(device_id, &forward.publish.payload, batch);
+            }
+            true
+        }
+        Some(Notification::Unschedule) => match rx.wake().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error.message = %e, "mqtt: waking the router link failed");
+                false
+            }
+        },
+        _ => true,
     }
 }
 
@@ -451,14 +489,8 @@ where
         }
     }
     let still_connected = lock(&ctx.sessions).contains_key(&device_id);
-    if !still_connected
-        && let Err(e) = ctx
-            .state
-            .driver
-            .device_event(&ctx.state, &device_id, DeviceEvent::Offline)
-            .await
-    {
-        tracing::warn!(device_id, error.message = %e, "mqtt: recording disconnect failed");
+    if !still_connected {
+        let _ = ctx.events.send((device_id.clone(), DeviceEvent::Offline));
     }
     done.notify_waiters();
     match &end {
@@ -510,14 +542,7 @@ where
         return End::Io(e);
     }
     tracing::debug!(device_id, "mqtt: device connected");
-    if let Err(e) = ctx
-        .state
-        .driver
-        .device_event(&ctx.state, device_id, DeviceEvent::Online)
-        .await
-    {
-        tracing::warn!(device_id, error.message = %e, "mqtt: recording connect failed");
-    }
+    let _ = ctx.events.send((device_id.to_owned(), DeviceEvent::Online));
 
     let prefix = own_prefix(device_id);
     let up = format!("{prefix}sys/events/up");

@@ -34,13 +34,33 @@ pub async fn issue(state: &AppState, subtask_id: i64, package_id: &str) -> Resul
     {
         return Err(Error::not_found("package", package_id));
     }
-    let now = state.clock.now();
+    issue_in(
+        &state.db,
+        state.clock.now(),
+        state.settings.download_token_ttl,
+        &subtask,
+        package_id,
+    )
+    .await
+}
+
+/// Issues a token for `subtask` on `db` (a transaction, when the token must commit with other state).
+///
+/// # Errors
+/// [`Error::Db`].
+pub async fn issue_in<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    now: Timestamp,
+    ttl: std::time::Duration,
+    subtask: &subtasks::Model,
+    package_id: &str,
+) -> Result<IssuedToken> {
     let token = ids::token();
-    let expires_at = now.plus(state.settings.download_token_ttl);
+    let expires_at = now.plus(ttl);
     download_tokens::ActiveModel {
         token_hash: Set(ids::sha256_hex(&token)),
-        subtask_id: Set(subtask_id),
-        device_id: Set(subtask.device_id),
+        subtask_id: Set(subtask.id),
+        device_id: Set(subtask.device_id.clone()),
         package_id: Set(package_id.to_owned()),
         issued_at: Set(now.as_millis()),
         expires_at: Set(expires_at.as_millis()),
@@ -48,7 +68,7 @@ pub async fn issue(state: &AppState, subtask_id: i64, package_id: &str) -> Resul
         bytes_served: Set(0),
         last_used_at: Set(None),
     }
-    .insert(&state.db)
+    .insert(db)
     .await?;
     Ok(IssuedToken { token, expires_at })
 }
@@ -159,31 +179,40 @@ pub async fn record_served(state: &AppState, token_hash: &str, bytes: u64) -> Re
 ///
 /// # Errors
 /// [`Error::Db`].
-pub async fn live_and_used(state: &AppState, subtask_id: i64) -> Result<bool> {
+pub async fn live_and_used<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    now: Timestamp,
+    subtask_id: i64,
+) -> Result<bool> {
     use sea_orm::PaginatorTrait;
     let n = download_tokens::Entity::find()
         .filter(download_tokens::Column::SubtaskId.eq(subtask_id))
         .filter(download_tokens::Column::RevokedAt.is_null())
         .filter(download_tokens::Column::LastUsedAt.is_not_null())
-        .filter(download_tokens::Column::ExpiresAt.gt(state.clock.now().as_millis()))
-        .count(&state.db)
+        .filter(download_tokens::Column::ExpiresAt.gt(now.as_millis()))
+        .count(db)
         .await?;
     Ok(n > 0)
 }
 
-/// Revokes every live token of a subtask (it ended). Returns how many were revoked.
+/// Revokes every live token of a subtask (it ended), on `db` (a transaction, when the revocation must
+/// commit with the subtask's new state). Returns how many were revoked.
 ///
 /// # Errors
 /// [`Error::Db`].
-pub async fn revoke_subtask(state: &AppState, subtask_id: i64) -> Result<u64> {
+pub async fn revoke_subtask<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    now: Timestamp,
+    subtask_id: i64,
+) -> Result<u64> {
     let r = download_tokens::Entity::update_many()
         .col_expr(
             download_tokens::Column::RevokedAt,
-            Expr::value(state.clock.now().as_millis()),
+            Expr::value(now.as_millis()),
         )
         .filter(download_tokens::Column::SubtaskId.eq(subtask_id))
         .filter(download_tokens::Column::RevokedAt.is_null())
-        .exec(&state.db)
+        .exec(db)
         .await?;
     Ok(r.rows_affected)
 }

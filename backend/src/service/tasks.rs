@@ -176,7 +176,7 @@ pub async fn create(state: &AppState, project_id: &str, new: NewTask) -> Result<
         set_status(state, &task.id, TaskStatus::Waiting).await?;
         state.driver.kick();
     } else {
-        start(state, &task.id).await?;
+        start(state, &task.id, false).await?;
     }
     tracing::info!(task_id = %task.id, package_id = %package.id, scheduled, "task created");
     get(state, project_id, &task.id).await
@@ -188,7 +188,24 @@ fn to_json<T: Serialize>(v: &T) -> String {
 }
 
 /// Starts a task now: resolves group targets if that is still to do, then hands it to the driver.
-pub(crate) async fn start(state: &AppState, task_id: &str) -> Result<()> {
+pub(crate) async fn start(state: &AppState, task_id: &str, scheduled: bool) -> Result<()> {
+    // A scheduled task is claimed first (`Waitting` → `Initializing`), so that when several callers see it
+    // due at once (the driver's loop, a test's tick, another instance) exactly one starts it.
+    if scheduled {
+        let claimed = tasks::Entity::update_many()
+            .col_expr(
+                tasks::Column::Status,
+                Expr::value(TaskStatus::Initializing.as_str()),
+            )
+            .filter(tasks::Column::Id.eq(task_id))
+            .filter(tasks::Column::Status.eq(TaskStatus::Waiting.as_str()))
+            .exec(&state.db)
+            .await?
+            .rows_affected;
+        if claimed == 0 {
+            return Ok(());
+        }
+    }
     let task = tasks::Entity::find_by_id(task_id.to_owned())
         .one(&state.db)
         .await?

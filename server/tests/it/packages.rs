@@ -848,7 +848,7 @@ async fn download_refusals_are_iotda_errors_and_nothing_else() {
         .unwrap()
         .token;
     assert_eq!(
-        downloads::revoke_subtask(&app.state, subtask)
+        downloads::revoke_subtask(&app.state.db, app.state.clock.now(), subtask)
             .await
             .unwrap(),
         2

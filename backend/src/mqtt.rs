@@ -78,6 +78,9 @@ impl Default for MqttSettings {
     }
 }
 
+/// The router filter of every device's uplinks (the router's name for `$oc/devices/+/sys/events/up`).
+const UP_FILTER: &str = "oc/devices/+/sys/events/up";
+
 /// The client id of Updraft's own router link.
 const PLATFORM_LINK: &str = "updraft";
 
@@ -161,7 +164,20 @@ impl MqttEndpoint {
                 // Each filter keeps a ring of segments; device down topics carry a few small events.
                 max_segment_size: settings.max_packet_size.max(64 * 1024),
                 max_segment_count: 4,
-                custom_segment: None,
+                // Every device's uplinks share the platform's one filter: give it room for a long
+                // backlog (memory is only used while the driver lags), so a burst is never overwritten
+                // before the driver reads it.
+                custom_segment: Some(
+                    [(
+                        UP_FILTER.to_owned(),
+                        rumqttd::SegmentConfig {
+                            max_segment_size: 16 * 1024 * 1024,
+                            max_segment_count: 8,
+                        },
+                    )]
+                    .into_iter()
+                    .collect(),
+                ),
                 initialized_filters: None,
                 shared_subscriptions_strategy: rumqttd::Strategy::default(),
             },
@@ -171,7 +187,7 @@ impl MqttEndpoint {
         let (mut tx, rx) = broker
             .link(PLATFORM_LINK)
             .map_err(|e| format!("linking to the MQTT router: {e}"))?;
-        tx.subscribe("oc/devices/+/sys/events/up")
+        tx.subscribe(UP_FILTER)
             .map_err(|e| format!("subscribing device uplinks: {e}"))?;
         let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let ctx = Arc::new(Ctx {

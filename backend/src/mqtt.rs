@@ -534,19 +534,34 @@ where
     W: AsyncWrite + Unpin,
 {
     let max = ctx.settings.max_packet_size;
-    let (mut tx, mut rx) = match ctx.broker.link(device_id) {
-        Ok(link) => link,
-        Err(e) => {
+    let down = protocol::ota::down_topic(device_id);
+    // rumqttd's link set-up blocks (it waits on the router thread's reply): keep it off the async workers,
+    // or a burst of logins stalls every connection.
+    let linked = {
+        let (ctx, id, filter) = (
+            ctx.clone(),
+            device_id.to_owned(),
+            internal(&down).to_owned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let (mut tx, rx) = ctx.broker.link(&id).map_err(|e| e.to_string())?;
+            tx.subscribe(filter).map_err(|e| e.to_string())?;
+            Ok::<_, String>((tx, rx))
+        })
+        .await
+    };
+    let (mut tx, mut rx) = match linked {
+        Ok(Ok(link)) => link,
+        Ok(Err(e)) => {
             tracing::warn!(device_id, error.message = %e, "mqtt: router refused the session");
             let _ = write(wr, refuse(ConnectReturnCode::ServiceUnavailable), max).await;
             return End::RouterDropped;
         }
+        Err(e) => {
+            tracing::warn!(device_id, error.message = %e, "mqtt: linking the session failed");
+            return End::RouterDropped;
+        }
     };
-    let down = protocol::ota::down_topic(device_id);
-    if let Err(e) = tx.subscribe(internal(&down).to_owned()) {
-        tracing::warn!(device_id, error.message = %e, "mqtt: subscribing the down topic failed");
-        return End::RouterDropped;
-    }
     if let Err(e) = write(
         wr,
         Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use backend::AppState;
-use backend::service::{self, Page};
+use backend::service::{self, Page, tasks};
 use clap::Subcommand;
 use domain::Timestamp;
 use secrecy::{ExposeSecret, SecretString};
@@ -376,12 +376,26 @@ pub fn task_json(t: &backend::storage::entity::tasks::Model) -> serde_json::Valu
     })
 }
 
+/// Prints the per-device outcome of a stop or retry.
+fn print_targets(json_out: bool, verb: &str, results: &[tasks::TargetResult]) {
+    print(json_out, &json!({"targets": results}), || {
+        println!("{verb} requested");
+        for t in results {
+            println!(
+                "  {} {} {}",
+                t.target,
+                t.status,
+                t.error_msg.as_deref().unwrap_or("")
+            );
+        }
+    });
+}
+
 /// Runs `updraft task ...`.
 ///
 /// # Errors
 /// The service's error.
 pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Result<()> {
-    use service::tasks;
     let (state, project) = open(&settings).await?;
     match cmd {
         TaskCommand::Create {
@@ -482,31 +496,11 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
         }
         TaskCommand::Stop { task, devices } => {
             let r = tasks::stop(&state, &project, &task, Some(&devices)).await?;
-            print(json_out, &json!({"targets": r}), || {
-                println!("stop requested");
-                for t in &r {
-                    println!(
-                        "  {} {} {}",
-                        t.target,
-                        t.status,
-                        t.error_msg.as_deref().unwrap_or("")
-                    );
-                }
-            });
+            print_targets(json_out, "stop", &r);
         }
         TaskCommand::Retry { task, devices } => {
             let r = tasks::retry(&state, &project, &task, Some(&devices)).await?;
-            print(json_out, &json!({"targets": r}), || {
-                println!("retry requested");
-                for t in &r {
-                    println!(
-                        "  {} {} {}",
-                        t.target,
-                        t.status,
-                        t.error_msg.as_deref().unwrap_or("")
-                    );
-                }
-            });
+            print_targets(json_out, "retry", &r);
         }
         TaskCommand::Delete { task } => {
             tasks::delete(&state, &project, &task)

@@ -406,30 +406,48 @@ fn targets_body(body: &axum::body::Bytes) -> Result<TargetsBody, IotdaError> {
         .map_err(|e| IotdaError::bad_request(format!("invalid JSON body: {e}")))
 }
 
+/// Which command a `POST .../{task_id}/{stop|retry}` runs.
+#[derive(Clone, Copy)]
+enum Command {
+    Stop,
+    Retry,
+}
+
+async fn command(
+    state: ServerState,
+    (project_id, task_id): (String, String),
+    user: Option<&CurrentUser>,
+    body: &axum::body::Bytes,
+    command: Command,
+) -> Result<Response, IotdaError> {
+    let project_id = project(user, &project_id)?;
+    let targets = targets_body(body)?.targets;
+    let (app, targets) = (&state.app, targets.as_deref());
+    let targets = match command {
+        Command::Stop => tasks::stop(app, &project_id, &task_id, targets).await?,
+        Command::Retry => tasks::retry(app, &project_id, &task_id, targets).await?,
+    };
+    Ok(Json(TargetsResult { targets }).into_response())
+}
+
 /// `POST /v5/iot/{project_id}/batchtasks/{task_id}/stop`.
 pub(super) async fn stop(
     State(state): State<ServerState>,
-    Path((project_id, task_id)): Path<(String, String)>,
+    Path(ids): Path<(String, String)>,
     user: Option<axum::Extension<CurrentUser>>,
     body: axum::body::Bytes,
 ) -> Result<Response, IotdaError> {
-    let project_id = project(user.as_deref(), &project_id)?;
-    let body = targets_body(&body)?;
-    let targets = tasks::stop(&state.app, &project_id, &task_id, body.targets.as_deref()).await?;
-    Ok(Json(TargetsResult { targets }).into_response())
+    command(state, ids, user.as_deref(), &body, Command::Stop).await
 }
 
 /// `POST /v5/iot/{project_id}/batchtasks/{task_id}/retry`.
 pub(super) async fn retry(
     State(state): State<ServerState>,
-    Path((project_id, task_id)): Path<(String, String)>,
+    Path(ids): Path<(String, String)>,
     user: Option<axum::Extension<CurrentUser>>,
     body: axum::body::Bytes,
 ) -> Result<Response, IotdaError> {
-    let project_id = project(user.as_deref(), &project_id)?;
-    let body = targets_body(&body)?;
-    let targets = tasks::retry(&state.app, &project_id, &task_id, body.targets.as_deref()).await?;
-    Ok(Json(TargetsResult { targets }).into_response())
+    command(state, ids, user.as_deref(), &body, Command::Retry).await
 }
 
 /// `DELETE /v5/iot/{project_id}/batchtasks/{task_id}`.

@@ -660,17 +660,34 @@ impl Driver {
             }
             let mut touched_tasks: Vec<String> = Vec::new();
             for (id, input) in steps {
-                let (Some(row), Some(plan)) = (rows.remove(&id), plans.get(&id)) else {
+                let (Some(mut row), Some(plan)) = (rows.remove(&id), plans.get(&id)) else {
                     continue;
                 };
-                let changed =
-                    match transition(&txn, now, plan, row.clone(), input, &mut events).await? {
-                        Some(changed) => changed,
-                        None => {
-                            rows.insert(id, row);
-                            continue;
+                let mut conflicts = 0;
+                let changed = loop {
+                    match transition(&txn, now, plan, &row, input.clone(), &mut events).await? {
+                        Outcome::Changed(changed) => break Some(*changed),
+                        Outcome::Unchanged => break None,
+                        Outcome::Stale if conflicts < MAX_CONFLICTS => {
+                            // Another writer (a second instance, or one shutting down) moved this
+                            // subtask since it was read: decide again on what is stored now.
+                            conflicts += 1;
+                            match subtasks::Entity::find_by_id(id).one(&txn).await? {
+                                Some(current) => row = current,
+                                None => break None,
+                            }
                         }
-                    };
+                        Outcome::Stale => {
+                            return Err(Error::Internal(format!(
+                                "subtask {id}: changed by another writer {MAX_CONFLICTS} times in a row"
+                            )));
+                        }
+                    }
+                };
+                let Some(changed) = changed else {
+                    rows.insert(id, row);
+                    continue;
+                };
                 if changed.status_changed && !touched_tasks.contains(&changed.row.task_id) {
                     touched_tasks.push(changed.row.task_id.clone());
                 }
@@ -913,6 +930,17 @@ pub(crate) const OPEN: [SubtaskStatus; 3] = [
     SubtaskStatus::FailWaitRetry,
 ];
 
+/// How often one input is re-decided on a subtask another writer keeps changing.
+const MAX_CONFLICTS: usize = 3;
+
+enum Outcome {
+    /// The machine had nothing to do.
+    Unchanged,
+    /// The row was not what the machine was run on (another writer changed it); nothing was written.
+    Stale,
+    Changed(Box<Changed>),
+}
+
 struct Changed {
     /// The row as written.
     row: subtasks::Model,
@@ -920,15 +948,16 @@ struct Changed {
     effects: Vec<Effect>,
 }
 
-/// Runs one machine and writes its new state (inside `txn`). `None` when nothing changed.
+/// Runs one machine and writes its new state (inside `txn`), only if the stored row is still the one
+/// it was run on.
 async fn transition(
     txn: &DatabaseTransaction,
     now: Timestamp,
     plan: &TaskPlan,
-    row: subtasks::Model,
+    row: &subtasks::Model,
     input: Input<'_>,
     events: &mut Vec<Event>,
-) -> Result<Option<Changed>> {
+) -> Result<Outcome> {
     let mut machine = match row.machine.as_deref() {
         Some(json) => serde_json::from_str::<mqtt::Subtask>(json)
             .map_err(|e| Error::Internal(format!("subtask {}: stored machine: {e}", row.id)))?,
@@ -937,7 +966,7 @@ async fn transition(
     let before = machine.clone();
     let effects = machine.handle(now, &plan.plan, input);
     if machine == before && effects.is_empty() {
-        return Ok(None);
+        return Ok(Outcome::Unchanged);
     }
     let status = machine.status();
     let old_status = SubtaskStatus::parse(&row.status)?;
@@ -947,25 +976,72 @@ async fn transition(
     let visible_change = status != old_status || step != row.step || progress != row.progress;
     let at = now.as_millis();
     let json = serde_json::to_string(&machine).map_err(|e| Error::Internal(e.to_string()))?;
-    let mut update = subtasks::ActiveModel {
-        id: Set(row.id),
-        status: Set(status.as_str().to_owned()),
-        step: Set(step.to_owned()),
-        progress: Set(progress),
-        attempts: Set(i32::from(machine.attempts)),
-        deadline_at: Set(machine.poll_timeout().map(Timestamp::as_millis)),
-        source_version: Set(machine.source_version.clone()),
-        error_code: Set(failure.as_ref().map(mqtt::Failure::code)),
-        error_msg: Set(failure.as_ref().map(mqtt::Failure::message)),
-        machine: Set(Some(json)),
-        updated_at: Set(at),
-        ..Default::default()
+    let written = subtasks::Model {
+        status: status.as_str().to_owned(),
+        step: step.to_owned(),
+        progress,
+        attempts: i32::from(machine.attempts),
+        deadline_at: machine.poll_timeout().map(Timestamp::as_millis),
+        source_version: machine.source_version.clone(),
+        error_code: failure.as_ref().map(mqtt::Failure::code),
+        error_msg: failure.as_ref().map(mqtt::Failure::message),
+        machine: Some(json),
+        updated_at: at,
+        started_at: if row.started_at.is_none() && before.phase == mqtt::Phase::Pending {
+            Some(at)
+        } else {
+            row.started_at
+        },
+        finished_at: machine.is_final().then_some(at),
+        ..row.clone()
     };
-    if row.started_at.is_none() && before.phase == mqtt::Phase::Pending {
-        update.started_at = Set(Some(at));
+    // Compare-and-set: written only if the row is still the one the machine was run on.
+    let same_machine = match &row.machine {
+        Some(json) => subtasks::Column::Machine.eq(json.clone()),
+        None => subtasks::Column::Machine.is_null(),
+    };
+    let result = subtasks::Entity::update_many()
+        .col_expr(
+            subtasks::Column::Status,
+            Expr::value(written.status.clone()),
+        )
+        .col_expr(subtasks::Column::Step, Expr::value(written.step.clone()))
+        .col_expr(subtasks::Column::Progress, Expr::value(written.progress))
+        .col_expr(subtasks::Column::Attempts, Expr::value(written.attempts))
+        .col_expr(
+            subtasks::Column::DeadlineAt,
+            Expr::value(written.deadline_at),
+        )
+        .col_expr(
+            subtasks::Column::SourceVersion,
+            Expr::value(written.source_version.clone()),
+        )
+        .col_expr(
+            subtasks::Column::ErrorCode,
+            Expr::value(written.error_code.clone()),
+        )
+        .col_expr(
+            subtasks::Column::ErrorMsg,
+            Expr::value(written.error_msg.clone()),
+        )
+        .col_expr(
+            subtasks::Column::Machine,
+            Expr::value(written.machine.clone()),
+        )
+        .col_expr(subtasks::Column::UpdatedAt, Expr::value(at))
+        .col_expr(subtasks::Column::StartedAt, Expr::value(written.started_at))
+        .col_expr(
+            subtasks::Column::FinishedAt,
+            Expr::value(written.finished_at),
+        )
+        .filter(subtasks::Column::Id.eq(row.id))
+        .filter(subtasks::Column::Status.eq(row.status.clone()))
+        .filter(same_machine)
+        .exec(txn)
+        .await?;
+    if result.rows_affected == 0 {
+        return Ok(Outcome::Stale);
     }
-    update.finished_at = Set(machine.is_final().then_some(at));
-    let written = update.update(txn).await?;
     if status == SubtaskStatus::Success && old_status != SubtaskStatus::Success {
         // The device now runs the package's version (it said so, or it already did).
         let column = match plan.kind {
@@ -975,15 +1051,6 @@ async fn transition(
         devices::Entity::update_many()
             .col_expr(column, Expr::value(plan.plan.target.clone()))
             .filter(devices::Column::Id.eq(&row.device_id))
-            .exec(txn)
-            .await?;
-    }
-    if status != old_status {
-        tasks::Entity::update_many()
-            .col_expr(counter(old_status), Expr::col(counter(old_status)).sub(1))
-            .col_expr(counter(status), Expr::col(counter(status)).add(1))
-            .col_expr(tasks::Column::UpdatedAt, Expr::value(at))
-            .filter(tasks::Column::Id.eq(&row.task_id))
             .exec(txn)
             .await?;
     }
@@ -1034,24 +1101,11 @@ async fn transition(
             );
         }
     }
-    Ok(Some(Changed {
+    Ok(Outcome::Changed(Box::new(Changed {
         row: written,
         status_changed: status != old_status,
         effects,
-    }))
-}
-
-/// The task counter column of a subtask status.
-pub(crate) const fn counter(status: SubtaskStatus) -> tasks::Column {
-    match status {
-        SubtaskStatus::Waiting => tasks::Column::Waitting,
-        SubtaskStatus::Processing => tasks::Column::Processing,
-        SubtaskStatus::Success => tasks::Column::Success,
-        SubtaskStatus::Fail => tasks::Column::Fail,
-        SubtaskStatus::FailWaitRetry => tasks::Column::FailWaitRetry,
-        SubtaskStatus::Stopped => tasks::Column::Stopped,
-        SubtaskStatus::Removed => tasks::Column::Removed,
-    }
+    })))
 }
 
 /// A task row's `task_progress`.
@@ -1094,14 +1148,39 @@ pub(crate) async fn refresh_task(
     if matches!(current, TaskStatus::Initializing | TaskStatus::Waiting) {
         return Ok(());
     }
-    let stop_requested = matches!(current, TaskStatus::Stopping | TaskStatus::Stopped);
-    let progress = progress_of(&task);
-    let status = progress.derived_status(stop_requested);
+    // The counters are counted, not adjusted: they cannot drift from the subtasks they describe.
+    let counts: Vec<(String, i64)> = subtasks::Entity::find()
+        .select_only()
+        .column(subtasks::Column::Status)
+        .column_as(subtasks::Column::Id.count(), "n")
+        .filter(subtasks::Column::TaskId.eq(task_id))
+        .group_by(subtasks::Column::Status)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    let mut progress = TaskProgress::default();
+    for (status, n) in counts {
+        progress.add(
+            SubtaskStatus::parse(&status)?,
+            u64::try_from(n).unwrap_or(0),
+        );
+    }
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let mut update = tasks::ActiveModel {
         id: Set(task.id.clone()),
         updated_at: Set(at),
+        total: Set(n(progress.total)),
+        waitting: Set(n(progress.waitting)),
+        processing: Set(n(progress.processing)),
+        success: Set(n(progress.success)),
+        fail: Set(n(progress.fail)),
+        fail_wait_retry: Set(n(progress.fail_wait_retry)),
+        stopped: Set(n(progress.stopped)),
+        removed: Set(n(progress.removed)),
         ..Default::default()
     };
+    let stop_requested = matches!(current, TaskStatus::Stopping | TaskStatus::Stopped);
+    let status = progress.derived_status(stop_requested);
     update.status_desc = Set(describe(status, &progress));
     if status != current {
         update.status = Set(status.as_str().to_owned());

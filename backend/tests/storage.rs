@@ -1177,3 +1177,145 @@ async fn the_task_driver_runs_subtasks_and_queues_messages_without_a_broker() {
         t.cleanup().await;
     }
 }
+
+/// Two drivers on one database (two instances, or a crashed one still finishing a batch) handle the
+/// same device events at the same time: each transition happens once, and the task's counters match
+/// its subtasks.
+#[tokio::test]
+async fn two_drivers_on_one_database_never_apply_a_transition_twice() {
+    use backend::driver::DeviceEvent;
+    use backend::service::tasks;
+    const N: usize = 40;
+    for t in databases().await {
+        let kind = t.kind;
+        let project = projects::ensure_default(&t.state).await.unwrap().id;
+        mqtt_product(&t, &project).await;
+        let mut ids = Vec::new();
+        for i in 0..N {
+            let d = devices::register(
+                &t.state,
+                &project,
+                devices::NewDevice {
+                    product_id: "meter".into(),
+                    node_id: format!("n{i}"),
+                    device_id: Some(format!("d{i}")),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            ids.push(d.device.id);
+        }
+        let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+            b"software",
+        ))]);
+        let package = backend::service::packages::upload(
+            &t.state,
+            &project,
+            domain::package::PackageMetaInput {
+                package_type: "softwarePackage".into(),
+                product_id: "meter".into(),
+                version: "2.0".into(),
+                file_name: "sw.bin".into(),
+                ..Default::default()
+            },
+            body,
+        )
+        .await
+        .unwrap();
+        let online: Vec<_> = ids
+            .iter()
+            .map(|d| (d.clone(), DeviceEvent::Online))
+            .collect();
+        t.state
+            .driver
+            .device_events(&t.state, online)
+            .await
+            .unwrap();
+        let task = tasks::create(
+            &t.state,
+            &project,
+            tasks::NewTask {
+                task_name: "twice".into(),
+                task_type: "softwareUpgrade".into(),
+                package_id: package.id.clone(),
+                targets: ids.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+
+        // A second instance: same database, its own driver.
+        let other = AppState::new(
+            t.state.db.clone(),
+            t.state.clock.clone(),
+            t.state.sealer.clone(),
+            t.state.store.clone(),
+            t.state.settings.clone(),
+        );
+        for driver in [&t.state, &other] {
+            driver.driver.set_downlink(Arc::new(Sent::default()));
+        }
+        let report = |v: &str| {
+            ids.iter()
+                .map(|d| {
+                    (
+                        d.clone(),
+                        DeviceEvent::VersionReport {
+                            sw_version: Some(v.into()),
+                            fw_version: None,
+                        },
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let done = || {
+            ids.iter()
+                .map(|d| {
+                    (
+                        d.clone(),
+                        DeviceEvent::Progress {
+                            result_code: 0,
+                            progress: Some(100),
+                            version: Some("2.0".into()),
+                            description: None,
+                        },
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        // Device by device, so the two drivers' batches interleave.
+        let feed = |state: AppState, events: Vec<(String, DeviceEvent)>| async move {
+            for e in events {
+                state.driver.device_events(&state, vec![e]).await.unwrap();
+            }
+        };
+        tokio::join!(
+            feed(t.state.clone(), report("1.0")),
+            feed(other.clone(), report("1.0"))
+        );
+        tokio::join!(feed(t.state.clone(), done()), feed(other.clone(), done()));
+
+        let task = tasks::get(&t.state, &project, &task.id).await.unwrap();
+        assert_eq!(
+            (
+                task.status.as_str(),
+                task.success,
+                task.processing,
+                task.waitting,
+                task.fail
+            ),
+            ("Success", N as i64, 0, 0, 0),
+            "{kind}"
+        );
+        for d in &ids {
+            let steps = tasks::history(&t.state, &project, &task.id, d)
+                .await
+                .unwrap();
+            let successes = steps.iter().filter(|s| s.status == "Success").count();
+            assert_eq!(successes, 1, "{kind}: {d}: {steps:?}");
+        }
+        t.cleanup().await;
+    }
+}

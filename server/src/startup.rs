@@ -306,17 +306,16 @@ async fn mark_devices_offline(state: &AppState) -> Result<()> {
         .into_tuple()
         .all(&state.db)
         .await?;
-    for device_id in &online {
-        state
-            .driver
-            .device_event(state, device_id, backend::driver::DeviceEvent::Offline)
-            .await?;
+    let count = online.len();
+    for chunk in online.chunks(500) {
+        let events = chunk
+            .iter()
+            .map(|id| (id.clone(), backend::driver::DeviceEvent::Offline))
+            .collect();
+        state.driver.device_events(state, events).await?;
     }
-    if !online.is_empty() {
-        tracing::info!(
-            devices = online.len(),
-            "devices marked offline after start-up"
-        );
+    if count > 0 {
+        tracing::info!(devices = count, "devices marked offline after start-up");
     }
     Ok(())
 }

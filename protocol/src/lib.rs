@@ -1,9 +1,11 @@
 //! Updraft's pure wire codecs. No sockets, no clock, no knowledge of the database.
 //!
+//! - [`apisign`]: IoTDA application request signing (`SDK-HMAC-SHA256`, `V11-HMAC-SHA256`).
 //! - [`mqtt_auth`]: IoTDA's MQTT device login (client id layout and the HMAC-SHA256 password).
 //! - [`ota`]: IoTDA's MQTT `$ota` events: topics, tolerant uplink parsing, downlink events.
 //!
 //! PCP frames and LwM2M helpers join this crate with the pipelines that use them.
 
+pub mod apisign;
 pub mod mqtt_auth;
 pub mod ota;

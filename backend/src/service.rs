@@ -5,6 +5,7 @@
 //! [`Error`]: crate::Error
 
 pub mod auth;
+pub mod credentials;
 pub mod devices;
 pub mod downloads;
 pub mod groups;

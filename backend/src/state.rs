@@ -24,6 +24,8 @@ pub struct ServiceSettings {
     pub login_window: Duration,
     /// How long a package download token works.
     pub download_token_ttl: Duration,
+    /// How far a signed API request's `X-Sdk-Date` may be from the clock.
+    pub api_signature_skew: Duration,
     /// The task driver's timeouts and download URL base.
     pub driver: DriverSettings,
 }
@@ -36,6 +38,7 @@ impl Default for ServiceSettings {
             login_max_failures: 5,
             login_window: Duration::from_secs(15 * 60),
             download_token_ttl: Duration::from_secs(24 * 3600),
+            api_signature_skew: Duration::from_secs(15 * 60),
             driver: DriverSettings::default(),
         }
     }

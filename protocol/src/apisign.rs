@@ -144,7 +144,7 @@ pub struct Request<'r, 'h> {
     /// The raw query string, without `?` (empty when none).
     pub query: &'r str,
     /// Looks a header up by lower-case name; the first value when repeated.
-    pub header: &'r dyn Fn(&str) -> Option<&'h str>,
+    pub header: &'r (dyn Fn(&str) -> Option<&'h str> + Sync),
     /// See [`payload_hash`].
     pub payload_hash: &'r str,
 }

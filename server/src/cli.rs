@@ -69,6 +69,12 @@ pub enum Command {
         #[command(subcommand)]
         command: manage::TaskCommand,
     },
+    /// Application credentials (AK/SK) for the REST API.
+    Credentials {
+        /// What to do.
+        #[command(subcommand)]
+        command: manage::CredentialCommand,
+    },
     /// Simulated devices.
     Sim {
         /// Which kind.
@@ -158,6 +164,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Device { command } => manage::device(settings, command, cli.json).await,
         Command::Group { command } => manage::group(settings, command, cli.json).await,
         Command::Task { command } => manage::task(settings, command, cli.json).await,
+        Command::Credentials { command } => manage::credentials(settings, command, cli.json).await,
         Command::Sim {
             command: SimCommand::Mqtt(args),
         } => sim::run(settings, args).await,

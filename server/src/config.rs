@@ -40,6 +40,8 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     /// Upgrade tasks: the MQTT flow's timeouts.
     pub tasks: TaskSettings,
+    /// The application REST API (`/v5`).
+    pub api: ApiSettings,
     /// The key that seals device secrets and SKs (64 hex digits). Default: `{data_dir}/secret.key`,
     /// created on first start. Keep it out of the database's backups, and never lose it.
     #[serde(skip_serializing)]
@@ -172,6 +174,23 @@ pub struct DownloadSettings {
     pub public_url: Option<String>,
 }
 
+/// The application REST API.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// How far a signed request's `X-Sdk-Date` may be from the server's clock (either way).
+    #[serde(with = "humantime_serde")]
+    pub signature_skew: Duration,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            signature_skew: backend::state::ServiceSettings::default().api_signature_skew,
+        }
+    }
+}
+
 /// The device MQTT endpoint (IoTDA logins, `$oc` system topics), on an embedded rumqttd router.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -301,6 +320,7 @@ impl Default for Settings {
             downloads: DownloadSettings::default(),
             mqtt: MqttSettings::default(),
             tasks: TaskSettings::default(),
+            api: ApiSettings::default(),
             secret_key: None,
             log: LogSettings::default(),
         }
@@ -360,6 +380,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "downloads",
     "mqtt",
     "tasks",
+    "api",
     "secret_key",
     "log",
 ];
@@ -412,6 +433,9 @@ impl Settings {
         }
         if self.packages.max_size == 0 {
             problems.push("  - packages.max_size must be at least 1".to_owned());
+        }
+        if self.api.signature_skew < Duration::from_secs(1) {
+            problems.push("  - api.signature_skew must be at least 1s".to_owned());
         }
         if self.downloads.token_ttl < Duration::from_secs(60) {
             problems.push("  - downloads.token_ttl must be at least 1m".to_owned());
@@ -468,6 +492,7 @@ impl Settings {
             login_max_failures: self.console.login_max_failures,
             login_window: self.console.login_window,
             download_token_ttl: self.downloads.token_ttl,
+            api_signature_skew: self.api.signature_skew,
             driver: backend::driver::DriverSettings {
                 mqtt: domain::flow::mqtt::Timeouts {
                     online: self.tasks.online_timeout,

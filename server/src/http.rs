@@ -10,6 +10,7 @@ mod download;
 mod health;
 pub mod iotda;
 mod packages;
+mod signed;
 
 pub use download::Transfers;
 

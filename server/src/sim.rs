@@ -65,6 +65,9 @@ pub struct SimOptions {
     pub subscribe: bool,
     /// Signature type in the client id (0 or 1).
     pub sig_type: u8,
+    /// At most this many devices are between TCP connect and CONNACK at once: a fleet's logins arrive
+    /// spread out, not as one burst of SYNs.
+    pub max_connecting: usize,
 }
 
 impl Default for SimOptions {
@@ -80,6 +83,7 @@ impl Default for SimOptions {
             fail_code: None,
             subscribe: false,
             sig_type: 1,
+            max_connecting: 256,
         }
     }
 }
@@ -103,6 +107,8 @@ pub struct SimStats {
     pub failed: AtomicU64,
     /// Logins refused or connections lost that ended a device.
     pub errors: AtomicU64,
+    /// Connections that failed or dropped and were tried again.
+    pub reconnects: AtomicU64,
 }
 
 /// The client id and password a device sends for the hour of `now_unix_ms` (`protocols.md` §1.1).
@@ -118,12 +124,22 @@ pub fn login(device_id: &str, secret: &str, sig_type: u8, now_unix_ms: i64) -> (
     )
 }
 
+/// How long a device waits before its `failures`-th reconnect: 1 s doubling up to 32 s, with ±50 %
+/// jitter so a fleet that lost its server does not come back in lockstep.
+fn reconnect_delay(failures: u32) -> Duration {
+    let base = 1000u64 << failures.saturating_sub(1).min(5);
+    let jitter = rand::random_range(0.5..1.5);
+    Duration::from_millis((base as f64 * jitter) as u64)
+}
+
 /// What the device is doing between MQTT events.
 struct Device {
     opts: Arc<SimOptions>,
     creds: SimDevice,
     http: reqwest::Client,
     stats: Arc<SimStats>,
+    /// Limits devices connecting at once (see [`SimOptions::max_connecting`]).
+    connecting: Arc<tokio::sync::Semaphore>,
     sw: String,
     fw: String,
     /// The bytes of a download in progress (kept across a reconnect, for `Behaviour::Resume`).
@@ -149,9 +165,11 @@ pub async fn run_fleet(
         ]);
     }
     let http = http.build().context("building the HTTPS client")?;
+    let connecting = Arc::new(tokio::sync::Semaphore::new(opts.max_connecting.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for creds in devices {
         let device = Device {
+            connecting: connecting.clone(),
             sw: opts.sw_version.clone(),
             fw: opts.fw_version.clone(),
             opts: opts.clone(),
@@ -205,8 +223,21 @@ impl Device {
         let mut resume_at: Option<(Value, u64)> = None;
         // `Resume` cuts the first download only.
         let mut cut = false;
+        // Failed attempts since the last CONNACK: the reconnect delay grows with them.
+        let mut failures: u32 = 0;
         'connection: loop {
+            let mut permit = Some(
+                self.connecting
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .context("the connect gate closed")?,
+            );
             let (client, mut events) = AsyncClient::new(self.options(now())?, 64);
+            // Device SDKs wait longer than rumqttc's 5 s for a CONNACK (Paho: 30 s).
+            let mut network = events.network_options();
+            network.set_connection_timeout(30);
+            events.set_network_options(network);
             let mut counted = false;
             loop {
                 let event = tokio::select! {
@@ -218,6 +249,8 @@ impl Device {
                 };
                 let p = match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        permit = None;
+                        failures = 0;
                         if !counted {
                             counted = true;
                             self.stats.connected.fetch_add(1, Ordering::Relaxed);
@@ -239,9 +272,12 @@ impl Device {
                     }
                     Err(e) => {
                         tracing::debug!(device_id = %self.creds.device_id, error = %e, "sim: reconnecting");
+                        drop(permit.take());
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        failures = failures.saturating_add(1);
                         tokio::select! {
                             () = stop.cancelled() => return Ok(()),
-                            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            () = tokio::time::sleep(reconnect_delay(failures)) => {}
                         }
                         continue 'connection;
                     }

@@ -22,11 +22,19 @@ pub async fn ensure_default(state: &AppState) -> Result<projects::Model> {
     {
         return Ok(p);
     }
+    create(state, DEFAULT_PROJECT).await
+}
+
+/// Creates a project named `name`, with its default resource space (application).
+///
+/// # Errors
+/// [`crate::Error::Db`] (a taken name is a unique-key error).
+pub async fn create(state: &AppState, name: &str) -> Result<projects::Model> {
     let now = state.clock.now().as_millis();
     let txn = state.db.begin().await?;
     let project = projects::ActiveModel {
         id: Set(ids::hex32()),
-        name: Set(DEFAULT_PROJECT.to_owned()),
+        name: Set(name.to_owned()),
         created_at: Set(now),
     }
     .insert(&txn)
@@ -41,7 +49,7 @@ pub async fn ensure_default(state: &AppState) -> Result<projects::Model> {
     .insert(&txn)
     .await?;
     txn.commit().await?;
-    tracing::info!(project_id = %project.id, "created the default project");
+    tracing::info!(project_id = %project.id, name, "created a project");
     Ok(project)
 }
 

@@ -34,6 +34,24 @@ pub enum ProductCommand {
     },
 }
 
+/// `updraft credentials ...`.
+#[derive(Debug, Subcommand)]
+pub enum CredentialCommand {
+    /// Create an AK/SK pair for applications (the SK is printed once).
+    Create {
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List credentials (secret keys are never shown again).
+    List,
+    /// Revoke a credential: requests signed with it are refused from now on.
+    Revoke {
+        /// The access key.
+        access_key: String,
+    },
+}
+
 /// `updraft device ...`.
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
@@ -228,6 +246,68 @@ pub async fn product(settings: Settings, cmd: ProductCommand, json_out: bool) ->
         &json!({"product_id": p.id, "name": p.name, "protocol_type": p.protocol_type}),
         || println!("product {} ({}, {})", p.id, p.name, p.protocol_type),
     );
+    state.db.close().await.ok();
+    Ok(())
+}
+
+/// Runs `updraft credentials ...`.
+///
+/// # Errors
+/// The service's error.
+pub async fn credentials(settings: Settings, cmd: CredentialCommand, json_out: bool) -> Result<()> {
+    let (state, project) = open(&settings).await?;
+    let time = |ms: Option<i64>| ms.map(|t| Timestamp::from_millis(t).to_string());
+    match cmd {
+        CredentialCommand::Create { description } => {
+            let c = service::credentials::create(&state, &project, &description).await?;
+            let sk = c.secret_key.expose_secret();
+            print(
+                json_out,
+                &json!({"project_id": project, "access_key": c.credential.access_key,
+                        "secret_key": sk, "description": c.credential.description}),
+                || {
+                    println!("project id:  {project}");
+                    println!("access key:  {}", c.credential.access_key);
+                    println!("secret key:  {sk}");
+                    println!("Keep the secret key now: it is not shown again.");
+                },
+            );
+        }
+        CredentialCommand::List => {
+            let rows = service::credentials::list(&state, &project).await?;
+            let json_rows: Vec<_> = rows
+                .iter()
+                .map(|c| {
+                    json!({"access_key": c.access_key, "description": c.description,
+                           "created_at": time(Some(c.created_at)), "last_used_at": time(c.last_used_at),
+                           "revoked_at": time(c.revoked_at)})
+                })
+                .collect();
+            print(json_out, &json!({"credentials": json_rows}), || {
+                for c in &rows {
+                    let state = match c.revoked_at {
+                        Some(_) => "revoked",
+                        None => "active",
+                    };
+                    println!(
+                        "{}  {:<8} last used {:<24} {}",
+                        c.access_key,
+                        state,
+                        time(c.last_used_at).unwrap_or_else(|| "never".into()),
+                        c.description
+                    );
+                }
+            });
+        }
+        CredentialCommand::Revoke { access_key } => {
+            service::credentials::revoke(&state, &project, &access_key).await?;
+            print(
+                json_out,
+                &json!({"access_key": access_key, "revoked": true}),
+                || println!("revoked {access_key}"),
+            );
+        }
+    }
     state.db.close().await.ok();
     Ok(())
 }

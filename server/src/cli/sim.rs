@@ -55,6 +55,9 @@ pub struct SimMqttArgs {
     /// Subscribe to the system topic (Huawei's C SDK does; the Python and Go SDKs do not).
     #[arg(long)]
     pub subscribe: bool,
+    /// At most this many devices connecting (between TCP connect and CONNACK) at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_connecting: usize,
     /// Exit once every device has reported a final result.
     #[arg(long)]
     pub exit_when_done: bool,
@@ -134,6 +137,7 @@ pub async fn run(settings: Settings, args: SimMqttArgs) -> Result<()> {
         fail_code: args.fail_code,
         subscribe: args.subscribe,
         sig_type: 1,
+        max_connecting: args.max_connecting,
     };
     println!(
         "simulating {} devices ({} registered now) on {}:{port}{}, behaviour {:?}",
@@ -158,7 +162,7 @@ pub async fn run(settings: Settings, args: SimMqttArgs) -> Result<()> {
             _ = tick.tick() => {
                 let done = stats.succeeded.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
                 println!(
-                    "{:>6.1}s connected {} reports {} upgrades {} downloads {} ({} MiB) succeeded {} failed {} errors {}",
+                    "{:>6.1}s connected {} reports {} upgrades {} downloads {} ({} MiB) succeeded {} failed {} errors {} reconnects {}",
                     started.elapsed().as_secs_f64(),
                     stats.connected.load(Ordering::Relaxed),
                     stats.version_reports.load(Ordering::Relaxed),
@@ -168,6 +172,7 @@ pub async fn run(settings: Settings, args: SimMqttArgs) -> Result<()> {
                     stats.succeeded.load(Ordering::Relaxed),
                     stats.failed.load(Ordering::Relaxed),
                     stats.errors.load(Ordering::Relaxed),
+                    stats.reconnects.load(Ordering::Relaxed),
                 );
                 if args.exit_when_done && done >= total {
                     break;

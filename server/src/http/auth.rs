@@ -19,7 +19,7 @@ use http::{HeaderMap, Method, StatusCode, header};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::ServerState;
+use super::{ServerState, signed};
 
 /// The session cookie's name. The `__Host-` prefix makes browsers enforce Secure, path `/` and no domain.
 pub(crate) const SESSION_COOKIE: &str = "__Host-updraft_session";
@@ -143,10 +143,20 @@ pub(super) async fn require_session(
     if is_public(&path) {
         return next.run(req).await;
     }
+    if signed::is_signed(&req) {
+        return match signed::authenticate(&state, req).await {
+            Ok(req) => next.run(req).await,
+            Err(refused) => refused,
+        };
+    }
     let cookie = jar.get(SESSION_COOKIE).map(|c| c.value().to_owned());
     let failure = match &cookie {
         Some(token) => match auth::authenticate(&state.app, token).await {
             Ok(user) => {
+                req.extensions_mut().insert(signed::Caller {
+                    project_id: user.project_id.clone(),
+                    access_key: None,
+                });
                 req.extensions_mut().insert(user);
                 return next.run(req).await;
             }
@@ -186,7 +196,10 @@ pub(super) async fn require_session(
 
 /// Refuses state-changing requests that do not come from this origin.
 pub(super) async fn same_origin(req: Request, next: Next) -> Response {
-    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+    // Signed API calls carry their own proof (see `signed`); no browser adds it cross-site.
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || signed::is_signed(&req)
+    {
         return next.run(req).await;
     }
     let headers = req.headers();

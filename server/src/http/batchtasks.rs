@@ -2,10 +2,10 @@
 //! tasks (`iotda-api.md` §3.3): CreateBatchTask, ListBatchTasks, ShowBatchTask (with its task details),
 //! StopBatchTask, RetryBatchTask and DeleteBatchTask.
 
+use super::signed::Caller;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use backend::service::auth::CurrentUser;
 use backend::service::tasks::{self, DetailFilter, NewTask, TargetResult, TaskFilter};
 use backend::storage::entity::{subtasks, tasks as task_rows};
 use domain::Timestamp;
@@ -124,10 +124,10 @@ impl TaskJson {
 pub(super) async fn create(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
-    user: Option<axum::Extension<CurrentUser>>,
+    caller: Option<axum::Extension<Caller>>,
     body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, IotdaError> {
-    let project_id = project(user.as_deref(), &project_id)?;
+    let project_id = project(caller.as_deref(), &project_id)?;
     let Json(body) = body.map_err(|e| IotdaError::bad_request(e.body_text()))?;
     TaskType::parse(body.task_type.trim()).map_err(|_| {
         IotdaError::bad_request(format!(
@@ -242,10 +242,10 @@ struct ListBody {
 pub(super) async fn list(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
-    user: Option<axum::Extension<CurrentUser>>,
+    caller: Option<axum::Extension<Caller>>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, IotdaError> {
-    let project_id = project(user.as_deref(), &project_id)?;
+    let project_id = project(caller.as_deref(), &project_id)?;
     let (page, marker) = paging(q.limit.as_deref(), q.offset.as_deref(), q.marker.as_deref())?;
     let task_type = q
         .task_type
@@ -334,10 +334,10 @@ struct ShowBody {
 pub(super) async fn show(
     State(state): State<ServerState>,
     Path((project_id, task_id)): Path<(String, String)>,
-    user: Option<axum::Extension<CurrentUser>>,
+    caller: Option<axum::Extension<Caller>>,
     Query(q): Query<ShowQuery>,
 ) -> Result<Response, IotdaError> {
-    let project_id = project(user.as_deref(), &project_id)?;
+    let project_id = project(caller.as_deref(), &project_id)?;
     let (page, _) = paging(q.limit.as_deref(), q.offset.as_deref(), None)?;
     let _ = q.marker;
     let status = q
@@ -416,11 +416,11 @@ enum Command {
 async fn command(
     state: ServerState,
     (project_id, task_id): (String, String),
-    user: Option<&CurrentUser>,
+    caller: Option<&Caller>,
     body: &axum::body::Bytes,
     command: Command,
 ) -> Result<Response, IotdaError> {
-    let project_id = project(user, &project_id)?;
+    let project_id = project(caller, &project_id)?;
     let targets = targets_body(body)?.targets;
     let (app, targets) = (&state.app, targets.as_deref());
     let targets = match command {
@@ -434,29 +434,29 @@ async fn command(
 pub(super) async fn stop(
     State(state): State<ServerState>,
     Path(ids): Path<(String, String)>,
-    user: Option<axum::Extension<CurrentUser>>,
+    caller: Option<axum::Extension<Caller>>,
     body: axum::body::Bytes,
 ) -> Result<Response, IotdaError> {
-    command(state, ids, user.as_deref(), &body, Command::Stop).await
+    command(state, ids, caller.as_deref(), &body, Command::Stop).await
 }
 
 /// `POST /v5/iot/{project_id}/batchtasks/{task_id}/retry`.
 pub(super) async fn retry(
     State(state): State<ServerState>,
     Path(ids): Path<(String, String)>,
-    user: Option<axum::Extension<CurrentUser>>,
+    caller: Option<axum::Extension<Caller>>,
     body: axum::body::Bytes,
 ) -> Result<Response, IotdaError> {
-    command(state, ids, user.as_deref(), &body, Command::Retry).await
+    command(state, ids, caller.as_deref(), &body, Command::Retry).await
 }
 
 /// `DELETE /v5/iot/{project_id}/batchtasks/{task_id}`.
 pub(super) async fn delete(
     State(state): State<ServerState>,
     Path((project_id, task_id)): Path<(String, String)>,
-    user: Option<axum::Extension<CurrentUser>>,
+    caller: Option<axum::Extension<Caller>>,
 ) -> Result<Response, IotdaError> {
-    let project_id = project(user.as_deref(), &project_id)?;
+    let project_id = project(caller.as_deref(), &project_id)?;
     tasks::delete(&state.app, &project_id, &task_id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -65,6 +65,11 @@ impl IotdaError {
         Self::new(StatusCode::NOT_FOUND, "IOTDA.000005", message)
     }
 
+    /// 413.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "IOTDA.000008", message)
+    }
+
     /// 415.
     pub fn unsupported_media_type(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "IOTDA.000009", message)
@@ -94,9 +99,7 @@ impl From<backend::Error> for IotdaError {
             E::NotFound { .. } => Self::not_found(e.to_string()),
             E::Conflict(m) => Self::new(StatusCode::CONFLICT, "IOTDA.000007", m.clone()),
             E::Unauthorized(m) => Self::unauthorized(*m),
-            E::TooLarge { .. } => {
-                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "IOTDA.000008", e.to_string())
-            }
+            E::TooLarge { .. } => Self::too_large(e.to_string()),
             E::RateLimited { .. } => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "IOTDA.000011", e.to_string())
             }

@@ -11,8 +11,10 @@
 use axum::Json;
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
+use backend::service::Page;
 use backend::service::packages::{self, BucketObject, Filter, PackageRow};
-use backend::service::{Page, auth::CurrentUser};
+
+use super::signed::Caller;
 use domain::Timestamp;
 use domain::package::{PackageMetaInput, PackageType};
 use http::{StatusCode, header};
@@ -22,13 +24,14 @@ use super::ServerState;
 use super::iotda::IotdaError;
 
 /// Checks that the caller works in the project the path names.
-pub(crate) fn project(user: Option<&CurrentUser>, project_id: &str) -> Result<String, IotdaError> {
-    let user = user.ok_or_else(|| IotdaError::unauthorized("not signed in"))?;
-    if user.project_id == project_id {
+/// The path's project, if it is the caller's. Another project is "not found", so ids do not leak.
+pub(crate) fn project(caller: Option<&Caller>, project_id: &str) -> Result<String, IotdaError> {
+    let caller = caller.ok_or_else(|| IotdaError::unauthorized("not signed in"))?;
+    if caller.project_id == project_id {
         Ok(project_id.to_owned())
     } else {
-        Err(IotdaError::forbidden(format!(
-            "project {project_id} is not the project of these credentials"
+        Err(IotdaError::not_found(format!(
+            "project {project_id} does not exist"
         )))
     }
 }
@@ -142,7 +145,7 @@ pub(super) async fn create(
     Path(project_id): Path<String>,
     req: Request,
 ) -> Result<Response, IotdaError> {
-    let project_id = project(req.extensions().get::<CurrentUser>(), &project_id)?;
+    let project_id = project(req.extensions().get::<Caller>(), &project_id)?;
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -358,10 +361,10 @@ pub(crate) fn paging(
 pub(super) async fn list(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
-    user: Option<axum::Extension<CurrentUser>>,
+    caller: Option<axum::Extension<Caller>>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, IotdaError> {
-    let project_id = project(user.as_deref(), &project_id)?;
+    let project_id = project(caller.as_deref(), &project_id)?;
     let (page, marker) = paging(q.limit.as_deref(), q.offset.as_deref(), q.marker.as_deref())?;
     let package_type = q
         .package_type
@@ -399,9 +402,9 @@ pub(super) async fn list(
 pub(super) async fn show(
     State(state): State<ServerState>,
     Path((project_id, package_id)): Path<(String, String)>,
-    user: Option<axum::Extension<CurrentUser>>,
+    caller: Option<axum::Extension<Caller>>,
 ) -> Result<Response, IotdaError> {
-    let project_id = project(user.as_deref(), &project_id)?;
+    let project_id = project(caller.as_deref(), &project_id)?;
     let row = packages::get(&state.app, &project_id, &package_id).await?;
     Ok(Json(PackageJson::new(row, true)).into_response())
 }
@@ -410,9 +413,9 @@ pub(super) async fn show(
 pub(super) async fn delete(
     State(state): State<ServerState>,
     Path((project_id, package_id)): Path<(String, String)>,
-    user: Option<axum::Extension<CurrentUser>>,
+    caller: Option<axum::Extension<Caller>>,
 ) -> Result<Response, IotdaError> {
-    let project_id = project(user.as_deref(), &project_id)?;
+    let project_id = project(caller.as_deref(), &project_id)?;
     packages::delete(&state.app, &project_id, &package_id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

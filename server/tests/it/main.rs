@@ -1,6 +1,7 @@
 //! Integration tests of the `updraft` server over real HTTPS on 127.0.0.1 port 0, with real SQLite
 //! files. All suites build into one test binary.
 
+mod api;
 mod binary;
 mod console;
 mod helpers;

@@ -340,10 +340,10 @@ async fn uploads_are_listed_shown_and_deleted_the_iotda_way() {
             .send()
             .await
             .unwrap(),
-        403,
+        404,
     )
     .await;
-    assert_eq!(code, "IOTDA.000003");
+    assert_eq!(code, "IOTDA.000005");
     let (code, _) = error_of(
         app.client
             .get(packages_url(&app, &project))

@@ -1,0 +1,148 @@
+//! Signed `/v5` requests: applications authenticate with an AK/SK credential and Huawei's
+//! `SDK-HMAC-SHA256` (or `V11-HMAC-SHA256`) signature instead of a console session (`iotda-api.md` §1).
+//!
+//! A `/v5` request that carries `Authorization` is judged by its signature alone (never by a cookie as
+//! well), so the console's same-origin rule does not apply to it: no browser attaches such a header to a
+//! cross-site request. Every refusal is a 401 in IoTDA's error shape, saying what was wrong.
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use backend::service::credentials::{self, Refusal};
+use http::header;
+use protocol::apisign::{self, UNSIGNED_PAYLOAD};
+
+use super::ServerState;
+use super::iotda::IotdaError;
+
+/// The largest signed body buffered to hash it (CreateBatchTask with tens of thousands of targets).
+/// Multipart uploads are signed with `UNSIGNED-PAYLOAD` and stream instead.
+const MAX_SIGNED_BODY: usize = 16 * 1024 * 1024;
+
+/// Who is calling the `/v5` API, set by the session or signature check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Caller {
+    /// The project the caller works in.
+    pub project_id: String,
+    /// The access key, for signed requests.
+    pub access_key: Option<String>,
+}
+
+/// Whether the request is an application's signed API call.
+pub(super) fn is_signed(req: &Request) -> bool {
+    req.uri().path().starts_with("/v5/") && req.headers().contains_key(header::AUTHORIZATION)
+}
+
+/// The `{project_id}` of a `/v5/iot/{project_id}/...` path.
+fn path_project(path: &str) -> Option<&str> {
+    let mut segments = path.strip_prefix("/v5/iot/")?.split('/');
+    segments.next().filter(|p| !p.is_empty())
+}
+
+/// Checks a signed request; on success the request (its body restored) carries a [`Caller`].
+pub(super) async fn authenticate(state: &ServerState, req: Request) -> Result<Request, Response> {
+    let (mut parts, body) = req.into_parts();
+    let text = |name: &str| -> Option<String> {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .map(str::to_owned)
+    };
+    let declared = text("x-sdk-content-sha256");
+    let multipart = text("content-type").is_some_and(|t| {
+        t.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("multipart/")
+    });
+    let empty = text("content-length").is_some_and(|l| l.trim() == "0");
+    let (body, payload_hash) = if declared.as_deref() == Some(UNSIGNED_PAYLOAD) && !empty {
+        if !multipart {
+            return Err(unauthorized(
+                "X-Sdk-Content-Sha256: UNSIGNED-PAYLOAD is accepted for multipart uploads only",
+            ));
+        }
+        (body, UNSIGNED_PAYLOAD.to_owned())
+    } else {
+        let bytes = axum::body::to_bytes(body, MAX_SIGNED_BODY)
+            .await
+            .map_err(|_| {
+                IotdaError::too_large(format!(
+                    "a signed request body may be at most {MAX_SIGNED_BODY} bytes"
+                ))
+                .into_response()
+            })?;
+        let actual = apisign::payload_hash(&bytes, None);
+        if let Some(d) = declared.as_deref()
+            && !bytes.is_empty()
+            && !d.eq_ignore_ascii_case(&actual)
+        {
+            return Err(unauthorized(
+                "X-Sdk-Content-Sha256 is not the body's SHA-256",
+            ));
+        }
+        (Body::from(bytes), actual)
+    };
+    let Some(authorization) = text("authorization") else {
+        return Err(unauthorized("Authorization is not valid UTF-8"));
+    };
+    let lookup = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+    };
+    let signed = apisign::Request {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        header: &lookup,
+        payload_hash: &payload_hash,
+    };
+    let skew = state.app.settings.api_signature_skew;
+    let project_id = match credentials::authenticate(&state.app, &authorization, &signed, skew)
+        .await
+    {
+        Ok(Ok(project_id)) => project_id,
+        Ok(Err(refusal)) => {
+            tracing::info!(reason = %refusal, path = %parts.uri.path(), "signed request refused");
+            return Err(unauthorized(&refusal.to_string()));
+        }
+        Err(e) => return Err(IotdaError::from(e).into_response()),
+    };
+    let project_header = text("x-project-id");
+    for claimed in [project_header.as_deref(), path_project(parts.uri.path())]
+        .into_iter()
+        .flatten()
+    {
+        if claimed != project_id {
+            let refusal = Refusal::Project(claimed.to_owned());
+            return Err(unauthorized(&refusal.to_string()));
+        }
+    }
+    let access_key = apisign::Authorization::parse(&authorization)
+        .ok()
+        .map(|a| a.access_key.to_owned());
+    parts.extensions.insert(Caller {
+        project_id,
+        access_key,
+    });
+    Ok(Request::from_parts(parts, body))
+}
+
+fn unauthorized(message: &str) -> Response {
+    IotdaError::unauthorized(message).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_project_is_the_third_segment() {
+        assert_eq!(path_project("/v5/iot/p1/batchtasks"), Some("p1"));
+        assert_eq!(path_project("/v5/iot/p1"), Some("p1"));
+        assert_eq!(path_project("/v5/iot//x"), None);
+        assert_eq!(path_project("/v5/openapi.json"), None);
+    }
+}

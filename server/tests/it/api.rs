@@ -1,0 +1,561 @@
+//! The application API with AK/SK signing: requests signed by an implementation of the SDK's algorithm
+//! written here, independently of `protocol::apisign`, and checked against `iotda-api.md` §1.7 first.
+
+use std::time::Duration;
+
+use backend::clock::Clock;
+use backend::service::{credentials, devices, products, projects};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::helpers::{TestApp, spawn_app};
+
+/// Python's `quote(s, safe='~')`.
+fn quote(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"_.-~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The SDK's `Authorization` for a request (paths here need no decoding).
+fn authorization(
+    ak: &str,
+    sk: &str,
+    method: &str,
+    path: &str,
+    query: &[(&str, &str)],
+    headers: &[(&str, &str)],
+    payload_hash: &str,
+) -> String {
+    let mut query: Vec<_> = query.to_vec();
+    query.sort();
+    let query = query
+        .iter()
+        .map(|(k, v)| format!("{}={}", quote(k), quote(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let mut headers: Vec<(String, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.trim()))
+        .collect();
+    headers.sort();
+    let canonical_headers: String = headers.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
+    let signed = headers
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(";");
+    let uri = if path.ends_with('/') {
+        path.to_owned()
+    } else {
+        format!("{path}/")
+    };
+    let canonical =
+        format!("{method}\n{uri}\n{query}\n{canonical_headers}\n{signed}\n{payload_hash}");
+    let date = headers
+        .iter()
+        .find(|(k, _)| k == "x-sdk-date")
+        .map(|(_, v)| *v)
+        .unwrap();
+    let to_sign = format!(
+        "SDK-HMAC-SHA256\n{date}\n{}",
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(sk.as_bytes()).unwrap();
+    mac.update(to_sign.as_bytes());
+    let signature = hex::encode(mac.finalize().into_bytes());
+    format!("SDK-HMAC-SHA256 Access={ak}, SignedHeaders={signed}, Signature={signature}")
+}
+
+#[test]
+fn the_test_signer_reproduces_the_documented_example() {
+    let body = r#"{"app_id": "app01", "package_type": "firmwarePackage", "product_id": "prod01", "version": "V2.0", "file_location": {"obs_location": {"region_name": "cn-north-4", "bucket_name": "my-bucket", "object_key": "fw/v2.bin"}}}"#;
+    let project = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+    let value = authorization(
+        "HPUAEXAMPLEAK0000001",
+        "ExampleSecretKey0000000000000000000000001",
+        "POST",
+        &format!("/v5/iot/{project}/ota-upgrades/packages"),
+        &[],
+        &[
+            ("Content-Type", "application/json"),
+            ("Host", "127.0.0.1:8443"),
+            ("User-Agent", "huaweicloud-usdk-python/3.0"),
+            ("X-Project-Id", project),
+            ("X-Sdk-Date", "20240101T120000Z"),
+        ],
+        &hex::encode(Sha256::digest(body.as_bytes())),
+    );
+    assert!(
+        value.ends_with(
+            "Signature=11ef2dc7eda07061aea9dc78e2204a0e038d29383cea2c7da4fc62e1f2c6ea73"
+        ),
+        "{value}"
+    );
+}
+
+/// An application: a credential and how to call the API with it.
+struct Application<'a> {
+    app: &'a TestApp,
+    project: String,
+    ak: String,
+    sk: String,
+    /// Seconds added to the server's clock when dating a request.
+    date_offset: i64,
+}
+
+const EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+impl Application<'_> {
+    fn date(&self) -> String {
+        let ms = self.app.clock.now().as_millis() + self.date_offset * 1000;
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap()
+            .format("%Y%m%dT%H%M%SZ")
+            .to_string()
+    }
+
+    fn host(&self) -> String {
+        self.app.base.trim_start_matches("https://").to_owned()
+    }
+
+    /// A signed JSON request to `/v5/iot/{project}{rest}`, as the SDK sends it.
+    async fn call(
+        &self,
+        method: &str,
+        rest: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> reqwest::Response {
+        let path = format!("/v5/iot/{}{rest}", self.project);
+        let body = body
+            .map(|b| serde_json::to_vec(b).unwrap())
+            .unwrap_or_default();
+        let hash = if body.is_empty() {
+            EMPTY.to_owned()
+        } else {
+            hex::encode(Sha256::digest(&body))
+        };
+        self.send(method, &path, query, "application/json", body, &hash, &[])
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(&str, &str)],
+        content_type: &str,
+        body: Vec<u8>,
+        payload_hash: &str,
+        extra: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let (date, host) = (self.date(), self.host());
+        let mut headers = vec![
+            ("Content-Type", content_type),
+            ("Host", host.as_str()),
+            ("User-Agent", "huaweicloud-usdk-python/3.0; updraft-test"),
+            ("X-Project-Id", self.project.as_str()),
+            ("X-Sdk-Date", date.as_str()),
+        ];
+        headers.extend_from_slice(extra);
+        let auth = authorization(
+            &self.ak,
+            &self.sk,
+            method,
+            path,
+            query,
+            &headers,
+            payload_hash,
+        );
+        let mut url = reqwest::Url::parse(&self.app.url(path)).unwrap();
+        if !query.is_empty() {
+            let mut sorted = query.to_vec();
+            sorted.sort();
+            let q = sorted
+                .iter()
+                .map(|(k, v)| format!("{}={}", quote(k), quote(v)))
+                .collect::<Vec<_>>()
+                .join("&");
+            url.set_query(Some(&q));
+        }
+        let mut req = self
+            .app
+            .client
+            .request(method.parse().unwrap(), url)
+            .header("authorization", auth)
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        req.send().await.unwrap()
+    }
+}
+
+async fn json_of(resp: reqwest::Response, status: u16) -> Value {
+    let got = resp.status().as_u16();
+    assert!(
+        resp.headers().contains_key("x-request-id"),
+        "every response carries a request id"
+    );
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    assert_eq!(got, status, "{body}");
+    body
+}
+
+async fn refused(resp: reqwest::Response, status: u16, code: &str) -> String {
+    let body = json_of(resp, status).await;
+    assert_eq!(body["error_code"], code, "{body}");
+    body["error_msg"].as_str().unwrap().to_owned()
+}
+
+async fn application<'a>(app: &'a TestApp, project: &str) -> Application<'a> {
+    let c = credentials::create(&app.state, project, "tests")
+        .await
+        .unwrap();
+    use secrecy::ExposeSecret;
+    Application {
+        app,
+        project: project.to_owned(),
+        ak: c.credential.access_key,
+        sk: c.secret_key.expose_secret().to_owned(),
+        date_offset: 0,
+    }
+}
+
+async fn mqtt_product_with_devices(app: &TestApp, project: &str, ids: &[&str]) {
+    products::create(
+        &app.state,
+        project,
+        products::NewProduct {
+            product_id: Some("meter".into()),
+            name: "Meter".into(),
+            device_type: "Meter".into(),
+            protocol_type: "MQTT".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for id in ids {
+        devices::register(
+            &app.state,
+            project,
+            devices::NewDevice {
+                product_id: "meter".into(),
+                node_id: (*id).into(),
+                device_id: Some((*id).into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// A multipart upload signed with `UNSIGNED-PAYLOAD`, as the SDK signs multipart bodies.
+async fn upload(a: &Application<'_>, version: &str) -> reqwest::Response {
+    let boundary = "0123456789abcdef";
+    let mut body = String::new();
+    for (name, value) in [
+        ("package_type", "softwarePackage"),
+        ("product_id", "meter"),
+        ("version", version),
+    ] {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        ));
+    }
+    body.push_str(&format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"app.bin\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\nthe package bytes\r\n--{boundary}--\r\n"
+    ));
+    let path = format!("/v5/iot/{}/ota-upgrades/packages", a.project);
+    a.send(
+        "POST",
+        &path,
+        &[],
+        &format!("multipart/form-data; boundary={boundary}"),
+        body.into_bytes(),
+        "UNSIGNED-PAYLOAD",
+        &[("X-Sdk-Content-Sha256", "UNSIGNED-PAYLOAD")],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_signed_application_uploads_a_package_and_runs_a_batch_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let project = projects::ensure_default(&app.state).await.unwrap().id;
+    mqtt_product_with_devices(&app, &project, &["dev-1", "dev-2"]).await;
+    let a = application(&app, &project).await;
+
+    let package = json_of(upload(&a, "2.0").await, 201).await;
+    let package_id = package["package_id"].as_str().unwrap().to_owned();
+    let list = json_of(
+        a.call(
+            "GET",
+            "/ota-upgrades/packages",
+            &[("limit", "10"), ("product_id", "meter")],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(list["packages"][0]["package_id"], package_id.as_str());
+
+    // A POST with no Origin: the signature is the proof, the console's same-origin rule does not apply.
+    let task = json_of(
+        a.call(
+            "POST",
+            "/batchtasks",
+            &[],
+            Some(&json!({"task_name": "api", "task_type": "softwareUpgrade",
+                        "targets": ["dev-1", "dev-2"], "document": {"package_ids": [package_id]},
+                        "task_policy": {"retry_count": 2, "retry_interval": 5}})),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(task["task_progress"]["total"], 2);
+    let shown = json_of(
+        a.call(
+            "GET",
+            &format!("/batchtasks/{task_id}"),
+            &[("limit", "1"), ("offset", "0")],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(shown["batchtask"]["task_name"], "api");
+    let listed = json_of(
+        a.call(
+            "GET",
+            "/batchtasks",
+            &[("task_type", "softwareUpgrade"), ("limit", "10")],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(listed["batchtasks"][0]["task_id"], task_id.as_str());
+    // Stop, then delete; both signed, without a body.
+    json_of(
+        a.call("POST", &format!("/batchtasks/{task_id}/stop"), &[], None)
+            .await,
+        200,
+    )
+    .await;
+    let gone = a
+        .call("DELETE", &format!("/batchtasks/{task_id}"), &[], None)
+        .await;
+    assert!(gone.status().is_success(), "{}", gone.status());
+
+    // The credential's last use is recorded.
+    let listed = credentials::list(&app.state, &project).await.unwrap();
+    assert!(listed[0].last_used_at.is_some());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_signatures_get_401_and_other_projects_resources_404() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let project = projects::ensure_default(&app.state).await.unwrap().id;
+    mqtt_product_with_devices(&app, &project, &["dev-1"]).await;
+    let a = application(&app, &project).await;
+    let package = json_of(upload(&a, "2.0").await, 201).await;
+    let package_id = package["package_id"].as_str().unwrap();
+    let packages = format!("/v5/iot/{project}/ota-upgrades/packages/{package_id}");
+
+    // The right request, then the same with each thing wrong.
+    json_of(
+        a.call(
+            "GET",
+            &format!("/ota-upgrades/packages/{package_id}"),
+            &[],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    let wrong_sk = Application {
+        sk: "not-the-secret".into(),
+        ..application(&app, &project).await
+    };
+    let msg = refused(
+        wrong_sk
+            .call(
+                "GET",
+                &format!("/ota-upgrades/packages/{package_id}"),
+                &[],
+                None,
+            )
+            .await,
+        401,
+        "IOTDA.000002",
+    )
+    .await;
+    assert!(msg.contains("signature does not match"), "{msg}");
+
+    // A body changed after signing.
+    let date = a.date();
+    let host = a.host();
+    let signed_body = br#"{"task_name": "x"}"#;
+    let auth = authorization(
+        &a.ak,
+        &a.sk,
+        "POST",
+        &format!("/v5/iot/{project}/batchtasks"),
+        &[],
+        &[
+            ("Content-Type", "application/json"),
+            ("Host", &host),
+            ("X-Project-Id", &project),
+            ("X-Sdk-Date", &date),
+        ],
+        &hex::encode(Sha256::digest(signed_body)),
+    );
+    let tampered = app
+        .client
+        .post(app.url(&format!("/v5/iot/{project}/batchtasks")))
+        .header("authorization", auth)
+        .header("content-type", "application/json")
+        .header("host", &host)
+        .header("x-project-id", &project)
+        .header("x-sdk-date", &date)
+        .body(r#"{"task_name": "y"}"#)
+        .send()
+        .await
+        .unwrap();
+    let msg = refused(tampered, 401, "IOTDA.000002").await;
+    assert!(msg.contains("signature does not match"), "{msg}");
+
+    // Dated outside the 15-minute skew, either way; inside it is fine.
+    for (offset, ok) in [(-16 * 60, false), (16 * 60, false), (14 * 60, true)] {
+        let skewed = Application {
+            date_offset: offset,
+            ..application(&app, &project).await
+        };
+        let resp = skewed
+            .call("GET", "/ota-upgrades/packages", &[], None)
+            .await;
+        if ok {
+            json_of(resp, 200).await;
+        } else {
+            let msg = refused(resp, 401, "IOTDA.000002").await;
+            assert!(msg.contains("X-Sdk-Date"), "{msg}");
+        }
+    }
+    // The server's clock moves, the request's date does not: a replay an hour later is refused.
+    let date = a.date();
+    app.clock.advance(Duration::from_secs(3600));
+    let old = Application {
+        date_offset: -3600,
+        ..application(&app, &project).await
+    };
+    assert_eq!(old.date(), date);
+    refused(
+        old.call("GET", "/ota-upgrades/packages", &[], None).await,
+        401,
+        "IOTDA.000002",
+    )
+    .await;
+
+    // A revoked key.
+    let revoked = application(&app, &project).await;
+    credentials::revoke(&app.state, &project, &revoked.ak)
+        .await
+        .unwrap();
+    let msg = refused(
+        revoked
+            .call("GET", "/ota-upgrades/packages", &[], None)
+            .await,
+        401,
+        "IOTDA.000002",
+    )
+    .await;
+    assert!(msg.contains("revoked"), "{msg}");
+    // Garbage in Authorization, and no credentials at all.
+    for bad in ["Bearer abc", "SDK-HMAC-SHA256 Access=X"] {
+        let resp = app
+            .client
+            .get(app.url(&packages))
+            .header("authorization", bad)
+            .send()
+            .await
+            .unwrap();
+        let msg = refused(resp, 401, "IOTDA.000002").await;
+        assert!(msg.contains("Authorization"), "{msg}");
+    }
+    refused(
+        app.client.get(app.url(&packages)).send().await.unwrap(),
+        401,
+        "IOTDA.000002",
+    )
+    .await;
+    // UNSIGNED-PAYLOAD on a JSON body is not accepted (the body would go unchecked).
+    let resp = a
+        .send(
+            "POST",
+            &format!("/v5/iot/{project}/batchtasks"),
+            &[],
+            "application/json",
+            b"{}".to_vec(),
+            "UNSIGNED-PAYLOAD",
+            &[("X-Sdk-Content-Sha256", "UNSIGNED-PAYLOAD")],
+        )
+        .await;
+    let msg = refused(resp, 401, "IOTDA.000002").await;
+    assert!(msg.contains("multipart"), "{msg}");
+
+    // Another project: its credential cannot name this project in the path or X-Project-Id (401), and
+    // this project's ids are "not found" through its own path (404), so ids do not leak.
+    let other = projects::create(&app.state, "other").await.unwrap();
+    let b = application(&app, &other.id).await;
+    let msg = refused(
+        Application {
+            project: project.clone(),
+            ak: b.ak.clone(),
+            sk: b.sk.clone(),
+            app: &app,
+            date_offset: 0,
+        }
+        .call("GET", "/ota-upgrades/packages", &[], None)
+        .await,
+        401,
+        "IOTDA.000002",
+    )
+    .await;
+    assert!(msg.contains("does not belong to project"), "{msg}");
+    let msg = refused(
+        b.call(
+            "GET",
+            &format!("/ota-upgrades/packages/{package_id}"),
+            &[],
+            None,
+        )
+        .await,
+        404,
+        "IOTDA.000005",
+    )
+    .await;
+    assert!(msg.contains(package_id), "{msg}");
+    app.stop().await;
+}

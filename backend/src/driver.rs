@@ -220,6 +220,8 @@ struct Inner {
     plans: Mutex<HashMap<String, Arc<TaskPlan>>>,
     wake: Notify,
     events: broadcast::Sender<Event>,
+    /// Whether this process runs the driver loop ([`Driver::run`]): only then does it start tasks.
+    running: std::sync::atomic::AtomicBool,
 }
 
 /// A message to publish once the transaction that decided it has committed.
@@ -241,8 +243,19 @@ impl Driver {
                 plans: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 events,
+                running: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Whether this process runs the driver loop. A process that does not (the command line) leaves
+    /// starting tasks to the one that does, so that a task's first thousands of transitions are not
+    /// fought over by two processes writing one SQLite file.
+    #[must_use]
+    pub fn is_running(&self) -> bool {
+        self.inner
+            .running
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The settings.
@@ -294,6 +307,9 @@ impl Driver {
 
     /// Runs deadlines as they pass until `stop` is cancelled.
     pub async fn run(&self, state: AppState, stop: tokio_util::sync::CancellationToken) {
+        self.inner
+            .running
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         loop {
             let wait = match self.run_due(&state).await {
                 Ok(next) => next
@@ -324,7 +340,12 @@ impl Driver {
             .select_only()
             .column(tasks::Column::Id)
             .filter(tasks::Column::Status.eq(TaskStatus::Waiting.as_str()))
-            .filter(tasks::Column::ScheduleTime.lte(now.as_millis()))
+            .filter(
+                sea_orm::Condition::any()
+                    .add(tasks::Column::ScheduleTime.lte(now.as_millis()))
+                    // Created by a process that does not run tasks: due at once.
+                    .add(tasks::Column::ScheduleTime.is_null()),
+            )
             .into_tuple()
             .all(&state.db)
             .await?;
@@ -1210,7 +1231,7 @@ pub(crate) async fn refresh_task(
 pub fn describe(status: TaskStatus, p: &TaskProgress) -> String {
     match status {
         TaskStatus::Initializing => "resolving targets".to_owned(),
-        TaskStatus::Waiting => "waiting for the scheduled time".to_owned(),
+        TaskStatus::Waiting => "waiting to start".to_owned(),
         TaskStatus::Processing => format!(
             "{} of {} devices done ({} succeeded, {} failed)",
             p.success + p.fail + p.stopped,

@@ -41,6 +41,47 @@ impl Default for Page {
     }
 }
 
+/// How a list is ordered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ListOrder {
+    /// The console's order (newest first, or by name).
+    #[default]
+    Natural,
+    /// IoTDA's: descending id, starting after `marker` (the last id of the previous page). The total
+    /// still counts every matching row.
+    ById {
+        /// The last id of the previous page.
+        marker: Option<String>,
+    },
+}
+
+impl ListOrder {
+    /// Orders `query` by descending `id`, after the marker; `natural` when [`ListOrder::Natural`].
+    pub(crate) fn apply<E, C>(
+        &self,
+        query: sea_orm::Select<E>,
+        id: C,
+        natural: impl FnOnce(sea_orm::Select<E>) -> sea_orm::Select<E>,
+    ) -> (sea_orm::Select<E>, Option<sea_orm::Select<E>>)
+    where
+        E: sea_orm::EntityTrait<Column = C>,
+        C: sea_orm::ColumnTrait,
+    {
+        use sea_orm::{QueryFilter, QueryOrder};
+        match self {
+            Self::Natural => (natural(query), None),
+            Self::ById { marker } => {
+                let counted = query.clone();
+                let mut page = query.order_by_desc(id);
+                if let Some(m) = marker {
+                    page = page.filter(id.lt(m.clone()));
+                }
+                (page, Some(counted))
+            }
+        }
+    }
+}
+
 /// One page of rows and the total number of matching rows.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Paged<T> {
@@ -48,6 +89,26 @@ pub struct Paged<T> {
     pub items: Vec<T>,
     /// All matching rows, across pages.
     pub total: u64,
+}
+
+/// Runs `query` for one page as ordered by `order` (see [`ListOrder::apply`]), counting every row that
+/// matches without the marker.
+pub(crate) async fn fetch_ordered<E>(
+    db: &sea_orm::DatabaseConnection,
+    (query, count): (sea_orm::Select<E>, Option<sea_orm::Select<E>>),
+    page: Page,
+) -> crate::Result<Paged<E::Model>>
+where
+    E: sea_orm::EntityTrait,
+    E::Model: Sync,
+{
+    use sea_orm::{PaginatorTrait, QuerySelect};
+    let Some(count) = count else {
+        return fetch_page(db, query, page).await;
+    };
+    let total = count.count(db).await?;
+    let items = query.limit(page.limit).offset(page.offset).all(db).await?;
+    Ok(Paged { items, total })
 }
 
 /// Runs `query` (already filtered and ordered) for one page, and counts all its rows.

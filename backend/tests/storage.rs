@@ -1054,6 +1054,10 @@ async fn the_task_driver_runs_subtasks_and_queues_messages_without_a_broker() {
         )
         .await
         .unwrap_or_else(|e| panic!("{}: {e}", t.kind));
+        // This process runs no driver loop (like the command line): the task waits for one.
+        assert_eq!(task.status, "Waitting", "{}", t.kind);
+        t.state.driver.run_due(&t.state).await.unwrap();
+        let task = tasks::get(&t.state, &project, &task.id).await.unwrap();
         assert_eq!(
             (task.status.as_str(), task.processing),
             ("Processing", 2),
@@ -1246,6 +1250,7 @@ async fn two_drivers_on_one_database_never_apply_a_transition_twice() {
         .await
         .unwrap_or_else(|e| panic!("{kind}: {e}"));
 
+        t.state.driver.run_due(&t.state).await.unwrap();
         // A second instance: same database, its own driver.
         let other = AppState::new(
             t.state.db.clone(),

@@ -10,6 +10,7 @@ mod download;
 mod health;
 pub mod iotda;
 mod packages;
+mod resources;
 mod signed;
 
 pub use download::Transfers;
@@ -117,6 +118,61 @@ pub fn router(state: ServerState) -> Router {
         .route(
             "/v5/iot/{project_id}/batchtasks/{task_id}/retry",
             post(batchtasks::retry).layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/devices",
+            get(resources::list_devices)
+                .post(resources::add_device)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/devices/{device_id}",
+            get(resources::show_device)
+                .put(resources::update_device)
+                .delete(resources::delete_device)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/devices/{device_id}/freeze",
+            post(resources::freeze_device).layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/devices/{device_id}/unfreeze",
+            post(resources::unfreeze_device).layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/device-group",
+            get(resources::list_groups)
+                .post(resources::add_group)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/device-group/{group_id}",
+            get(resources::show_group)
+                .put(resources::update_group)
+                .delete(resources::delete_group)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/device-group/{group_id}/action",
+            post(resources::group_action).layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/device-group/{group_id}/devices",
+            get(resources::group_devices).layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/products",
+            get(resources::list_products)
+                .post(resources::add_product)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/products/{product_id}",
+            get(resources::show_product)
+                .put(resources::update_product)
+                .delete(resources::delete_product)
+                .layer(timeout),
         )
         .route("/download/{*path}", get(download::download));
 

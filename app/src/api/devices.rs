@@ -53,6 +53,7 @@ pub async fn list_devices(
         search,
         product_id,
         status,
+        ..Default::default()
     };
     let page = devices::list(
         &state,
@@ -103,6 +104,7 @@ pub async fn register_device(
         device_name,
         description: String::new(),
         secret,
+        ..Default::default()
     };
     let registered = devices::register(&state, &user.project_id, new).await?;
     Ok(RegisteredDevice {

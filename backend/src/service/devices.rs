@@ -27,6 +27,10 @@ pub struct NewDevice {
     pub description: String,
     /// The secret; generated when `None`.
     pub secret: Option<SecretString>,
+    /// Free-form JSON object, at most 1 KiB serialised.
+    pub extension_info: Option<serde_json::Value>,
+    /// Whether the device must use a secure protocol (default true).
+    pub secure_access: Option<bool>,
 }
 
 /// A registered device and its secret, which is shown to the operator this once.
@@ -85,12 +89,16 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
         )),
         secondary_secret_enc: Set(None),
         fingerprint: Set(None),
-        secure_access: Set(true),
+        secure_access: Set(new.secure_access.unwrap_or(true)),
         status: Set(DeviceStatus::Inactive.as_str().to_owned()),
         sw_version: Set(None),
         fw_version: Set(None),
         device_sdk_version: Set(None),
-        extension_info: Set(None),
+        extension_info: Set(new
+            .extension_info
+            .as_ref()
+            .map(extension_info)
+            .transpose()?),
         last_radio: Set(None),
         connection_status_update_time: Set(None),
         active_time: Set(None),
@@ -132,6 +140,12 @@ pub struct DeviceFilter {
     pub product_id: String,
     /// Only this status (`ONLINE`...).
     pub status: String,
+    /// Only this node id (exact).
+    pub node_id: String,
+    /// Only this name (exact).
+    pub device_name: String,
+    /// The order (and IoTDA's marker).
+    pub order: super::ListOrder,
 }
 
 /// Lists `project_id`'s devices, newest first.
@@ -168,13 +182,150 @@ pub async fn list(
     if !filter.product_id.trim().is_empty() {
         cond = cond.add(devices::Column::ProductId.eq(filter.product_id.trim()));
     }
+    if !filter.node_id.trim().is_empty() {
+        cond = cond.add(devices::Column::NodeId.eq(filter.node_id.trim()));
+    }
+    if !filter.device_name.trim().is_empty() {
+        cond = cond.add(devices::Column::DeviceName.eq(filter.device_name.trim()));
+    }
     if !filter.status.trim().is_empty() {
         let status = DeviceStatus::parse(filter.status.trim())?;
         cond = cond.add(devices::Column::Status.eq(status.as_str()));
     }
-    let query = devices::Entity::find()
-        .filter(cond)
-        .order_by_desc(devices::Column::CreatedAt)
-        .order_by_desc(devices::Column::Id);
-    super::fetch_page(&state.db, query, page).await
+    let query = filter.order.apply(
+        devices::Entity::find().filter(cond),
+        devices::Column::Id,
+        |q| {
+            q.order_by_desc(devices::Column::CreatedAt)
+                .order_by_desc(devices::Column::Id)
+        },
+    );
+    super::fetch_ordered(&state.db, query, page).await
+}
+
+/// One device of `project_id`.
+///
+/// # Errors
+/// [`Error::NotFound`] when it does not exist in this project; [`Error::Db`].
+pub async fn get(state: &AppState, project_id: &str, device_id: &str) -> Result<devices::Model> {
+    devices::Entity::find_by_id(device_id.to_owned())
+        .filter(devices::Column::ProjectId.eq(project_id))
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::not_found("device", device_id))
+}
+
+/// What may change on a device; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceUpdate {
+    /// Display name (up to 256 characters).
+    pub device_name: Option<String>,
+    /// Description (up to 2048 characters).
+    pub description: Option<String>,
+    /// Free-form JSON object, at most 1 KiB serialised.
+    pub extension_info: Option<serde_json::Value>,
+    /// Whether the device must use a secure protocol.
+    pub secure_access: Option<bool>,
+}
+
+/// Updates a device.
+///
+/// # Errors
+/// [`Error::Validation`] naming the field; [`Error::NotFound`]; [`Error::Db`].
+pub async fn update(
+    state: &AppState,
+    project_id: &str,
+    device_id: &str,
+    change: DeviceUpdate,
+) -> Result<devices::Model> {
+    let device = get(state, project_id, device_id).await?;
+    let mut row: devices::ActiveModel = device.into();
+    if let Some(name) = &change.device_name {
+        row.device_name = Set(text::bounded("device_name", name, 256, false)?);
+    }
+    if let Some(description) = &change.description {
+        row.description = Set(text::bounded("description", description, 2048, false)?);
+    }
+    if let Some(info) = &change.extension_info {
+        row.extension_info = Set(Some(extension_info(info)?));
+    }
+    if let Some(secure) = change.secure_access {
+        row.secure_access = Set(secure);
+    }
+    row.updated_at = Set(state.clock.now().as_millis());
+    Ok(row.update(&state.db).await?)
+}
+
+/// Deletes a device (its group memberships go with it; its upgrade history stays with its tasks).
+///
+/// # Errors
+/// [`Error::NotFound`]; [`Error::Conflict`] while a task is still upgrading it; [`Error::Db`].
+pub async fn delete(state: &AppState, project_id: &str, device_id: &str) -> Result<()> {
+    use crate::storage::entity::subtasks;
+    get(state, project_id, device_id).await?;
+    if let Some(open) = subtasks::Entity::find()
+        .filter(subtasks::Column::DeviceId.eq(device_id))
+        .filter(
+            subtasks::Column::Status
+                .is_in(crate::driver::OPEN.map(domain::task::SubtaskStatus::as_str)),
+        )
+        .one(&state.db)
+        .await?
+    {
+        return Err(Error::Conflict(format!(
+            "device {device_id} is being upgraded by task {}; stop the task (or the device in it) first",
+            open.task_id
+        )));
+    }
+    devices::Entity::delete_by_id(device_id.to_owned())
+        .exec(&state.db)
+        .await?;
+    tracing::info!(device_id, "device deleted");
+    Ok(())
+}
+
+/// Freezes a device (it can no longer log in) or unfreezes it (back to offline).
+///
+/// # Errors
+/// [`Error::NotFound`]; [`Error::Db`].
+pub async fn set_frozen(
+    state: &AppState,
+    project_id: &str,
+    device_id: &str,
+    frozen: bool,
+) -> Result<devices::Model> {
+    let device = get(state, project_id, device_id).await?;
+    let was_frozen = device.status == DeviceStatus::Frozen.as_str();
+    if was_frozen == frozen {
+        return Ok(device);
+    }
+    let status = if frozen {
+        DeviceStatus::Frozen
+    } else if device.active_time.is_some() {
+        DeviceStatus::Offline
+    } else {
+        DeviceStatus::Inactive
+    };
+    let mut row: devices::ActiveModel = device.into();
+    row.status = Set(status.as_str().to_owned());
+    row.updated_at = Set(state.clock.now().as_millis());
+    let device = row.update(&state.db).await?;
+    tracing::info!(device_id, frozen, "device frozen state changed");
+    Ok(device)
+}
+
+/// A device's `extension_info`: a JSON object of at most 1 KiB, stored serialised.
+fn extension_info(info: &serde_json::Value) -> Result<String> {
+    if !info.is_object() {
+        return Err(domain::ValidationError::new("extension_info", "must be a JSON object").into());
+    }
+    let json = info.to_string();
+    if json.len() > 1024 {
+        return Err(domain::ValidationError::new(
+            "extension_info",
+            "must be at most 1 KiB of JSON",
+        )
+        .into());
+    }
+    Ok(json)
 }

@@ -94,10 +94,25 @@ pub struct ProductRow {
 /// # Errors
 /// [`Error::Db`].
 pub async fn list(state: &AppState, project_id: &str, page: Page) -> Result<Paged<ProductRow>> {
-    let query = products::Entity::find()
-        .filter(products::Column::ProjectId.eq(project_id))
-        .order_by_desc(products::Column::Id);
-    let page = super::fetch_page(&state.db, query, page).await?;
+    list_ordered(state, project_id, &super::ListOrder::Natural, page).await
+}
+
+/// [`list`] in the given order.
+///
+/// # Errors
+/// [`Error::Db`].
+pub async fn list_ordered(
+    state: &AppState,
+    project_id: &str,
+    order: &super::ListOrder,
+    page: Page,
+) -> Result<Paged<ProductRow>> {
+    let query = order.apply(
+        products::Entity::find().filter(products::Column::ProjectId.eq(project_id)),
+        products::Column::Id,
+        |q| q.order_by_desc(products::Column::Id),
+    );
+    let page = super::fetch_ordered(&state.db, query, page).await?;
     let ids = page.items.iter().map(|p| p.id.clone()).collect();
     let counts =
         super::count_by::<devices::Entity, _>(&state.db, devices::Column::ProductId, ids).await?;
@@ -125,4 +140,102 @@ pub async fn get(state: &AppState, project_id: &str, product_id: &str) -> Result
         .one(&state.db)
         .await?
         .ok_or_else(|| Error::not_found("product", product_id))
+}
+
+/// What may change on a product; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct ProductUpdate {
+    /// Display name (up to 64 characters).
+    pub name: Option<String>,
+    /// Device type (up to 32 characters).
+    pub device_type: Option<String>,
+    /// `MQTT`, `CoAP`...; changing to CoAP is refused (IoTDA's rule).
+    pub protocol_type: Option<String>,
+    /// `json` or `binary`.
+    pub data_format: Option<String>,
+    /// Up to 32 characters.
+    pub manufacturer_name: Option<String>,
+    /// Up to 64 characters.
+    pub industry: Option<String>,
+    /// Up to 128 characters.
+    pub description: Option<String>,
+}
+
+/// Updates a product.
+///
+/// # Errors
+/// [`Error::Validation`] naming the field (also for a change to CoAP); [`Error::NotFound`]; [`Error::Db`].
+pub async fn update(
+    state: &AppState,
+    project_id: &str,
+    product_id: &str,
+    change: ProductUpdate,
+) -> Result<products::Model> {
+    let product = get(state, project_id, product_id).await?;
+    let was = ProtocolType::parse(&product.protocol_type)?;
+    let mut row: products::ActiveModel = product.into();
+    if let Some(v) = &change.name {
+        row.name = Set(text::bounded("name", v, 64, true)?);
+    }
+    if let Some(v) = &change.device_type {
+        row.device_type = Set(text::bounded("device_type", v, 32, true)?);
+    }
+    if let Some(v) = &change.protocol_type {
+        let protocol = ProtocolType::parse(v.trim())?;
+        if protocol == ProtocolType::CoAP && was != ProtocolType::CoAP {
+            return Err(domain::ValidationError::new(
+                "protocol_type",
+                "a product cannot be changed to CoAP; create a CoAP product instead",
+            )
+            .into());
+        }
+        row.protocol_type = Set(protocol.as_str().to_owned());
+    }
+    if let Some(v) = &change.data_format {
+        row.data_format = Set(DataFormat::parse(v.trim())?.as_str().to_owned());
+    }
+    if let Some(v) = &change.manufacturer_name {
+        row.manufacturer_name = Set(text::bounded("manufacturer_name", v, 32, false)?);
+    }
+    if let Some(v) = &change.industry {
+        row.industry = Set(text::bounded("industry", v, 64, false)?);
+    }
+    if let Some(v) = &change.description {
+        row.description = Set(text::bounded("description", v, 128, false)?);
+    }
+    row.updated_at = Set(state.clock.now().as_millis());
+    Ok(row.update(&state.db).await?)
+}
+
+/// Deletes a product; refused while devices or packages use it.
+///
+/// # Errors
+/// [`Error::NotFound`]; [`Error::Conflict`] while in use; [`Error::Db`].
+pub async fn delete(state: &AppState, project_id: &str, product_id: &str) -> Result<()> {
+    use crate::storage::entity::packages;
+    use sea_orm::PaginatorTrait;
+    get(state, project_id, product_id).await?;
+    let devices = devices::Entity::find()
+        .filter(devices::Column::ProductId.eq(product_id))
+        .count(&state.db)
+        .await?;
+    if devices > 0 {
+        return Err(Error::Conflict(format!(
+            "product {product_id} is used by {devices} devices; delete them first"
+        )));
+    }
+    let packages = packages::Entity::find()
+        .filter(packages::Column::ProductId.eq(product_id))
+        .count(&state.db)
+        .await?;
+    if packages > 0 {
+        return Err(Error::Conflict(format!(
+            "product {product_id} has {packages} packages; delete them first"
+        )));
+    }
+    products::Entity::delete_by_id(product_id.to_owned())
+        .exec(&state.db)
+        .await?;
+    tracing::info!(product_id, "product deleted");
+    Ok(())
 }

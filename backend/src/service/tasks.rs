@@ -172,7 +172,9 @@ pub async fn create(state: &AppState, project_id: &str, new: NewTask) -> Result<
         write_subtasks(state, &task.id, &devices).await?;
     }
     let scheduled = schedule.is_some_and(|t| t > now);
-    if scheduled {
+    if scheduled || !state.driver.is_running() {
+        // Scheduled, or created where no driver runs (the command line): the serving process's driver
+        // starts it when it is due.
         set_status(state, &task.id, TaskStatus::Waiting).await?;
         state.driver.kick();
     } else {

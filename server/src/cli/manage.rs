@@ -514,8 +514,12 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
             .await?;
             print(json_out, &task_json(&t), || {
                 println!("task {} created: {} ({})", t.id, t.status, t.status_desc);
-                println!("  devices: {}", t.total);
-                println!("  note: a running server drives it (this command only records it)");
+                if t.total > 0 {
+                    println!("  devices: {}", t.total);
+                }
+                println!(
+                    "  note: the running server (same configuration) starts and drives it; this command only records it"
+                );
             });
         }
         TaskCommand::List => {

@@ -351,16 +351,13 @@ fn devices_groups_and_tasks_are_scripted_from_the_command_line() {
         ],
     );
     let task_id = task["task_id"].as_str().unwrap().to_owned();
-    assert_eq!(task["status"], "Processing");
+    // No server runs here: the task waits for one to start it (and to resolve its group then).
+    assert_eq!(task["status"], "Waitting");
     assert_eq!(task["task_type"], "softwareUpgrade");
     assert_eq!(task["task_policy"]["retry_count"], 1);
-    assert_eq!(task["task_progress"]["total"], 1);
+    assert_eq!(task["task_progress"]["total"], 0);
     let shown = cli_json(d, &["task", "show", &task_id]);
-    assert_eq!(shown["task_details"][0]["target"], "meter_860000000000001");
-    assert_eq!(
-        shown["task_details"][0]["step"], "wait_online",
-        "the device is offline"
-    );
+    assert_eq!(shown["task_details"], serde_json::json!([]));
 
     let out = updraft(d)
         .args(["task", "delete", &task_id])

@@ -559,3 +559,334 @@ async fn bad_signatures_get_401_and_other_projects_resources_404() {
     assert!(msg.contains(package_id), "{msg}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn products_devices_and_groups_through_the_signed_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let project = projects::ensure_default(&app.state).await.unwrap().id;
+    let a = application(&app, &project).await;
+
+    // Products.
+    let product = json_of(
+        a.call(
+            "POST",
+            "/products",
+            &[],
+            Some(&json!({"product_id": "meter", "name": "Water meter", "device_type": "WaterMeter",
+                        "protocol_type": "MQTT", "data_format": "json", "service_capabilities": []})),
+        )
+        .await,
+        201,
+    )
+    .await;
+    assert_eq!(
+        (product["product_id"].as_str(), product["app_name"].as_str()),
+        (Some("meter"), Some("DefaultApp"))
+    );
+    let msg = refused(
+        a.call(
+            "POST",
+            "/products",
+            &[],
+            Some(&json!({"name": "x", "device_type": "y", "protocol_type": "Carrier pigeon"})),
+        )
+        .await,
+        400,
+        "IOTDA.000006",
+    )
+    .await;
+    assert!(msg.contains("protocol_type"), "{msg}");
+    let updated = json_of(
+        a.call(
+            "PUT",
+            "/products/meter",
+            &[],
+            Some(&json!({"name": "Smart water meter"})),
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(updated["name"], "Smart water meter");
+    let msg = refused(
+        a.call(
+            "PUT",
+            "/products/meter",
+            &[],
+            Some(&json!({"protocol_type": "CoAP"})),
+        )
+        .await,
+        400,
+        "IOTDA.000006",
+    )
+    .await;
+    assert!(msg.contains("CoAP"), "{msg}");
+    let listed = json_of(a.call("GET", "/products", &[], None).await, 200).await;
+    assert_eq!(listed["page"]["count"], 1);
+    assert_eq!(listed["products"][0]["product_id"], "meter");
+
+    // Devices: three registered, one refused twice over.
+    for node in ["n1", "n2", "n3"] {
+        let d = json_of(
+            a.call(
+                "POST",
+                "/devices",
+                &[],
+                Some(&json!({"node_id": node, "product_id": "meter", "device_name": format!("dev {node}"),
+                            "auth_info": {"auth_type": "SECRET", "secret": "s3cret_value", "secure_access": true}})),
+            )
+            .await,
+            201,
+        )
+        .await;
+        assert_eq!(d["device_id"], format!("meter_{node}"));
+        assert_eq!(d["auth_info"]["secret"], "s3cret_value");
+        assert_eq!(d["status"], "INACTIVE");
+    }
+    refused(
+        a.call(
+            "POST",
+            "/devices",
+            &[],
+            Some(&json!({"node_id": "n1", "product_id": "meter"})),
+        )
+        .await,
+        409,
+        "IOTDA.000007",
+    )
+    .await;
+    let msg = refused(
+        a.call(
+            "POST",
+            "/devices",
+            &[],
+            Some(&json!({"node_id": "bad node!", "product_id": "meter"})),
+        )
+        .await,
+        400,
+        "IOTDA.000006",
+    )
+    .await;
+    assert!(msg.contains("node_id"), "{msg}");
+    // Paging: descending id, the marker moves on, the count stays.
+    let first = json_of(
+        a.call("GET", "/devices", &[("limit", "2")], None).await,
+        200,
+    )
+    .await;
+    let ids: Vec<&str> = first["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["meter_n3", "meter_n2"]);
+    assert_eq!(first["page"]["count"], 3);
+    assert!(
+        first["devices"][0].get("auth_info").is_none(),
+        "lists show no secrets"
+    );
+    let marker = first["page"]["marker"].as_str().unwrap().to_owned();
+    let second = json_of(
+        a.call(
+            "GET",
+            "/devices",
+            &[("limit", "2"), ("marker", &marker)],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(second["devices"][0]["device_id"], "meter_n1");
+    assert_eq!(second["devices"].as_array().unwrap().len(), 1);
+    let msg = refused(
+        a.call("GET", "/devices", &[("limit", "51")], None).await,
+        400,
+        "IOTDA.000006",
+    )
+    .await;
+    assert!(msg.contains("limit"), "{msg}");
+    let by_node = json_of(
+        a.call("GET", "/devices", &[("node_id", "n2")], None).await,
+        200,
+    )
+    .await;
+    assert_eq!(by_node["page"]["count"], 1);
+
+    let shown = json_of(a.call("GET", "/devices/meter_n1", &[], None).await, 200).await;
+    assert_eq!(shown["product_name"], "Smart water meter");
+    assert_eq!(shown["gateway_id"], "meter_n1");
+    let changed = json_of(
+        a.call(
+            "PUT",
+            "/devices/meter_n1",
+            &[],
+            Some(&json!({"device_name": "kitchen", "extension_info": {"floor": 2}})),
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(changed["device_name"], "kitchen");
+    assert_eq!(changed["extension_info"]["floor"], 2);
+    refused(
+        a.call(
+            "PUT",
+            "/devices/meter_n1",
+            &[],
+            Some(&json!({"extension_info": "not an object"})),
+        )
+        .await,
+        400,
+        "IOTDA.000006",
+    )
+    .await;
+    json_of(
+        a.call("POST", "/devices/meter_n1/freeze", &[], None).await,
+        200,
+    )
+    .await;
+    let frozen = json_of(a.call("GET", "/devices/meter_n1", &[], None).await, 200).await;
+    assert_eq!(frozen["status"], "FROZEN");
+    json_of(
+        a.call("POST", "/devices/meter_n1/unfreeze", &[], None)
+            .await,
+        200,
+    )
+    .await;
+    let thawed = json_of(a.call("GET", "/devices/meter_n1", &[], None).await, 200).await;
+    assert_eq!(thawed["status"], "INACTIVE");
+
+    // Groups and membership.
+    let group = json_of(
+        a.call(
+            "POST",
+            "/device-group",
+            &[],
+            Some(&json!({"name": "north", "description": "north side"})),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let group_id = group["group_id"].as_str().unwrap().to_owned();
+    let action = format!("/device-group/{group_id}/action");
+    json_of(
+        a.call(
+            "POST",
+            &action,
+            &[("action_id", "addDevice"), ("device_id", "meter_n1")],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    let members = json_of(
+        a.call(
+            "GET",
+            &format!("/device-group/{group_id}/devices"),
+            &[],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(members["devices"][0]["device_id"], "meter_n1");
+    assert_eq!(members["page"]["count"], 1);
+    let msg = refused(
+        a.call("DELETE", &format!("/device-group/{group_id}"), &[], None)
+            .await,
+        409,
+        "IOTDA.000007",
+    )
+    .await;
+    assert!(msg.contains("remove them first"), "{msg}");
+    refused(
+        a.call(
+            "POST",
+            &action,
+            &[("action_id", "moveDevice"), ("device_id", "meter_n1")],
+            None,
+        )
+        .await,
+        400,
+        "IOTDA.000006",
+    )
+    .await;
+    json_of(
+        a.call(
+            "POST",
+            &action,
+            &[("action_id", "removeDevice"), ("device_id", "meter_n1")],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    refused(
+        a.call(
+            "POST",
+            &action,
+            &[("action_id", "removeDevice"), ("device_id", "meter_n1")],
+            None,
+        )
+        .await,
+        404,
+        "IOTDA.000005",
+    )
+    .await;
+    let renamed = json_of(
+        a.call(
+            "PUT",
+            &format!("/device-group/{group_id}"),
+            &[],
+            Some(&json!({"name": "south"})),
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(renamed["name"], "south");
+    let groups = json_of(
+        a.call("GET", "/device-group", &[("name", "south")], None)
+            .await,
+        200,
+    )
+    .await;
+    assert_eq!(groups["device_groups"][0]["group_id"], group_id.as_str());
+    let gone = a
+        .call("DELETE", &format!("/device-group/{group_id}"), &[], None)
+        .await;
+    assert_eq!(gone.status(), 204);
+
+    // A product in use is not deleted; an unused one is; devices go.
+    let msg = refused(
+        a.call("DELETE", "/products/meter", &[], None).await,
+        409,
+        "IOTDA.000007",
+    )
+    .await;
+    assert!(msg.contains("devices"), "{msg}");
+    for d in ["meter_n1", "meter_n2", "meter_n3"] {
+        let resp = a.call("DELETE", &format!("/devices/{d}"), &[], None).await;
+        assert_eq!(resp.status(), 204);
+    }
+    refused(
+        a.call("GET", "/devices/meter_n1", &[], None).await,
+        404,
+        "IOTDA.000005",
+    )
+    .await;
+    assert_eq!(
+        a.call("DELETE", "/products/meter", &[], None)
+            .await
+            .status(),
+        204
+    );
+    app.stop().await;
+}

@@ -10,6 +10,7 @@
 //!   devices, groups, overview).
 //! - [`driver`]: the task driver, which runs every subtask's state machine against the database.
 //! - [`mqtt`]: the device MQTT endpoint (IoTDA login, `$oc` system topics, ACLs) on an embedded rumqttd.
+//! - [`notify`]: push notifications to subscribed applications (signed, retried, in order per task).
 //! - [`state`]: [`AppState`](state::AppState), what every handler and server function receives.
 //! - [`error`]: the service [`Error`](error::Error).
 #![warn(missing_docs)]
@@ -20,6 +21,7 @@ pub mod driver;
 pub mod error;
 pub mod ids;
 pub mod mqtt;
+pub mod notify;
 pub mod objects;
 pub mod secrets;
 pub mod service;

@@ -13,6 +13,7 @@ pub mod overview;
 pub mod packages;
 pub mod products;
 pub mod projects;
+pub mod subscriptions;
 pub mod tasks;
 
 /// A page request: at most `limit` rows after skipping `offset`.

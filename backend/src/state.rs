@@ -28,6 +28,8 @@ pub struct ServiceSettings {
     pub api_signature_skew: Duration,
     /// The task driver's timeouts and download URL base.
     pub driver: DriverSettings,
+    /// Push notifications.
+    pub notify: crate::notify::NotifySettings,
 }
 
 impl Default for ServiceSettings {
@@ -40,6 +42,7 @@ impl Default for ServiceSettings {
             download_token_ttl: Duration::from_secs(24 * 3600),
             api_signature_skew: Duration::from_secs(15 * 60),
             driver: DriverSettings::default(),
+            notify: crate::notify::NotifySettings::default(),
         }
     }
 }

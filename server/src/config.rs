@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::SecretString;
@@ -42,6 +43,8 @@ pub struct Settings {
     pub tasks: TaskSettings,
     /// The application REST API (`/v5`).
     pub api: ApiSettings,
+    /// Push notifications to applications.
+    pub notifications: NotificationSettings,
     /// The key that seals device secrets and SKs (64 hex digits). Default: `{data_dir}/secret.key`,
     /// created on first start. Keep it out of the database's backups, and never lose it.
     #[serde(skip_serializing)]
@@ -191,6 +194,40 @@ impl Default for ApiSettings {
     }
 }
 
+/// Push notifications (webhooks) to subscribed applications.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationSettings {
+    /// Deliver notifications at all (subscriptions are kept either way).
+    pub enabled: bool,
+    /// Attempts before a delivery is given up and shown as failed.
+    pub max_attempts: u32,
+    /// The longest wait between two attempts (waits double from 1 s).
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// How long one POST may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A PEM file of extra CA certificates to trust for receivers (besides the system's).
+    pub extra_ca: Option<PathBuf>,
+    /// Accept `http://` callback URLs (only for receivers on a trusted network).
+    pub allow_http: bool,
+}
+
+impl Default for NotificationSettings {
+    fn default() -> Self {
+        let d = backend::notify::NotifySettings::default();
+        Self {
+            enabled: true,
+            max_attempts: d.max_attempts,
+            max_backoff: d.max_backoff,
+            timeout: d.timeout,
+            extra_ca: None,
+            allow_http: false,
+        }
+    }
+}
+
 /// The device MQTT endpoint (IoTDA logins, `$oc` system topics), on an embedded rumqttd router.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -321,6 +358,7 @@ impl Default for Settings {
             mqtt: MqttSettings::default(),
             tasks: TaskSettings::default(),
             api: ApiSettings::default(),
+            notifications: NotificationSettings::default(),
             secret_key: None,
             log: LogSettings::default(),
         }
@@ -381,6 +419,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "mqtt",
     "tasks",
     "api",
+    "notifications",
     "secret_key",
     "log",
 ];
@@ -434,6 +473,20 @@ impl Settings {
         if self.packages.max_size == 0 {
             problems.push("  - packages.max_size must be at least 1".to_owned());
         }
+        if self.notifications.max_attempts == 0 {
+            problems.push("  - notifications.max_attempts must be at least 1".to_owned());
+        }
+        if self.notifications.timeout < Duration::from_secs(1) {
+            problems.push("  - notifications.timeout must be at least 1s".to_owned());
+        }
+        if let Some(ca) = &self.notifications.extra_ca
+            && !ca.is_file()
+        {
+            problems.push(format!(
+                "  - notifications.extra_ca: {} is not a readable file",
+                ca.display()
+            ));
+        }
         if self.api.signature_skew < Duration::from_secs(1) {
             problems.push("  - api.signature_skew must be at least 1s".to_owned());
         }
@@ -484,9 +537,18 @@ impl Settings {
     }
 
     /// The service settings derived from this configuration.
-    #[must_use]
-    pub fn service_settings(&self) -> backend::state::ServiceSettings {
-        backend::state::ServiceSettings {
+    ///
+    /// # Errors
+    /// `notifications.extra_ca` cannot be read.
+    pub fn service_settings(&self) -> anyhow::Result<backend::state::ServiceSettings> {
+        let extra_ca_pem =
+            match &self.notifications.extra_ca {
+                Some(path) => Some(std::fs::read(path).with_context(|| {
+                    format!("reading notifications.extra_ca {}", path.display())
+                })?),
+                None => None,
+            };
+        Ok(backend::state::ServiceSettings {
             session_idle: self.console.session_idle,
             session_max: self.console.session_max,
             login_max_failures: self.console.login_max_failures,
@@ -501,7 +563,15 @@ impl Settings {
                 },
                 download_base_url: self.public_url(self.http.listen.port()),
             },
-        }
+            notify: backend::notify::NotifySettings {
+                max_attempts: self.notifications.max_attempts,
+                max_backoff: self.notifications.max_backoff,
+                timeout: self.notifications.timeout,
+                extra_ca_pem,
+                allow_http: self.notifications.allow_http,
+                ..backend::notify::NotifySettings::default()
+            },
+        })
     }
 
     /// The MQTT endpoint's settings.

@@ -12,6 +12,7 @@ pub mod iotda;
 mod packages;
 mod resources;
 mod signed;
+mod subscriptions;
 
 pub use download::Transfers;
 
@@ -173,6 +174,22 @@ pub fn router(state: ServerState) -> Router {
                 .put(resources::update_product)
                 .delete(resources::delete_product)
                 .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/subscriptions",
+            get(subscriptions::list)
+                .post(subscriptions::create)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/subscriptions/{subscription_id}",
+            get(subscriptions::show)
+                .delete(subscriptions::delete)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/subscriptions/{subscription_id}/deliveries",
+            get(subscriptions::deliveries).layer(timeout),
         )
         .route("/download/{*path}", get(download::download));
 

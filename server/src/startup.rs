@@ -52,7 +52,7 @@ pub async fn open_state(
         clock,
         Arc::new(sealer),
         store,
-        settings.service_settings(),
+        settings.service_settings()?,
     );
     let project = service::projects::ensure_default(&state)
         .await
@@ -212,6 +212,12 @@ impl Application {
             let (driver, state, stop) =
                 (self.state.driver.clone(), self.state.clone(), stop.clone());
             background.spawn(async move { driver.run(state, stop).await });
+        }
+        if self.settings.notifications.enabled {
+            let notifier = backend::notify::Notifier::new(self.state.settings.notify.clone())
+                .context("setting up notifications")?;
+            let (state, stop) = (self.state.clone(), stop.clone());
+            background.spawn(async move { notifier.run(state, stop).await });
         }
         if let Some(listeners) = self.mqtt {
             let endpoint = MqttEndpoint::start(self.state.clone(), self.settings.mqtt_settings())

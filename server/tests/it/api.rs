@@ -890,3 +890,93 @@ async fn products_devices_and_groups_through_the_signed_api() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn subscriptions_are_managed_through_the_signed_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let project = projects::ensure_default(&app.state).await.unwrap().id;
+    let a = application(&app, &project).await;
+    let created = json_of(
+        a.call(
+            "POST",
+            "/subscriptions",
+            &[],
+            Some(
+                &json!({"resource": "updraft.batchtask.device", "event": "update",
+                        "callbackurl": "https://receiver.example.com/hook", "channel": "HTTP"}),
+            ),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let id = created["subscription_id"].as_str().unwrap().to_owned();
+    assert_eq!(created["secret"].as_str().unwrap().len(), 64);
+    for (body, field) in [
+        (
+            json!({"resource": "device", "event": "update", "callbackurl": "https://x.example.com/"}),
+            "resource",
+        ),
+        (
+            json!({"resource": "batchtask", "event": "delete", "callbackurl": "https://x.example.com/"}),
+            "event",
+        ),
+        (
+            json!({"resource": "batchtask", "event": "update", "callbackurl": "http://x.example.com/"}),
+            "callbackurl",
+        ),
+        (
+            json!({"resource": "batchtask", "event": "update", "callbackurl": "https://x.example.com/",
+                   "channel": "AMQP"}),
+            "channel",
+        ),
+    ] {
+        let msg = refused(
+            a.call("POST", "/subscriptions", &[], Some(&body)).await,
+            400,
+            "IOTDA.000006",
+        )
+        .await;
+        assert!(msg.contains(field), "{field}: {msg}");
+    }
+    let listed = json_of(a.call("GET", "/subscriptions", &[], None).await, 200).await;
+    assert_eq!(listed["subscriptions"][0]["subscription_id"], id.as_str());
+    assert!(
+        listed["subscriptions"][0].get("secret").is_none(),
+        "the secret is shown once"
+    );
+    let shown = json_of(
+        a.call("GET", &format!("/subscriptions/{id}"), &[], None)
+            .await,
+        200,
+    )
+    .await;
+    assert_eq!(shown["resource"], "updraft.batchtask.device");
+    let deliveries = json_of(
+        a.call(
+            "GET",
+            &format!("/subscriptions/{id}/deliveries"),
+            &[("failed", "true")],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(deliveries["deliveries"], json!([]));
+    assert_eq!(
+        a.call("DELETE", &format!("/subscriptions/{id}"), &[], None)
+            .await
+            .status(),
+        204
+    );
+    refused(
+        a.call("GET", &format!("/subscriptions/{id}"), &[], None)
+            .await,
+        404,
+        "IOTDA.000005",
+    )
+    .await;
+    app.stop().await;
+}

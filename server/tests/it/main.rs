@@ -5,5 +5,6 @@ mod api;
 mod binary;
 mod console;
 mod helpers;
+mod notifications;
 mod packages;
 mod tasks;

@@ -1,0 +1,314 @@
+//! Push notifications to a real local HTTPS receiver: signed, retried after failures, in order per task,
+//! and delivered after a server restart.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use backend::clock::Clock;
+use backend::service::{devices, products, projects, subscriptions, tasks};
+use backend::storage::entity::outbox;
+use hmac::{Hmac, Mac};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use sha2::Sha256;
+
+use crate::helpers::{TestApp, settings_for, spawn_with};
+
+/// What the receiver saw: every POST, with whether it accepted it.
+#[derive(Default)]
+struct Received {
+    posts: Mutex<Vec<(HeaderMap, Vec<u8>, bool)>>,
+    failing: AtomicBool,
+}
+
+impl Received {
+    fn accepted(&self) -> Vec<(HeaderMap, Value)> {
+        self.posts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, ok)| *ok)
+            .map(|(h, b, _)| (h.clone(), serde_json::from_slice(b).unwrap()))
+            .collect()
+    }
+
+    fn refused(&self) -> usize {
+        self.posts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, ok)| !ok)
+            .count()
+    }
+}
+
+async fn hook(
+    State(r): State<Arc<Received>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    let fail = r.failing.load(Ordering::SeqCst);
+    r.posts
+        .lock()
+        .unwrap()
+        .push((headers, body.to_vec(), !fail));
+    if fail {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+/// An HTTPS receiver on 127.0.0.1 port 0 with its own self-signed certificate (PEM returned).
+async fn receiver() -> (SocketAddr, Arc<Received>, Vec<u8>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert_pem = cert.cert.pem();
+    let key_pem = cert.signing_key.serialize_pem();
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
+        cert_pem.clone().into_bytes(),
+        key_pem.into_bytes(),
+    )
+    .await
+    .unwrap();
+    let received = Arc::new(Received::default());
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(received.clone());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    tokio::spawn(async move {
+        axum_server::from_tcp_rustls(listener, tls)
+            .unwrap()
+            .serve(app.into_make_service())
+            .await
+            .unwrap();
+    });
+    (addr, received, cert_pem.into_bytes())
+}
+
+fn verify(secret: &str, headers: &HeaderMap, body: &Value) -> bool {
+    let sig = headers["x-updraft-signature"].to_str().unwrap();
+    let (t, v1) = sig
+        .strip_prefix("t=")
+        .and_then(|s| s.split_once(",v1="))
+        .unwrap();
+    let raw = serde_json::to_vec(body).unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(&raw);
+    hex::encode(mac.finalize().into_bytes()) == v1
+}
+
+async fn app_with_receiver(dir: &std::path::Path, ca: &[u8]) -> TestApp {
+    let ca_path = dir.join("receiver-ca.pem");
+    std::fs::write(&ca_path, ca).unwrap();
+    let mut settings = settings_for(dir);
+    settings.notifications.extra_ca = Some(ca_path);
+    spawn_with(settings).await
+}
+
+/// Polls (real time, bounded) until `done`.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn notifications_are_signed_retried_in_order_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, received, ca) = receiver().await;
+    let app = app_with_receiver(dir.path(), &ca).await;
+    let project = projects::ensure_default(&app.state).await.unwrap().id;
+    let url = format!("https://localhost:{}/hook", addr.port());
+    let sub = subscriptions::create(&app.state, &project, "batchtask", "update", &url)
+        .await
+        .unwrap();
+    let secret = sub.secret.expose_secret().to_owned();
+    // Bad subscriptions are refused with the field named.
+    for (resource, url) in [
+        ("nonsense", url.as_str()),
+        ("batchtask", "http://localhost/x"),
+    ] {
+        let e = subscriptions::create(&app.state, &project, resource, "update", url)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, backend::Error::Validation(_)), "{e}");
+    }
+
+    products::create(
+        &app.state,
+        &project,
+        products::NewProduct {
+            product_id: Some("meter".into()),
+            name: "Meter".into(),
+            device_type: "Meter".into(),
+            protocol_type: "MQTT".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    for node in ["a", "b"] {
+        devices::register(
+            &app.state,
+            &project,
+            devices::NewDevice {
+                product_id: "meter".into(),
+                node_id: node.into(),
+                device_id: Some(format!("dev-{node}")),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let package = backend::service::packages::upload(
+        &app.state,
+        &project,
+        domain::package::PackageMetaInput {
+            package_type: "softwarePackage".into(),
+            product_id: "meter".into(),
+            version: "2.0".into(),
+            file_name: "app.bin".into(),
+            ..Default::default()
+        },
+        futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"app"))]),
+    )
+    .await
+    .unwrap();
+
+    // The receiver is down while a task starts and stops: its notifications wait and are retried.
+    received.failing.store(true, Ordering::SeqCst);
+    let task = tasks::create(
+        &app.state,
+        &project,
+        tasks::NewTask {
+            task_name: "notify".into(),
+            task_type: "softwareUpgrade".into(),
+            package_id: package.id.clone(),
+            targets: vec!["dev-a".into(), "dev-b".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    eventually("a refused attempt", || received.refused() >= 1).await;
+    // Only the oldest of the task's notifications is tried while it fails: order is kept.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let tried: Vec<Value> = received
+        .posts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, b, _)| serde_json::from_slice(b).unwrap())
+        .collect();
+    assert!(
+        tried.windows(2).all(|w| w[0] == w[1]),
+        "only the first notification is retried while it fails: {tried:?}"
+    );
+    tasks::stop(&app.state, &project, &task.id, None)
+        .await
+        .unwrap();
+
+    // Back up: after the backoff every notification arrives, in the order the outbox holds them.
+    received.failing.store(false, Ordering::SeqCst);
+    app.clock.advance(Duration::from_secs(10));
+    let expected = outbox::Entity::find()
+        .filter(outbox::Column::Kind.eq("task.changed"))
+        .filter(outbox::Column::AggregateId.eq(task.id.clone()))
+        .order_by_asc(outbox::Column::Id)
+        .all(&app.state.db)
+        .await
+        .unwrap();
+    assert!(expected.len() >= 2, "a start and a stop at least");
+    eventually("every notification", || {
+        received.accepted().len() >= expected.len()
+    })
+    .await;
+    let got = received.accepted();
+    let statuses: Vec<String> = got
+        .iter()
+        .map(|(_, b)| {
+            b["notify_data"]["body"]["status"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let want: Vec<String> = expected
+        .iter()
+        .map(|o| {
+            serde_json::from_str::<Value>(&o.payload).unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(statuses, want, "in order, each once");
+    for (headers, body) in &got {
+        assert!(verify(&secret, headers, body), "signed with the secret");
+        assert_eq!(body["resource"], "batchtask");
+        assert_eq!(body["event"], "update");
+        assert_eq!(body["notify_data"]["body"]["task_id"], task.id.as_str());
+        assert_eq!(headers["x-updraft-resource"], "batchtask");
+    }
+    let deliveries =
+        subscriptions::deliveries(&app.state, &project, &sub.subscription.id, true, 50)
+            .await
+            .unwrap();
+    assert!(
+        deliveries.iter().any(|d| d.status == "delivered"
+            && d.attempts >= 2
+            && d.last_error.as_deref().is_some_and(|e| e.contains("503"))),
+        "the retried delivery shows its earlier failure: {deliveries:?}"
+    );
+
+    // Pending deliveries survive a crash: the receiver is down, the server dies, a new one delivers.
+    received.failing.store(true, Ordering::SeqCst);
+    let before = received.accepted().len();
+    let second = tasks::create(
+        &app.state,
+        &project,
+        tasks::NewTask {
+            task_name: "after_restart".into(),
+            task_type: "softwareUpgrade".into(),
+            package_id: package.id.clone(),
+            targets: vec!["dev-a".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    eventually("a refused attempt for the second task", || {
+        received
+            .posts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, b, ok)| !ok && String::from_utf8_lossy(b).contains(&second.id))
+    })
+    .await;
+    let now = app.clock.now();
+    app.kill().await;
+    received.failing.store(false, Ordering::SeqCst);
+    let app = app_with_receiver(dir.path(), &ca).await;
+    app.clock.set(now.plus(Duration::from_secs(60)));
+    eventually("the second task's notification after the restart", || {
+        received.accepted()[before..]
+            .iter()
+            .any(|(_, b)| b["notify_data"]["body"]["task_id"] == second.id.as_str())
+    })
+    .await;
+    app.stop().await;
+}

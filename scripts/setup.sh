@@ -9,6 +9,7 @@
 #   * Debian's chromium and the end2end npm packages (Playwright without a browser download)
 #   * cargo-nextest if missing
 #   * moto_server (an S3-compatible server the tests start), in a private venv if not on PATH
+#   * huaweicloudsdkiotda (Huawei's application SDK, for the API compatibility test), in a private venv
 #
 # Never Debian's binaryen: its wasm-opt 108 silently breaks the hydrate bundle.
 # Env: SKIP_BROWSER=1 skips chromium and npm (build-only machines).
@@ -80,6 +81,14 @@ if ! command -v moto_server >/dev/null 2>&1 && [ ! -x "$MOTO_VENV/bin/moto_serve
   log "installing moto[server] into $MOTO_VENV (S3-compatible server for the tests)"
   python3 -m venv "$MOTO_VENV"
   "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.1'
+fi
+
+# --- Huawei's IoTDA application SDK (the API compatibility test drives Updraft with it) -------------
+IOTDA_VENV="${HOME}/.cache/updraft/iotda-venv"
+if [ ! -x "$IOTDA_VENV/bin/python" ] || ! "$IOTDA_VENV/bin/python" -c 'import huaweicloudsdkiotda' 2>/dev/null; then
+  log "installing huaweicloudsdkiotda into $IOTDA_VENV (the official SDK, for the API compatibility test)"
+  python3 -m venv "$IOTDA_VENV"
+  "$IOTDA_VENV/bin/pip" install --quiet --disable-pip-version-check 'huaweicloudsdkiotda==3.1.219'
 fi
 
 # --- end2end --------------------------------------------------------------------------------------

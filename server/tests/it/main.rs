@@ -7,4 +7,5 @@ mod console;
 mod helpers;
 mod notifications;
 mod packages;
+mod sdk;
 mod tasks;

@@ -94,20 +94,20 @@ async fn register(app: &TestApp, fx: &Fixture, id: &str) -> SimDevice {
 }
 
 /// Simulated devices connected to `app` (plain MQTT unless `opts.tls`), logging in on the app's clock.
-struct Fleet {
+pub(crate) struct Fleet {
     stop: CancellationToken,
-    stats: Arc<SimStats>,
+    pub(crate) stats: Arc<SimStats>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Fleet {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
     }
 }
 
-fn fleet(app: &TestApp, devices: Vec<SimDevice>, opts: SimOptions) -> Fleet {
+pub(crate) fn fleet(app: &TestApp, devices: Vec<SimDevice>, opts: SimOptions) -> Fleet {
     let opts = SimOptions {
         host: "localhost".into(),
         port: if opts.tls {

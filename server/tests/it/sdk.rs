@@ -1,0 +1,136 @@
+//! Huawei's official application SDK (`huaweicloudsdkiotda` from PyPI, installed by scripts/setup.sh)
+//! against a running Updraft, with two simulated MQTT devices doing the real upgrade
+//! (`end2end/sdk/iotda_sdk_check.py`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use backend::clock::Clock;
+use backend::service::{credentials, devices, products, projects};
+use domain::Timestamp;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use server::sim::{SimDevice, SimOptions};
+
+use crate::helpers::spawn_app;
+use crate::tasks::fleet;
+
+/// The SDK's Python, from the venv scripts/setup.sh creates.
+fn sdk_python() -> PathBuf {
+    let venv = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".cache/updraft/iotda-venv/bin/python");
+    assert!(
+        venv.is_file(),
+        "{} is missing: run scripts/setup.sh (it installs huaweicloudsdkiotda)",
+        venv.display()
+    );
+    venv
+}
+
+#[tokio::test]
+async fn the_official_python_sdk_runs_an_upgrade_end_to_end() {
+    let python = sdk_python();
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    // The SDK dates its requests with the real clock.
+    app.clock.set(Timestamp::from_millis(
+        chrono::Utc::now().timestamp_millis(),
+    ));
+    let project = projects::ensure_default(&app.state).await.unwrap().id;
+    products::create(
+        &app.state,
+        &project,
+        products::NewProduct {
+            product_id: Some("meter".into()),
+            name: "Meter".into(),
+            device_type: "Meter".into(),
+            protocol_type: "MQTT".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut sims = Vec::new();
+    for id in ["sdk-1", "sdk-2", "sdk-idle"] {
+        let secret = format!("secret_{id}");
+        devices::register(
+            &app.state,
+            &project,
+            devices::NewDevice {
+                product_id: "meter".into(),
+                node_id: id.into(),
+                device_id: Some(id.into()),
+                secret: Some(SecretString::from(secret.clone())),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        if id != "sdk-idle" {
+            sims.push(SimDevice {
+                device_id: id.into(),
+                secret,
+            });
+        }
+    }
+    // The package is an object already in the store ("bucket" updraft, the local directory).
+    let key = "fw/app-2.0.bin";
+    let object = app.data_dir.join("packages").join(key);
+    std::fs::create_dir_all(object.parent().unwrap()).unwrap();
+    std::fs::write(&object, vec![42u8; 50_000]).unwrap();
+    let devices = fleet(&app, sims, SimOptions::default());
+    let cred = credentials::create(&app.state, &project, "sdk test")
+        .await
+        .unwrap();
+    let ca = app.data_dir.join("tls").join("ca.pem");
+
+    let out = tokio::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../end2end/sdk/iotda_sdk_check.py"
+        ))
+        .env("UPDRAFT_ENDPOINT", &app.base)
+        .env("UPDRAFT_AK", &cred.credential.access_key)
+        .env("UPDRAFT_SK", cred.secret_key.expose_secret())
+        .env("UPDRAFT_PROJECT", &project)
+        .env("UPDRAFT_CA", &ca)
+        .env("UPDRAFT_BUCKET", "updraft")
+        .env("UPDRAFT_OBJECT_KEY", key)
+        .env("UPDRAFT_PRODUCT", "meter")
+        .env("UPDRAFT_DEVICES", "sdk-1,sdk-2")
+        .env("UPDRAFT_IDLE_DEVICE", "sdk-idle")
+        .env("HOME", dir.path()) // the SDK writes ~/.huaweicloud/application_id
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .expect("the SDK script finished")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(result["package_version"], "2.0", "{result}");
+    assert_eq!(result["status"], "Success", "{result}");
+    assert_eq!(result["success"], 2, "{result}");
+    assert_eq!(result["details"], serde_json::json!(["sdk-1", "sdk-2"]));
+    assert_eq!(result["delete_running"]["status"], 409, "{result}");
+    assert_eq!(result["delete_running"]["code"], "IOTDA.000007");
+    assert_eq!(result["delete_running"]["request_id"], true);
+    assert_eq!(result["stopped_status"], "Stopped", "{result}");
+    assert_eq!(result["after_delete"], 404, "{result}");
+    assert_eq!(
+        devices
+            .stats
+            .succeeded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    devices.stop().await;
+    app.stop().await;
+}

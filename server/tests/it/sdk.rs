@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use backend::clock::Clock;
 use backend::service::{credentials, devices, products, projects};
 use domain::Timestamp;
 use secrecy::{ExposeSecret, SecretString};

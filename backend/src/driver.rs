@@ -397,6 +397,55 @@ impl Driver {
             .map(Timestamp::from_millis))
     }
 
+    /// After a restart: tasks a dead process was starting are started again. A task left `Initializing`
+    /// goes back to `Waitting` (the loop starts it when due; its group is resolved if that never
+    /// committed); a `Processing` task with subtasks that never started gets them started. Transitions
+    /// are compare-and-set, so work another live instance did is not done twice.
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub async fn recover(&self, state: &AppState) -> Result<()> {
+        let requeued = tasks::Entity::update_many()
+            .col_expr(
+                tasks::Column::Status,
+                Expr::value(TaskStatus::Waiting.as_str()),
+            )
+            .filter(tasks::Column::Status.eq(TaskStatus::Initializing.as_str()))
+            .exec(&state.db)
+            .await?
+            .rows_affected;
+        let half_started: Vec<String> = subtasks::Entity::find()
+            .select_only()
+            .column(subtasks::Column::TaskId)
+            .distinct()
+            .filter(subtasks::Column::Step.eq("pending"))
+            .filter(
+                subtasks::Column::TaskId.in_subquery(
+                    sea_orm::sea_query::Query::select()
+                        .column(tasks::Column::Id)
+                        .from(tasks::Entity)
+                        .and_where(
+                            Expr::col(tasks::Column::Status).eq(TaskStatus::Processing.as_str()),
+                        )
+                        .to_owned(),
+                ),
+            )
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        for task_id in &half_started {
+            self.start_task(state, task_id).await?;
+        }
+        if requeued > 0 || !half_started.is_empty() {
+            tracing::info!(
+                requeued,
+                resumed = half_started.len(),
+                "tasks interrupted while starting were picked up again"
+            );
+        }
+        Ok(())
+    }
+
     /// Starts a task: moves it to `Processing` and starts every subtask that has not started.
     ///
     /// # Errors

@@ -15,8 +15,8 @@ use backend::{AppState, Error};
 use domain::Timestamp;
 use migrations::{Migrator, MigratorTrait};
 use sea_orm::{
-    ActiveModelTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait, ModelTrait, Set,
-    Statement,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, Database, DatabaseConnection, EntityTrait,
+    ModelTrait, QueryFilter, Set, Statement,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -1321,6 +1321,113 @@ async fn two_drivers_on_one_database_never_apply_a_transition_twice() {
             let successes = steps.iter().filter(|s| s.status == "Success").count();
             assert_eq!(successes, 1, "{kind}: {d}: {steps:?}");
         }
+        t.cleanup().await;
+    }
+}
+
+/// A process that died while starting tasks: one task left `Initializing` (claimed, group unresolved),
+/// one left `Processing` with subtasks never started. `recover` picks both up.
+#[tokio::test]
+async fn tasks_interrupted_while_starting_are_picked_up_after_a_restart() {
+    use backend::service::tasks;
+    for t in databases().await {
+        let kind = t.kind;
+        let project = projects::ensure_default(&t.state).await.unwrap().id;
+        mqtt_product(&t, &project).await;
+        devices::register(
+            &t.state,
+            &project,
+            devices::NewDevice {
+                product_id: "meter".into(),
+                node_id: "n1".into(),
+                device_id: Some("d1".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let group = groups::create(&t.state, &project, "g", "").await.unwrap();
+        groups::add_device(&t.state, &project, &group.id, "d1")
+            .await
+            .unwrap();
+        let package = backend::service::packages::upload(
+            &t.state,
+            &project,
+            domain::package::PackageMetaInput {
+                package_type: "softwarePackage".into(),
+                product_id: "meter".into(),
+                version: "2.0".into(),
+                file_name: "sw.bin".into(),
+                ..Default::default()
+            },
+            futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"sw"))]),
+        )
+        .await
+        .unwrap();
+        let new = |name: &str, by_group: bool| tasks::NewTask {
+            task_name: name.into(),
+            task_type: "softwareUpgrade".into(),
+            package_id: package.id.clone(),
+            targets: if by_group { vec![] } else { vec!["d1".into()] },
+            group_ids: if by_group {
+                vec![group.id.clone()]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        };
+        let claimed = tasks::create(&t.state, &project, new("claimed", true))
+            .await
+            .unwrap();
+        let half = tasks::create(&t.state, &project, new("half", false))
+            .await
+            .unwrap();
+        // What the dead process left behind.
+        for (id, status) in [(&claimed.id, "Initializing"), (&half.id, "Processing")] {
+            e::tasks::Entity::update_many()
+                .col_expr(
+                    e::tasks::Column::Status,
+                    sea_orm::sea_query::Expr::value(status),
+                )
+                .filter(e::tasks::Column::Id.eq(id.clone()))
+                .exec(&t.state.db)
+                .await
+                .unwrap();
+        }
+        t.state.driver.recover(&t.state).await.unwrap();
+        let step_of = |task_id: String| {
+            let db = t.state.db.clone();
+            async move {
+                e::subtasks::Entity::find()
+                    .filter(e::subtasks::Column::TaskId.eq(task_id))
+                    .one(&db)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .step
+            }
+        };
+        assert_eq!(
+            step_of(half.id.clone()).await,
+            "wait_online",
+            "{kind}: its subtask started (and waits for its offline device)"
+        );
+        assert_eq!(
+            tasks::get(&t.state, &project, &claimed.id)
+                .await
+                .unwrap()
+                .status,
+            "Waitting",
+            "{kind}"
+        );
+        t.state.driver.run_due(&t.state).await.unwrap();
+        let claimed = tasks::get(&t.state, &project, &claimed.id).await.unwrap();
+        assert_eq!(
+            (claimed.status.as_str(), claimed.total),
+            ("Processing", 1),
+            "{kind}: started, its group resolved"
+        );
+        assert_eq!(step_of(claimed.id.clone()).await, "wait_online", "{kind}");
         t.cleanup().await;
     }
 }

@@ -110,6 +110,11 @@ impl Application {
         mark_devices_offline(&state)
             .await
             .context("resetting device online states")?;
+        state
+            .driver
+            .recover(&state)
+            .await
+            .context("picking up tasks interrupted while starting")?;
         let admin = service::auth::bootstrap_admin(
             &state,
             &settings.admin.username,

@@ -165,12 +165,14 @@ pub async fn create(state: &AppState, project_id: &str, new: NewTask) -> Result<
         started_at: Set(None),
         finished_at: Set(None),
         updated_at: Set(now.as_millis()),
-    }
-    .insert(&state.db)
-    .await?;
+    };
+    // The task and its listed targets commit together: a crash leaves both or neither.
+    let txn = state.db.begin().await?;
+    let task = task.insert(&txn).await?;
     if let Some(devices) = devices {
-        write_subtasks(state, &task.id, &devices).await?;
+        write_subtasks(&txn, now, &task.id, &devices).await?;
     }
+    txn.commit().await?;
     let scheduled = schedule.is_some_and(|t| t > now);
     if scheduled || !state.driver.is_running() {
         // Scheduled, or created where no driver runs (the command line): the serving process's driver
@@ -230,7 +232,9 @@ pub(crate) async fn start(state: &AppState, task_id: &str, scheduled: bool) -> R
             }
             .ok_or_else(|| Error::Conflict(format!("task {task_id}: its package was deleted")))?;
             let members = group_devices(state, &task.project_id, &package, &filter).await?;
-            write_subtasks(state, task_id, &members).await?;
+            let txn = state.db.begin().await?;
+            write_subtasks(&txn, state.clock.now(), task_id, &members).await?;
+            txn.commit().await?;
         }
     }
     state.driver.start_task(state, task_id).await
@@ -427,9 +431,13 @@ async fn group_devices(
 }
 
 /// Writes one `Waitting` subtask per device and sets the task's counters.
-async fn write_subtasks(state: &AppState, task_id: &str, devices: &[devices::Model]) -> Result<()> {
-    let now = state.clock.now().as_millis();
-    let txn = state.db.begin().await?;
+async fn write_subtasks(
+    txn: &sea_orm::DatabaseTransaction,
+    now: Timestamp,
+    task_id: &str,
+    devices: &[devices::Model],
+) -> Result<()> {
+    let now = now.as_millis();
     for chunk in devices.chunks(INSERT_BATCH) {
         let rows = chunk.iter().map(|d| {
             let machine = mqtt::Subtask::new(d.status == "ONLINE");
@@ -455,7 +463,7 @@ async fn write_subtasks(state: &AppState, task_id: &str, devices: &[devices::Mod
                 ..Default::default()
             }
         });
-        subtasks::Entity::insert_many(rows).exec(&txn).await?;
+        subtasks::Entity::insert_many(rows).exec(txn).await?;
     }
     let n = i64::try_from(devices.len()).unwrap_or(i64::MAX);
     tasks::Entity::update_many()
@@ -463,9 +471,8 @@ async fn write_subtasks(state: &AppState, task_id: &str, devices: &[devices::Mod
         .col_expr(tasks::Column::Waitting, Expr::value(n))
         .col_expr(tasks::Column::UpdatedAt, Expr::value(now))
         .filter(tasks::Column::Id.eq(task_id))
-        .exec(&txn)
+        .exec(txn)
         .await?;
-    txn.commit().await?;
     Ok(())
 }
 

@@ -54,6 +54,9 @@ const MAX_IDLE: Duration = Duration::from_secs(1);
 pub trait Downlink: Send + Sync + std::fmt::Debug + 'static {
     /// Publishes `payload` on `device_id`'s `$oc/devices/{device_id}/sys/events/down` topic.
     fn publish(&self, device_id: &str, payload: Vec<u8>);
+
+    /// Ends `device_id`'s connection, if it has one (it was frozen or deleted).
+    fn disconnect(&self, _device_id: &str) {}
 }
 
 /// What a device did, as the MQTT adapter saw it.
@@ -264,6 +267,13 @@ impl Driver {
         &self.inner.settings
     }
 
+    /// Ends a device's connection in this process, if it has one (a frozen or deleted device).
+    pub fn disconnect(&self, device_id: &str) {
+        if let Some(d) = self.downlink() {
+            d.disconnect(device_id);
+        }
+    }
+
     /// Connects the driver to the device messaging adapter.
     pub fn set_downlink(&self, downlink: Arc<dyn Downlink>) {
         *self
@@ -397,7 +407,8 @@ impl Driver {
             .map(Timestamp::from_millis))
     }
 
-    /// After a restart: tasks a dead process was starting are started again. A task left `Initializing`
+    /// After a restart: running tasks' counters are counted again, and tasks a dead process was starting
+    /// are started again. A task left `Initializing`
     /// goes back to `Waitting` (the loop starts it when due; its group is resolved if that never
     /// committed); a `Processing` task with subtasks that never started gets them started. Transitions
     /// are compare-and-set, so work another live instance did is not done twice.
@@ -405,6 +416,23 @@ impl Driver {
     /// # Errors
     /// [`Error::Db`].
     pub async fn recover(&self, state: &AppState) -> Result<()> {
+        // Counters are adjusted per transition; a running task's are counted afresh once at start-up.
+        let running: Vec<String> = tasks::Entity::find()
+            .select_only()
+            .column(tasks::Column::Id)
+            .filter(tasks::Column::Status.is_in([
+                TaskStatus::Processing.as_str(),
+                TaskStatus::Stopping.as_str(),
+            ]))
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        for task_id in &running {
+            let _w = self.inner.write.lock().await;
+            let txn = state.db.begin().await?;
+            recount(&txn, task_id).await?;
+            txn.commit().await?;
+        }
         let requeued = tasks::Entity::update_many()
             .col_expr(
                 tasks::Column::Status,
@@ -488,7 +516,7 @@ impl Driver {
             if let Some(last) = ids.last() {
                 after = *last;
             }
-            self.apply(state, ids, Input::Start).await?;
+            self.apply(state, ids, Input::Begin).await?;
             if n < BATCH {
                 break;
             }
@@ -767,6 +795,8 @@ impl Driver {
                 }
                 rows.insert(id, changed.row);
             }
+            // In a fixed order: two instances refreshing the same tasks lock their rows alike.
+            touched_tasks.sort_unstable();
             for task_id in &touched_tasks {
                 refresh_task(&txn, task_id, now, &mut events).await?;
             }
@@ -937,7 +967,9 @@ async fn record_device(
                     devices::Column::ConnectionStatusUpdateTime,
                     Expr::value(now),
                 )
-                .filter(devices::Column::Id.eq(device_id));
+                .filter(devices::Column::Id.eq(device_id))
+                // A frozen device stays frozen whatever its connection did.
+                .filter(devices::Column::Status.ne("FROZEN"));
             if online {
                 update = update.col_expr(
                     devices::Column::ActiveTime,
@@ -1112,6 +1144,15 @@ async fn transition(
     if result.rows_affected == 0 {
         return Ok(Outcome::Stale);
     }
+    if status != old_status {
+        // Exact: the compare-and-set above proves the row was in `old_status`.
+        tasks::Entity::update_many()
+            .col_expr(counter(old_status), Expr::col(counter(old_status)).sub(1))
+            .col_expr(counter(status), Expr::col(counter(status)).add(1))
+            .filter(tasks::Column::Id.eq(&row.task_id))
+            .exec(txn)
+            .await?;
+    }
     if status == SubtaskStatus::Success && old_status != SubtaskStatus::Success {
         // The device now runs the package's version (it said so, or it already did).
         let column = match plan.kind {
@@ -1178,6 +1219,55 @@ async fn transition(
     })))
 }
 
+/// The task counter column of a subtask status.
+pub(crate) const fn counter(status: SubtaskStatus) -> tasks::Column {
+    match status {
+        SubtaskStatus::Waiting => tasks::Column::Waitting,
+        SubtaskStatus::Processing => tasks::Column::Processing,
+        SubtaskStatus::Success => tasks::Column::Success,
+        SubtaskStatus::Fail => tasks::Column::Fail,
+        SubtaskStatus::FailWaitRetry => tasks::Column::FailWaitRetry,
+        SubtaskStatus::Stopped => tasks::Column::Stopped,
+        SubtaskStatus::Removed => tasks::Column::Removed,
+    }
+}
+
+/// Counts a task's subtasks by status and stores the counters (after a crash, they are checked once).
+async fn recount(txn: &DatabaseTransaction, task_id: &str) -> Result<TaskProgress> {
+    let counts: Vec<(String, i64)> = subtasks::Entity::find()
+        .select_only()
+        .column(subtasks::Column::Status)
+        .column_as(subtasks::Column::Id.count(), "n")
+        .filter(subtasks::Column::TaskId.eq(task_id))
+        .group_by(subtasks::Column::Status)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    let mut progress = TaskProgress::default();
+    for (status, n) in counts {
+        progress.add(
+            SubtaskStatus::parse(&status)?,
+            u64::try_from(n).unwrap_or(0),
+        );
+    }
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    tasks::ActiveModel {
+        id: Set(task_id.to_owned()),
+        total: Set(n(progress.total)),
+        waitting: Set(n(progress.waitting)),
+        processing: Set(n(progress.processing)),
+        success: Set(n(progress.success)),
+        fail: Set(n(progress.fail)),
+        fail_wait_retry: Set(n(progress.fail_wait_retry)),
+        stopped: Set(n(progress.stopped)),
+        removed: Set(n(progress.removed)),
+        ..Default::default()
+    }
+    .update(txn)
+    .await?;
+    Ok(progress)
+}
+
 /// A task row's `task_progress`.
 #[must_use]
 pub fn progress_of(task: &tasks::Model) -> TaskProgress {
@@ -1218,35 +1308,10 @@ pub(crate) async fn refresh_task(
     if matches!(current, TaskStatus::Initializing | TaskStatus::Waiting) {
         return Ok(());
     }
-    // The counters are counted, not adjusted: they cannot drift from the subtasks they describe.
-    let counts: Vec<(String, i64)> = subtasks::Entity::find()
-        .select_only()
-        .column(subtasks::Column::Status)
-        .column_as(subtasks::Column::Id.count(), "n")
-        .filter(subtasks::Column::TaskId.eq(task_id))
-        .group_by(subtasks::Column::Status)
-        .into_tuple()
-        .all(txn)
-        .await?;
-    let mut progress = TaskProgress::default();
-    for (status, n) in counts {
-        progress.add(
-            SubtaskStatus::parse(&status)?,
-            u64::try_from(n).unwrap_or(0),
-        );
-    }
-    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let progress = progress_of(&task);
     let mut update = tasks::ActiveModel {
         id: Set(task.id.clone()),
         updated_at: Set(at),
-        total: Set(n(progress.total)),
-        waitting: Set(n(progress.waitting)),
-        processing: Set(n(progress.processing)),
-        success: Set(n(progress.success)),
-        fail: Set(n(progress.fail)),
-        fail_wait_retry: Set(n(progress.fail_wait_retry)),
-        stopped: Set(n(progress.stopped)),
-        removed: Set(n(progress.removed)),
         ..Default::default()
     };
     let stop_requested = matches!(current, TaskStatus::Stopping | TaskStatus::Stopped);

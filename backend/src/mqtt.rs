@@ -128,6 +128,8 @@ struct SessionHandle {
 /// Publishes the driver's messages through the platform link.
 struct RouterDownlink {
     tx: Mutex<LinkTx>,
+    /// The sessions, to end one (weak: the context owns the state that owns this downlink).
+    ctx: std::sync::Weak<Ctx>,
 }
 
 impl std::fmt::Debug for RouterDownlink {
@@ -137,6 +139,14 @@ impl std::fmt::Debug for RouterDownlink {
 }
 
 impl Downlink for RouterDownlink {
+    fn disconnect(&self, device_id: &str) {
+        if let Some(ctx) = self.ctx.upgrade()
+            && let Some(session) = lock(&ctx.sessions).get(device_id)
+        {
+            session.kick.cancel();
+        }
+    }
+
     fn publish(&self, device_id: &str, payload: Vec<u8>) {
         let topic = protocol::ota::down_topic(device_id);
         let mut tx = self
@@ -199,9 +209,10 @@ impl MqttEndpoint {
             next_session: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
         });
-        state
-            .driver
-            .set_downlink(Arc::new(RouterDownlink { tx: Mutex::new(tx) }));
+        state.driver.set_downlink(Arc::new(RouterDownlink {
+            tx: Mutex::new(tx),
+            ctx: Arc::downgrade(&ctx),
+        }));
         tokio::spawn(uplinks(state, rx, events_rx));
         Ok(Self { ctx })
     }

@@ -2,12 +2,15 @@
 //! deliveries are POSTed to the subscription's URL, signed, retried with exponential backoff, in order per
 //! task, and survive restarts (everything is in the database).
 //!
-//! - **Fan-out** reads the outbox after the `notifications` cursor, writes one `pending` delivery per
-//!   matching subscription, and moves the cursor, in one transaction.
-//! - **Delivery** takes, for each (subscription, task), only the oldest unfinished delivery, so a task's
-//!   notifications arrive in the order they happened even across retries. A 2xx is `delivered`; anything
-//!   else is retried after 1 s, 2 s, 4 s... (at most `max_backoff`) until `max_attempts`, then `failed`
-//!   (the next one for that task goes out).
+//! - **Fan-out** marks outbox records `fanned_at` and writes one `pending` delivery per subscription that
+//!   wants the record (its resource, its project, created before the record), in one transaction. A
+//!   unique index makes a second instance's fan-out of the same record fail instead of doubling it.
+//! - **Delivery** looks at each subscription's own oldest pending deliveries (so a dead receiver never
+//!   hides anyone else's), and sends only the oldest one per aggregate: per task for `batchtask`, per
+//!   task and device for the per-device resource. Notifications therefore arrive in the order they
+//!   happened, even across retries. A 2xx is `delivered`; anything else is retried after 1 s, 2 s, 4 s...
+//!   (at most `max_backoff`) until `max_attempts`, then `failed` (and the next one goes out).
+//! - Nothing runs while no subscription exists.
 //! - **Signature**: `X-Updraft-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 //!   Receivers recompute it over the raw body and reject old `t` values to stop replays.
 
@@ -27,14 +30,13 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use crate::service::subscriptions::{self, BATCHTASK, BATCHTASK_DEVICE};
-use crate::storage::entity::{
-    cursors, notification_deliveries, notification_subscriptions, outbox,
-};
+use crate::storage::entity::{notification_deliveries, notification_subscriptions, outbox};
 use crate::{AppState, Error, Result};
 
-const CURSOR: &str = "notifications";
-/// Outbox rows fanned out per transaction, and deliveries considered per round.
+/// Outbox rows fanned out per transaction.
 const BATCH: u64 = 500;
+/// Pending deliveries looked at per subscription and round.
+const PER_SUBSCRIPTION: u64 = 200;
 
 /// Notification settings.
 #[derive(Clone, Debug)]
@@ -100,12 +102,22 @@ impl Notifier {
     pub async fn run(&self, state: AppState, stop: tokio_util::sync::CancellationToken) {
         let mut events = state.driver.subscribe();
         loop {
-            if let Err(e) = self.tick(&state).await {
-                tracing::warn!(error.message = %e, "notifications: round failed");
+            let busy = match self.tick(&state).await {
+                Ok(sent) => sent > 0,
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "notifications: round failed");
+                    false
+                }
+            };
+            if busy {
+                continue;
             }
             tokio::select! {
                 () = stop.cancelled() => return,
-                _ = events.recv() => {}
+                _ = events.recv() => {
+                    // A burst of changes makes one round, not one round each.
+                    while events.try_recv().is_ok() {}
+                }
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
@@ -116,72 +128,57 @@ impl Notifier {
     /// # Errors
     /// [`Error::Db`].
     pub async fn tick(&self, state: &AppState) -> Result<usize> {
-        while fan_out(state).await? == BATCH as usize {}
-        self.deliver_due(state).await
-    }
-
-    async fn deliver_due(&self, state: &AppState) -> Result<usize> {
-        let now = state.clock.now();
-        let pending = notification_deliveries::Entity::find()
-            .filter(notification_deliveries::Column::Status.eq("pending"))
-            .order_by_asc(notification_deliveries::Column::Id)
-            .limit(BATCH * 4)
+        let subs = notification_subscriptions::Entity::find()
+            .filter(notification_subscriptions::Column::Enabled.eq(true))
             .all(&state.db)
             .await?;
-        if pending.is_empty() {
+        if subs.is_empty() {
             return Ok(0);
         }
-        let records: HashMap<i64, outbox::Model> = outbox::Entity::find()
-            .filter(outbox::Column::Id.is_in(pending.iter().map(|d| d.outbox_id)))
-            .all(&state.db)
-            .await?
-            .into_iter()
-            .map(|o| (o.id, o))
-            .collect();
-        // In order per (subscription, task): only each key's oldest unfinished delivery may go.
-        let mut seen = HashSet::new();
+        while fan_out(state, &subs).await? == BATCH as usize {}
+        self.deliver_due(state, &subs).await
+    }
+
+    async fn deliver_due(
+        &self,
+        state: &AppState,
+        subs: &[notification_subscriptions::Model],
+    ) -> Result<usize> {
+        let now = state.clock.now();
         let mut due = Vec::new();
-        for d in pending {
-            let Some(record) = records.get(&d.outbox_id) else {
+        for sub in subs {
+            let pending = notification_deliveries::Entity::find()
+                .filter(notification_deliveries::Column::SubscriptionId.eq(&sub.id))
+                .filter(notification_deliveries::Column::Status.eq("pending"))
+                .order_by_asc(notification_deliveries::Column::Id)
+                .limit(PER_SUBSCRIPTION)
+                .all(&state.db)
+                .await?;
+            if pending.is_empty() {
                 continue;
-            };
-            let task = record
-                .aggregate_id
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            if seen.insert((d.subscription_id.clone(), task))
-                && d.next_attempt_at <= now.as_millis()
-            {
-                due.push((d, record.clone()));
             }
-        }
-        if due.is_empty() {
-            return Ok(0);
-        }
-        let subs: HashMap<String, notification_subscriptions::Model> =
-            notification_subscriptions::Entity::find()
-                .filter(
-                    notification_subscriptions::Column::Id
-                        .is_in(due.iter().map(|(d, _)| d.subscription_id.clone())),
-                )
+            let records: HashMap<i64, outbox::Model> = outbox::Entity::find()
+                .filter(outbox::Column::Id.is_in(pending.iter().map(|d| d.outbox_id)))
                 .all(&state.db)
                 .await?
                 .into_iter()
-                .map(|s| (s.id.clone(), s))
+                .map(|o| (o.id, o))
                 .collect();
+            // In order per aggregate: only each one's oldest unfinished delivery may go.
+            let mut seen = HashSet::new();
+            for d in pending {
+                let Some(record) = records.get(&d.outbox_id) else {
+                    continue;
+                };
+                if seen.insert(record.aggregate_id.clone()) && d.next_attempt_at <= now.as_millis()
+                {
+                    due.push((d, record.clone(), sub.clone()));
+                }
+            }
+        }
         let n = due.len();
         let results: Vec<Result<()>> = futures::stream::iter(due)
-            .map(|(delivery, record)| {
-                let sub = subs.get(&delivery.subscription_id).cloned();
-                async move {
-                    match sub {
-                        Some(sub) => self.deliver(state, delivery, &record, &sub).await,
-                        None => Ok(()), // deleted meanwhile; its deliveries went with it
-                    }
-                }
-            })
+            .map(|(delivery, record, sub)| self.deliver(state, delivery, record, sub))
             .buffer_unordered(self.settings.concurrency.max(1))
             .collect()
             .await;
@@ -195,11 +192,26 @@ impl Notifier {
         &self,
         state: &AppState,
         delivery: notification_deliveries::Model,
-        record: &outbox::Model,
-        sub: &notification_subscriptions::Model,
+        record: outbox::Model,
+        sub: notification_subscriptions::Model,
     ) -> Result<()> {
-        let secret = state.sealer.open(&sub.id, &sub.secret_enc)?;
-        let body = notification_body(record)?;
+        let prepared = state
+            .sealer
+            .open(&sub.id, &sub.secret_enc)
+            .map_err(Error::from)
+            .and_then(|secret| Ok((secret, notification_body(&record)?)));
+        let (secret, body) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                // Our fault, and it will not get better by retrying: record it and let the next go.
+                tracing::error!(delivery_id = delivery.id, error.message = %e, "notification cannot be built");
+                let mut row: notification_deliveries::ActiveModel = delivery.into();
+                row.status = Set("failed".to_owned());
+                row.last_error = Set(Some(format!("internal error: {e}")));
+                row.update(&state.db).await?;
+                return Ok(());
+            }
+        };
         let at = state.clock.now();
         let signature = sign(secret.expose_secret(), at, &body);
         let outcome = self
@@ -329,58 +341,37 @@ fn notification_body(record: &outbox::Model) -> Result<Vec<u8>> {
     .map_err(|e| Error::Internal(e.to_string()))
 }
 
-/// Turns new outbox records into pending deliveries and moves the cursor. Returns records read.
-async fn fan_out(state: &AppState) -> Result<usize> {
-    let txn = state.db.begin().await?;
-    // Write first (see `driver::apply_in`): touching the cursor row takes the write lock, so no other
-    // fan-out (a second instance) reads the same records meanwhile.
-    let touched = cursors::Entity::update_many()
-        .col_expr(
-            cursors::Column::Position,
-            Expr::col(cursors::Column::Position),
-        )
-        .filter(cursors::Column::Name.eq(CURSOR))
-        .exec(&txn)
-        .await?;
-    if touched.rows_affected == 0 {
-        // First use: start at the outbox's end, so history from before notifications is not replayed.
-        let end: Option<i64> = outbox::Entity::find()
-            .select_only()
-            .column_as(outbox::Column::Id.max(), "m")
-            .into_tuple::<Option<i64>>()
-            .one(&txn)
-            .await?
-            .flatten();
-        cursors::ActiveModel {
-            name: Set(CURSOR.to_owned()),
-            position: Set(end.unwrap_or(0)),
-        }
-        .insert(&txn)
-        .await?;
-        txn.commit().await?;
-        return Ok(0);
-    }
-    let position = cursors::Entity::find_by_id(CURSOR.to_owned())
-        .one(&txn)
-        .await?
-        .map_or(0, |c| c.position);
+/// Turns outbox records not yet fanned out into pending deliveries, and marks them. Returns how many
+/// records it took.
+async fn fan_out(state: &AppState, subs: &[notification_subscriptions::Model]) -> Result<usize> {
     let records = outbox::Entity::find()
-        .filter(outbox::Column::Id.gt(position))
+        .filter(outbox::Column::FannedAt.is_null())
         .order_by_asc(outbox::Column::Id)
         .limit(BATCH)
-        .all(&txn)
+        .all(&state.db)
         .await?;
-    let Some(last) = records.last().map(|r| r.id) else {
+    if records.is_empty() {
         return Ok(0);
-    };
-    let subs = notification_subscriptions::Entity::find()
-        .filter(notification_subscriptions::Column::Enabled.eq(true))
-        .all(&txn)
-        .await?;
+    }
     let now = state.clock.now().as_millis();
+    let txn = state.db.begin().await?;
+    // Write first (see `driver::apply_in`): mark the records; if another instance took some meanwhile,
+    // leave them all to it.
+    let marked = outbox::Entity::update_many()
+        .col_expr(outbox::Column::FannedAt, Expr::value(now))
+        .filter(outbox::Column::Id.is_in(records.iter().map(|r| r.id)))
+        .filter(outbox::Column::FannedAt.is_null())
+        .exec(&txn)
+        .await?;
+    if marked.rows_affected != records.len() as u64 {
+        return Ok(0);
+    }
     let mut rows = Vec::new();
     for record in &records {
-        for sub in subs.iter().filter(|s| s.project_id == record.project_id) {
+        for sub in subs
+            .iter()
+            .filter(|s| s.project_id == record.project_id && s.created_at <= record.created_at)
+        {
             let wanted = subscriptions::outbox_kind(&subscriptions::resource_of(sub));
             if wanted == Some(record.kind.as_str()) {
                 rows.push(notification_deliveries::ActiveModel {
@@ -398,11 +389,6 @@ async fn fan_out(state: &AppState) -> Result<usize> {
             }
         }
     }
-    cursors::Entity::update_many()
-        .col_expr(cursors::Column::Position, Expr::value(last))
-        .filter(cursors::Column::Name.eq(CURSOR))
-        .exec(&txn)
-        .await?;
     for chunk in rows.chunks(200) {
         notification_deliveries::Entity::insert_many(chunk.to_vec())
             .exec(&txn)

@@ -9,7 +9,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261127_000001_create_schema;
 mod m20261201_000001_extend_task_driver;
-mod m20261202_000001_add_cursors;
+mod m20261202_000001_track_notifications;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -20,7 +20,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261127_000001_create_schema::Migration),
             Box::new(m20261201_000001_extend_task_driver::Migration),
-            Box::new(m20261202_000001_add_cursors::Migration),
+            Box::new(m20261202_000001_track_notifications::Migration),
         ]
     }
 }

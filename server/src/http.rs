@@ -104,6 +104,8 @@ pub fn router(state: ServerState) -> Router {
             "/v5/iot/{project_id}/batchtasks",
             get(batchtasks::list)
                 .post(batchtasks::create)
+                // Tens of thousands of `targets`.
+                .layer::<_, std::convert::Infallible>(DefaultBodyLimit::max(16 * 1024 * 1024))
                 .layer(timeout),
         )
         .route(

@@ -74,6 +74,7 @@ pub async fn create_product(
         manufacturer_name,
         industry: String::new(),
         description: String::new(),
+        service_capabilities: None,
     };
     Ok(products::create(&state, &user.project_id, new).await?.id)
 }

@@ -112,23 +112,46 @@ pub enum Refusal {
     Project(String),
 }
 
-/// Checks a signed request: parses `authorization`, finds the key, checks `X-Sdk-Date` against the clock
-/// (within `skew`) and the signature. On success returns the credential's project and records the use.
+/// An active credential, as a signed request needs it.
+#[derive(Debug)]
+pub struct Active {
+    /// The access key.
+    pub access_key: String,
+    /// Its project.
+    pub project_id: String,
+    /// The secret key, opened.
+    pub secret_key: SecretString,
+    last_used_at: Option<i64>,
+}
+
+/// The first checks of a signed request, before its body is read: the `Authorization` layout, an
+/// active access key, and `X-Sdk-Date` within `skew` of the clock.
 ///
 /// The inner result is the caller's: `Err(Refusal)` for anything in the request that is wrong.
 ///
 /// # Errors
 /// The outer result is ours: [`Error::Db`], or [`Error::Secrets`] for a key that cannot be opened.
-pub async fn authenticate(
+pub async fn admit(
     state: &AppState,
     authorization: &str,
-    request: &apisign::Request<'_, '_>,
+    sdk_date: Option<&str>,
     skew: Duration,
-) -> Result<std::result::Result<String, Refusal>> {
+) -> Result<std::result::Result<Active, Refusal>> {
     let auth = match Authorization::parse(authorization) {
         Ok(a) => a,
         Err(e) => return Ok(Err(e.into())),
     };
+    let date = sdk_date.unwrap_or_default().trim();
+    let Some(signed_at) = parse_sdk_date(date) else {
+        return Ok(Err(SignError::BadDate.into()));
+    };
+    let skew_ms = i64::try_from(skew.as_millis()).unwrap_or(i64::MAX);
+    if (state.clock.now().as_millis() - signed_at.as_millis()).abs() > skew_ms {
+        return Ok(Err(Refusal::Skew {
+            date: date.to_owned(),
+            skew,
+        }));
+    }
     let Some(credential) = api_credentials::Entity::find_by_id(auth.access_key.to_owned())
         .one(&state.db)
         .await?
@@ -136,39 +159,44 @@ pub async fn authenticate(
     else {
         return Ok(Err(Refusal::UnknownKey));
     };
-    let date = (request.header)("x-sdk-date").unwrap_or_default().trim();
-    let Some(signed_at) = parse_sdk_date(date) else {
-        return Ok(Err(SignError::BadDate.into()));
-    };
-    let now = state.clock.now();
-    let skew_ms = i64::try_from(skew.as_millis()).unwrap_or(i64::MAX);
-    if (now.as_millis() - signed_at.as_millis()).abs() > skew_ms {
-        return Ok(Err(Refusal::Skew {
-            date: date.to_owned(),
-            skew,
-        }));
-    }
-    let secret = state
+    let secret_key = state
         .sealer
         .open(&credential.access_key, &credential.secret_key_enc)?;
-    if let Err(e) = apisign::verify(&auth, secret.expose_secret(), request) {
+    Ok(Ok(Active {
+        access_key: credential.access_key,
+        project_id: credential.project_id,
+        secret_key,
+        last_used_at: credential.last_used_at,
+    }))
+}
+
+/// The last check, once the body's hash is known: the signature itself. Records the key's use.
+///
+/// # Errors
+/// The outer result is ours ([`Error::Db`]); the inner one is the caller's.
+pub async fn verify(
+    state: &AppState,
+    active: &Active,
+    authorization: &str,
+    request: &apisign::Request<'_, '_>,
+) -> Result<std::result::Result<(), Refusal>> {
+    let auth = match Authorization::parse(authorization) {
+        Ok(a) => a,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    if let Err(e) = apisign::verify(&auth, active.secret_key.expose_secret(), request) {
         return Ok(Err(e.into()));
     }
+    let now = state.clock.now().as_millis();
     // At most one write a minute per key: a busy application must not turn every read into a write.
-    if credential
-        .last_used_at
-        .is_none_or(|t| now.as_millis() - t >= 60_000)
-    {
+    if active.last_used_at.is_none_or(|t| now - t >= 60_000) {
         api_credentials::Entity::update_many()
-            .col_expr(
-                api_credentials::Column::LastUsedAt,
-                Expr::value(now.as_millis()),
-            )
-            .filter(api_credentials::Column::AccessKey.eq(&credential.access_key))
+            .col_expr(api_credentials::Column::LastUsedAt, Expr::value(now))
+            .filter(api_credentials::Column::AccessKey.eq(&active.access_key))
             .exec(&state.db)
             .await?;
     }
-    Ok(Ok(credential.project_id))
+    Ok(Ok(()))
 }
 
 /// `YYYYMMDDTHHMMSSZ` (UTC) as a timestamp.

@@ -280,6 +280,7 @@ pub async fn delete(state: &AppState, project_id: &str, device_id: &str) -> Resu
     devices::Entity::delete_by_id(device_id.to_owned())
         .exec(&state.db)
         .await?;
+    state.driver.disconnect(device_id);
     tracing::info!(device_id, "device deleted");
     Ok(())
 }
@@ -310,6 +311,10 @@ pub async fn set_frozen(
     row.status = Set(status.as_str().to_owned());
     row.updated_at = Set(state.clock.now().as_millis());
     let device = row.update(&state.db).await?;
+    if frozen {
+        // A frozen device must not stay connected (its login is refused from now on).
+        state.driver.disconnect(device_id);
+    }
     tracing::info!(device_id, frozen, "device frozen state changed");
     Ok(device)
 }

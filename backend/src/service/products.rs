@@ -27,6 +27,8 @@ pub struct NewProduct {
     pub industry: String,
     /// Description (up to 128 characters).
     pub description: String,
+    /// The product model's services (a JSON list), kept as given.
+    pub service_capabilities: Option<serde_json::Value>,
 }
 
 /// Creates a product in `project_id`'s default resource space.
@@ -71,7 +73,7 @@ pub async fn create(
         )?),
         industry: Set(text::bounded("industry", &new.industry, 64, false)?),
         description: Set(text::bounded("description", &new.description, 128, false)?),
-        service_capabilities: Set("[]".to_owned()),
+        service_capabilities: Set(capabilities(new.service_capabilities.as_ref())?),
         created_at: Set(now.as_millis()),
         updated_at: Set(now.as_millis()),
     }
@@ -159,6 +161,8 @@ pub struct ProductUpdate {
     pub industry: Option<String>,
     /// Up to 128 characters.
     pub description: Option<String>,
+    /// The product model's services (a JSON list), kept as given.
+    pub service_capabilities: Option<serde_json::Value>,
 }
 
 /// Updates a product.
@@ -203,6 +207,9 @@ pub async fn update(
     if let Some(v) = &change.description {
         row.description = Set(text::bounded("description", v, 128, false)?);
     }
+    if change.service_capabilities.is_some() {
+        row.service_capabilities = Set(capabilities(change.service_capabilities.as_ref())?);
+    }
     row.updated_at = Set(state.clock.now().as_millis());
     Ok(row.update(&state.db).await?)
 }
@@ -238,4 +245,27 @@ pub async fn delete(state: &AppState, project_id: &str, product_id: &str) -> Res
         .await?;
     tracing::info!(product_id, "product deleted");
     Ok(())
+}
+
+/// `service_capabilities` as stored: a JSON list of at most 500 services and 500 KB.
+fn capabilities(v: Option<&serde_json::Value>) -> Result<String> {
+    match v {
+        None => Ok("[]".to_owned()),
+        Some(serde_json::Value::Array(items)) if items.len() <= 500 => {
+            let json = serde_json::Value::Array(items.clone()).to_string();
+            if json.len() > 500 * 1024 {
+                return Err(domain::ValidationError::new(
+                    "service_capabilities",
+                    "must be at most 500 KB of JSON",
+                )
+                .into());
+            }
+            Ok(json)
+        }
+        Some(_) => Err(domain::ValidationError::new(
+            "service_capabilities",
+            "must be a list of at most 500 services",
+        )
+        .into()),
+    }
 }

@@ -4,7 +4,6 @@
 
 pub mod api_credentials;
 pub mod applications;
-pub mod cursors;
 pub mod device_group_members;
 pub mod device_groups;
 pub mod device_messages;

@@ -209,6 +209,9 @@ pub enum Phase {
 /// What the driver tells the machine.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input<'a> {
+    /// The task begins: starts a subtask that has not started, and nothing else (a subtask stopped
+    /// meanwhile stays stopped).
+    Begin,
     /// Start: the task begins, or an operator retries a failed device.
     Start,
     /// The device connected.
@@ -342,6 +345,8 @@ impl Subtask {
             _ => {}
         }
         match (&self.phase, input) {
+            (Phase::Pending, Input::Begin) => self.begin_attempt(now, plan),
+            (_, Input::Begin) => Vec::new(),
             (
                 Phase::Pending | Phase::Failed { .. } | Phase::RetryWait { .. } | Phase::Stopped,
                 Input::Start,
@@ -556,6 +561,22 @@ mod tests {
         assert_eq!(s.handle(T0, plan, Input::Start), [Effect::SendVersionQuery]);
         assert_eq!(s.handle(T0, plan, report("1.0")), [Effect::SendUpgrade]);
         s
+    }
+
+    #[test]
+    fn begin_starts_only_a_subtask_that_has_not_started() {
+        let p = plan();
+        let mut s = Subtask::new(true);
+        assert_eq!(s.handle(T0, &p, Input::Begin), [Effect::SendVersionQuery]);
+        let mut stopped = Subtask::new(true);
+        stopped.handle(T0, &p, Input::Stop);
+        assert!(stopped.handle(T0, &p, Input::Begin).is_empty());
+        assert_eq!(
+            stopped.phase,
+            Phase::Stopped,
+            "a stop is not undone by a late begin"
+        );
+        assert!(s.handle(T0, &p, Input::Begin).is_empty(), "begun once");
     }
 
     #[test]

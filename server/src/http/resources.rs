@@ -24,6 +24,9 @@ use super::signed::Caller;
 
 type Ext = Option<axum::Extension<Caller>>;
 
+/// IoTDA's default `marker`: start from the newest record.
+const DEFAULT_MARKER: &str = "ffffffffffffffffffffffff";
+
 fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, IotdaError> {
     b.map(|Json(v)| v)
         .map_err(|e| IotdaError::bad_request(e.body_text()))
@@ -32,7 +35,13 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, IotdaError> {
 /// IoTDA paging for ids that are not 24 hex digits: `limit` 1-50, `offset` 0-500, `marker` an id.
 fn paging(q: &ListParams, max_marker: usize) -> Result<(Page, ListOrder), IotdaError> {
     let (page, _) = super::packages::paging(q.limit.as_deref(), q.offset.as_deref(), None)?;
-    let marker = match q.marker.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+    // IoTDA's documented default marker means "from the start".
+    let marker = match q
+        .marker
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty() && !m.eq_ignore_ascii_case(DEFAULT_MARKER))
+    {
         None => None,
         Some(m)
             if m.len() <= max_marker
@@ -730,18 +739,6 @@ impl ProductJson {
     }
 }
 
-/// `service_capabilities` must be a list (their content is the product model, which Updraft keeps
-/// as given but does not use).
-fn check_capabilities(v: Option<&Value>) -> Result<(), IotdaError> {
-    match v {
-        None => Ok(()),
-        Some(Value::Array(items)) if items.len() <= 500 => Ok(()),
-        Some(_) => Err(IotdaError::bad_request(
-            "service_capabilities: must be a list of at most 500 services",
-        )),
-    }
-}
-
 /// `POST /v5/iot/{project_id}/products`: 201.
 pub(super) async fn add_product(
     State(state): State<ServerState>,
@@ -752,7 +749,6 @@ pub(super) async fn add_product(
     let project_id = project(caller.as_deref(), &project_id)?;
     let b = body(b)?;
     check_app(&state, &project_id, b.app_id.as_deref()).await?;
-    check_capabilities(b.service_capabilities.as_ref())?;
     let p = products::create(
         &state.app,
         &project_id,
@@ -765,6 +761,7 @@ pub(super) async fn add_product(
             manufacturer_name: b.manufacturer_name.unwrap_or_default(),
             industry: b.industry.unwrap_or_default(),
             description: b.description.unwrap_or_default(),
+            service_capabilities: b.service_capabilities,
         },
     )
     .await?;
@@ -843,7 +840,6 @@ pub(super) async fn update_product(
     let project_id = project(caller.as_deref(), &project_id)?;
     let b = body(b)?;
     check_app(&state, &project_id, b.app_id.as_deref()).await?;
-    check_capabilities(b.service_capabilities.as_ref())?;
     let p = products::update(
         &state.app,
         &project_id,
@@ -856,6 +852,7 @@ pub(super) async fn update_product(
             manufacturer_name: b.manufacturer_name,
             industry: b.industry,
             description: b.description,
+            service_capabilities: b.service_capabilities,
         },
     )
     .await?;

@@ -19,6 +19,9 @@ use super::iotda::IotdaError;
 /// Multipart uploads are signed with `UNSIGNED-PAYLOAD` and stream instead.
 const MAX_SIGNED_BODY: usize = 16 * 1024 * 1024;
 
+/// How long a signed request's body may take to arrive (it is read before the handler's timeout).
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Who is calling the `/v5` API, set by the session or signature check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Caller {
@@ -39,7 +42,8 @@ fn path_project(path: &str) -> Option<&str> {
     segments.next().filter(|p| !p.is_empty())
 }
 
-/// Checks a signed request; on success the request (its body restored) carries a [`Caller`].
+/// Checks a signed request; on success the request (its body restored) carries a [`Caller`]. The key,
+/// date and project are checked before the body is read, so unauthenticated bodies are never buffered.
 pub(super) async fn authenticate(state: &ServerState, req: Request) -> Result<Request, Response> {
     let (mut parts, body) = req.into_parts();
     let text = |name: &str| -> Option<String> {
@@ -49,6 +53,32 @@ pub(super) async fn authenticate(state: &ServerState, req: Request) -> Result<Re
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
             .map(str::to_owned)
     };
+    let Some(authorization) = text("authorization") else {
+        return Err(unauthorized("Authorization is not valid UTF-8"));
+    };
+    let skew = state.app.settings.api_signature_skew;
+    let sdk_date = text("x-sdk-date");
+    let active =
+        match credentials::admit(&state.app, &authorization, sdk_date.as_deref(), skew).await {
+            Ok(Ok(active)) => active,
+            Ok(Err(refusal)) => return Err(refused(&refusal, parts.uri.path())),
+            Err(e) => return Err(IotdaError::from(e).into_response()),
+        };
+    for claimed in [
+        text("x-project-id").as_deref(),
+        path_project(parts.uri.path()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if claimed != active.project_id {
+            return Err(refused(
+                &Refusal::Project(claimed.to_owned()),
+                parts.uri.path(),
+            ));
+        }
+    }
+
     let declared = text("x-sdk-content-sha256");
     let multipart = text("content-type").is_some_and(|t| {
         t.trim_start()
@@ -64,14 +94,17 @@ pub(super) async fn authenticate(state: &ServerState, req: Request) -> Result<Re
         }
         (body, UNSIGNED_PAYLOAD.to_owned())
     } else {
-        let bytes = axum::body::to_bytes(body, MAX_SIGNED_BODY)
-            .await
-            .map_err(|_| {
-                IotdaError::too_large(format!(
+        let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_SIGNED_BODY));
+        let bytes = match read.await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(_)) => {
+                return Err(IotdaError::too_large(format!(
                     "a signed request body may be at most {MAX_SIGNED_BODY} bytes"
                 ))
-                .into_response()
-            })?;
+                .into_response());
+            }
+            Err(_) => return Err(unauthorized("the request body did not arrive in time")),
+        };
         let actual = apisign::payload_hash(&bytes, None);
         if let Some(d) = declared.as_deref()
             && !bytes.is_empty()
@@ -83,14 +116,17 @@ pub(super) async fn authenticate(state: &ServerState, req: Request) -> Result<Re
         }
         (Body::from(bytes), actual)
     };
-    let Some(authorization) = text("authorization") else {
-        return Err(unauthorized("Authorization is not valid UTF-8"));
-    };
+    // HTTP/2 carries the host in the URI (`:authority`), not in a Host header.
+    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     let lookup = |name: &str| {
-        parts
+        let value = parts
             .headers
             .get(name)
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok());
+        if value.is_none() && name == "host" {
+            return authority.as_deref();
+        }
+        value
     };
     let signed = apisign::Request {
         method: parts.method.as_str(),
@@ -99,35 +135,21 @@ pub(super) async fn authenticate(state: &ServerState, req: Request) -> Result<Re
         header: &lookup,
         payload_hash: &payload_hash,
     };
-    let skew = state.app.settings.api_signature_skew;
-    let project_id = match credentials::authenticate(&state.app, &authorization, &signed, skew)
-        .await
-    {
-        Ok(Ok(project_id)) => project_id,
-        Ok(Err(refusal)) => {
-            tracing::info!(reason = %refusal, path = %parts.uri.path(), "signed request refused");
-            return Err(unauthorized(&refusal.to_string()));
-        }
+    match credentials::verify(&state.app, &active, &authorization, &signed).await {
+        Ok(Ok(())) => {}
+        Ok(Err(refusal)) => return Err(refused(&refusal, parts.uri.path())),
         Err(e) => return Err(IotdaError::from(e).into_response()),
-    };
-    let project_header = text("x-project-id");
-    for claimed in [project_header.as_deref(), path_project(parts.uri.path())]
-        .into_iter()
-        .flatten()
-    {
-        if claimed != project_id {
-            let refusal = Refusal::Project(claimed.to_owned());
-            return Err(unauthorized(&refusal.to_string()));
-        }
     }
-    let access_key = apisign::Authorization::parse(&authorization)
-        .ok()
-        .map(|a| a.access_key.to_owned());
     parts.extensions.insert(Caller {
-        project_id,
-        access_key,
+        project_id: active.project_id.clone(),
+        access_key: Some(active.access_key.clone()),
     });
     Ok(Request::from_parts(parts, body))
+}
+
+fn refused(refusal: &Refusal, path: &str) -> Response {
+    tracing::info!(reason = %refusal, path, "signed request refused");
+    unauthorized(&refusal.to_string())
 }
 
 fn unauthorized(message: &str) -> Response {

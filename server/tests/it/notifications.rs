@@ -28,12 +28,19 @@ struct Received {
 
 impl Received {
     fn accepted(&self) -> Vec<(HeaderMap, Value)> {
+        self.accepted_raw()
+            .into_iter()
+            .map(|(h, b)| (h, serde_json::from_slice(&b).unwrap()))
+            .collect()
+    }
+
+    fn accepted_raw(&self) -> Vec<(HeaderMap, Vec<u8>)> {
         self.posts
             .lock()
             .unwrap()
             .iter()
             .filter(|(_, _, ok)| *ok)
-            .map(|(h, b, _)| (h.clone(), serde_json::from_slice(b).unwrap()))
+            .map(|(h, b, _)| (h.clone(), b.clone()))
             .collect()
     }
 
@@ -92,16 +99,16 @@ async fn receiver() -> (SocketAddr, Arc<Received>, Vec<u8>) {
     (addr, received, cert_pem.into_bytes())
 }
 
-fn verify(secret: &str, headers: &HeaderMap, body: &Value) -> bool {
+/// Checks `X-Updraft-Signature` over the raw bytes received, as a receiver must.
+fn verify(secret: &str, headers: &HeaderMap, raw: &[u8]) -> bool {
     let sig = headers["x-updraft-signature"].to_str().unwrap();
     let (t, v1) = sig
         .strip_prefix("t=")
         .and_then(|s| s.split_once(",v1="))
         .unwrap();
-    let raw = serde_json::to_vec(body).unwrap();
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{t}.").as_bytes());
-    mac.update(&raw);
+    mac.update(raw);
     hex::encode(mac.finalize().into_bytes()) == v1
 }
 
@@ -256,8 +263,16 @@ async fn notifications_are_signed_retried_in_order_and_survive_a_restart() {
         })
         .collect();
     assert_eq!(statuses, want, "in order, each once");
+    for (headers, raw) in received.accepted_raw() {
+        assert!(verify(&secret, &headers, &raw), "signed with the secret");
+        assert!(!verify("another secret", &headers, &raw));
+    }
+    let ids: std::collections::HashSet<String> = got
+        .iter()
+        .map(|(h, _)| h["x-updraft-delivery"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), got.len(), "each delivery once");
     for (headers, body) in &got {
-        assert!(verify(&secret, headers, body), "signed with the secret");
         assert_eq!(body["resource"], "batchtask");
         assert_eq!(body["event"], "update");
         assert_eq!(body["notify_data"]["body"]["task_id"], task.id.as_str());

@@ -22,7 +22,7 @@ export UPDRAFT_HTTP__LISTEN="127.0.0.1:$(free_port)"
 export UPDRAFT_MQTT__LISTEN="127.0.0.1:$(free_port)"
 export UPDRAFT_MQTT__TLS_LISTEN="127.0.0.1:$(free_port)"
 export UPDRAFT_ADMIN__PASSWORD="bench-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
-export UPDRAFT_LOG__FILTER=warn
+export UPDRAFT_LOG__FILTER="${UPDRAFT_LOG__FILTER:-warn}"
 SERVER_PID=""; SIM_PID=""
 cleanup() {
   [ -n "$SIM_PID" ] && kill "$SIM_PID" 2>/dev/null || true

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use protocol::mqtt_auth::{ClientId, SigType, verify_password};
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
@@ -123,12 +123,18 @@ struct SessionHandle {
     id: u64,
     kick: CancellationToken,
     done: Arc<tokio::sync::Notify>,
+    /// The device's system-topic downlinks, written to it by its session.
+    down: tokio::sync::mpsc::Sender<Bytes>,
 }
+
+/// Downlinks queued per session before it drops them (a device this far behind will be asked again).
+const DOWN_QUEUE: usize = 64;
 
 /// Publishes the driver's messages through the platform link.
 struct RouterDownlink {
-    tx: Mutex<LinkTx>,
-    /// The sessions, to end one (weak: the context owns the state that owns this downlink).
+    /// The platform link's sending half, kept open for the link's lifetime.
+    _link: Mutex<LinkTx>,
+    /// The sessions (weak: the context owns the state that owns this downlink).
     ctx: std::sync::Weak<Ctx>,
 }
 
@@ -147,15 +153,21 @@ impl Downlink for RouterDownlink {
         }
     }
 
+    /// Hands the message straight to the device's session. System-topic downlinks do not go through
+    /// the router: rumqttd matches a new topic against every subscription filter, so one filter per
+    /// device made each device's first message cost O(devices), and a fleet's O(devices²).
     fn publish(&self, device_id: &str, payload: Vec<u8>) {
-        let topic = protocol::ota::down_topic(device_id);
-        let mut tx = self
-            .tx
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // The router drains its queue in microseconds; a full queue blocks here only briefly.
-        if let Err(e) = tx.publish(internal(&topic).to_owned(), payload) {
-            tracing::warn!(device_id, error.message = %e, "mqtt: publishing to the router failed");
+        let Some(ctx) = self.ctx.upgrade() else {
+            return;
+        };
+        let sender = lock(&ctx.sessions).get(device_id).map(|s| s.down.clone());
+        match sender.map(|s| s.try_send(Bytes::from(payload))) {
+            // Not connected: like MQTT QoS 0, the message is not kept; the machine re-sends.
+            None => tracing::debug!(device_id, "mqtt: downlink for a device not connected"),
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                tracing::warn!(device_id, error.message = %e, "mqtt: downlink dropped (session backlog)");
+            }
         }
     }
 }
@@ -210,7 +222,7 @@ impl MqttEndpoint {
             connections: AtomicUsize::new(0),
         });
         state.driver.set_downlink(Arc::new(RouterDownlink {
-            tx: Mutex::new(tx),
+            _link: Mutex::new(tx),
             ctx: Arc::downgrade(&ctx),
         }));
         tokio::spawn(uplinks(state, rx, events_rx));
@@ -487,6 +499,7 @@ where
     let id = ctx.next_session.fetch_add(1, Ordering::Relaxed);
     let kick = CancellationToken::new();
     let done = Arc::new(tokio::sync::Notify::new());
+    let (down_tx, mut down_rx) = tokio::sync::mpsc::channel(DOWN_QUEUE);
     let previous = {
         let mut sessions = lock(&ctx.sessions);
         sessions.insert(
@@ -495,6 +508,7 @@ where
                 id,
                 kick: kick.clone(),
                 done: done.clone(),
+                down: down_tx,
             },
         )
     };
@@ -505,7 +519,17 @@ where
     }
 
     let end = run_session(
-        ctx, &device_id, &connect, &mut rd, &mut wr, &mut buf, &kick, &stop,
+        ctx,
+        &device_id,
+        &connect,
+        Io {
+            rd: &mut rd,
+            wr: &mut wr,
+            buf: &mut buf,
+        },
+        &mut down_rx,
+        &kick,
+        &stop,
     )
     .await;
 
@@ -529,14 +553,19 @@ where
     let _ = wr.shutdown().await;
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A session's socket halves and read buffer.
+struct Io<'a, R, W> {
+    rd: &'a mut R,
+    wr: &'a mut W,
+    buf: &'a mut BytesMut,
+}
+
 async fn run_session<R, W>(
     ctx: &Arc<Ctx>,
     device_id: &str,
     connect: &rumqttc::mqttbytes::v4::Connect,
-    rd: &mut R,
-    wr: &mut W,
-    buf: &mut BytesMut,
+    io: Io<'_, R, W>,
+    down_rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
     kick: &CancellationToken,
     stop: &CancellationToken,
 ) -> End
@@ -544,19 +573,17 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Io { rd, wr, buf } = io;
     let max = ctx.settings.max_packet_size;
     let down = protocol::ota::down_topic(device_id);
     // rumqttd's link set-up blocks (it waits on the router thread's reply): keep it off the async workers,
     // or a burst of logins stalls every connection.
+    // The system down topic is not subscribed in the router: the driver hands those messages to the
+    // session directly (see `RouterDownlink::publish`).
     let linked = {
-        let (ctx, id, filter) = (
-            ctx.clone(),
-            device_id.to_owned(),
-            internal(&down).to_owned(),
-        );
+        let (ctx, id) = (ctx.clone(), device_id.to_owned());
         tokio::task::spawn_blocking(move || {
-            let (mut tx, rx) = ctx.broker.link(&id).map_err(|e| e.to_string())?;
-            tx.subscribe(filter).map_err(|e| e.to_string())?;
+            let (tx, rx) = ctx.broker.link(&id).map_err(|e| e.to_string())?;
             Ok::<_, String>((tx, rx))
         })
         .await
@@ -622,6 +649,12 @@ where
                     }
                     Ok(Reply::Disconnect) => break End::Disconnect,
                     Err(end) => break end,
+                }
+            }
+            Some(payload) = down_rx.recv() => {
+                let out = Publish::from_bytes(down.clone(), QoS::AtMostOnce, payload);
+                if let Err(e) = write(wr, Packet::Publish(out), max).await {
+                    break End::Io(e);
                 }
             }
             n = rx.next() => match n {

@@ -1,5 +1,6 @@
 //! The HTTPS surface: health checks, console sign-in, the server-rendered console with its server
-//! functions, and the static bundle under `/pkg`.
+//! functions, the static bundle under `/pkg`, the application API under `/v5/iot` with its OpenAPI
+//! document (`/v5/openapi.json`), and package downloads.
 //!
 //! Request flow: request id → trace span → security headers → same-origin check (unsafe methods) →
 //! session check → handler.
@@ -9,6 +10,7 @@ mod batchtasks;
 mod download;
 mod health;
 pub mod iotda;
+mod openapi;
 mod packages;
 mod resources;
 mod signed;
@@ -193,7 +195,8 @@ pub fn router(state: ServerState) -> Router {
             "/v5/iot/{project_id}/subscriptions/{subscription_id}/deliveries",
             get(subscriptions::deliveries).layer(timeout),
         )
-        .route("/download/{*path}", get(download::download));
+        .route("/download/{*path}", get(download::download))
+        .route("/v5/openapi.json", get(openapi::document).layer(timeout));
 
     api.merge(console)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_session))

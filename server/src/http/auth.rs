@@ -126,7 +126,7 @@ pub(super) async fn logout(State(state): State<ServerState>, jar: CookieJar) -> 
 fn is_public(path: &str) -> bool {
     matches!(
         path,
-        "/healthz" | "/readyz" | "/login" | "/auth/login" | "/favicon.ico"
+        "/healthz" | "/readyz" | "/login" | "/auth/login" | "/favicon.ico" | "/v5/openapi.json"
     ) || path.starts_with("/pkg/")
         || path.starts_with("/download/")
 }
@@ -250,6 +250,13 @@ mod tests {
         assert_eq!(safe_next("/\\evil.example"), "/devices");
         assert_eq!(safe_next("https://evil.example"), "/devices");
         assert_eq!(safe_next(""), "/devices");
+    }
+
+    #[test]
+    fn the_api_document_is_public_and_the_api_is_not() {
+        assert!(is_public("/v5/openapi.json"));
+        assert!(!is_public("/v5/iot/p1/batchtasks"));
+        assert!(!is_public("/v5/openapi.json/x"));
     }
 
     #[test]

@@ -13,56 +13,79 @@ use domain::task::{SubtaskStatus, TaskStatus, TaskType};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
 use super::ServerState;
-use super::iotda::IotdaError;
+use super::iotda::{IotdaError, IotdaErrorBody};
 use super::packages::{PageInfo, paging, project};
 
 /// IoTDA's `TaskPolicy`.
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 pub(crate) struct TaskPolicy {
+    /// When to start (`yyyyMMddTHHmmssZ`, UTC); absent: at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     schedule_time: Option<String>,
+    /// Extra attempts for a device that failed, 0-5 (with `retry_interval`; absent: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     retry_count: Option<i64>,
+    /// Minutes before each extra attempt, 1-1440 (with `retry_count`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     retry_interval: Option<i64>,
 }
 
 /// IoTDA's `CreateBatchTask` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreateBatchTask)]
 pub(crate) struct CreateBody {
+    /// The resource space; when given, the project's default one.
     #[serde(default)]
     app_id: Option<String>,
+    /// The task's name: at most 128 letters, digits, `_` or CJK characters.
     task_name: String,
+    /// `softwareUpgrade` or `firmwareUpgrade`.
     task_type: String,
+    /// Not supported (gateway mode): must be absent or empty.
     #[serde(default)]
     task_mode: Option<String>,
+    /// Not supported: must be absent or `false`.
     #[serde(default)]
     need_confirm: Option<bool>,
+    /// Free-form data kept with the task (at most 512 characters as JSON).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     task_ext_info: Option<Value>,
+    /// The devices to upgrade (or `targets_filter`).
     #[serde(default)]
     targets: Option<Vec<String>>,
+    /// The groups whose devices to upgrade, resolved when the task starts (or `targets`).
     #[serde(default)]
     targets_filter: Option<TargetsFilterBody>,
+    /// The package to upgrade to (required).
     #[serde(default)]
     document: Option<DocumentBody>,
+    /// Schedule and retries.
     #[serde(default)]
     task_policy: Option<TaskPolicy>,
+    /// Not supported (task files): must be absent.
     #[serde(default)]
     document_source: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `targets_filter`: the groups whose devices a task upgrades.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(as = TargetsFilter)]
 pub(crate) struct TargetsFilterBody {
+    /// Device group ids.
     #[serde(default)]
     group_ids: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `document`: the package an upgrade task installs.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(as = UpgradeDocument)]
 pub(crate) struct DocumentBody {
+    /// Exactly one package id.
     #[serde(default)]
     package_ids: Vec<String>,
     /// The older spelling of the response docstring; accepted too.
@@ -70,25 +93,81 @@ pub(crate) struct DocumentBody {
     package_id: Option<String>,
 }
 
-/// IoTDA's `TaskProgress` + `Task`.
-#[derive(Debug, Serialize)]
+/// IoTDA's `task_progress`: subtask counts by status.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = TaskProgress)]
+pub(crate) struct TaskProgressJson {
+    /// All subtasks.
+    total: u64,
+    /// Running.
+    processing: u64,
+    /// Succeeded.
+    success: u64,
+    /// Failed.
+    fail: u64,
+    /// Waiting (IoTDA's spelling).
+    waitting: u64,
+    /// Failed, retry due.
+    fail_wait_retry: u64,
+    /// Stopped.
+    stopped: u64,
+    /// Removed.
+    removed: u64,
+}
+
+impl From<domain::task::TaskProgress> for TaskProgressJson {
+    fn from(p: domain::task::TaskProgress) -> Self {
+        Self {
+            total: p.total,
+            processing: p.processing,
+            success: p.success,
+            fail: p.fail,
+            waitting: p.waitting,
+            fail_wait_retry: p.fail_wait_retry,
+            stopped: p.stopped,
+            removed: p.removed,
+        }
+    }
+}
+
+/// IoTDA's `Task` with its `TaskProgress`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Task)]
 pub(crate) struct TaskJson {
+    /// The task's id.
     task_id: String,
+    /// Its name.
     task_name: String,
+    /// `softwareUpgrade` or `firmwareUpgrade`.
     task_type: String,
+    /// Never set (gateway mode is not supported).
     #[serde(skip_serializing_if = "Option::is_none")]
     task_mode: Option<String>,
+    /// Always `false`.
     need_confirm: bool,
+    /// The free-form data given at creation.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     task_ext_info: Option<Value>,
+    /// The devices named at creation (empty for a group task).
     targets: Vec<String>,
+    /// The groups given at creation (`{"group_ids": [...]}`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     targets_filter: Option<Value>,
+    /// The package (`{"package_ids": [...]}`).
+    #[schema(value_type = Object)]
     document: Value,
+    /// Schedule and retries.
     task_policy: TaskPolicy,
+    /// `Initializing`, `Waitting`, `Processing`, `Success`, `Fail`, `PartialSuccess`, `Stopping` or
+    /// `Stopped`.
     status: String,
+    /// Why the task has its status.
     status_desc: String,
-    task_progress: domain::task::TaskProgress,
+    /// Subtask counts by status.
+    task_progress: TaskProgressJson,
+    /// When it was created (`yyyyMMddTHHmmssZ`, UTC).
     create_time: String,
 }
 
@@ -96,7 +175,7 @@ impl TaskJson {
     fn new(t: task_rows::Model, targets: Vec<String>) -> Self {
         let json = |s: Option<&str>| s.and_then(|s| serde_json::from_str::<Value>(s).ok());
         Self {
-            task_progress: backend::driver::progress_of(&t),
+            task_progress: backend::driver::progress_of(&t).into(),
             task_ext_info: json(t.task_ext_info.as_deref()),
             targets_filter: json(t.targets_filter.as_deref()),
             document: json(Some(&t.document)).unwrap_or(Value::Null),
@@ -121,6 +200,24 @@ impl TaskJson {
 }
 
 /// `POST /v5/iot/{project_id}/batchtasks`.
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/batchtasks",
+    operation_id = "CreateBatchTask",
+    tag = "batchtasks",
+    summary = "Create an upgrade task",
+    description = "A `softwareUpgrade` or `firmwareUpgrade` task for `targets` (device ids) or \
+                   `targets_filter.group_ids`, installing `document.package_ids[0]`; it starts at once \
+                   unless `task_policy.schedule_time` is given.",
+    params(("project_id" = String, Path, description = "The project.")),
+    request_body(content = CreateBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The task.", body = TaskJson),
+        (status = 400, description = "Invalid input; the message names the field.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project, package or group.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn create(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
@@ -216,29 +313,59 @@ async fn targets_of(
 }
 
 /// `ListBatchTasks` query parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
+    /// Required: `softwareUpgrade` or `firmwareUpgrade`.
     #[serde(default)]
+    #[param(required = true)]
     task_type: Option<String>,
+    /// Only tasks with this status (`Initializing`, `Waitting`, `Processing`, `Success`, `Fail`,
+    /// `PartialSuccess`, `Stopping`, `Stopped`).
     #[serde(default)]
     status: Option<String>,
+    /// Accepted for compatibility; ignored (a project has one resource space).
     #[serde(default)]
     app_id: Option<String>,
+    /// Page size, 1-50 (default 10).
     #[serde(default)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 50)]
     limit: Option<String>,
+    /// The `page.marker` of the previous page (24 hex digits): records after it, by descending id.
     #[serde(default)]
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
     marker: Option<String>,
+    /// Records to skip after the marker, 0-500 (default 0).
     #[serde(default)]
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 500)]
     offset: Option<String>,
 }
 
-#[derive(Serialize)]
+/// `ListBatchTasks`' answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ListBatchTasksResponse)]
 struct ListBody {
+    /// This page's tasks, newest first.
     batchtasks: Vec<TaskJson>,
+    /// Paging.
     page: PageInfo,
 }
 
 /// `GET /v5/iot/{project_id}/batchtasks?task_type=...`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/batchtasks",
+    operation_id = "ListBatchTasks",
+    tag = "batchtasks",
+    summary = "List tasks of a type",
+    params(("project_id" = String, Path, description = "The project."), ListQuery),
+    responses(
+        (status = 200, description = "A page of tasks.", body = ListBody),
+        (status = 400, description = "No or an unknown `task_type`, or an invalid filter or paging parameter.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn list(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
@@ -286,51 +413,97 @@ pub(super) async fn list(
     .into_response())
 }
 
-/// `ShowBatchTask` query parameters.
-#[derive(Debug, Deserialize)]
+/// `ShowBatchTask` query parameters: which of the task's devices to show.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ShowQuery {
+    /// Only devices with this status (`Waitting`, `Processing`, `Success`, `Fail`, `FailWaitRetry`,
+    /// `Stopped`, `Removed`).
     #[serde(default)]
     task_detail_status: Option<String>,
+    /// Only this device.
     #[serde(default)]
     target: Option<String>,
+    /// Page size, 1-50 (default 10).
     #[serde(default)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 50)]
     limit: Option<String>,
+    /// Accepted for compatibility; ignored (this list pages with `offset`).
     #[serde(default)]
     marker: Option<String>,
+    /// Devices to skip, 0-500 (default 0).
     #[serde(default)]
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 500)]
     offset: Option<String>,
 }
 
-#[derive(Serialize)]
+/// Why a device's upgrade failed.
+#[derive(Serialize, ToSchema)]
+#[schema(as = TaskDetailError)]
 struct ErrorInfo {
+    /// A code for the failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     error_code: Option<String>,
+    /// The failure in words.
     #[serde(skip_serializing_if = "Option::is_none")]
     error_msg: Option<String>,
 }
 
 /// IoTDA's `TaskDetail`, plus Updraft's `step`, `progress`, `attempts` and `source_version`.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = TaskDetail)]
 struct DetailJson {
+    /// The device id.
     target: String,
+    /// `Waitting`, `Processing`, `Success`, `Fail`, `FailWaitRetry`, `Stopped` or `Removed`.
     status: String,
+    /// What the device reported.
     output: String,
+    /// Why it failed (empty unless it did).
     error: ErrorInfo,
+    /// Where the upgrade is: `pending`, `wait_online`, `version_query`, `upgrading`, `retry_wait` or
+    /// `done` (Updraft's).
     step: String,
+    /// Upgrade progress in percent, as the device reports it (Updraft's).
     progress: i32,
+    /// Attempts so far (Updraft's).
     attempts: i32,
+    /// The version the device reported when asked, before upgrading (Updraft's).
     #[serde(skip_serializing_if = "Option::is_none")]
     source_version: Option<String>,
 }
 
-#[derive(Serialize)]
+/// `ShowBatchTask`'s answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ShowBatchTaskResponse)]
 struct ShowBody {
+    /// The task.
     batchtask: TaskJson,
+    /// This page of its devices.
     task_details: Vec<DetailJson>,
+    /// Paging over the devices.
     page: PageInfo,
 }
 
 /// `GET /v5/iot/{project_id}/batchtasks/{task_id}`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/batchtasks/{task_id}",
+    operation_id = "ShowBatchTask",
+    tag = "batchtasks",
+    summary = "Show a task and a page of its devices",
+    params(
+        ("project_id" = String, Path, description = "The project."),
+        ("task_id" = String, Path, description = "The task."),
+        ShowQuery,
+    ),
+    responses(
+        (status = 200, description = "The task and a page of its devices' details.", body = ShowBody),
+        (status = 400, description = "An invalid filter or paging parameter.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or task.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn show(
     State(state): State<ServerState>,
     Path((project_id, task_id)): Path<(String, String)>,
@@ -385,16 +558,48 @@ pub(super) async fn show(
 }
 
 /// `BatchTargets`: an optional body for stop and retry.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = BatchTargets)]
 pub(super) struct TargetsBody {
+    /// Only these devices (at most 100); absent or empty: all of the task's devices.
     #[serde(default)]
     targets: Option<Vec<String>>,
 }
 
-#[derive(Serialize)]
+/// IoTDA's `BatchTargetResult`: the outcome of a stop or retry for one device.
+#[derive(Serialize, ToSchema)]
+#[schema(as = BatchTargetResult)]
+struct TargetResultJson {
+    /// The device id.
+    target: String,
+    /// `success` or `failure`.
+    status: &'static str,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<String>,
+    /// Why it failed, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_msg: Option<String>,
+}
+
+impl From<TargetResult> for TargetResultJson {
+    fn from(r: TargetResult) -> Self {
+        Self {
+            target: r.target,
+            status: r.status,
+            error_code: r.error_code,
+            error_msg: r.error_msg,
+        }
+    }
+}
+
+/// The answer of a stop or retry.
+#[derive(Serialize, ToSchema)]
+#[schema(as = BatchTargetsResponse)]
 struct TargetsResult {
-    targets: Vec<TargetResult>,
+    /// One outcome per device.
+    targets: Vec<TargetResultJson>,
 }
 
 /// An optional JSON body: absent or empty means `{}` (the SDK sends nothing when the caller gives none).
@@ -427,10 +632,34 @@ async fn command(
         Command::Stop => tasks::stop(app, &project_id, &task_id, targets).await?,
         Command::Retry => tasks::retry(app, &project_id, &task_id, targets).await?,
     };
+    let targets = targets.into_iter().map(TargetResultJson::from).collect();
     Ok(Json(TargetsResult { targets }).into_response())
 }
 
 /// `POST /v5/iot/{project_id}/batchtasks/{task_id}/stop`.
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/batchtasks/{task_id}/stop",
+    operation_id = "StopBatchTask",
+    tag = "batchtasks",
+    summary = "Stop a task, or some of its devices",
+    params(
+        ("project_id" = String, Path, description = "The project."),
+        ("task_id" = String, Path, description = "The task."),
+    ),
+    request_body(
+        content = Option<TargetsBody>,
+        content_type = "application/json",
+        description = "Optional: without a body (or `targets`) the whole task stops.",
+    ),
+    responses(
+        (status = 200, description = "One outcome per device.", body = TargetsResult),
+        (status = 400, description = "An invalid body (more than 100 targets, unknown fields).", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or task.", body = IotdaErrorBody),
+        (status = 409, description = "The task has completed or is stopping.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn stop(
     State(state): State<ServerState>,
     Path(ids): Path<(String, String)>,
@@ -441,6 +670,29 @@ pub(super) async fn stop(
 }
 
 /// `POST /v5/iot/{project_id}/batchtasks/{task_id}/retry`.
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/batchtasks/{task_id}/retry",
+    operation_id = "RetryBatchTask",
+    tag = "batchtasks",
+    summary = "Retry a task's failed or stopped devices, or some of them",
+    params(
+        ("project_id" = String, Path, description = "The project."),
+        ("task_id" = String, Path, description = "The task."),
+    ),
+    request_body(
+        content = Option<TargetsBody>,
+        content_type = "application/json",
+        description = "Optional: without a body (or `targets`) every failed, retry-waiting or stopped device is retried.",
+    ),
+    responses(
+        (status = 200, description = "One outcome per device.", body = TargetsResult),
+        (status = 400, description = "An invalid body (more than 100 targets, unknown fields).", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or task.", body = IotdaErrorBody),
+        (status = 409, description = "The task is `Success`, `Stopped`, `Stopping`, `Waitting` or `Initializing`, or its package was deleted.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn retry(
     State(state): State<ServerState>,
     Path(ids): Path<(String, String)>,
@@ -451,6 +703,23 @@ pub(super) async fn retry(
 }
 
 /// `DELETE /v5/iot/{project_id}/batchtasks/{task_id}`.
+#[utoipa::path(
+    delete,
+    path = "/v5/iot/{project_id}/batchtasks/{task_id}",
+    operation_id = "DeleteBatchTask",
+    tag = "batchtasks",
+    summary = "Delete a completed task",
+    params(
+        ("project_id" = String, Path, description = "The project."),
+        ("task_id" = String, Path, description = "The task."),
+    ),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or task.", body = IotdaErrorBody),
+        (status = 409, description = "The task is still executing.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn delete(
     State(state): State<ServerState>,
     Path((project_id, task_id)): Path<(String, String)>,

@@ -18,6 +18,7 @@ use axum::Json;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 /// An error response in IoTDA's shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,10 +31,18 @@ pub struct IotdaError {
     pub message: String,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error_code: &'a str,
-    error_msg: &'a str,
+/// The body of every error response: what [`IotdaError`] answers, and its schema in the OpenAPI document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+pub struct IotdaErrorBody {
+    /// `IOTDA.xxxxxx`: `IOTDA.000006` invalid input, `IOTDA.000002` credentials, `IOTDA.000003` not allowed,
+    /// `IOTDA.000005` not found, `IOTDA.000007` conflict, `IOTDA.000008` too large, `IOTDA.000009`
+    /// unsupported `Content-Type`, `IOTDA.000010` bad `Range`, `IOTDA.000011` too many requests,
+    /// `IOTDA.000001` internal error.
+    #[schema(example = "IOTDA.000006")]
+    pub error_code: String,
+    /// What was wrong, in words (names the field for invalid input).
+    #[schema(example = "task_type is required")]
+    pub error_msg: String,
 }
 
 impl IotdaError {
@@ -110,9 +119,9 @@ impl From<backend::Error> for IotdaError {
 
 impl IntoResponse for IotdaError {
     fn into_response(self) -> Response {
-        let body = Body {
-            error_code: self.code,
-            error_msg: &self.message,
+        let body = IotdaErrorBody {
+            error_code: self.code.to_owned(),
+            error_msg: self.message,
         };
         (self.status, Json(body)).into_response()
     }

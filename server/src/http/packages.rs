@@ -19,9 +19,10 @@ use domain::Timestamp;
 use domain::package::{PackageMetaInput, PackageType};
 use http::{StatusCode, header};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::ServerState;
-use super::iotda::IotdaError;
+use super::iotda::{IotdaError, IotdaErrorBody};
 
 /// Checks that the caller works in the project the path names.
 /// The path's project, if it is the caller's. Another project is "not found", so ids do not leak.
@@ -36,72 +37,143 @@ pub(crate) fn project(caller: Option<&Caller>, project_id: &str) -> Result<Strin
     }
 }
 
-/// `obs_location`, as IoTDA spells it.
-#[derive(Debug, Default, Deserialize, Serialize)]
+/// `obs_location`, as IoTDA spells it: an object in the package bucket.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 pub(crate) struct ObsLocation {
+    /// The bucket's region (informational).
     #[serde(default)]
     region_name: String,
+    /// The bucket; must be the one Updraft stores packages in.
     #[serde(default)]
     bucket_name: String,
+    /// The object's key in the bucket.
     #[serde(default)]
     object_key: String,
+    /// How `sign` was computed: only `SHA256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sign_method: Option<String>,
+    /// The object's SHA-256 (hex); checked when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sign: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+/// Where a package's file is (`file_location`).
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 pub(crate) struct FileLocation {
+    /// The bucket object.
     #[serde(default)]
     obs_location: Option<ObsLocation>,
 }
 
 /// IoTDA's `CreateOtaPackage` body, plus Updraft's optional `file_name` and `segment_size`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreateOtaPackage)]
 struct CreateBody {
+    /// The resource space; when given, it must be the product's.
     #[serde(default)]
     app_id: Option<String>,
+    /// `softwarePackage` or `firmwarePackage`.
     package_type: String,
+    /// The product the package is for.
     product_id: String,
+    /// Not supported (OTA modules): a request with it is refused.
     #[serde(default)]
     module_name: Option<String>,
+    /// The version the package upgrades to.
     version: String,
+    /// The versions it may upgrade from (empty: any).
     #[serde(default)]
     support_source_versions: Vec<String>,
+    /// A description.
     #[serde(default)]
     description: String,
+    /// Passed to devices with the upgrade.
     #[serde(default)]
     custom_info: String,
+    /// The object in the bucket.
     file_location: FileLocation,
+    /// The file name devices download it as (default: the object key's last segment).
     #[serde(default)]
     file_name: String,
+    /// The PCP download segment size in bytes, 32-500 (default 500).
     #[serde(default)]
     segment_size: Option<u16>,
 }
 
+/// A multipart upload: the text fields first, then the `file` part, which is streamed to the store.
+// Only the schema: `upload` reads the parts one by one, as they arrive.
+#[derive(ToSchema)]
+#[schema(as = UploadOtaPackage)]
+#[expect(
+    dead_code,
+    reason = "the schema of a multipart body that is parsed part by part"
+)]
+struct UploadForm {
+    /// `softwarePackage` or `firmwarePackage`.
+    package_type: String,
+    /// The product the package is for.
+    product_id: String,
+    /// The version the package upgrades to.
+    version: String,
+    /// The versions it may upgrade from (empty: any): the field repeated, or comma-separated.
+    #[serde(default)]
+    support_source_versions: Vec<String>,
+    /// A description.
+    #[serde(default)]
+    description: String,
+    /// Passed to devices with the upgrade.
+    #[serde(default)]
+    custom_info: String,
+    /// The file name devices download it as (default: the `file` part's file name).
+    #[serde(default)]
+    file_name: String,
+    /// The PCP download segment size in bytes, 32-500 (default 500).
+    #[serde(default)]
+    segment_size: Option<u16>,
+    /// The package itself: the last part.
+    #[schema(format = Binary, content_media_type = "application/octet-stream")]
+    file: String,
+}
+
 /// A package as IoTDA returns it (`OtaPackageInfo`, with `file_location` on create and show), plus
 /// Updraft's `file_name`, `file_size`, `segment_size` and `source`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = OtaPackageInfo)]
 pub(crate) struct PackageJson {
+    /// The package's id.
     package_id: String,
+    /// The resource space.
     app_id: String,
+    /// `softwarePackage` or `firmwarePackage`.
     package_type: String,
+    /// The product.
     product_id: String,
+    /// The product's name.
     product_name: String,
+    /// Never set (OTA modules are not supported).
     #[serde(skip_serializing_if = "Option::is_none")]
     module_name: Option<String>,
+    /// The version it upgrades to.
     version: String,
+    /// The versions it may upgrade from (empty: any).
     support_source_versions: Vec<String>,
+    /// A description.
     description: String,
+    /// Passed to devices with the upgrade.
     custom_info: String,
+    /// When it was created (`yyyyMMddTHHmmssZ`, UTC).
     create_time: String,
+    /// Where the file is (on create and show, not in lists).
     #[serde(skip_serializing_if = "Option::is_none")]
     file_location: Option<FileLocation>,
+    /// The file name devices download it as.
     file_name: String,
+    /// The file's size in bytes.
     file_size: i64,
+    /// The PCP download segment size in bytes.
     segment_size: i32,
+    /// `upload` or `bucket`: how the file arrived.
     source: String,
 }
 
@@ -140,6 +212,33 @@ impl PackageJson {
 }
 
 /// `POST /v5/iot/{project_id}/ota-upgrades/packages`: JSON registers a bucket object, multipart uploads.
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/ota-upgrades/packages",
+    operation_id = "CreateOtaPackage",
+    tag = "packages",
+    summary = "Create a package",
+    description = "`application/json` registers an object already in the bucket (IoTDA's \
+                   CreateOtaPackage); `multipart/form-data` uploads the file: the text fields first, \
+                   then the `file` part, which is streamed to the store (sign it with `UNSIGNED-PAYLOAD`).",
+    params(("project_id" = String, Path, description = "The project.")),
+    request_body(
+        description = "A bucket location (JSON) or the file itself (multipart).",
+        content(
+            (CreateBody = "application/json"),
+            (UploadForm = "multipart/form-data"),
+        ),
+    ),
+    responses(
+        (status = 201, description = "The package, with its file location.", body = PackageJson),
+        (status = 400, description = "Invalid input; the message names the field.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or product.", body = IotdaErrorBody),
+        (status = 409, description = "The product already has a package of this type and version.", body = IotdaErrorBody),
+        (status = 413, description = "The file is larger than allowed.", body = IotdaErrorBody),
+        (status = 415, description = "Neither `application/json` nor `multipart/form-data`.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn create(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
@@ -285,35 +384,52 @@ async fn upload(
 }
 
 /// `ListOtaPackageInfo` query parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
+    /// Only this type: `softwarePackage` or `firmwarePackage`.
     #[serde(default)]
     package_type: Option<String>,
+    /// Only this product's packages.
     #[serde(default)]
     product_id: Option<String>,
+    /// Only this version.
     #[serde(default)]
     version: Option<String>,
+    /// Only this resource space.
     #[serde(default)]
     app_id: Option<String>,
+    /// Page size, 1-50 (default 10).
     #[serde(default)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 50)]
     limit: Option<String>,
+    /// The `page.marker` of the previous page (24 hex digits): records after it, by descending id.
     #[serde(default)]
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
     marker: Option<String>,
+    /// Records to skip after the marker, 0-500 (default 0).
     #[serde(default)]
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 500)]
     offset: Option<String>,
 }
 
-/// IoTDA's `page`.
-#[derive(Serialize)]
+/// IoTDA's `page` (`PageInfo`; `Page` elsewhere, the same shape).
+#[derive(Serialize, ToSchema)]
 pub(crate) struct PageInfo {
+    /// Every matching record, across pages.
     pub(crate) count: u64,
+    /// The id of this page's last record: the next page's `marker`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) marker: Option<String>,
 }
 
-#[derive(Serialize)]
+/// `ListOtaPackageInfo`'s answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ListOtaPackageInfoResponse)]
 struct ListBody {
+    /// This page's packages, newest first (without `file_location`).
     packages: Vec<PackageJson>,
+    /// Paging.
     page: PageInfo,
 }
 
@@ -358,6 +474,20 @@ pub(crate) fn paging(
 }
 
 /// `GET /v5/iot/{project_id}/ota-upgrades/packages`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/ota-upgrades/packages",
+    operation_id = "ListOtaPackageInfo",
+    tag = "packages",
+    summary = "List packages",
+    params(("project_id" = String, Path, description = "The project."), ListQuery),
+    responses(
+        (status = 200, description = "A page of packages.", body = ListBody),
+        (status = 400, description = "An invalid filter or paging parameter.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn list(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
@@ -399,6 +529,22 @@ pub(super) async fn list(
 }
 
 /// `GET /v5/iot/{project_id}/ota-upgrades/packages/{package_id}`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/ota-upgrades/packages/{package_id}",
+    operation_id = "ShowOtaPackage",
+    tag = "packages",
+    summary = "Show a package",
+    params(
+        ("project_id" = String, Path, description = "The project."),
+        ("package_id" = String, Path, description = "The package."),
+    ),
+    responses(
+        (status = 200, description = "The package, with its file location.", body = PackageJson),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or package.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn show(
     State(state): State<ServerState>,
     Path((project_id, package_id)): Path<(String, String)>,
@@ -410,6 +556,23 @@ pub(super) async fn show(
 }
 
 /// `DELETE /v5/iot/{project_id}/ota-upgrades/packages/{package_id}`: 204.
+#[utoipa::path(
+    delete,
+    path = "/v5/iot/{project_id}/ota-upgrades/packages/{package_id}",
+    operation_id = "DeleteOtaPackage",
+    tag = "packages",
+    summary = "Delete a package",
+    params(
+        ("project_id" = String, Path, description = "The project."),
+        ("package_id" = String, Path, description = "The package."),
+    ),
+    responses(
+        (status = 204, description = "Deleted: an uploaded file is removed from the store, a registered bucket object is left alone."),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or package.", body = IotdaErrorBody),
+        (status = 409, description = "A task that is still executing uses the package.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn delete(
     State(state): State<ServerState>,
     Path((project_id, package_id)): Path<(String, String)>,

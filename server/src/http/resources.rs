@@ -16,10 +16,11 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
 use super::ServerState;
-use super::iotda::IotdaError;
-use super::packages::project;
+use super::iotda::{IotdaError, IotdaErrorBody};
+use super::packages::{PageInfo, project};
 use super::signed::Caller;
 
 type Ext = Option<axum::Extension<Caller>>;
@@ -33,12 +34,15 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, IotdaError> {
 }
 
 /// IoTDA paging for ids that are not 24 hex digits: `limit` 1-50, `offset` 0-500, `marker` an id.
-fn paging(q: &ListParams, max_marker: usize) -> Result<(Page, ListOrder), IotdaError> {
-    let (page, _) = super::packages::paging(q.limit.as_deref(), q.offset.as_deref(), None)?;
+fn paging(
+    limit: Option<&str>,
+    offset: Option<&str>,
+    marker: Option<&str>,
+    max_marker: usize,
+) -> Result<(Page, ListOrder), IotdaError> {
+    let (page, _) = super::packages::paging(limit, offset, None)?;
     // IoTDA's documented default marker means "from the start".
-    let marker = match q
-        .marker
-        .as_deref()
+    let marker = match marker
         .map(str::trim)
         .filter(|m| !m.is_empty() && !m.eq_ignore_ascii_case(DEFAULT_MARKER))
     {
@@ -59,32 +63,17 @@ fn paging(q: &ListParams, max_marker: usize) -> Result<(Page, ListOrder), IotdaE
     Ok((page, ListOrder::ById { marker }))
 }
 
-/// The query parameters every list shares, plus each list's filters.
-#[derive(Debug, Default, Deserialize)]
-pub(super) struct ListParams {
-    limit: Option<String>,
-    offset: Option<String>,
-    marker: Option<String>,
-    app_id: Option<String>,
-    product_id: Option<String>,
-    node_id: Option<String>,
-    device_name: Option<String>,
-    gateway_id: Option<String>,
-    name: Option<String>,
-    product_name: Option<String>,
+/// `{ "body": "..." }`, what IoTDA's freeze, unfreeze and membership operations answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ActionResult)]
+struct Done {
+    /// What happened: `frozen`, `unfrozen`, `added` or `removed`.
+    body: &'static str,
 }
 
-/// IoTDA's `page`.
-#[derive(Serialize)]
-struct PageJson {
-    count: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    marker: Option<String>,
-}
-
-/// `{ "body": "..." }`, what IoTDA's delete and membership operations answer.
-fn done(message: &str) -> Response {
-    Json(serde_json::json!({ "body": message })).into_response()
+/// Answers [`Done`].
+fn done(message: &'static str) -> Response {
+    Json(Done { body: message }).into_response()
 }
 
 /// Resource-space names by id (every project has a handful).
@@ -122,81 +111,143 @@ async fn check_app(
 
 // --- devices ----------------------------------------------------------------------------------------
 
-#[derive(Debug, Default, Deserialize)]
+/// IoTDA's `AuthInfo` in a request.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(as = AuthInfo)]
 pub(super) struct AuthInfoBody {
+    /// `SECRET` (the default); `CERTIFICATES` is not supported.
     auth_type: Option<String>,
+    /// The device's secret; generated when absent (on registration).
     secret: Option<String>,
+    /// Not supported (certificate devices): must be absent.
     fingerprint: Option<String>,
+    /// Whether the device must connect over TLS (default `true`).
     secure_access: Option<bool>,
+    /// Only `0` (an inactive device is never deleted).
     timeout: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+/// IoTDA's `AddDevice` body (directly connected devices that log in with a secret).
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(as = AddDevice)]
 pub(super) struct AddDeviceBody {
+    /// The device id; default `{product_id}_{node_id}`.
     device_id: Option<String>,
+    /// The device's own identifier (IMEI, MAC, serial number).
     #[serde(default)]
+    #[schema(required = true)]
     node_id: String,
+    /// A name.
     #[serde(default)]
     device_name: String,
+    /// The device's product.
     #[serde(default)]
+    #[schema(required = true)]
     product_id: String,
+    /// How it authenticates.
     auth_info: Option<AuthInfoBody>,
+    /// A description.
     #[serde(default)]
     description: String,
+    /// Not supported (child devices): must be absent or empty.
     gateway_id: Option<String>,
+    /// The resource space; when given, one of the project's.
     app_id: Option<String>,
+    /// Free-form attributes (a JSON object).
+    #[schema(value_type = Option<Object>)]
     extension_info: Option<Value>,
+    /// Not supported (device shadows): must be absent.
+    #[schema(value_type = Option<Vec<Object>>)]
     shadow: Option<Value>,
 }
 
-#[derive(Debug, Deserialize)]
+/// IoTDA's `UpdateDevice` body: what is given changes.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(as = UpdateDevice)]
 pub(super) struct UpdateDeviceBody {
+    /// A new name.
     device_name: Option<String>,
+    /// A new description.
     description: Option<String>,
+    /// New free-form attributes (a JSON object).
+    #[schema(value_type = Option<Object>)]
     extension_info: Option<Value>,
+    /// Only `secure_access` (and a `timeout` of 0) can change.
     auth_info: Option<AuthInfoBody>,
 }
 
-#[derive(Serialize)]
+/// A device's `auth_info` in an answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = DeviceAuthInfo)]
 struct AuthInfoJson {
+    /// `SECRET`.
     auth_type: String,
+    /// The device's secret (on registration and show).
     #[serde(skip_serializing_if = "Option::is_none")]
     secret: Option<String>,
+    /// Never set (certificate devices are not supported).
     #[serde(skip_serializing_if = "Option::is_none")]
     fingerprint: Option<String>,
+    /// Whether the device must connect over TLS.
     secure_access: bool,
+    /// Always `0`.
     timeout: i64,
 }
 
 /// IoTDA's device object (`auth_info`, times and `extension_info` only in full views).
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Device)]
 struct DeviceJson {
+    /// The resource space.
     app_id: String,
+    /// The resource space's name.
     app_name: String,
+    /// The device id.
     device_id: String,
+    /// The device's own identifier (IMEI, MAC, serial number).
     node_id: String,
+    /// The device itself (every device is directly connected).
     gateway_id: String,
+    /// Its name.
     device_name: String,
+    /// `GATEWAY`: a directly connected device.
     node_type: String,
+    /// A description.
     description: String,
+    /// The firmware version it last reported.
     fw_version: Option<String>,
+    /// The software version it last reported.
     sw_version: Option<String>,
+    /// The SDK version it last reported.
     device_sdk_version: Option<String>,
+    /// The product.
     product_id: String,
+    /// The product's name.
     product_name: String,
+    /// `ONLINE`, `OFFLINE`, `ABNORMAL`, `INACTIVE` or `FROZEN`.
     status: String,
+    /// Always empty (tags are not supported).
+    #[schema(value_type = Vec<Object>)]
     tags: Vec<Value>,
+    /// How it authenticates (not in lists).
     #[serde(skip_serializing_if = "Option::is_none")]
     auth_info: Option<AuthInfoJson>,
+    /// When it was registered (`yyyyMMddTHHmmssZ`, UTC; not in lists).
     #[serde(skip_serializing_if = "Option::is_none")]
     create_time: Option<String>,
+    /// When its status last changed (`yyyy-MM-ddTHH:mm:ss.SSSZ`; not in lists).
     #[serde(skip_serializing_if = "Option::is_none")]
     connection_status_update_time: Option<String>,
+    /// When it first connected (`yyyy-MM-ddTHH:mm:ss.SSSZ`; not in lists).
     #[serde(skip_serializing_if = "Option::is_none")]
     active_time: Option<String>,
+    /// Free-form attributes (not in lists).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     extension_info: Option<Value>,
+    /// Always empty (OTA modules are not supported; not in lists).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
     modules: Option<Vec<Value>>,
 }
 
@@ -268,6 +319,22 @@ async fn device_json(
 }
 
 /// `POST /v5/iot/{project_id}/devices`: 201 with the device (and its secret, this once).
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/devices",
+    operation_id = "AddDevice",
+    tag = "devices",
+    summary = "Register a device",
+    params(("project_id" = String, Path, description = "The project.")),
+    request_body(content = AddDeviceBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The device, with its secret (generated when none was given).", body = DeviceJson),
+        (status = 400, description = "Invalid input; the message names the field.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or product.", body = IotdaErrorBody),
+        (status = 409, description = "The device id or the product's node id is taken.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn add_device(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
@@ -334,23 +401,79 @@ pub(super) async fn add_device(
     Ok((StatusCode::CREATED, Json(json)).into_response())
 }
 
+/// `ListDevices` query parameters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct DeviceQuery {
+    /// Page size, 1-50 (default 10).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 50)]
+    limit: Option<String>,
+    /// Records to skip after the marker, 0-500 (default 0).
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 500)]
+    offset: Option<String>,
+    /// The `page.marker` of the previous page: devices after it, by descending id.
+    marker: Option<String>,
+    /// Only this resource space's devices (one of the project's).
+    app_id: Option<String>,
+    /// Only this product's devices.
+    product_id: Option<String>,
+    /// Only the device with this node id.
+    node_id: Option<String>,
+    /// Only devices with this name.
+    device_name: Option<String>,
+    /// A gateway's child devices: always none (every device is directly connected).
+    gateway_id: Option<String>,
+}
+
+/// `ListDevices`' answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ListDevicesResponse)]
+struct DeviceList {
+    /// This page's devices (without `auth_info`, times and `extension_info`).
+    devices: Vec<DeviceJson>,
+    /// Paging.
+    page: PageInfo,
+}
+
 /// `GET /v5/iot/{project_id}/devices`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/devices",
+    operation_id = "ListDevices",
+    tag = "devices",
+    summary = "List devices",
+    params(("project_id" = String, Path, description = "The project."), DeviceQuery),
+    responses(
+        (status = 200, description = "A page of devices.", body = DeviceList),
+        (status = 400, description = "An invalid filter or paging parameter.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn list_devices(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
     caller: Ext,
-    Query(q): Query<ListParams>,
+    Query(q): Query<DeviceQuery>,
 ) -> Result<Response, IotdaError> {
     let project_id = project(caller.as_deref(), &project_id)?;
-    let (page, order) = paging(&q, 128)?;
+    let (page, order) = paging(
+        q.limit.as_deref(),
+        q.offset.as_deref(),
+        q.marker.as_deref(),
+        128,
+    )?;
     check_app(&state, &project_id, q.app_id.as_deref()).await?;
     let s = |v: &Option<String>| v.as_deref().unwrap_or_default().trim().to_owned();
     if !s(&q.gateway_id).is_empty() {
         // Every Updraft device is directly connected: no device has children.
-        return Ok(Json(serde_json::json!({
-            "devices": [],
-            "page": PageJson { count: 0, marker: None },
-        }))
+        return Ok(Json(DeviceList {
+            devices: Vec::new(),
+            page: PageInfo {
+                count: 0,
+                marker: None,
+            },
+        })
         .into_response());
     }
     let filter = devices::DeviceFilter {
@@ -382,14 +505,30 @@ pub(super) async fn list_devices(
             DeviceJson::new(d, app, product, false, None)
         })
         .collect();
-    Ok(Json(serde_json::json!({
-        "devices": devices,
-        "page": PageJson { count: result.total, marker },
-    }))
+    Ok(Json(DeviceList {
+        devices,
+        page: PageInfo {
+            count: result.total,
+            marker,
+        },
+    })
     .into_response())
 }
 
 /// `GET /v5/iot/{project_id}/devices/{device_id}`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/devices/{device_id}",
+    operation_id = "ShowDevice",
+    tag = "devices",
+    summary = "Show a device",
+    params(("project_id" = String, Path, description = "The project."), ("device_id" = String, Path, description = "The device.")),
+    responses(
+        (status = 200, description = "The device, with its secret.", body = DeviceJson),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or device.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn show_device(
     State(state): State<ServerState>,
     Path((project_id, device_id)): Path<(String, String)>,
@@ -404,6 +543,21 @@ pub(super) async fn show_device(
 }
 
 /// `PUT /v5/iot/{project_id}/devices/{device_id}`.
+#[utoipa::path(
+    put,
+    path = "/v5/iot/{project_id}/devices/{device_id}",
+    operation_id = "UpdateDevice",
+    tag = "devices",
+    summary = "Update a device",
+    params(("project_id" = String, Path, description = "The project."), ("device_id" = String, Path, description = "The device.")),
+    request_body(content = UpdateDeviceBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The device as it is now.", body = DeviceJson),
+        (status = 400, description = "Invalid input; the message names the field.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or device.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn update_device(
     State(state): State<ServerState>,
     Path((project_id, device_id)): Path<(String, String)>,
@@ -434,6 +588,20 @@ pub(super) async fn update_device(
 }
 
 /// `DELETE /v5/iot/{project_id}/devices/{device_id}`: 204.
+#[utoipa::path(
+    delete,
+    path = "/v5/iot/{project_id}/devices/{device_id}",
+    operation_id = "DeleteDevice",
+    tag = "devices",
+    summary = "Delete a device",
+    params(("project_id" = String, Path, description = "The project."), ("device_id" = String, Path, description = "The device.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or device.", body = IotdaErrorBody),
+        (status = 409, description = "A task is still upgrading the device.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn delete_device(
     State(state): State<ServerState>,
     Path((project_id, device_id)): Path<(String, String)>,
@@ -445,6 +613,20 @@ pub(super) async fn delete_device(
 }
 
 /// `POST /v5/iot/{project_id}/devices/{device_id}/freeze`.
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/devices/{device_id}/freeze",
+    operation_id = "FreezeDevice",
+    tag = "devices",
+    summary = "Freeze a device",
+    description = "A frozen device cannot log in; a connected one is disconnected.",
+    params(("project_id" = String, Path, description = "The project."), ("device_id" = String, Path, description = "The device.")),
+    responses(
+        (status = 200, description = "`{\"body\": \"frozen\"}`.", body = Done),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or device.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn freeze_device(
     State(state): State<ServerState>,
     Path((project_id, device_id)): Path<(String, String)>,
@@ -456,6 +638,19 @@ pub(super) async fn freeze_device(
 }
 
 /// `POST /v5/iot/{project_id}/devices/{device_id}/unfreeze`.
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/devices/{device_id}/unfreeze",
+    operation_id = "UnfreezeDevice",
+    tag = "devices",
+    summary = "Unfreeze a device",
+    params(("project_id" = String, Path, description = "The project."), ("device_id" = String, Path, description = "The device.")),
+    responses(
+        (status = 200, description = "`{\"body\": \"unfrozen\"}`.", body = Done),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or device.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn unfreeze_device(
     State(state): State<ServerState>,
     Path((project_id, device_id)): Path<(String, String)>,
@@ -468,23 +663,39 @@ pub(super) async fn unfreeze_device(
 
 // --- device groups ----------------------------------------------------------------------------------
 
-#[derive(Debug, Default, Deserialize)]
+/// IoTDA's `AddDeviceGroup` and `UpdateDeviceGroup` body (an update changes only `name` and `description`).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(as = DeviceGroupBody)]
 pub(super) struct GroupBody {
+    /// The group's name, unique in the project (required to create).
     name: Option<String>,
+    /// A description.
     description: Option<String>,
+    /// Not supported (child groups): must be absent or empty.
     super_group_id: Option<String>,
+    /// The resource space; when given, one of the project's.
     app_id: Option<String>,
+    /// Only `STATIC`.
     group_type: Option<String>,
+    /// Not supported (dynamic groups): must be absent.
     dynamic_group_rule: Option<String>,
 }
 
-#[derive(Serialize)]
+/// IoTDA's device group.
+#[derive(Serialize, ToSchema)]
+#[schema(as = DeviceGroup)]
 struct GroupJson {
+    /// The group's id.
     group_id: String,
+    /// Its name.
     name: String,
+    /// A description.
     description: String,
+    /// Always null (child groups are not supported).
     super_group_id: Option<String>,
+    /// `STATIC`.
     group_type: String,
+    /// Never set (dynamic groups are not supported).
     #[serde(skip_serializing_if = "Option::is_none")]
     dynamic_group_rule: Option<String>,
 }
@@ -503,6 +714,22 @@ impl From<device_groups::Model> for GroupJson {
 }
 
 /// `POST /v5/iot/{project_id}/device-group`: 201.
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/device-group",
+    operation_id = "AddDeviceGroup",
+    tag = "device-group",
+    summary = "Create a static device group",
+    params(("project_id" = String, Path, description = "The project.")),
+    request_body(content = GroupBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The group.", body = GroupJson),
+        (status = 400, description = "Invalid input; the message names the field.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project.", body = IotdaErrorBody),
+        (status = 409, description = "A group with this name exists.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn add_group(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
@@ -540,15 +767,62 @@ pub(super) async fn add_group(
     Ok((StatusCode::CREATED, Json(GroupJson::from(g))).into_response())
 }
 
+/// `ListDeviceGroups` query parameters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct GroupQuery {
+    /// Page size, 1-50 (default 10).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 50)]
+    limit: Option<String>,
+    /// Records to skip after the marker, 0-500 (default 0).
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 500)]
+    offset: Option<String>,
+    /// The `page.marker` of the previous page: groups after it, by descending id.
+    marker: Option<String>,
+    /// Only this resource space's groups (one of the project's).
+    app_id: Option<String>,
+    /// Only the group with this name (paging does not apply).
+    name: Option<String>,
+}
+
+/// `ListDeviceGroups`' answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ListDeviceGroupsResponse)]
+struct GroupList {
+    /// This page's groups.
+    device_groups: Vec<GroupJson>,
+    /// Paging.
+    page: PageInfo,
+}
+
 /// `GET /v5/iot/{project_id}/device-group`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/device-group",
+    operation_id = "ListDeviceGroups",
+    tag = "device-group",
+    summary = "List device groups",
+    params(("project_id" = String, Path, description = "The project."), GroupQuery),
+    responses(
+        (status = 200, description = "A page of groups.", body = GroupList),
+        (status = 400, description = "An invalid filter or paging parameter.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn list_groups(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
     caller: Ext,
-    Query(q): Query<ListParams>,
+    Query(q): Query<GroupQuery>,
 ) -> Result<Response, IotdaError> {
     let project_id = project(caller.as_deref(), &project_id)?;
-    let (page, order) = paging(&q, 36)?;
+    let (page, order) = paging(
+        q.limit.as_deref(),
+        q.offset.as_deref(),
+        q.marker.as_deref(),
+        36,
+    )?;
     check_app(&state, &project_id, q.app_id.as_deref()).await?;
     let name = q.name.as_deref().map(str::trim).filter(|n| !n.is_empty());
     let (items, total) = if let Some(name) = name {
@@ -570,15 +844,31 @@ pub(super) async fn list_groups(
         )
     };
     let marker = items.last().map(|g| g.id.clone());
-    let groups: Vec<GroupJson> = items.into_iter().map(GroupJson::from).collect();
-    Ok(Json(serde_json::json!({
-        "device_groups": groups,
-        "page": PageJson { count: total, marker },
-    }))
+    let device_groups: Vec<GroupJson> = items.into_iter().map(GroupJson::from).collect();
+    Ok(Json(GroupList {
+        device_groups,
+        page: PageInfo {
+            count: total,
+            marker,
+        },
+    })
     .into_response())
 }
 
 /// `GET /v5/iot/{project_id}/device-group/{group_id}`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/device-group/{group_id}",
+    operation_id = "ShowDeviceGroup",
+    tag = "device-group",
+    summary = "Show a device group",
+    params(("project_id" = String, Path, description = "The project."), ("group_id" = String, Path, description = "The group.")),
+    responses(
+        (status = 200, description = "The group.", body = GroupJson),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or group.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn show_group(
     State(state): State<ServerState>,
     Path((project_id, group_id)): Path<(String, String)>,
@@ -590,6 +880,22 @@ pub(super) async fn show_group(
 }
 
 /// `PUT /v5/iot/{project_id}/device-group/{group_id}`.
+#[utoipa::path(
+    put,
+    path = "/v5/iot/{project_id}/device-group/{group_id}",
+    operation_id = "UpdateDeviceGroup",
+    tag = "device-group",
+    summary = "Rename a device group or change its description",
+    params(("project_id" = String, Path, description = "The project."), ("group_id" = String, Path, description = "The group.")),
+    request_body(content = GroupBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The group as it is now.", body = GroupJson),
+        (status = 400, description = "Invalid input; the message names the field.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or group.", body = IotdaErrorBody),
+        (status = 409, description = "A group with this name exists.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn update_group(
     State(state): State<ServerState>,
     Path((project_id, group_id)): Path<(String, String)>,
@@ -610,6 +916,20 @@ pub(super) async fn update_group(
 }
 
 /// `DELETE /v5/iot/{project_id}/device-group/{group_id}`: 204.
+#[utoipa::path(
+    delete,
+    path = "/v5/iot/{project_id}/device-group/{group_id}",
+    operation_id = "DeleteDeviceGroup",
+    tag = "device-group",
+    summary = "Delete an empty device group",
+    params(("project_id" = String, Path, description = "The project."), ("group_id" = String, Path, description = "The group.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or group.", body = IotdaErrorBody),
+        (status = 409, description = "The group still has devices; remove them first.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn delete_group(
     State(state): State<ServerState>,
     Path((project_id, group_id)): Path<(String, String)>,
@@ -620,13 +940,34 @@ pub(super) async fn delete_group(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// `CreateOrDeleteDeviceInGroup` query parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ActionQuery {
+    /// `addDevice` or `removeDevice`.
+    #[param(required = true)]
     action_id: Option<String>,
+    /// The device to add or remove.
+    #[param(required = true)]
     device_id: Option<String>,
 }
 
 /// `POST /v5/iot/{project_id}/device-group/{group_id}/action?action_id=addDevice|removeDevice&device_id=`.
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/device-group/{group_id}/action",
+    operation_id = "CreateOrDeleteDeviceInGroup",
+    tag = "device-group",
+    summary = "Add a device to a group, or remove it",
+    description = "Adding a device that is already a member changes nothing.",
+    params(("project_id" = String, Path, description = "The project."), ("group_id" = String, Path, description = "The group."), ActionQuery),
+    responses(
+        (status = 200, description = "`{\"body\": \"added\"}` or `{\"body\": \"removed\"}`.", body = Done),
+        (status = 400, description = "No `device_id`, or an unknown `action_id`.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or group, no such device, or (to remove) the device is not in the group.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn group_action(
     State(state): State<ServerState>,
     Path((project_id, group_id)): Path<(String, String)>,
@@ -655,12 +996,64 @@ pub(super) async fn group_action(
     }
 }
 
+/// `ShowDevicesInGroup` query parameters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct MembersQuery {
+    /// Page size, 1-50 (default 10).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 50)]
+    limit: Option<String>,
+    /// Devices to skip, 0-500 (default 0).
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 500)]
+    offset: Option<String>,
+    /// Not supported: this list pages with `offset` only, so it must be absent or empty.
+    marker: Option<String>,
+}
+
+/// A group member, as IoTDA lists them (`SimplifyDevice`).
+#[derive(Serialize, ToSchema)]
+#[schema(as = SimplifyDevice)]
+struct MemberJson {
+    /// The device id.
+    device_id: String,
+    /// The device's own identifier.
+    node_id: String,
+    /// Its name.
+    device_name: String,
+    /// Its product.
+    product_id: String,
+}
+
+/// `ShowDevicesInGroup`'s answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ShowDevicesInGroupResponse)]
+struct MemberList {
+    /// This page of the group's devices.
+    devices: Vec<MemberJson>,
+    /// Paging (`count` only).
+    page: PageInfo,
+}
+
 /// `GET /v5/iot/{project_id}/device-group/{group_id}/devices`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/device-group/{group_id}/devices",
+    operation_id = "ShowDevicesInGroup",
+    tag = "device-group",
+    summary = "List a group's devices",
+    params(("project_id" = String, Path, description = "The project."), ("group_id" = String, Path, description = "The group."), MembersQuery),
+    responses(
+        (status = 200, description = "A page of the group's devices.", body = MemberList),
+        (status = 400, description = "An invalid paging parameter, or a `marker`.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or group.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn group_devices(
     State(state): State<ServerState>,
     Path((project_id, group_id)): Path<(String, String)>,
     caller: Ext,
-    Query(q): Query<ListParams>,
+    Query(q): Query<MembersQuery>,
 ) -> Result<Response, IotdaError> {
     let project_id = project(caller.as_deref(), &project_id)?;
     if q.marker.as_deref().is_some_and(|m| !m.trim().is_empty()) {
@@ -670,51 +1063,84 @@ pub(super) async fn group_devices(
     }
     let (page, _) = super::packages::paging(q.limit.as_deref(), q.offset.as_deref(), None)?;
     let result = groups::members(&state.app, &project_id, &group_id, page).await?;
-    let devices: Vec<Value> = result
+    let devices = result
         .items
         .into_iter()
-        .map(|d| {
-            serde_json::json!({"device_id": d.id, "node_id": d.node_id,
-                               "device_name": d.device_name, "product_id": d.product_id})
+        .map(|d| MemberJson {
+            device_id: d.id,
+            node_id: d.node_id,
+            device_name: d.device_name,
+            product_id: d.product_id,
         })
         .collect();
-    Ok(Json(serde_json::json!({
-        "devices": devices,
-        "page": PageJson { count: result.total, marker: None },
-    }))
+    Ok(Json(MemberList {
+        devices,
+        page: PageInfo {
+            count: result.total,
+            marker: None,
+        },
+    })
     .into_response())
 }
 
 // --- products ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
+/// IoTDA's `CreateProduct` and `UpdateProduct` body (an update changes what is given; not `product_id`).
+#[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct ProductBody {
+    /// The product id (on creation; generated when absent).
     product_id: Option<String>,
+    /// Its name (required to create).
     name: Option<String>,
+    /// The kind of device (required to create).
     device_type: Option<String>,
+    /// IoTDA's protocol, e.g. `MQTT` or `CoAP` (required to create; an update cannot change it to
+    /// `CoAP`).
     protocol_type: Option<String>,
+    /// `json` (default) or `binary`.
     data_format: Option<String>,
+    /// The product model's services (a JSON list, at most 500).
+    #[schema(value_type = Option<Vec<Object>>)]
     service_capabilities: Option<Value>,
+    /// The manufacturer.
     manufacturer_name: Option<String>,
+    /// The industry.
     industry: Option<String>,
+    /// A description.
     description: Option<String>,
+    /// The resource space; when given, one of the project's.
     app_id: Option<String>,
 }
 
-#[derive(Serialize)]
+/// IoTDA's product.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Product)]
 struct ProductJson {
+    /// The resource space.
     app_id: String,
+    /// The resource space's name.
     app_name: String,
+    /// The product id.
     product_id: String,
+    /// Its name.
     name: String,
+    /// The kind of device.
     device_type: String,
+    /// IoTDA's protocol, e.g. `MQTT` or `CoAP`.
     protocol_type: String,
+    /// `json` or `binary`.
     data_format: String,
+    /// The manufacturer.
     manufacturer_name: String,
+    /// The industry.
     industry: String,
+    /// A description.
     description: String,
+    /// The product model's services (not in lists).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
     service_capabilities: Option<Value>,
+    /// When it was created (`yyyyMMddTHHmmssZ`, UTC).
     create_time: String,
 }
 
@@ -740,6 +1166,22 @@ impl ProductJson {
 }
 
 /// `POST /v5/iot/{project_id}/products`: 201.
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/products",
+    operation_id = "CreateProduct",
+    tag = "products",
+    summary = "Create a product",
+    params(("project_id" = String, Path, description = "The project.")),
+    request_body(content = ProductBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The product.", body = ProductJson),
+        (status = 400, description = "Invalid input; the message names the field.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project.", body = IotdaErrorBody),
+        (status = 409, description = "The product id is taken.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn add_product(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
@@ -773,15 +1215,62 @@ pub(super) async fn add_product(
         .into_response())
 }
 
+/// `ListProducts` query parameters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ProductQuery {
+    /// Page size, 1-50 (default 10).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 50)]
+    limit: Option<String>,
+    /// Records to skip after the marker, 0-500 (default 0).
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 500)]
+    offset: Option<String>,
+    /// The `page.marker` of the previous page: products after it, by descending id.
+    marker: Option<String>,
+    /// Only this resource space's products (one of the project's).
+    app_id: Option<String>,
+    /// Only products with this name (paging does not apply).
+    product_name: Option<String>,
+}
+
+/// `ListProducts`' answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ListProductsResponse)]
+struct ProductList {
+    /// This page's products (without `service_capabilities`).
+    products: Vec<ProductJson>,
+    /// Paging.
+    page: PageInfo,
+}
+
 /// `GET /v5/iot/{project_id}/products`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/products",
+    operation_id = "ListProducts",
+    tag = "products",
+    summary = "List products",
+    params(("project_id" = String, Path, description = "The project."), ProductQuery),
+    responses(
+        (status = 200, description = "A page of products.", body = ProductList),
+        (status = 400, description = "An invalid filter or paging parameter.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn list_products(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
     caller: Ext,
-    Query(q): Query<ListParams>,
+    Query(q): Query<ProductQuery>,
 ) -> Result<Response, IotdaError> {
     let project_id = project(caller.as_deref(), &project_id)?;
-    let (page, order) = paging(&q, 36)?;
+    let (page, order) = paging(
+        q.limit.as_deref(),
+        q.offset.as_deref(),
+        q.marker.as_deref(),
+        36,
+    )?;
     check_app(&state, &project_id, q.app_id.as_deref()).await?;
     let name = q
         .product_name
@@ -810,14 +1299,30 @@ pub(super) async fn list_products(
             ProductJson::new(p.product, app, false)
         })
         .collect();
-    Ok(Json(serde_json::json!({
-        "products": products,
-        "page": PageJson { count: total, marker },
-    }))
+    Ok(Json(ProductList {
+        products,
+        page: PageInfo {
+            count: total,
+            marker,
+        },
+    })
     .into_response())
 }
 
 /// `GET /v5/iot/{project_id}/products/{product_id}`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/products/{product_id}",
+    operation_id = "ShowProduct",
+    tag = "products",
+    summary = "Show a product",
+    params(("project_id" = String, Path, description = "The project."), ("product_id" = String, Path, description = "The product.")),
+    responses(
+        (status = 200, description = "The product, with its services.", body = ProductJson),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or product.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn show_product(
     State(state): State<ServerState>,
     Path((project_id, product_id)): Path<(String, String)>,
@@ -831,6 +1336,21 @@ pub(super) async fn show_product(
 }
 
 /// `PUT /v5/iot/{project_id}/products/{product_id}`.
+#[utoipa::path(
+    put,
+    path = "/v5/iot/{project_id}/products/{product_id}",
+    operation_id = "UpdateProduct",
+    tag = "products",
+    summary = "Update a product",
+    params(("project_id" = String, Path, description = "The project."), ("product_id" = String, Path, description = "The product.")),
+    request_body(content = ProductBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The product as it is now.", body = ProductJson),
+        (status = 400, description = "Invalid input; the message names the field.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or product.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn update_product(
     State(state): State<ServerState>,
     Path((project_id, product_id)): Path<(String, String)>,
@@ -862,6 +1382,20 @@ pub(super) async fn update_product(
 }
 
 /// `DELETE /v5/iot/{project_id}/products/{product_id}`: 204.
+#[utoipa::path(
+    delete,
+    path = "/v5/iot/{project_id}/products/{product_id}",
+    operation_id = "DeleteProduct",
+    tag = "products",
+    summary = "Delete an unused product",
+    params(("project_id" = String, Path, description = "The project."), ("product_id" = String, Path, description = "The product.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or product.", body = IotdaErrorBody),
+        (status = 409, description = "Devices or packages still use the product.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn delete_product(
     State(state): State<ServerState>,
     Path((project_id, product_id)): Path<(String, String)>,

@@ -12,36 +12,59 @@ use domain::Timestamp;
 use http::StatusCode;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::ServerState;
-use super::iotda::IotdaError;
-use super::packages::project;
+use super::iotda::{IotdaError, IotdaErrorBody};
+use super::packages::{PageInfo, project};
 use super::signed::Caller;
 
 type Ext = Option<axum::Extension<Caller>>;
 
-#[derive(Debug, Deserialize)]
+/// A new subscription.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(as = CreateSubscription)]
 pub(super) struct CreateBody {
+    /// `batchtask` (IoTDA's task notification, on every task status or counter change) or
+    /// `updraft.batchtask.device` (Updraft's, on every change of a device in a task).
     #[serde(default)]
+    #[schema(required = true)]
     resource: String,
+    /// `update`.
     #[serde(default)]
+    #[schema(required = true)]
     event: String,
+    /// The receiver: an `https://` URL without credentials.
     #[serde(default)]
+    #[schema(required = true)]
     callbackurl: String,
+    /// Only `HTTP` (the default): POSTs to `callbackurl`.
     channel: Option<String>,
+    /// The resource space; when given, the project's default one.
     app_id: Option<String>,
 }
 
-#[derive(Serialize)]
+/// A push-notification subscription.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Subscription)]
 struct SubscriptionJson {
+    /// The subscription's id.
     subscription_id: String,
+    /// `batchtask` or `updraft.batchtask.device`.
     resource: String,
+    /// `update`.
     event: &'static str,
+    /// The receiver.
     callbackurl: String,
+    /// `HTTP`.
     channel: &'static str,
+    /// The resource space, when one was given.
     app_id: Option<String>,
+    /// Whether notifications are sent.
     enabled: bool,
+    /// When it was created (`yyyyMMddTHHmmssZ`, UTC).
     create_time: String,
+    /// The key that signs `X-Updraft-Signature` (HMAC-SHA256): only in the answer to the creation.
     #[serde(skip_serializing_if = "Option::is_none")]
     secret: Option<String>,
 }
@@ -63,6 +86,24 @@ impl SubscriptionJson {
 }
 
 /// `POST .../subscriptions`: 201 with the signing secret (shown this once).
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/subscriptions",
+    operation_id = "CreateSubscription",
+    tag = "subscriptions",
+    summary = "Subscribe a receiver to notifications",
+    description = "Each notification is a POST in IoTDA's envelope (`resource`, `event`, `event_time`, \
+                   `notify_data.body`) signed with `X-Updraft-Signature: t=<unix ms>,v1=<hex \
+                   HMAC-SHA256(secret, \"<t>.<raw body>\")>`; deliveries are retried and in order per task.",
+    params(("project_id" = String, Path, description = "The project.")),
+    request_body(content = CreateBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The subscription, with its signing `secret` (shown this once).", body = SubscriptionJson),
+        (status = 400, description = "Invalid input; the message names the field.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn create(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
@@ -103,7 +144,30 @@ pub(super) async fn create(
         .into_response())
 }
 
+/// `ListSubscriptions`' answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ListSubscriptionsResponse)]
+struct SubscriptionList {
+    /// Every subscription, newest first (without `secret`).
+    subscriptions: Vec<SubscriptionJson>,
+    /// `count` only (no paging).
+    page: PageInfo,
+}
+
 /// `GET .../subscriptions`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/subscriptions",
+    operation_id = "ListSubscriptions",
+    tag = "subscriptions",
+    summary = "List subscriptions",
+    params(("project_id" = String, Path, description = "The project.")),
+    responses(
+        (status = 200, description = "Every subscription of the project.", body = SubscriptionList),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn list(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
@@ -111,15 +175,35 @@ pub(super) async fn list(
 ) -> Result<Response, IotdaError> {
     let project_id = project(caller.as_deref(), &project_id)?;
     let rows = subscriptions::list(&state.app, &project_id).await?;
-    let count = rows.len();
-    let items: Vec<SubscriptionJson> = rows
+    let count = rows.len() as u64;
+    let subscriptions = rows
         .into_iter()
         .map(|s| SubscriptionJson::new(s, None))
         .collect();
-    Ok(Json(serde_json::json!({"subscriptions": items, "page": {"count": count}})).into_response())
+    Ok(Json(SubscriptionList {
+        subscriptions,
+        page: PageInfo {
+            count,
+            marker: None,
+        },
+    })
+    .into_response())
 }
 
 /// `GET .../subscriptions/{subscription_id}`.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/subscriptions/{subscription_id}",
+    operation_id = "ShowSubscription",
+    tag = "subscriptions",
+    summary = "Show a subscription",
+    params(("project_id" = String, Path, description = "The project."), ("subscription_id" = String, Path, description = "The subscription.")),
+    responses(
+        (status = 200, description = "The subscription (without `secret`).", body = SubscriptionJson),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or subscription.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn show(
     State(state): State<ServerState>,
     Path((project_id, id)): Path<(String, String)>,
@@ -131,6 +215,19 @@ pub(super) async fn show(
 }
 
 /// `DELETE .../subscriptions/{subscription_id}`: 204.
+#[utoipa::path(
+    delete,
+    path = "/v5/iot/{project_id}/subscriptions/{subscription_id}",
+    operation_id = "DeleteSubscription",
+    tag = "subscriptions",
+    summary = "Delete a subscription and its pending deliveries",
+    params(("project_id" = String, Path, description = "The project."), ("subscription_id" = String, Path, description = "The subscription.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or subscription.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn delete(
     State(state): State<ServerState>,
     Path((project_id, id)): Path<(String, String)>,
@@ -141,22 +238,45 @@ pub(super) async fn delete(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// Which deliveries to show.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct DeliveriesQuery {
+    /// Only deliveries that failed or are being retried after a failure (default `false`).
     failed: Option<bool>,
+    /// How many, 1-500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u64>,
 }
 
-#[derive(Serialize)]
+/// One notification to one receiver.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Delivery)]
 struct DeliveryJson {
+    /// The delivery's id.
     delivery_id: i64,
+    /// `pending`, `delivered` or `failed`.
     status: String,
+    /// Attempts so far.
     attempts: i32,
+    /// The receiver's last HTTP status.
     last_http_status: Option<i32>,
+    /// Why the last attempt failed.
     last_error: Option<String>,
+    /// When the next attempt is due (pending deliveries; `yyyyMMddTHHmmssZ`, UTC).
     next_attempt_time: Option<String>,
+    /// When it was delivered (`yyyyMMddTHHmmssZ`, UTC).
     delivered_time: Option<String>,
+    /// When it was queued (`yyyyMMddTHHmmssZ`, UTC).
     create_time: String,
+}
+
+/// A subscription's recent deliveries.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ListDeliveriesResponse)]
+struct DeliveryList {
+    /// Newest first.
+    deliveries: Vec<DeliveryJson>,
 }
 
 impl From<notification_deliveries::Model> for DeliveryJson {
@@ -177,6 +297,21 @@ impl From<notification_deliveries::Model> for DeliveryJson {
 
 /// `GET .../subscriptions/{subscription_id}/deliveries?failed=true&limit=50` (Updraft's): recent
 /// deliveries, newest first, to see what a receiver missed.
+#[utoipa::path(
+    get,
+    path = "/v5/iot/{project_id}/subscriptions/{subscription_id}/deliveries",
+    operation_id = "ListDeliveries",
+    tag = "subscriptions",
+    summary = "List a subscription's recent deliveries (Updraft's)",
+    description = "Newest first: what a receiver got, missed, and why.",
+    params(("project_id" = String, Path, description = "The project."), ("subscription_id" = String, Path, description = "The subscription."), DeliveriesQuery),
+    responses(
+        (status = 200, description = "The most recent deliveries.", body = DeliveryList),
+        (status = 400, description = "`failed` is not a boolean or `limit` not a number (a plain-text answer)."),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or subscription.", body = IotdaErrorBody),
+    ),
+)]
 pub(super) async fn deliveries(
     State(state): State<ServerState>,
     Path((project_id, id)): Path<(String, String)>,
@@ -192,6 +327,6 @@ pub(super) async fn deliveries(
         q.limit.unwrap_or(50),
     )
     .await?;
-    let items: Vec<DeliveryJson> = rows.into_iter().map(DeliveryJson::from).collect();
-    Ok(Json(serde_json::json!({"deliveries": items})).into_response())
+    let deliveries = rows.into_iter().map(DeliveryJson::from).collect();
+    Ok(Json(DeliveryList { deliveries }).into_response())
 }

@@ -980,3 +980,204 @@ async fn subscriptions_are_managed_through_the_signed_api() {
     .await;
     app.stop().await;
 }
+
+/// Every route `server::http::router` registers under `/v5/iot/{project_id}`, with its methods.
+const API_ROUTES: &[(&str, &[&str])] = &[
+    ("/ota-upgrades/packages", &["get", "post"]),
+    ("/ota-upgrades/packages/{package_id}", &["get", "delete"]),
+    ("/batchtasks", &["get", "post"]),
+    ("/batchtasks/{task_id}", &["get", "delete"]),
+    ("/batchtasks/{task_id}/stop", &["post"]),
+    ("/batchtasks/{task_id}/retry", &["post"]),
+    ("/devices", &["get", "post"]),
+    ("/devices/{device_id}", &["get", "put", "delete"]),
+    ("/devices/{device_id}/freeze", &["post"]),
+    ("/devices/{device_id}/unfreeze", &["post"]),
+    ("/device-group", &["get", "post"]),
+    ("/device-group/{group_id}", &["get", "put", "delete"]),
+    ("/device-group/{group_id}/action", &["post"]),
+    ("/device-group/{group_id}/devices", &["get"]),
+    ("/products", &["get", "post"]),
+    ("/products/{product_id}", &["get", "put", "delete"]),
+    ("/subscriptions", &["get", "post"]),
+    ("/subscriptions/{subscription_id}", &["get", "delete"]),
+    ("/subscriptions/{subscription_id}/deliveries", &["get"]),
+];
+
+/// The schema `schema` refers to (`{"$ref": "#/components/schemas/X"}`), or `schema` itself.
+fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema["$ref"].as_str() {
+        Some(r) => {
+            let name = r
+                .strip_prefix("#/components/schemas/")
+                .unwrap_or_else(|| panic!("a local schema reference: {r}"));
+            let found = &doc["components"]["schemas"][name];
+            assert!(found.is_object(), "{name} is in components.schemas");
+            found
+        }
+        None => schema,
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_without_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    // No cookie, no signature; a malformed Authorization does not matter either.
+    let doc = json_of(
+        app.client
+            .get(app.url("/v5/openapi.json"))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let resp = app
+        .client
+        .get(app.url("/v5/openapi.json"))
+        .header("authorization", "Bearer abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(resp, 200).await, doc);
+
+    let version = doc["openapi"].as_str().unwrap();
+    assert!(version.starts_with("3.1"), "{version}");
+    assert_eq!(
+        doc["info"]["title"],
+        "Updraft application API (IoTDA v5 compatible)"
+    );
+    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+
+    // Every route with exactly its methods, and nothing else; each needs a signature or a session.
+    const METHODS: [&str; 8] = [
+        "get", "put", "post", "delete", "options", "head", "patch", "trace",
+    ];
+    let paths = doc["paths"].as_object().unwrap();
+    for (rest, methods) in API_ROUTES {
+        let path = format!("/v5/iot/{{project_id}}{rest}");
+        let item = paths
+            .get(&path)
+            .unwrap_or_else(|| panic!("{path} is documented"));
+        let mut documented: Vec<&str> = METHODS
+            .into_iter()
+            .filter(|m| item.get(*m).is_some())
+            .collect();
+        documented.sort_unstable();
+        let mut expected = methods.to_vec();
+        expected.sort_unstable();
+        assert_eq!(documented, expected, "{path}");
+        for method in *methods {
+            let operation = &item[*method];
+            let security = operation["security"].to_string();
+            assert!(
+                security.contains("sdk_hmac_sha256") && security.contains("console_session"),
+                "{method} {path}: {security}"
+            );
+            assert!(
+                operation["tags"].as_array().is_some_and(|t| t.len() == 1),
+                "{method} {path} has a tag"
+            );
+            let responses = operation["responses"].as_object().unwrap();
+            assert!(
+                responses.keys().any(|s| s.starts_with('2')),
+                "{method} {path} documents its success"
+            );
+            assert!(responses.contains_key("401"), "{method} {path}");
+        }
+    }
+    assert_eq!(paths.len(), API_ROUTES.len(), "only the API's routes");
+    let ids: std::collections::HashSet<&str> = paths
+        .values()
+        .flat_map(|item| METHODS.into_iter().filter_map(|m| item.get(m)))
+        .map(|op| op["operationId"].as_str().unwrap())
+        .collect();
+    let operations: usize = API_ROUTES.iter().map(|(_, m)| m.len()).sum();
+    assert_eq!(ids.len(), operations, "operation ids are unique");
+
+    let schemes = &doc["components"]["securitySchemes"];
+    assert_eq!(schemes["sdk_hmac_sha256"]["type"], "apiKey");
+    assert_eq!(schemes["sdk_hmac_sha256"]["in"], "header");
+    assert_eq!(schemes["sdk_hmac_sha256"]["name"], "Authorization");
+    assert!(
+        schemes["sdk_hmac_sha256"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("SDK-HMAC-SHA256")
+    );
+    assert_eq!(schemes["console_session"]["in"], "cookie");
+    assert_eq!(schemes["console_session"]["name"], "__Host-updraft_session");
+
+    // The schemas come from the handlers' types.
+    let api = |rest: &str| &doc["paths"][format!("/v5/iot/{{project_id}}{rest}")];
+    let create_task = resolve(
+        &doc,
+        &api("/batchtasks")["post"]["requestBody"]["content"]["application/json"]["schema"],
+    );
+    for field in [
+        "task_name",
+        "task_type",
+        "targets",
+        "document",
+        "task_policy",
+    ] {
+        assert!(
+            create_task["properties"].get(field).is_some(),
+            "CreateBatchTask has {field}: {create_task}"
+        );
+    }
+    let required = create_task["required"].to_string();
+    assert!(
+        required.contains("task_name") && required.contains("task_type"),
+        "{required}"
+    );
+    let device = resolve(
+        &doc,
+        &api("/devices/{device_id}")["get"]["responses"]["200"]["content"]["application/json"]["schema"],
+    );
+    for field in ["device_id", "node_id", "sw_version", "fw_version", "status"] {
+        assert!(
+            device["properties"].get(field).is_some(),
+            "the device has {field}: {device}"
+        );
+    }
+    let error = resolve(
+        &doc,
+        &api("/devices/{device_id}")["get"]["responses"]["404"]["content"]["application/json"]["schema"],
+    );
+    for field in ["error_code", "error_msg"] {
+        assert!(error["properties"].get(field).is_some(), "{error}");
+    }
+    // The package POST takes JSON (a bucket location) or a multipart upload.
+    let content = &api("/ota-upgrades/packages")["post"]["requestBody"]["content"];
+    let json = resolve(&doc, &content["application/json"]["schema"]);
+    assert!(json["properties"].get("file_location").is_some(), "{json}");
+    let form = resolve(&doc, &content["multipart/form-data"]["schema"]);
+    for field in [
+        "package_type",
+        "product_id",
+        "version",
+        "support_source_versions",
+        "description",
+        "custom_info",
+        "file_name",
+        "segment_size",
+        "file",
+    ] {
+        assert!(form["properties"].get(field).is_some(), "{field}: {form}");
+    }
+    // Query parameters are documented per list.
+    let params = api("/batchtasks")["get"]["parameters"].to_string();
+    for name in [
+        "project_id",
+        "task_type",
+        "status",
+        "limit",
+        "offset",
+        "marker",
+    ] {
+        assert!(params.contains(&format!("\"{name}\"")), "{name}: {params}");
+    }
+    app.stop().await;
+}

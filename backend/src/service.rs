@@ -104,10 +104,7 @@ where
     E::Model: Sync,
 {
     use sea_orm::{PaginatorTrait, QuerySelect};
-    let Some(count) = count else {
-        return fetch_page(db, query, page).await;
-    };
-    let total = count.count(db).await?;
+    let total = count.unwrap_or_else(|| query.clone()).count(db).await?;
     let items = query.limit(page.limit).offset(page.offset).all(db).await?;
     Ok(Paged { items, total })
 }
@@ -122,10 +119,7 @@ where
     E: sea_orm::EntityTrait,
     E::Model: Sync,
 {
-    use sea_orm::{PaginatorTrait, QuerySelect};
-    let total = query.clone().count(db).await?;
-    let items = query.limit(page.limit).offset(page.offset).all(db).await?;
-    Ok(Paged { items, total })
+    fetch_ordered(db, (query, None), page).await
 }
 
 /// Counts rows of `E` per value of `key` among `keys`, in one grouped query (not one query per key).

@@ -43,12 +43,29 @@ const READ_AHEAD_MAX_ACTIVE: usize = 64;
 const MIN_CHUNK: usize = 4 * 1024;
 const MAX_CHUNK: usize = 256 * 1024;
 
+/// Requests authorized and opened at once. A crowd of devices asking at the same moment waits here
+/// (a few hundred bytes each) instead of each holding a database query in flight (~14 KiB each), which
+/// would only queue for the connection pool anyway.
+const ADMISSIONS: usize = 8;
+
 /// Running downloads, shared by all of them to size their reads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Transfers {
     active: AtomicUsize,
     /// Bytes in chunks read from the store and not yet dropped by the connection.
     in_flight: Arc<AtomicUsize>,
+    /// Downloads being authorized and opened.
+    admissions: tokio::sync::Semaphore,
+}
+
+impl Default for Transfers {
+    fn default() -> Self {
+        Self {
+            active: AtomicUsize::new(0),
+            in_flight: Arc::default(),
+            admissions: tokio::sync::Semaphore::new(ADMISSIONS),
+        }
+    }
 }
 
 impl Transfers {
@@ -109,6 +126,8 @@ fn refuse(e: impl Into<IotdaError>) -> Refusal {
 async fn serve(state: &ServerState, uri: &Uri, headers: &HeaderMap) -> Result<Response, Refusal> {
     let (package_id, file_name) = parse_path(uri.path()).map_err(refuse)?;
     let token = bearer(headers).map_err(|d| refuse(denied(d)))?;
+    // Never closed, so acquiring only waits.
+    let _admitted = state.transfers.admissions.acquire().await;
     let grant = match downloads::authorize(&state.app, token, &package_id)
         .await
         .map_err(refuse)?

@@ -3,9 +3,9 @@
 //! - [`apisign`]: IoTDA application request signing (`SDK-HMAC-SHA256`, `V11-HMAC-SHA256`).
 //! - [`mqtt_auth`]: IoTDA's MQTT device login (client id layout and the HMAC-SHA256 password).
 //! - [`ota`]: IoTDA's MQTT `$ota` events: topics, tolerant uplink parsing, downlink events.
-//!
-//! PCP frames and LwM2M helpers join this crate with the pipelines that use them.
+//! - [`pcp`]: Huawei's PCP frames (software upgrades of LwM2M/CoAP devices) with its check code.
 
 pub mod apisign;
 pub mod mqtt_auth;
 pub mod ota;
+pub mod pcp;

@@ -5,7 +5,9 @@
 //! reads a clock or touches I/O, so every step and timeout is tested on plain numbers.
 //!
 //! - [`mqtt`]: IoTDA's MQTT `$ota` flow.
+//! - [`lwm2m`]: the LwM2M flow with Huawei's PCP (software upgrades of NB-IoT devices).
 
+pub mod lwm2m;
 pub mod mqtt;
 
 use std::time::Duration;
@@ -53,6 +55,30 @@ impl RetryPolicy {
     #[must_use]
     pub const fn max_attempts(self) -> u8 {
         self.retry_count + 1
+    }
+}
+
+/// The meaning of a device's result code: MQTT's `result_code` (`protocols.md` §1.8) and PCP's result
+/// byte (§2.4) share one code space.
+#[must_use]
+pub const fn result_meaning(code: i64) -> &'static str {
+    match code {
+        0 => "success",
+        1 => "device in use",
+        2 => "poor signal",
+        3 => "already the latest version",
+        4 => "low battery",
+        5 => "insufficient storage space",
+        6 => "download timeout",
+        7 => "upgrade package verification failure",
+        8 => "unsupported upgrade package type",
+        9 => "insufficient memory",
+        10 => "upgrade package installation failure",
+        0x7F => "internal error",
+        0x80 => "upgrade task does not exist",
+        0x81 => "segment does not exist",
+        255 => "internal exception",
+        _ => "unknown result code",
     }
 }
 

@@ -57,7 +57,8 @@ impl Code {
     }
 }
 
-/// A result byte (`protocols.md` §2.4, the consolidated code space).
+/// A result byte (`protocols.md` §2.4, the consolidated code space; `domain::flow::result_meaning` says
+/// what each means).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ResultCode(pub u8);
 
@@ -96,39 +97,11 @@ impl ResultCode {
     pub const fn is_ok(self) -> bool {
         self.0 == 0
     }
-
-    /// What the code means, for an operator.
-    #[must_use]
-    pub const fn meaning(self) -> &'static str {
-        match self.0 {
-            0x00 => "success",
-            0x01 => "device in use",
-            0x02 => "poor signal",
-            0x03 => "already the latest version",
-            0x04 => "low battery",
-            0x05 => "insufficient storage space",
-            0x06 => "download timeout",
-            0x07 => "upgrade package verification failure",
-            0x08 => "unsupported upgrade package type",
-            0x09 => "insufficient memory",
-            0x0A => "upgrade package installation failure",
-            0x7F => "internal error",
-            0x80 => "upgrade task does not exist",
-            0x81 => "segment does not exist",
-            _ => "unknown result code",
-        }
-    }
 }
 
 impl fmt::Debug for ResultCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ResultCode(0x{:02X} {})", self.0, self.meaning())
-    }
-}
-
-impl fmt::Display for ResultCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (0x{:02X})", self.meaning(), self.0)
+        write!(f, "ResultCode(0x{:02X})", self.0)
     }
 }
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::RetryPolicy;
+use super::{RetryPolicy, result_meaning};
 use crate::Timestamp;
 use crate::package::PackageType;
 use crate::task::SubtaskStatus;
@@ -141,26 +141,6 @@ impl Failure {
     #[must_use]
     pub const fn retryable(&self) -> bool {
         !matches!(self, Self::UnsupportedSource { .. })
-    }
-}
-
-/// The meaning of an `upgrade_progress_report` `result_code` (`protocols.md` §1.8).
-#[must_use]
-pub const fn result_meaning(code: i64) -> &'static str {
-    match code {
-        0 => "success",
-        1 => "device in use",
-        2 => "poor signal",
-        3 => "already the latest version",
-        4 => "low battery",
-        5 => "insufficient storage space",
-        6 => "download timeout",
-        7 => "upgrade package verification failure",
-        8 => "unsupported upgrade package type",
-        9 => "insufficient memory",
-        10 => "upgrade package installation failure",
-        255 => "internal exception",
-        _ => "unknown result code",
     }
 }
 

@@ -1,7 +1,8 @@
-//! The task driver: runs every subtask's pure state machine (`domain::flow::mqtt`) against the database.
+//! The task driver: runs every subtask's pure state machine (`domain::flow::mqtt` for MQTT products,
+//! `domain::flow::lwm2m` for LwM2M/CoAP ones) against the database.
 //!
-//! Inputs come from three places: devices (connect, disconnect, `version_report`, `upgrade_progress_report`,
-//! through [`Driver::device_event`]), deadlines ([`Driver::run_due`], called by [`Driver::run`] whenever the
+//! Inputs come from three places: devices (connect, disconnect, `version_report`, `upgrade_progress_report`;
+//! registration and PCP messages, through [`Driver::device_event`]), deadlines ([`Driver::run_due`], called by [`Driver::run`] whenever the
 //! earliest `deadline_at` or `schedule_time` passes), and operators (start, stop, retry, through
 //! `service::tasks`).
 //!
@@ -17,13 +18,18 @@
 //! read-modify-write of a subtask must not interleave with another. The lock is never held across an
 //! effect that leaves the process.
 
+mod flow;
+mod slots;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use domain::Timestamp;
+use domain::device::ProtocolType;
 use domain::flow::RetryPolicy;
-use domain::flow::mqtt::{self, Effect, Input, Plan, Timeouts};
+use domain::flow::lwm2m;
+use domain::flow::mqtt::{self, Effect, Plan, Timeouts};
 use domain::package::PackageType;
 use domain::task::{SubtaskStatus, TaskProgress, TaskStatus};
 use sea_orm::sea_query::{Expr, ExprTrait};
@@ -34,8 +40,11 @@ use sea_orm::{
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast};
 
+use self::flow::{AnyEffect, FlowPlan, Machine};
+pub(crate) use self::flow::Step;
+use self::slots::Slots;
 use crate::storage::entity::{
-    device_messages, devices, outbox, packages, subtask_steps, subtasks, tasks,
+    device_messages, devices, outbox, packages, products, subtask_steps, subtasks, tasks,
 };
 use crate::{AppState, Error, Result};
 
@@ -59,12 +68,53 @@ pub trait Downlink: Send + Sync + std::fmt::Debug + 'static {
     fn disconnect(&self, _device_id: &str) {}
 }
 
-/// What a device did, as the MQTT adapter saw it.
+/// Where the driver sends LwM2M devices their PCP messages and reads (the CoAP adapter). Like
+/// [`Downlink`], fire-and-forget: answers come back as [`DeviceEvent`]s, and deadlines handle silence.
+pub trait Lwm2mLink: Send + Sync + std::fmt::Debug + 'static {
+    /// Writes a PCP frame to the device's `/19/1/0`.
+    fn send_pcp(&self, device_id: &str, frame: Vec<u8>);
+
+    /// Reads the device's radio coverage (`/4/0`); the answer comes back as [`DeviceEvent::Coverage`]
+    /// or [`DeviceEvent::CoverageFailed`].
+    fn read_coverage(&self, device_id: &str);
+
+    /// Reads the device's cell id (`/4/0/8`); the answer comes back as [`DeviceEvent::CellId`] or
+    /// [`DeviceEvent::CellIdFailed`].
+    fn read_cell_id(&self, device_id: &str);
+
+    /// Starts serving `package`'s segments to the device (PCP 0x15), or stops (`None`).
+    fn serve(&self, device_id: &str, download: Option<Arc<SegmentSource>>);
+}
+
+/// What a device downloads over PCP: the package and how it is cut.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentSource {
+    /// The package.
+    pub package_id: String,
+    /// Its object key in the store.
+    pub object_key: domain::package::ObjectKey,
+    /// Its version (what 0x15 requests name).
+    pub version: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Bytes per segment.
+    pub segment_size: u16,
+}
+
+impl SegmentSource {
+    /// Segments in the package.
+    #[must_use]
+    pub fn count(&self) -> u16 {
+        u16::try_from(protocol::pcp::segment_count(self.size, self.segment_size)).unwrap_or(u16::MAX)
+    }
+}
+
+/// What a device did, as the MQTT or CoAP adapter saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceEvent {
-    /// It connected (logged in).
+    /// It connected (logged in, or registered over LwM2M).
     Online,
-    /// Its connection ended.
+    /// Its connection (or registration) ended.
     Offline,
     /// `version_report`.
     VersionReport {
@@ -84,31 +134,113 @@ pub enum DeviceEvent {
         /// `description`.
         description: Option<String>,
     },
+    /// PCP 0x13 answer.
+    PcpVersion {
+        /// Its result byte.
+        result: u8,
+        /// The version the device runs.
+        version: String,
+    },
+    /// PCP 0x14 answer.
+    PcpNewVersionAnswer {
+        /// Its result byte.
+        result: u8,
+    },
+    /// PCP 0x15 requests served (reported now and then, for progress).
+    PcpSegment {
+        /// The segment requested.
+        segment: u16,
+        /// Segments in the package.
+        count: u16,
+    },
+    /// PCP 0x16.
+    PcpDownloadResult {
+        /// Its result byte.
+        result: u8,
+    },
+    /// PCP 0x17 answer (or an unsolicited 0x17).
+    PcpExecuteAnswer {
+        /// Its result byte.
+        result: u8,
+    },
+    /// PCP 0x18.
+    PcpUpgradeResult {
+        /// Its result byte.
+        result: u8,
+        /// The version the device runs now.
+        version: String,
+    },
+    /// The `/4/0` read answered.
+    Coverage {
+        /// RSRP, dBm.
+        rsrp: Option<i32>,
+        /// SINR, dB.
+        sinr: Option<i32>,
+        /// Cell id.
+        cell: Option<u32>,
+    },
+    /// The `/4/0` read failed.
+    CoverageFailed,
+    /// The `/4/0/8` read answered.
+    CellId(u32),
+    /// The `/4/0/8` read failed.
+    CellIdFailed,
 }
 
 impl DeviceEvent {
-    fn input(&self) -> Input<'_> {
+    fn input(&self) -> Step<'_> {
         match self {
-            Self::Online => Input::Online,
-            Self::Offline => Input::Offline,
+            Self::Online => Step::Online,
+            Self::Offline => Step::Offline,
             Self::VersionReport {
                 sw_version,
                 fw_version,
-            } => Input::VersionReport {
+            } => Step::Mqtt(mqtt::Input::VersionReport {
                 sw: sw_version.as_deref(),
                 fw: fw_version.as_deref(),
-            },
+            }),
             Self::Progress {
                 result_code,
                 progress,
                 version,
                 description,
-            } => Input::Progress {
+            } => Step::Mqtt(mqtt::Input::Progress {
                 result_code: *result_code,
                 progress: *progress,
                 version: version.as_deref(),
                 description: description.as_deref(),
-            },
+            }),
+            Self::PcpVersion { result, version } => Step::Lwm2m(lwm2m::Input::Version {
+                result: *result,
+                version,
+            }),
+            Self::PcpNewVersionAnswer { result } => {
+                Step::Lwm2m(lwm2m::Input::NewVersionAnswer { result: *result })
+            }
+            Self::PcpSegment { segment, count } => Step::Lwm2m(lwm2m::Input::SegmentRequested {
+                segment: *segment,
+                count: *count,
+            }),
+            Self::PcpDownloadResult { result } => {
+                Step::Lwm2m(lwm2m::Input::DownloadResult { result: *result })
+            }
+            Self::PcpExecuteAnswer { result } => {
+                Step::Lwm2m(lwm2m::Input::ExecuteAnswer { result: *result })
+            }
+            Self::PcpUpgradeResult { result, version } => {
+                Step::Lwm2m(lwm2m::Input::UpgradeResult {
+                    result: *result,
+                    version,
+                })
+            }
+            Self::Coverage { rsrp, sinr, cell } => Step::Lwm2m(lwm2m::Input::Coverage {
+                rsrp: *rsrp,
+                sinr: *sinr,
+                cell: *cell,
+            }),
+            Self::CoverageFailed => Step::Lwm2m(lwm2m::Input::CoverageFailed),
+            Self::CellId(cell) => Step::Lwm2m(lwm2m::Input::CellId(*cell)),
+            Self::CellIdFailed => Step::Lwm2m(lwm2m::Input::CellIdFailed),
         }
     }
 }
@@ -186,6 +318,10 @@ impl Event {
 pub struct DriverSettings {
     /// The MQTT flow's timeouts.
     pub mqtt: Timeouts,
+    /// The LwM2M flow's timeouts.
+    pub lwm2m: lwm2m::Timeouts,
+    /// How radio coverage sets per-cell concurrency.
+    pub coverage: lwm2m::Coverage,
     /// The base of download URLs given to devices, e.g. `https://ota.example.com:8443` (no trailing `/`).
     pub download_base_url: String,
 }
@@ -194,6 +330,8 @@ impl Default for DriverSettings {
     fn default() -> Self {
         Self {
             mqtt: Timeouts::default(),
+            lwm2m: lwm2m::Timeouts::default(),
+            coverage: lwm2m::Coverage::default(),
             download_base_url: "https://localhost:8443".to_owned(),
         }
     }
@@ -204,7 +342,7 @@ impl Default for DriverSettings {
 #[derive(Clone, Debug)]
 struct TaskPlan {
     project_id: String,
-    plan: Plan,
+    plan: FlowPlan,
     package: packages::Model,
     kind: PackageType,
 }
@@ -219,6 +357,9 @@ pub struct Driver {
 struct Inner {
     settings: DriverSettings,
     downlink: RwLock<Option<Arc<dyn Downlink>>>,
+    lwm2m: RwLock<Option<Arc<dyn Lwm2mLink>>>,
+    /// LwM2M download slots per cell and coverage class.
+    slots: Mutex<Slots>,
     write: tokio::sync::Mutex<()>,
     plans: Mutex<HashMap<String, Arc<TaskPlan>>>,
     wake: Notify,
@@ -227,10 +368,25 @@ struct Inner {
     running: std::sync::atomic::AtomicBool,
 }
 
-/// A message to publish once the transaction that decided it has committed.
-struct Outgoing {
-    device_id: String,
-    payload: Vec<u8>,
+/// Something to send once the transaction that decided it has committed.
+enum Outgoing {
+    /// An MQTT message.
+    Mqtt { device_id: String, payload: Vec<u8> },
+    /// A PCP frame to an LwM2M device.
+    Pcp { device_id: String, frame: Vec<u8> },
+    /// A `/4/0` read.
+    ReadCoverage { device_id: String },
+    /// A `/4/0/8` read.
+    ReadCellId { device_id: String },
+    /// Start (or stop) serving segments.
+    Serve {
+        device_id: String,
+        download: Option<Arc<SegmentSource>>,
+    },
+    /// Ask for a download slot.
+    AskSlot { subtask: i64, slot: lwm2m::Slot },
+    /// Give a download slot back.
+    ReleaseSlot { subtask: i64 },
 }
 
 impl Driver {
@@ -242,6 +398,8 @@ impl Driver {
             inner: Arc::new(Inner {
                 settings,
                 downlink: RwLock::new(None),
+                lwm2m: RwLock::new(None),
+                slots: Mutex::new(Slots::default()),
                 write: tokio::sync::Mutex::new(()),
                 plans: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
@@ -272,6 +430,30 @@ impl Driver {
         if let Some(d) = self.downlink() {
             d.disconnect(device_id);
         }
+    }
+
+    /// Connects the driver to the CoAP adapter.
+    pub fn set_lwm2m_link(&self, link: Arc<dyn Lwm2mLink>) {
+        *self
+            .inner
+            .lwm2m
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(link);
+    }
+
+    fn lwm2m_link(&self) -> Option<Arc<dyn Lwm2mLink>> {
+        self.inner
+            .lwm2m
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.inner
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Connects the driver to the device messaging adapter.
@@ -345,6 +527,7 @@ impl Driver {
     /// [`Error::Db`].
     pub async fn run_due(&self, state: &AppState) -> Result<Option<Timestamp>> {
         while self.drain_queued(state).await? == BATCH as usize {}
+        self.sweep_slots(state).await?;
         let now = state.clock.now();
         let scheduled: Vec<String> = tasks::Entity::find()
             .select_only()
@@ -380,7 +563,7 @@ impl Driver {
                 .all(&state.db)
                 .await?;
             let n = due.len() as u64;
-            self.apply(state, due, Input::Timer).await?;
+            self.apply(state, due, Step::Timer).await?;
             if n < BATCH {
                 break;
             }
@@ -471,7 +654,104 @@ impl Driver {
                 "tasks interrupted while starting were picked up again"
             );
         }
-        Ok(())
+        self.recover_slots(state).await
+    }
+
+    /// What `device_id` downloads over PCP now, if anything: its open subtask in the `downloading` step
+    /// (the CoAP adapter asks after a restart, when a device goes on requesting segments).
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub async fn serving(&self, state: &AppState, device_id: &str) -> Result<Option<SegmentSource>> {
+        let Some(row) = subtasks::Entity::find()
+            .filter(subtasks::Column::DeviceId.eq(device_id))
+            .filter(subtasks::Column::Status.eq(SubtaskStatus::Processing.as_str()))
+            .filter(subtasks::Column::Step.eq("downloading"))
+            .one(&state.db)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let Some(plan) = self.plan(state, &row.task_id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(segment_source(&plan.package)?))
+    }
+
+    /// Rebuilds the LwM2M download slots from the subtasks (at start-up): downloading subtasks hold
+    /// theirs, waiting ones queue in the order they started waiting, and free places are granted.
+    async fn recover_slots(&self, state: &AppState) -> Result<()> {
+        let rows: Vec<(i64, String, Option<String>)> = subtasks::Entity::find()
+            .select_only()
+            .column(subtasks::Column::Id)
+            .column(subtasks::Column::Step)
+            .column(subtasks::Column::Machine)
+            .filter(subtasks::Column::Status.eq(SubtaskStatus::Processing.as_str()))
+            .filter(subtasks::Column::Step.is_in(["downloading", "wait_slot"]))
+            .order_by_asc(subtasks::Column::UpdatedAt)
+            .order_by_asc(subtasks::Column::Id)
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        let mut granted = Vec::new();
+        {
+            let mut slots = self.slots();
+            for (id, _, json) in &rows {
+                let Some(machine) = json
+                    .as_deref()
+                    .and_then(|j| serde_json::from_str::<lwm2m::Subtask>(j).ok())
+                else {
+                    continue;
+                };
+                match machine.phase {
+                    lwm2m::Phase::Downloading { slot, .. } => slots.hold(*id, slot),
+                    lwm2m::Phase::WaitSlot { slot } => slots.ask(*id, slot, &mut granted),
+                    _ => {}
+                }
+            }
+        }
+        self.grant(state, granted).await
+    }
+
+    /// Hands granted slots to their subtasks (see [`Driver::apply_in`]).
+    async fn grant(&self, state: &AppState, granted: Vec<i64>) -> Result<()> {
+        let steps = granted
+            .into_iter()
+            .map(|id| (id, Step::Lwm2m(lwm2m::Input::SlotGranted)))
+            .collect();
+        self.apply_in(state, steps, &[]).await
+    }
+
+    /// Frees slots whose holders ended without this process seeing it (stopped from the command line,
+    /// or by another instance).
+    async fn sweep_slots(&self, state: &AppState) -> Result<()> {
+        let holders = self.slots().holders();
+        if holders.is_empty() {
+            return Ok(());
+        }
+        let mut still = std::collections::HashSet::new();
+        for chunk in holders.chunks(BATCH as usize) {
+            let ids: Vec<i64> = subtasks::Entity::find()
+                .select_only()
+                .column(subtasks::Column::Id)
+                .filter(subtasks::Column::Id.is_in(chunk.to_vec()))
+                // Not the step: a subtask granted a slot a moment ago still says `wait_slot`.
+                .filter(subtasks::Column::Status.eq(SubtaskStatus::Processing.as_str()))
+                .into_tuple()
+                .all(&state.db)
+                .await?;
+            still.extend(ids);
+        }
+        let mut granted = Vec::new();
+        {
+            let mut slots = self.slots();
+            for id in holders {
+                if !still.contains(&id) {
+                    slots.release(id, &mut granted);
+                }
+            }
+        }
+        self.grant(state, granted).await
     }
 
     /// Starts a task: moves it to `Processing` and starts every subtask that has not started.
@@ -516,7 +796,7 @@ impl Driver {
             if let Some(last) = ids.last() {
                 after = *last;
             }
-            self.apply(state, ids, Input::Begin).await?;
+            self.apply(state, ids, Step::Begin).await?;
             if n < BATCH {
                 break;
             }
@@ -550,7 +830,7 @@ impl Driver {
         &self,
         state: &AppState,
         subtask_ids: Vec<i64>,
-        input: Input<'static>,
+        input: Step<'static>,
     ) -> Result<()> {
         for chunk in subtask_ids.chunks(BATCH as usize) {
             self.apply(state, chunk.to_vec(), input.clone()).await?;
@@ -586,12 +866,12 @@ impl Driver {
             let mut steps = Vec::with_capacity(rows.len() * 2);
             for (id, device) in &rows {
                 let now_online = if online.contains(device) {
-                    Input::Online
+                    Step::Online
                 } else {
-                    Input::Offline
+                    Step::Offline
                 };
                 steps.push((*id, now_online));
-                steps.push((*id, Input::Start));
+                steps.push((*id, Step::Start));
             }
             self.apply_in(state, steps, &[]).await?;
         }
@@ -644,7 +924,7 @@ impl Driver {
                 open.entry(device).or_default().push(id);
             }
         }
-        let steps: Vec<(i64, Input<'_>)> = events
+        let steps: Vec<(i64, Step<'_>)> = events
             .iter()
             .flat_map(|(device, event)| {
                 open.get(device)
@@ -680,24 +960,42 @@ impl Driver {
         let kind = PackageType::parse(&package.package_type)?;
         let sources: Vec<String> =
             serde_json::from_str(&package.support_source_versions).unwrap_or_default();
-        let retry = RetryPolicy::parse(
-            i64::from(task.retry_count),
-            i64::from(task.retry_interval_min),
-        )
-        .unwrap_or(RetryPolicy::NONE);
-        let plan = Arc::new(TaskPlan {
-            project_id: task.project_id,
-            plan: Plan {
+        let retry = if task.retry_count == 0 {
+            RetryPolicy::NONE
+        } else {
+            RetryPolicy::parse(
+                i64::from(task.retry_count),
+                i64::from(task.retry_interval_min),
+            )
+            .unwrap_or(RetryPolicy::NONE)
+        };
+        let protocol = products::Entity::find_by_id(package.product_id.clone())
+            .one(&state.db)
+            .await?
+            .map_or(Ok(ProtocolType::Mqtt), |p| {
+                ProtocolType::parse(&p.protocol_type)
+            })?;
+        let settings = &self.inner.settings;
+        let flow = if protocol == ProtocolType::CoAP {
+            FlowPlan::Lwm2m(lwm2m::Plan {
+                target: package.version.clone(),
+                sources,
+                retry,
+                timeouts: settings.lwm2m,
+                coverage: settings.coverage,
+            })
+        } else {
+            FlowPlan::Mqtt(Plan {
                 kind,
                 target: package.version.clone(),
                 sources,
-                retry: if task.retry_count == 0 {
-                    RetryPolicy::NONE
-                } else {
-                    retry
-                },
-                timeouts: self.inner.settings.mqtt,
-            },
+                retry,
+                timeouts: settings.mqtt,
+            })
+        };
+        let plan = Arc::new(TaskPlan {
+            project_id: task.project_id,
+            plan: flow,
             package,
             kind,
         });
@@ -710,7 +1008,7 @@ impl Driver {
     /// Rows are read under the write lock but before the transaction, so the transaction's first statement
     /// is a write: on SQLite a transaction that reads first and writes later fails when another connection
     /// wrote in between.
-    async fn apply(&self, state: &AppState, ids: Vec<i64>, input: Input<'_>) -> Result<()> {
+    async fn apply(&self, state: &AppState, ids: Vec<i64>, input: Step<'_>) -> Result<()> {
         let steps = ids.into_iter().map(|id| (id, input.clone())).collect();
         self.apply_in(state, steps, &[]).await
     }
@@ -718,14 +1016,44 @@ impl Driver {
     /// Applies each `(subtask id, input)` in order, all in one transaction that also records what
     /// `devices` say about their devices (online state, versions), so a device's state and its subtasks'
     /// view of it commit together. A subtask named twice sees the state its first input left.
+    ///
+    /// LwM2M download slots freed or granted by these transitions are then handed out, each grant in a
+    /// transition of its own; a grant to a subtask that no longer waits goes to the next in line.
     async fn apply_in(
         &self,
         state: &AppState,
-        steps: Vec<(i64, Input<'_>)>,
+        steps: Vec<(i64, Step<'_>)>,
         devices: &[(String, DeviceEvent)],
     ) -> Result<()> {
+        let mut granted = self.apply_once(state, steps, devices).await?.granted;
+        while !granted.is_empty() {
+            let steps = granted
+                .iter()
+                .map(|id| (*id, Step::Lwm2m(lwm2m::Input::SlotGranted)))
+                .collect();
+            let applied = self.apply_once(state, steps, &[]).await?;
+            let mut next = applied.granted;
+            let mut slots = self.slots();
+            for id in granted {
+                if !applied.changed.contains(&id) {
+                    slots.release(id, &mut next);
+                }
+            }
+            drop(slots);
+            granted = next;
+        }
+        Ok(())
+    }
+
+    async fn apply_once(
+        &self,
+        state: &AppState,
+        steps: Vec<(i64, Step<'_>)>,
+        devices: &[(String, DeviceEvent)],
+    ) -> Result<Applied> {
+        let mut applied = Applied::default();
         if steps.is_empty() && devices.is_empty() {
-            return Ok(());
+            return Ok(applied);
         }
         let mut outgoing = Vec::new();
         let mut events = Vec::new();
@@ -786,12 +1114,18 @@ impl Driver {
                     rows.insert(id, row);
                     continue;
                 };
+                applied.changed.insert(id);
                 if changed.status_changed && !touched_tasks.contains(&changed.row.task_id) {
                     touched_tasks.push(changed.row.task_id.clone());
                 }
                 for effect in &changed.effects {
-                    self.effect_in(state, &txn, now, plan, &changed.row, *effect, &mut outgoing)
-                        .await?;
+                    match *effect {
+                        AnyEffect::Mqtt(e) => {
+                            self.effect_in(state, &txn, now, plan, &changed.row, e, &mut outgoing)
+                                .await?;
+                        }
+                        AnyEffect::Lwm2m(e) => lwm2m_effect(plan, &changed.row, e, &mut outgoing)?,
+                    }
                 }
                 rows.insert(id, changed.row);
             }
@@ -803,26 +1137,62 @@ impl Driver {
             if downlink.is_none() {
                 // No MQTT endpoint in this process (the command line): the messages are queued, with
                 // the state that decided them, for the process that has one.
-                for m in outgoing.drain(..) {
-                    device_messages::ActiveModel {
-                        device_id: Set(m.device_id),
-                        payload: Set(m.payload),
-                        created_at: Set(now.as_millis()),
-                        ..Default::default()
+                for m in &outgoing {
+                    if let Outgoing::Mqtt { device_id, payload } = m {
+                        device_messages::ActiveModel {
+                            device_id: Set(device_id.clone()),
+                            payload: Set(payload.clone()),
+                            created_at: Set(now.as_millis()),
+                            ..Default::default()
+                        }
+                        .insert(&txn)
+                        .await?;
                     }
-                    .insert(&txn)
-                    .await?;
                 }
             }
             txn.commit().await?;
-            if let Some(d) = downlink {
-                for m in outgoing {
-                    d.publish(&m.device_id, m.payload);
+            let link = self.lwm2m_link();
+            for m in outgoing {
+                match m {
+                    Outgoing::Mqtt { device_id, payload } => {
+                        if let Some(d) = &downlink {
+                            d.publish(&device_id, payload);
+                        }
+                    }
+                    Outgoing::Pcp { device_id, frame } => {
+                        if let Some(l) = &link {
+                            l.send_pcp(&device_id, frame);
+                        }
+                    }
+                    Outgoing::ReadCoverage { device_id } => {
+                        if let Some(l) = &link {
+                            l.read_coverage(&device_id);
+                        }
+                    }
+                    Outgoing::ReadCellId { device_id } => {
+                        if let Some(l) = &link {
+                            l.read_cell_id(&device_id);
+                        }
+                    }
+                    Outgoing::Serve {
+                        device_id,
+                        download,
+                    } => {
+                        if let Some(l) = &link {
+                            l.serve(&device_id, download);
+                        }
+                    }
+                    Outgoing::AskSlot { subtask, slot } => {
+                        self.slots().ask(subtask, slot, &mut applied.granted);
+                    }
+                    Outgoing::ReleaseSlot { subtask } => {
+                        self.slots().release(subtask, &mut applied.granted);
+                    }
                 }
             }
         }
         self.publish_events(events);
-        Ok(())
+        Ok(applied)
     }
 
     /// Carries out one effect of a transition inside its transaction: token rows are written or revoked
@@ -841,7 +1211,7 @@ impl Driver {
         use super::service::downloads;
         let event_time = now.to_compact();
         match effect {
-            Effect::SendVersionQuery => outgoing.push(Outgoing {
+            Effect::SendVersionQuery => outgoing.push(Outgoing::Mqtt {
                 device_id: row.device_id.clone(),
                 payload: protocol::ota::version_query(&row.device_id, &event_time),
             }),
@@ -896,7 +1266,7 @@ impl Driver {
                     };
                     protocol::ota::upgrade_event(&row.device_id, &event_time, kind, &notice)
                 };
-                outgoing.push(Outgoing {
+                outgoing.push(Outgoing::Mqtt {
                     device_id: row.device_id.clone(),
                     payload,
                 });
@@ -998,7 +1368,31 @@ async fn record_device(
                 update.exec(txn).await?;
             }
         }
-        DeviceEvent::Progress { .. } => {}
+        // PCP upgrades software: what the device says it runs is its software version.
+        DeviceEvent::PcpVersion { result: 0, version }
+        | DeviceEvent::PcpUpgradeResult { result: 0, version }
+            if !version.is_empty() =>
+        {
+            devices::Entity::update_many()
+                .col_expr(devices::Column::SwVersion, Expr::value(version.clone()))
+                .filter(devices::Column::Id.eq(device_id))
+                .exec(txn)
+                .await?;
+        }
+        DeviceEvent::Coverage { .. } | DeviceEvent::CellId(_) => {
+            let (rsrp, sinr, cell) = match event {
+                DeviceEvent::Coverage { rsrp, sinr, cell } => (*rsrp, *sinr, *cell),
+                DeviceEvent::CellId(cell) => (None, None, Some(*cell)),
+                _ => (None, None, None),
+            };
+            let radio = serde_json::json!({ "rsrp": rsrp, "sinr": sinr, "cell_id": cell, "at": now });
+            devices::Entity::update_many()
+                .col_expr(devices::Column::LastRadio, Expr::value(radio.to_string()))
+                .filter(devices::Column::Id.eq(device_id))
+                .exec(txn)
+                .await?;
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -1047,7 +1441,86 @@ struct Changed {
     /// The row as written.
     row: subtasks::Model,
     status_changed: bool,
-    effects: Vec<Effect>,
+    effects: Vec<AnyEffect>,
+}
+
+/// What one [`Driver::apply_once`] did beyond its transaction.
+#[derive(Default)]
+struct Applied {
+    /// Subtasks whose machine changed.
+    changed: std::collections::HashSet<i64>,
+    /// Subtasks granted a download slot by the slot changes it made.
+    granted: Vec<i64>,
+}
+
+/// How a package is served over PCP.
+fn segment_source(package: &packages::Model) -> Result<SegmentSource> {
+    Ok(SegmentSource {
+        package_id: package.id.clone(),
+        object_key: crate::service::packages::object_key(package)?,
+        version: package.version.clone(),
+        size: u64::try_from(package.size).unwrap_or(0),
+        segment_size: u16::try_from(package.segment_size)
+            .ok()
+            .filter(|s| protocol::pcp::SEGMENT_SIZES.contains(s))
+            .unwrap_or(protocol::pcp::DEFAULT_SEGMENT_SIZE),
+    })
+}
+
+/// Turns an LwM2M effect into what is sent after the commit.
+fn lwm2m_effect(
+    plan: &TaskPlan,
+    row: &subtasks::Model,
+    effect: lwm2m::Effect,
+    outgoing: &mut Vec<Outgoing>,
+) -> Result<()> {
+    use protocol::pcp::{Downlink as Pcp, ResultCode, Version};
+    let device_id = row.device_id.clone();
+    let frame = |m: Pcp<'_>| Outgoing::Pcp {
+        device_id: row.device_id.clone(),
+        frame: m.encode(),
+    };
+    let package = &plan.package;
+    let source = || segment_source(package);
+    match effect {
+        lwm2m::Effect::QueryVersion => outgoing.push(frame(Pcp::QueryVersion)),
+        lwm2m::Effect::ReadCoverage => outgoing.push(Outgoing::ReadCoverage { device_id }),
+        lwm2m::Effect::ReadCellId => outgoing.push(Outgoing::ReadCellId { device_id }),
+        lwm2m::Effect::WaitSlot(slot) => outgoing.push(Outgoing::AskSlot {
+            subtask: row.id,
+            slot,
+        }),
+        lwm2m::Effect::Notify => {
+            let source = source()?;
+            let version = Version::new(&source.version)
+                .map_err(|e| Error::Internal(format!("package {}: {e}", package.id)))?;
+            outgoing.push(Outgoing::Serve {
+                device_id,
+                download: Some(Arc::new(source.clone())),
+            });
+            outgoing.push(frame(Pcp::NewVersion {
+                version,
+                segment_size: source.segment_size,
+                segment_count: source.count(),
+                check_code: 0,
+            }));
+        }
+        lwm2m::Effect::ReleaseSlot(_) => {
+            outgoing.push(Outgoing::Serve {
+                device_id,
+                download: None,
+            });
+            outgoing.push(Outgoing::ReleaseSlot { subtask: row.id });
+        }
+        lwm2m::Effect::AckDownload => outgoing.push(frame(Pcp::DownloadAck {
+            result: ResultCode::OK,
+        })),
+        lwm2m::Effect::Execute => outgoing.push(frame(Pcp::Execute)),
+        lwm2m::Effect::AckUpgrade => outgoing.push(frame(Pcp::UpgradeAck {
+            result: ResultCode::OK,
+        })),
+    }
+    Ok(())
 }
 
 /// Runs one machine and writes its new state (inside `txn`), only if the stored row is still the one
@@ -1057,14 +1530,11 @@ async fn transition(
     now: Timestamp,
     plan: &TaskPlan,
     row: &subtasks::Model,
-    input: Input<'_>,
+    input: Step<'_>,
     events: &mut Vec<Event>,
 ) -> Result<Outcome> {
-    let mut machine = match row.machine.as_deref() {
-        Some(json) => serde_json::from_str::<mqtt::Subtask>(json)
-            .map_err(|e| Error::Internal(format!("subtask {}: stored machine: {e}", row.id)))?,
-        None => mqtt::Subtask::new(false),
-    };
+    let mut machine = Machine::load(&plan.plan, row.machine.as_deref())
+        .map_err(|e| Error::Internal(format!("subtask {}: stored machine: {e}", row.id)))?;
     let before = machine.clone();
     let effects = machine.handle(now, &plan.plan, input);
     if machine == before && effects.is_empty() {
@@ -1073,8 +1543,8 @@ async fn transition(
     let status = machine.status();
     let old_status = SubtaskStatus::parse(&row.status)?;
     let step = machine.step();
-    let progress = i32::from(machine.progress);
-    let failure = machine.failure().cloned();
+    let progress = i32::from(machine.progress());
+    let failure = machine.failure();
     let visible_change = status != old_status || step != row.step || progress != row.progress;
     let at = now.as_millis();
     let json = serde_json::to_string(&machine).map_err(|e| Error::Internal(e.to_string()))?;
@@ -1082,14 +1552,14 @@ async fn transition(
         status: status.as_str().to_owned(),
         step: step.to_owned(),
         progress,
-        attempts: i32::from(machine.attempts),
+        attempts: i32::from(machine.attempts()),
         deadline_at: machine.poll_timeout().map(Timestamp::as_millis),
-        source_version: machine.source_version.clone(),
-        error_code: failure.as_ref().map(mqtt::Failure::code),
-        error_msg: failure.as_ref().map(mqtt::Failure::message),
+        source_version: machine.source_version().map(str::to_owned),
+        error_code: failure.as_ref().map(|f| f.code.clone()),
+        error_msg: failure.as_ref().map(|f| f.message.clone()),
         machine: Some(json),
         updated_at: at,
-        started_at: if row.started_at.is_none() && before.phase == mqtt::Phase::Pending {
+        started_at: if row.started_at.is_none() && before.is_pending() {
             Some(at)
         } else {
             row.started_at
@@ -1160,7 +1630,7 @@ async fn transition(
             PackageType::Firmware => devices::Column::FwVersion,
         };
         devices::Entity::update_many()
-            .col_expr(column, Expr::value(plan.plan.target.clone()))
+            .col_expr(column, Expr::value(plan.plan.target().to_owned()))
             .filter(devices::Column::Id.eq(&row.device_id))
             .exec(txn)
             .await?;
@@ -1168,7 +1638,7 @@ async fn transition(
     if visible_change {
         let detail = failure
             .as_ref()
-            .map(mqtt::Failure::message)
+            .map(|f| f.message.clone())
             .unwrap_or_default();
         subtask_steps::ActiveModel {
             subtask_id: Set(row.id),
@@ -1188,9 +1658,9 @@ async fn transition(
             status: status.as_str().to_owned(),
             step: step.to_owned(),
             progress,
-            attempts: i32::from(machine.attempts),
-            error_code: failure.as_ref().map(mqtt::Failure::code),
-            error_msg: failure.as_ref().map(mqtt::Failure::message),
+            attempts: i32::from(machine.attempts()),
+            error_code: failure.as_ref().map(|f| f.code.clone()),
+            error_msg: failure.as_ref().map(|f| f.message.clone()),
             at,
         };
         write_outbox(txn, &event, at).await?;
@@ -1198,7 +1668,7 @@ async fn transition(
     }
     if status != old_status {
         // Failures are worth an operator's eye; the rest of a large fleet's progress is debug noise.
-        let error = failure.as_ref().map(mqtt::Failure::message);
+        let error = failure.as_ref().map(|f| f.message.as_str());
         if status == SubtaskStatus::Fail {
             tracing::info!(
                 task_id = %row.task_id, device_id = %row.device_id, error = error.as_deref(),

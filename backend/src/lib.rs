@@ -9,6 +9,7 @@
 //! - [`service`]: the operations the console, the API and the command line share (auth, projects, products,
 //!   devices, groups, overview).
 //! - [`driver`]: the task driver, which runs every subtask's state machine against the database.
+//! - [`coap`]: the device CoAP endpoint (LwM2M registration, PCP over `/19/0/0` and `/19/1/0`, coverage reads).
 //! - [`mqtt`]: the device MQTT endpoint (IoTDA login, `$oc` system topics, ACLs) on an embedded rumqttd.
 //! - [`notify`]: push notifications to subscribed applications (signed, retried, in order per task).
 //! - [`state`]: [`AppState`](state::AppState), what every handler and server function receives.
@@ -16,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod clock;
+pub mod coap;
 pub mod db;
 pub mod driver;
 pub mod error;

@@ -334,3 +334,27 @@ fn extension_info(info: &serde_json::Value) -> Result<String> {
     }
     Ok(json)
 }
+
+/// The LwM2M device whose node id is `endpoint` (a registration's endpoint name): of a CoAP product, and
+/// not frozen.
+///
+/// # Errors
+/// [`Error::Db`].
+pub async fn find_lwm2m(state: &AppState, endpoint: &str) -> Result<Option<devices::Model>> {
+    use crate::storage::entity::products;
+    let candidates = devices::Entity::find()
+        .filter(devices::Column::NodeId.eq(endpoint))
+        .filter(devices::Column::Status.ne("FROZEN"))
+        .all(&state.db)
+        .await?;
+    for device in candidates {
+        let coap = products::Entity::find_by_id(device.product_id.clone())
+            .one(&state.db)
+            .await?
+            .is_some_and(|p| p.protocol_type == domain::device::ProtocolType::CoAP.as_str());
+        if coap {
+            return Ok(Some(device));
+        }
+    }
+    Ok(None)
+}

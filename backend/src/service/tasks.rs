@@ -374,27 +374,35 @@ async fn listed_devices(
         )
         .into());
     }
-    check_protocol(state, &package.product_id).await?;
+    check_protocol(state, package).await?;
     Ok(targets
         .iter()
         .filter_map(|t| found.remove(t.as_str()))
         .collect())
 }
 
-/// Upgrades of LwM2M/CoAP products run on the PCP pipeline, which this release does not drive yet.
-async fn check_protocol(state: &AppState, product_id: &str) -> Result<()> {
-    let product = products::Entity::find_by_id(product_id.to_owned())
+/// What the package's product can be upgraded with: MQTT devices take both package types; LwM2M/CoAP
+/// devices take software packages over PCP, whose version field holds 1-16 ASCII characters.
+async fn check_protocol(state: &AppState, package: &packages::Model) -> Result<()> {
+    let product_id = &package.product_id;
+    let product = products::Entity::find_by_id(product_id.clone())
         .one(&state.db)
         .await?
         .ok_or_else(|| Error::not_found("product", product_id))?;
-    if ProtocolType::parse(&product.protocol_type)? == ProtocolType::CoAP {
+    if ProtocolType::parse(&product.protocol_type)? != ProtocolType::CoAP {
+        return Ok(());
+    }
+    if package.package_type != PackageType::Software.as_str() {
         return Err(ValidationError::new(
-            "targets",
+            "task_type",
             format!(
-                "product {product_id} uses LwM2M/CoAP; upgrade tasks currently drive MQTT devices only"
+                "product {product_id} uses LwM2M/CoAP: its devices are upgraded with software packages over PCP (firmware upgrades through LwM2M Object 5 are not available yet)"
             ),
         )
         .into());
+    }
+    if let Err(e) = protocol::pcp::Version::new(&package.version) {
+        return Err(ValidationError::new("package_id", e.to_string()).into());
     }
     Ok(())
 }
@@ -406,7 +414,7 @@ async fn group_devices(
     package: &packages::Model,
     filter: &TargetsFilter,
 ) -> Result<Vec<devices::Model>> {
-    check_protocol(state, &package.product_id).await?;
+    check_protocol(state, package).await?;
     let member_ids = device_group_members::Entity::find()
         .select_only()
         .column(device_group_members::Column::DeviceId)
@@ -704,7 +712,7 @@ pub async fn stop(
     let (ids, results) = select(state, task_id, targets, &OPEN, "stop").await?;
     state
         .driver
-        .command(state, ids, domain::flow::mqtt::Input::Stop)
+        .command(state, ids, crate::driver::Step::Stop)
         .await?;
     if whole {
         super::downloads::revoke_task(state, task_id).await?;

@@ -1,0 +1,1010 @@
+//! The CoAP adapter for LwM2M devices (`protocols.md` §2.1): registration (`/rd`), the observation of
+//! `/19/0/0` that carries every PCP message from a device, PCP messages to devices written to `/19/1/0`,
+//! the radio coverage reads (`/4/0`, `/4/0/8`) and PCP segment serving.
+//!
+//! CoAP reliability (RFC 7252 §4): requests to devices are confirmable and retransmitted with exponential
+//! back-off (2 s, ×1-1.5 random, 4 retransmissions by default); confirmable messages from devices are
+//! acknowledged, and a duplicate (same peer and message id within the exchange lifetime) gets the same
+//! answer again without being processed twice.
+//!
+//! Devices are known by their node id (the endpoint name, usually the IMEI); an unknown or frozen endpoint
+//! is refused with 4.03. A registration lives for its lifetime (`lt`, default 24 h) measured on the
+//! injected clock; when it passes without an update the device goes offline.
+//!
+//! Segments (PCP 0x15) are answered here, without the driver or the database: from a per-package cache of
+//! the package bytes, for the download the driver told this adapter to serve ([`Lwm2mLink::serve`]). The
+//! driver hears about them now and then, for progress.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use coap_lite::{
+    CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType,
+};
+use futures::TryStreamExt;
+use protocol::lwm2m::{self, RegisterParams, connectivity};
+use protocol::pcp::{self, Downlink as Pcp, ResultCode, Uplink};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::AppState;
+use crate::driver::{DeviceEvent, Lwm2mLink, SegmentSource};
+
+/// CoAP transport settings.
+#[derive(Clone, Debug)]
+pub struct CoapSettings {
+    /// RFC 7252 `ACK_TIMEOUT`: the first wait for an acknowledgement.
+    pub ack_timeout: Duration,
+    /// RFC 7252 `MAX_RETRANSMIT`.
+    pub max_retransmit: u32,
+    /// The registration lifetime when a device sends none (LwM2M's default: 86 400 s).
+    pub default_lifetime: Duration,
+    /// Bytes of package data cached for segment serving.
+    pub cache_bytes: usize,
+}
+
+impl Default for CoapSettings {
+    fn default() -> Self {
+        Self {
+            ack_timeout: Duration::from_secs(2),
+            max_retransmit: 4,
+            default_lifetime: Duration::from_secs(86_400),
+            cache_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl CoapSettings {
+    /// RFC 7252 `EXCHANGE_LIFETIME` for these settings: how long a message id stays a duplicate.
+    fn exchange_lifetime(&self) -> Duration {
+        // MAX_TRANSMIT_SPAN + 2 * MAX_LATENCY (100 s) + PROCESSING_DELAY (ACK_TIMEOUT).
+        let span = self
+            .ack_timeout
+            .mul_f64(f64::from((1u32 << self.max_retransmit) - 1) * 1.5);
+        span + Duration::from_secs(200) + self.ack_timeout
+    }
+}
+
+/// Events handed to the driver at once, at most.
+const MAX_BATCH: usize = 500;
+/// Progress is reported to the driver every this many percent of a download.
+const PROGRESS_STEP: u32 = 10;
+
+/// A registered device.
+#[derive(Clone, Debug)]
+struct Session {
+    device_id: String,
+    addr: SocketAddr,
+    reg_id: String,
+    /// When the registration ends without an update (ms on the injected clock).
+    expires_at: i64,
+    lifetime: Duration,
+    /// The token of the `/19/0/0` observation.
+    observe_token: Option<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct Sessions {
+    by_device: HashMap<String, Session>,
+    by_reg: HashMap<String, String>,
+    by_addr: HashMap<SocketAddr, String>,
+}
+
+impl Sessions {
+    fn remove(&mut self, device_id: &str) -> Option<Session> {
+        let s = self.by_device.remove(device_id)?;
+        self.by_reg.remove(&s.reg_id);
+        if self.by_addr.get(&s.addr).is_some_and(|d| d == device_id) {
+            self.by_addr.remove(&s.addr);
+        }
+        Some(s)
+    }
+
+    fn insert(&mut self, s: Session) {
+        self.remove(&s.device_id);
+        self.by_reg.insert(s.reg_id.clone(), s.device_id.clone());
+        self.by_addr.insert(s.addr, s.device_id.clone());
+        self.by_device.insert(s.device_id.clone(), s);
+    }
+}
+
+/// A request to a device waiting for its answer.
+struct Pending {
+    addr: SocketAddr,
+    mid: u16,
+    /// An empty ACK came: stop retransmitting, keep waiting for the separate response.
+    acked: bool,
+    answer: Option<oneshot::Sender<Option<Packet>>>,
+}
+
+#[derive(Default)]
+struct Exchanges {
+    /// By token.
+    pending: HashMap<Vec<u8>, Pending>,
+    /// Message id → token, for empty ACKs and resets.
+    by_mid: HashMap<(SocketAddr, u16), Vec<u8>>,
+    /// Confirmable messages from devices already handled: the reply to repeat (none while in progress),
+    /// and when the entry may go.
+    seen: HashMap<(SocketAddr, u16), (Option<Vec<u8>>, std::time::Instant)>,
+}
+
+/// What a device is being served.
+struct Serving {
+    source: Arc<SegmentSource>,
+    /// The last progress step reported to the driver (percent), if any.
+    reported: Option<u32>,
+}
+
+/// Package bytes for segment serving, per package, least recently used dropped first.
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<String, (Bytes, u64)>,
+    bytes: usize,
+    tick: u64,
+}
+
+/// The CoAP endpoint. Cheap to clone.
+#[derive(Clone)]
+pub struct CoapEndpoint {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CoapEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoapEndpoint")
+            .field("local_addr", &self.inner.socket.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    state: AppState,
+    socket: UdpSocket,
+    settings: CoapSettings,
+    sessions: Mutex<Sessions>,
+    exchanges: Mutex<Exchanges>,
+    serving: Mutex<HashMap<String, Serving>>,
+    cache: Mutex<Cache>,
+    /// Loads of package bytes in progress, so a crowd asking for one package loads it once.
+    loading: tokio::sync::Mutex<()>,
+    next_mid: AtomicU16,
+    events: mpsc::UnboundedSender<(String, DeviceEvent)>,
+    events_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, DeviceEvent)>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl CoapEndpoint {
+    /// An endpoint on `socket`, connected to the driver (it becomes the driver's [`Lwm2mLink`]).
+    #[must_use]
+    pub fn new(state: AppState, socket: UdpSocket, settings: CoapSettings) -> Self {
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let endpoint = Self {
+            inner: Arc::new(Inner {
+                state,
+                socket,
+                settings,
+                sessions: Mutex::default(),
+                exchanges: Mutex::default(),
+                serving: Mutex::default(),
+                cache: Mutex::default(),
+                loading: tokio::sync::Mutex::new(()),
+                next_mid: AtomicU16::new(rand::random()),
+                events,
+                events_rx: Mutex::new(Some(events_rx)),
+            }),
+        };
+        endpoint
+            .inner
+            .state
+            .driver
+            .set_lwm2m_link(Arc::new(endpoint.clone()));
+        endpoint
+    }
+
+    /// The address it listens on.
+    ///
+    /// # Errors
+    /// When the socket has none.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.socket.local_addr()
+    }
+
+    /// Serves until `stop` is cancelled: receives datagrams, expires registrations, feeds the driver.
+    pub async fn run(self, stop: CancellationToken) {
+        let events = lock(&self.inner.events_rx).take();
+        let feeder = events.map(|rx| tokio::spawn(feed_driver(self.inner.state.clone(), rx)));
+        let janitor = tokio::spawn(self.clone().janitor(stop.clone()));
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let received = tokio::select! {
+                () = stop.cancelled() => break,
+                r = self.inner.socket.recv_from(&mut buf) => r,
+            };
+            match received {
+                Ok((n, addr)) => self.datagram(&buf[..n], addr),
+                Err(e) => {
+                    // ICMP port unreachable from a device that went away shows up here on Linux.
+                    tracing::debug!(error.message = %e, "CoAP receive");
+                }
+            }
+        }
+        janitor.abort();
+        if let Some(f) = feeder {
+            f.abort();
+        }
+    }
+
+    /// Expires registrations whose lifetime passed, and forgets old duplicates.
+    async fn janitor(self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let now = self.inner.state.clock.now().as_millis();
+            let expired: Vec<String> = {
+                let mut sessions = lock(&self.inner.sessions);
+                let ids: Vec<String> = sessions
+                    .by_device
+                    .values()
+                    .filter(|s| s.expires_at <= now)
+                    .map(|s| s.device_id.clone())
+                    .collect();
+                for id in &ids {
+                    sessions.remove(id);
+                }
+                ids
+            };
+            for id in expired {
+                tracing::info!(device_id = %id, "LwM2M registration expired");
+                self.event(&id, DeviceEvent::Offline);
+            }
+            let instant = std::time::Instant::now();
+            lock(&self.inner.exchanges)
+                .seen
+                .retain(|_, (_, until)| *until > instant);
+        }
+    }
+
+    /// Devices registered now.
+    #[must_use]
+    pub fn registrations(&self) -> usize {
+        lock(&self.inner.sessions).by_device.len()
+    }
+
+    fn event(&self, device_id: &str, event: DeviceEvent) {
+        let _ = self.inner.events.send((device_id.to_owned(), event));
+    }
+
+    fn send(&self, bytes: &[u8], addr: SocketAddr) {
+        if let Err(e) = self.inner.socket.try_send_to(bytes, addr) {
+            tracing::debug!(%addr, error.message = %e, "CoAP send");
+        }
+    }
+
+    fn datagram(&self, bytes: &[u8], addr: SocketAddr) {
+        let Ok(packet) = Packet::from_bytes(bytes) else {
+            tracing::debug!(%addr, len = bytes.len(), "CoAP: not a CoAP message, dropped");
+            return;
+        };
+        let ty = packet.header.get_type();
+        let mid = packet.header.message_id;
+        match packet.header.code {
+            MessageClass::Request(_) => {
+                if ty == MessageType::Confirmable && self.duplicate(addr, mid) {
+                    return;
+                }
+                let this = self.clone();
+                tokio::spawn(async move { this.request(packet, addr).await });
+            }
+            MessageClass::Empty => match ty {
+                MessageType::Acknowledgement => self.acknowledged(addr, mid, None),
+                MessageType::Reset => self.reset(addr, mid),
+                // A CoAP ping: answer with a reset.
+                MessageType::Confirmable => self.send(&reset(mid), addr),
+                MessageType::NonConfirmable => {}
+            },
+            MessageClass::Response(_) => match ty {
+                MessageType::Acknowledgement => self.acknowledged(addr, mid, Some(packet)),
+                MessageType::Reset => self.reset(addr, mid),
+                MessageType::Confirmable | MessageType::NonConfirmable => {
+                    if ty == MessageType::Confirmable {
+                        let ack = empty_ack(mid);
+                        let first = !self.duplicate(addr, mid);
+                        self.remember(addr, mid, ack.clone());
+                        self.send(&ack, addr);
+                        if !first {
+                            return;
+                        }
+                    }
+                    self.response(packet, addr);
+                }
+            },
+            MessageClass::Reserved(_) => {
+                if ty == MessageType::Confirmable {
+                    self.send(&reset(mid), addr);
+                }
+            }
+        }
+    }
+
+    /// Whether a confirmable message was seen before; if so, its reply (when ready) is sent again.
+    fn duplicate(&self, addr: SocketAddr, mid: u16) -> bool {
+        let mut ex = lock(&self.inner.exchanges);
+        if let Some((reply, _)) = ex.seen.get(&(addr, mid)) {
+            if let Some(reply) = reply.clone() {
+                drop(ex);
+                self.send(&reply, addr);
+            }
+            return true;
+        }
+        let until = std::time::Instant::now() + self.inner.settings.exchange_lifetime();
+        ex.seen.insert((addr, mid), (None, until));
+        false
+    }
+
+    fn remember(&self, addr: SocketAddr, mid: u16, reply: Vec<u8>) {
+        let until = std::time::Instant::now() + self.inner.settings.exchange_lifetime();
+        lock(&self.inner.exchanges)
+            .seen
+            .insert((addr, mid), (Some(reply), until));
+    }
+
+    fn reply(&self, addr: SocketAddr, request: &Packet, response: &Packet) {
+        let Ok(bytes) = response.to_bytes() else {
+            return;
+        };
+        if request.header.get_type() == MessageType::Confirmable {
+            self.remember(addr, request.header.message_id, bytes.clone());
+        }
+        self.send(&bytes, addr);
+    }
+
+    fn acknowledged(&self, addr: SocketAddr, mid: u16, response: Option<Packet>) {
+        let mut ex = lock(&self.inner.exchanges);
+        let Some(token) = ex.by_mid.remove(&(addr, mid)) else {
+            return;
+        };
+        match response {
+            Some(p) if p.get_token() == token.as_slice() => {
+                if let Some(mut pending) = ex.pending.remove(&token)
+                    && let Some(tx) = pending.answer.take()
+                {
+                    let _ = tx.send(Some(p));
+                }
+            }
+            Some(_) => {}
+            None => {
+                if let Some(p) = ex.pending.get_mut(&token) {
+                    p.acked = true;
+                }
+            }
+        }
+    }
+
+    fn reset(&self, addr: SocketAddr, mid: u16) {
+        let mut ex = lock(&self.inner.exchanges);
+        if let Some(token) = ex.by_mid.remove(&(addr, mid))
+            && let Some(mut p) = ex.pending.remove(&token)
+            && let Some(tx) = p.answer.take()
+        {
+            let _ = tx.send(None);
+        }
+    }
+
+    /// A response that is not piggybacked: a separate response to a request of ours, or a notification of
+    /// the `/19/0/0` observation.
+    fn response(&self, packet: Packet, addr: SocketAddr) {
+        {
+            let mut ex = lock(&self.inner.exchanges);
+            if let Some(mut p) = ex.pending.remove(packet.get_token()) {
+                ex.by_mid.remove(&(p.addr, p.mid));
+                if let Some(tx) = p.answer.take() {
+                    let _ = tx.send(Some(packet));
+                }
+                return;
+            }
+        }
+        let device_id = {
+            let mut sessions = lock(&self.inner.sessions);
+            let Some(device_id) = sessions.by_addr.get(&addr).cloned() else {
+                drop(sessions);
+                // Nobody registered there (Updraft restarted, or the device moved): the device cancels
+                // its observation on a reset and registers again.
+                if packet.header.get_type() == MessageType::NonConfirmable {
+                    self.send(&reset(packet.header.message_id), addr);
+                }
+                return;
+            };
+            if let Some(s) = sessions.by_device.get_mut(&device_id)
+                && s.observe_token.as_deref() != Some(packet.get_token())
+            {
+                // The observation from before a restart: adopt it.
+                s.observe_token = Some(packet.get_token().to_vec());
+            }
+            device_id
+        };
+        if matches!(
+            packet.header.code,
+            MessageClass::Response(ResponseType::Content | ResponseType::Changed)
+        ) && !packet.payload.is_empty()
+        {
+            self.uplink(&device_id, addr, &packet.payload);
+        }
+    }
+
+    /// A PCP message from a device.
+    fn uplink(&self, device_id: &str, addr: SocketAddr, payload: &[u8]) {
+        let message = match pcp::decode_exact(payload).and_then(|f| Uplink::parse(&f)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(device_id, error.message = %e, "PCP message dropped");
+                return;
+            }
+        };
+        let event = match message {
+            Uplink::Version { result, version } => DeviceEvent::PcpVersion {
+                result: result.0,
+                version: version.as_string(),
+            },
+            Uplink::NewVersionAnswer { result } => {
+                DeviceEvent::PcpNewVersionAnswer { result: result.0 }
+            }
+            Uplink::SegmentRequest { version, segment } => {
+                let this = self.clone();
+                let device_id = device_id.to_owned();
+                tokio::spawn(async move { this.segment(&device_id, addr, version, segment).await });
+                return;
+            }
+            Uplink::DownloadResult { result } => DeviceEvent::PcpDownloadResult { result: result.0 },
+            Uplink::ExecuteAnswer { result } => DeviceEvent::PcpExecuteAnswer { result: result.0 },
+            Uplink::UpgradeResult { result, version } => DeviceEvent::PcpUpgradeResult {
+                result: result.0,
+                version: version.as_string(),
+            },
+        };
+        self.event(device_id, event);
+    }
+
+    /// Answers a 0x15 segment request from the package cache.
+    async fn segment(&self, device_id: &str, addr: SocketAddr, version: pcp::Version, n: u16) {
+        let source = lock(&self.inner.serving)
+            .get(device_id)
+            .map(|s| s.source.clone());
+        let source = match source {
+            Some(s) => Some(s),
+            // Updraft restarted mid-download: the driver's stored state says what is served.
+            None => self.restore_serving(device_id).await,
+        };
+        let answer = |result: ResultCode, data: &[u8]| {
+            Pcp::Segment {
+                result,
+                segment: n,
+                data,
+            }
+            .encode()
+        };
+        let Some(source) = source.filter(|s| s.version == version.as_string()) else {
+            self.write_pcp(device_id, addr, answer(ResultCode::NO_TASK, &[]));
+            return;
+        };
+        let Some(range) = pcp::segment_range(source.size, source.segment_size, n) else {
+            self.write_pcp(device_id, addr, answer(ResultCode::NO_SEGMENT, &[]));
+            return;
+        };
+        let bytes = match self.package_bytes(&source).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(package_id = %source.package_id, error.message = %e, "PCP: package bytes unavailable");
+                return;
+            }
+        };
+        let (start, end) = (
+            usize::try_from(range.start).unwrap_or(usize::MAX),
+            usize::try_from(range.end).unwrap_or(usize::MAX),
+        );
+        let Some(data) = bytes.get(start..end) else {
+            self.write_pcp(device_id, addr, answer(ResultCode::NO_SEGMENT, &[]));
+            return;
+        };
+        self.write_pcp(device_id, addr, answer(ResultCode::OK, data));
+        self.progress(device_id, &source, n);
+    }
+
+    /// Tells the driver about a download's progress every [`PROGRESS_STEP`] percent (and at its first
+    /// request, which is the device's acceptance).
+    fn progress(&self, device_id: &str, source: &SegmentSource, n: u16) {
+        let count = source.count();
+        if count == 0 {
+            return;
+        }
+        let pct = u32::from(n) * 100 / u32::from(count);
+        let step = pct / PROGRESS_STEP * PROGRESS_STEP;
+        let report = {
+            let mut serving = lock(&self.inner.serving);
+            match serving.get_mut(device_id) {
+                Some(s) if s.reported.is_none_or(|r| step > r) => {
+                    s.reported = Some(step);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if report {
+            self.event(device_id, DeviceEvent::PcpSegment { segment: n, count });
+        }
+    }
+
+    async fn restore_serving(&self, device_id: &str) -> Option<Arc<SegmentSource>> {
+        match self.inner.state.driver.serving(&self.inner.state, device_id).await {
+            Ok(Some(source)) => {
+                let source = Arc::new(source);
+                lock(&self.inner.serving).insert(
+                    device_id.to_owned(),
+                    Serving {
+                        source: source.clone(),
+                        reported: None,
+                    },
+                );
+                Some(source)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(device_id, error.message = %e, "PCP: looking up the download failed");
+                None
+            }
+        }
+    }
+
+    /// The whole package, from the cache or loaded into it once.
+    async fn package_bytes(&self, source: &SegmentSource) -> crate::Result<Bytes> {
+        if let Some(b) = self.cached(&source.package_id) {
+            return Ok(b);
+        }
+        let _loading = self.inner.loading.lock().await;
+        if let Some(b) = self.cached(&source.package_id) {
+            return Ok(b);
+        }
+        let reader = self
+            .inner
+            .state
+            .store
+            .open_range(&source.object_key, 0..source.size, 64 * 1024)
+            .await?;
+        let chunks: Vec<Bytes> = reader
+            .try_collect()
+            .await
+            .map_err(|e| crate::Error::Internal(format!("reading package {}: {e}", source.package_id)))?;
+        let mut all = Vec::with_capacity(usize::try_from(source.size).unwrap_or(0));
+        for c in chunks {
+            all.extend_from_slice(&c);
+        }
+        let bytes = Bytes::from(all);
+        let mut cache = lock(&self.inner.cache);
+        cache.tick += 1;
+        let tick = cache.tick;
+        cache.bytes += bytes.len();
+        cache
+            .entries
+            .insert(source.package_id.clone(), (bytes.clone(), tick));
+        let limit = self.inner.settings.cache_bytes;
+        while cache.bytes > limit && cache.entries.len() > 1 {
+            let Some(oldest) = cache
+                .entries
+                .iter()
+                .filter(|(id, _)| **id != source.package_id)
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(id, _)| id.clone())
+            else {
+                break;
+            };
+            if let Some((b, _)) = cache.entries.remove(&oldest) {
+                cache.bytes -= b.len();
+            }
+        }
+        Ok(bytes)
+    }
+
+    fn cached(&self, package_id: &str) -> Option<Bytes> {
+        let mut cache = lock(&self.inner.cache);
+        cache.tick += 1;
+        let tick = cache.tick;
+        cache.entries.get_mut(package_id).map(|(b, t)| {
+            *t = tick;
+            b.clone()
+        })
+    }
+
+    fn session(&self, device_id: &str) -> Option<Session> {
+        lock(&self.inner.sessions)
+            .by_device
+            .get(device_id)
+            .cloned()
+    }
+
+    /// Writes a PCP frame to the device's `/19/1/0` (confirmable, retransmitted; fire-and-forget).
+    fn write_pcp(&self, device_id: &str, addr: SocketAddr, frame: Vec<u8>) {
+        let mut packet = Packet::new();
+        packet.header.code = MessageClass::Request(RequestType::Put);
+        for seg in ["19", "1", "0"] {
+            packet.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        packet.set_content_format(ContentFormat::ApplicationOctetStream);
+        packet.payload = frame;
+        let this = self.clone();
+        let device_id = device_id.to_owned();
+        tokio::spawn(async move {
+            if this.exchange(addr, packet).await.is_none() {
+                tracing::debug!(device_id, "PCP write not acknowledged");
+            }
+        });
+    }
+
+    /// Sends a confirmable request and waits for its answer; `None` after the last retransmission, or
+    /// on a reset.
+    async fn exchange(&self, addr: SocketAddr, mut packet: Packet) -> Option<Packet> {
+        let mid = self.inner.next_mid.fetch_add(1, Ordering::Relaxed);
+        let token: [u8; 8] = rand::random();
+        packet.header.set_type(MessageType::Confirmable);
+        packet.header.message_id = mid;
+        packet.set_token(token.to_vec());
+        let bytes = packet.to_bytes().ok()?;
+        let (tx, mut rx) = oneshot::channel();
+        {
+            let mut ex = lock(&self.inner.exchanges);
+            ex.pending.insert(
+                token.to_vec(),
+                Pending {
+                    addr,
+                    mid,
+                    acked: false,
+                    answer: Some(tx),
+                },
+            );
+            ex.by_mid.insert((addr, mid), token.to_vec());
+        }
+        let settings = &self.inner.settings;
+        let mut wait = settings
+            .ack_timeout
+            .mul_f64(1.0 + rand::random::<f64>() * 0.5);
+        let mut answer = None;
+        for attempt in 0..=settings.max_retransmit + 1 {
+            let acked = lock(&self.inner.exchanges)
+                .pending
+                .get(token.as_slice())
+                .is_some_and(|p| p.acked);
+            if attempt > settings.max_retransmit && !acked {
+                break;
+            }
+            if !acked {
+                self.send(&bytes, addr);
+            }
+            if let Ok(r) = tokio::time::timeout(wait, &mut rx).await {
+                answer = r.ok().flatten();
+                break;
+            }
+            wait *= 2;
+        }
+        let mut ex = lock(&self.inner.exchanges);
+        ex.pending.remove(token.as_slice());
+        ex.by_mid.remove(&(addr, mid));
+        answer
+    }
+
+    /// A request from a device: the registration interface.
+    async fn request(&self, packet: Packet, addr: SocketAddr) {
+        let path: Vec<String> = packet
+            .get_option(CoapOption::UriPath)
+            .map(|l| {
+                l.iter()
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let method = match packet.header.code {
+            MessageClass::Request(m) => m,
+            _ => return,
+        };
+        let (code, location) = match (method, path.as_slice()) {
+            (RequestType::Post, [rd]) if rd == "rd" => self.register(&packet, addr).await,
+            (RequestType::Post, [rd, id]) if rd == "rd" => (self.update(id, &packet, addr), None),
+            (RequestType::Delete, [rd, id]) if rd == "rd" => (self.deregister(id), None),
+            (RequestType::Post | RequestType::Delete, [rd, ..]) if rd == "rd" => {
+                (ResponseType::NotFound, None)
+            }
+            _ => (ResponseType::NotFound, None),
+        };
+        let mut response = Packet::new();
+        response.header.code = MessageClass::Response(code);
+        response.header.message_id = packet.header.message_id;
+        response.set_token(packet.get_token().to_vec());
+        response.header.set_type(
+            if packet.header.get_type() == MessageType::Confirmable {
+                MessageType::Acknowledgement
+            } else {
+                MessageType::NonConfirmable
+            },
+        );
+        if packet.header.get_type() == MessageType::NonConfirmable {
+            response.header.message_id = self.inner.next_mid.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(id) = &location {
+            response.add_option(CoapOption::LocationPath, b"rd".to_vec());
+            response.add_option(CoapOption::LocationPath, id.as_bytes().to_vec());
+        }
+        self.reply(addr, &packet, &response);
+        if let Some(reg_id) = location {
+            let this = self.clone();
+            tokio::spawn(async move { this.observe_and_announce(reg_id).await });
+        }
+    }
+
+    /// `POST /rd?ep=...`: 2.01 with a location, 4.00 for bad parameters, 4.03 for an unknown endpoint.
+    async fn register(&self, packet: &Packet, addr: SocketAddr) -> (ResponseType, Option<String>) {
+        let queries: Vec<Vec<u8>> = packet
+            .get_option(CoapOption::UriQuery)
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default();
+        let params = match RegisterParams::parse(queries.iter().map(Vec::as_slice)) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::info!(%addr, error.message = %e, "LwM2M registration refused");
+                return (ResponseType::BadRequest, None);
+            }
+        };
+        let Some(endpoint) = params.endpoint else {
+            return (ResponseType::BadRequest, None);
+        };
+        let device = match crate::service::devices::find_lwm2m(&self.inner.state, &endpoint).await
+        {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                tracing::info!(%addr, endpoint, "LwM2M registration refused: unknown or frozen endpoint");
+                return (ResponseType::Forbidden, None);
+            }
+            Err(e) => {
+                tracing::warn!(endpoint, error.message = %e, "LwM2M registration: device lookup failed");
+                return (ResponseType::InternalServerError, None);
+            }
+        };
+        let lifetime = params.lifetime.map_or(self.inner.settings.default_lifetime, |s| {
+            Duration::from_secs(u64::from(s))
+        });
+        let reg_id = hex::encode(rand::random::<[u8; 6]>());
+        let now = self.inner.state.clock.now();
+        lock(&self.inner.sessions).insert(Session {
+            device_id: device.id.clone(),
+            addr,
+            reg_id: reg_id.clone(),
+            expires_at: now.plus(lifetime).as_millis(),
+            lifetime,
+            observe_token: None,
+        });
+        tracing::debug!(device_id = %device.id, endpoint, %addr, "LwM2M registered");
+        (ResponseType::Created, Some(reg_id))
+    }
+
+    /// After a registration was answered: observe `/19/0/0`, then tell the driver the device is here (so
+    /// its answers to what the driver sends can arrive).
+    async fn observe_and_announce(&self, reg_id: String) {
+        let Some(session) = ({
+            let sessions = lock(&self.inner.sessions);
+            sessions
+                .by_reg
+                .get(&reg_id)
+                .and_then(|d| sessions.by_device.get(d))
+                .cloned()
+        }) else {
+            return;
+        };
+        let mut observe = Packet::new();
+        observe.header.code = MessageClass::Request(RequestType::Get);
+        observe.add_option(CoapOption::Observe, Vec::new());
+        for seg in ["19", "0", "0"] {
+            observe.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        observe.add_option(CoapOption::Accept, format_bytes(lwm2m::FORMAT_OPAQUE));
+        match self.exchange_observe(session.addr, observe).await {
+            Some(token) => {
+                if let Some(s) = lock(&self.inner.sessions)
+                    .by_device
+                    .get_mut(&session.device_id)
+                    .filter(|s| s.reg_id == reg_id)
+                {
+                    s.observe_token = Some(token);
+                }
+            }
+            None => tracing::info!(device_id = %session.device_id, "LwM2M: observing /19/0/0 failed"),
+        }
+        self.event(&session.device_id, DeviceEvent::Online);
+    }
+
+    /// Sends an observe request; returns its token when the device accepted it.
+    async fn exchange_observe(&self, addr: SocketAddr, packet: Packet) -> Option<Vec<u8>> {
+        let answer = self.exchange(addr, packet).await?;
+        let ok = matches!(
+            answer.header.code,
+            MessageClass::Response(ResponseType::Content | ResponseType::Changed)
+        );
+        ok.then(|| answer.get_token().to_vec())
+    }
+
+    /// `POST /rd/{id}`: a registration update (lifetime refreshed, address possibly changed).
+    fn update(&self, reg_id: &str, packet: &Packet, addr: SocketAddr) -> ResponseType {
+        let queries: Vec<Vec<u8>> = packet
+            .get_option(CoapOption::UriQuery)
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default();
+        let Ok(params) = RegisterParams::parse(queries.iter().map(Vec::as_slice)) else {
+            return ResponseType::BadRequest;
+        };
+        let now = self.inner.state.clock.now();
+        let mut sessions = lock(&self.inner.sessions);
+        let Some(device_id) = sessions.by_reg.get(reg_id).cloned() else {
+            return ResponseType::NotFound;
+        };
+        let Some(mut s) = sessions.by_device.get(&device_id).cloned() else {
+            return ResponseType::NotFound;
+        };
+        if let Some(lt) = params.lifetime {
+            s.lifetime = Duration::from_secs(u64::from(lt));
+        }
+        s.expires_at = now.plus(s.lifetime).as_millis();
+        s.addr = addr;
+        sessions.insert(s);
+        ResponseType::Changed
+    }
+
+    /// `DELETE /rd/{id}`.
+    fn deregister(&self, reg_id: &str) -> ResponseType {
+        let removed = {
+            let mut sessions = lock(&self.inner.sessions);
+            let Some(device_id) = sessions.by_reg.get(reg_id).cloned() else {
+                return ResponseType::NotFound;
+            };
+            sessions.remove(&device_id)
+        };
+        if let Some(s) = removed {
+            self.event(&s.device_id, DeviceEvent::Offline);
+        }
+        ResponseType::Deleted
+    }
+
+    /// Reads `path` (`/4/0` or `/4/0/8`) with `accept`; the integer resources of the answer.
+    async fn read(&self, device_id: &str, path: &[&str], single: Option<u16>) -> Option<Vec<(u16, i64)>> {
+        let session = self.session(device_id)?;
+        let mut packet = Packet::new();
+        packet.header.code = MessageClass::Request(RequestType::Get);
+        for seg in path {
+            packet.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        packet.add_option(CoapOption::Accept, format_bytes(lwm2m::FORMAT_TLV));
+        let answer = self.exchange(session.addr, packet).await?;
+        if answer.header.code != MessageClass::Response(ResponseType::Content) {
+            return None;
+        }
+        let format = answer
+            .get_first_option(CoapOption::ContentFormat)
+            .map_or(lwm2m::FORMAT_TEXT, |v| {
+                v.iter().fold(0u16, |acc, b| (acc << 8) | u16::from(*b))
+            });
+        match lwm2m::integer_resources(format, &answer.payload, single) {
+            Ok(values) => Some(values.into_iter().collect()),
+            Err(e) => {
+                tracing::info!(device_id, error.message = %e, "LwM2M read answer not understood");
+                None
+            }
+        }
+    }
+}
+
+impl Lwm2mLink for CoapEndpoint {
+    fn send_pcp(&self, device_id: &str, frame: Vec<u8>) {
+        match self.session(device_id) {
+            Some(s) => self.write_pcp(device_id, s.addr, frame),
+            None => tracing::debug!(device_id, "PCP message not sent: the device is not registered"),
+        }
+    }
+
+    fn read_coverage(&self, device_id: &str) {
+        let this = self.clone();
+        let device_id = device_id.to_owned();
+        tokio::spawn(async move {
+            let event = match this.read(&device_id, &["4", "0"], None).await {
+                Some(values) => {
+                    let get = |id: u16| values.iter().find(|(r, _)| *r == id).map(|(_, v)| *v);
+                    DeviceEvent::Coverage {
+                        rsrp: get(connectivity::RSRP).and_then(|v| i32::try_from(v).ok()),
+                        sinr: get(connectivity::SINR).and_then(|v| i32::try_from(v).ok()),
+                        cell: get(connectivity::CELL_ID).and_then(|v| u32::try_from(v).ok()),
+                    }
+                }
+                None => DeviceEvent::CoverageFailed,
+            };
+            this.event(&device_id, event);
+        });
+    }
+
+    fn read_cell_id(&self, device_id: &str) {
+        let this = self.clone();
+        let device_id = device_id.to_owned();
+        tokio::spawn(async move {
+            let cell = this
+                .read(&device_id, &["4", "0", "8"], Some(connectivity::CELL_ID))
+                .await
+                .and_then(|values| {
+                    values
+                        .iter()
+                        .find(|(r, _)| *r == connectivity::CELL_ID)
+                        .and_then(|(_, v)| u32::try_from(*v).ok())
+                });
+            let event = cell.map_or(DeviceEvent::CellIdFailed, DeviceEvent::CellId);
+            this.event(&device_id, event);
+        });
+    }
+
+    fn serve(&self, device_id: &str, download: Option<Arc<SegmentSource>>) {
+        let mut serving = lock(&self.inner.serving);
+        match download {
+            Some(source) => {
+                serving.insert(
+                    device_id.to_owned(),
+                    Serving {
+                        source,
+                        reported: None,
+                    },
+                );
+            }
+            None => {
+                serving.remove(device_id);
+            }
+        }
+    }
+}
+
+/// Hands device events to the driver in order, in batches.
+async fn feed_driver(state: AppState, mut rx: mpsc::UnboundedReceiver<(String, DeviceEvent)>) {
+    let mut batch = Vec::new();
+    while let Some(e) = rx.recv().await {
+        batch.push(e);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = state
+            .driver
+            .device_events(&state, std::mem::take(&mut batch))
+            .await
+        {
+            tracing::warn!(error.message = %e, "LwM2M device events not recorded");
+        }
+    }
+}
+
+fn format_bytes(format: u16) -> Vec<u8> {
+    match format {
+        0 => Vec::new(),
+        f if f <= 0xFF => vec![u8::try_from(f).unwrap_or(0)],
+        f => f.to_be_bytes().to_vec(),
+    }
+}
+
+fn empty_ack(mid: u16) -> Vec<u8> {
+    let [hi, lo] = mid.to_be_bytes();
+    vec![0x60, 0x00, hi, lo]
+}
+
+fn reset(mid: u16) -> Vec<u8> {
+    let [hi, lo] = mid.to_be_bytes();
+    vec![0x70, 0x00, hi, lo]
+}

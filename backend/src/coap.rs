@@ -122,6 +122,9 @@ struct Pending {
     answer: Option<oneshot::Sender<Option<Packet>>>,
 }
 
+/// A confirmable message already handled: its reply (none while in progress), and until when it counts.
+type Seen = (Option<Vec<u8>>, std::time::Instant);
+
 #[derive(Default)]
 struct Exchanges {
     /// By token.
@@ -130,7 +133,7 @@ struct Exchanges {
     by_mid: HashMap<(SocketAddr, u16), Vec<u8>>,
     /// Confirmable messages from devices already handled: the reply to repeat (none while in progress),
     /// and when the entry may go.
-    seen: HashMap<(SocketAddr, u16), (Option<Vec<u8>>, std::time::Instant)>,
+    seen: HashMap<(SocketAddr, u16), Seen>,
 }
 
 /// What a device is being served.
@@ -464,7 +467,9 @@ impl CoapEndpoint {
                 tokio::spawn(async move { this.segment(&device_id, addr, version, segment).await });
                 return;
             }
-            Uplink::DownloadResult { result } => DeviceEvent::PcpDownloadResult { result: result.0 },
+            Uplink::DownloadResult { result } => {
+                DeviceEvent::PcpDownloadResult { result: result.0 }
+            }
             Uplink::ExecuteAnswer { result } => DeviceEvent::PcpExecuteAnswer { result: result.0 },
             Uplink::UpgradeResult { result, version } => DeviceEvent::PcpUpgradeResult {
                 result: result.0,
@@ -544,7 +549,13 @@ impl CoapEndpoint {
     }
 
     async fn restore_serving(&self, device_id: &str) -> Option<Arc<SegmentSource>> {
-        match self.inner.state.driver.serving(&self.inner.state, device_id).await {
+        match self
+            .inner
+            .state
+            .driver
+            .serving(&self.inner.state, device_id)
+            .await
+        {
             Ok(Some(source)) => {
                 let source = Arc::new(source);
                 lock(&self.inner.serving).insert(
@@ -579,10 +590,9 @@ impl CoapEndpoint {
             .store
             .open_range(&source.object_key, 0..source.size, 64 * 1024)
             .await?;
-        let chunks: Vec<Bytes> = reader
-            .try_collect()
-            .await
-            .map_err(|e| crate::Error::Internal(format!("reading package {}: {e}", source.package_id)))?;
+        let chunks: Vec<Bytes> = reader.try_collect().await.map_err(|e| {
+            crate::Error::Internal(format!("reading package {}: {e}", source.package_id))
+        })?;
         let mut all = Vec::with_capacity(usize::try_from(source.size).unwrap_or(0));
         for c in chunks {
             all.extend_from_slice(&c);
@@ -624,10 +634,7 @@ impl CoapEndpoint {
     }
 
     fn session(&self, device_id: &str) -> Option<Session> {
-        lock(&self.inner.sessions)
-            .by_device
-            .get(device_id)
-            .cloned()
+        lock(&self.inner.sessions).by_device.get(device_id).cloned()
     }
 
     /// Writes a PCP frame to the device's `/19/1/0` (confirmable, retransmitted; fire-and-forget).
@@ -685,6 +692,7 @@ impl CoapEndpoint {
                 break;
             }
             if !acked {
+                tracing::trace!(%addr, mid, attempt, "CoAP request sent");
                 self.send(&bytes, addr);
             }
             if let Ok(r) = tokio::time::timeout(wait, &mut rx).await {
@@ -726,13 +734,13 @@ impl CoapEndpoint {
         response.header.code = MessageClass::Response(code);
         response.header.message_id = packet.header.message_id;
         response.set_token(packet.get_token().to_vec());
-        response.header.set_type(
-            if packet.header.get_type() == MessageType::Confirmable {
+        response
+            .header
+            .set_type(if packet.header.get_type() == MessageType::Confirmable {
                 MessageType::Acknowledgement
             } else {
                 MessageType::NonConfirmable
-            },
-        );
+            });
         if packet.header.get_type() == MessageType::NonConfirmable {
             response.header.message_id = self.inner.next_mid.fetch_add(1, Ordering::Relaxed);
         }
@@ -763,8 +771,7 @@ impl CoapEndpoint {
         let Some(endpoint) = params.endpoint else {
             return (ResponseType::BadRequest, None);
         };
-        let device = match crate::service::devices::find_lwm2m(&self.inner.state, &endpoint).await
-        {
+        let device = match crate::service::devices::find_lwm2m(&self.inner.state, &endpoint).await {
             Ok(Some(d)) => d,
             Ok(None) => {
                 tracing::info!(%addr, endpoint, "LwM2M registration refused: unknown or frozen endpoint");
@@ -775,9 +782,11 @@ impl CoapEndpoint {
                 return (ResponseType::InternalServerError, None);
             }
         };
-        let lifetime = params.lifetime.map_or(self.inner.settings.default_lifetime, |s| {
-            Duration::from_secs(u64::from(s))
-        });
+        let lifetime = params
+            .lifetime
+            .map_or(self.inner.settings.default_lifetime, |s| {
+                Duration::from_secs(u64::from(s))
+            });
         let reg_id = hex::encode(rand::random::<[u8; 6]>());
         let now = self.inner.state.clock.now();
         lock(&self.inner.sessions).insert(Session {
@@ -822,7 +831,9 @@ impl CoapEndpoint {
                     s.observe_token = Some(token);
                 }
             }
-            None => tracing::info!(device_id = %session.device_id, "LwM2M: observing /19/0/0 failed"),
+            None => {
+                tracing::info!(device_id = %session.device_id, "LwM2M: observing /19/0/0 failed")
+            }
         }
         self.event(&session.device_id, DeviceEvent::Online);
     }
@@ -879,7 +890,12 @@ impl CoapEndpoint {
     }
 
     /// Reads `path` (`/4/0` or `/4/0/8`) with `accept`; the integer resources of the answer.
-    async fn read(&self, device_id: &str, path: &[&str], single: Option<u16>) -> Option<Vec<(u16, i64)>> {
+    async fn read(
+        &self,
+        device_id: &str,
+        path: &[&str],
+        single: Option<u16>,
+    ) -> Option<Vec<(u16, i64)>> {
         let session = self.session(device_id)?;
         let mut packet = Packet::new();
         packet.header.code = MessageClass::Request(RequestType::Get);
@@ -910,7 +926,10 @@ impl Lwm2mLink for CoapEndpoint {
     fn send_pcp(&self, device_id: &str, frame: Vec<u8>) {
         match self.session(device_id) {
             Some(s) => self.write_pcp(device_id, s.addr, frame),
-            None => tracing::debug!(device_id, "PCP message not sent: the device is not registered"),
+            None => tracing::debug!(
+                device_id,
+                "PCP message not sent: the device is not registered"
+            ),
         }
     }
 

@@ -40,8 +40,8 @@ use sea_orm::{
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast};
 
-use self::flow::{AnyEffect, FlowPlan, Machine};
 pub(crate) use self::flow::Step;
+use self::flow::{AnyEffect, FlowPlan, Machine};
 use self::slots::Slots;
 use crate::storage::entity::{
     device_messages, devices, outbox, packages, products, subtask_steps, subtasks, tasks,
@@ -105,7 +105,8 @@ impl SegmentSource {
     /// Segments in the package.
     #[must_use]
     pub fn count(&self) -> u16 {
-        u16::try_from(protocol::pcp::segment_count(self.size, self.segment_size)).unwrap_or(u16::MAX)
+        u16::try_from(protocol::pcp::segment_count(self.size, self.segment_size))
+            .unwrap_or(u16::MAX)
     }
 }
 
@@ -662,7 +663,11 @@ impl Driver {
     ///
     /// # Errors
     /// [`Error::Db`].
-    pub async fn serving(&self, state: &AppState, device_id: &str) -> Result<Option<SegmentSource>> {
+    pub async fn serving(
+        &self,
+        state: &AppState,
+        device_id: &str,
+    ) -> Result<Option<SegmentSource>> {
         let Some(row) = subtasks::Entity::find()
             .filter(subtasks::Column::DeviceId.eq(device_id))
             .filter(subtasks::Column::Status.eq(SubtaskStatus::Processing.as_str()))
@@ -796,7 +801,9 @@ impl Driver {
             if let Some(last) = ids.last() {
                 after = *last;
             }
-            self.apply(state, ids, Step::Begin).await?;
+            // Whether each device is connected is read when the step is applied.
+            self.apply(state, ids, Step::Begin { online: false })
+                .await?;
             if n < BATCH {
                 break;
             }
@@ -905,35 +912,9 @@ impl Driver {
         if events.is_empty() {
             return Ok(());
         }
-        let mut device_ids: Vec<&str> = events.iter().map(|(d, _)| d.as_str()).collect();
-        device_ids.sort_unstable();
-        device_ids.dedup();
-        let mut open: HashMap<String, Vec<i64>> = HashMap::new();
-        for chunk in device_ids.chunks(BATCH as usize) {
-            let rows: Vec<(i64, String)> = subtasks::Entity::find()
-                .select_only()
-                .column(subtasks::Column::Id)
-                .column(subtasks::Column::DeviceId)
-                .filter(subtasks::Column::DeviceId.is_in(chunk.iter().copied()))
-                .filter(subtasks::Column::Status.is_in(OPEN.map(SubtaskStatus::as_str)))
-                .order_by_asc(subtasks::Column::Id)
-                .into_tuple()
-                .all(&state.db)
-                .await?;
-            for (id, device) in rows {
-                open.entry(device).or_default().push(id);
-            }
-        }
-        let steps: Vec<(i64, Step<'_>)> = events
-            .iter()
-            .flat_map(|(device, event)| {
-                open.get(device)
-                    .into_iter()
-                    .flatten()
-                    .map(move |id| (*id, event.input()))
-            })
-            .collect();
-        self.apply_in(state, steps, &events).await
+        // The device's open subtasks are looked up under the write lock (in `apply_once`): a task
+        // starting meanwhile either sees the device's new state or is seen by the lookup.
+        self.apply_in(state, Vec::new(), &events).await
     }
 
     async fn plan(&self, state: &AppState, task_id: &str) -> Result<Option<Arc<TaskPlan>>> {
@@ -1060,6 +1041,8 @@ impl Driver {
         {
             let _w = self.inner.write.lock().await;
             let now = state.clock.now();
+            let mut steps = steps;
+            steps.extend(open_steps(state, devices).await?);
             let mut ids: Vec<i64> = steps.iter().map(|(id, _)| *id).collect();
             ids.sort_unstable();
             ids.dedup();
@@ -1071,6 +1054,16 @@ impl Driver {
                     .await?
                 {
                     rows.insert(row.id, row);
+                }
+            }
+            // Whether a beginning subtask's device is connected, read under the lock (see `open_steps`).
+            if steps.iter().any(|(_, s)| matches!(s, Step::Begin { .. })) {
+                let online =
+                    online_devices(state, rows.values().map(|r| r.device_id.clone())).await?;
+                for (id, step) in &mut steps {
+                    if let Step::Begin { online: o } = step {
+                        *o = rows.get(id).is_some_and(|r| online.contains(&r.device_id));
+                    }
                 }
             }
             let mut plans: HashMap<i64, Arc<TaskPlan>> = HashMap::with_capacity(rows.len());
@@ -1318,6 +1311,66 @@ impl Driver {
     }
 }
 
+/// The open subtasks each event applies to, in event order.
+async fn open_steps<'a>(
+    state: &AppState,
+    events: &'a [(String, DeviceEvent)],
+) -> Result<Vec<(i64, Step<'a>)>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut device_ids: Vec<&str> = events.iter().map(|(d, _)| d.as_str()).collect();
+    device_ids.sort_unstable();
+    device_ids.dedup();
+    let mut open: HashMap<String, Vec<i64>> = HashMap::new();
+    for chunk in device_ids.chunks(BATCH as usize) {
+        let rows: Vec<(i64, String)> = subtasks::Entity::find()
+            .select_only()
+            .column(subtasks::Column::Id)
+            .column(subtasks::Column::DeviceId)
+            .filter(subtasks::Column::DeviceId.is_in(chunk.iter().copied()))
+            .filter(subtasks::Column::Status.is_in(OPEN.map(SubtaskStatus::as_str)))
+            .order_by_asc(subtasks::Column::Id)
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        for (id, device) in rows {
+            open.entry(device).or_default().push(id);
+        }
+    }
+    Ok(events
+        .iter()
+        .flat_map(|(device, event)| {
+            open.get(device)
+                .into_iter()
+                .flatten()
+                .map(move |id| (*id, event.input()))
+        })
+        .collect())
+}
+
+/// Which of `devices` are connected now.
+async fn online_devices(
+    state: &AppState,
+    devices: impl Iterator<Item = String>,
+) -> Result<std::collections::HashSet<String>> {
+    let devices: Vec<String> = devices.collect();
+    let mut online = std::collections::HashSet::new();
+    for chunk in devices.chunks(BATCH as usize) {
+        online.extend(
+            devices::Entity::find()
+                .select_only()
+                .column(devices::Column::Id)
+                .filter(devices::Column::Id.is_in(chunk.to_vec()))
+                .filter(devices::Column::Status.eq("ONLINE"))
+                .into_tuple::<String>()
+                .all(&state.db)
+                .await?,
+        );
+    }
+    Ok(online)
+}
+
 /// Records what a device event says about the device itself: online state, reported versions.
 async fn record_device(
     txn: &DatabaseTransaction,
@@ -1385,7 +1438,8 @@ async fn record_device(
                 DeviceEvent::CellId(cell) => (None, None, Some(*cell)),
                 _ => (None, None, None),
             };
-            let radio = serde_json::json!({ "rsrp": rsrp, "sinr": sinr, "cell_id": cell, "at": now });
+            let radio =
+                serde_json::json!({ "rsrp": rsrp, "sinr": sinr, "cell_id": cell, "at": now });
             devices::Entity::update_many()
                 .col_expr(devices::Column::LastRadio, Expr::value(radio.to_string()))
                 .filter(devices::Column::Id.eq(device_id))
@@ -1671,13 +1725,13 @@ async fn transition(
         let error = failure.as_ref().map(|f| f.message.as_str());
         if status == SubtaskStatus::Fail {
             tracing::info!(
-                task_id = %row.task_id, device_id = %row.device_id, error = error.as_deref(),
+                task_id = %row.task_id, device_id = %row.device_id, error,
                 "subtask failed"
             );
         } else {
             tracing::debug!(
                 task_id = %row.task_id, device_id = %row.device_id,
-                from = old_status.as_str(), to = status.as_str(), step, error = error.as_deref(),
+                from = old_status.as_str(), to = status.as_str(), step, error,
                 "subtask status"
             );
         }

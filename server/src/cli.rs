@@ -88,6 +88,8 @@ pub enum Command {
 pub enum SimCommand {
     /// Simulated MQTT devices doing IoTDA's `$ota` upgrade flow.
     Mqtt(sim::SimMqttArgs),
+    /// Simulated NB-IoT devices: LwM2M over CoAP, software upgrades with PCP.
+    Lwm2m(sim::SimLwm2mArgs),
 }
 
 /// `updraft package ...`.
@@ -168,6 +170,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Sim {
             command: SimCommand::Mqtt(args),
         } => sim::run(settings, args).await,
+        Command::Sim {
+            command: SimCommand::Lwm2m(args),
+        } => sim::run_lwm2m(settings, args).await,
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     /// Upgrade tasks: the MQTT flow's timeouts.
     pub tasks: TaskSettings,
+    /// The device CoAP endpoint (LwM2M, PCP) and the LwM2M flow.
+    pub lwm2m: Lwm2mSettings,
     /// The application REST API (`/v5`).
     pub api: ApiSettings,
     /// Push notifications to applications.
@@ -247,6 +249,66 @@ pub struct MqttSettings {
     pub max_packet_size: usize,
 }
 
+/// The device CoAP endpoint (LwM2M registration, PCP software upgrades) and the LwM2M flow's timeouts
+/// and per-cell concurrency (`design.md`, the LwM2M table).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Lwm2mSettings {
+    /// Serve CoAP at all.
+    pub enabled: bool,
+    /// The UDP address (CoAP, no DTLS).
+    pub listen: SocketAddr,
+    /// The registration lifetime when a device sends none.
+    #[serde(with = "humantime_serde")]
+    pub default_lifetime: Duration,
+    /// CoAP `ACK_TIMEOUT`: the first wait before a confirmable message to a device is sent again.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// CoAP `MAX_RETRANSMIT`.
+    pub max_retransmit: u32,
+    /// Bytes of package data kept in memory for serving segments.
+    pub cache_bytes: usize,
+    /// How long a subtask waits for its device to register.
+    #[serde(with = "humantime_serde")]
+    pub online_timeout: Duration,
+    /// How long it waits for the PCP 0x13 answer.
+    #[serde(with = "humantime_serde")]
+    pub version_timeout: Duration,
+    /// How long it waits for the radio coverage read, then for the cell id read.
+    #[serde(with = "humantime_serde")]
+    pub coverage_timeout: Duration,
+    /// How long the download may take (0x14 to the 0x16 result).
+    #[serde(with = "humantime_serde")]
+    pub download_timeout: Duration,
+    /// How long installing may take (0x17 to the 0x18 result).
+    #[serde(with = "humantime_serde")]
+    pub execute_timeout: Duration,
+    /// Coverage ranges (lower bounds of RSRP in dBm and SINR in dB for ranges 0, 1, 2) and how many
+    /// devices of one cell download at once in each (`caps`), or when only the cell id is known.
+    pub coverage: domain::flow::lwm2m::Coverage,
+}
+
+impl Default for Lwm2mSettings {
+    fn default() -> Self {
+        let t = domain::flow::lwm2m::Timeouts::default();
+        let c = backend::coap::CoapSettings::default();
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 5683)),
+            default_lifetime: c.default_lifetime,
+            ack_timeout: c.ack_timeout,
+            max_retransmit: c.max_retransmit,
+            cache_bytes: c.cache_bytes,
+            online_timeout: t.online,
+            version_timeout: t.version,
+            coverage_timeout: t.coverage,
+            download_timeout: t.download,
+            execute_timeout: t.execute,
+            coverage: domain::flow::lwm2m::Coverage::default(),
+        }
+    }
+}
+
 /// Timeouts of the MQTT upgrade flow (`design.md`).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -356,6 +418,7 @@ impl Default for Settings {
             packages: PackageSettings::default(),
             downloads: DownloadSettings::default(),
             mqtt: MqttSettings::default(),
+            lwm2m: Lwm2mSettings::default(),
             tasks: TaskSettings::default(),
             api: ApiSettings::default(),
             notifications: NotificationSettings::default(),
@@ -418,6 +481,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "downloads",
     "mqtt",
     "tasks",
+    "lwm2m",
     "api",
     "notifications",
     "secret_key",
@@ -510,6 +574,13 @@ impl Settings {
                 problems.push(format!("  - {key} must be at least 1s"));
             }
         }
+        if self.lwm2m.max_retransmit > 10 {
+            problems.push("  - lwm2m.max_retransmit must be at most 10".to_owned());
+        }
+        let caps = &self.lwm2m.coverage;
+        if caps.caps.contains(&0) || caps.cell_only_cap == 0 {
+            problems.push("  - lwm2m.coverage caps must be at least 1".to_owned());
+        }
         if self.mqtt.max_packet_size < 1024 {
             problems.push("  - mqtt.max_packet_size must be at least 1024".to_owned());
         }
@@ -561,6 +632,14 @@ impl Settings {
                     version: self.tasks.version_timeout,
                     upgrade: self.tasks.upgrade_timeout,
                 },
+                lwm2m: domain::flow::lwm2m::Timeouts {
+                    online: self.lwm2m.online_timeout,
+                    version: self.lwm2m.version_timeout,
+                    coverage: self.lwm2m.coverage_timeout,
+                    download: self.lwm2m.download_timeout,
+                    execute: self.lwm2m.execute_timeout,
+                },
+                coverage: self.lwm2m.coverage,
                 download_base_url: self.public_url(self.http.listen.port()),
             },
             notify: backend::notify::NotifySettings {
@@ -572,6 +651,17 @@ impl Settings {
                 ..backend::notify::NotifySettings::default()
             },
         })
+    }
+
+    /// The CoAP endpoint's settings.
+    #[must_use]
+    pub fn coap_settings(&self) -> backend::coap::CoapSettings {
+        backend::coap::CoapSettings {
+            ack_timeout: self.lwm2m.ack_timeout,
+            max_retransmit: self.lwm2m.max_retransmit,
+            default_lifetime: self.lwm2m.default_lifetime,
+            cache_bytes: self.lwm2m.cache_bytes,
+        }
     }
 
     /// The MQTT endpoint's settings.

@@ -6,6 +6,8 @@
 //! Like Huawei's Python and Go SDKs, a simulated device does **not** subscribe to its system topic unless
 //! told to (`subscribe`): the platform must deliver `version_query` anyway.
 
+pub mod lwm2m;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -71,6 +71,7 @@ pub struct Application {
     ca_path: Option<PathBuf>,
     admin: AdminBootstrap,
     mqtt: Option<MqttListeners>,
+    coap: Option<backend::coap::CoapEndpoint>,
 }
 
 /// The bound MQTT listeners.
@@ -106,7 +107,21 @@ impl Application {
         } else {
             None
         };
+        let coap_socket = if settings.lwm2m.enabled {
+            let addr = settings.lwm2m.listen;
+            Some(
+                tokio::net::UdpSocket::bind(addr)
+                    .await
+                    .with_context(|| format!("binding CoAP on {addr} (lwm2m.listen)"))?,
+            )
+        } else {
+            None
+        };
         let (state, project) = open_state(&settings, clock.clone()).await?;
+        // Before recovery: grants of download slots made there reach devices through it.
+        let coap = coap_socket.map(|socket| {
+            backend::coap::CoapEndpoint::new(state.clone(), socket, settings.coap_settings())
+        });
         mark_devices_offline(&state)
             .await
             .context("resetting device online states")?;
@@ -151,7 +166,14 @@ impl Application {
             ca_path: material.ca_path,
             admin,
             mqtt,
+            coap,
         })
+    }
+
+    /// The bound CoAP address, when LwM2M is enabled.
+    #[must_use]
+    pub fn coap_addr(&self) -> Option<SocketAddr> {
+        self.coap.as_ref()?.local_addr().ok()
     }
 
     /// The bound MQTT addresses (plain, TLS), when MQTT is enabled.
@@ -236,6 +258,10 @@ impl Application {
             );
             background.spawn(endpoint.clone().serve_plain(plain, stop.clone()));
             background.spawn(endpoint.serve_tls(tls, self.tls.get_inner(), stop.clone()));
+        }
+        if let Some(coap) = self.coap {
+            tracing::info!(coap = %coap.local_addr()?, "CoAP (LwM2M) listening");
+            background.spawn(coap.run(stop.clone()));
         }
         background.close();
 

@@ -35,8 +35,9 @@ pub(crate) enum Machine {
 /// An input for either flow. The common ones reach both; a flow ignores the other flow's inputs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Step<'a> {
-    /// The task begins (only never-started subtasks start).
-    Begin,
+    /// The task begins (only never-started subtasks start), with whether the device is connected now:
+    /// it may have connected after the subtask was written, before this process heard of the subtask.
+    Begin { online: bool },
     /// Start, or an operator retry.
     Start,
     /// An operator stop.
@@ -87,7 +88,12 @@ impl Machine {
         match (self, plan) {
             (Self::Mqtt(m), FlowPlan::Mqtt(p)) => {
                 let input = match step {
-                    Step::Begin => mqtt::Input::Begin,
+                    Step::Begin { online } => {
+                        if m.phase == mqtt::Phase::Pending {
+                            m.online = online;
+                        }
+                        mqtt::Input::Begin
+                    }
                     Step::Start => mqtt::Input::Start,
                     Step::Stop => mqtt::Input::Stop,
                     Step::Timer => mqtt::Input::Timer,
@@ -103,7 +109,12 @@ impl Machine {
             }
             (Self::Lwm2m(m), FlowPlan::Lwm2m(p)) => {
                 let input = match step {
-                    Step::Begin => lwm2m::Input::Begin,
+                    Step::Begin { online } => {
+                        if m.phase == lwm2m::Phase::Pending {
+                            m.online = online;
+                        }
+                        lwm2m::Input::Begin
+                    }
                     Step::Start => lwm2m::Input::Start,
                     Step::Stop => lwm2m::Input::Stop,
                     Step::Timer => lwm2m::Input::Timer,

@@ -1,4 +1,5 @@
-//! `updraft sim mqtt`: a fleet of simulated MQTT devices in one process (see [`crate::sim`]).
+//! `updraft sim mqtt` and `updraft sim lwm2m`: fleets of simulated devices in one process (see
+//! [`crate::sim`] and [`crate::sim::lwm2m`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -185,5 +186,168 @@ pub async fn run(settings: Settings, args: SimMqttArgs) -> Result<()> {
     }
     stop.cancel();
     let _ = fleet.await;
+    Ok(())
+}
+
+/// `updraft sim lwm2m`.
+#[derive(Debug, clap::Args)]
+pub struct SimLwm2mArgs {
+    /// How many devices.
+    #[arg(long, default_value_t = 10)]
+    pub devices: usize,
+    /// Node ids (endpoint names) are this prefix and a number.
+    #[arg(long, default_value = "86370300")]
+    pub prefix: String,
+    /// Spread devices over this many cells.
+    #[arg(long, default_value_t = 1)]
+    pub cells: u32,
+    /// Register missing devices under this product (a CoAP product) first.
+    #[arg(long)]
+    pub register: bool,
+    /// The product for `--register`.
+    #[arg(long)]
+    pub product: Option<String>,
+    /// The platform's CoAP address (default: `lwm2m.listen`, on 127.0.0.1 when it is 0.0.0.0).
+    #[arg(long)]
+    pub server: Option<std::net::SocketAddr>,
+    /// The software version devices run.
+    #[arg(long, default_value = "V1.0")]
+    pub version: String,
+    /// What the coverage reads answer.
+    #[arg(long, value_enum, default_value = "good")]
+    pub radio: crate::sim::lwm2m::Radio,
+    /// How devices answer the upgrade.
+    #[arg(long, value_enum, default_value = "normal")]
+    pub behaviour: crate::sim::lwm2m::Lwm2mBehaviour,
+    /// The PCP result code for refuse/fail behaviours.
+    #[arg(long)]
+    pub fail_code: Option<u8>,
+    /// Probability that a datagram is lost (0-1), both directions.
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
+    /// Restart each device once after this many segments.
+    #[arg(long)]
+    pub restart_after: Option<u16>,
+    /// Do not answer 0x14 (LiteOS style).
+    #[arg(long)]
+    pub silent_accept: bool,
+    /// Re-send an unanswered PCP request after this long.
+    #[arg(long, default_value = "2s")]
+    pub retry: humantime::Duration,
+    /// Exit once every device has reported a final result.
+    #[arg(long)]
+    pub exit_when_done: bool,
+    /// Exit after this long in any case.
+    #[arg(long)]
+    pub duration: Option<humantime::Duration>,
+}
+
+/// Runs an LwM2M fleet until Ctrl-C, `--duration` or (`--exit-when-done`) every device finished, then
+/// prints the most devices each cell had downloading at once.
+///
+/// # Errors
+/// Registration or the fleet's set-up.
+pub async fn run_lwm2m(settings: Settings, args: SimLwm2mArgs) -> Result<()> {
+    use crate::sim::lwm2m::{Lwm2mOptions, Lwm2mStats, run_fleet};
+    let endpoints: Vec<String> = (0..args.devices)
+        .map(|n| format!("{}{n:07}", args.prefix))
+        .collect();
+    if args.register {
+        let product = args.product.clone().context("--register needs --product")?;
+        let (state, project) =
+            crate::startup::open_state(&settings, Arc::new(backend::clock::SystemClock)).await?;
+        let mut registered = 0;
+        for node in &endpoints {
+            if service::devices::find_lwm2m(&state, node).await?.is_some() {
+                continue;
+            }
+            service::devices::register(
+                &state,
+                &project.id,
+                service::devices::NewDevice {
+                    product_id: product.clone(),
+                    node_id: node.clone(),
+                    device_name: format!("simulated {node}"),
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("registering {node}"))?;
+            registered += 1;
+        }
+        state.db.close().await.ok();
+        println!("registered {registered} devices");
+    }
+    let server = args.server.unwrap_or_else(|| {
+        let mut addr = settings.lwm2m.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        addr
+    });
+    let opts = Lwm2mOptions {
+        server,
+        version: args.version.clone(),
+        cells: args.cells,
+        radio: args.radio,
+        behaviour: args.behaviour,
+        fail_code: args.fail_code,
+        loss: args.loss,
+        restart_after: args.restart_after,
+        silent_accept: args.silent_accept,
+        retry: args.retry.into(),
+        ..Lwm2mOptions::default()
+    };
+    println!(
+        "simulating {} LwM2M devices in {} cells against {server}, radio {:?}, behaviour {:?}",
+        endpoints.len(),
+        args.cells,
+        args.radio,
+        args.behaviour
+    );
+    let stats = Arc::new(Lwm2mStats::default());
+    let stop = CancellationToken::new();
+    let total = endpoints.len() as u64;
+    let fleet = tokio::spawn(run_fleet(opts, endpoints, stats.clone(), stop.clone()));
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + Duration::from(d));
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {
+                let done = stats.succeeded.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
+                println!(
+                    "{:>6.1}s registrations {} segments {} downloads {} succeeded {} failed {} restarts {} resends {}",
+                    started.elapsed().as_secs_f64(),
+                    stats.registered.load(Ordering::Relaxed),
+                    stats.segments.load(Ordering::Relaxed),
+                    stats.downloads.load(Ordering::Relaxed),
+                    stats.succeeded.load(Ordering::Relaxed),
+                    stats.failed.load(Ordering::Relaxed),
+                    stats.restarts.load(Ordering::Relaxed),
+                    stats.resends.load(Ordering::Relaxed),
+                );
+                if (args.exit_when_done && done >= total)
+                    || deadline.is_some_and(|d| Instant::now() >= d)
+                {
+                    break;
+                }
+            }
+        }
+    }
+    stop.cancel();
+    let _ = fleet.await;
+    let mut peaks: Vec<(u32, usize)> = stats.peaks().into_iter().collect();
+    peaks.sort_unstable();
+    let busiest = peaks.iter().map(|(_, p)| *p).max().unwrap_or(0);
+    println!(
+        "most devices downloading at once in one cell: {busiest} (per cell: {})",
+        peaks
+            .iter()
+            .map(|(c, p)| format!("{c}={p}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     Ok(())
 }

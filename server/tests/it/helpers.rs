@@ -26,6 +26,8 @@ pub(crate) struct TestApp {
     pub mqtt: std::net::SocketAddr,
     /// MQTT over TLS.
     pub mqtts: std::net::SocketAddr,
+    /// CoAP (LwM2M).
+    pub coap: std::net::SocketAddr,
     /// The CA certificate the server's certificate chains to (PEM).
     pub ca_pem: Vec<u8>,
     stop: Option<oneshot::Sender<()>>,
@@ -40,6 +42,9 @@ pub(crate) fn settings_for(data_dir: &Path) -> Settings {
     s.http.listen = "127.0.0.1:0".parse().unwrap();
     s.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     s.mqtt.tls_listen = "127.0.0.1:0".parse().unwrap();
+    s.lwm2m.listen = "127.0.0.1:0".parse().unwrap();
+    // CoAP retransmissions are transport timing, not flow deadlines: short, so lost datagrams cost little.
+    s.lwm2m.ack_timeout = std::time::Duration::from_millis(200);
     s.admin.password = Some(PASSWORD.to_owned().into());
     s
 }
@@ -67,6 +72,7 @@ pub(crate) async fn spawn_with(settings: Settings) -> TestApp {
         .expect("application builds");
     let addr = app.https_addr();
     let (mqtt, mqtts) = app.mqtt_addrs().expect("MQTT is enabled");
+    let coap = app.coap_addr().expect("CoAP is enabled");
     let state = app.state().clone();
     let ca = std::fs::read(
         trust
@@ -94,6 +100,7 @@ pub(crate) async fn spawn_with(settings: Settings) -> TestApp {
         state,
         mqtt,
         mqtts,
+        coap,
         ca_pem: ca.clone(),
         stop: Some(tx),
         task: Some(task),

@@ -5,6 +5,7 @@ mod api;
 mod binary;
 mod console;
 mod helpers;
+mod lwm2m;
 mod notifications;
 mod packages;
 mod sdk;

@@ -590,13 +590,16 @@ impl CoapEndpoint {
             .store
             .open_range(&source.object_key, 0..source.size, 64 * 1024)
             .await?;
-        let chunks: Vec<Bytes> = reader.try_collect().await.map_err(|e| {
-            crate::Error::Internal(format!("reading package {}: {e}", source.package_id))
-        })?;
-        let mut all = Vec::with_capacity(usize::try_from(source.size).unwrap_or(0));
-        for c in chunks {
-            all.extend_from_slice(&c);
-        }
+        let capacity = usize::try_from(source.size).unwrap_or(0);
+        let all = reader
+            .try_fold(Vec::with_capacity(capacity), |mut all, chunk| async move {
+                all.extend_from_slice(&chunk);
+                Ok(all)
+            })
+            .await
+            .map_err(|e| {
+                crate::Error::Internal(format!("reading package {}: {e}", source.package_id))
+            })?;
         let bytes = Bytes::from(all);
         let mut cache = lock(&self.inner.cache);
         cache.tick += 1;
@@ -709,14 +712,10 @@ impl CoapEndpoint {
 
     /// A request from a device: the registration interface.
     async fn request(&self, packet: Packet, addr: SocketAddr) {
-        let path: Vec<String> = packet
-            .get_option(CoapOption::UriPath)
-            .map(|l| {
-                l.iter()
-                    .map(|s| String::from_utf8_lossy(s).into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let path: Vec<String> = option_values(&packet, CoapOption::UriPath)
+            .iter()
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
         let method = match packet.header.code {
             MessageClass::Request(m) => m,
             _ => return,
@@ -725,9 +724,6 @@ impl CoapEndpoint {
             (RequestType::Post, [rd]) if rd == "rd" => self.register(&packet, addr).await,
             (RequestType::Post, [rd, id]) if rd == "rd" => (self.update(id, &packet, addr), None),
             (RequestType::Delete, [rd, id]) if rd == "rd" => (self.deregister(id), None),
-            (RequestType::Post | RequestType::Delete, [rd, ..]) if rd == "rd" => {
-                (ResponseType::NotFound, None)
-            }
             _ => (ResponseType::NotFound, None),
         };
         let mut response = Packet::new();
@@ -757,10 +753,7 @@ impl CoapEndpoint {
 
     /// `POST /rd?ep=...`: 2.01 with a location, 4.00 for bad parameters, 4.03 for an unknown endpoint.
     async fn register(&self, packet: &Packet, addr: SocketAddr) -> (ResponseType, Option<String>) {
-        let queries: Vec<Vec<u8>> = packet
-            .get_option(CoapOption::UriQuery)
-            .map(|l| l.iter().cloned().collect())
-            .unwrap_or_default();
+        let queries = option_values(packet, CoapOption::UriQuery);
         let params = match RegisterParams::parse(queries.iter().map(Vec::as_slice)) {
             Ok(p) => p,
             Err(e) => {
@@ -850,10 +843,7 @@ impl CoapEndpoint {
 
     /// `POST /rd/{id}`: a registration update (lifetime refreshed, address possibly changed).
     fn update(&self, reg_id: &str, packet: &Packet, addr: SocketAddr) -> ResponseType {
-        let queries: Vec<Vec<u8>> = packet
-            .get_option(CoapOption::UriQuery)
-            .map(|l| l.iter().cloned().collect())
-            .unwrap_or_default();
+        let queries = option_values(packet, CoapOption::UriQuery);
         let Ok(params) = RegisterParams::parse(queries.iter().map(Vec::as_slice)) else {
             return ResponseType::BadRequest;
         };
@@ -889,7 +879,8 @@ impl CoapEndpoint {
         ResponseType::Deleted
     }
 
-    /// Reads `path` (`/4/0` or `/4/0/8`) with `accept`; the integer resources of the answer.
+    /// Reads `path` (`/4/0`, or `/4/0/8` named by `single`), asking for OMA-TLV; the integer resources of
+    /// the answer, in whatever format the device chose.
     async fn read(
         &self,
         device_id: &str,
@@ -1008,6 +999,14 @@ async fn feed_driver(state: AppState, mut rx: mpsc::UnboundedReceiver<(String, D
             tracing::warn!(error.message = %e, "LwM2M device events not recorded");
         }
     }
+}
+
+/// Every value of a repeatable option (path segments, query parameters).
+fn option_values(packet: &Packet, option: CoapOption) -> Vec<Vec<u8>> {
+    packet
+        .get_option(option)
+        .map(|l| l.iter().cloned().collect())
+        .unwrap_or_default()
 }
 
 fn format_bytes(format: u16) -> Vec<u8> {

@@ -860,16 +860,7 @@ impl Driver {
                 .into_tuple()
                 .all(&state.db)
                 .await?;
-            let online: std::collections::HashSet<String> = devices::Entity::find()
-                .select_only()
-                .column(devices::Column::Id)
-                .filter(devices::Column::Id.is_in(rows.iter().map(|(_, d)| d.clone())))
-                .filter(devices::Column::Status.eq("ONLINE"))
-                .into_tuple::<String>()
-                .all(&state.db)
-                .await?
-                .into_iter()
-                .collect();
+            let online = online_devices(state, rows.iter().map(|(_, d)| d.clone())).await?;
             let mut steps = Vec::with_capacity(rows.len() * 2);
             for (id, device) in &rows {
                 let now_online = if online.contains(device) {

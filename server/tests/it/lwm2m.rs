@@ -339,6 +339,26 @@ async fn raw(socket: &tokio::net::UdpSocket, packet: &Packet) -> Packet {
     Packet::from_bytes(&buf[..n]).unwrap()
 }
 
+/// The next message from the platform (within 2 s) and its path (`19/0/0`).
+async fn next_request(socket: &tokio::net::UdpSocket) -> Option<(Packet, String)> {
+    let mut buf = [0u8; 1500];
+    let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let packet = Packet::from_bytes(&buf[..n]).ok()?;
+    let path = packet
+        .get_option(CoapOption::UriPath)
+        .map(|l| {
+            l.iter()
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .unwrap_or_default();
+    Some((packet, path))
+}
+
 fn register_packet(endpoint: &str, mid: u16) -> Packet {
     let mut p = Packet::new();
     p.header.set_type(MessageType::Confirmable);
@@ -407,20 +427,14 @@ async fn unknown_endpoints_are_refused_and_corrupt_pcp_frames_are_dropped() {
     let task_id = create_task(&app, &fx, &nodes).await;
     let mut query_seen = false;
     for _ in 0..20 {
-        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await
-        else {
+        let Some((req, path)) = next_request(&socket).await else {
             break;
         };
-        let req = Packet::from_bytes(&buf[..n]).unwrap();
         let mut ack = Packet::new();
         ack.header.set_type(MessageType::Acknowledgement);
         ack.header.message_id = req.header.message_id;
         ack.set_token(req.get_token().to_vec());
-        let path: Vec<Vec<u8>> = req
-            .get_option(CoapOption::UriPath)
-            .map(|l| l.iter().cloned().collect())
-            .unwrap_or_default();
-        if path == [b"19".to_vec(), b"0".to_vec(), b"0".to_vec()] {
+        if path == "19/0/0" {
             observe_token = Some(req.get_token().to_vec());
             ack.header.code = MessageClass::Response(ResponseType::Content);
             ack.set_observe_value(1);
@@ -467,16 +481,10 @@ async fn unknown_endpoints_are_refused_and_corrupt_pcp_frames_are_dropped() {
     socket.send(&notify(good, 3)).await.unwrap();
     let mut read_seen = false;
     for _ in 0..10 {
-        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await
-        else {
+        let Some((_, path)) = next_request(&socket).await else {
             break;
         };
-        let req = Packet::from_bytes(&buf[..n]).unwrap();
-        let path: Vec<Vec<u8>> = req
-            .get_option(CoapOption::UriPath)
-            .map(|l| l.iter().cloned().collect())
-            .unwrap_or_default();
-        if path == [b"4".to_vec(), b"0".to_vec()] {
+        if path == "4/0" {
             read_seen = true;
             break;
         }

@@ -5,7 +5,7 @@ UPDRAFT := $(TARGET_DIR)/debug/updraft
 # The wasm build needs RUSTC_BOOTSTRAP=1, which must not touch host artifacts: its own target directory.
 WASM_TARGET_DIR := $(TARGET_DIR)/wasm-build
 
-.PHONY: setup server site run test bench bench-tasks check fmt fmt-check clippy purity unit e2e clean-data
+.PHONY: setup server site run test bench bench-tasks bench-lwm2m fuzz check fmt fmt-check clippy purity unit e2e clean-data
 
 setup:
 	@scripts/setup.sh
@@ -32,6 +32,14 @@ bench: setup
 ## Upgrade-task benchmark: 10 000 simulated MQTT devices, one task (release build; `ARGS=2000` for fewer).
 bench-tasks: setup
 	scripts/bench-tasks.sh $(ARGS)
+
+## LwM2M/PCP benchmark: segments served per second, and a 5 000-device, 100-cell campaign (release build).
+bench-lwm2m: setup
+	cargo run --release -p server --example bench_lwm2m -- $(ARGS)
+
+## Fuzz the PCP decoder and the CoAP request handling, 5 minutes each (nightly + cargo-fuzz).
+fuzz: setup
+	scripts/fuzz.sh
 
 fmt:
 	cargo +stable fmt --all

@@ -26,7 +26,7 @@ use coap_lite::{
     CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType,
 };
 use futures::TryStreamExt;
-use protocol::lwm2m::{self, RegisterParams, connectivity};
+use protocol::lwm2m::{self, RegisterParams, Registration, RequestError, connectivity};
 use protocol::pcp::{self, Downlink as Pcp, ResultCode, Uplink};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
@@ -712,19 +712,17 @@ impl CoapEndpoint {
 
     /// A request from a device: the registration interface.
     async fn request(&self, packet: Packet, addr: SocketAddr) {
-        let path: Vec<String> = option_values(&packet, CoapOption::UriPath)
-            .iter()
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect();
-        let method = match packet.header.code {
-            MessageClass::Request(m) => m,
-            _ => return,
-        };
-        let (code, location) = match (method, path.as_slice()) {
-            (RequestType::Post, [rd]) if rd == "rd" => self.register(&packet, addr).await,
-            (RequestType::Post, [rd, id]) if rd == "rd" => (self.update(id, &packet, addr), None),
-            (RequestType::Delete, [rd, id]) if rd == "rd" => (self.deregister(id), None),
-            _ => (ResponseType::NotFound, None),
+        let (code, location) = match lwm2m::registration(&packet) {
+            Ok(Registration::Register { endpoint, params }) => {
+                self.register(&endpoint, &params, addr).await
+            }
+            Ok(Registration::Update { id, params }) => (self.update(&id, &params, addr), None),
+            Ok(Registration::Deregister { id }) => (self.deregister(&id), None),
+            Err(RequestError::NotFound) => (ResponseType::NotFound, None),
+            Err(e) => {
+                tracing::info!(%addr, error.message = %e, "LwM2M registration request refused");
+                (ResponseType::BadRequest, None)
+            }
         };
         let mut response = Packet::new();
         response.header.code = MessageClass::Response(code);
@@ -751,20 +749,14 @@ impl CoapEndpoint {
         }
     }
 
-    /// `POST /rd?ep=...`: 2.01 with a location, 4.00 for bad parameters, 4.03 for an unknown endpoint.
-    async fn register(&self, packet: &Packet, addr: SocketAddr) -> (ResponseType, Option<String>) {
-        let queries = option_values(packet, CoapOption::UriQuery);
-        let params = match RegisterParams::parse(queries.iter().map(Vec::as_slice)) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::info!(%addr, error.message = %e, "LwM2M registration refused");
-                return (ResponseType::BadRequest, None);
-            }
-        };
-        let Some(endpoint) = params.endpoint else {
-            return (ResponseType::BadRequest, None);
-        };
-        let device = match crate::service::devices::find_lwm2m(&self.inner.state, &endpoint).await {
+    /// `POST /rd?ep=...`: 2.01 with a location, or 4.03 for an unknown or frozen endpoint.
+    async fn register(
+        &self,
+        endpoint: &str,
+        params: &RegisterParams,
+        addr: SocketAddr,
+    ) -> (ResponseType, Option<String>) {
+        let device = match crate::service::devices::find_lwm2m(&self.inner.state, endpoint).await {
             Ok(Some(d)) => d,
             Ok(None) => {
                 tracing::info!(%addr, endpoint, "LwM2M registration refused: unknown or frozen endpoint");
@@ -842,11 +834,7 @@ impl CoapEndpoint {
     }
 
     /// `POST /rd/{id}`: a registration update (lifetime refreshed, address possibly changed).
-    fn update(&self, reg_id: &str, packet: &Packet, addr: SocketAddr) -> ResponseType {
-        let queries = option_values(packet, CoapOption::UriQuery);
-        let Ok(params) = RegisterParams::parse(queries.iter().map(Vec::as_slice)) else {
-            return ResponseType::BadRequest;
-        };
+    fn update(&self, reg_id: &str, params: &RegisterParams, addr: SocketAddr) -> ResponseType {
         let now = self.inner.state.clock.now();
         let mut sessions = lock(&self.inner.sessions);
         let Some(device_id) = sessions.by_reg.get(reg_id).cloned() else {
@@ -999,14 +987,6 @@ async fn feed_driver(state: AppState, mut rx: mpsc::UnboundedReceiver<(String, D
             tracing::warn!(error.message = %e, "LwM2M device events not recorded");
         }
     }
-}
-
-/// Every value of a repeatable option (path segments, query parameters).
-fn option_values(packet: &Packet, option: CoapOption) -> Vec<Vec<u8>> {
-    packet
-        .get_option(option)
-        .map(|l| l.iter().cloned().collect())
-        .unwrap_or_default()
 }
 
 fn format_bytes(format: u16) -> Vec<u8> {

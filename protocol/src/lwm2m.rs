@@ -90,6 +90,76 @@ impl RegisterParams {
     }
 }
 
+/// A request of LwM2M's registration interface (OMA LwM2M 1.x §6.2, the server side).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Registration {
+    /// `POST /rd?ep=...`.
+    Register {
+        /// The endpoint name.
+        endpoint: String,
+        /// All parameters.
+        params: RegisterParams,
+    },
+    /// `POST /rd/{id}` (parameters optional).
+    Update {
+        /// The registration's location id.
+        id: String,
+        /// What changed.
+        params: RegisterParams,
+    },
+    /// `DELETE /rd/{id}`.
+    Deregister {
+        /// The registration's location id.
+        id: String,
+    },
+}
+
+/// Why a request is not one of the registration interface.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Another path or method: 4.04.
+    #[error("no such resource")]
+    NotFound,
+    /// A registration without `ep`: 4.00.
+    #[error("a registration needs an endpoint name (ep)")]
+    NoEndpoint,
+    /// Bad query parameters: 4.00.
+    #[error(transparent)]
+    Params(#[from] RegisterError),
+}
+
+/// Reads a CoAP request from a device as a registration-interface request.
+///
+/// # Errors
+/// [`RequestError`]: not this interface (4.04), or bad parameters (4.00).
+pub fn registration(packet: &coap_lite::Packet) -> Result<Registration, RequestError> {
+    use coap_lite::{CoapOption, MessageClass, RequestType};
+    let values = |option| {
+        packet
+            .get_option(option)
+            .map(|l| l.iter().map(Vec::as_slice).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let path = values(CoapOption::UriPath);
+    let MessageClass::Request(method) = packet.header.code else {
+        return Err(RequestError::NotFound);
+    };
+    let id = || String::from_utf8_lossy(path[1]).into_owned();
+    match (method, path.as_slice()) {
+        (RequestType::Post, [b"rd"]) => {
+            let params = RegisterParams::parse(values(CoapOption::UriQuery))?;
+            let endpoint = params.endpoint.clone().ok_or(RequestError::NoEndpoint)?;
+            Ok(Registration::Register { endpoint, params })
+        }
+        (RequestType::Post, [b"rd", _]) => Ok(Registration::Update {
+            id: id(),
+            params: RegisterParams::parse(values(CoapOption::UriQuery))?,
+        }),
+        (RequestType::Delete, [b"rd", _]) => Ok(Registration::Deregister { id: id() }),
+        _ => Err(RequestError::NotFound),
+    }
+}
+
 /// Why a resource value could not be read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
@@ -304,6 +374,58 @@ mod tests {
         assert_eq!(p.version.as_deref(), Some("1.0"));
         for bad in [&b"ep="[..], b"lt=0", b"lt=-5", b"lt=ten"] {
             assert!(RegisterParams::parse([bad]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn registration_requests_are_recognised() {
+        use coap_lite::{CoapOption, MessageClass, Packet, RequestType};
+        let request = |method, path: &[&str], queries: &[&str]| {
+            let mut p = Packet::new();
+            p.header.code = MessageClass::Request(method);
+            for s in path {
+                p.add_option(CoapOption::UriPath, s.as_bytes().to_vec());
+            }
+            for q in queries {
+                p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+            }
+            p
+        };
+        let Ok(Registration::Register { endpoint, params }) =
+            registration(&request(RequestType::Post, &["rd"], &["ep=imei1", "lt=60"]))
+        else {
+            panic!("a registration")
+        };
+        assert_eq!((endpoint.as_str(), params.lifetime), ("imei1", Some(60)));
+        assert_eq!(
+            registration(&request(RequestType::Post, &["rd", "ab12"], &[])),
+            Ok(Registration::Update {
+                id: "ab12".into(),
+                params: RegisterParams::default()
+            })
+        );
+        assert_eq!(
+            registration(&request(RequestType::Delete, &["rd", "ab12"], &[])),
+            Ok(Registration::Deregister { id: "ab12".into() })
+        );
+        assert_eq!(
+            registration(&request(RequestType::Post, &["rd"], &["lt=60"])),
+            Err(RequestError::NoEndpoint)
+        );
+        assert!(matches!(
+            registration(&request(RequestType::Post, &["rd"], &["ep=x", "lt=0"])),
+            Err(RequestError::Params(_))
+        ));
+        for (method, path) in [
+            (RequestType::Get, &["rd"][..]),
+            (RequestType::Post, &["rd", "a", "b"][..]),
+            (RequestType::Put, &["19", "0", "0"][..]),
+            (RequestType::Delete, &["rd"][..]),
+        ] {
+            assert_eq!(
+                registration(&request(method, path, &[])),
+                Err(RequestError::NotFound)
+            );
         }
     }
 

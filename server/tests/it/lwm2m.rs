@@ -328,6 +328,42 @@ async fn an_upgrade_fails_clearly_when_neither_coverage_nor_cell_id_can_be_read(
     app.stop().await;
 }
 
+#[tokio::test]
+async fn mqtt_and_lwm2m_tasks_run_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let mqtt_fx = crate::tasks::fixture(&app).await;
+    let mut mqtt_devices = Vec::new();
+    for id in ["mixed-a", "mixed-b"] {
+        mqtt_devices.push(crate::tasks::register(&app, &mqtt_fx, id).await);
+    }
+    let mqtt_fleet = crate::tasks::fleet(
+        &app,
+        mqtt_devices.clone(),
+        server::sim::SimOptions::default(),
+    );
+    let (fx, nodes) = fixture(&app, 3).await;
+    let lwm2m_fleet = fleet(&app, &nodes, Lwm2mOptions::default());
+    let mqtt_task = tasks::create(
+        &app.state,
+        &mqtt_fx.project,
+        crate::tasks::new_task(&mqtt_fx, "mqtt", &mqtt_devices.iter().collect::<Vec<_>>()),
+    )
+    .await
+    .unwrap()
+    .id;
+    let lwm2m_task = create_task(&app, &fx, &nodes).await;
+    let (a, b) = tokio::join!(
+        wait_finished(&app, &fx, &mqtt_task),
+        wait_finished(&app, &fx, &lwm2m_task)
+    );
+    assert_eq!((a.status.as_str(), a.success), ("Success", 2));
+    assert_eq!((b.status.as_str(), b.success), ("Success", 3));
+    mqtt_fleet.stop().await;
+    lwm2m_fleet.stop().await;
+    app.stop().await;
+}
+
 /// A raw CoAP exchange from a socket that is not a simulated device.
 async fn raw(socket: &tokio::net::UdpSocket, packet: &Packet) -> Packet {
     socket.send(&packet.to_bytes().unwrap()).await.unwrap();

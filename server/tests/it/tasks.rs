@@ -22,14 +22,14 @@ const PRODUCT: &str = "meter";
 const MIN: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 
-struct Fixture {
-    project: String,
-    package: String,
+pub(crate) struct Fixture {
+    pub(crate) project: String,
+    pub(crate) package: String,
     file: Vec<u8>,
 }
 
 /// A product, a 100 KiB software package 2.0 (from 1.0 or 1.1) and nothing else.
-async fn fixture(app: &TestApp) -> Fixture {
+pub(crate) async fn fixture(app: &TestApp) -> Fixture {
     let project = backend::service::projects::ensure_default(&app.state)
         .await
         .unwrap()
@@ -72,7 +72,7 @@ async fn fixture(app: &TestApp) -> Fixture {
     }
 }
 
-async fn register(app: &TestApp, fx: &Fixture, id: &str) -> SimDevice {
+pub(crate) async fn register(app: &TestApp, fx: &Fixture, id: &str) -> SimDevice {
     let secret = format!("secret_{id}");
     devices::register(
         &app.state,
@@ -134,7 +134,7 @@ pub(crate) fn fleet(app: &TestApp, devices: Vec<SimDevice>, opts: SimOptions) ->
     Fleet { stop, stats, task }
 }
 
-fn new_task(fx: &Fixture, name: &str, targets: &[&SimDevice]) -> tasks::NewTask {
+pub(crate) fn new_task(fx: &Fixture, name: &str, targets: &[&SimDevice]) -> tasks::NewTask {
     tasks::NewTask {
         task_name: name.into(),
         task_type: "softwareUpgrade".into(),

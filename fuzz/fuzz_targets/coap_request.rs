@@ -1,0 +1,29 @@
+//! Datagrams as the CoAP endpoint receives them: the CoAP parse, the registration interface
+//! (`protocol::lwm2m::registration`), and what the endpoint reads from device answers (a PCP frame
+//! in a notification, resource values in a read answer) must never panic.
+#![no_main]
+
+use coap_lite::{CoapOption, MessageClass, Packet};
+use libfuzzer_sys::fuzz_target;
+use protocol::{lwm2m, pcp};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(packet) = Packet::from_bytes(data) else {
+        return;
+    };
+    match packet.header.code {
+        MessageClass::Request(_) => {
+            let _ = lwm2m::registration(&packet);
+        }
+        MessageClass::Response(_) => {
+            if let Ok(frame) = pcp::decode_exact(&packet.payload) {
+                let _ = pcp::Uplink::parse(&frame);
+            }
+            let format = packet
+                .get_first_option(CoapOption::ContentFormat)
+                .map_or(0, |v| v.iter().fold(0u16, |acc, b| (acc << 8) | u16::from(*b)));
+            let _ = lwm2m::integer_resources(format, &packet.payload, Some(8));
+        }
+        _ => {}
+    }
+});

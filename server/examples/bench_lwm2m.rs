@@ -1,0 +1,313 @@
+//! LwM2M/PCP benchmarks (`make bench-lwm2m`): Updraft and simulated NB-IoT devices (`server::sim::lwm2m`)
+//! in one process, over real UDP on loopback, on the system clock.
+//!
+//! 1. **Segments**: `--stream-devices` devices in cells roomy enough for all of them download a large
+//!    package (`--stream-kib`); prints PCP segments served per second while every device downloads (each
+//!    segment is a device's 0x15 notification, the platform's confirmable 0x15 write, and its ACK).
+//! 2. **Campaign**: `--devices` devices in `--cells` cells with mixed coverage (cells of range 0, 1 and 2
+//!    in turn: 50, 10 and 1 at a time) upgrade a `--campaign-kib` package in one task; prints the time from
+//!    task creation to every subtask done, and the most devices each cell had downloading at once, next
+//!    to its cap.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use backend::service::{devices, packages, products, tasks};
+use bytes::Bytes;
+use clap::Parser;
+use server::sim::lwm2m::{Lwm2mOptions, Lwm2mStats, Radio, cell_of, run_fleet};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Devices in the segment run.
+    #[arg(long, default_value_t = 200)]
+    stream_devices: usize,
+    /// Package size of the segment run, KiB.
+    #[arg(long, default_value_t = 1024)]
+    stream_kib: usize,
+    /// Devices in the campaign.
+    #[arg(long, default_value_t = 5000)]
+    devices: usize,
+    /// Cells in the campaign.
+    #[arg(long, default_value_t = 100)]
+    cells: u32,
+    /// Package size of the campaign, KiB.
+    #[arg(long, default_value_t = 64)]
+    campaign_kib: usize,
+    /// Skip the segment run.
+    #[arg(long)]
+    campaign_only: bool,
+}
+
+struct Server {
+    state: backend::AppState,
+    coap: std::net::SocketAddr,
+    project: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let mut settings = server::config::Settings {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
+    settings.http.listen = "127.0.0.1:0".parse()?;
+    settings.mqtt.enabled = false;
+    settings.lwm2m.listen = "127.0.0.1:0".parse()?;
+    settings.admin.password = Some("benchmark-password".to_owned().into());
+    settings.log.filter = "warn".to_owned();
+    let app = server::startup::Application::build(settings, Arc::new(backend::clock::SystemClock))
+        .await?;
+    let coap = app.coap_addr().context("CoAP enabled")?;
+    let state = app.state().clone();
+    let project = backend::service::projects::ensure_default(&state).await?.id;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(app.run_until_stopped(async {
+        let _ = rx.await;
+    }));
+    Ok(Server {
+        state,
+        coap,
+        project,
+        stop: Some(tx),
+        task,
+        _dir: dir,
+    })
+}
+
+impl Server {
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// A CoAP product with a software package of `kib` KiB and `n` devices; returns (package, nodes).
+    async fn fleet(&self, name: &str, kib: usize, n: usize) -> Result<(String, Vec<String>)> {
+        products::create(
+            &self.state,
+            &self.project,
+            products::NewProduct {
+                product_id: Some(name.into()),
+                name: name.into(),
+                device_type: "Meter".into(),
+                protocol_type: "CoAP".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let file: Vec<u8> = (0..kib * 1024).map(|i| (i % 251) as u8).collect();
+        let body = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(file))]);
+        let package = packages::upload(
+            &self.state,
+            &self.project,
+            domain::package::PackageMetaInput {
+                package_type: "softwarePackage".into(),
+                product_id: name.into(),
+                version: "V2.0".into(),
+                file_name: format!("{name}.bin"),
+                ..Default::default()
+            },
+            body,
+        )
+        .await?;
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let node = format!("{}{i:07}", if name == "stream" { "1" } else { "2" });
+            devices::register(
+                &self.state,
+                &self.project,
+                devices::NewDevice {
+                    product_id: name.into(),
+                    node_id: node.clone(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            nodes.push(node);
+        }
+        Ok((package.id, nodes))
+    }
+
+    async fn task(&self, name: &str, package: &str, nodes: &[String]) -> Result<String> {
+        Ok(tasks::create(
+            &self.state,
+            &self.project,
+            tasks::NewTask {
+                task_name: name.into(),
+                task_type: "softwareUpgrade".into(),
+                package_id: package.into(),
+                targets: nodes.iter().map(|n| format!("{name}_{n}")).collect(),
+                ..Default::default()
+            },
+        )
+        .await?
+        .id)
+    }
+
+    async fn wait(
+        &self,
+        task_id: &str,
+        limit: Duration,
+    ) -> Result<backend::storage::entity::tasks::Model> {
+        let started = Instant::now();
+        loop {
+            let t = tasks::get(&self.state, &self.project, task_id).await?;
+            if domain::task::TaskStatus::parse(&t.status).is_ok_and(|s| s.is_completed()) {
+                return Ok(t);
+            }
+            if started.elapsed() > limit {
+                bail!(
+                    "task not done after {limit:?}: {} ({})",
+                    t.status,
+                    t.status_desc
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn devices_fleet(
+    coap: std::net::SocketAddr,
+    nodes: Vec<String>,
+    opts: Lwm2mOptions,
+) -> (
+    Arc<Lwm2mStats>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let stats = Arc::new(Lwm2mStats::default());
+    let stop = CancellationToken::new();
+    let opts = Lwm2mOptions {
+        server: coap,
+        ..opts
+    };
+    let task = tokio::spawn(run_fleet(opts, nodes, stats.clone(), stop.clone()));
+    (stats, stop, task)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let server = start().await?;
+
+    if !args.campaign_only {
+        let (package, nodes) = server
+            .fleet("stream", args.stream_kib, args.stream_devices)
+            .await?;
+        // 4 cells of good coverage hold 200 devices at 50 each.
+        let cells = u32::try_from(args.stream_devices.div_ceil(50)).unwrap_or(1);
+        let (stats, stop, fleet) = devices_fleet(
+            server.coap,
+            nodes.clone(),
+            Lwm2mOptions {
+                cells,
+                retry: Duration::from_secs(2),
+                ..Lwm2mOptions::default()
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let task_id = server.task("stream", &package, &nodes).await?;
+        // Measure from the first segment to the last download.
+        while stats.segments.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let first = Instant::now();
+        let total = nodes.len() as u64;
+        while stats.downloads.load(Ordering::Relaxed) < total {
+            if first.elapsed() > Duration::from_secs(600) {
+                bail!("segment run did not finish");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let secs = first.elapsed().as_secs_f64();
+        let segments = stats.segments.load(Ordering::Relaxed);
+        println!(
+            "segments: {} devices downloaded {} KiB each: {segments} segments in {secs:.2} s = {:.0} segments/s ({:.1} MiB/s of package data)",
+            nodes.len(),
+            args.stream_kib,
+            segments as f64 / secs,
+            (segments as f64 * 500.0) / secs / 1_048_576.0
+        );
+        let t = server.wait(&task_id, Duration::from_secs(120)).await?;
+        println!("segment run task: {} ({})", t.status, t.status_desc);
+        stop.cancel();
+        let _ = fleet.await;
+    }
+
+    let (package, nodes) = server
+        .fleet("campaign", args.campaign_kib, args.devices)
+        .await?;
+    let (stats, stop, fleet) = devices_fleet(
+        server.coap,
+        nodes.clone(),
+        Lwm2mOptions {
+            cells: args.cells,
+            radio: Radio::Mixed,
+            retry: Duration::from_secs(2),
+            ..Lwm2mOptions::default()
+        },
+    );
+    // Let the fleet register first, as a deployed fleet would be.
+    let registering = Instant::now();
+    while stats.registered.load(Ordering::Relaxed) < nodes.len() as u64 {
+        if registering.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "only {} of {} devices registered",
+                stats.registered.load(Ordering::Relaxed),
+                nodes.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    let task_id = server.task("campaign", &package, &nodes).await?;
+    let t = server.wait(&task_id, Duration::from_secs(3600)).await?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "campaign: {} devices in {} cells, {} KiB: {} in {secs:.1} s ({})",
+        nodes.len(),
+        args.cells,
+        args.campaign_kib,
+        t.status,
+        t.status_desc
+    );
+    stop.cancel();
+    let _ = fleet.await;
+    // Caps of the default coverage settings: cells 1000 + c, coverage by c % 3 (Radio::Mixed).
+    let coverage = domain::flow::lwm2m::Coverage::default();
+    let peaks = stats.peaks();
+    let mut over = Vec::new();
+    let mut by_cap: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
+    for i in 0..nodes.len() {
+        let cell = cell_of(i, args.cells);
+        let cap = coverage.caps[(cell % 3) as usize];
+        let peak = peaks.get(&cell).copied().unwrap_or(0);
+        let seen = by_cap.entry(cap).or_default();
+        *seen = (*seen).max(peak);
+        if peak > cap as usize {
+            over.push((cell, peak, cap));
+        }
+    }
+    for (cap, peak) in &by_cap {
+        println!("cells capped at {cap}: most downloading at once in one cell {peak}");
+    }
+    over.sort_unstable();
+    over.dedup();
+    server.stop().await;
+    if over.is_empty() {
+        println!("no cell exceeded its cap");
+        Ok(())
+    } else {
+        bail!("cells over their cap (cell, peak, cap): {over:?}")
+    }
+}

@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -175,7 +174,9 @@ struct Inner {
     cache: Mutex<Cache>,
     /// Loads of package bytes in progress, so a crowd asking for one package loads it once.
     loading: tokio::sync::Mutex<()>,
-    next_mid: AtomicU16,
+    /// The next message id per peer: RFC 7252 forbids reusing one towards the same endpoint within
+    /// `EXCHANGE_LIFETIME`, which a single counter shared by a fleet would do within seconds.
+    next_mid: Mutex<HashMap<SocketAddr, u16>>,
     events: mpsc::UnboundedSender<(String, DeviceEvent)>,
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, DeviceEvent)>>>,
 }
@@ -199,7 +200,7 @@ impl CoapEndpoint {
                 serving: Mutex::default(),
                 cache: Mutex::default(),
                 loading: tokio::sync::Mutex::new(()),
-                next_mid: AtomicU16::new(rand::random()),
+                next_mid: Mutex::default(),
                 events,
                 events_rx: Mutex::new(Some(events_rx)),
             }),
@@ -271,10 +272,25 @@ impl CoapEndpoint {
                 self.event(&id, DeviceEvent::Offline);
             }
             let instant = std::time::Instant::now();
-            lock(&self.inner.exchanges)
-                .seen
-                .retain(|_, (_, until)| *until > instant);
+            let mut ex = lock(&self.inner.exchanges);
+            ex.seen.retain(|_, (_, until)| *until > instant);
+            // Message-id counters of peers that are gone (none registered there, nothing pending).
+            let busy: std::collections::HashSet<SocketAddr> =
+                ex.pending.values().map(|p| p.addr).collect();
+            drop(ex);
+            let registered: std::collections::HashSet<SocketAddr> =
+                lock(&self.inner.sessions).by_addr.keys().copied().collect();
+            lock(&self.inner.next_mid)
+                .retain(|addr, _| registered.contains(addr) || busy.contains(addr));
         }
+    }
+
+    /// A fresh message id for `addr` (starting from a random one).
+    fn next_mid(&self, addr: SocketAddr) -> u16 {
+        let mut mids = lock(&self.inner.next_mid);
+        let mid = mids.entry(addr).or_insert_with(rand::random);
+        *mid = mid.wrapping_add(1);
+        *mid
     }
 
     /// Devices registered now.
@@ -373,17 +389,19 @@ impl CoapEndpoint {
 
     fn acknowledged(&self, addr: SocketAddr, mid: u16, response: Option<Packet>) {
         let mut ex = lock(&self.inner.exchanges);
-        let Some(token) = ex.by_mid.remove(&(addr, mid)) else {
+        let Some(token) = ex.by_mid.get(&(addr, mid)).cloned() else {
             return;
         };
         match response {
             Some(p) if p.get_token() == token.as_slice() => {
+                ex.by_mid.remove(&(addr, mid));
                 if let Some(mut pending) = ex.pending.remove(&token)
                     && let Some(tx) = pending.answer.take()
                 {
                     let _ = tx.send(Some(p));
                 }
             }
+            // An answer to something else under this id (a confused peer): the exchange goes on.
             Some(_) => {}
             None => {
                 if let Some(p) = ex.pending.get_mut(&token) {
@@ -661,7 +679,7 @@ impl CoapEndpoint {
     /// Sends a confirmable request and waits for its answer; `None` after the last retransmission, or
     /// on a reset.
     async fn exchange(&self, addr: SocketAddr, mut packet: Packet) -> Option<Packet> {
-        let mid = self.inner.next_mid.fetch_add(1, Ordering::Relaxed);
+        let mid = self.next_mid(addr);
         let token: [u8; 8] = rand::random();
         packet.header.set_type(MessageType::Confirmable);
         packet.header.message_id = mid;
@@ -736,7 +754,7 @@ impl CoapEndpoint {
                 MessageType::NonConfirmable
             });
         if packet.header.get_type() == MessageType::NonConfirmable {
-            response.header.message_id = self.inner.next_mid.fetch_add(1, Ordering::Relaxed);
+            response.header.message_id = self.next_mid(addr);
         }
         if let Some(id) = &location {
             response.add_option(CoapOption::LocationPath, b"rd".to_vec());

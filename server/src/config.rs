@@ -268,6 +268,8 @@ pub struct Lwm2mSettings {
     pub max_retransmit: u32,
     /// Bytes of package data kept in memory for serving segments.
     pub cache_bytes: usize,
+    /// The UDP receive buffer in bytes (the kernel caps it at `net.core.rmem_max`).
+    pub receive_buffer: usize,
     /// How long a subtask waits for its device to register.
     #[serde(with = "humantime_serde")]
     pub online_timeout: Duration,
@@ -299,6 +301,7 @@ impl Default for Lwm2mSettings {
             ack_timeout: c.ack_timeout,
             max_retransmit: c.max_retransmit,
             cache_bytes: c.cache_bytes,
+            receive_buffer: 4 * 1024 * 1024,
             online_timeout: t.online,
             version_timeout: t.version,
             coverage_timeout: t.coverage,

@@ -110,8 +110,7 @@ impl Application {
         let coap_socket = if settings.lwm2m.enabled {
             let addr = settings.lwm2m.listen;
             Some(
-                tokio::net::UdpSocket::bind(addr)
-                    .await
+                bind_udp(addr, settings.lwm2m.receive_buffer)
                     .with_context(|| format!("binding CoAP on {addr} (lwm2m.listen)"))?,
             )
         } else {
@@ -329,6 +328,23 @@ where
             Ok((tls, service))
         })
     }
+}
+
+/// A UDP socket with a receive buffer of `receive_buffer` bytes (the kernel caps it at
+/// `net.core.rmem_max`): a fleet's datagrams arrive in bursts, and the default (~208 KiB) drops them when
+/// thousands of devices answer at once.
+fn bind_udp(addr: SocketAddr, receive_buffer: usize) -> Result<tokio::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if let Err(e) = socket.set_recv_buffer_size(receive_buffer) {
+        tracing::warn!(error.message = %e, "CoAP: the receive buffer size was not accepted");
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(tokio::net::UdpSocket::from_std(socket.into())?)
 }
 
 /// After a restart no device is connected: devices recorded online are marked offline, and their open

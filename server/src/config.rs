@@ -276,6 +276,9 @@ pub struct Lwm2mSettings {
     /// How long it waits for the PCP 0x13 answer.
     #[serde(with = "humantime_serde")]
     pub version_timeout: Duration,
+    /// How often it sends 0x13 again meanwhile (the answer is a notification that may be lost).
+    #[serde(with = "humantime_serde")]
+    pub version_reask: Duration,
     /// How long it waits for the radio coverage read, then for the cell id read.
     #[serde(with = "humantime_serde")]
     pub coverage_timeout: Duration,
@@ -304,6 +307,7 @@ impl Default for Lwm2mSettings {
             receive_buffer: 4 * 1024 * 1024,
             online_timeout: t.online,
             version_timeout: t.version,
+            version_reask: t.version_reask,
             coverage_timeout: t.coverage,
             download_timeout: t.download,
             execute_timeout: t.execute,
@@ -572,6 +576,12 @@ impl Settings {
             ("tasks.online_timeout", self.tasks.online_timeout),
             ("tasks.version_timeout", self.tasks.version_timeout),
             ("tasks.upgrade_timeout", self.tasks.upgrade_timeout),
+            ("lwm2m.online_timeout", self.lwm2m.online_timeout),
+            ("lwm2m.version_timeout", self.lwm2m.version_timeout),
+            ("lwm2m.version_reask", self.lwm2m.version_reask),
+            ("lwm2m.coverage_timeout", self.lwm2m.coverage_timeout),
+            ("lwm2m.download_timeout", self.lwm2m.download_timeout),
+            ("lwm2m.execute_timeout", self.lwm2m.execute_timeout),
         ] {
             if d < Duration::from_secs(1) {
                 problems.push(format!("  - {key} must be at least 1s"));
@@ -638,6 +648,7 @@ impl Settings {
                 lwm2m: domain::flow::lwm2m::Timeouts {
                     online: self.lwm2m.online_timeout,
                     version: self.lwm2m.version_timeout,
+                    version_reask: self.lwm2m.version_reask,
                     coverage: self.lwm2m.coverage_timeout,
                     download: self.lwm2m.download_timeout,
                     execute: self.lwm2m.execute_timeout,

@@ -4,7 +4,7 @@
 //! | phase | entered when | waits for | deadline (default) | then |
 //! |---|---|---|---|---|
 //! | `WaitOnline` | started while the device is not registered | it registers | 24 h | fails |
-//! | `WaitVersion` | started registered, or it registers | PCP 0x13 answer | 3 min | fails |
+//! | `WaitVersion` | started registered, or it registers | PCP 0x13 answer (0x13 sent again every 30 s) | 3 min | fails |
 //! | (decision) | version == target | | | **succeeds, nothing sent** |
 //! | (decision) | version not in `support_source_versions` | | | fails (no retry helps) |
 //! | `WaitCoverage` | the version may upgrade | the `/4/0` read (RSRP, SINR, cell id) | 3 min | `WaitCellId` |
@@ -39,6 +39,10 @@ pub struct Timeouts {
     pub online: Duration,
     /// How long to wait for the 0x13 answer.
     pub version: Duration,
+    /// How often 0x13 is sent again while no answer came: devices answer with a notification, which
+    /// may be non-confirmable and lost.
+    #[serde(default = "default_version_reask")]
+    pub version_reask: Duration,
     /// How long to wait for the radio coverage read (and, after it failed, for the cell id read).
     pub coverage: Duration,
     /// How long the download may take, from the 0x14 notification to the 0x16 result.
@@ -52,11 +56,16 @@ impl Default for Timeouts {
         Self {
             online: Duration::from_secs(24 * 3600),
             version: Duration::from_secs(3 * 60),
+            version_reask: default_version_reask(),
             coverage: Duration::from_secs(3 * 60),
             download: Duration::from_secs(60 * 60),
             execute: Duration::from_secs(30 * 60),
         }
     }
+}
+
+const fn default_version_reask() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// A coverage range's lower bounds: a device is in the range when both values reach them.
@@ -306,6 +315,9 @@ pub enum Phase {
     WaitVersion {
         /// When waiting fails.
         deadline: Timestamp,
+        /// When 0x13 is sent again (absent in states stored before re-asking existed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reask: Option<Timestamp>,
     },
     /// `/4/0` read sent.
     WaitCoverage {
@@ -542,8 +554,12 @@ impl Subtask {
     #[must_use]
     pub const fn poll_timeout(&self) -> Option<Timestamp> {
         match self.phase {
+            Phase::WaitVersion {
+                deadline,
+                reask: Some(reask),
+            } if reask.as_millis() < deadline.as_millis() => Some(reask),
             Phase::WaitOnline { deadline }
-            | Phase::WaitVersion { deadline }
+            | Phase::WaitVersion { deadline, .. }
             | Phase::WaitCoverage { deadline }
             | Phase::WaitCellId { deadline }
             | Phase::Downloading { deadline, .. }
@@ -708,8 +724,21 @@ impl Subtask {
             (Phase::WaitOnline { deadline }, Input::Timer) if now >= *deadline => {
                 self.fail(now, plan, Failure::NeverOnline)
             }
-            (Phase::WaitVersion { deadline }, Input::Timer) if now >= *deadline => {
+            (Phase::WaitVersion { deadline, .. }, Input::Timer) if now >= *deadline => {
                 self.fail(now, plan, Failure::NoVersionReport)
+            }
+            (
+                Phase::WaitVersion {
+                    deadline,
+                    reask: Some(reask),
+                },
+                Input::Timer,
+            ) if now >= *reask => {
+                self.phase = Phase::WaitVersion {
+                    deadline: *deadline,
+                    reask: Some(now.plus(t.version_reask)),
+                };
+                vec![Effect::QueryVersion]
             }
             (Phase::Downloading { deadline, .. }, Input::Timer) if now >= *deadline => {
                 self.fail(now, plan, Failure::DownloadTimeout)
@@ -740,6 +769,7 @@ impl Subtask {
     fn query(&mut self, now: Timestamp, plan: &Plan) -> Vec<Effect> {
         self.phase = Phase::WaitVersion {
             deadline: now.plus(plan.timeouts.version),
+            reask: Some(now.plus(plan.timeouts.version_reask)),
         };
         vec![Effect::QueryVersion]
     }
@@ -783,6 +813,7 @@ mod tests {
     use super::*;
 
     const T0: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+    const SEC: Duration = Duration::from_secs(1);
     const MIN: Duration = Duration::from_secs(60);
     const HOUR: Duration = Duration::from_secs(3600);
 
@@ -834,7 +865,7 @@ mod tests {
             (
                 SubtaskStatus::Processing,
                 "version_query",
-                Some(T0.plus(3 * MIN))
+                Some(T0.plus(30 * SEC))
             )
         );
         let v = Input::Version {
@@ -944,10 +975,21 @@ mod tests {
         assert_eq!(s.step(), "wait_online");
         s.handle(T0.plus(24 * HOUR), &p, Input::Timer);
         assert_eq!(s.failure(), Some(&Failure::NeverOnline));
-        // 3 min for the version.
+        // 3 min for the version, asking again every 30 s meanwhile (a lost notification is not final).
         let mut s = Subtask::new(true);
-        s.handle(T0, &p, Input::Start);
-        s.handle(T0.plus(3 * MIN), &p, Input::Timer);
+        assert_eq!(s.handle(T0, &p, Input::Start), [Effect::QueryVersion]);
+        assert_eq!(s.poll_timeout(), Some(T0.plus(30 * SEC)));
+        assert!(s.handle(T0.plus(29 * SEC), &p, Input::Timer).is_empty());
+        let mut asked = 1;
+        while let Some(at) = s.poll_timeout()
+            && at < T0.plus(3 * MIN)
+        {
+            assert_eq!(s.handle(at, &p, Input::Timer), [Effect::QueryVersion]);
+            asked += 1;
+        }
+        assert_eq!(asked, 6, "at 0, 30 s, ... 150 s");
+        assert_eq!(s.poll_timeout(), Some(T0.plus(3 * MIN)));
+        assert!(s.handle(T0.plus(3 * MIN), &p, Input::Timer).is_empty());
         assert_eq!(s.failure(), Some(&Failure::NoVersionReport));
         // 3 min for coverage, then 3 min for the cell id.
         let mut s = Subtask::new(true);

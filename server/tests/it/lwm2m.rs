@@ -508,6 +508,29 @@ async fn unknown_endpoints_are_refused_and_corrupt_pcp_frames_are_dropped() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let row = &subtask_rows(&app, &task_id).await[0];
     assert_eq!(row.step, "version_query", "a corrupt frame changes nothing");
+    // No usable answer came: 30 s later the platform asks again.
+    app.clock.advance(Duration::from_secs(30));
+    app.state.driver.run_due(&app.state).await.unwrap();
+    let mut asked_again = false;
+    for _ in 0..5 {
+        let Some((req, path)) = next_request(&socket).await else {
+            break;
+        };
+        if path == "19/1/0" && req.payload == protocol::pcp::Downlink::QueryVersion.encode() {
+            let mut ack = Packet::new();
+            ack.header.set_type(MessageType::Acknowledgement);
+            ack.header.code = MessageClass::Response(ResponseType::Changed);
+            ack.header.message_id = req.header.message_id;
+            ack.set_token(req.get_token().to_vec());
+            socket.send(&ack.to_bytes().unwrap()).await.unwrap();
+            asked_again = true;
+            break;
+        }
+    }
+    assert!(
+        asked_again,
+        "0x13 is sent again after 30 s without an answer"
+    );
     // ... an intact one moves the upgrade on to the coverage read.
     let good = protocol::pcp::Uplink::Version {
         result: protocol::pcp::ResultCode::OK,

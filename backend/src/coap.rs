@@ -5,7 +5,8 @@
 //! CoAP reliability (RFC 7252 §4): requests to devices are confirmable and retransmitted with exponential
 //! back-off (2 s, ×1-1.5 random, 4 retransmissions by default); confirmable messages from devices are
 //! acknowledged, and a duplicate (same peer and message id within the exchange lifetime) gets the same
-//! answer again without being processed twice.
+//! answer again without being processed twice. One retransmission task keeps every request's next deadline
+//! in a heap, so a request in flight costs an entry in two maps, not a task and a timer.
 //!
 //! Devices are known by their node id (the endpoint name, usually the IMEI); an unknown or frozen endpoint
 //! is refused with 4.03. A registration lives for its lifetime (`lt`, default 24 h) measured on the
@@ -15,7 +16,8 @@
 //! the package bytes, for the download the driver told this adapter to serve ([`Lwm2mLink::serve`]). The
 //! driver hears about them now and then, for progress.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,7 +30,7 @@ use futures::TryStreamExt;
 use protocol::lwm2m::{self, RegisterParams, Registration, RequestError, connectivity};
 use protocol::pcp::{self, Downlink as Pcp, ResultCode, Uplink};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
@@ -112,12 +114,22 @@ impl Sessions {
     }
 }
 
+/// The token of a request to a device (always 8 bytes here).
+type Token = [u8; 8];
+
 /// A request to a device waiting for its answer.
 struct Pending {
     addr: SocketAddr,
     mid: u16,
+    /// The message, for retransmissions.
+    bytes: Bytes,
+    /// Retransmissions left; at 0 the next deadline gives up.
+    retransmits_left: u32,
+    /// The current wait (doubled at each deadline).
+    wait: Duration,
     /// An empty ACK came: stop retransmitting, keep waiting for the separate response.
     acked: bool,
+    /// Who waits for the answer (`None` when nobody does: fire-and-forget writes).
     answer: Option<oneshot::Sender<Option<Packet>>>,
 }
 
@@ -127,9 +139,11 @@ type Seen = (Option<Vec<u8>>, std::time::Instant);
 #[derive(Default)]
 struct Exchanges {
     /// By token.
-    pending: HashMap<Vec<u8>, Pending>,
+    pending: HashMap<Token, Pending>,
     /// Message id → token, for empty ACKs and resets.
-    by_mid: HashMap<(SocketAddr, u16), Vec<u8>>,
+    by_mid: HashMap<(SocketAddr, u16), Token>,
+    /// The next deadline of each pending request (entries of answered requests are skipped).
+    due: BinaryHeap<Reverse<(std::time::Instant, Token)>>,
     /// Confirmable messages from devices already handled: the reply to repeat (none while in progress),
     /// and when the entry may go.
     seen: HashMap<(SocketAddr, u16), Seen>,
@@ -170,6 +184,8 @@ struct Inner {
     settings: CoapSettings,
     sessions: Mutex<Sessions>,
     exchanges: Mutex<Exchanges>,
+    /// Wakes the retransmission task when a deadline earlier than all others was added.
+    earlier_due: Notify,
     serving: Mutex<HashMap<String, Serving>>,
     cache: Mutex<Cache>,
     /// Loads of package bytes in progress, so a crowd asking for one package loads it once.
@@ -197,6 +213,7 @@ impl CoapEndpoint {
                 settings,
                 sessions: Mutex::default(),
                 exchanges: Mutex::default(),
+                earlier_due: Notify::new(),
                 serving: Mutex::default(),
                 cache: Mutex::default(),
                 loading: tokio::sync::Mutex::new(()),
@@ -226,6 +243,7 @@ impl CoapEndpoint {
         let events = lock(&self.inner.events_rx).take();
         let feeder = events.map(|rx| tokio::spawn(feed_driver(self.inner.state.clone(), rx)));
         let janitor = tokio::spawn(self.clone().janitor(stop.clone()));
+        let retransmitter = tokio::spawn(self.clone().retransmitter(stop.clone()));
         let mut buf = vec![0u8; 2048];
         loop {
             let received = tokio::select! {
@@ -241,6 +259,7 @@ impl CoapEndpoint {
             }
         }
         janitor.abort();
+        retransmitter.abort();
         if let Some(f) = feeder {
             f.abort();
         }
@@ -282,6 +301,69 @@ impl CoapEndpoint {
                 lock(&self.inner.sessions).by_addr.keys().copied().collect();
             lock(&self.inner.next_mid)
                 .retain(|addr, _| registered.contains(addr) || busy.contains(addr));
+        }
+    }
+
+    /// Retransmits requests whose acknowledgement is late, and gives up on those out of retransmissions.
+    async fn retransmitter(self, stop: CancellationToken) {
+        loop {
+            let next = lock(&self.inner.exchanges)
+                .due
+                .peek()
+                .map(|Reverse((at, _))| *at);
+            let until = next.unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(60));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.inner.earlier_due.notified() => continue,
+                () = tokio::time::sleep_until(until.into()) => {}
+            }
+            self.retransmit_due(std::time::Instant::now());
+        }
+    }
+
+    fn retransmit_due(&self, now: std::time::Instant) {
+        let mut resend = Vec::new();
+        let mut gave_up = Vec::new();
+        {
+            let mut ex = lock(&self.inner.exchanges);
+            while let Some(&Reverse((at, token))) = ex.due.peek() {
+                if at > now {
+                    break;
+                }
+                ex.due.pop();
+                let Some(p) = ex.pending.get_mut(&token) else {
+                    continue;
+                };
+                if p.retransmits_left == 0 {
+                    let (addr, mid) = (p.addr, p.mid);
+                    ex.by_mid.remove(&(addr, mid));
+                    if let Some(p) = ex.pending.remove(&token) {
+                        gave_up.push(p);
+                    }
+                    continue;
+                }
+                p.retransmits_left -= 1;
+                p.wait *= 2;
+                if !p.acked {
+                    tracing::trace!(addr = %p.addr, mid = p.mid, "CoAP request sent again");
+                    resend.push((p.bytes.clone(), p.addr));
+                }
+                let next = now + p.wait;
+                ex.due.push(Reverse((next, token)));
+            }
+        }
+        for (bytes, addr) in resend {
+            self.send(&bytes, addr);
+        }
+        for mut p in gave_up {
+            match p.answer.take() {
+                Some(tx) => {
+                    let _ = tx.send(None);
+                }
+                None => {
+                    tracing::debug!(addr = %p.addr, mid = p.mid, "CoAP request not acknowledged")
+                }
+            }
         }
     }
 
@@ -389,7 +471,7 @@ impl CoapEndpoint {
 
     fn acknowledged(&self, addr: SocketAddr, mid: u16, response: Option<Packet>) {
         let mut ex = lock(&self.inner.exchanges);
-        let Some(token) = ex.by_mid.get(&(addr, mid)).cloned() else {
+        let Some(token) = ex.by_mid.get(&(addr, mid)).copied() else {
             return;
         };
         match response {
@@ -426,7 +508,9 @@ impl CoapEndpoint {
     fn response(&self, packet: Packet, addr: SocketAddr) {
         {
             let mut ex = lock(&self.inner.exchanges);
-            if let Some(mut p) = ex.pending.remove(packet.get_token()) {
+            if let Ok(token) = Token::try_from(packet.get_token())
+                && let Some(mut p) = ex.pending.remove(&token)
+            {
                 ex.by_mid.remove(&(p.addr, p.mid));
                 if let Some(tx) = p.answer.take() {
                     let _ = tx.send(Some(packet));
@@ -480,9 +564,7 @@ impl CoapEndpoint {
                 DeviceEvent::PcpNewVersionAnswer { result: result.0 }
             }
             Uplink::SegmentRequest { version, segment } => {
-                let this = self.clone();
-                let device_id = device_id.to_owned();
-                tokio::spawn(async move { this.segment(&device_id, addr, version, segment).await });
+                self.segment_request(device_id, addr, version, segment);
                 return;
             }
             Uplink::DownloadResult { result } => {
@@ -497,16 +579,52 @@ impl CoapEndpoint {
         self.event(device_id, event);
     }
 
-    /// Answers a 0x15 segment request from the package cache.
-    async fn segment(&self, device_id: &str, addr: SocketAddr, version: pcp::Version, n: u16) {
+    /// Answers a 0x15 segment request: at once when the download and its package bytes are at hand
+    /// (the usual case), else once they are looked up and loaded.
+    fn segment_request(&self, device_id: &str, addr: SocketAddr, version: pcp::Version, n: u16) {
         let source = lock(&self.inner.serving)
             .get(device_id)
             .map(|s| s.source.clone());
-        let source = match source {
-            Some(s) => Some(s),
+        if let Some(source) = &source
+            && let Some(bytes) = self.cached(&source.package_id)
+        {
+            self.answer_segment(device_id, addr, &version, n, Some(source), &bytes);
+            return;
+        }
+        let this = self.clone();
+        let device_id = device_id.to_owned();
+        tokio::spawn(async move {
             // Updraft restarted mid-download: the driver's stored state says what is served.
-            None => self.restore_serving(device_id).await,
-        };
+            let source = match source {
+                Some(s) => Some(s),
+                None => this.restore_serving(&device_id).await,
+            };
+            let bytes = match &source {
+                Some(source) if source.version == version.as_string() => {
+                    match this.package_bytes(source).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::warn!(package_id = %source.package_id, error.message = %e, "PCP: package bytes unavailable");
+                            return;
+                        }
+                    }
+                }
+                _ => Bytes::new(),
+            };
+            this.answer_segment(&device_id, addr, &version, n, source.as_ref(), &bytes);
+        });
+    }
+
+    /// Writes segment `n` of `source` (whose package is `bytes`), or the reason there is none.
+    fn answer_segment(
+        &self,
+        device_id: &str,
+        addr: SocketAddr,
+        version: &pcp::Version,
+        n: u16,
+        source: Option<&Arc<SegmentSource>>,
+        bytes: &Bytes,
+    ) {
         let answer = |result: ResultCode, data: &[u8]| {
             Pcp::Segment {
                 result,
@@ -519,27 +637,17 @@ impl CoapEndpoint {
             self.write_pcp(device_id, addr, answer(ResultCode::NO_TASK, &[]));
             return;
         };
-        let Some(range) = pcp::segment_range(source.size, source.segment_size, n) else {
-            self.write_pcp(device_id, addr, answer(ResultCode::NO_SEGMENT, &[]));
-            return;
-        };
-        let bytes = match self.package_bytes(&source).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(package_id = %source.package_id, error.message = %e, "PCP: package bytes unavailable");
-                return;
-            }
-        };
-        let (start, end) = (
-            usize::try_from(range.start).unwrap_or(usize::MAX),
-            usize::try_from(range.end).unwrap_or(usize::MAX),
-        );
-        let Some(data) = bytes.get(start..end) else {
+        let data = pcp::segment_range(source.size, source.segment_size, n).and_then(|range| {
+            let start = usize::try_from(range.start).ok()?;
+            let end = usize::try_from(range.end).ok()?;
+            bytes.get(start..end)
+        });
+        let Some(data) = data else {
             self.write_pcp(device_id, addr, answer(ResultCode::NO_SEGMENT, &[]));
             return;
         };
         self.write_pcp(device_id, addr, answer(ResultCode::OK, data));
-        self.progress(device_id, &source, n);
+        self.progress(device_id, source, n);
     }
 
     /// Tells the driver about a download's progress every [`PROGRESS_STEP`] percent (and at its first
@@ -667,65 +775,68 @@ impl CoapEndpoint {
         }
         packet.set_content_format(ContentFormat::ApplicationOctetStream);
         packet.payload = frame;
-        let this = self.clone();
-        let device_id = device_id.to_owned();
-        tokio::spawn(async move {
-            if this.exchange(addr, packet).await.is_none() {
-                tracing::debug!(device_id, "PCP write not acknowledged");
-            }
-        });
+        if !self.start_exchange(addr, packet, None) {
+            tracing::debug!(device_id, "PCP write could not be encoded");
+        }
     }
 
     /// Sends a confirmable request and waits for its answer; `None` after the last retransmission, or
     /// on a reset.
-    async fn exchange(&self, addr: SocketAddr, mut packet: Packet) -> Option<Packet> {
+    async fn exchange(&self, addr: SocketAddr, packet: Packet) -> Option<Packet> {
+        let (tx, rx) = oneshot::channel();
+        if !self.start_exchange(addr, packet, Some(tx)) {
+            return None;
+        }
+        rx.await.ok().flatten()
+    }
+
+    /// Sends `packet` as a confirmable request; the retransmission task takes it from there. False when
+    /// it cannot be encoded.
+    fn start_exchange(
+        &self,
+        addr: SocketAddr,
+        mut packet: Packet,
+        answer: Option<oneshot::Sender<Option<Packet>>>,
+    ) -> bool {
         let mid = self.next_mid(addr);
-        let token: [u8; 8] = rand::random();
+        let token: Token = rand::random();
         packet.header.set_type(MessageType::Confirmable);
         packet.header.message_id = mid;
         packet.set_token(token.to_vec());
-        let bytes = packet.to_bytes().ok()?;
-        let (tx, mut rx) = oneshot::channel();
-        {
+        let Ok(bytes) = packet.to_bytes() else {
+            return false;
+        };
+        let bytes = Bytes::from(bytes);
+        let settings = &self.inner.settings;
+        let wait = settings
+            .ack_timeout
+            .mul_f64(1.0 + rand::random::<f64>() * 0.5);
+        let at = std::time::Instant::now() + wait;
+        let earliest = {
             let mut ex = lock(&self.inner.exchanges);
+            let earliest = ex.due.peek().is_none_or(|Reverse((first, _))| at < *first);
+            ex.due.push(Reverse((at, token)));
+            ex.by_mid.insert((addr, mid), token);
             ex.pending.insert(
-                token.to_vec(),
+                token,
                 Pending {
                     addr,
                     mid,
+                    bytes: bytes.clone(),
+                    retransmits_left: settings.max_retransmit,
+                    wait,
                     acked: false,
-                    answer: Some(tx),
+                    answer,
                 },
             );
-            ex.by_mid.insert((addr, mid), token.to_vec());
+            earliest
+        };
+        if earliest {
+            self.inner.earlier_due.notify_one();
         }
-        let settings = &self.inner.settings;
-        let mut wait = settings
-            .ack_timeout
-            .mul_f64(1.0 + rand::random::<f64>() * 0.5);
-        let mut answer = None;
-        for attempt in 0..=settings.max_retransmit + 1 {
-            let acked = lock(&self.inner.exchanges)
-                .pending
-                .get(token.as_slice())
-                .is_some_and(|p| p.acked);
-            if attempt > settings.max_retransmit && !acked {
-                break;
-            }
-            if !acked {
-                tracing::trace!(%addr, mid, attempt, "CoAP request sent");
-                self.send(&bytes, addr);
-            }
-            if let Ok(r) = tokio::time::timeout(wait, &mut rx).await {
-                answer = r.ok().flatten();
-                break;
-            }
-            wait *= 2;
-        }
-        let mut ex = lock(&self.inner.exchanges);
-        ex.pending.remove(token.as_slice());
-        ex.by_mid.remove(&(addr, mid));
-        answer
+        tracing::trace!(%addr, mid, "CoAP request sent");
+        self.send(&bytes, addr);
+        true
     }
 
     /// A request from a device: the registration interface.

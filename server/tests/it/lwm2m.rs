@@ -462,10 +462,23 @@ async fn unknown_endpoints_are_refused_and_corrupt_pcp_frames_are_dropped() {
     let mut observe_token = None;
     let task_id = create_task(&app, &fx, &nodes).await;
     let mut query_seen = false;
+    let mut unanswered_query = None;
     for _ in 0..20 {
         let Some((req, path)) = next_request(&socket).await else {
             break;
         };
+        // The first 0x13 write goes unanswered: it must come again, under the same message id.
+        if path == "19/1/0" && unanswered_query.is_none() {
+            unanswered_query = Some(req.header.message_id);
+            continue;
+        }
+        if path == "19/1/0" {
+            assert_eq!(
+                Some(req.header.message_id),
+                unanswered_query,
+                "a retransmission"
+            );
+        }
         let mut ack = Packet::new();
         ack.header.set_type(MessageType::Acknowledgement);
         ack.header.message_id = req.header.message_id;

@@ -1,5 +1,8 @@
 //! LwM2M/PCP benchmarks (`make bench-lwm2m`): Updraft and simulated NB-IoT devices (`server::sim::lwm2m`)
-//! in one process, over real UDP on loopback, on the system clock.
+//! in one process but on separate runtimes (threads named `updraft-*` and `sim-*`, one worker each by
+//! default, like two machines of one core), over real UDP on loopback, on the system clock. Each thread's
+//! CPU time is read from `/proc/self/task/*/schedstat`, so the server's cost per segment is known apart
+//! from the simulator's.
 //!
 //! 1. **Segments**: `--stream-devices` devices in cells roomy enough for all of them download a large
 //!    package (`--stream-kib`); prints PCP segments served per second while every device downloads (each
@@ -40,6 +43,35 @@ struct Args {
     /// Skip the segment run.
     #[arg(long)]
     campaign_only: bool,
+    /// Worker threads of Updraft's runtime.
+    #[arg(long, default_value_t = 1)]
+    server_threads: usize,
+    /// Worker threads of the simulator's runtime.
+    #[arg(long, default_value_t = 1)]
+    sim_threads: usize,
+}
+
+/// CPU time so far of this process's threads (ns): Updraft's (everything but the simulator) and the
+/// simulator's.
+fn cpu_ns() -> (u64, u64) {
+    let (mut server, mut sim) = (0, 0);
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return (0, 0);
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let ns: u64 = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        if comm.starts_with("sim-") {
+            sim += ns;
+        } else {
+            server += ns;
+        }
+    }
+    (server, sim)
 }
 
 struct Server {
@@ -176,6 +208,7 @@ impl Server {
 }
 
 fn devices_fleet(
+    sim: &tokio::runtime::Handle,
     coap: std::net::SocketAddr,
     nodes: Vec<String>,
     opts: Lwm2mOptions,
@@ -190,14 +223,27 @@ fn devices_fleet(
         server: coap,
         ..opts
     };
-    let task = tokio::spawn(run_fleet(opts, nodes, stats.clone(), stop.clone()));
+    let task = sim.spawn(run_fleet(opts, nodes, stats.clone(), stop.clone()));
     (stats, stop, task)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let sim = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.sim_threads.max(1))
+        .thread_name("sim-worker")
+        .enable_all()
+        .build()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.server_threads.max(1))
+        .thread_name("updraft-worker")
+        .enable_all()
+        .build()?
+        .block_on(run(args, sim.handle().clone()))
+}
+
+async fn run(args: Args, sim: tokio::runtime::Handle) -> Result<()> {
     let server = start().await?;
 
     if !args.campaign_only {
@@ -207,6 +253,7 @@ async fn main() -> Result<()> {
         // 4 cells of good coverage hold 200 devices at 50 each.
         let cells = u32::try_from(args.stream_devices.div_ceil(50)).unwrap_or(1);
         let (stats, stop, fleet) = devices_fleet(
+            &sim,
             server.coap,
             nodes.clone(),
             Lwm2mOptions {
@@ -222,6 +269,7 @@ async fn main() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let first = Instant::now();
+        let cpu_before = cpu_ns();
         let total = nodes.len() as u64;
         while stats.downloads.load(Ordering::Relaxed) < total {
             if first.elapsed() > Duration::from_secs(600) {
@@ -230,6 +278,7 @@ async fn main() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let secs = first.elapsed().as_secs_f64();
+        let cpu_after = cpu_ns();
         let segments = stats.segments.load(Ordering::Relaxed);
         println!(
             "segments: {} devices downloaded {} KiB each: {segments} segments in {secs:.2} s = {:.0} segments/s ({:.1} MiB/s of package data)",
@@ -237,6 +286,14 @@ async fn main() -> Result<()> {
             args.stream_kib,
             segments as f64 / secs,
             (segments as f64 * 500.0) / secs / 1_048_576.0
+        );
+        let server_cpu = (cpu_after.0 - cpu_before.0) as f64 / 1e9;
+        let sim_cpu = (cpu_after.1 - cpu_before.1) as f64 / 1e9;
+        println!(
+            "segments: Updraft used {server_cpu:.2} CPU-s ({:.1} µs per segment = {:.0} segments per CPU-second), the simulator {sim_cpu:.2} CPU-s ({:.1} µs per segment)",
+            server_cpu * 1e6 / segments as f64,
+            segments as f64 / server_cpu,
+            sim_cpu * 1e6 / segments as f64,
         );
         let t = server.wait(&task_id, Duration::from_secs(120)).await?;
         println!("segment run task: {} ({})", t.status, t.status_desc);
@@ -248,6 +305,7 @@ async fn main() -> Result<()> {
         .fleet("campaign", args.campaign_kib, args.devices)
         .await?;
     let (stats, stop, fleet) = devices_fleet(
+        &sim,
         server.coap,
         nodes.clone(),
         Lwm2mOptions {

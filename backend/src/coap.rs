@@ -5,8 +5,9 @@
 //! CoAP reliability (RFC 7252 §4): requests to devices are confirmable and retransmitted with exponential
 //! back-off (2 s, ×1-1.5 random, 4 retransmissions by default); confirmable messages from devices are
 //! acknowledged, and a duplicate (same peer and message id within the exchange lifetime) gets the same
-//! answer again without being processed twice. One retransmission task keeps every request's next deadline
-//! in a heap, so a request in flight costs an entry in two maps, not a task and a timer.
+//! answer again without being processed twice. One retransmission task watches every request in flight: a
+//! request joins a queue in the order sent (constant time, and nearly all are answered before their first
+//! deadline), and moves to a deadline heap only when that passes unanswered; no task or timer per request.
 //!
 //! Devices are known by their node id (the endpoint name, usually the IMEI); an unknown or frozen endpoint
 //! is refused with 4.03. A registration lives for its lifetime (`lt`, default 24 h) measured on the
@@ -17,7 +18,7 @@
 //! driver hears about them now and then, for progress.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +36,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::driver::{DeviceEvent, Lwm2mLink, SegmentSource};
+
+/// The maps of this module are looked up several times per datagram: foldhash, seeded per process, is
+/// much cheaper than SipHash there.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// CoAP transport settings.
 #[derive(Clone, Debug)]
@@ -127,6 +132,8 @@ struct Pending {
     retransmits_left: u32,
     /// The current wait (doubled at each deadline).
     wait: Duration,
+    /// When the current wait ends.
+    due: std::time::Instant,
     /// An empty ACK came: stop retransmitting, keep waiting for the separate response.
     acked: bool,
     /// Who waits for the answer (`None` when nobody does: fire-and-forget writes).
@@ -142,7 +149,10 @@ struct Exchanges {
     pending: HashMap<Token, Pending>,
     /// Message id → token, for empty ACKs and resets.
     by_mid: HashMap<(SocketAddr, u16), Token>,
-    /// The next deadline of each pending request (entries of answered requests are skipped).
+    /// Requests in the order sent, each with the earliest its first deadline can be (sent + ACK_TIMEOUT):
+    /// answered ones are dropped from the front, late ones move to `due`.
+    fresh: VecDeque<(std::time::Instant, Token)>,
+    /// The next deadline of requests that passed their first unanswered (answered ones are skipped).
     due: BinaryHeap<Reverse<(std::time::Instant, Token)>>,
     /// Confirmable messages from devices already handled: the reply to repeat (none while in progress),
     /// and when the entry may go.
@@ -307,10 +317,12 @@ impl CoapEndpoint {
     /// Retransmits requests whose acknowledgement is late, and gives up on those out of retransmissions.
     async fn retransmitter(self, stop: CancellationToken) {
         loop {
-            let next = lock(&self.inner.exchanges)
-                .due
-                .peek()
-                .map(|Reverse((at, _))| *at);
+            let next = {
+                let ex = lock(&self.inner.exchanges);
+                let fresh = ex.fresh.front().map(|(at, _)| *at);
+                let due = ex.due.peek().map(|Reverse((at, _))| *at);
+                fresh.into_iter().chain(due).min()
+            };
             let until = next.unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(60));
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -326,6 +338,15 @@ impl CoapEndpoint {
         let mut gave_up = Vec::new();
         {
             let mut ex = lock(&self.inner.exchanges);
+            while let Some(&(at, token)) = ex.fresh.front() {
+                if at > now {
+                    break;
+                }
+                ex.fresh.pop_front();
+                if let Some(due) = ex.pending.get(&token).map(|p| p.due) {
+                    ex.due.push(Reverse((due, token)));
+                }
+            }
             while let Some(&Reverse((at, token))) = ex.due.peek() {
                 if at > now {
                     break;
@@ -348,7 +369,8 @@ impl CoapEndpoint {
                     tracing::trace!(addr = %p.addr, mid = p.mid, "CoAP request sent again");
                     resend.push((p.bytes.clone(), p.addr));
                 }
-                let next = now + p.wait;
+                p.due = now + p.wait;
+                let next = p.due;
                 ex.due.push(Reverse((next, token)));
             }
         }
@@ -811,11 +833,17 @@ impl CoapEndpoint {
         let wait = settings
             .ack_timeout
             .mul_f64(1.0 + rand::random::<f64>() * 0.5);
-        let at = std::time::Instant::now() + wait;
-        let earliest = {
+        let sent = std::time::Instant::now();
+        let earliest = sent + settings.ack_timeout;
+        let wake = {
             let mut ex = lock(&self.inner.exchanges);
-            let earliest = ex.due.peek().is_none_or(|Reverse((first, _))| at < *first);
-            ex.due.push(Reverse((at, token)));
+            // The queue's deadlines only grow, so only a first entry can be earlier than all others.
+            let wake = ex.fresh.is_empty()
+                && ex
+                    .due
+                    .peek()
+                    .is_none_or(|Reverse((first, _))| earliest < *first);
+            ex.fresh.push_back((earliest, token));
             ex.by_mid.insert((addr, mid), token);
             ex.pending.insert(
                 token,
@@ -825,13 +853,14 @@ impl CoapEndpoint {
                     bytes: bytes.clone(),
                     retransmits_left: settings.max_retransmit,
                     wait,
+                    due: sent + wait,
                     acked: false,
                     answer,
                 },
             );
-            earliest
+            wake
         };
-        if earliest {
+        if wake {
             self.inner.earlier_due.notify_one();
         }
         tracing::trace!(%addr, mid, "CoAP request sent");

@@ -16,6 +16,12 @@
 //! Segments (PCP 0x15) are answered here, without the driver or the database: from a per-package cache of
 //! the package bytes, for the download the driver told this adapter to serve ([`Lwm2mLink::serve`]). The
 //! driver hears about them now and then, for progress.
+//!
+//! Firmware upgrades use the Firmware Update object (`/5/0`): the driver has the Package URI written
+//! ([`Lwm2mLink::start_firmware`]) and this adapter observes the State and Update Result. A URI of this
+//! endpoint, `coap://host:port/fw/<token>`, is served block-wise (RFC 7959 Block2, 16-1024 bytes as the
+//! device asks, `lwm2m.block_size` when it does not) from the same package cache. The token is a download
+//! token like the HTTPS ones: bound to one subtask, expiring, revoked when its download ends.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -35,7 +41,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
-use crate::driver::{DeviceEvent, Lwm2mLink, SegmentSource};
+use crate::driver::{BlockGrant, DeviceEvent, Lwm2mLink, SegmentSource};
 
 /// The maps of this module are looked up several times per datagram: foldhash, seeded per process, is
 /// much cheaper than SipHash there.
@@ -52,6 +58,8 @@ pub struct CoapSettings {
     pub default_lifetime: Duration,
     /// Bytes of package data cached for segment serving.
     pub cache_bytes: usize,
+    /// The Block2 size used when a device does not ask for one (16-1024, a power of two).
+    pub block_size: usize,
 }
 
 impl Default for CoapSettings {
@@ -61,6 +69,7 @@ impl Default for CoapSettings {
             max_retransmit: 4,
             default_lifetime: Duration::from_secs(86_400),
             cache_bytes: 256 * 1024 * 1024,
+            block_size: 512,
         }
     }
 }
@@ -92,6 +101,8 @@ struct Session {
     lifetime: Duration,
     /// The token of the `/19/0/0` observation.
     observe_token: Option<Vec<u8>>,
+    /// The tokens of the `/5/0/3` (State) and `/5/0/5` (Update Result) observations.
+    firmware_tokens: [Option<Vec<u8>>; 2],
 }
 
 #[derive(Default)]
@@ -166,6 +177,18 @@ struct Serving {
     reported: Option<u32>,
 }
 
+/// A block-wise firmware download open at `/fw/<token>`.
+struct BlockServing {
+    device_id: String,
+    source: Arc<SegmentSource>,
+    /// When the token expires (ms on the injected clock).
+    expires_at: i64,
+    /// The last progress step reported to the driver (percent), if any.
+    reported: Option<u32>,
+    /// Bytes served and not yet added to the token's count.
+    unrecorded: u64,
+}
+
 /// Package bytes for segment serving, per package, least recently used dropped first.
 #[derive(Default)]
 struct Cache {
@@ -197,6 +220,8 @@ struct Inner {
     /// Wakes the retransmission task when a deadline earlier than all others was added.
     earlier_due: Notify,
     serving: Mutex<HashMap<String, Serving>>,
+    /// Block-wise firmware downloads, by token hash.
+    blocks: Mutex<HashMap<String, BlockServing>>,
     cache: Mutex<Cache>,
     /// Loads of package bytes in progress, so a crowd asking for one package loads it once.
     loading: tokio::sync::Mutex<()>,
@@ -225,6 +250,7 @@ impl CoapEndpoint {
                 exchanges: Mutex::default(),
                 earlier_due: Notify::new(),
                 serving: Mutex::default(),
+                blocks: Mutex::default(),
                 cache: Mutex::default(),
                 loading: tokio::sync::Mutex::new(()),
                 next_mid: Mutex::default(),
@@ -422,6 +448,12 @@ impl CoapEndpoint {
         let mid = packet.header.message_id;
         match packet.header.code {
             MessageClass::Request(_) => {
+                // Block GETs are safe to answer twice; remembering every answered block for the exchange
+                // lifetime would hold hundreds of megabytes during a campaign.
+                if is_block_request(&packet) {
+                    self.block_request(&packet, addr);
+                    return;
+                }
                 if ty == MessageType::Confirmable && self.duplicate(addr, mid) {
                     return;
                 }
@@ -551,6 +583,16 @@ impl CoapEndpoint {
                 }
                 return;
             };
+            let firmware = sessions.by_device.get(&device_id).and_then(|s| {
+                s.firmware_tokens
+                    .iter()
+                    .position(|t| t.as_deref() == Some(packet.get_token()))
+            });
+            if let Some(which) = firmware {
+                drop(sessions);
+                self.firmware_notification(&device_id, which, &packet);
+                return;
+            }
             if let Some(s) = sessions.by_device.get_mut(&device_id)
                 && s.observe_token.as_deref() != Some(packet.get_token())
             {
@@ -939,6 +981,7 @@ impl CoapEndpoint {
             expires_at: now.plus(lifetime).as_millis(),
             lifetime,
             observe_token: None,
+            firmware_tokens: [None, None],
         });
         tracing::debug!(device_id = %device.id, endpoint, %addr, "LwM2M registered");
         (ResponseType::Created, Some(reg_id))
@@ -1057,6 +1100,342 @@ impl CoapEndpoint {
             }
         }
     }
+    /// `GET /fw/<token>` with Block2: one block of the firmware package the token opens.
+    fn block_request(&self, packet: &Packet, addr: SocketAddr) {
+        let token = packet
+            .get_option(CoapOption::UriPath)
+            .and_then(|p| p.iter().nth(1))
+            .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
+            .unwrap_or_default();
+        let block = match packet.get_first_option(CoapOption::Block2) {
+            None => Ok(None),
+            Some(v) => lwm2m::Block::decode(v).map(Some),
+        };
+        let Ok(block) = block else {
+            self.block_error(
+                packet,
+                addr,
+                ResponseType::BadOption,
+                "malformed Block2 option",
+            );
+            return;
+        };
+        let (num, szx) = block.map_or(
+            (0, lwm2m::Block::szx_for(self.inner.settings.block_size)),
+            |b| (b.num, b.szx.min(6)),
+        );
+        let hash = crate::ids::sha256_hex(&token);
+        let now = self.inner.state.clock.now().as_millis();
+        let source = {
+            let blocks = lock(&self.inner.blocks);
+            blocks.get(&hash).map(|b| (b.source.clone(), b.expires_at))
+        };
+        if let Some((source, expires_at)) = &source {
+            if now >= *expires_at {
+                self.block_error(
+                    packet,
+                    addr,
+                    ResponseType::Unauthorized,
+                    "the download token has expired",
+                );
+                return;
+            }
+            if let Some(bytes) = self.cached(&source.package_id) {
+                self.answer_block(packet, addr, &hash, &bytes, num, szx);
+                return;
+            }
+        }
+        let this = self.clone();
+        let packet = packet.clone();
+        tokio::spawn(async move {
+            let source = match source {
+                Some((s, _)) => s,
+                None => match crate::service::downloads::authorize_token(&this.inner.state, &token)
+                    .await
+                {
+                    Ok(Ok(grant)) => {
+                        let source = match crate::driver::segment_source(&grant.package) {
+                            Ok(s) => Arc::new(s),
+                            Err(e) => {
+                                tracing::warn!(error.message = %e, "block download: package unusable");
+                                this.block_error(
+                                    &packet,
+                                    addr,
+                                    ResponseType::InternalServerError,
+                                    "package unavailable",
+                                );
+                                return;
+                            }
+                        };
+                        let expires_at = crate::service::downloads::find(&this.inner.state, &token)
+                            .await
+                            .ok()
+                            .flatten()
+                            .map_or(0, |t| t.expires_at);
+                        lock(&this.inner.blocks)
+                            .entry(hash.clone())
+                            .or_insert(BlockServing {
+                                device_id: grant.device_id,
+                                source: source.clone(),
+                                expires_at,
+                                reported: None,
+                                unrecorded: 0,
+                            });
+                        source
+                    }
+                    Ok(Err(denied)) => {
+                        this.block_error(
+                            &packet,
+                            addr,
+                            ResponseType::Unauthorized,
+                            &denied.to_string(),
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error.message = %e, "block download: token lookup failed");
+                        this.block_error(
+                            &packet,
+                            addr,
+                            ResponseType::ServiceUnavailable,
+                            "try again",
+                        );
+                        return;
+                    }
+                },
+            };
+            match this.package_bytes(&source).await {
+                Ok(bytes) => this.answer_block(&packet, addr, &hash, &bytes, num, szx),
+                Err(e) => {
+                    tracing::warn!(package_id = %source.package_id, error.message = %e, "block download: package bytes unavailable");
+                    this.block_error(
+                        &packet,
+                        addr,
+                        ResponseType::ServiceUnavailable,
+                        "package unavailable",
+                    );
+                }
+            }
+        });
+    }
+
+    fn answer_block(
+        &self,
+        request: &Packet,
+        addr: SocketAddr,
+        hash: &str,
+        bytes: &Bytes,
+        num: u32,
+        szx: u8,
+    ) {
+        let Some((range, more)) = lwm2m::Block::slice(num, szx, bytes.len()) else {
+            self.block_error(request, addr, ResponseType::BadOption, "no such block");
+            return;
+        };
+        let mut response = response_to(request, ResponseType::Content);
+        if request.header.get_type() == MessageType::NonConfirmable {
+            response.header.message_id = self.next_mid(addr);
+        }
+        response.set_content_format(ContentFormat::ApplicationOctetStream);
+        response.add_option(CoapOption::Block2, lwm2m::Block { num, more, szx }.encode());
+        if num == 0 || request.get_first_option(CoapOption::Size2).is_some() {
+            response.add_option(CoapOption::Size2, uint_bytes(bytes.len() as u64));
+        }
+        let served = range.len() as u64;
+        response.payload = bytes[range.clone()].to_vec();
+        if let Ok(out) = response.to_bytes() {
+            self.send(&out, addr);
+        }
+        // Progress every PROGRESS_STEP percent, and the bytes served with it.
+        let report = {
+            let mut blocks = lock(&self.inner.blocks);
+            blocks.get_mut(hash).and_then(|b| {
+                b.unrecorded += served;
+                let pct = u32::try_from(range.end as u64 * 100 / (bytes.len().max(1) as u64))
+                    .unwrap_or(100);
+                let step = pct / PROGRESS_STEP * PROGRESS_STEP;
+                if b.reported.is_none_or(|r| step > r) {
+                    b.reported = Some(step);
+                    let unrecorded = std::mem::take(&mut b.unrecorded);
+                    Some((b.device_id.clone(), step, unrecorded))
+                } else {
+                    None
+                }
+            })
+        };
+        if let Some((device_id, step, unrecorded)) = report {
+            self.event(
+                &device_id,
+                DeviceEvent::FirmwareProgress(u8::try_from(step.min(99)).unwrap_or(99)),
+            );
+            self.record_served(hash.to_owned(), unrecorded);
+        }
+        if !more {
+            self.confirm_downloaded(hash.to_owned());
+        }
+    }
+
+    /// After the last block: the State notification saying "downloaded" may be lost (notifications are
+    /// often non-confirmable), so while the download stays open the State is read, a few times, backing
+    /// off.
+    fn confirm_downloaded(&self, hash: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut wait = this.inner.settings.ack_timeout * 2;
+            for _ in 0..=this.inner.settings.max_retransmit {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                let Some(device_id) = lock(&this.inner.blocks)
+                    .get(&hash)
+                    .map(|b| b.device_id.clone())
+                else {
+                    return; // the driver closed the download: the State came through
+                };
+                let state = this
+                    .read(&device_id, &["5", "0", "3"], Some(lwm2m::firmware::STATE))
+                    .await
+                    .and_then(|v| {
+                        v.iter()
+                            .find(|(r, _)| *r == lwm2m::firmware::STATE)
+                            .map(|(_, v)| *v)
+                    })
+                    .and_then(|v| u8::try_from(v).ok());
+                if let Some(state) = state {
+                    this.event(&device_id, DeviceEvent::FirmwareState(state));
+                }
+            }
+        });
+    }
+
+    fn block_error(&self, request: &Packet, addr: SocketAddr, code: ResponseType, why: &str) {
+        let mut response = response_to(request, code);
+        if request.header.get_type() == MessageType::NonConfirmable {
+            response.header.message_id = self.next_mid(addr);
+        }
+        // RFC 7252 §5.5.2: a diagnostic payload.
+        response.payload = why.as_bytes().to_vec();
+        if let Ok(out) = response.to_bytes() {
+            self.send(&out, addr);
+        }
+    }
+
+    /// Adds served bytes to a token's count (in the background; a lost count is not worth a retry).
+    fn record_served(&self, hash: String, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let state = self.inner.state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::service::downloads::record_served(&state, &hash, bytes).await {
+                tracing::debug!(error.message = %e, "block download: counting bytes failed");
+            }
+        });
+    }
+
+    /// Writes the Package URI, then observes the State and the Update Result.
+    async fn write_uri_and_observe(&self, device_id: &str, uri: String) {
+        let Some(session) = self.session(device_id) else {
+            return;
+        };
+        let mut write = Packet::new();
+        write.header.code = MessageClass::Request(RequestType::Put);
+        for seg in ["5", "0", "1"] {
+            write.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        write.set_content_format(ContentFormat::TextPlain);
+        write.payload = uri.into_bytes();
+        match self.exchange(session.addr, write).await {
+            Some(a) if a.header.code == MessageClass::Response(ResponseType::Changed) => {}
+            answer => {
+                tracing::info!(device_id, code = ?answer.map(|a| a.header.code), "LwM2M: Package URI write refused");
+                self.event(device_id, DeviceEvent::UriRefused);
+                return;
+            }
+        }
+        for (which, resource) in [
+            (0, lwm2m::firmware::STATE),
+            (1, lwm2m::firmware::UPDATE_RESULT),
+        ] {
+            let mut observe = Packet::new();
+            observe.header.code = MessageClass::Request(RequestType::Get);
+            observe.add_option(CoapOption::Observe, Vec::new());
+            for seg in ["5", "0", &resource.to_string()] {
+                observe.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+            }
+            let Some(answer) = self.exchange(session.addr, observe).await else {
+                tracing::info!(device_id, resource, "LwM2M: observing /5/0 failed");
+                continue;
+            };
+            if answer.header.code != MessageClass::Response(ResponseType::Content) {
+                tracing::info!(device_id, resource, code = %answer.header.code, "LwM2M: observe of /5/0 refused");
+                continue;
+            }
+            if let Some(s) = lock(&self.inner.sessions)
+                .by_device
+                .get_mut(device_id)
+                .filter(|s| s.reg_id == session.reg_id)
+            {
+                s.firmware_tokens[which] = Some(answer.get_token().to_vec());
+            }
+            self.firmware_notification(device_id, which, &answer);
+        }
+    }
+
+    /// A value of the State (`which` 0) or the Update Result (1).
+    fn firmware_notification(&self, device_id: &str, which: usize, packet: &Packet) {
+        if !matches!(
+            packet.header.code,
+            MessageClass::Response(ResponseType::Content | ResponseType::Changed)
+        ) {
+            return;
+        }
+        let resource = if which == 0 {
+            lwm2m::firmware::STATE
+        } else {
+            lwm2m::firmware::UPDATE_RESULT
+        };
+        let value =
+            lwm2m::integer_resources(content_format(packet), &packet.payload, Some(resource))
+                .ok()
+                .and_then(|v| v.get(&resource).copied())
+                .and_then(|v| u8::try_from(v).ok());
+        let Some(value) = value else {
+            tracing::info!(device_id, resource, "LwM2M: /5/0 value not understood");
+            return;
+        };
+        let event = if which == 0 {
+            DeviceEvent::FirmwareState(value)
+        } else {
+            DeviceEvent::UpdateResult(value)
+        };
+        self.event(device_id, event);
+    }
+
+    /// Reads `/3/0/3` (the firmware version).
+    async fn read_string(&self, device_id: &str) -> Option<String> {
+        let session = self.session(device_id)?;
+        let mut packet = Packet::new();
+        packet.header.code = MessageClass::Request(RequestType::Get);
+        for seg in ["3", "0", "3"] {
+            packet.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        let answer = self.exchange(session.addr, packet).await?;
+        if answer.header.code != MessageClass::Response(ResponseType::Content) {
+            tracing::info!(device_id, code = %answer.header.code, "LwM2M: /3/0/3 read refused");
+            return None;
+        }
+        match lwm2m::string_resource(
+            content_format(&answer),
+            &answer.payload,
+            lwm2m::firmware::DEVICE_FIRMWARE_VERSION,
+        ) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::info!(device_id, error.message = %e, "LwM2M: /3/0/3 answer not understood");
+                None
+            }
+        }
+    }
 }
 
 impl Lwm2mLink for CoapEndpoint {
@@ -1121,8 +1500,73 @@ impl Lwm2mLink for CoapEndpoint {
             }
             None => {
                 serving.remove(device_id);
+                drop(serving);
+                let ended: Vec<(String, u64)> = {
+                    let mut blocks = lock(&self.inner.blocks);
+                    let ids: Vec<String> = blocks
+                        .iter()
+                        .filter(|(_, b)| b.device_id == device_id)
+                        .map(|(h, _)| h.clone())
+                        .collect();
+                    ids.into_iter()
+                        .filter_map(|h| blocks.remove(&h).map(|b| (h, b.unrecorded)))
+                        .collect()
+                };
+                for (hash, bytes) in ended {
+                    self.record_served(hash, bytes);
+                }
             }
         }
+    }
+
+    fn read_firmware_version(&self, device_id: &str) {
+        let this = self.clone();
+        let device_id = device_id.to_owned();
+        tokio::spawn(async move {
+            if let Some(version) = this.read_string(&device_id).await {
+                this.event(&device_id, DeviceEvent::FirmwareVersion(version));
+            }
+        });
+    }
+
+    fn start_firmware(&self, device_id: &str, uri: String, blocks: Option<BlockGrant>) {
+        if let Some(b) = blocks {
+            lock(&self.inner.blocks).insert(
+                b.token_hash,
+                BlockServing {
+                    device_id: device_id.to_owned(),
+                    source: b.source,
+                    expires_at: b.expires_at,
+                    reported: None,
+                    unrecorded: 0,
+                },
+            );
+        }
+        let this = self.clone();
+        let device_id = device_id.to_owned();
+        tokio::spawn(async move { this.write_uri_and_observe(&device_id, uri).await });
+    }
+
+    fn execute_update(&self, device_id: &str) {
+        let this = self.clone();
+        let device_id = device_id.to_owned();
+        tokio::spawn(async move {
+            let Some(session) = this.session(&device_id) else {
+                return;
+            };
+            let mut packet = Packet::new();
+            packet.header.code = MessageClass::Request(RequestType::Post);
+            for seg in ["5", "0", "2"] {
+                packet.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+            }
+            match this.exchange(session.addr, packet).await {
+                Some(a) if a.header.code == MessageClass::Response(ResponseType::Changed) => {}
+                Some(a) => {
+                    tracing::info!(device_id, code = %a.header.code, "LwM2M: execute /5/0/2 refused")
+                }
+                None => tracing::info!(device_id, "LwM2M: execute /5/0/2 not answered"),
+            }
+        });
     }
 }
 
@@ -1163,4 +1607,44 @@ fn empty_ack(mid: u16) -> Vec<u8> {
 fn reset(mid: u16) -> Vec<u8> {
     let [hi, lo] = mid.to_be_bytes();
     vec![0x70, 0x00, hi, lo]
+}
+
+/// Whether a request is a block download (`GET /fw/<token>`).
+fn is_block_request(packet: &Packet) -> bool {
+    packet.header.code == MessageClass::Request(RequestType::Get)
+        && packet
+            .get_option(CoapOption::UriPath)
+            .is_some_and(|p| p.len() == 2 && p.front().is_some_and(|s| s == b"fw"))
+}
+
+/// A piggybacked (or, for a non-confirmable request, separate) response skeleton.
+fn response_to(request: &Packet, code: ResponseType) -> Packet {
+    let mut response = Packet::new();
+    response.header.code = MessageClass::Response(code);
+    response.header.message_id = request.header.message_id;
+    response.set_token(request.get_token().to_vec());
+    response
+        .header
+        .set_type(if request.header.get_type() == MessageType::Confirmable {
+            MessageType::Acknowledgement
+        } else {
+            MessageType::NonConfirmable
+        });
+    response
+}
+
+/// A message's Content-Format (plain text when absent).
+fn content_format(packet: &Packet) -> u16 {
+    packet
+        .get_first_option(CoapOption::ContentFormat)
+        .map_or(lwm2m::FORMAT_TEXT, |v| {
+            v.iter().fold(0u16, |acc, b| (acc << 8) | u16::from(*b))
+        })
+}
+
+/// An unsigned integer option value in the fewest bytes.
+fn uint_bytes(v: u64) -> Vec<u8> {
+    let bytes = v.to_be_bytes();
+    let skip = bytes.iter().take_while(|b| **b == 0).count();
+    bytes[skip..].to_vec()
 }

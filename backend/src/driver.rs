@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use domain::Timestamp;
-use domain::device::ProtocolType;
+use domain::device::{FirmwareDownload, ProtocolType};
 use domain::flow::RetryPolicy;
 use domain::flow::lwm2m;
 use domain::flow::mqtt::{self, Effect, Plan, Timeouts};
@@ -82,8 +82,33 @@ pub trait Lwm2mLink: Send + Sync + std::fmt::Debug + 'static {
     /// [`DeviceEvent::CellIdFailed`].
     fn read_cell_id(&self, device_id: &str);
 
-    /// Starts serving `package`'s segments to the device (PCP 0x15), or stops (`None`).
+    /// Starts serving `package`'s segments to the device (PCP 0x15), or stops (`None`; this also ends
+    /// its block-wise firmware download).
     fn serve(&self, device_id: &str, download: Option<Arc<SegmentSource>>);
+
+    /// Reads the device's firmware version (`/3/0/3`); the answer comes back as
+    /// [`DeviceEvent::FirmwareVersion`] (a failed read sends nothing: re-asks and the deadline handle it).
+    fn read_firmware_version(&self, device_id: &str);
+
+    /// Writes the Package URI (`/5/0/1`), then observes the State (`/5/0/3`) and the Update Result
+    /// (`/5/0/5`), whose values come back as [`DeviceEvent::FirmwareState`] and
+    /// [`DeviceEvent::UpdateResult`]; a refused write as [`DeviceEvent::UriRefused`]. `blocks` is the
+    /// download the URI opens when it is Updraft's CoAP one.
+    fn start_firmware(&self, device_id: &str, uri: String, blocks: Option<BlockGrant>);
+
+    /// Executes Update (`/5/0/2`).
+    fn execute_update(&self, device_id: &str);
+}
+
+/// A block-wise firmware download (`coap://.../fw/<token>`) the driver opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockGrant {
+    /// The token's stored id (its SHA-256).
+    pub token_hash: String,
+    /// When the token expires (ms on the injected clock).
+    pub expires_at: i64,
+    /// The package, as for segments.
+    pub source: Arc<SegmentSource>,
 }
 
 /// What a device downloads over PCP: the package and how it is cut.
@@ -186,6 +211,16 @@ pub enum DeviceEvent {
     CellId(u32),
     /// The `/4/0/8` read failed.
     CellIdFailed,
+    /// The `/3/0/3` read answered.
+    FirmwareVersion(String),
+    /// The Firmware Update object's State (`/5/0/3`).
+    FirmwareState(u8),
+    /// Its Update Result (`/5/0/5`).
+    UpdateResult(u8),
+    /// The `/5/0/1` write was refused.
+    UriRefused,
+    /// A block-wise download's progress, percent.
+    FirmwareProgress(u8),
 }
 
 impl DeviceEvent {
@@ -242,6 +277,16 @@ impl DeviceEvent {
             Self::CoverageFailed => Step::Lwm2m(lwm2m::Input::CoverageFailed),
             Self::CellId(cell) => Step::Lwm2m(lwm2m::Input::CellId(*cell)),
             Self::CellIdFailed => Step::Lwm2m(lwm2m::Input::CellIdFailed),
+            Self::FirmwareVersion(version) => {
+                Step::Lwm2m(lwm2m::Input::Version { result: 0, version })
+            }
+            Self::FirmwareState(state) => Step::Lwm2m(lwm2m::Input::FirmwareState(*state)),
+            Self::UpdateResult(result) => Step::Lwm2m(lwm2m::Input::UpdateResult(*result)),
+            Self::UriRefused => Step::Lwm2m(lwm2m::Input::UriRefused),
+            Self::FirmwareProgress(pct) => Step::Lwm2m(lwm2m::Input::SegmentRequested {
+                segment: u16::from(*pct),
+                count: 100,
+            }),
         }
     }
 }
@@ -325,6 +370,8 @@ pub struct DriverSettings {
     pub coverage: lwm2m::Coverage,
     /// The base of download URLs given to devices, e.g. `https://ota.example.com:8443` (no trailing `/`).
     pub download_base_url: String,
+    /// The base of block-wise firmware URIs given to LwM2M devices, e.g. `coap://ota.example.com:5683`.
+    pub coap_base_url: String,
 }
 
 impl Default for DriverSettings {
@@ -334,6 +381,7 @@ impl Default for DriverSettings {
             lwm2m: lwm2m::Timeouts::default(),
             coverage: lwm2m::Coverage::default(),
             download_base_url: "https://localhost:8443".to_owned(),
+            coap_base_url: "coap://localhost:5683".to_owned(),
         }
     }
 }
@@ -346,6 +394,8 @@ struct TaskPlan {
     plan: FlowPlan,
     package: packages::Model,
     kind: PackageType,
+    /// How the product's LwM2M devices fetch firmware.
+    firmware_download: FirmwareDownload,
 }
 
 /// The task driver. Cheap to clone.
@@ -384,6 +434,16 @@ enum Outgoing {
         device_id: String,
         download: Option<Arc<SegmentSource>>,
     },
+    /// A `/3/0/3` read.
+    ReadFirmwareVersion { device_id: String },
+    /// The Package URI write and the `/5/0` observations.
+    StartFirmware {
+        device_id: String,
+        uri: String,
+        blocks: Option<BlockGrant>,
+    },
+    /// The `/5/0/2` execute.
+    ExecuteUpdate { device_id: String },
     /// Ask for a download slot.
     AskSlot { subtask: i64, slot: lwm2m::Slot },
     /// Give a download slot back.
@@ -941,15 +1001,23 @@ impl Driver {
             )
             .unwrap_or(RetryPolicy::NONE)
         };
-        let protocol = products::Entity::find_by_id(package.product_id.clone())
+        let product = products::Entity::find_by_id(package.product_id.clone())
             .one(&state.db)
-            .await?
-            .map_or(Ok(ProtocolType::Mqtt), |p| {
-                ProtocolType::parse(&p.protocol_type)
-            })?;
+            .await?;
+        let protocol = product.as_ref().map_or(Ok(ProtocolType::Mqtt), |p| {
+            ProtocolType::parse(&p.protocol_type)
+        })?;
+        let firmware_download = product
+            .as_ref()
+            .and_then(|p| FirmwareDownload::parse(&p.firmware_download).ok())
+            .unwrap_or(FirmwareDownload::Coap);
         let settings = &self.inner.settings;
         let flow = if protocol == ProtocolType::CoAP {
             FlowPlan::Lwm2m(lwm2m::Plan {
+                method: match kind {
+                    PackageType::Software => lwm2m::Method::Pcp,
+                    PackageType::Firmware => lwm2m::Method::Object5,
+                },
                 target: package.version.clone(),
                 sources,
                 retry,
@@ -970,6 +1038,7 @@ impl Driver {
             plan: flow,
             package,
             kind,
+            firmware_download,
         });
         self.plans().insert(task_id.to_owned(), plan.clone());
         Ok(Some(plan))
@@ -1108,7 +1177,18 @@ impl Driver {
                             self.effect_in(state, &txn, now, plan, &changed.row, e, &mut outgoing)
                                 .await?;
                         }
-                        AnyEffect::Lwm2m(e) => lwm2m_effect(plan, &changed.row, e, &mut outgoing)?,
+                        AnyEffect::Lwm2m(e) => {
+                            self.lwm2m_effect_in(
+                                state,
+                                &txn,
+                                now,
+                                plan,
+                                &changed.row,
+                                e,
+                                &mut outgoing,
+                            )
+                            .await?;
+                        }
                     }
                 }
                 rows.insert(id, changed.row);
@@ -1164,6 +1244,25 @@ impl Driver {
                     } => {
                         if let Some(l) = &link {
                             l.serve(&device_id, download);
+                        }
+                    }
+                    Outgoing::ReadFirmwareVersion { device_id } => {
+                        if let Some(l) = &link {
+                            l.read_firmware_version(&device_id);
+                        }
+                    }
+                    Outgoing::StartFirmware {
+                        device_id,
+                        uri,
+                        blocks,
+                    } => {
+                        if let Some(l) = &link {
+                            l.start_firmware(&device_id, uri, blocks);
+                        }
+                    }
+                    Outgoing::ExecuteUpdate { device_id } => {
+                        if let Some(l) = &link {
+                            l.execute_update(&device_id);
                         }
                     }
                     Outgoing::AskSlot { subtask, slot } => {
@@ -1255,6 +1354,116 @@ impl Driver {
                     payload,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Carries out one LwM2M effect inside its transaction: Object 5 download tokens are issued or
+    /// revoked with the new state; what is sent is collected into `outgoing`, sent after the commit.
+    #[allow(clippy::too_many_arguments)]
+    async fn lwm2m_effect_in(
+        &self,
+        state: &AppState,
+        txn: &DatabaseTransaction,
+        now: Timestamp,
+        plan: &TaskPlan,
+        row: &subtasks::Model,
+        effect: lwm2m::Effect,
+        outgoing: &mut Vec<Outgoing>,
+    ) -> Result<()> {
+        use super::service::downloads;
+        use protocol::pcp::{Downlink as Pcp, ResultCode, Version};
+        let device_id = row.device_id.clone();
+        let frame = |m: Pcp<'_>| Outgoing::Pcp {
+            device_id: row.device_id.clone(),
+            frame: m.encode(),
+        };
+        let package = &plan.package;
+        let object5 =
+            matches!(&plan.plan, FlowPlan::Lwm2m(p) if p.method == lwm2m::Method::Object5);
+        match effect {
+            lwm2m::Effect::QueryVersion if object5 => {
+                outgoing.push(Outgoing::ReadFirmwareVersion { device_id });
+            }
+            lwm2m::Effect::QueryVersion => outgoing.push(frame(Pcp::QueryVersion)),
+            lwm2m::Effect::ReadCoverage => outgoing.push(Outgoing::ReadCoverage { device_id }),
+            lwm2m::Effect::ReadCellId => outgoing.push(Outgoing::ReadCellId { device_id }),
+            lwm2m::Effect::WaitSlot(slot) => outgoing.push(Outgoing::AskSlot {
+                subtask: row.id,
+                slot,
+            }),
+            lwm2m::Effect::Notify if object5 => {
+                // A fresh URI each time (a device that registered again starts over with it).
+                downloads::revoke_subtask(txn, now, row.id).await?;
+                let ttl = state.settings.download_token_ttl;
+                let token = downloads::issue_in(txn, now, ttl, row, &package.id).await?;
+                let settings = &self.inner.settings;
+                let (uri, blocks) = match plan.firmware_download {
+                    FirmwareDownload::Coap => (
+                        format!(
+                            "{}/fw/{}",
+                            settings.coap_base_url.trim_end_matches('/'),
+                            token.token
+                        ),
+                        Some(BlockGrant {
+                            token_hash: crate::ids::sha256_hex(&token.token),
+                            expires_at: token.expires_at.as_millis(),
+                            source: Arc::new(segment_source(package)?),
+                        }),
+                    ),
+                    FirmwareDownload::Https => (
+                        format!(
+                            "{}/fw/{}",
+                            settings.download_base_url.trim_end_matches('/'),
+                            token.token
+                        ),
+                        None,
+                    ),
+                };
+                outgoing.push(Outgoing::StartFirmware {
+                    device_id,
+                    uri,
+                    blocks,
+                });
+            }
+            lwm2m::Effect::Notify => {
+                let source = segment_source(package)?;
+                let version = Version::new(&source.version)
+                    .map_err(|e| Error::Internal(format!("package {}: {e}", package.id)))?;
+                outgoing.push(Outgoing::Serve {
+                    device_id,
+                    download: Some(Arc::new(source.clone())),
+                });
+                outgoing.push(frame(Pcp::NewVersion {
+                    version,
+                    segment_size: source.segment_size,
+                    segment_count: source.count(),
+                    check_code: 0,
+                }));
+            }
+            lwm2m::Effect::ReleaseSlot(_) => {
+                if object5 {
+                    // The download is over (done, failed or stopped): its URI stops working.
+                    downloads::revoke_subtask(txn, now, row.id).await?;
+                }
+                outgoing.push(Outgoing::Serve {
+                    device_id,
+                    download: None,
+                });
+                outgoing.push(Outgoing::ReleaseSlot { subtask: row.id });
+            }
+            lwm2m::Effect::Execute if object5 => {
+                outgoing.push(Outgoing::ExecuteUpdate { device_id });
+            }
+            lwm2m::Effect::Execute => outgoing.push(frame(Pcp::Execute)),
+            // PCP's acknowledgements; the Firmware Update object has none.
+            lwm2m::Effect::AckDownload | lwm2m::Effect::AckUpgrade if object5 => {}
+            lwm2m::Effect::AckDownload => outgoing.push(frame(Pcp::DownloadAck {
+                result: ResultCode::OK,
+            })),
+            lwm2m::Effect::AckUpgrade => outgoing.push(frame(Pcp::UpgradeAck {
+                result: ResultCode::OK,
+            })),
         }
         Ok(())
     }
@@ -1423,6 +1632,14 @@ async fn record_device(
                 .exec(txn)
                 .await?;
         }
+        // Object 5 upgrades firmware: `/3/0/3` is the firmware version.
+        DeviceEvent::FirmwareVersion(version) if !version.is_empty() => {
+            devices::Entity::update_many()
+                .col_expr(devices::Column::FwVersion, Expr::value(version.clone()))
+                .filter(devices::Column::Id.eq(device_id))
+                .exec(txn)
+                .await?;
+        }
         DeviceEvent::Coverage { .. } | DeviceEvent::CellId(_) => {
             let (rsrp, sinr, cell) = match event {
                 DeviceEvent::Coverage { rsrp, sinr, cell } => (*rsrp, *sinr, *cell),
@@ -1499,7 +1716,7 @@ struct Applied {
 }
 
 /// How a package is served over PCP.
-fn segment_source(package: &packages::Model) -> Result<SegmentSource> {
+pub(crate) fn segment_source(package: &packages::Model) -> Result<SegmentSource> {
     Ok(SegmentSource {
         package_id: package.id.clone(),
         object_key: crate::service::packages::object_key(package)?,
@@ -1510,62 +1727,6 @@ fn segment_source(package: &packages::Model) -> Result<SegmentSource> {
             .filter(|s| protocol::pcp::SEGMENT_SIZES.contains(s))
             .unwrap_or(protocol::pcp::DEFAULT_SEGMENT_SIZE),
     })
-}
-
-/// Turns an LwM2M effect into what is sent after the commit.
-fn lwm2m_effect(
-    plan: &TaskPlan,
-    row: &subtasks::Model,
-    effect: lwm2m::Effect,
-    outgoing: &mut Vec<Outgoing>,
-) -> Result<()> {
-    use protocol::pcp::{Downlink as Pcp, ResultCode, Version};
-    let device_id = row.device_id.clone();
-    let frame = |m: Pcp<'_>| Outgoing::Pcp {
-        device_id: row.device_id.clone(),
-        frame: m.encode(),
-    };
-    let package = &plan.package;
-    let source = || segment_source(package);
-    match effect {
-        lwm2m::Effect::QueryVersion => outgoing.push(frame(Pcp::QueryVersion)),
-        lwm2m::Effect::ReadCoverage => outgoing.push(Outgoing::ReadCoverage { device_id }),
-        lwm2m::Effect::ReadCellId => outgoing.push(Outgoing::ReadCellId { device_id }),
-        lwm2m::Effect::WaitSlot(slot) => outgoing.push(Outgoing::AskSlot {
-            subtask: row.id,
-            slot,
-        }),
-        lwm2m::Effect::Notify => {
-            let source = source()?;
-            let version = Version::new(&source.version)
-                .map_err(|e| Error::Internal(format!("package {}: {e}", package.id)))?;
-            outgoing.push(Outgoing::Serve {
-                device_id,
-                download: Some(Arc::new(source.clone())),
-            });
-            outgoing.push(frame(Pcp::NewVersion {
-                version,
-                segment_size: source.segment_size,
-                segment_count: source.count(),
-                check_code: 0,
-            }));
-        }
-        lwm2m::Effect::ReleaseSlot(_) => {
-            outgoing.push(Outgoing::Serve {
-                device_id,
-                download: None,
-            });
-            outgoing.push(Outgoing::ReleaseSlot { subtask: row.id });
-        }
-        lwm2m::Effect::AckDownload => outgoing.push(frame(Pcp::DownloadAck {
-            result: ResultCode::OK,
-        })),
-        lwm2m::Effect::Execute => outgoing.push(frame(Pcp::Execute)),
-        lwm2m::Effect::AckUpgrade => outgoing.push(frame(Pcp::UpgradeAck {
-            result: ResultCode::OK,
-        })),
-    }
-    Ok(())
 }
 
 /// Runs one machine and writes its new state (inside `txn`), only if the stored row is still the one

@@ -185,6 +185,17 @@ wire_enum!(
     }
 );
 
+wire_enum!(
+    /// How a product's LwM2M devices fetch firmware named in the Firmware Update object's Package URI
+    /// (`firmware_download`, an Updraft extension).
+    FirmwareDownload, "firmware_download" {
+        /// CoAP block-wise from Updraft's CoAP endpoint (`coap://.../fw/<token>`); any LwM2M client can.
+        Coap = "coap",
+        /// HTTPS from Updraft's download endpoint, the token in the URL path.
+        Https = "https",
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

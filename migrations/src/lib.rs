@@ -10,6 +10,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261127_000001_create_schema;
 mod m20261201_000001_extend_task_driver;
 mod m20261202_000001_track_notifications;
+mod m20261202_000002_add_firmware_download;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000001_create_schema::Migration),
             Box::new(m20261201_000001_extend_task_driver::Migration),
             Box::new(m20261202_000001_track_notifications::Migration),
+            Box::new(m20261202_000002_add_firmware_download::Migration),
         ]
     }
 }

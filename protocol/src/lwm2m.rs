@@ -354,6 +354,141 @@ pub fn integer_resources(
     Ok(out)
 }
 
+/// The value of a string resource read alone (`/3/0/3`, resource `id`), in plain text, OMA-TLV or SenML
+/// JSON (`vs`).
+///
+/// # Errors
+/// [`ValueError`] when the payload is malformed, not UTF-8, or in a format this platform does not read.
+pub fn string_resource(format: u16, payload: &[u8], id: u16) -> Result<String, ValueError> {
+    let text = |bytes: &[u8]| {
+        std::str::from_utf8(bytes)
+            .map(|s| s.trim_end_matches('\0').to_owned())
+            .map_err(|_| ValueError::Tlv("a string resource that is not UTF-8"))
+    };
+    match format {
+        FORMAT_TEXT => text(payload),
+        FORMAT_TLV | FORMAT_TLV_LEGACY => {
+            let entries = tlv_entries(payload)?;
+            let entry = entries
+                .iter()
+                .find(|e| e.kind == 3 && e.id == id)
+                .ok_or(ValueError::Tlv("the resource is missing"))?;
+            text(entry.value)
+        }
+        FORMAT_SENML_JSON => {
+            let records: Vec<serde_json::Value> =
+                serde_json::from_slice(payload).map_err(|e| ValueError::Senml(e.to_string()))?;
+            records
+                .iter()
+                .find_map(|r| r.get("vs").and_then(serde_json::Value::as_str))
+                .map(str::to_owned)
+                .ok_or_else(|| ValueError::Senml("no string value (vs)".to_owned()))
+        }
+        other => Err(ValueError::Format(other)),
+    }
+}
+
+/// The Firmware Update object's resources (`/5/0/...`).
+pub mod firmware {
+    /// Package URI (write).
+    pub const PACKAGE_URI: u16 = 1;
+    /// Update (execute).
+    pub const UPDATE: u16 = 2;
+    /// State: 0 idle, 1 downloading, 2 downloaded, 3 updating.
+    pub const STATE: u16 = 3;
+    /// Update Result: 0 initial, 1 success, 2-9 failures.
+    pub const UPDATE_RESULT: u16 = 5;
+    /// The Device object's Firmware Version (`/3/0/3`).
+    pub const DEVICE_FIRMWARE_VERSION: u16 = 3;
+}
+
+/// A CoAP Block1/Block2 option value (RFC 7959 §2.2): block number, whether more follow, and the size
+/// exponent (size = 2^(szx + 4), 16 to 1024 bytes). coap-lite's own type stops at 65 535 blocks; the
+/// RFC allows 2^20.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    /// The block number (20 bits at most).
+    pub num: u32,
+    /// More blocks follow.
+    pub more: bool,
+    /// The size exponent, 0-6.
+    pub szx: u8,
+}
+
+/// Why an option value is not a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BlockError {
+    /// More than 3 bytes.
+    #[error("a block option has at most 3 bytes, not {0}")]
+    Length(usize),
+    /// SZX 7 is reserved (BERT, only over reliable transports).
+    #[error("block size exponent 7 is reserved")]
+    Reserved,
+}
+
+impl Block {
+    /// The largest block number the option can carry.
+    pub const MAX_NUM: u32 = (1 << 20) - 1;
+
+    /// The block size in bytes.
+    #[must_use]
+    pub const fn size(self) -> usize {
+        1 << (self.szx + 4)
+    }
+
+    /// The size exponent for a block size (16-1024, rounded down to a power of two).
+    #[must_use]
+    pub fn szx_for(size: usize) -> u8 {
+        let size = size.clamp(16, 1024);
+        let bits = usize::BITS - 1 - size.leading_zeros();
+        u8::try_from(bits - 4).unwrap_or(6)
+    }
+
+    /// Decodes an option value.
+    ///
+    /// # Errors
+    /// [`BlockError`] for more than 3 bytes or SZX 7.
+    pub fn decode(value: &[u8]) -> Result<Self, BlockError> {
+        if value.len() > 3 {
+            return Err(BlockError::Length(value.len()));
+        }
+        let raw = value.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
+        let szx = u8::try_from(raw & 0x7).unwrap_or(0);
+        if szx == 7 {
+            return Err(BlockError::Reserved);
+        }
+        Ok(Self {
+            num: raw >> 4,
+            more: raw & 0x8 != 0,
+            szx,
+        })
+    }
+
+    /// Encodes the option value in the fewest bytes (none for block 0 of 16 bytes with no more).
+    #[must_use]
+    pub fn encode(self) -> Vec<u8> {
+        let raw = (self.num.min(Self::MAX_NUM) << 4)
+            | (u32::from(self.more) << 3)
+            | u32::from(self.szx & 0x7);
+        let bytes = raw.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        bytes[skip..].to_vec()
+    }
+
+    /// The byte range of block `num` of `szx` in a body of `len` bytes, and whether more follow; `None`
+    /// when the block starts past the end (an empty body has block 0, empty).
+    #[must_use]
+    pub fn slice(num: u32, szx: u8, len: usize) -> Option<(std::ops::Range<usize>, bool)> {
+        let size = 1usize << (szx.min(6) + 4);
+        let start = usize::try_from(num).ok()?.checked_mul(size)?;
+        if start > len || (start == len && len > 0) {
+            return None;
+        }
+        let end = (start + size).min(len);
+        Some((start..end, end < len))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,5 +642,94 @@ mod tests {
                 let _ = integer_resources(format, &bytes, Some(8));
             }
         }
+    }
+
+    #[test]
+    fn block_options_round_trip_in_the_fewest_bytes() {
+        // RFC 7959's examples: block 0 of 64 bytes with more = 0x0A; NUM needs 12 and 20 bits.
+        let b = Block {
+            num: 0,
+            more: true,
+            szx: 2,
+        };
+        assert_eq!(b.encode(), [0x0A]);
+        assert_eq!(Block::decode(&[0x0A]), Ok(b));
+        assert_eq!(
+            Block::decode(&[]),
+            Ok(Block {
+                num: 0,
+                more: false,
+                szx: 0
+            })
+        );
+        assert!(
+            Block {
+                num: 0,
+                more: false,
+                szx: 0
+            }
+            .encode()
+            .is_empty()
+        );
+        for (num, len) in [(15, 1), (16, 2), (4095, 2), (4096, 3), (Block::MAX_NUM, 3)] {
+            let b = Block {
+                num,
+                more: false,
+                szx: 6,
+            };
+            let bytes = b.encode();
+            assert_eq!(bytes.len(), len, "block {num}");
+            assert_eq!(Block::decode(&bytes), Ok(b));
+        }
+        assert_eq!(Block::decode(&[0, 0, 0, 0]), Err(BlockError::Length(4)));
+        assert_eq!(Block::decode(&[0x07]), Err(BlockError::Reserved));
+        assert_eq!(
+            (
+                Block::szx_for(1024),
+                Block::szx_for(16),
+                Block::szx_for(700),
+                Block::szx_for(4096)
+            ),
+            (6, 0, 5, 6)
+        );
+        assert_eq!(
+            Block {
+                num: 0,
+                more: false,
+                szx: 6
+            }
+            .size(),
+            1024
+        );
+    }
+
+    #[test]
+    fn blocks_slice_a_body_and_say_whether_more_follow() {
+        assert_eq!(Block::slice(0, 0, 40), Some((0..16, true)));
+        assert_eq!(Block::slice(2, 0, 40), Some((32..40, false)));
+        assert_eq!(Block::slice(3, 0, 40), None);
+        assert_eq!(Block::slice(1, 0, 32), Some((16..32, false)));
+        assert_eq!(Block::slice(2, 0, 32), None, "past the end");
+        assert_eq!(
+            Block::slice(0, 6, 0),
+            Some((0..0, false)),
+            "an empty body has one empty block"
+        );
+        assert_eq!(Block::slice(u32::MAX, 6, 10), None);
+    }
+
+    #[test]
+    fn string_resources_read_in_every_format() {
+        assert_eq!(string_resource(FORMAT_TEXT, b"V2.0", 3).unwrap(), "V2.0");
+        let tlv = tlv_encode(3, 3, b"FW-1.2");
+        assert_eq!(string_resource(FORMAT_TLV, &tlv, 3).unwrap(), "FW-1.2");
+        assert!(string_resource(FORMAT_TLV, &tlv, 4).is_err());
+        let senml = br#"[{"bn":"/3/0/3","vs":"1.0.7"}]"#;
+        assert_eq!(
+            string_resource(FORMAT_SENML_JSON, senml, 3).unwrap(),
+            "1.0.7"
+        );
+        assert_eq!(string_resource(50, b"{}", 3), Err(ValueError::Format(50)));
+        assert!(string_resource(FORMAT_TEXT, &[0xFF, 0xFE], 3).is_err());
     }
 }

@@ -270,6 +270,12 @@ pub struct Lwm2mSettings {
     pub cache_bytes: usize,
     /// The UDP receive buffer in bytes (the kernel caps it at `net.core.rmem_max`).
     pub receive_buffer: usize,
+    /// The base of the firmware URIs written to devices' `/5/0/1`, e.g. `coap://ota.example.com:5683`
+    /// (default: this host and the bound CoAP port).
+    pub public_url: Option<String>,
+    /// The Block2 size of firmware downloads when a device does not ask for one (16-1024, a power of
+    /// two).
+    pub block_size: usize,
     /// How long a subtask waits for its device to register.
     #[serde(with = "humantime_serde")]
     pub online_timeout: Duration,
@@ -305,6 +311,8 @@ impl Default for Lwm2mSettings {
             max_retransmit: c.max_retransmit,
             cache_bytes: c.cache_bytes,
             receive_buffer: 4 * 1024 * 1024,
+            public_url: None,
+            block_size: c.block_size,
             online_timeout: t.online,
             version_timeout: t.version,
             version_reask: t.version_reask,
@@ -587,6 +595,17 @@ impl Settings {
                 problems.push(format!("  - {key} must be at least 1s"));
             }
         }
+        if !(16..=1024).contains(&self.lwm2m.block_size) || !self.lwm2m.block_size.is_power_of_two()
+        {
+            problems.push("  - lwm2m.block_size must be a power of two from 16 to 1024".to_owned());
+        }
+        if let Some(url) = &self.lwm2m.public_url
+            && !url.starts_with("coap://")
+        {
+            problems.push(format!(
+                "  - lwm2m.public_url: {url:?} must be a coap:// URL like coap://ota.example.com:5683"
+            ));
+        }
         if self.lwm2m.max_retransmit > 10 {
             problems.push("  - lwm2m.max_retransmit must be at most 10".to_owned());
         }
@@ -655,6 +674,7 @@ impl Settings {
                 },
                 coverage: self.lwm2m.coverage,
                 download_base_url: self.public_url(self.http.listen.port()),
+                coap_base_url: self.coap_public_url(self.lwm2m.listen.port()),
             },
             notify: backend::notify::NotifySettings {
                 max_attempts: self.notifications.max_attempts,
@@ -675,6 +695,7 @@ impl Settings {
             max_retransmit: self.lwm2m.max_retransmit,
             default_lifetime: self.lwm2m.default_lifetime,
             cache_bytes: self.lwm2m.cache_bytes,
+            block_size: self.lwm2m.block_size,
         }
     }
 
@@ -709,6 +730,28 @@ impl Settings {
             ip.to_string()
         };
         format!("https://{host}:{port}")
+    }
+
+    /// The base of firmware URIs for LwM2M devices: `lwm2m.public_url`, or `coap://` this host and `port`.
+    #[must_use]
+    pub fn coap_public_url(&self, port: u16) -> String {
+        if let Some(url) = &self.lwm2m.public_url {
+            return url.trim_end_matches('/').to_owned();
+        }
+        let ip = self.lwm2m.listen.ip();
+        let host = if ip.is_unspecified() {
+            self.tls
+                .names
+                .first()
+                .cloned()
+                .or_else(crate::tls::hostname)
+                .unwrap_or_else(|| "localhost".to_owned())
+        } else if ip.is_ipv6() {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        };
+        format!("coap://{host}:{port}")
     }
 
     /// The package store's settings.

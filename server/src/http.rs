@@ -196,6 +196,7 @@ pub fn router(state: ServerState) -> Router {
             get(subscriptions::deliveries).layer(timeout),
         )
         .route("/download/{*path}", get(download::download))
+        .route("/fw/{token}", get(download::download))
         .route("/v5/openapi.json", get(openapi::document).layer(timeout));
 
     api.merge(console)

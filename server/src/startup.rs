@@ -109,10 +109,11 @@ impl Application {
         };
         let coap_socket = if settings.lwm2m.enabled {
             let addr = settings.lwm2m.listen;
-            Some(
-                bind_udp(addr, settings.lwm2m.receive_buffer)
-                    .with_context(|| format!("binding CoAP on {addr} (lwm2m.listen)"))?,
-            )
+            let socket = bind_udp(addr, settings.lwm2m.receive_buffer)
+                .with_context(|| format!("binding CoAP on {addr} (lwm2m.listen)"))?;
+            // Firmware URIs name the port really bound.
+            settings.lwm2m.public_url = Some(settings.coap_public_url(socket.local_addr()?.port()));
+            Some(socket)
         } else {
             None
         };

@@ -75,6 +75,7 @@ pub async fn create_product(
         industry: String::new(),
         description: String::new(),
         service_capabilities: None,
+        firmware_download: None,
     };
     Ok(products::create(&state, &user.project_id, new).await?.id)
 }

@@ -154,6 +154,42 @@ pub async fn authorize(
     }))
 }
 
+/// Checks a token that names its package itself (the URIs of Firmware Update object downloads,
+/// `/fw/<token>`).
+///
+/// # Errors
+/// `Ok(Err(Denied))` for a refused token (also when its package is gone); [`Error::Db`].
+pub async fn authorize_token(state: &AppState, token: &str) -> Result<Result<Grant, Denied>> {
+    if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(Err(Denied::Malformed));
+    }
+    let hash = ids::sha256_hex(&token.to_ascii_lowercase());
+    let Some(row) = download_tokens::Entity::find_by_id(hash.clone())
+        .one(&state.db)
+        .await?
+    else {
+        return Ok(Err(Denied::Unknown));
+    };
+    if row.revoked_at.is_some() {
+        return Ok(Err(Denied::Revoked));
+    }
+    if state.clock.now().as_millis() >= row.expires_at {
+        return Ok(Err(Denied::Expired));
+    }
+    let Some(package) = packages::Entity::find_by_id(row.package_id.clone())
+        .one(&state.db)
+        .await?
+    else {
+        return Ok(Err(Denied::Revoked));
+    };
+    Ok(Ok(Grant {
+        token_hash: hash,
+        device_id: row.device_id,
+        subtask_id: row.subtask_id,
+        package,
+    }))
+}
+
 /// Adds `bytes` to a token's served count and stamps its last use.
 ///
 /// # Errors

@@ -1,6 +1,6 @@
 //! Products (device models).
 
-use domain::device::{DataFormat, ProtocolType};
+use domain::device::{DataFormat, FirmwareDownload, ProtocolType};
 use domain::{ProductId, text};
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
@@ -29,6 +29,8 @@ pub struct NewProduct {
     pub description: String,
     /// The product model's services (a JSON list), kept as given.
     pub service_capabilities: Option<serde_json::Value>,
+    /// `coap` (default) or `https`: how its LwM2M devices fetch firmware.
+    pub firmware_download: Option<String>,
 }
 
 /// Creates a product in `project_id`'s default resource space.
@@ -74,6 +76,7 @@ pub async fn create(
         industry: Set(text::bounded("industry", &new.industry, 64, false)?),
         description: Set(text::bounded("description", &new.description, 128, false)?),
         service_capabilities: Set(capabilities(new.service_capabilities.as_ref())?),
+        firmware_download: Set(firmware_download(new.firmware_download.as_deref())?),
         created_at: Set(now.as_millis()),
         updated_at: Set(now.as_millis()),
     }
@@ -163,6 +166,8 @@ pub struct ProductUpdate {
     pub description: Option<String>,
     /// The product model's services (a JSON list), kept as given.
     pub service_capabilities: Option<serde_json::Value>,
+    /// `coap` or `https`.
+    pub firmware_download: Option<String>,
 }
 
 /// Updates a product.
@@ -209,6 +214,9 @@ pub async fn update(
     }
     if change.service_capabilities.is_some() {
         row.service_capabilities = Set(capabilities(change.service_capabilities.as_ref())?);
+    }
+    if let Some(v) = &change.firmware_download {
+        row.firmware_download = Set(firmware_download(Some(v))?);
     }
     row.updated_at = Set(state.clock.now().as_millis());
     Ok(row.update(&state.db).await?)
@@ -267,5 +275,13 @@ fn capabilities(v: Option<&serde_json::Value>) -> Result<String> {
             "must be a list of at most 500 services",
         )
         .into()),
+    }
+}
+
+/// A `firmware_download` value, `coap` when absent or empty.
+fn firmware_download(v: Option<&str>) -> Result<String> {
+    match v.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(FirmwareDownload::Coap.as_str().to_owned()),
+        Some(v) => Ok(FirmwareDownload::parse(v)?.as_str().to_owned()),
     }
 }

@@ -382,24 +382,18 @@ async fn listed_devices(
 }
 
 /// What the package's product can be upgraded with: MQTT devices take both package types; LwM2M/CoAP
-/// devices take software packages over PCP, whose version field holds 1-16 ASCII characters.
+/// devices take software packages over PCP, whose version field holds 1-16 ASCII characters, and firmware
+/// packages through the Firmware Update object (any version string).
 async fn check_protocol(state: &AppState, package: &packages::Model) -> Result<()> {
     let product_id = &package.product_id;
     let product = products::Entity::find_by_id(product_id.clone())
         .one(&state.db)
         .await?
         .ok_or_else(|| Error::not_found("product", product_id))?;
-    if ProtocolType::parse(&product.protocol_type)? != ProtocolType::CoAP {
+    if ProtocolType::parse(&product.protocol_type)? != ProtocolType::CoAP
+        || package.package_type == PackageType::Firmware.as_str()
+    {
         return Ok(());
-    }
-    if package.package_type != PackageType::Software.as_str() {
-        return Err(ValidationError::new(
-            "task_type",
-            format!(
-                "product {product_id} uses LwM2M/CoAP: its devices are upgraded with software packages over PCP (firmware upgrades through LwM2M Object 5 are not available yet)"
-            ),
-        )
-        .into());
     }
     if let Err(e) = protocol::pcp::Version::new(&package.version) {
         return Err(ValidationError::new("package_id", e.to_string()).into());

@@ -18,6 +18,12 @@
 //! 0 → 50, the worse of them in range 1 → 10, in range 2 or outside every range → 1; known by cell id only
 //! → 10. Devices of one cell and range share a [`Slot`]; the driver counts them and grants slots in order.
 //!
+//! The same machine runs firmware upgrades with the standard Firmware Update object ([`Method::Object5`]):
+//! the version is read from `/3/0/3`, "notify" writes the package URI to `/5/0/1` (the device downloads it,
+//! CoAP block-wise or over HTTPS), the State `/5/0/3` reaching 2 (downloaded) ends the download, "execute"
+//! executes `/5/0/2`, and the upgrade succeeds when, after Update Result 1 or a new registration, `/3/0/3`
+//! reads the target version. Update Results 2-9 fail it with the OMA meaning ([`Failure::Firmware`]).
+//!
 //! Real devices are tolerated (`protocols.md` §2.8): a 0x15 request counts as acceptance when no 0x14
 //! answer came; an unsolicited 0x17 (LiteOS reports a download timeout that way) is ignored unless an
 //! execute was sent; a 0x16 or 0x18 sent again is acknowledged again (with a new 0x17 for a repeated
@@ -170,9 +176,22 @@ pub struct Slot {
     pub cap: u32,
 }
 
+/// How the package reaches the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Huawei's PCP over `/19/0/0` and `/19/1/0` (software packages).
+    #[default]
+    Pcp,
+    /// The LwM2M Firmware Update object, `/5/0` (firmware packages).
+    Object5,
+}
+
 /// What a subtask is for: fixed when its task starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
+    /// PCP or the Firmware Update object.
+    pub method: Method,
     /// The package's version.
     pub target: String,
     /// Versions allowed to upgrade; empty means any.
@@ -235,6 +254,31 @@ pub enum Failure {
         /// The version it reported.
         reported: String,
     },
+    /// The device refused the package URI (`/5/0/1`): no Firmware Update object, or busy.
+    UriRefused,
+    /// The Firmware Update object's Update Result (`/5/0/5`) reported a failure (2-9).
+    Firmware {
+        /// The Update Result.
+        result: u8,
+    },
+}
+
+/// The meaning of a Firmware Update object's Update Result (`/5/0/5`), per the OMA object definition.
+#[must_use]
+pub const fn update_result_meaning(result: u8) -> &'static str {
+    match result {
+        0 => "initial value",
+        1 => "firmware updated successfully",
+        2 => "not enough flash memory for the new firmware package",
+        3 => "out of RAM during the download",
+        4 => "connection lost during the download",
+        5 => "integrity check failure for the new firmware package",
+        6 => "unsupported package type",
+        7 => "invalid URI",
+        8 => "firmware update failed",
+        9 => "unsupported protocol",
+        _ => "unknown update result",
+    }
 }
 
 impl Failure {
@@ -253,6 +297,8 @@ impl Failure {
             Self::UpgradeTimeout => "UPGRADE_RESULT_TIMEOUT".to_owned(),
             Self::UpgradeFailed { code } => format!("PCP_UPGRADE_FAILED_{code}"),
             Self::WrongVersion { .. } => "VERSION_MISMATCH".to_owned(),
+            Self::UriRefused => "FIRMWARE_URI_REFUSED".to_owned(),
+            Self::Firmware { result } => format!("FIRMWARE_UPDATE_RESULT_{result}"),
         }
     }
 
@@ -290,13 +336,26 @@ impl Failure {
             Self::WrongVersion { reported } => {
                 format!("the device reported success on version {reported}, not the package's")
             }
+            Self::UriRefused => "the device refused the package URI (/5/0/1): it has no Firmware \
+                                 Update object or is busy"
+                .to_owned(),
+            Self::Firmware { result } => format!(
+                "the firmware update failed: {} (Update Result {result})",
+                update_result_meaning(*result)
+            ),
         }
     }
 
     /// Whether trying again could help (a refused source version will be refused again).
     #[must_use]
     pub const fn retryable(&self) -> bool {
-        !matches!(self, Self::UnsupportedSource { .. })
+        // The device cannot take this package type or protocol, however often it is asked.
+        !matches!(
+            self,
+            Self::UnsupportedSource { .. }
+                | Self::UriRefused
+                | Self::Firmware { result: 6 | 7 | 9 }
+        )
     }
 }
 
@@ -431,13 +490,22 @@ pub enum Input<'a> {
         /// The version it runs now.
         version: &'a str,
     },
+    /// The Firmware Update object's State (`/5/0/3`) as observed: 0 idle, 1 downloading, 2 downloaded,
+    /// 3 updating.
+    FirmwareState(u8),
+    /// Its Update Result (`/5/0/5`) as observed.
+    UpdateResult(u8),
+    /// The device refused the `/5/0/1` write.
+    UriRefused,
     /// `poll_timeout()` has passed.
     Timer,
     /// An operator stopped the device's upgrade (or the whole task).
     Stop,
 }
 
-/// What the driver must do, after committing the new state.
+/// What the driver must do, after committing the new state. With [`Method::Object5`], `QueryVersion`
+/// reads `/3/0/3`, `Notify` writes the package URI to `/5/0/1` and observes `/5/0/3` and `/5/0/5`, and
+/// `Execute` executes `/5/0/2`; the PCP acknowledgements have no counterpart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Effect {
     /// Send PCP 0x13.
@@ -718,6 +786,46 @@ impl Subtask {
                 }
                 effects
             }
+            // The Firmware Update object.
+            (Phase::Downloading { slot, .. }, Input::FirmwareState(2)) => {
+                let slot = *slot;
+                self.progress = 99;
+                self.phase = Phase::Executing {
+                    deadline: now.plus(t.execute),
+                };
+                vec![Effect::ReleaseSlot(slot), Effect::Execute]
+            }
+            (Phase::Downloading { .. }, Input::UriRefused) => {
+                self.fail(now, plan, Failure::UriRefused)
+            }
+            (Phase::Downloading { .. } | Phase::Executing { .. }, Input::UpdateResult(result))
+                if result >= 2 =>
+            {
+                self.fail(now, plan, Failure::Firmware { result })
+            }
+            // Updated, or back after the reboot: is it running the target now?
+            (Phase::Executing { .. }, Input::UpdateResult(1)) if plan.method == Method::Object5 => {
+                vec![Effect::QueryVersion]
+            }
+            (Phase::Executing { .. }, Input::Online) if plan.method == Method::Object5 => {
+                vec![Effect::QueryVersion]
+            }
+            (Phase::Executing { .. }, Input::Version { result: 0, version })
+                if plan.method == Method::Object5 =>
+            {
+                if version == plan.target {
+                    self.progress = 100;
+                    self.phase = Phase::Succeeded { already: false };
+                    Vec::new()
+                } else if self.source_version.as_deref() == Some(version) {
+                    // Not installed yet: the State, the Update Result or the deadline decides.
+                    Vec::new()
+                } else {
+                    let reported = version.to_owned();
+                    self.fail(now, plan, Failure::WrongVersion { reported })
+                }
+            }
+
             // A repeated or late 0x18 is acknowledged, so the device stops sending it.
             (_, Input::UpgradeResult { .. }) => vec![Effect::AckUpgrade],
 
@@ -819,6 +927,7 @@ mod tests {
 
     fn plan() -> Plan {
         Plan {
+            method: Method::Pcp,
             target: "V2.0".into(),
             sources: vec!["V1.0".into()],
             retry: RetryPolicy::NONE,
@@ -853,6 +962,147 @@ mod tests {
         let mut s = waiting_for_slot(p);
         assert_eq!(s.handle(T0, p, Input::SlotGranted), [Effect::Notify]);
         s
+    }
+
+    fn object5() -> Plan {
+        Plan {
+            method: Method::Object5,
+            ..plan()
+        }
+    }
+
+    #[test]
+    fn a_firmware_upgrade_runs_through_the_firmware_update_object() {
+        let p = object5();
+        let mut s = downloading(&p);
+        let slot = s.held_slot().unwrap();
+        s.handle(
+            T0,
+            &p,
+            Input::SegmentRequested {
+                segment: 50,
+                count: 100,
+            },
+        );
+        assert_eq!(s.progress, 50);
+        // State 1 (downloading) changes nothing; 2 (downloaded) executes and frees the cell's slot.
+        assert!(s.handle(T0, &p, Input::FirmwareState(1)).is_empty());
+        assert_eq!(
+            s.handle(T0.plus(MIN), &p, Input::FirmwareState(2)),
+            [Effect::ReleaseSlot(slot), Effect::Execute]
+        );
+        assert_eq!((s.step(), s.held_slot()), ("installing", None));
+        // Rebooting: the device registers again, and its version is read.
+        assert_eq!(
+            s.handle(T0.plus(2 * MIN), &p, Input::Online),
+            [Effect::QueryVersion]
+        );
+        let old = Input::Version {
+            result: 0,
+            version: "V1.0",
+        };
+        assert!(
+            s.handle(T0.plus(2 * MIN), &p, old).is_empty(),
+            "not installed yet"
+        );
+        assert_eq!(s.status(), SubtaskStatus::Processing);
+        assert_eq!(
+            s.handle(T0.plus(3 * MIN), &p, Input::UpdateResult(1)),
+            [Effect::QueryVersion]
+        );
+        let new = Input::Version {
+            result: 0,
+            version: "V2.0",
+        };
+        assert!(s.handle(T0.plus(3 * MIN), &p, new).is_empty());
+        assert_eq!((s.status(), s.progress), (SubtaskStatus::Success, 100));
+
+        // A version that is neither the old nor the target one fails.
+        let mut s = downloading(&p);
+        s.handle(T0, &p, Input::FirmwareState(2));
+        let odd = Input::Version {
+            result: 0,
+            version: "V9.9",
+        };
+        s.handle(T0, &p, odd);
+        assert_eq!(
+            s.failure().map(Failure::code).as_deref(),
+            Some("VERSION_MISMATCH")
+        );
+    }
+
+    #[test]
+    fn every_update_result_failure_has_its_meaning_and_retry_rule() {
+        let p = Plan {
+            retry: RetryPolicy {
+                retry_count: 2,
+                retry_interval: MIN,
+            },
+            ..object5()
+        };
+        for result in 2..=9u8 {
+            // While downloading, and while installing.
+            for installing in [false, true] {
+                let mut s = downloading(&p);
+                let slot = s.held_slot().unwrap();
+                if installing {
+                    s.handle(T0, &p, Input::FirmwareState(2));
+                }
+                let effects = s.handle(T0, &p, Input::UpdateResult(result));
+                assert_eq!(
+                    effects,
+                    if installing {
+                        vec![]
+                    } else {
+                        vec![Effect::ReleaseSlot(slot)]
+                    }
+                );
+                let failure = Failure::Firmware { result };
+                assert_eq!(failure.code(), format!("FIRMWARE_UPDATE_RESULT_{result}"));
+                assert!(failure.message().contains(update_result_meaning(result)));
+                let for_good = matches!(result, 6 | 7 | 9);
+                match &s.phase {
+                    Phase::RetryWait { failure: f, .. } => {
+                        assert!(!for_good, "result {result} is retried");
+                        assert_eq!(f, &failure);
+                    }
+                    Phase::Failed { failure: f } => {
+                        assert!(for_good, "result {result} fails for good");
+                        assert_eq!(f, &failure);
+                    }
+                    other => panic!("result {result}: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(
+            update_result_meaning(5),
+            "integrity check failure for the new firmware package"
+        );
+        // A refused URI write fails for good; 0 and 1 while downloading are not failures.
+        let mut s = downloading(&p);
+        assert!(s.handle(T0, &p, Input::UpdateResult(0)).is_empty());
+        assert!(s.handle(T0, &p, Input::UpdateResult(1)).is_empty());
+        assert_eq!(s.step(), "downloading");
+        s.handle(T0, &p, Input::UriRefused);
+        assert_eq!(s.failure(), Some(&Failure::UriRefused));
+        assert!(matches!(s.phase, Phase::Failed { .. }));
+    }
+
+    #[test]
+    fn firmware_timeouts_fail_on_the_manual_clock() {
+        let p = object5();
+        // 60 min to reach "downloaded".
+        let mut s = downloading(&p);
+        assert!(s.handle(T0.plus(59 * MIN), &p, Input::Timer).is_empty());
+        s.handle(T0.plus(HOUR), &p, Input::Timer);
+        assert_eq!(s.failure(), Some(&Failure::DownloadTimeout));
+        // 30 min to run the target version.
+        let mut s = downloading(&p);
+        s.handle(T0, &p, Input::FirmwareState(2));
+        s.handle(T0.plus(29 * MIN), &p, Input::Timer);
+        assert_eq!(s.step(), "installing");
+        s.handle(T0.plus(30 * MIN), &p, Input::Timer);
+        assert_eq!(s.failure(), Some(&Failure::UpgradeTimeout));
     }
 
     #[test]

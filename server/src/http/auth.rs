@@ -129,6 +129,7 @@ fn is_public(path: &str) -> bool {
         "/healthz" | "/readyz" | "/login" | "/auth/login" | "/favicon.ico" | "/v5/openapi.json"
     ) || path.starts_with("/pkg/")
         || path.starts_with("/download/")
+        || path.starts_with("/fw/")
 }
 
 /// Resolves the session cookie; signed-in requests carry [`auth::CurrentUser`] as an extension. Pages

@@ -1,6 +1,9 @@
 //! `GET /download/{package_id}/{file_name}`: devices download packages with `Authorization: Bearer
 //! <token>` (also `Authorization:Bearer <token>`, as Huawei's C SDK writes it).
 //!
+//! `GET /fw/{token}`: the HTTPS Package URI of an LwM2M firmware upgrade (`/5/0/1`). LwM2M clients send
+//! no headers of ours, so the token is the path; it opens the package it was issued for.
+//!
 //! Responses have an exact `Content-Length` (never chunked, never compressed: this route sits outside the
 //! compression and timeout layers), `Content-Type: application/octet-stream`, `Content-Disposition`,
 //! a strong `ETag` (the SHA-256) and `Accept-Ranges: bytes`. One `Range` gives 206, so an interrupted
@@ -124,23 +127,36 @@ fn refuse(e: impl Into<IotdaError>) -> Refusal {
 }
 
 async fn serve(state: &ServerState, uri: &Uri, headers: &HeaderMap) -> Result<Response, Refusal> {
-    let (package_id, file_name) = parse_path(uri.path()).map_err(refuse)?;
-    let token = bearer(headers).map_err(|d| refuse(denied(d)))?;
-    // Never closed, so acquiring only waits.
-    let _admitted = state.transfers.admissions.acquire().await;
-    let grant = match downloads::authorize(&state.app, token, &package_id)
-        .await
-        .map_err(refuse)?
-    {
-        Ok(grant) => grant,
-        Err(d) => return Err(refuse(denied(d))),
+    let grant = if let Some(token) = uri.path().strip_prefix("/fw/") {
+        // Never closed, so acquiring only waits.
+        let _admitted = state.transfers.admissions.acquire().await;
+        match downloads::authorize_token(&state.app, token)
+            .await
+            .map_err(refuse)?
+        {
+            Ok(grant) => grant,
+            Err(d) => return Err(refuse(denied(d))),
+        }
+    } else {
+        let (package_id, file_name) = parse_path(uri.path()).map_err(refuse)?;
+        let token = bearer(headers).map_err(|d| refuse(denied(d)))?;
+        let _admitted = state.transfers.admissions.acquire().await;
+        let grant = match downloads::authorize(&state.app, token, &package_id)
+            .await
+            .map_err(refuse)?
+        {
+            Ok(grant) => grant,
+            Err(d) => return Err(refuse(denied(d))),
+        };
+        if grant.package.file_name != file_name {
+            return Err(refuse(IotdaError::not_found(format!(
+                "package {package_id} has no file named {file_name:?}"
+            ))));
+        }
+        grant
     };
     let package = &grant.package;
-    if package.file_name != file_name {
-        return Err(refuse(IotdaError::not_found(format!(
-            "package {package_id} has no file named {file_name:?}"
-        ))));
-    }
+    let package_id = &package.id;
     let size = u64::try_from(package.size).unwrap_or(0);
     let etag = format!("\"{}\"", package.sha256);
     let range = requested_range(headers, size, &etag).map_err(|e| {

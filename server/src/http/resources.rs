@@ -1110,6 +1110,9 @@ pub(super) struct ProductBody {
     description: Option<String>,
     /// The resource space; when given, one of the project's.
     app_id: Option<String>,
+    /// Updraft: how the product's LwM2M devices fetch firmware, `coap` (block-wise from Updraft's CoAP
+    /// endpoint, the default) or `https`.
+    firmware_download: Option<String>,
 }
 
 /// IoTDA's product.
@@ -1142,6 +1145,8 @@ struct ProductJson {
     service_capabilities: Option<Value>,
     /// When it was created (`yyyyMMddTHHmmssZ`, UTC).
     create_time: String,
+    /// Updraft: `coap` or `https`, how its LwM2M devices fetch firmware.
+    firmware_download: String,
 }
 
 impl ProductJson {
@@ -1151,6 +1156,7 @@ impl ProductJson {
                 serde_json::from_str(&p.service_capabilities).unwrap_or(Value::Array(Vec::new()))
             }),
             create_time: Timestamp::from_millis(p.created_at).to_compact(),
+            firmware_download: p.firmware_download,
             app_id: p.app_id,
             app_name,
             product_id: p.id,
@@ -1204,6 +1210,7 @@ pub(super) async fn add_product(
             industry: b.industry.unwrap_or_default(),
             description: b.description.unwrap_or_default(),
             service_capabilities: b.service_capabilities,
+            firmware_download: b.firmware_download,
         },
     )
     .await?;
@@ -1373,6 +1380,7 @@ pub(super) async fn update_product(
             industry: b.industry,
             description: b.description,
             service_capabilities: b.service_capabilities,
+            firmware_download: b.firmware_download,
         },
     )
     .await?;

@@ -3,6 +3,13 @@
 //! written to `/19/1/0`, downloads the package segment by segment (stop-and-wait, re-requesting after a
 //! silence as Huawei's LiteOS agent does), installs, re-registers as after a reboot and reports the result.
 //!
+//! They also carry the standard Firmware Update object (`/5/0`) with the Device object's firmware version
+//! (`/3/0/3`): a Package URI written to `/5/0/1` (`coap://.../fw/<token>`; the host is taken to be the
+//! platform's) is downloaded block-wise with Block2, stop-and-wait, asking again after a silence; the State
+//! (`/5/0/3`) and Update Result (`/5/0/5`) are observable; executing `/5/0/2` installs and reboots into
+//! `firmware_next`, registering again. An `https` URI is answered with Update Result 9 (unsupported
+//! protocol), as by a device without HTTPS.
+//!
 //! Knobs make devices misbehave as real ones do: datagram loss in both directions, a restart in the
 //! middle of a download (the device keeps what it has and resumes when notified again), LiteOS's
 //! habit of not answering 0x14, refusals and failures with a PCP result code. Every device records
@@ -47,13 +54,15 @@ pub enum Lwm2mBehaviour {
     /// Download, install, report success on the new version.
     #[default]
     Normal,
-    /// Answer 0x14 with `fail_code` (default 0x04, low battery).
+    /// Answer 0x14 with `fail_code` (default 0x04, low battery); refuse the `/5/0/1` write (4.05).
     Refuse,
-    /// Download, then report 0x16 with `fail_code` (default 0x07, check failed).
+    /// Download, then report 0x16 with `fail_code` (default 0x07, check failed); Update Result
+    /// `fail_code` (default 5, integrity check failure).
     FailDownload,
-    /// Install, then report 0x18 with `fail_code` (default 0x0A, install failed).
+    /// Install, then report 0x18 with `fail_code` (default 0x0A, install failed); Update Result
+    /// `fail_code` (default 8, firmware update failed).
     FailUpgrade,
-    /// Register and answer CoAP, never PCP.
+    /// Register and answer CoAP, never PCP; take a Package URI and never download it.
     Silent,
 }
 
@@ -84,6 +93,12 @@ pub struct Lwm2mOptions {
     pub segment_delay: Duration,
     /// The registration lifetime sent (seconds).
     pub lifetime: u32,
+    /// The firmware version devices run before upgrading (`/3/0/3`).
+    pub firmware_version: String,
+    /// The firmware version a downloaded image installs.
+    pub firmware_next: String,
+    /// The Block2 size asked for (16-1024; 0 asks for none and takes the platform's).
+    pub block_size: usize,
 }
 
 impl Default for Lwm2mOptions {
@@ -101,6 +116,9 @@ impl Default for Lwm2mOptions {
             retry: Duration::from_secs(2),
             segment_delay: Duration::ZERO,
             lifetime: 86_400,
+            firmware_version: "V1.0".to_owned(),
+            firmware_next: "V2.0".to_owned(),
+            block_size: 512,
         }
     }
 }
@@ -191,6 +209,11 @@ pub async fn run_fleet(
             replies: HashMap::new(),
             restarted: false,
             counted: false,
+            firmware: opts.firmware_version.clone(),
+            fw_state: 0,
+            fw_result: 0,
+            fw_obs: [None, None],
+            fw_download: None,
         };
         let stop = stop.clone();
         set.spawn(async move {
@@ -244,6 +267,24 @@ struct Device {
     restarted: bool,
     /// Counted in its cell's downloading devices.
     counted: bool,
+    /// `/3/0/3`.
+    firmware: String,
+    /// `/5/0/3`: 0 idle, 1 downloading, 2 downloaded, 3 updating.
+    fw_state: u8,
+    /// `/5/0/5`.
+    fw_result: u8,
+    /// The platform's observations of `/5/0/3` and `/5/0/5`.
+    fw_obs: [Option<Vec<u8>>; 2],
+    /// A block-wise download in progress.
+    fw_download: Option<FwDownload>,
+}
+
+/// A block-wise firmware download: where, the next block, and the request waiting for its answer.
+struct FwDownload {
+    token: Vec<u8>,
+    next: u32,
+    szx: Option<u8>,
+    request: Vec<u8>,
 }
 
 impl Device {
@@ -262,6 +303,10 @@ impl Device {
                     register_at = tokio::time::Instant::now() + self.opts.retry;
                 }
                 _ = resend.tick() => {
+                    if let Some(request) = self.fw_download.as_ref().map(|d| d.request.clone()) {
+                        self.stats.resends.fetch_add(1, Ordering::Relaxed);
+                        self.send(&socket, &request).await;
+                    }
                     if let (Some(frame), Some(_)) = (self.pending.clone(), &self.observe) {
                         self.stats.resends.fetch_add(1, Ordering::Relaxed);
                         self.notify(&socket, frame).await;
@@ -339,6 +384,9 @@ impl Device {
                     self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            MessageClass::Response(code) if packet.get_token() == b"blk" => {
+                self.block_answer(socket, code, &packet).await;
+            }
             MessageClass::Request(method) => {
                 let mid = packet.header.message_id;
                 if let Some(reply) = self.replies.get(&mid).cloned() {
@@ -410,6 +458,38 @@ impl Device {
                     ResponseType::Content
                 }
             },
+            (RequestType::Get, ["3", "0", "3"]) => {
+                ack.payload = self.firmware.clone().into_bytes();
+                ResponseType::Content
+            }
+            (RequestType::Put, ["5", "0", "1"]) => {
+                if self.opts.behaviour == Lwm2mBehaviour::Refuse {
+                    ResponseType::MethodNotAllowed
+                } else {
+                    ResponseType::Changed
+                }
+            }
+            (RequestType::Get, ["5", "0", r @ ("3" | "5")]) => {
+                let which = usize::from(*r == "5");
+                if req.get_first_option(CoapOption::Observe).is_some() {
+                    self.fw_obs[which] = Some(req.get_token().to_vec());
+                    ack.set_observe_value(1);
+                }
+                let value = if which == 0 {
+                    self.fw_state
+                } else {
+                    self.fw_result
+                };
+                ack.payload = value.to_string().into_bytes();
+                ResponseType::Content
+            }
+            (RequestType::Post, ["5", "0", "2"]) => {
+                if self.fw_state == 2 {
+                    ResponseType::Changed
+                } else {
+                    ResponseType::MethodNotAllowed
+                }
+            }
             (RequestType::Get, ["4", "0", "8"]) => {
                 if self.radio == Radio::None {
                     ResponseType::NotFound
@@ -452,6 +532,16 @@ impl Device {
                 self.pending = Some(frame.clone());
                 self.notify(socket, frame).await;
             }
+        } else if is(&["5", "0", "1"])
+            && !matches!(
+                self.opts.behaviour,
+                Lwm2mBehaviour::Refuse | Lwm2mBehaviour::Silent
+            )
+        {
+            let uri = String::from_utf8_lossy(&req.payload).into_owned();
+            self.start_firmware(socket, &uri).await;
+        } else if is(&["5", "0", "2"]) && self.fw_state == 2 {
+            self.install_firmware(socket).await;
         } else if is(&["19", "1", "0"]) && self.opts.behaviour != Lwm2mBehaviour::Silent {
             let payload = req.payload.clone();
             let Ok(frame) = pcp::decode_exact(&payload) else {
@@ -609,6 +699,166 @@ impl Device {
                     }
                 }
             }
+        }
+    }
+
+    /// A Package URI was written: download it block-wise, or refuse a protocol it lacks.
+    async fn start_firmware(&mut self, socket: &UdpSocket, uri: &str) {
+        let token = uri
+            .strip_prefix("coap://")
+            .and_then(|rest| rest.split_once("/fw/"))
+            .map(|(_, token)| token.as_bytes().to_vec());
+        let Some(token) = token else {
+            // An empty URI cancels; anything but coap:// is a protocol this device lacks.
+            self.fw_download = None;
+            self.fw_state = 0;
+            self.fw_result = if uri.is_empty() { 0 } else { 9 };
+            self.fw_notify(socket, 1).await;
+            return;
+        };
+        self.image.clear();
+        self.fw_state = 1;
+        self.fw_result = 0;
+        let szx = (self.opts.block_size > 0).then(|| lwm2m::Block::szx_for(self.opts.block_size));
+        self.fw_download = Some(FwDownload {
+            token,
+            next: 0,
+            szx,
+            request: Vec::new(),
+        });
+        if !self.counted {
+            self.counted = true;
+            self.stats.downloading(self.cell, 1);
+        }
+        self.fw_notify(socket, 0).await;
+        self.request_block(socket).await;
+    }
+
+    async fn request_block(&mut self, socket: &UdpSocket) {
+        let mid = self.next_mid();
+        let Some(d) = self.fw_download.as_mut() else {
+            return;
+        };
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Get);
+        p.header.message_id = mid;
+        p.set_token(b"blk".to_vec());
+        p.add_option(CoapOption::UriPath, b"fw".to_vec());
+        p.add_option(CoapOption::UriPath, d.token.clone());
+        // Without a size of its own the first request names none; later ones follow the platform's.
+        if let Some(szx) = d.szx {
+            let block = lwm2m::Block {
+                num: d.next,
+                more: false,
+                szx,
+            };
+            p.add_option(CoapOption::Block2, block.encode());
+        }
+        let Ok(bytes) = p.to_bytes() else {
+            return;
+        };
+        d.request.clone_from(&bytes);
+        self.send(socket, &bytes).await;
+    }
+
+    /// The answer to a block request.
+    async fn block_answer(&mut self, socket: &UdpSocket, code: ResponseType, packet: &Packet) {
+        let Some(d) = self.fw_download.as_mut() else {
+            return;
+        };
+        if code != ResponseType::Content {
+            // Refused: the token is bad (invalid URI) or the platform cannot serve.
+            self.fw_download = None;
+            self.stop_downloading();
+            self.fw_state = 0;
+            self.fw_result = if matches!(
+                code,
+                ResponseType::Unauthorized | ResponseType::NotFound | ResponseType::Forbidden
+            ) {
+                7
+            } else {
+                4
+            };
+            self.fw_notify(socket, 1).await;
+            self.fw_notify(socket, 0).await;
+            return;
+        }
+        let Some(block) = packet
+            .get_first_option(CoapOption::Block2)
+            .and_then(|v| lwm2m::Block::decode(v).ok())
+        else {
+            return;
+        };
+        if block.num != d.next {
+            return; // a late answer to a repeated request
+        }
+        d.szx = Some(block.szx);
+        self.image.extend_from_slice(&packet.payload);
+        self.stats.segments.fetch_add(1, Ordering::Relaxed);
+        if block.more {
+            d.next += 1;
+            self.request_block(socket).await;
+            return;
+        }
+        self.fw_download = None;
+        self.stop_downloading();
+        let digest = hex::encode(Sha256::digest(&self.image));
+        lock(&self.stats.images).insert(self.endpoint.clone(), digest);
+        self.stats.downloads.fetch_add(1, Ordering::Relaxed);
+        if self.opts.behaviour == Lwm2mBehaviour::FailDownload {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            self.fw_state = 0;
+            self.fw_result = self.opts.fail_code.unwrap_or(5);
+            self.fw_notify(socket, 1).await;
+        } else {
+            self.fw_state = 2;
+        }
+        self.fw_notify(socket, 0).await;
+    }
+
+    /// `/5/0/2` executed: install, then reboot into the new firmware (or report the failure).
+    async fn install_firmware(&mut self, socket: &UdpSocket) {
+        self.fw_state = 3;
+        self.fw_notify(socket, 0).await;
+        if self.opts.behaviour == Lwm2mBehaviour::FailUpgrade {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            self.fw_state = 0;
+            self.fw_result = self.opts.fail_code.unwrap_or(8);
+            self.fw_notify(socket, 1).await;
+            self.fw_notify(socket, 0).await;
+            return;
+        }
+        self.firmware.clone_from(&self.opts.firmware_next);
+        self.fw_state = 0;
+        self.fw_result = 1;
+        self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+        // The reboot: observations and the registration are gone; it registers again.
+        self.fw_obs = [None, None];
+        self.observe = None;
+        self.reg = None;
+    }
+
+    /// Notifies the State (`which` 0) or the Update Result (1), when observed.
+    async fn fw_notify(&mut self, socket: &UdpSocket, which: usize) {
+        let Some(token) = self.fw_obs[which].clone() else {
+            return;
+        };
+        self.observe_seq += 1;
+        let value = if which == 0 {
+            self.fw_state
+        } else {
+            self.fw_result
+        };
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::NonConfirmable);
+        p.header.code = MessageClass::Response(ResponseType::Content);
+        p.header.message_id = self.next_mid();
+        p.set_token(token);
+        p.set_observe_value(self.observe_seq);
+        p.payload = value.to_string().into_bytes();
+        if let Ok(bytes) = p.to_bytes() {
+            self.send(socket, &bytes).await;
         }
     }
 

@@ -17,10 +17,10 @@ use crate::helpers::{TestApp, spawn_app};
 
 const PRODUCT: &str = "nb-meter";
 
-struct Fixture {
-    project: String,
-    package: String,
-    sha256: String,
+pub(crate) struct Fixture {
+    pub(crate) project: String,
+    pub(crate) package: String,
+    pub(crate) sha256: String,
 }
 
 /// A CoAP product, a 20 000-byte software package V2.0 (from V1.0) cut in 500-byte segments, and `n`
@@ -109,20 +109,20 @@ async fn create_task(app: &TestApp, fx: &Fixture, nodes: &[String]) -> String {
     .id
 }
 
-struct Fleet {
-    stats: Arc<Lwm2mStats>,
+pub(crate) struct Fleet {
+    pub(crate) stats: Arc<Lwm2mStats>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Fleet {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
     }
 }
 
-fn fleet(app: &TestApp, nodes: &[String], opts: Lwm2mOptions) -> Fleet {
+pub(crate) fn fleet(app: &TestApp, nodes: &[String], opts: Lwm2mOptions) -> Fleet {
     let stats = Arc::new(Lwm2mStats::default());
     let stop = CancellationToken::new();
     let opts = Lwm2mOptions {
@@ -135,7 +135,7 @@ fn fleet(app: &TestApp, nodes: &[String], opts: Lwm2mOptions) -> Fleet {
 }
 
 /// Polls until the task is finished (real time, bounded).
-async fn wait_finished(
+pub(crate) async fn wait_finished(
     app: &TestApp,
     fx: &Fixture,
     task_id: &str,
@@ -155,7 +155,7 @@ async fn wait_finished(
     panic!("task {task_id} never finished: {rows:#?}");
 }
 
-async fn subtask_rows(app: &TestApp, task_id: &str) -> Vec<subtasks::Model> {
+pub(crate) async fn subtask_rows(app: &TestApp, task_id: &str) -> Vec<subtasks::Model> {
     subtasks::Entity::find()
         .filter(subtasks::Column::TaskId.eq(task_id))
         .all(&app.state.db)

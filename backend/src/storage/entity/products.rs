@@ -18,6 +18,8 @@ pub struct Model {
     pub description: String,
     #[sea_orm(column_type = "Text")]
     pub service_capabilities: String,
+    /// `coap` or `https`: how its LwM2M devices fetch firmware (Package URI of `/5/0/1`).
+    pub firmware_download: String,
     pub created_at: i64,
     pub updated_at: i64,
 }

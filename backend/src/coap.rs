@@ -1068,8 +1068,9 @@ impl CoapEndpoint {
         ResponseType::Deleted
     }
 
-    /// Reads `path` (`/4/0`, or `/4/0/8` named by `single`), asking for OMA-TLV; the integer resources of
-    /// the answer, in whatever format the device chose.
+    /// Reads `path` (`/4/0`, or `/4/0/8` named by `single`); the integer resources of the answer, in
+    /// whatever format the device chose (OMA-TLV, either number, plain text or SenML JSON). No Accept
+    /// option is sent: clients that do not know a content format number drop the whole request.
     async fn read(
         &self,
         device_id: &str,
@@ -1082,7 +1083,6 @@ impl CoapEndpoint {
         for seg in path {
             packet.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
         }
-        packet.add_option(CoapOption::Accept, format_bytes(lwm2m::FORMAT_TLV));
         let answer = self.exchange(session.addr, packet).await?;
         if answer.header.code != MessageClass::Response(ResponseType::Content) {
             return None;

@@ -442,3 +442,65 @@ async fn https_products_get_an_https_uri_that_serves_the_package_and_coap_tokens
     assert_eq!(answer.payload, b"unknown download token");
     app.stop().await;
 }
+
+/// A third-party LwM2M client: Telefonica's `lwm2m-node-lib` with node-coap's block-wise transfers
+/// (`end2end/lwm2m/client.js`, installed by `scripts/setup.sh` with the end2end npm packages).
+#[tokio::test]
+async fn a_third_party_lwm2m_client_upgrades_its_firmware_block_wise() {
+    let end2end = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../end2end");
+    assert!(
+        end2end.join("node_modules/lwm2m-node-lib").exists(),
+        "end2end/node_modules/lwm2m-node-lib is missing: run scripts/setup.sh (npm ci in end2end/)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let (fx, nodes) = fixture(&app, "tracker", "coap", 1).await;
+    let mut client = tokio::process::Command::new("node")
+        .arg(end2end.join("lwm2m/client.js"))
+        .args([
+            app.coap.ip().to_string(),
+            app.coap.port().to_string(),
+            nodes[0].clone(),
+            "V1.0".to_owned(),
+            "V2.0".to_owned(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(client.stdout.take().unwrap()));
+    let first = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("the client runs");
+            if let Some(ours) = line.strip_prefix("client: ") {
+                return ours.to_owned();
+            }
+        }
+    })
+    .await
+    .expect("the client registers");
+    assert!(first.starts_with("registered rd/"), "{first}");
+    let task_id = firmware_task(&app, &fx, "tracker", &nodes).await;
+    let task = wait_finished(&app, &fx, &task_id).await;
+    let rows = subtask_rows(&app, &task_id).await;
+    assert_eq!(task.status, "Success", "{rows:#?}");
+    let d = devices::get(&app.state, &fx.project, &format!("tracker_{}", nodes[0]))
+        .await
+        .unwrap();
+    assert_eq!(d.fw_version.as_deref(), Some("V2.0"));
+    let mut said = Vec::new();
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await
+    {
+        if let Some(ours) = line.strip_prefix("client: ") {
+            said.push(ours.to_owned());
+        }
+    }
+    assert!(
+        said.contains(&format!("downloaded 30000 {}", fx.sha256)),
+        "the client's own block-wise download got the package: {said:?}"
+    );
+    let _ = client.kill().await;
+    app.stop().await;
+}

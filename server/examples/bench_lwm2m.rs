@@ -7,7 +7,9 @@
 //! 1. **Segments**: `--stream-devices` devices in cells roomy enough for all of them download a large
 //!    package (`--stream-kib`); prints PCP segments served per second while every device downloads (each
 //!    segment is a device's 0x15 notification, the platform's confirmable 0x15 write, and its ACK).
-//! 2. **Campaign**: `--devices` devices in `--cells` cells with mixed coverage (cells of range 0, 1 and 2
+//! 2. **Blocks**: `--block-devices` devices download a `--block-kib` firmware package through the Firmware
+//!    Update object, CoAP block-wise (Block2, `--block-size` bytes); prints blocks and bytes per second.
+//! 3. **Campaign**: `--devices` devices in `--cells` cells with mixed coverage (cells of range 0, 1 and 2
 //!    in turn: 50, 10 and 1 at a time) upgrade a `--campaign-kib` package in one task; prints the time from
 //!    task creation to every subtask done, and the most devices each cell had downloading at once, next
 //!    to its cap.
@@ -40,9 +42,18 @@ struct Args {
     /// Package size of the campaign, KiB.
     #[arg(long, default_value_t = 64)]
     campaign_kib: usize,
-    /// Skip the segment run.
+    /// Skip the segment and block runs.
     #[arg(long)]
     campaign_only: bool,
+    /// Devices in the block-wise run.
+    #[arg(long, default_value_t = 200)]
+    block_devices: usize,
+    /// Firmware size of the block-wise run, KiB.
+    #[arg(long, default_value_t = 1024)]
+    block_kib: usize,
+    /// The Block2 size devices ask for.
+    #[arg(long, default_value_t = 1024)]
+    block_size: usize,
     /// Worker threads of Updraft's runtime.
     #[arg(long, default_value_t = 1)]
     server_threads: usize,
@@ -121,8 +132,15 @@ impl Server {
         let _ = (&mut self.task).await;
     }
 
-    /// A CoAP product with a software package of `kib` KiB and `n` devices; returns (package, nodes).
-    async fn fleet(&self, name: &str, kib: usize, n: usize) -> Result<(String, Vec<String>)> {
+    /// A CoAP product with a package of `kib` KiB (`softwarePackage` or `firmwarePackage`) and `n`
+    /// devices; returns (package, nodes).
+    async fn fleet(
+        &self,
+        name: &str,
+        package_type: &str,
+        kib: usize,
+        n: usize,
+    ) -> Result<(String, Vec<String>)> {
         products::create(
             &self.state,
             &self.project,
@@ -141,7 +159,7 @@ impl Server {
             &self.state,
             &self.project,
             domain::package::PackageMetaInput {
-                package_type: "softwarePackage".into(),
+                package_type: package_type.into(),
                 product_id: name.into(),
                 version: "V2.0".into(),
                 file_name: format!("{name}.bin"),
@@ -152,7 +170,12 @@ impl Server {
         .await?;
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
-            let node = format!("{}{i:07}", if name == "stream" { "1" } else { "2" });
+            let prefix = match name {
+                "stream" => "1",
+                "blocks" => "3",
+                _ => "2",
+            };
+            let node = format!("{prefix}{i:07}");
             devices::register(
                 &self.state,
                 &self.project,
@@ -169,12 +192,17 @@ impl Server {
     }
 
     async fn task(&self, name: &str, package: &str, nodes: &[String]) -> Result<String> {
+        let task_type = if name == "blocks" {
+            "firmwareUpgrade"
+        } else {
+            "softwareUpgrade"
+        };
         Ok(tasks::create(
             &self.state,
             &self.project,
             tasks::NewTask {
                 task_name: name.into(),
-                task_type: "softwareUpgrade".into(),
+                task_type: task_type.into(),
                 package_id: package.into(),
                 targets: nodes.iter().map(|n| format!("{name}_{n}")).collect(),
                 ..Default::default()
@@ -248,7 +276,12 @@ async fn run(args: Args, sim: tokio::runtime::Handle) -> Result<()> {
 
     if !args.campaign_only {
         let (package, nodes) = server
-            .fleet("stream", args.stream_kib, args.stream_devices)
+            .fleet(
+                "stream",
+                "softwarePackage",
+                args.stream_kib,
+                args.stream_devices,
+            )
             .await?;
         // 4 cells of good coverage hold 200 devices at 50 each.
         let cells = u32::try_from(args.stream_devices.div_ceil(50)).unwrap_or(1);
@@ -301,8 +334,72 @@ async fn run(args: Args, sim: tokio::runtime::Handle) -> Result<()> {
         let _ = fleet.await;
     }
 
+    if !args.campaign_only {
+        let (package, nodes) = server
+            .fleet(
+                "blocks",
+                "firmwarePackage",
+                args.block_kib,
+                args.block_devices,
+            )
+            .await?;
+        let cells = u32::try_from(args.block_devices.div_ceil(50)).unwrap_or(1);
+        let (stats, stop, fleet) = devices_fleet(
+            &sim,
+            server.coap,
+            nodes.clone(),
+            Lwm2mOptions {
+                cells,
+                retry: Duration::from_secs(2),
+                block_size: args.block_size,
+                ..Lwm2mOptions::default()
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let task_id = server.task("blocks", &package, &nodes).await?;
+        while stats.segments.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let first = Instant::now();
+        let cpu_before = cpu_ns();
+        let total = nodes.len() as u64;
+        while stats.downloads.load(Ordering::Relaxed) < total {
+            if first.elapsed() > Duration::from_secs(600) {
+                bail!("block-wise run did not finish");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let secs = first.elapsed().as_secs_f64();
+        let cpu_after = cpu_ns();
+        let blocks = stats.segments.load(Ordering::Relaxed);
+        let bytes = (args.block_kib * 1024 * nodes.len()) as f64;
+        println!(
+            "blocks: {} devices downloaded {} KiB each in {}-byte blocks: {blocks} blocks in {secs:.2} s = {:.0} blocks/s, {:.1} MiB/s",
+            nodes.len(),
+            args.block_kib,
+            args.block_size,
+            blocks as f64 / secs,
+            bytes / secs / 1_048_576.0
+        );
+        let server_cpu = (cpu_after.0 - cpu_before.0) as f64 / 1e9;
+        println!(
+            "blocks: Updraft used {server_cpu:.2} CPU-s ({:.1} µs per block), the simulator {:.2} CPU-s",
+            server_cpu * 1e6 / blocks as f64,
+            (cpu_after.1 - cpu_before.1) as f64 / 1e9,
+        );
+        let t = server.wait(&task_id, Duration::from_secs(120)).await?;
+        println!("block-wise run task: {} ({})", t.status, t.status_desc);
+        stop.cancel();
+        let _ = fleet.await;
+    }
+
     let (package, nodes) = server
-        .fleet("campaign", args.campaign_kib, args.devices)
+        .fleet(
+            "campaign",
+            "softwarePackage",
+            args.campaign_kib,
+            args.devices,
+        )
         .await?;
     let (stats, stop, fleet) = devices_fleet(
         &sim,

@@ -231,9 +231,18 @@ pub struct SimLwm2mArgs {
     /// Do not answer 0x14 (LiteOS style).
     #[arg(long)]
     pub silent_accept: bool,
-    /// Re-send an unanswered PCP request after this long.
+    /// Re-send an unanswered PCP request (or block request) after this long.
     #[arg(long, default_value = "2s")]
     pub retry: humantime::Duration,
+    /// The firmware version devices run (`/3/0/3`, for Firmware Update object upgrades).
+    #[arg(long, default_value = "V1.0")]
+    pub firmware_version: String,
+    /// The firmware version a downloaded image installs.
+    #[arg(long, default_value = "V2.0")]
+    pub firmware_next: String,
+    /// The Block2 size devices ask for (16-1024; 0 takes the platform's).
+    #[arg(long, default_value_t = 512)]
+    pub block_size: usize,
     /// Exit once every device has reported a final result.
     #[arg(long)]
     pub exit_when_done: bool,
@@ -296,6 +305,9 @@ pub async fn run_lwm2m(settings: Settings, args: SimLwm2mArgs) -> Result<()> {
         restart_after: args.restart_after,
         silent_accept: args.silent_accept,
         retry: args.retry.into(),
+        firmware_version: args.firmware_version.clone(),
+        firmware_next: args.firmware_next.clone(),
+        block_size: args.block_size,
         ..Lwm2mOptions::default()
     };
     println!(

@@ -10,7 +10,10 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Decoded::Frame { frame, len }) = pcp::decode(rest) {
         if let Ok(up) = Uplink::parse(&frame) {
             let again = up.encode();
-            assert_eq!(pcp::decode_exact(&again).map(|f| Uplink::parse(&f)), Ok(Ok(up)));
+            assert_eq!(
+                pcp::decode_exact(&again).map(|f| Uplink::parse(&f)),
+                Ok(Ok(up))
+            );
         }
         if let Ok(down) = Downlink::parse(&frame) {
             assert!(pcp::decode_exact(&down.encode()).is_ok());

@@ -5,7 +5,7 @@ UPDRAFT := $(TARGET_DIR)/debug/updraft
 # The wasm build needs RUSTC_BOOTSTRAP=1, which must not touch host artifacts: its own target directory.
 WASM_TARGET_DIR := $(TARGET_DIR)/wasm-build
 
-.PHONY: setup server site run test bench bench-tasks bench-lwm2m fuzz check fmt fmt-check clippy purity unit e2e clean-data
+.PHONY: setup server site run test bench bench-tasks bench-lwm2m fuzz api-fuzz check fmt fmt-check clippy purity unit e2e clean-data
 
 setup:
 	@scripts/setup.sh
@@ -40,6 +40,9 @@ bench-lwm2m: setup
 ## Fuzz the PCP decoder and the CoAP request handling, 5 minutes each (nightly + cargo-fuzz).
 fuzz: setup
 	scripts/fuzz.sh
+
+api-fuzz: setup
+	scripts/api-fuzz.sh
 
 fmt:
 	cargo +stable fmt --all

@@ -70,7 +70,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(resp.content)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = forward
+    def __getattr__(self, name):
+        # Every method, also ones http.server has never heard of (schemathesis tries TRACE and QUERY).
+        if name.startswith("do_"):
+            return self.forward
+        raise AttributeError(name)
 
 
 http.server.ThreadingHTTPServer(("127.0.0.1", int(PORT)), Handler).serve_forever()

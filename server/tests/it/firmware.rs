@@ -504,3 +504,70 @@ async fn a_third_party_lwm2m_client_upgrades_its_firmware_block_wise() {
     let _ = client.kill().await;
     app.stop().await;
 }
+
+/// Sends a block request for `token` and returns the answer to it (skipping the platform's own requests).
+async fn get_block(socket: &tokio::net::UdpSocket, token: &str, num: u32, mid: u16) -> Packet {
+    let mut get = Packet::new();
+    get.header.set_type(MessageType::Confirmable);
+    get.header.code = MessageClass::Request(RequestType::Get);
+    get.header.message_id = mid;
+    get.set_token(b"blk".to_vec());
+    get.add_option(CoapOption::UriPath, b"fw".to_vec());
+    get.add_option(CoapOption::UriPath, token.as_bytes().to_vec());
+    get.add_option(
+        CoapOption::Block2,
+        protocol::lwm2m::Block {
+            num,
+            more: false,
+            szx: 2,
+        }
+        .encode(),
+    );
+    socket.send(&get.to_bytes().unwrap()).await.unwrap();
+    let mut buf = [0u8; 1500];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let p = Packet::from_bytes(&buf[..n]).unwrap();
+        if p.header.message_id == mid && p.header.get_type() == MessageType::Acknowledgement {
+            return p;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_block_wise_download_stops_when_its_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = crate::helpers::settings_for(dir.path());
+    // Shorter than the 60-minute download timeout, so expiry is what ends it.
+    settings.downloads.token_ttl = Duration::from_secs(30 * 60);
+    let app = crate::helpers::spawn_with(settings).await;
+    let (fx, nodes) = fixture(&app, "tracker", "coap", 1).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.connect(app.coap).await.unwrap();
+    firmware_task(&app, &fx, "tracker", &nodes).await;
+    let uri = package_uri(&app, &socket, &nodes[0]).await;
+    assert!(uri.starts_with("coap://127.0.0.1:"), "{uri}");
+    let token = uri.rsplit('/').next().unwrap().to_owned();
+
+    let first = get_block(&socket, &token, 0, 5000).await;
+    assert_eq!(
+        first.header.code,
+        MessageClass::Response(ResponseType::Content)
+    );
+    assert_eq!(first.payload.len(), 64);
+    let block = first.get_first_option(CoapOption::Block2).unwrap();
+    let block = protocol::lwm2m::Block::decode(block).unwrap();
+    assert_eq!((block.num, block.more, block.size()), (0, true, 64));
+
+    app.clock.advance(Duration::from_secs(30 * 60));
+    let late = get_block(&socket, &token, 1, 5001).await;
+    assert_eq!(
+        late.header.code,
+        MessageClass::Response(ResponseType::Unauthorized)
+    );
+    assert_eq!(late.payload, b"the download token has expired");
+    app.stop().await;
+}

@@ -10,7 +10,9 @@
 //!   task and device for the per-device resource. Notifications therefore arrive in the order they
 //!   happened, even across retries. A 2xx is `delivered`; anything else is retried after 1 s, 2 s, 4 s...
 //!   (at most `max_backoff`) until `max_attempts`, then `failed` (and the next one goes out).
-//! - Nothing runs while no subscription exists.
+//! - Nothing runs while no subscription exists, except **pruning**: once an hour (injected clock), delivered
+//!   and failed deliveries older than `retention` (7 days) go, and so do outbox records older than that
+//!   which no pending delivery needs (records no subscription wanted are never delivered).
 //! - **Signature**: `X-Updraft-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 //!   Receivers recompute it over the raw body and reject old `t` values to stop replays.
 
@@ -22,8 +24,8 @@ use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set,
-    TransactionTrait,
+    ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+    Set, TransactionTrait,
 };
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
@@ -53,6 +55,8 @@ pub struct NotifySettings {
     pub extra_ca_pem: Option<Vec<u8>>,
     /// Accept `http://` callback URLs (for a receiver on a trusted network).
     pub allow_http: bool,
+    /// How long finished deliveries and outbox records are kept.
+    pub retention: Duration,
 }
 
 impl Default for NotifySettings {
@@ -64,6 +68,7 @@ impl Default for NotifySettings {
             concurrency: 16,
             extra_ca_pem: None,
             allow_http: false,
+            retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -101,7 +106,17 @@ impl Notifier {
     /// Fans out and delivers until `stop`; wakes at least every second and on new outbox records.
     pub async fn run(&self, state: AppState, stop: tokio_util::sync::CancellationToken) {
         let mut events = state.driver.subscribe();
+        let mut pruned_at = None;
         loop {
+            let now = state.clock.now();
+            if pruned_at
+                .is_none_or(|at: Timestamp| now.as_millis() - at.as_millis() >= PRUNE_EVERY_MS)
+            {
+                pruned_at = Some(now);
+                if let Err(e) = prune(&state, now, self.settings.retention).await {
+                    tracing::warn!(error.message = %e, "notifications: pruning failed");
+                }
+            }
             let busy = match self.tick(&state).await {
                 Ok(sent) => sent > 0,
                 Err(e) => {
@@ -301,6 +316,38 @@ fn resource_of_kind(kind: &str) -> &'static str {
     } else {
         BATCHTASK_DEVICE
     }
+}
+
+/// How often old deliveries and outbox records are pruned (ms on the injected clock).
+const PRUNE_EVERY_MS: i64 = 3_600_000;
+
+/// Deletes finished (delivered or failed) deliveries created before `now - retention`, then outbox
+/// records created before it that no remaining delivery refers to. Returns (deliveries, records) deleted.
+///
+/// # Errors
+/// [`Error::Db`].
+pub async fn prune(state: &AppState, now: Timestamp, retention: Duration) -> Result<(u64, u64)> {
+    let cutoff = now.as_millis() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let deliveries = notification_deliveries::Entity::delete_many()
+        .filter(notification_deliveries::Column::CreatedAt.lt(cutoff))
+        .filter(notification_deliveries::Column::Status.ne("pending"))
+        .exec(&state.db)
+        .await?
+        .rows_affected;
+    let still_needed = notification_deliveries::Entity::find()
+        .select_only()
+        .column(notification_deliveries::Column::OutboxId)
+        .into_query();
+    let records = outbox::Entity::delete_many()
+        .filter(outbox::Column::CreatedAt.lt(cutoff))
+        .filter(outbox::Column::Id.not_in_subquery(still_needed))
+        .exec(&state.db)
+        .await?
+        .rows_affected;
+    if deliveries + records > 0 {
+        tracing::info!(deliveries, records, "notifications: pruned old records");
+    }
+    Ok((deliveries, records))
 }
 
 /// The JSON a receiver gets for an outbox record: IoTDA's notification envelope

@@ -214,6 +214,9 @@ pub struct NotificationSettings {
     pub extra_ca: Option<PathBuf>,
     /// Accept `http://` callback URLs (only for receivers on a trusted network).
     pub allow_http: bool,
+    /// How long delivered and failed notifications, and outbox records nobody waits for, are kept.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
 }
 
 impl Default for NotificationSettings {
@@ -226,6 +229,7 @@ impl Default for NotificationSettings {
             timeout: d.timeout,
             extra_ca: None,
             allow_http: false,
+            retention: d.retention,
         }
     }
 }
@@ -682,6 +686,7 @@ impl Settings {
                 timeout: self.notifications.timeout,
                 extra_ca_pem,
                 allow_http: self.notifications.allow_http,
+                retention: self.notifications.retention,
                 ..backend::notify::NotifySettings::default()
             },
         })

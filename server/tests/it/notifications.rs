@@ -327,3 +327,83 @@ async fn notifications_are_signed_retried_in_order_and_survive_a_restart() {
     .await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn old_finished_deliveries_and_unneeded_outbox_records_are_pruned() {
+    use backend::storage::entity::notification_deliveries as deliveries;
+    use sea_orm::{ActiveModelTrait, Set};
+    let dir = tempfile::tempdir().unwrap();
+    let app = crate::helpers::spawn_app(dir.path()).await;
+    let project = projects::ensure_default(&app.state).await.unwrap().id;
+    let sub = subscriptions::create(
+        &app.state,
+        &project,
+        "batchtask",
+        "update",
+        "https://localhost:9/hook",
+    )
+    .await
+    .unwrap();
+    let day: i64 = 24 * 3600 * 1000;
+    let now = app.clock.now();
+    let old = now.as_millis() - 8 * day;
+    // (outbox record created at, its delivery's status if any)
+    let rows = [
+        (old, Some("delivered")),
+        (old, Some("failed")),
+        (old, Some("pending")), // a receiver down for 8 days: kept, and its record
+        (old, None),            // nobody wanted it
+        (now.as_millis() - day, Some("delivered")), // recent: kept
+        (now.as_millis() - day, None),
+    ];
+    for (i, (at, status)) in rows.iter().enumerate() {
+        let record = outbox::ActiveModel {
+            project_id: Set(project.clone()),
+            kind: Set("batchtask".to_owned()),
+            aggregate_id: Set(format!("task-{i}")),
+            payload: Set("{}".to_owned()),
+            created_at: Set(*at),
+            fanned_at: Set(status.map(|_| *at)),
+            ..Default::default()
+        }
+        .insert(&app.state.db)
+        .await
+        .unwrap();
+        if let Some(status) = status {
+            deliveries::ActiveModel {
+                outbox_id: Set(record.id),
+                subscription_id: Set(sub.subscription.id.clone()),
+                status: Set((*status).to_owned()),
+                attempts: Set(1),
+                next_attempt_at: Set(*at),
+                created_at: Set(*at),
+                ..Default::default()
+            }
+            .insert(&app.state.db)
+            .await
+            .unwrap();
+        }
+    }
+    let pruned = backend::notify::prune(&app.state, now, Duration::from_secs(7 * 24 * 3600))
+        .await
+        .unwrap();
+    assert_eq!(pruned, (2, 3), "(deliveries, outbox records)");
+    let left: Vec<String> = outbox::Entity::find()
+        .order_by_asc(outbox::Column::Id)
+        .all(&app.state.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.aggregate_id)
+        .collect();
+    assert_eq!(left, ["task-2", "task-4", "task-5"]);
+    let statuses: Vec<String> = deliveries::Entity::find()
+        .all(&app.state.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.status)
+        .collect();
+    assert_eq!(statuses, ["pending", "delivered"]);
+    app.stop().await;
+}

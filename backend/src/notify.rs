@@ -13,10 +13,15 @@
 //! - Nothing runs while no subscription exists, except **pruning**: once an hour (injected clock), delivered
 //!   and failed deliveries older than `retention` (7 days) go, and so do outbox records older than that
 //!   which no pending delivery needs (records no subscription wanted are never delivered).
+//! - **Private addresses** are refused unless `allow_private`: a callback URL naming a loopback, private,
+//!   link-local or otherwise internal address (or a name resolving only to such) is never contacted, so a
+//!   subscription cannot make Updraft probe its own network. Names are checked when resolved for each
+//!   connection, which also defeats DNS rebinding.
 //! - **Signature**: `X-Updraft-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 //!   Receivers recompute it over the raw body and reject old `t` values to stop replays.
 
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use domain::Timestamp;
@@ -57,6 +62,9 @@ pub struct NotifySettings {
     pub allow_http: bool,
     /// How long finished deliveries and outbox records are kept.
     pub retention: Duration,
+    /// Contact callback URLs on loopback, private and link-local addresses (a receiver inside the
+    /// network Updraft runs in).
+    pub allow_private: bool,
 }
 
 impl Default for NotifySettings {
@@ -69,6 +77,7 @@ impl Default for NotifySettings {
             extra_ca_pem: None,
             allow_http: false,
             retention: Duration::from_secs(7 * 24 * 3600),
+            allow_private: false,
         }
     }
 }
@@ -88,6 +97,9 @@ impl Notifier {
     pub fn new(settings: NotifySettings) -> Result<Self> {
         let mut builder = reqwest::Client::builder()
             .timeout(settings.timeout)
+            .dns_resolver(std::sync::Arc::new(Resolver {
+                allow_private: settings.allow_private,
+            }))
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("updraft/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &settings.extra_ca_pem {
@@ -229,6 +241,21 @@ impl Notifier {
         };
         let at = state.clock.now();
         let signature = sign(secret.expose_secret(), at, &body);
+        let literal = url::Url::parse(&sub.url).ok().and_then(|u| match u.host() {
+            Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+            _ => None,
+        });
+        if let Some(ip) = literal.filter(|ip| !self.settings.allow_private && is_private(*ip)) {
+            // Refused before any connection (IP literals are never resolved).
+            let mut row: notification_deliveries::ActiveModel = delivery.into();
+            row.status = Set("failed".to_owned());
+            row.last_error = Set(Some(format!(
+                "{ip} is a private or loopback address (notifications.allow_private is off)"
+            )));
+            row.update(&state.db).await?;
+            return Ok(());
+        }
         let outcome = self
             .client
             .post(&sub.url)
@@ -315,6 +342,63 @@ fn resource_of_kind(kind: &str) -> &'static str {
         BATCHTASK
     } else {
         BATCHTASK_DEVICE
+    }
+}
+
+/// Whether a callback may reach `ip` only with `allow_private`: loopback, private (RFC 1918), shared
+/// (100.64/10), link-local, unspecified, multicast, broadcast and documentation addresses, IPv6 unique-local
+/// and link-local ones, and IPv4 addresses of those kinds written as IPv6.
+#[must_use]
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (b & 0xC0) == 64)
+        }
+        IpAddr::V6(v6) => {
+            v6.to_ipv4_mapped()
+                .is_some_and(|v4| is_private(IpAddr::V4(v4)))
+                || v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Resolves callback host names, dropping private addresses unless they are allowed.
+struct Resolver {
+    allow_private: bool,
+}
+
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let usable: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|a| allow_private || !is_private(a.ip()))
+                .collect();
+            if usable.is_empty() {
+                return Err(format!(
+                    "{host} resolves only to private or loopback addresses (notifications.allow_private is off)"
+                )
+                .into());
+            }
+            Ok(Box::new(usable.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
@@ -448,6 +532,58 @@ async fn fan_out(state: &AppState, subs: &[notification_subscriptions::Model]) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_addresses_are_private() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_private(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(!is_private(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn names_resolving_only_to_private_addresses_are_refused() {
+        use reqwest::dns::Resolve;
+        let name = || "localhost".parse::<reqwest::dns::Name>().unwrap();
+        let Err(e) = (Resolver {
+            allow_private: false,
+        })
+        .resolve(name())
+        .await
+        else {
+            panic!("localhost was resolved");
+        };
+        assert!(e.to_string().contains("private or loopback"), "{e}");
+        let allowed: Vec<SocketAddr> = (Resolver {
+            allow_private: true,
+        })
+        .resolve(name())
+        .await
+        .unwrap()
+        .collect();
+        assert!(allowed.iter().all(|a| a.ip().is_loopback()) && !allowed.is_empty());
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

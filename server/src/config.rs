@@ -217,6 +217,8 @@ pub struct NotificationSettings {
     /// How long delivered and failed notifications, and outbox records nobody waits for, are kept.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// Deliver to loopback, private and link-local addresses (receivers inside Updraft's own network).
+    pub allow_private: bool,
 }
 
 impl Default for NotificationSettings {
@@ -230,6 +232,7 @@ impl Default for NotificationSettings {
             extra_ca: None,
             allow_http: false,
             retention: d.retention,
+            allow_private: false,
         }
     }
 }
@@ -687,6 +690,7 @@ impl Settings {
                 extra_ca_pem,
                 allow_http: self.notifications.allow_http,
                 retention: self.notifications.retention,
+                allow_private: self.notifications.allow_private,
                 ..backend::notify::NotifySettings::default()
             },
         })

@@ -52,6 +52,7 @@ pub async fn create(
     url: &str,
 ) -> Result<Created> {
     let allow_http = state.settings.notify.allow_http;
+    let allow_private = state.settings.notify.allow_private;
     let resource = resource.trim();
     if outbox_kind(resource).is_none() {
         return Err(domain::ValidationError::new(
@@ -63,7 +64,7 @@ pub async fn create(
     if event.trim() != "update" {
         return Err(domain::ValidationError::new("event", "must be update").into());
     }
-    let url = check_url(url, allow_http)?;
+    let url = check_url(url, allow_http, allow_private)?;
     let id = ids::uuid_like();
     let secret = SecretString::from(ids::token());
     let now = state.clock.now().as_millis();
@@ -88,7 +89,7 @@ pub async fn create(
     })
 }
 
-fn check_url(url: &str, allow_http: bool) -> Result<String> {
+fn check_url(url: &str, allow_http: bool, allow_private: bool) -> Result<String> {
     let parsed = url::Url::parse(url.trim())
         .map_err(|e| domain::ValidationError::new("callbackurl", format!("not a URL ({e})")))?;
     let scheme_ok = parsed.scheme() == "https" || (allow_http && parsed.scheme() == "http");
@@ -96,6 +97,22 @@ fn check_url(url: &str, allow_http: bool) -> Result<String> {
         return Err(domain::ValidationError::new(
             "callbackurl",
             "must be an https:// URL with a host",
+        )
+        .into());
+    }
+    let private = match parsed.host() {
+        Some(url::Host::Ipv4(ip)) => crate::notify::is_private(ip.into()),
+        Some(url::Host::Ipv6(ip)) => crate::notify::is_private(ip.into()),
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+        None => false,
+    };
+    if private && !allow_private {
+        return Err(domain::ValidationError::new(
+            "callbackurl",
+            "must not point at a loopback or private address (notifications.allow_private allows it)",
         )
         .into());
     }
@@ -198,13 +215,14 @@ mod tests {
     #[test]
     fn callback_urls_are_https_without_credentials() {
         assert_eq!(
-            check_url("https://app.example.com/hook", false).unwrap(),
+            check_url("https://app.example.com/hook", false, false).unwrap(),
             "https://app.example.com/hook"
         );
-        assert!(check_url("http://app.example.com/hook", false).is_err());
-        assert!(check_url("http://127.0.0.1:9000/hook", true).is_ok());
-        assert!(check_url("https://user:pw@app.example.com/", false).is_err());
-        assert!(check_url("not a url", false).is_err());
-        assert!(check_url("ftp://x/", true).is_err());
+        assert!(check_url("http://app.example.com/hook", false, false).is_err());
+        assert!(check_url("http://127.0.0.1:9000/hook", true, true).is_ok());
+        assert!(check_url("http://127.0.0.1:9000/hook", true, false).is_err());
+        assert!(check_url("https://user:pw@app.example.com/", false, false).is_err());
+        assert!(check_url("not a url", false, false).is_err());
+        assert!(check_url("ftp://x/", true, true).is_err());
     }
 }

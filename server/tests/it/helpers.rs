@@ -46,6 +46,8 @@ pub(crate) fn settings_for(data_dir: &Path) -> Settings {
     // CoAP retransmissions are transport timing, not flow deadlines: short, so lost datagrams cost little.
     s.lwm2m.ack_timeout = std::time::Duration::from_millis(200);
     s.admin.password = Some(PASSWORD.to_owned().into());
+    // Notification receivers in the tests listen on loopback.
+    s.notifications.allow_private = true;
     s
 }
 

@@ -333,7 +333,10 @@ async fn old_finished_deliveries_and_unneeded_outbox_records_are_pruned() {
     use backend::storage::entity::notification_deliveries as deliveries;
     use sea_orm::{ActiveModelTrait, Set};
     let dir = tempfile::tempdir().unwrap();
-    let app = crate::helpers::spawn_app(dir.path()).await;
+    // No notifier running: its own hourly pruning would race with this test's.
+    let mut settings = settings_for(dir.path());
+    settings.notifications.enabled = false;
+    let app = spawn_with(settings).await;
     let project = projects::ensure_default(&app.state).await.unwrap().id;
     let sub = subscriptions::create(
         &app.state,
@@ -405,5 +408,37 @@ async fn old_finished_deliveries_and_unneeded_outbox_records_are_pruned() {
         .map(|d| d.status)
         .collect();
     assert_eq!(statuses, ["pending", "delivered"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn callback_urls_on_internal_addresses_are_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings_for(dir.path());
+    settings.notifications.allow_private = false;
+    let app = spawn_with(settings).await;
+    let project = projects::ensure_default(&app.state).await.unwrap().id;
+    for url in [
+        "https://localhost:9443/hook",
+        "https://127.0.0.1/hook",
+        "https://10.0.0.7/hook",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[::1]/hook",
+        "https://app.localhost/hook",
+    ] {
+        let e = subscriptions::create(&app.state, &project, "batchtask", "update", url)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("loopback or private"), "{url}: {e}");
+    }
+    subscriptions::create(
+        &app.state,
+        &project,
+        "batchtask",
+        "update",
+        "https://8.8.8.8/hook",
+    )
+    .await
+    .expect("a public address is fine");
     app.stop().await;
 }

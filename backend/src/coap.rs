@@ -924,20 +924,7 @@ impl CoapEndpoint {
                 (ResponseType::BadRequest, None)
             }
         };
-        let mut response = Packet::new();
-        response.header.code = MessageClass::Response(code);
-        response.header.message_id = packet.header.message_id;
-        response.set_token(packet.get_token().to_vec());
-        response
-            .header
-            .set_type(if packet.header.get_type() == MessageType::Confirmable {
-                MessageType::Acknowledgement
-            } else {
-                MessageType::NonConfirmable
-            });
-        if packet.header.get_type() == MessageType::NonConfirmable {
-            response.header.message_id = self.next_mid(addr);
-        }
+        let mut response = self.response_for(&packet, code, addr);
         if let Some(id) = &location {
             response.add_option(CoapOption::LocationPath, b"rd".to_vec());
             response.add_option(CoapOption::LocationPath, id.as_bytes().to_vec());
@@ -1087,11 +1074,7 @@ impl CoapEndpoint {
         if answer.header.code != MessageClass::Response(ResponseType::Content) {
             return None;
         }
-        let format = answer
-            .get_first_option(CoapOption::ContentFormat)
-            .map_or(lwm2m::FORMAT_TEXT, |v| {
-                v.iter().fold(0u16, |acc, b| (acc << 8) | u16::from(*b))
-            });
+        let format = content_format(&answer);
         match lwm2m::integer_resources(format, &answer.payload, single) {
             Ok(values) => Some(values.into_iter().collect()),
             Err(e) => {
@@ -1100,6 +1083,23 @@ impl CoapEndpoint {
             }
         }
     }
+
+    /// The answer to `request` from `addr`: piggybacked on the ACK of a confirmable request, else a
+    /// non-confirmable message with a fresh id.
+    fn response_for(&self, request: &Packet, code: ResponseType, addr: SocketAddr) -> Packet {
+        let mut response = Packet::new();
+        response.header.code = MessageClass::Response(code);
+        response.set_token(request.get_token().to_vec());
+        if request.header.get_type() == MessageType::Confirmable {
+            response.header.set_type(MessageType::Acknowledgement);
+            response.header.message_id = request.header.message_id;
+        } else {
+            response.header.set_type(MessageType::NonConfirmable);
+            response.header.message_id = self.next_mid(addr);
+        }
+        response
+    }
+
     /// `GET /fw/<token>` with Block2: one block of the firmware package the token opens.
     fn block_request(&self, packet: &Packet, addr: SocketAddr) {
         let token = packet
@@ -1167,17 +1167,12 @@ impl CoapEndpoint {
                                 return;
                             }
                         };
-                        let expires_at = crate::service::downloads::find(&this.inner.state, &token)
-                            .await
-                            .ok()
-                            .flatten()
-                            .map_or(0, |t| t.expires_at);
                         lock(&this.inner.blocks)
                             .entry(hash.clone())
                             .or_insert(BlockServing {
                                 device_id: grant.device_id,
                                 source: source.clone(),
-                                expires_at,
+                                expires_at: grant.expires_at,
                                 reported: None,
                                 unrecorded: 0,
                             });
@@ -1232,10 +1227,7 @@ impl CoapEndpoint {
             self.block_error(request, addr, ResponseType::BadOption, "no such block");
             return;
         };
-        let mut response = response_to(request, ResponseType::Content);
-        if request.header.get_type() == MessageType::NonConfirmable {
-            response.header.message_id = self.next_mid(addr);
-        }
+        let mut response = self.response_for(request, ResponseType::Content, addr);
         response.set_content_format(ContentFormat::ApplicationOctetStream);
         response.add_option(CoapOption::Block2, lwm2m::Block { num, more, szx }.encode());
         if num == 0 || request.get_first_option(CoapOption::Size2).is_some() {
@@ -1308,10 +1300,7 @@ impl CoapEndpoint {
     }
 
     fn block_error(&self, request: &Packet, addr: SocketAddr, code: ResponseType, why: &str) {
-        let mut response = response_to(request, code);
-        if request.header.get_type() == MessageType::NonConfirmable {
-            response.header.message_id = self.next_mid(addr);
-        }
+        let mut response = self.response_for(request, code, addr);
         // RFC 7252 §5.5.2: a diagnostic payload.
         response.payload = why.as_bytes().to_vec();
         if let Ok(out) = response.to_bytes() {
@@ -1615,22 +1604,6 @@ fn is_block_request(packet: &Packet) -> bool {
         && packet
             .get_option(CoapOption::UriPath)
             .is_some_and(|p| p.len() == 2 && p.front().is_some_and(|s| s == b"fw"))
-}
-
-/// A piggybacked (or, for a non-confirmable request, separate) response skeleton.
-fn response_to(request: &Packet, code: ResponseType) -> Packet {
-    let mut response = Packet::new();
-    response.header.code = MessageClass::Response(code);
-    response.header.message_id = request.header.message_id;
-    response.set_token(request.get_token().to_vec());
-    response
-        .header
-        .set_type(if request.header.get_type() == MessageType::Confirmable {
-            MessageType::Acknowledgement
-        } else {
-            MessageType::NonConfirmable
-        });
-    response
 }
 
 /// A message's Content-Format (plain text when absent).

@@ -450,6 +450,29 @@ enum Outgoing {
     ReleaseSlot { subtask: i64 },
 }
 
+impl Outgoing {
+    /// Hands an LwM2M message to the CoAP adapter (the other kinds are not its business).
+    fn send_to(self, link: &dyn Lwm2mLink) {
+        match self {
+            Self::Pcp { device_id, frame } => link.send_pcp(&device_id, frame),
+            Self::ReadCoverage { device_id } => link.read_coverage(&device_id),
+            Self::ReadCellId { device_id } => link.read_cell_id(&device_id),
+            Self::Serve {
+                device_id,
+                download,
+            } => link.serve(&device_id, download),
+            Self::ReadFirmwareVersion { device_id } => link.read_firmware_version(&device_id),
+            Self::StartFirmware {
+                device_id,
+                uri,
+                blocks,
+            } => link.start_firmware(&device_id, uri, blocks),
+            Self::ExecuteUpdate { device_id } => link.execute_update(&device_id),
+            Self::Mqtt { .. } | Self::AskSlot { .. } | Self::ReleaseSlot { .. } => {}
+        }
+    }
+}
+
 impl Driver {
     /// A driver with no downlink yet (see [`Driver::set_downlink`]).
     #[must_use]
@@ -1223,53 +1246,16 @@ impl Driver {
                             d.publish(&device_id, payload);
                         }
                     }
-                    Outgoing::Pcp { device_id, frame } => {
-                        if let Some(l) = &link {
-                            l.send_pcp(&device_id, frame);
-                        }
-                    }
-                    Outgoing::ReadCoverage { device_id } => {
-                        if let Some(l) = &link {
-                            l.read_coverage(&device_id);
-                        }
-                    }
-                    Outgoing::ReadCellId { device_id } => {
-                        if let Some(l) = &link {
-                            l.read_cell_id(&device_id);
-                        }
-                    }
-                    Outgoing::Serve {
-                        device_id,
-                        download,
-                    } => {
-                        if let Some(l) = &link {
-                            l.serve(&device_id, download);
-                        }
-                    }
-                    Outgoing::ReadFirmwareVersion { device_id } => {
-                        if let Some(l) = &link {
-                            l.read_firmware_version(&device_id);
-                        }
-                    }
-                    Outgoing::StartFirmware {
-                        device_id,
-                        uri,
-                        blocks,
-                    } => {
-                        if let Some(l) = &link {
-                            l.start_firmware(&device_id, uri, blocks);
-                        }
-                    }
-                    Outgoing::ExecuteUpdate { device_id } => {
-                        if let Some(l) = &link {
-                            l.execute_update(&device_id);
-                        }
-                    }
                     Outgoing::AskSlot { subtask, slot } => {
                         self.slots().ask(subtask, slot, &mut applied.granted);
                     }
                     Outgoing::ReleaseSlot { subtask } => {
                         self.slots().release(subtask, &mut applied.granted);
+                    }
+                    lwm2m => {
+                        if let Some(l) = &link {
+                            lwm2m.send_to(l.as_ref());
+                        }
                     }
                 }
             }

@@ -255,6 +255,27 @@ fn devices_fleet(
     (stats, stop, task)
 }
 
+/// Waits from the fleet's first segment (or block) to its last download; returns the seconds taken and
+/// the CPU times (`cpu_ns`) at both ends.
+async fn downloading(
+    stats: &Lwm2mStats,
+    devices: usize,
+    run: &str,
+) -> Result<(f64, (u64, u64), (u64, u64))> {
+    while stats.segments.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = Instant::now();
+    let cpu_before = cpu_ns();
+    while stats.downloads.load(Ordering::Relaxed) < devices as u64 {
+        if first.elapsed() > Duration::from_secs(600) {
+            bail!("{run} run did not finish");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok((first.elapsed().as_secs_f64(), cpu_before, cpu_ns()))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -297,21 +318,7 @@ async fn run(args: Args, sim: tokio::runtime::Handle) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let task_id = server.task("stream", &package, &nodes).await?;
-        // Measure from the first segment to the last download.
-        while stats.segments.load(Ordering::Relaxed) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let first = Instant::now();
-        let cpu_before = cpu_ns();
-        let total = nodes.len() as u64;
-        while stats.downloads.load(Ordering::Relaxed) < total {
-            if first.elapsed() > Duration::from_secs(600) {
-                bail!("segment run did not finish");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let secs = first.elapsed().as_secs_f64();
-        let cpu_after = cpu_ns();
+        let (secs, cpu_before, cpu_after) = downloading(&stats, nodes.len(), "segment").await?;
         let segments = stats.segments.load(Ordering::Relaxed);
         println!(
             "segments: {} devices downloaded {} KiB each: {segments} segments in {secs:.2} s = {:.0} segments/s ({:.1} MiB/s of package data)",
@@ -357,20 +364,7 @@ async fn run(args: Args, sim: tokio::runtime::Handle) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let task_id = server.task("blocks", &package, &nodes).await?;
-        while stats.segments.load(Ordering::Relaxed) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let first = Instant::now();
-        let cpu_before = cpu_ns();
-        let total = nodes.len() as u64;
-        while stats.downloads.load(Ordering::Relaxed) < total {
-            if first.elapsed() > Duration::from_secs(600) {
-                bail!("block-wise run did not finish");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let secs = first.elapsed().as_secs_f64();
-        let cpu_after = cpu_ns();
+        let (secs, cpu_before, cpu_after) = downloading(&stats, nodes.len(), "block-wise").await?;
         let blocks = stats.segments.load(Ordering::Relaxed);
         let bytes = (args.block_kib * 1024 * nodes.len()) as f64;
         println!(

@@ -725,8 +725,16 @@ impl Settings {
         if let Some(url) = &self.downloads.public_url {
             return url.trim_end_matches('/').to_owned();
         }
-        let ip = self.http.listen.ip();
-        let host = if ip.is_unspecified() {
+        format!(
+            "https://{}:{port}",
+            self.advertised_host(self.http.listen.ip())
+        )
+    }
+
+    /// The host name devices are told for a listener on `ip`: the first `tls.names` entry (or this
+    /// machine's name) when it listens on every address, else the address itself.
+    fn advertised_host(&self, ip: std::net::IpAddr) -> String {
+        if ip.is_unspecified() {
             self.tls
                 .names
                 .first()
@@ -737,8 +745,7 @@ impl Settings {
             format!("[{ip}]")
         } else {
             ip.to_string()
-        };
-        format!("https://{host}:{port}")
+        }
     }
 
     /// The base of firmware URIs for LwM2M devices: `lwm2m.public_url`, or `coap://` this host and `port`.
@@ -747,20 +754,10 @@ impl Settings {
         if let Some(url) = &self.lwm2m.public_url {
             return url.trim_end_matches('/').to_owned();
         }
-        let ip = self.lwm2m.listen.ip();
-        let host = if ip.is_unspecified() {
-            self.tls
-                .names
-                .first()
-                .cloned()
-                .or_else(crate::tls::hostname)
-                .unwrap_or_else(|| "localhost".to_owned())
-        } else if ip.is_ipv6() {
-            format!("[{ip}]")
-        } else {
-            ip.to_string()
-        };
-        format!("coap://{host}:{port}")
+        format!(
+            "coap://{}:{port}",
+            self.advertised_host(self.lwm2m.listen.ip())
+        )
     }
 
     /// The package store's settings.

@@ -105,6 +105,8 @@ pub struct Grant {
     pub device_id: String,
     /// The subtask it belongs to.
     pub subtask_id: i64,
+    /// When the token expires (ms on the injected clock).
+    pub expires_at: i64,
     /// The package it opens.
     pub package: packages::Model,
 }
@@ -122,23 +124,10 @@ pub async fn authorize(
     let Some(token) = token else {
         return Ok(Err(Denied::Missing));
     };
-    if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Ok(Err(Denied::Malformed));
-    }
-    let hash = ids::sha256_hex(&token.to_ascii_lowercase());
-    let Some(row) = download_tokens::Entity::find_by_id(hash.clone())
-        .one(&state.db)
-        .await?
-    else {
-        return Ok(Err(Denied::Unknown));
+    let (hash, row) = match live_token(state, token).await? {
+        Ok(found) => found,
+        Err(denied) => return Ok(Err(denied)),
     };
-    let now = state.clock.now().as_millis();
-    if row.revoked_at.is_some() {
-        return Ok(Err(Denied::Revoked));
-    }
-    if now >= row.expires_at {
-        return Ok(Err(Denied::Expired));
-    }
     let package = packages::Entity::find_by_id(package_id.to_owned())
         .one(&state.db)
         .await?
@@ -146,12 +135,7 @@ pub async fn authorize(
     if row.package_id != package_id {
         return Ok(Err(Denied::Foreign));
     }
-    Ok(Ok(Grant {
-        token_hash: hash,
-        device_id: row.device_id,
-        subtask_id: row.subtask_id,
-        package,
-    }))
+    Ok(Ok(grant(hash, row, package)))
 }
 
 /// Checks a token that names its package itself (the URIs of Firmware Update object downloads,
@@ -160,6 +144,24 @@ pub async fn authorize(
 /// # Errors
 /// `Ok(Err(Denied))` for a refused token (also when its package is gone); [`Error::Db`].
 pub async fn authorize_token(state: &AppState, token: &str) -> Result<Result<Grant, Denied>> {
+    let (hash, row) = match live_token(state, token).await? {
+        Ok(found) => found,
+        Err(denied) => return Ok(Err(denied)),
+    };
+    let Some(package) = packages::Entity::find_by_id(row.package_id.clone())
+        .one(&state.db)
+        .await?
+    else {
+        return Ok(Err(Denied::Revoked));
+    };
+    Ok(Ok(grant(hash, row, package)))
+}
+
+/// A well-formed, known, unrevoked and unexpired token's row, with its hash.
+async fn live_token(
+    state: &AppState,
+    token: &str,
+) -> Result<Result<(String, download_tokens::Model), Denied>> {
     if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(Err(Denied::Malformed));
     }
@@ -176,18 +178,17 @@ pub async fn authorize_token(state: &AppState, token: &str) -> Result<Result<Gra
     if state.clock.now().as_millis() >= row.expires_at {
         return Ok(Err(Denied::Expired));
     }
-    let Some(package) = packages::Entity::find_by_id(row.package_id.clone())
-        .one(&state.db)
-        .await?
-    else {
-        return Ok(Err(Denied::Revoked));
-    };
-    Ok(Ok(Grant {
-        token_hash: hash,
+    Ok(Ok((hash, row)))
+}
+
+fn grant(token_hash: String, row: download_tokens::Model, package: packages::Model) -> Grant {
+    Grant {
+        token_hash,
         device_id: row.device_id,
         subtask_id: row.subtask_id,
+        expires_at: row.expires_at,
         package,
-    }))
+    }
 }
 
 /// Adds `bytes` to a token's served count and stamps its last use.

@@ -7,13 +7,15 @@
 pub mod devices;
 pub mod groups;
 pub mod products;
+pub mod reference;
 pub mod session;
+pub mod settings;
 pub mod upgrades;
 
 use serde::{Deserialize, Serialize};
 
 /// One page of rows and the total count.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageOf<T> {
     /// The rows.
     pub items: Vec<T>,
@@ -23,6 +25,38 @@ pub struct PageOf<T> {
     pub offset: u64,
     /// The page size asked for.
     pub limit: u64,
+}
+
+/// Splits a comma-, space- or newline-separated list of ids; at least one, at most `max`, each once.
+///
+/// # Errors
+/// A validation error naming `field`.
+#[cfg(feature = "ssr")]
+pub(crate) fn split_ids(
+    text: &str,
+    field: &str,
+    max: usize,
+) -> Result<Vec<String>, crate::error::ApiError> {
+    let mut ids: Vec<String> = Vec::new();
+    for id in text
+        .split([',', ' ', '\n', '\r', '\t'])
+        .filter(|s| !s.is_empty())
+    {
+        if !ids.iter().any(|i| i == id) {
+            ids.push(id.to_owned());
+        }
+    }
+    if ids.is_empty() {
+        return Err(domain::ValidationError::new(field, "select at least one device").into());
+    }
+    if ids.len() > max {
+        return Err(domain::ValidationError::new(
+            field,
+            format!("{} devices; at most {max} at a time", ids.len()),
+        )
+        .into());
+    }
+    Ok(ids)
 }
 
 /// Server-side helpers shared by the server functions.

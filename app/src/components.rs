@@ -71,3 +71,117 @@ pub fn reset_after_success(succeeded: impl Fn() -> bool + 'static) -> NodeRef<le
     });
     form_ref
 }
+
+/// A progress bar with its numbers: `done` of `total` (and the percentage).
+#[component]
+pub fn Progress(done: i64, total: i64) -> impl IntoView {
+    let pct = if total > 0 { done * 100 / total } else { 0 };
+    view! {
+        <span class="progress">
+            <progress max="100" value=pct aria-label=format!("{pct} percent")></progress>
+            <span class="num">{format!("{done}/{total} · {pct}%")}</span>
+        </span>
+    }
+}
+
+/// The live-connection indicator.
+#[component]
+pub fn LiveIndicator(state: ReadSignal<crate::browser::Live>) -> impl IntoView {
+    use crate::browser::Live;
+    view! {
+        <span
+            class=move || match state.get() {
+                Live::Streaming => "live on",
+                Live::Connecting => "live",
+                Live::Polling => "live off",
+            }
+            id="live"
+            role="status"
+        >
+            {move || state.get().label()}
+        </span>
+    }
+}
+
+/// A row checkbox bound to a set of selected ids.
+#[component]
+pub fn SelectBox(
+    selected: RwSignal<std::collections::BTreeSet<String>>,
+    #[prop(into)] id: String,
+) -> impl IntoView {
+    let key = id.clone();
+    view! {
+        <input
+            type="checkbox"
+            class="select"
+            aria-label=format!("Select {id}")
+            prop:checked=move || selected.read().contains(&key)
+            on:change=move |ev| {
+                let on = event_target_checked(&ev);
+                selected.update(|s| {
+                    if on { s.insert(id.clone()); } else { s.remove(&id); }
+                });
+            }
+        />
+    }
+}
+
+/// A header checkbox that selects or clears every id of the current page.
+#[component]
+pub fn SelectAll(
+    selected: RwSignal<std::collections::BTreeSet<String>>,
+    ids: Vec<String>,
+) -> impl IntoView {
+    let all = ids.clone();
+    view! {
+        <input
+            type="checkbox"
+            class="select"
+            aria-label="Select all on this page"
+            prop:checked=move || !all.is_empty() && all.iter().all(|i| selected.read().contains(i))
+            on:change=move |ev| {
+                let on = event_target_checked(&ev);
+                selected.update(|s| {
+                    for i in &ids {
+                        if on { s.insert(i.clone()); } else { s.remove(i); }
+                    }
+                });
+            }
+        />
+    }
+}
+
+/// `1536` → `1.5 KiB`.
+#[must_use]
+pub fn human_size(bytes: i64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    #[allow(clippy::cast_precision_loss)]
+    let mut v = bytes.max(0) as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < units.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[unit])
+    }
+}
+
+/// An optional value, or a dash.
+#[must_use]
+pub fn or_dash(v: Option<String>) -> String {
+    v.filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "–".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_are_human() {
+        assert_eq!(super::human_size(512), "512 B");
+        assert_eq!(super::human_size(1536), "1.5 KiB");
+        assert_eq!(super::human_size(256 * 1024 * 1024), "256.0 MiB");
+    }
+}

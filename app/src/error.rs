@@ -61,6 +61,20 @@ impl ApiError {
         }
     }
 
+    /// Sets the server function's HTTP status to match the code (on the server; a no-op in the browser).
+    #[must_use]
+    pub fn with_status(self) -> Self {
+        #[cfg(feature = "ssr")]
+        {
+            if let Some(response) = leptos::prelude::use_context::<leptos_axum::ResponseOptions>()
+                && let Ok(status) = axum::http::StatusCode::from_u16(self.code.status())
+            {
+                response.set_status(status);
+            }
+        }
+        self
+    }
+
     /// The message for `field`, if any.
     #[must_use]
     pub fn field(&self, field: &str) -> Option<String> {
@@ -77,6 +91,7 @@ impl From<domain::ValidationError> for ApiError {
             message: e.to_string(),
             fields,
         }
+        .with_status()
     }
 }
 
@@ -93,13 +108,7 @@ impl FromServerFnError for ApiError {
 #[cfg(feature = "ssr")]
 impl From<backend::Error> for ApiError {
     fn from(e: backend::Error) -> Self {
-        let api = Self::from_service(e);
-        if let Some(response) = leptos::prelude::use_context::<leptos_axum::ResponseOptions>()
-            && let Ok(status) = axum::http::StatusCode::from_u16(api.code.status())
-        {
-            response.set_status(status);
-        }
-        api
+        Self::from_service(e).with_status()
     }
 }
 

@@ -9,6 +9,7 @@
 //! the wasm bundle (`frontend`), which takes over the server-rendered page.
 
 pub mod api;
+pub mod browser;
 pub mod components;
 pub mod error;
 pub mod pages;
@@ -19,7 +20,8 @@ use leptos_router::components::{ParentRoute, Redirect, Route, Router, Routes};
 use leptos_router::path;
 
 use pages::{
-    DevicesPage, GroupsPage, Layout, LoginPage, NotFound, ProductsPage, SettingsPage, UpgradesPage,
+    DevicePage, DevicesPage, GroupPage, GroupsPage, Layout, LoginPage, NewTaskPage, NotFound,
+    PackagePage, PackagesPage, ProductsPage, ReferencePage, SettingsPage, TaskPage, TasksPage,
 };
 
 /// The HTML document around [`App`].
@@ -55,10 +57,17 @@ pub fn App() -> impl IntoView {
                 <ParentRoute path=path!("") view=Layout>
                     <Route path=path!("") view=|| view! { <Redirect path="/devices" /> } />
                     <Route path=path!("devices") view=DevicesPage />
+                    <Route path=path!("devices/:id") view=DevicePage />
                     <Route path=path!("groups") view=GroupsPage />
+                    <Route path=path!("groups/:id") view=GroupPage />
                     <Route path=path!("products") view=ProductsPage />
-                    <Route path=path!("upgrades") view=UpgradesPage />
+                    <Route path=path!("upgrades") view=TasksPage />
+                    <Route path=path!("upgrades/new") view=NewTaskPage />
+                    <Route path=path!("upgrades/tasks/:id") view=TaskPage />
+                    <Route path=path!("upgrades/packages") view=PackagesPage />
+                    <Route path=path!("upgrades/packages/:id") view=PackagePage />
                     <Route path=path!("settings") view=SettingsPage />
+                    <Route path=path!("api-reference") view=ReferencePage />
                 </ParentRoute>
             </Routes>
         </Router>

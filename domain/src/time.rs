@@ -74,6 +74,32 @@ impl Timestamp {
                 crate::ValidationError::new(field, "expected a UTC time like 20151212T121212Z")
             })
     }
+
+    /// Parses an HTML `datetime-local` value (`2026-12-02T10:30`, seconds optional), read in a time zone
+    /// `offset_minutes` west of UTC (JavaScript's `getTimezoneOffset()`: UTC = local + offset).
+    ///
+    /// # Errors
+    /// A [`crate::ValidationError`] naming `field` when `s` is not such a value or the offset is beyond
+    /// ±18 hours.
+    pub fn parse_local_input(
+        field: &str,
+        s: &str,
+        offset_minutes: i64,
+    ) -> Result<Self, crate::ValidationError> {
+        if offset_minutes.abs() > 18 * 60 {
+            return Err(crate::ValidationError::new(
+                field,
+                "the browser's time zone offset is out of range",
+            ));
+        }
+        let s = s.trim();
+        let local = NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M")
+            .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S"))
+            .map_err(|_| crate::ValidationError::new(field, "expected a date and time"))?;
+        Ok(Self(
+            local.and_utc().timestamp_millis() + offset_minutes * 60_000,
+        ))
+    }
 }
 
 impl fmt::Display for Timestamp {
@@ -93,6 +119,22 @@ mod tests {
         assert_eq!(t.as_millis(), 1_449_922_332_000);
         assert_eq!(t.to_compact(), "20151212T121212Z");
         assert_eq!(t.to_iso_millis(), "2015-12-12T12:12:12.000Z");
+    }
+
+    #[test]
+    fn local_input_is_read_in_the_browser_time_zone() {
+        let utc = Timestamp::parse_local_input("t", "2015-12-12T12:12", 0).unwrap();
+        assert_eq!(utc.to_compact(), "20151212T121200Z");
+        // UTC+1 (offset -60): 12:12 local is 11:12 UTC.
+        let cet = Timestamp::parse_local_input("t", "2015-12-12T12:12:30", -60).unwrap();
+        assert_eq!(cet.to_compact(), "20151212T111230Z");
+        assert_eq!(
+            Timestamp::parse_local_input("t", "tomorrow", 0)
+                .unwrap_err()
+                .field,
+            "t"
+        );
+        assert!(Timestamp::parse_local_input("t", "2015-12-12T12:12", 20 * 60).is_err());
     }
 
     #[test]

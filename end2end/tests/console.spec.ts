@@ -36,7 +36,7 @@ test("pages need a session and the login page works without JavaScript", async (
   await expect(page).toHaveURL(/\/devices$/);
   // Server-rendered: heading, navigation and the device list are there without any script.
   await expect(page.getByRole("heading", { name: "Devices", level: 1 })).toBeVisible();
-  await expect(page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Software/Firmware Upgrades" })).toBeVisible();
+  await expect(page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Upgrade tasks" })).toBeVisible();
   // The register button needs hydration, so without JavaScript it does nothing.
   await page.locator("#register-toggle").click();
   await expect(page.locator("#register-form")).toBeHidden();

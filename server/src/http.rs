@@ -8,6 +8,7 @@
 mod auth;
 mod batchtasks;
 mod download;
+mod events;
 mod health;
 pub mod iotda;
 mod openapi;
@@ -46,6 +47,8 @@ pub struct ServerState {
     pub default_project: Arc<str>,
     /// Running downloads (they share a read budget).
     pub transfers: Arc<Transfers>,
+    /// Cancelled when the server shuts down: long-lived responses (event streams) end with it.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 impl FromRef<ServerState> for LeptosOptions {
@@ -72,7 +75,10 @@ pub fn router(state: ServerState) -> Router {
         .leptos_routes_with_context(
             &state,
             routes,
-            move || provide_context(app_state.clone()),
+            move || {
+                provide_context(app_state.clone());
+                provide_context(openapi::console_document());
+            },
             move || app::shell(leptos_options.clone()),
         )
         .fallback(leptos_axum::file_and_error_handler::<ServerState, _>(
@@ -195,6 +201,8 @@ pub fn router(state: ServerState) -> Router {
             "/v5/iot/{project_id}/subscriptions/{subscription_id}/deliveries",
             get(subscriptions::deliveries).layer(timeout),
         )
+        // Live console updates; outside the console router's timeout and compression.
+        .route("/events", get(events::stream))
         .route("/download/{*path}", get(download::download))
         .route("/fw/{token}", get(download::download))
         .route("/v5/openapi.json", get(openapi::document).layer(timeout));

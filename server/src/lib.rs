@@ -7,6 +7,8 @@
 //! - [`startup`]: [`Application`](startup::Application), built as a value and run until a signal.
 //! - [`http`]: the router, sign-in and the request guards.
 //! - [`sim`]: simulated MQTT devices (`updraft sim mqtt`), also used by the tests and benchmarks.
+// Rendering the console nests Leptos view types deeper than the default limit of 128.
+#![recursion_limit = "256"]
 
 pub mod cli;
 pub mod config;

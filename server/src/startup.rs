@@ -155,6 +155,7 @@ impl Application {
             app: state.clone(),
             default_project: Arc::from(project.id.as_str()),
             transfers: Arc::default(),
+            stopping: CancellationToken::new(),
         };
         Ok(Self {
             settings,
@@ -216,7 +217,8 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        let stop = CancellationToken::new();
+        // Cancelled on shutdown; long-lived responses (the console's event streams) end with it.
+        let stop = self.server.stopping.clone();
         // If this future is dropped (aborted), background tasks must not outlive it.
         let _stop_on_drop = stop.clone().drop_guard();
         let handle = axum_server::Handle::new();

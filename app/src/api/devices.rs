@@ -1,4 +1,4 @@
-//! Devices: list with filters, register one.
+//! Devices: list with filters, register one or many (CSV), detail with upgrade history, delete.
 
 use leptos::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -36,8 +36,97 @@ pub struct RegisteredDevice {
     pub secret: String,
 }
 
+/// The result of a CSV import: what was registered (with secrets, shown once) and what was not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Imported {
+    /// Registered devices.
+    pub registered: Vec<RegisteredDevice>,
+    /// `line n: reason` for each refused line.
+    pub refused: Vec<String>,
+}
+
+/// One upgrade in a device's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceUpgradeRow {
+    /// Task id.
+    pub task_id: String,
+    /// Task name.
+    pub task_name: String,
+    /// `softwareUpgrade` / `firmwareUpgrade`.
+    pub task_type: String,
+    /// The subtask's status.
+    pub status: String,
+    /// Its current step.
+    pub step: String,
+    /// Percent.
+    pub progress: i32,
+    /// Attempts started.
+    pub attempts: i32,
+    /// The version it upgraded from, if known.
+    pub source_version: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Created.
+    pub created: String,
+    /// Finished, if it has.
+    pub finished: Option<String>,
+}
+
+/// Everything the device page shows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// The list's columns.
+    pub row: DeviceRow,
+    /// Description.
+    pub description: String,
+    /// The product's name.
+    pub product_name: String,
+    /// The product's protocol.
+    pub protocol: String,
+    /// When the online state last changed.
+    pub status_since: Option<String>,
+    /// The device SDK's version, if reported.
+    pub sdk_version: Option<String>,
+    /// The last radio report (LwM2M): RSRP, SINR, cell, time.
+    pub radio: Option<Radio>,
+    /// Groups it is in.
+    pub groups: Vec<(String, String)>,
+    /// Its upgrades, newest first.
+    pub upgrades: Vec<DeviceUpgradeRow>,
+}
+
+/// A radio coverage report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Radio {
+    /// dBm.
+    pub rsrp: Option<i64>,
+    /// dB.
+    pub sinr: Option<i64>,
+    /// The serving cell.
+    pub cell_id: Option<i64>,
+    /// When.
+    pub at: String,
+}
+
 /// Rows per page on the Devices page.
 pub const PAGE_SIZE: u64 = 50;
+
+/// The most lines one CSV import takes.
+pub const MAX_IMPORT: usize = 5_000;
+
+#[cfg(feature = "ssr")]
+pub(crate) fn row(d: backend::storage::entity::devices::Model) -> DeviceRow {
+    DeviceRow {
+        device_id: d.id,
+        device_name: d.device_name,
+        node_id: d.node_id,
+        product_id: d.product_id,
+        status: d.status,
+        sw_version: d.sw_version,
+        fw_version: d.fw_version,
+        created: super::ssr::when(d.created_at),
+    }
+}
 
 /// Lists devices matching the filters.
 #[server(prefix = "/api", endpoint = "list_devices")]
@@ -45,6 +134,8 @@ pub async fn list_devices(
     search: String,
     product_id: String,
     status: String,
+    protocol: String,
+    version: String,
     offset: u64,
 ) -> Result<PageOf<DeviceRow>, ApiError> {
     use backend::service::{Page, devices};
@@ -53,6 +144,8 @@ pub async fn list_devices(
         search,
         product_id,
         status,
+        protocol,
+        version,
         ..Default::default()
     };
     let page = devices::list(
@@ -63,20 +156,7 @@ pub async fn list_devices(
     )
     .await?;
     Ok(PageOf {
-        items: page
-            .items
-            .into_iter()
-            .map(|d| DeviceRow {
-                device_id: d.id,
-                device_name: d.device_name,
-                node_id: d.node_id,
-                product_id: d.product_id,
-                status: d.status,
-                sw_version: d.sw_version,
-                fw_version: d.fw_version,
-                created: super::ssr::when(d.created_at),
-            })
-            .collect(),
+        items: page.items.into_iter().map(row).collect(),
         total: page.total,
         offset,
         limit: PAGE_SIZE,
@@ -111,4 +191,184 @@ pub async fn register_device(
         device_id: registered.device.id,
         secret: registered.secret.expose_secret().to_owned(),
     })
+}
+
+/// Registers the devices of a CSV text (`node_id,device_name,device_id,secret`; only `node_id` is
+/// required; a header line naming the columns is optional) in `product_id`. Each line stands alone: the
+/// good ones are registered, the others reported with their line number.
+#[server(prefix = "/api", endpoint = "import_devices")]
+pub async fn import_devices(product_id: String, csv: String) -> Result<Imported, ApiError> {
+    use backend::service::devices;
+    use secrecy::ExposeSecret;
+    let (state, user) = super::ssr::context().await?;
+    let lines = parse_import(&csv)?;
+    let mut out = Imported {
+        registered: Vec::new(),
+        refused: Vec::new(),
+    };
+    for (line, fields) in lines {
+        let get = |i: usize| {
+            fields
+                .get(i)
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let secret = get(3);
+        let new = devices::NewDevice {
+            product_id: product_id.clone(),
+            node_id: get(0),
+            device_name: get(1),
+            device_id: Some(get(2)),
+            secret: (!secret.is_empty()).then(|| secrecy::SecretString::from(secret)),
+            ..Default::default()
+        };
+        match devices::register(&state, &user.project_id, new).await {
+            Ok(r) => out.registered.push(RegisteredDevice {
+                device_id: r.device.id,
+                secret: r.secret.expose_secret().to_owned(),
+            }),
+            Err(backend::Error::Validation(v)) => out.refused.push(format!("line {line}: {v}")),
+            Err(e @ (backend::Error::Conflict(_) | backend::Error::NotFound { .. })) => {
+                out.refused.push(format!("line {line}: {e}"));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+/// The CSV's data lines with their 1-based line numbers (the header, if any, skipped).
+#[cfg(feature = "ssr")]
+fn parse_import(text: &str) -> Result<Vec<(u64, Vec<String>)>, ApiError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .comment(Some(b'#'))
+        .from_reader(text.as_bytes());
+    let mut out = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| {
+            ApiError::from(domain::ValidationError::new(
+                "csv",
+                format!("not valid CSV: {e}"),
+            ))
+        })?;
+        let line = record.position().map_or(0, csv::Position::line);
+        if record.iter().all(str::is_empty) {
+            continue;
+        }
+        if out.is_empty()
+            && record
+                .get(0)
+                .is_some_and(|f| f.eq_ignore_ascii_case("node_id"))
+        {
+            continue;
+        }
+        if record.len() > 4 {
+            return Err(domain::ValidationError::new(
+                "csv",
+                format!(
+                    "line {line} has {} columns; expected node_id,device_name,device_id,secret",
+                    record.len()
+                ),
+            )
+            .into());
+        }
+        out.push((line, record.iter().map(str::to_owned).collect()));
+    }
+    if out.is_empty() {
+        return Err(domain::ValidationError::new("csv", "has no devices").into());
+    }
+    if out.len() > MAX_IMPORT {
+        return Err(domain::ValidationError::new(
+            "csv",
+            format!(
+                "has {} devices; import at most {MAX_IMPORT} at a time",
+                out.len()
+            ),
+        )
+        .into());
+    }
+    Ok(out)
+}
+
+/// One device with its groups, radio report and upgrade history.
+#[server(prefix = "/api", endpoint = "device_detail")]
+pub async fn device_detail(device_id: String) -> Result<DeviceView, ApiError> {
+    use backend::service::{devices, groups, products, tasks};
+    let (state, user) = super::ssr::context().await?;
+    let d = devices::get(&state, &user.project_id, &device_id).await?;
+    let product = products::get(&state, &user.project_id, &d.product_id).await?;
+    let upgrades = tasks::device_upgrades(&state, &user.project_id, &device_id, 100).await?;
+    let groups = groups::of_device(&state, &user.project_id, &device_id).await?;
+    let radio = d
+        .last_radio
+        .as_deref()
+        .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+        .map(|v| Radio {
+            rsrp: v["rsrp"].as_i64(),
+            sinr: v["sinr"].as_i64(),
+            cell_id: v["cell_id"].as_i64(),
+            at: v["at"].as_i64().map(super::ssr::when).unwrap_or_default(),
+        });
+    Ok(DeviceView {
+        description: d.description.clone(),
+        product_name: product.name,
+        protocol: product.protocol_type,
+        status_since: d.connection_status_update_time.map(super::ssr::when),
+        sdk_version: d.device_sdk_version.clone(),
+        radio,
+        groups: groups.into_iter().map(|g| (g.id, g.name)).collect(),
+        upgrades: upgrades
+            .into_iter()
+            .map(|u| DeviceUpgradeRow {
+                task_id: u.task.id,
+                task_name: u.task.task_name,
+                task_type: u.task.task_type,
+                status: u.subtask.status,
+                step: u.subtask.step,
+                progress: u.subtask.progress,
+                attempts: u.subtask.attempts,
+                source_version: u.subtask.source_version,
+                error: u.subtask.error_msg.or(u.subtask.error_code),
+                created: super::ssr::when(u.subtask.created_at),
+                finished: u.subtask.finished_at.map(super::ssr::when),
+            })
+            .collect(),
+        row: row(d),
+    })
+}
+
+/// Deletes a device (refused while it is in an executing task).
+#[server(prefix = "/api", endpoint = "delete_device")]
+pub async fn delete_device(device_id: String) -> Result<(), ApiError> {
+    let (state, user) = super::ssr::context().await?;
+    backend::service::devices::delete(&state, &user.project_id, &device_id).await?;
+    Ok(())
+}
+
+#[cfg(all(test, feature = "ssr"))]
+mod tests {
+    use super::parse_import;
+
+    #[test]
+    fn csv_import_lines_keep_their_numbers_and_skip_the_header() {
+        let text = "node_id,device_name\n\nimei1,Pump\n# a comment\n\"imei2\",\"Tank, north\",dev2,secret123\n";
+        let lines = parse_import(text).unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0], (3, vec!["imei1".to_owned(), "Pump".to_owned()]));
+        assert_eq!(lines[1].0, 5);
+        assert_eq!(lines[1].1[1], "Tank, north");
+    }
+
+    #[test]
+    fn csv_import_refuses_empty_and_wide_input() {
+        assert_eq!(
+            parse_import("node_id\n").unwrap_err().field("csv").unwrap(),
+            "has no devices"
+        );
+        let wide = parse_import("a,b,c,d,e\n").unwrap_err();
+        assert!(wide.message.contains("5 columns"), "{}", wide.message);
+    }
 }

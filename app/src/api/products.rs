@@ -79,3 +79,11 @@ pub async fn create_product(
     };
     Ok(products::create(&state, &user.project_id, new).await?.id)
 }
+
+/// Deletes a product (refused while it has devices or packages).
+#[server(prefix = "/api", endpoint = "delete_product")]
+pub async fn delete_product(product_id: String) -> Result<(), ApiError> {
+    let (state, user) = super::ssr::context().await?;
+    backend::service::products::delete(&state, &user.project_id, &product_id).await?;
+    Ok(())
+}

@@ -30,8 +30,12 @@ pub fn Layout() -> impl IntoView {
                 <A href="/devices">"Devices"</A>
                 <A href="/groups">"Groups"</A>
                 <A href="/products">"Products"</A>
-                <A href="/upgrades">"Software/Firmware Upgrades"</A>
+                <span class="nav-section">"Software/Firmware Upgrades"</span>
+                <A href="/upgrades" attr:class="sub">"Upgrade tasks"</A>
+                <A href="/upgrades/packages" attr:class="sub">"Packages"</A>
+                <span class="nav-section">"Project"</span>
                 <A href="/settings">"Settings"</A>
+                <A href="/api-reference">"API reference"</A>
             </nav>
             <main class="content">
                 <Outlet />

@@ -3,14 +3,18 @@
 use leptos::prelude::*;
 use leptos_meta::Title;
 
-use crate::api::products::{CreateProduct, list_products};
+use crate::api::products::{CreateProduct, DeleteProduct, list_products};
 use crate::components::{FieldError, FormError, reset_after_success};
 
 /// `/products`
 #[component]
 pub fn ProductsPage() -> impl IntoView {
     let create = ServerAction::<CreateProduct>::new();
-    let products = Resource::new(move || create.version().get(), |_| list_products());
+    let delete = ServerAction::<DeleteProduct>::new();
+    let products = Resource::new(
+        move || (create.version().get(), delete.version().get()),
+        |_| list_products(),
+    );
     let error = Signal::derive(move || create.value().get().and_then(Result::err));
     let form_ref = reset_after_success(move || matches!(create.value().get(), Some(Ok(_))));
     view! {
@@ -39,18 +43,25 @@ pub fn ProductsPage() -> impl IntoView {
                 <div class="actions"><button type="submit" class="primary">"Create product"</button></div>
             </ActionForm>
         </section>
+        {move || delete.value().get().and_then(Result::err).map(|e| view! { <p class="alert error" role="alert" id="product-delete-error">{e.message}</p> })}
         <Transition fallback=|| view! { <p class="muted">"Loading products…"</p> }>
             {move || products.get().map(|r| match r {
                 Ok(page) if page.items.is_empty() => view! { <p class="empty">"No products yet."</p> }.into_any(),
                 Ok(page) => view! {
                     <table class="table" id="products">
-                        <thead><tr><th>"Product ID"</th><th>"Name"</th><th>"Device type"</th><th>"Protocol"</th><th>"Format"</th><th>"Manufacturer"</th><th>"Devices"</th><th>"Created"</th></tr></thead>
+                        <thead><tr><th>"Product ID"</th><th>"Name"</th><th>"Device type"</th><th>"Protocol"</th><th>"Format"</th><th>"Manufacturer"</th><th class="num">"Devices"</th><th>"Created"</th><th></th></tr></thead>
                         <tbody>
                             {page.items.into_iter().map(|p| view! {
                                 <tr>
-                                    <td class="mono">{p.product_id}</td><td>{p.name}</td><td>{p.device_type}</td>
+                                    <td class="mono">{p.product_id.clone()}</td><td>{p.name}</td><td>{p.device_type}</td>
                                     <td>{p.protocol_type}</td><td>{p.data_format}</td><td>{p.manufacturer_name}</td>
-                                    <td class="num">{p.devices}</td><td class="muted">{p.created}</td>
+                                    <td class="num"><a href=format!("/devices?product={}", p.product_id)>{p.devices}</a></td><td class="muted">{p.created}</td>
+                                    <td>
+                                        <ActionForm action=delete>
+                                            <input type="hidden" name="product_id" value=p.product_id.clone() />
+                                            <button type="submit" class="link danger-text">"Delete"</button>
+                                        </ActionForm>
+                                    </td>
                                 </tr>
                             }).collect_view()}
                         </tbody>

@@ -9,7 +9,7 @@ use sea_orm::{
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{Page, Paged};
-use crate::storage::entity::devices;
+use crate::storage::entity::{devices, products};
 use crate::{AppState, Error, Result, ids};
 
 /// What an operator gives to register a device.
@@ -144,6 +144,10 @@ pub struct DeviceFilter {
     pub node_id: String,
     /// Only this name (exact).
     pub device_name: String,
+    /// Only devices of products speaking this protocol (`MQTT`, `CoAP`...).
+    pub protocol: String,
+    /// Only devices reporting this software or firmware version (exact).
+    pub version: String,
     /// The order (and IoTDA's marker).
     pub order: super::ListOrder,
 }
@@ -187,6 +191,27 @@ pub async fn list(
     }
     if !filter.device_name.trim().is_empty() {
         cond = cond.add(devices::Column::DeviceName.eq(filter.device_name.trim()));
+    }
+    if !filter.protocol.trim().is_empty() {
+        let protocol = ProtocolType::parse(filter.protocol.trim())?;
+        cond = cond.add(
+            devices::Column::ProductId.in_subquery(
+                sea_orm::sea_query::Query::select()
+                    .column(products::Column::Id)
+                    .from(products::Entity)
+                    .and_where(products::Column::ProjectId.eq(project_id))
+                    .and_where(products::Column::ProtocolType.eq(protocol.as_str()))
+                    .to_owned(),
+            ),
+        );
+    }
+    if !filter.version.trim().is_empty() {
+        let v = filter.version.trim();
+        cond = cond.add(
+            Condition::any()
+                .add(devices::Column::SwVersion.eq(v))
+                .add(devices::Column::FwVersion.eq(v)),
+        );
     }
     if !filter.status.trim().is_empty() {
         let status = DeviceStatus::parse(filter.status.trim())?;

@@ -252,3 +252,25 @@ pub async fn members(
         total: page.total,
     })
 }
+
+/// The groups of `project_id` that `device_id` is in, by name.
+///
+/// # Errors
+/// [`Error::Db`].
+pub async fn of_device(
+    state: &AppState,
+    project_id: &str,
+    device_id: &str,
+) -> Result<Vec<device_groups::Model>> {
+    let member_of = sea_orm::sea_query::Query::select()
+        .column(device_group_members::Column::GroupId)
+        .from(device_group_members::Entity)
+        .and_where(device_group_members::Column::DeviceId.eq(device_id))
+        .to_owned();
+    Ok(device_groups::Entity::find()
+        .filter(device_groups::Column::ProjectId.eq(project_id))
+        .filter(device_groups::Column::Id.in_subquery(member_of))
+        .order_by_asc(device_groups::Column::Name)
+        .all(&state.db)
+        .await?)
+}

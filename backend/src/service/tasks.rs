@@ -16,8 +16,8 @@ use domain::task::{SubtaskStatus, TaskStatus, TaskType, check_schedule, parse_ta
 use domain::{DeviceId, Timestamp, ValidationError};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 
@@ -579,6 +579,103 @@ pub async fn history(
         .filter(subtask_steps::Column::SubtaskId.eq(subtask.id))
         .order_by_asc(subtask_steps::Column::Id)
         .all(&state.db)
+        .await?)
+}
+
+/// One upgrade of one device: the subtask and its task.
+#[derive(Clone, Debug)]
+pub struct DeviceUpgrade {
+    /// The task.
+    pub task: tasks::Model,
+    /// The device's subtask in it.
+    pub subtask: subtasks::Model,
+}
+
+/// A device's upgrades, newest first (at most `limit`).
+///
+/// # Errors
+/// [`Error::NotFound`] for a device outside the project; [`Error::Db`].
+pub async fn device_upgrades(
+    state: &AppState,
+    project_id: &str,
+    device_id: &str,
+    limit: u64,
+) -> Result<Vec<DeviceUpgrade>> {
+    super::devices::get(state, project_id, device_id).await?;
+    let subtasks = subtasks::Entity::find()
+        .filter(subtasks::Column::DeviceId.eq(device_id))
+        .order_by_desc(subtasks::Column::Id)
+        .limit(limit.clamp(1, 500))
+        .all(&state.db)
+        .await?;
+    let task_ids: BTreeSet<String> = subtasks.iter().map(|s| s.task_id.clone()).collect();
+    let tasks: HashMap<String, tasks::Model> = tasks::Entity::find()
+        .filter(tasks::Column::ProjectId.eq(project_id))
+        .filter(tasks::Column::Id.is_in(task_ids))
+        .all(&state.db)
+        .await?
+        .into_iter()
+        .map(|t| (t.id.clone(), t))
+        .collect();
+    Ok(subtasks
+        .into_iter()
+        .filter_map(|subtask| {
+            let task = tasks.get(&subtask.task_id)?.clone();
+            Some(DeviceUpgrade { task, subtask })
+        })
+        .collect())
+}
+
+/// The tasks that use `package_id`, newest first (at most `limit`).
+///
+/// # Errors
+/// [`Error::Db`].
+pub async fn using_package(
+    state: &AppState,
+    project_id: &str,
+    package_id: &str,
+    limit: u64,
+) -> Result<Vec<tasks::Model>> {
+    Ok(tasks::Entity::find()
+        .filter(tasks::Column::ProjectId.eq(project_id))
+        .filter(tasks::Column::PackageId.eq(package_id))
+        .order_by_desc(tasks::Column::Id)
+        .limit(limit.clamp(1, 500))
+        .all(&state.db)
+        .await?)
+}
+
+/// How many devices a task for `package_id` would target in `group_id` now: the group's members of the
+/// package's product.
+///
+/// # Errors
+/// [`Error::NotFound`] for an unknown package or group; [`Error::Db`].
+pub async fn group_target_count(
+    state: &AppState,
+    project_id: &str,
+    package_id: &str,
+    group_id: &str,
+) -> Result<u64> {
+    let package = packages::Entity::find_by_id(package_id.to_owned())
+        .filter(packages::Column::ProjectId.eq(project_id))
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::not_found("package", package_id))?;
+    device_groups::Entity::find_by_id(group_id.to_owned())
+        .filter(device_groups::Column::ProjectId.eq(project_id))
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| Error::not_found("group", group_id))?;
+    let members = sea_orm::sea_query::Query::select()
+        .column(device_group_members::Column::DeviceId)
+        .from(device_group_members::Entity)
+        .and_where(device_group_members::Column::GroupId.eq(group_id))
+        .to_owned();
+    Ok(devices::Entity::find()
+        .filter(devices::Column::ProjectId.eq(project_id))
+        .filter(devices::Column::ProductId.eq(package.product_id.as_str()))
+        .filter(devices::Column::Id.in_subquery(members))
+        .count(&state.db)
         .await?)
 }
 

@@ -169,7 +169,7 @@ pub(super) async fn require_session(
         },
         None => "",
     };
-    if path.starts_with("/v5/") {
+    if path.starts_with("/v5/") || path == "/events" {
         return super::iotda::IotdaError::unauthorized("not signed in, or the session expired")
             .into_response();
     }

@@ -152,3 +152,10 @@ static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(ApiDoc::open
 pub(super) async fn document() -> Json<&'static utoipa::openapi::OpenApi> {
     Json(&*DOCUMENT)
 }
+
+/// The document as the console's API reference page reads it, converted once.
+pub(super) fn console_document() -> app::api::reference::OpenApiDocument {
+    static JSON: LazyLock<std::sync::Arc<serde_json::Value>> =
+        LazyLock::new(|| std::sync::Arc::new(serde_json::to_value(&*DOCUMENT).unwrap_or_default()));
+    app::api::reference::OpenApiDocument(JSON.clone())
+}

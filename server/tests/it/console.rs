@@ -141,6 +141,8 @@ async fn server_functions_need_a_session_and_report_field_errors() {
                 ("search", ""),
                 ("product_id", ""),
                 ("status", ""),
+                ("protocol", ""),
+                ("version", ""),
                 ("offset", "0"),
             ],
         )
@@ -218,6 +220,8 @@ async fn server_functions_need_a_session_and_report_field_errors() {
                 ("search", "pump"),
                 ("product_id", ""),
                 ("status", ""),
+                ("protocol", ""),
+                ("version", ""),
                 ("offset", "0"),
             ],
         )
@@ -369,6 +373,8 @@ async fn data_and_keys_survive_a_restart() {
                 ("search", ""),
                 ("product_id", ""),
                 ("status", ""),
+                ("protocol", ""),
+                ("version", ""),
                 ("offset", "0"),
             ],
         )

@@ -4,6 +4,7 @@
 mod api;
 mod binary;
 mod console;
+mod console_tasks;
 mod firmware;
 mod helpers;
 mod lwm2m;

@@ -5,7 +5,7 @@ UPDRAFT := $(TARGET_DIR)/debug/updraft
 # The wasm build needs RUSTC_BOOTSTRAP=1, which must not touch host artifacts: its own target directory.
 WASM_TARGET_DIR := $(TARGET_DIR)/wasm-build
 
-.PHONY: setup server site run test bench bench-tasks bench-lwm2m fuzz api-fuzz check fmt fmt-check clippy purity unit e2e clean-data
+.PHONY: setup server site run test bench bench-tasks bench-lwm2m bench-console fuzz api-fuzz check fmt fmt-check clippy purity unit e2e clean-data
 
 setup:
 	@scripts/setup.sh
@@ -36,6 +36,10 @@ bench-tasks: setup
 ## LwM2M/PCP benchmark: segments served per second, and a 5 000-device, 100-cell campaign (release build).
 bench-lwm2m: setup
 	cargo run --release -p server --example bench_lwm2m -- $(ARGS)
+
+## Console: the task detail page of a 100 000-device task, timed over HTTPS (release build).
+bench-console: setup
+	cargo run --release -p server --example bench_console -- $(ARGS)
 
 ## Fuzz the PCP decoder and the CoAP request handling, 5 minutes each (nightly + cargo-fuzz).
 fuzz: setup

@@ -13,7 +13,13 @@ pub fn StatusBadge(#[prop(into)] status: String) -> impl IntoView {
         "Processing" | "Waitting" | "Initializing" | "Stopping" | "FailWaitRetry" => "busy",
         _ => "idle",
     };
-    view! { <span class=format!("badge {tone}")>{status}</span> }
+    // IoTDA spells it "Waitting" on the wire; the console says it properly.
+    let label = if status == "Waitting" {
+        "Waiting".to_owned()
+    } else {
+        status
+    };
+    view! { <span class=format!("badge {tone}")>{label}</span> }
 }
 
 /// The server's message for one form field, if the last submission had one.

@@ -170,7 +170,7 @@ test("an operator upgrades a group live, inspects a device, and stops a task", a
     await expect(page.locator("#target-count")).toHaveText("1 devices will be upgraded.");
     await form.getByRole("button", { name: "Create now" }).click();
     await expect(page).toHaveURL(/\/upgrades\/tasks\/[0-9a-f]+$/);
-    await expect(page.locator(".title-line .badge")).toHaveText(/Processing|Waitting/);
+    await expect(page.locator(".title-line .badge")).toHaveText(/Processing|Waiting/);
     await page.locator("#delete-task").click();
     await expect(page.locator("#delete-error")).toContainText("stop it before deleting it");
     await page.screenshot({ path: `${SHOTS}/task-delete-refused.png`, fullPage: true });

@@ -182,6 +182,6 @@ pub async fn failed_deliveries() -> Result<Vec<FailedDelivery>, ApiError> {
             )
         }));
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|d| std::cmp::Reverse(d.0));
     Ok(out.into_iter().map(|(_, d)| d).collect())
 }

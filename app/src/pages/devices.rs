@@ -466,7 +466,7 @@ fn DeviceFacts(d: crate::api::devices::DeviceView) -> impl IntoView {
                             {d.upgrades.into_iter().map(|u| view! {
                                 <tr>
                                     <td><a href=format!("/upgrades/tasks/{}?device={}", u.task_id, d.row.device_id)>{u.task_name}</a></td>
-                                    <td>{u.task_type}</td>
+                                    <td>{super::tasks::task_kind(&u.task_type)}</td>
                                     <td><StatusBadge status=u.status /></td>
                                     <td>{u.step}</td>
                                     <td class="num">{format!("{}%", u.progress)}</td>

@@ -31,7 +31,7 @@ pub fn Layout() -> impl IntoView {
                 <A href="/groups">"Groups"</A>
                 <A href="/products">"Products"</A>
                 <span class="nav-section">"Software/Firmware Upgrades"</span>
-                <A href="/upgrades" attr:class="sub">"Upgrade tasks"</A>
+                <A href="/upgrades" exact=true attr:class="sub">"Upgrade tasks"</A>
                 <A href="/upgrades/packages" attr:class="sub">"Packages"</A>
                 <span class="nav-section">"Project"</span>
                 <A href="/settings">"Settings"</A>

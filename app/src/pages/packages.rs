@@ -240,7 +240,7 @@ fn UploadCard(upload: ReadSignal<Upload>, set_upload: WriteSignal<Upload>) -> im
                     <button type="submit" class="primary" disabled=sending>{move || if sending() { "Uploading…" } else { "Upload" }}</button>
                     {move || match upload.get() {
                         Upload::Sending { sent, total } => {
-                            let pct = if total > 0 { sent * 100 / total } else { 0 };
+                            let pct = (sent * 100).checked_div(total).unwrap_or(0);
                             Some(view! {
                                 <span class="progress" id="upload-progress">
                                     <progress max="100" value=pct></progress>

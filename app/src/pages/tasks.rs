@@ -78,7 +78,7 @@ pub fn TasksPage() -> impl IntoView {
     }
 }
 
-fn task_kind(task_type: &str) -> &'static str {
+pub(crate) fn task_kind(task_type: &str) -> &'static str {
     if task_type == "firmwareUpgrade" {
         "Firmware"
     } else {

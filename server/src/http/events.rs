@@ -43,12 +43,10 @@ pub(super) async fn stream(
     };
     let receiver = state.app.driver.subscribe();
     let events = futures::stream::unfold(receiver, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(event) => return Some((Some(event), rx)),
-                Err(RecvError::Lagged(_)) => return Some((None, rx)),
-                Err(RecvError::Closed) => return None,
-            }
+        match rx.recv().await {
+            Ok(event) => Some((Some(event), rx)),
+            Err(RecvError::Lagged(_)) => Some((None, rx)),
+            Err(RecvError::Closed) => None,
         }
     })
     .filter_map(move |event| std::future::ready(filter.frame(event.as_ref())));

@@ -17,7 +17,7 @@ pub mod pages;
 use leptos::prelude::*;
 use leptos_meta::{MetaTags, Stylesheet, Title, provide_meta_context};
 use leptos_router::components::{ParentRoute, Redirect, Route, Router, Routes};
-use leptos_router::path;
+use leptos_router::{SsrMode, path};
 
 use pages::{
     DevicePage, DevicesPage, GroupPage, GroupsPage, Layout, LoginPage, NewTaskPage, NotFound,
@@ -44,7 +44,8 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
     }
 }
 
-/// The console's router.
+/// The console's router. Pages render in `Async` mode: the server waits for a page's data and sends it
+/// whole, so it reads complete without JavaScript (out-of-order streaming would need a script to place it).
 #[component]
 pub fn App() -> impl IntoView {
     provide_meta_context();
@@ -53,21 +54,21 @@ pub fn App() -> impl IntoView {
         <Title formatter=|page: String| if page.is_empty() { "Updraft".to_owned() } else { format!("{page} · Updraft") } />
         <Router>
             <Routes fallback=NotFound>
-                <Route path=path!("/login") view=LoginPage />
-                <ParentRoute path=path!("") view=Layout>
+                <Route path=path!("/login") view=LoginPage ssr=SsrMode::Async />
+                <ParentRoute path=path!("") view=Layout ssr=SsrMode::Async>
                     <Route path=path!("") view=|| view! { <Redirect path="/devices" /> } />
-                    <Route path=path!("devices") view=DevicesPage />
-                    <Route path=path!("devices/:id") view=DevicePage />
-                    <Route path=path!("groups") view=GroupsPage />
-                    <Route path=path!("groups/:id") view=GroupPage />
-                    <Route path=path!("products") view=ProductsPage />
-                    <Route path=path!("upgrades") view=TasksPage />
-                    <Route path=path!("upgrades/new") view=NewTaskPage />
-                    <Route path=path!("upgrades/tasks/:id") view=TaskPage />
-                    <Route path=path!("upgrades/packages") view=PackagesPage />
-                    <Route path=path!("upgrades/packages/:id") view=PackagePage />
-                    <Route path=path!("settings") view=SettingsPage />
-                    <Route path=path!("api-reference") view=ReferencePage />
+                    <Route path=path!("devices") view=DevicesPage ssr=SsrMode::Async />
+                    <Route path=path!("devices/:id") view=DevicePage ssr=SsrMode::Async />
+                    <Route path=path!("groups") view=GroupsPage ssr=SsrMode::Async />
+                    <Route path=path!("groups/:id") view=GroupPage ssr=SsrMode::Async />
+                    <Route path=path!("products") view=ProductsPage ssr=SsrMode::Async />
+                    <Route path=path!("upgrades") view=TasksPage ssr=SsrMode::Async />
+                    <Route path=path!("upgrades/new") view=NewTaskPage ssr=SsrMode::Async />
+                    <Route path=path!("upgrades/tasks/:id") view=TaskPage ssr=SsrMode::Async />
+                    <Route path=path!("upgrades/packages") view=PackagesPage ssr=SsrMode::Async />
+                    <Route path=path!("upgrades/packages/:id") view=PackagePage ssr=SsrMode::Async />
+                    <Route path=path!("settings") view=SettingsPage ssr=SsrMode::Async />
+                    <Route path=path!("api-reference") view=ReferencePage ssr=SsrMode::Async />
                 </ParentRoute>
             </Routes>
         </Router>

@@ -37,6 +37,9 @@ test("pages need a session and the login page works without JavaScript", async (
   // Server-rendered: heading, navigation and the device list are there without any script.
   await expect(page.getByRole("heading", { name: "Devices", level: 1 })).toBeVisible();
   await expect(page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Upgrade tasks" })).toBeVisible();
+  // The page's data too: the server waits for it (no script places streamed parts).
+  await expect(page.locator("#devices, #devices-empty").first()).toBeVisible();
+  await expect(page.getByText("Loading devices…")).toHaveCount(0);
   // The register button needs hydration, so without JavaScript it does nothing.
   await page.locator("#register-toggle").click();
   await expect(page.locator("#register-form")).toBeHidden();

@@ -237,27 +237,28 @@ pub async fn import_devices(product_id: String, csv: String) -> Result<Imported,
     Ok(out)
 }
 
-/// The CSV's data lines with their 1-based line numbers (the header, if any, skipped).
+/// The CSV's data lines with their 1-based line numbers (blank lines, `#` comments and a header naming
+/// the columns skipped). One device per line: each line is read as one CSV record, so the numbers in the
+/// report are the lines the operator sees.
 #[cfg(feature = "ssr")]
 fn parse_import(text: &str) -> Result<Vec<(u64, Vec<String>)>, ApiError> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .trim(csv::Trim::All)
-        .comment(Some(b'#'))
-        .from_reader(text.as_bytes());
+    let invalid = |msg: String| ApiError::from(domain::ValidationError::new("csv", msg));
     let mut out = Vec::new();
-    for record in reader.records() {
-        let record = record.map_err(|e| {
-            ApiError::from(domain::ValidationError::new(
-                "csv",
-                format!("not valid CSV: {e}"),
-            ))
-        })?;
-        let line = record.position().map_or(0, csv::Position::line);
-        if record.iter().all(str::is_empty) {
+    for (n, line) in (1_u64..).zip(text.lines()) {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .trim(csv::Trim::All)
+            .from_reader(trimmed.as_bytes());
+        let record = reader
+            .records()
+            .next()
+            .transpose()
+            .map_err(|e| invalid(format!("line {n} is not valid CSV: {e}")))?
+            .unwrap_or_default();
         if out.is_empty()
             && record
                 .get(0)
@@ -266,29 +267,21 @@ fn parse_import(text: &str) -> Result<Vec<(u64, Vec<String>)>, ApiError> {
             continue;
         }
         if record.len() > 4 {
-            return Err(domain::ValidationError::new(
-                "csv",
-                format!(
-                    "line {line} has {} columns; expected node_id,device_name,device_id,secret",
-                    record.len()
-                ),
-            )
-            .into());
+            return Err(invalid(format!(
+                "line {n} has {} columns; expected node_id,device_name,device_id,secret",
+                record.len()
+            )));
         }
-        out.push((line, record.iter().map(str::to_owned).collect()));
+        out.push((n, record.iter().map(str::to_owned).collect()));
     }
     if out.is_empty() {
-        return Err(domain::ValidationError::new("csv", "has no devices").into());
+        return Err(invalid("has no devices".to_owned()));
     }
     if out.len() > MAX_IMPORT {
-        return Err(domain::ValidationError::new(
-            "csv",
-            format!(
-                "has {} devices; import at most {MAX_IMPORT} at a time",
-                out.len()
-            ),
-        )
-        .into());
+        return Err(invalid(format!(
+            "has {} devices; import at most {MAX_IMPORT} at a time",
+            out.len()
+        )));
     }
     Ok(out)
 }

@@ -1181,3 +1181,59 @@ async fn the_openapi_document_lists_every_route_without_credentials() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn credentials_made_in_the_console_sign_requests_until_revoked_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let cookie = app.sign_in().await;
+    let created = app
+        .server_fn(&cookie, "create_credential", &[("description", "billing")])
+        .await;
+    assert_eq!(created.status(), 200);
+    let created: Value = created.json().await.unwrap();
+    let signer = Application {
+        app: &app,
+        project: created["project_id"].as_str().unwrap().to_owned(),
+        ak: created["access_key"].as_str().unwrap().to_owned(),
+        sk: created["secret_key"].as_str().unwrap().to_owned(),
+        date_offset: 0,
+    };
+    json_of(signer.call("GET", "/products", &[], None).await, 200).await;
+
+    let listed: Value = app
+        .server_fn(&cookie, "list_credentials", &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["access_key"], signer.ak.as_str());
+    assert_eq!(listed[0]["description"], "billing");
+    assert!(
+        listed[0]["last_used"].is_string(),
+        "the signed call is recorded: {listed}"
+    );
+    assert!(
+        listed[0].get("secret_key").is_none(),
+        "the SK is shown only at creation"
+    );
+
+    let revoked = app
+        .server_fn(&cookie, "revoke_credential", &[("access_key", &signer.ak)])
+        .await;
+    assert_eq!(revoked.status(), 200);
+    refused(
+        signer.call("GET", "/products", &[], None).await,
+        401,
+        "IOTDA.000002",
+    )
+    .await;
+    let listed: Value = app
+        .server_fn(&cookie, "list_credentials", &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(listed[0]["revoked"].is_string(), "{listed}");
+    app.stop().await;
+}

@@ -214,6 +214,35 @@ async fn the_console_imports_groups_uploads_and_runs_a_task_with_live_events() {
     .await;
     assert_eq!(count, 2);
 
+    // A subscription whose receiver is down: its failed deliveries show in Settings.
+    let subscribed = call(
+        &app,
+        &cookie,
+        "create_subscription",
+        &[
+            ("resource", "batchtask"),
+            ("url", "https://127.0.0.1:9/hook"),
+        ],
+        200,
+    )
+    .await;
+    assert!(
+        subscribed["secret"].as_str().unwrap().len() >= 32,
+        "{subscribed}"
+    );
+    let bad_url = call(
+        &app,
+        &cookie,
+        "create_subscription",
+        &[("resource", "batchtask"), ("url", "ftp://example.com/")],
+        422,
+    )
+    .await;
+    assert!(bad_url["fields"]["url"].is_string(), "{bad_url}");
+    let subscriptions = call(&app, &cookie, "list_subscriptions", &[], 200).await;
+    assert_eq!(subscriptions[0]["url"], "https://127.0.0.1:9/hook");
+    assert!(subscriptions[0].get("secret").is_none());
+
     // The live stream, open before the task exists.
     let mut stream = app
         .client
@@ -314,6 +343,35 @@ async fn the_console_imports_groups_uploads_and_runs_a_task_with_live_events() {
     )
     .await;
     assert_eq!(package_view["tasks"][0]["task_id"], task.as_str());
+
+    let failed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let rows = call(&app, &cookie, "failed_deliveries", &[], 200).await;
+            if let Some(row) = rows.as_array().and_then(|r| r.first()).cloned() {
+                return row;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the refused delivery is listed");
+    assert_eq!(failed["url"], "https://127.0.0.1:9/hook");
+    assert!(!failed["error"].as_str().unwrap().is_empty(), "{failed}");
+    call(
+        &app,
+        &cookie,
+        "delete_subscription",
+        &[(
+            "subscription_id",
+            subscribed["subscription_id"].as_str().unwrap(),
+        )],
+        200,
+    )
+    .await;
+    assert_eq!(
+        call(&app, &cookie, "list_subscriptions", &[], 200).await,
+        serde_json::json!([])
+    );
 
     // The devices are offline, so the task runs on: delete is refused with the reason, the package too.
     let refused = call(&app, &cookie, "delete_task", &[("task_id", &task)], 409).await;

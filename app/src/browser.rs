@@ -33,11 +33,14 @@ pub const POLL_EVERY_MS: u64 = 5_000;
 /// A counter that grows whenever the page should refetch: at most once a second while task events arrive
 /// on `GET /events` (one task's, or all of the project's), and every [`POLL_EVERY_MS`] while the stream is
 /// down. Also returns the connection state for an indicator.
-pub fn live_updates(task_id: Option<String>) -> (ReadSignal<u64>, ReadSignal<Live>) {
+/// The stream follows `task_id` (reconnecting when it changes, closing when the page goes away).
+pub fn live_updates(
+    task_id: impl Fn() -> Option<String> + Send + Sync + 'static,
+) -> (ReadSignal<u64>, ReadSignal<Live>) {
     let (tick, set_tick) = signal(0_u64);
     let (state, set_state) = signal(Live::Connecting);
     #[cfg(feature = "hydrate")]
-    imp::connect(task_id, set_tick, state, set_state);
+    Effect::new(move |_| imp::connect(task_id(), set_tick, state, set_state));
     #[cfg(not(feature = "hydrate"))]
     let _ = (task_id, set_tick, set_state);
     (tick, state)
@@ -77,7 +80,7 @@ pub fn upload(
     imp::upload(form, url, progress)
 }
 
-/// A running upload.
+/// A running upload. Dropping it (leaving the page) aborts the upload, so no callback outlives it.
 #[cfg(feature = "hydrate")]
 pub struct UploadHandle {
     xhr: web_sys::XmlHttpRequest,
@@ -88,6 +91,20 @@ pub struct UploadHandle {
 impl UploadHandle {
     /// Aborts the upload; the server discards what it received.
     pub fn cancel(&self) {
+        let _ = self.xhr.abort();
+    }
+}
+
+#[cfg(feature = "hydrate")]
+impl Drop for UploadHandle {
+    fn drop(&mut self) {
+        self.xhr.set_onload(None);
+        self.xhr.set_onerror(None);
+        self.xhr.set_onabort(None);
+        if let Ok(upload) = self.xhr.upload() {
+            upload.set_onprogress(None);
+        }
+        // A finished request ignores this.
         let _ = self.xhr.abort();
     }
 }
@@ -108,17 +125,28 @@ pub fn read_file(input: &web_sys::HtmlInputElement, into: WriteSignal<String>) {
     });
 }
 
-/// Minutes the browser's time zone is west of UTC (JavaScript's `getTimezoneOffset()`); 0 on the server.
+/// Minutes the browser's time zone is west of UTC at the local time `local` (a `datetime-local` value;
+/// now, if it is not one), as JavaScript's `getTimezoneOffset()` says: daylight saving time is that of
+/// the chosen date. 0 (UTC) on the server.
 #[must_use]
-pub fn timezone_offset_minutes() -> i64 {
+pub fn timezone_offset_minutes(local: &str) -> i64 {
     #[cfg(feature = "hydrate")]
     {
+        let at = js_sys::Date::new(&wasm_bindgen::JsValue::from_str(local));
+        let at = if at.get_time().is_nan() {
+            js_sys::Date::new_0()
+        } else {
+            at
+        };
         #[allow(clippy::cast_possible_truncation)]
-        let minutes = js_sys::Date::new_0().get_timezone_offset() as i64;
+        let minutes = at.get_timezone_offset() as i64;
         minutes
     }
     #[cfg(not(feature = "hydrate"))]
-    0
+    {
+        let _ = local;
+        0
+    }
 }
 
 #[cfg(feature = "hydrate")]
@@ -162,10 +190,13 @@ mod imp {
                 source.add_event_listener_with_callback(kind, listener.as_ref().unchecked_ref());
             listeners.push(listener);
         }
+        let reopened = Cell::new(false);
         let opened = Closure::<dyn FnMut(web_sys::Event)>::new(move |_| {
-            // Anything may have changed while the stream was down.
             set_state.set(Live::Streaming);
-            set_tick.update(|t| *t += 1);
+            // After a reconnection anything may have changed; the first opening follows the page's load.
+            if reopened.replace(true) {
+                set_tick.update(|t| *t += 1);
+            }
         });
         source.set_onopen(Some(opened.as_ref().unchecked_ref()));
         listeners.push(opened);

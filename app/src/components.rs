@@ -175,6 +175,20 @@ pub fn human_size(bytes: i64) -> String {
     }
 }
 
+/// Percent-encodes a value for a URL query or a `data:` URL (RFC 3986 unreserved characters stay).
+#[must_use]
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// An optional value, or a dash.
 #[must_use]
 pub fn or_dash(v: Option<String>) -> String {
@@ -184,6 +198,12 @@ pub fn or_dash(v: Option<String>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(super::encode("a&b #1+2/ü"), "a%26b%20%231%2B2%2F%C3%BC");
+        assert_eq!(super::encode("meter_01-x.y~"), "meter_01-x.y~");
+    }
+
     #[test]
     fn sizes_are_human() {
         assert_eq!(super::human_size(512), "512 B");

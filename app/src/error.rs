@@ -75,6 +75,17 @@ impl ApiError {
         self
     }
 
+    /// Renames field keys (`(from, to)`): services name IoTDA's fields, forms have their own names.
+    #[must_use]
+    pub fn rename_fields(mut self, names: &[(&str, &str)]) -> Self {
+        for (from, to) in names {
+            if let Some(m) = self.fields.remove(*from) {
+                self.fields.insert((*to).to_owned(), m);
+            }
+        }
+        self
+    }
+
     /// The message for `field`, if any.
     #[must_use]
     pub fn field(&self, field: &str) -> Option<String> {

@@ -207,6 +207,13 @@ pub async fn import_devices(product_id: String, csv: String) -> Result<Imported,
         refused: Vec::new(),
     };
     for (line, fields) in lines {
+        let fields = match fields {
+            Ok(f) => f,
+            Err(reason) => {
+                out.refused.push(format!("line {line}: {reason}"));
+                continue;
+            }
+        };
         let get = |i: usize| {
             fields
                 .get(i)
@@ -231,17 +238,29 @@ pub async fn import_devices(product_id: String, csv: String) -> Result<Imported,
             Err(e @ (backend::Error::Conflict(_) | backend::Error::NotFound { .. })) => {
                 out.refused.push(format!("line {line}: {e}"));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // The devices registered so far stay, and their secrets must reach the operator: report
+                // the failure with them instead of failing the call.
+                tracing::error!(error.message = %e, line, "device import stopped");
+                out.refused.push(format!(
+                    "line {line} and after: not imported (internal error; see the server log)"
+                ));
+                break;
+            }
         }
     }
     Ok(out)
 }
 
+/// One CSV line: its fields, or why it cannot be read.
+#[cfg(feature = "ssr")]
+type ImportLine = (u64, Result<Vec<String>, String>);
+
 /// The CSV's data lines with their 1-based line numbers (blank lines, `#` comments and a header naming
 /// the columns skipped). One device per line: each line is read as one CSV record, so the numbers in the
-/// report are the lines the operator sees.
+/// report are the lines the operator sees, and a bad line is refused alone.
 #[cfg(feature = "ssr")]
-fn parse_import(text: &str) -> Result<Vec<(u64, Vec<String>)>, ApiError> {
+fn parse_import(text: &str) -> Result<Vec<ImportLine>, ApiError> {
     let invalid = |msg: String| ApiError::from(domain::ValidationError::new("csv", msg));
     let mut out = Vec::new();
     for (n, line) in (1_u64..).zip(text.lines()) {
@@ -253,26 +272,28 @@ fn parse_import(text: &str) -> Result<Vec<(u64, Vec<String>)>, ApiError> {
             .has_headers(false)
             .trim(csv::Trim::All)
             .from_reader(trimmed.as_bytes());
-        let record = reader
-            .records()
-            .next()
-            .transpose()
-            .map_err(|e| invalid(format!("line {n} is not valid CSV: {e}")))?
-            .unwrap_or_default();
-        if out.is_empty()
-            && record
-                .get(0)
-                .is_some_and(|f| f.eq_ignore_ascii_case("node_id"))
-        {
+        let record = match reader.records().next().transpose() {
+            Ok(r) => r.unwrap_or_default(),
+            Err(e) => {
+                out.push((n, Err(format!("not valid CSV: {e}"))));
+                continue;
+            }
+        };
+        let header = record
+            .get(0)
+            .is_some_and(|f| f.eq_ignore_ascii_case("node_id"));
+        if out.is_empty() && header {
             continue;
         }
         if record.len() > 4 {
-            return Err(invalid(format!(
-                "line {n} has {} columns; expected node_id,device_name,device_id,secret",
+            let msg = format!(
+                "{} columns; expected node_id,device_name,device_id,secret",
                 record.len()
-            )));
+            );
+            out.push((n, Err(msg)));
+            continue;
         }
-        out.push((n, record.iter().map(str::to_owned).collect()));
+        out.push((n, Ok(record.iter().map(str::to_owned).collect())));
     }
     if out.is_empty() {
         return Err(invalid("has no devices".to_owned()));
@@ -350,18 +371,25 @@ mod tests {
         let text = "node_id,device_name\n\nimei1,Pump\n# a comment\n\"imei2\",\"Tank, north\",dev2,secret123\n";
         let lines = parse_import(text).unwrap();
         assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0], (3, vec!["imei1".to_owned(), "Pump".to_owned()]));
+        assert_eq!(
+            lines[0],
+            (3, Ok(vec!["imei1".to_owned(), "Pump".to_owned()]))
+        );
         assert_eq!(lines[1].0, 5);
-        assert_eq!(lines[1].1[1], "Tank, north");
+        assert_eq!(lines[1].1.as_ref().unwrap()[1], "Tank, north");
     }
 
     #[test]
-    fn csv_import_refuses_empty_and_wide_input() {
+    fn csv_import_refuses_empty_input_and_bad_lines_alone() {
         assert_eq!(
             parse_import("node_id\n").unwrap_err().field("csv").unwrap(),
             "has no devices"
         );
-        let wide = parse_import("a,b,c,d,e\n").unwrap_err();
-        assert!(wide.message.contains("5 columns"), "{}", wide.message);
+        let lines = parse_import("a,b,c,d,e\nimei2\n").unwrap();
+        assert!(
+            lines[0].1.as_ref().unwrap_err().contains("5 columns"),
+            "{lines:?}"
+        );
+        assert_eq!(lines[1], (2, Ok(vec!["imei2".to_owned()])));
     }
 }

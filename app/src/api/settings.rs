@@ -144,14 +144,7 @@ pub async fn create_subscription(
         &url,
     )
     .await
-    .map_err(|e| {
-        // The service names IoTDA's field; the form's is `url`.
-        let mut api = ApiError::from(e);
-        if let Some(m) = api.fields.remove("callbackurl") {
-            api.fields.insert("url".to_owned(), m);
-        }
-        api
-    })?;
+    .map_err(|e| ApiError::from(e).rename_fields(&[("callbackurl", "url")]))?;
     Ok(NewSubscription {
         subscription_id: created.subscription.id,
         secret: created.secret.expose_secret().to_owned(),

@@ -95,16 +95,6 @@ impl TaskRow {
     pub const fn done(&self) -> i64 {
         self.success + self.fail + self.stopped
     }
-
-    /// Percent of subtasks at an end.
-    #[must_use]
-    pub const fn percent(&self) -> i64 {
-        if self.total > 0 {
-            self.done() * 100 / self.total
-        } else {
-            0
-        }
-    }
 }
 
 /// The task page: its row, the package, retry policy and one page of per-device rows.
@@ -168,6 +158,9 @@ pub struct CommandResult {
     /// `device: reason` for refused targets.
     pub refused: Vec<String>,
 }
+
+/// The most device ids the create form takes (larger fleets: a group, or the API).
+pub const MAX_FORM_TARGETS: usize = 10_000;
 
 /// Rows per page of the task list and the per-device table.
 pub const PAGE_SIZE: u64 = 50;
@@ -404,7 +397,7 @@ pub async fn create_task(
         }
         "group" => (Vec::new(), vec![group_id.trim().to_owned()]),
         "devices" => (
-            super::split_ids(&device_ids, "device_ids", 100_000)?,
+            super::split_ids(&device_ids, "device_ids", MAX_FORM_TARGETS)?,
             Vec::new(),
         ),
         _ => return Err(ValidationError::new("targets", "choose devices or a group").into()),
@@ -453,25 +446,14 @@ pub async fn create_task(
 /// The service names IoTDA's fields (`task_policy.retry_count`); the form's fields are flat.
 #[cfg(feature = "ssr")]
 fn rename_fields(e: backend::Error) -> ApiError {
-    let mut api = ApiError::from(e);
-    let renamed = api
-        .fields
-        .into_iter()
-        .map(|(k, v)| {
-            let k = match k.as_str() {
-                "task_policy.retry_count" => "retry_count",
-                "task_policy.retry_interval" => "retry_interval",
-                "task_policy.schedule_time" => "schedule_time",
-                "document.package_ids" | "package_id" => "package_id",
-                "targets" => "device_ids",
-                "targets_filter.group_ids" => "group_id",
-                other => other,
-            };
-            (k.to_owned(), v)
-        })
-        .collect();
-    api.fields = renamed;
-    api
+    ApiError::from(e).rename_fields(&[
+        ("task_policy.retry_count", "retry_count"),
+        ("task_policy.retry_interval", "retry_interval"),
+        ("task_policy.schedule_time", "schedule_time"),
+        ("document.package_ids", "package_id"),
+        ("targets", "device_ids"),
+        ("targets_filter.group_ids", "group_id"),
+    ])
 }
 
 /// Stops a task (empty `device_ids`) or some of its devices.

@@ -15,7 +15,8 @@ use crate::api::devices::{
 use crate::api::groups::{ChangeMembers, list_groups};
 use crate::api::products::list_products;
 use crate::components::{
-    FieldError, FormError, Pager, SelectAll, SelectBox, StatusBadge, or_dash, reset_after_success,
+    FieldError, FormError, Pager, SelectAll, SelectBox, StatusBadge, encode, or_dash,
+    reset_after_success,
 };
 
 /// `/devices`
@@ -151,7 +152,8 @@ pub fn DevicesPage() -> impl IntoView {
                 Ok(page) => {
                     let base = format!(
                         "/devices?q={}&product={}&status={}&protocol={}&version={}",
-                        param("q"), param("product"), param("status"), param("protocol"), param("version")
+                        encode(&param("q")), encode(&param("product")), encode(&param("status")),
+                        encode(&param("protocol")), encode(&param("version"))
                     );
                     view! { <DeviceTable page base selected /> }.into_any()
                 }
@@ -218,7 +220,7 @@ fn ImportCard(
                 let csv: String = std::iter::once("device_id,secret\n".to_owned())
                     .chain(r.registered.iter().map(|d| format!("{},{}\n", d.device_id, d.secret)))
                     .collect();
-                let href = format!("data:text/csv;charset=utf-8,{}", percent(&csv));
+                let href = format!("data:text/csv;charset=utf-8,{}", encode(&csv));
                 view! {
                     <div class="alert ok" id="imported" role="status">
                         <strong>{format!("{} devices registered.", r.registered.len())}</strong>
@@ -262,19 +264,6 @@ fn ProductSelect(products: ProductsResource) -> impl IntoView {
             })}
         </Transition>
     }
-}
-
-/// Percent-encodes for a `data:` URL.
-fn percent(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3 / 2);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.,".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// The bar that adds the selected devices to a group.

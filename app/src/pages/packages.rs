@@ -190,6 +190,9 @@ fn UploadCard(upload: ReadSignal<Upload>, set_upload: WriteSignal<Upload>) -> im
     view! {
         <section class="card">
             <h2>"Upload a package"</h2>
+            // The form's action names the project, so it waits for it (and renders whole on the server).
+            <Transition fallback=|| view! { <p class="muted">"Loading…"</p> }>
+            {move || me.get().map(|_| view! {
             <form
                 node_ref=form_ref
                 method="post"
@@ -256,6 +259,8 @@ fn UploadCard(upload: ReadSignal<Upload>, set_upload: WriteSignal<Upload>) -> im
                     }}
                 </div>
             </form>
+            })}
+            </Transition>
         </section>
     }
 }

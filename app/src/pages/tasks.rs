@@ -17,7 +17,7 @@ use crate::api::upgrades::{
 use crate::browser::live_updates;
 use crate::components::{
     FieldError, FormError, LiveIndicator, Pager, Progress, SelectAll, SelectBox, StatusBadge,
-    or_dash,
+    encode, or_dash,
 };
 
 /// `/upgrades`: every task, newest first, live.
@@ -31,7 +31,7 @@ pub fn TasksPage() -> impl IntoView {
             .and_then(|o| o.parse().ok())
             .unwrap_or(0_u64)
     };
-    let (tick, live) = live_updates(None);
+    let (tick, live) = live_updates(|| None);
     let tasks = Resource::new(
         move || (offset(), tick.get()),
         |(offset, _)| list_tasks(offset),
@@ -100,8 +100,8 @@ pub fn NewTaskPage() -> impl IntoView {
     let (device_ids, set_device_ids) = signal(String::new());
     let (later, set_later) = signal(false);
     let (retry, set_retry) = signal(false);
-    let (tz_offset, set_tz_offset) = signal(0_i64);
-    Effect::new(move |_| set_tz_offset.set(crate::browser::timezone_offset_minutes()));
+    let (schedule_at, set_schedule_at) = signal(String::new());
+    let tz_offset = move || crate::browser::timezone_offset_minutes(&schedule_at.get());
     let group_count = Resource::new(
         move || (package.get(), group.get()),
         |(package, group)| async move {
@@ -135,9 +135,10 @@ pub fn NewTaskPage() -> impl IntoView {
                         <legend>"Execution time"</legend>
                         <label class="inline"><input type="radio" name="start" value="now" checked on:change=move |_| set_later.set(false) />"Now"</label>
                         <label class="inline"><input type="radio" name="start" value="later" on:change=move |_| set_later.set(true) />"Scheduled"</label>
-                        <input type="datetime-local" name="schedule_time" aria-label="Start at" disabled=move || !later.get() required=later />
-                        <input type="hidden" name="tz_offset" prop:value=move || tz_offset.get().to_string() />
-                        <span class="hint">"Your local time; at most 7 days ahead"</span>
+                        <input type="datetime-local" name="schedule_time" aria-label="Start at" disabled=move || !later.get() required=later
+                            on:input=move |ev| set_schedule_at.set(event_target_value(&ev)) />
+                        <input type="hidden" name="tz_offset" prop:value=move || tz_offset().to_string() />
+                        <span class="hint">"Your local time (UTC without JavaScript); at most 7 days ahead"</span>
                         <FieldError error field="schedule_time" />
                     </fieldset>
                     <fieldset>
@@ -207,7 +208,7 @@ pub fn NewTaskPage() -> impl IntoView {
                 </div>
                 <p class="target-count" id="target-count">
                     {move || if targets.get() == "devices" {
-                        let n = device_ids.get().split([',', ' ', '\n', '\r', '\t']).filter(|s| !s.is_empty()).collect::<BTreeSet<_>>().len();
+                        let n = crate::api::parse_ids(&device_ids.get()).len();
                         format!("{n} devices will be upgraded.")
                     } else {
                         match group_count.get().flatten() {
@@ -238,7 +239,7 @@ pub fn TaskPage() -> impl IntoView {
     let stop = ServerAction::<StopTask>::new();
     let retry = ServerAction::<RetryTask>::new();
     let delete = ServerAction::<DeleteTask>::new();
-    let (tick, live) = live_updates(Some(params.get_untracked().get("id").unwrap_or_default()));
+    let (tick, live) = live_updates(move || params.read().get("id"));
     let commands = move || (stop.version().get(), retry.version().get());
     let detail = Resource::new(
         move || {
@@ -274,12 +275,20 @@ pub fn TaskPage() -> impl IntoView {
             navigate("/upgrades", Default::default());
         }
     });
+    // The outcome of the latest stop or retry, whichever came last.
+    let (last_command, set_last_command) = signal(None);
+    Effect::new(move |_| {
+        if let Some(r) = stop.value().get() {
+            set_last_command.set(Some(r));
+        }
+    });
+    Effect::new(move |_| {
+        if let Some(r) = retry.value().get() {
+            set_last_command.set(Some(r));
+        }
+    });
     let command_message = move || {
-        let result = [stop.value().get(), retry.value().get()]
-            .into_iter()
-            .flatten()
-            .next_back()?;
-        Some(match result {
+        Some(match last_command.get()? {
             Ok(r) if r.refused.is_empty() => view! { <p class="alert ok" role="status" id="command-result">"Done."</p> }.into_any(),
             Ok(r) => view! { <p class="alert error" role="alert" id="command-result">{r.refused.join("; ")}</p> }.into_any(),
             Err(e) => view! { <p class="alert error" role="alert" id="command-result">{e.message}</p> }.into_any(),
@@ -299,7 +308,7 @@ pub fn TaskPage() -> impl IntoView {
                     let (stop_id, retry_id, delete_id) = (task_id.clone(), task_id.clone(), task_id);
                     let ids: Vec<String> = d.devices.items.iter().map(|s| s.device_id.clone()).collect();
                     let status_filter = param("status");
-                    let base = format!("/upgrades/tasks/{}?status={}", t.task_id, status_filter);
+                    let base = format!("/upgrades/tasks/{}?status={}", t.task_id, encode(&status_filter));
                     let (total, offset, limit) = (d.devices.total, d.devices.offset, d.devices.limit);
                     view! {
                         <div class="page-head">
@@ -376,7 +385,7 @@ pub fn TaskPage() -> impl IntoView {
                                     <thead><tr><th class="check"><SelectAll selected ids /></th><th>"Device"</th><th>"Status"</th><th>"Step"</th><th>"Progress"</th><th class="num">"Attempts"</th><th>"Error"</th><th>"Started"</th><th>"Updated"</th><th>"Finished"</th></tr></thead>
                                     <tbody>
                                         {d.devices.items.into_iter().map(|s| {
-                                            let history = format!("/upgrades/tasks/{}?status={}&offset={}&device={}", t.task_id, param("status"), offset, s.device_id);
+                                            let history = format!("/upgrades/tasks/{}?status={}&offset={}&device={}", t.task_id, encode(&param("status")), offset, encode(&s.device_id));
                                             view! {
                                                 <tr data-device=s.device_id.clone()>
                                                     <td class="check"><SelectBox selected id=s.device_id.clone() /></td>

@@ -3,7 +3,8 @@
 //!
 //! Each event is named by its kind (`task.changed`, `subtask.changed`) and carries the record as JSON.
 //! A client that falls behind by more than the broadcast buffer gets one `resync` event and should
-//! reload what it shows. The stream ends when the server shuts down.
+//! reload what it shows. The stream ends when the server shuts down, and when the console session that
+//! opened it ends (sign-out, expiry, a password change), checked every [`SESSION_RECHECK`].
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use axum::Extension;
 use axum::extract::{Query, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum_extra::extract::CookieJar;
 use backend::driver::Event;
 use futures::StreamExt;
 use serde::Deserialize;
@@ -20,6 +22,9 @@ use tokio::sync::broadcast::error::RecvError;
 use super::ServerState;
 use super::iotda::IotdaError;
 use super::signed::Caller;
+
+/// How often an open stream checks that its session still exists.
+const SESSION_RECHECK: Duration = Duration::from_secs(30);
 
 /// `?task_id=`: only this task's events.
 #[derive(Debug, Deserialize)]
@@ -31,6 +36,7 @@ pub(super) struct EventsQuery {
 /// `GET /events`
 pub(super) async fn stream(
     State(state): State<ServerState>,
+    jar: CookieJar,
     caller: Option<Extension<Caller>>,
     Query(query): Query<EventsQuery>,
 ) -> Response {
@@ -51,7 +57,33 @@ pub(super) async fn stream(
     })
     .filter_map(move |event| std::future::ready(filter.frame(event.as_ref())));
     let stopping = state.stopping.clone();
-    let events = events.take_until(async move { stopping.cancelled().await });
+    let session = jar
+        .get(super::auth::SESSION_COOKIE)
+        .map(|c| c.value().to_owned());
+    let app = state.app.clone();
+    let session_ended = async move {
+        // A signed API caller proved itself once; a console session can end while the stream is open.
+        let Some(token) = session else {
+            return std::future::pending().await;
+        };
+        let mut every = tokio::time::interval(SESSION_RECHECK);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            if backend::service::auth::authenticate(&app, &token)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let events = events.take_until(async move {
+        tokio::select! {
+            () = stopping.cancelled() => {}
+            () = session_ended => {}
+        }
+    });
     Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()

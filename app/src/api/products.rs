@@ -87,3 +87,16 @@ pub async fn delete_product(product_id: String) -> Result<(), ApiError> {
     backend::service::products::delete(&state, &user.project_id, &product_id).await?;
     Ok(())
 }
+
+/// Renames a product.
+#[server(prefix = "/api", endpoint = "rename_product")]
+pub async fn rename_product(product_id: String, name: String) -> Result<(), ApiError> {
+    use backend::service::products;
+    let (state, user) = super::ssr::context().await?;
+    let change = products::ProductUpdate {
+        name: Some(name),
+        ..Default::default()
+    };
+    products::update(&state, &user.project_id, &product_id, change).await?;
+    Ok(())
+}

@@ -62,6 +62,26 @@ async fn the_console_imports_groups_uploads_and_runs_a_task_with_live_events() {
     )
     .await;
 
+    call(
+        &app,
+        &cookie,
+        "rename_product",
+        &[("product_id", "meter"), ("name", "Water meter")],
+        200,
+    )
+    .await;
+    let bad_name = call(
+        &app,
+        &cookie,
+        "rename_product",
+        &[("product_id", "meter"), ("name", "")],
+        422,
+    )
+    .await;
+    assert!(bad_name["fields"]["name"].is_string(), "{bad_name}");
+    let products = call(&app, &cookie, "list_products", &[], 200).await;
+    assert_eq!(products["items"][0]["name"], "Water meter");
+
     // CSV import: good lines are registered (secrets returned once), a bad line is reported by number.
     let csv = "node_id,device_name\nn1,Pump house\n\"n2\",\"Tank, north\"\nbad id!,Broken\n";
     let imported = call(

@@ -44,6 +44,18 @@ pub fn FormError(error: Signal<Option<ApiError>>) -> impl IntoView {
     }
 }
 
+/// The page's `?offset=` (rows skipped by the [`Pager`]), 0 when absent or not a number.
+pub fn use_offset() -> impl Fn() -> u64 + Copy + Send + Sync + 'static {
+    let query = leptos_router::hooks::use_query_map();
+    move || {
+        query
+            .read()
+            .get("offset")
+            .and_then(|o| o.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
 /// "rows a-b of n" with previous/next links that keep the other query parameters.
 #[component]
 pub fn Pager(total: u64, offset: u64, limit: u64, #[prop(into)] base: String) -> impl IntoView {

@@ -1,17 +1,5 @@
 import { expect, test, type Page } from "@playwright/test";
-import * as fs from "node:fs";
-
-const PASSWORD = process.env.E2E_PASSWORD ?? "";
-const SHOTS = "screenshots";
-fs.mkdirSync(SHOTS, { recursive: true });
-
-async function signIn(page: Page) {
-  await page.goto("/login");
-  await page.getByLabel("User name").fill("admin");
-  await page.getByLabel("Password").fill(PASSWORD);
-  await page.getByRole("button", { name: "Sign in" }).click();
-  await expect(page).toHaveURL(/\/devices$/);
-}
+import { PASSWORD, SHOTS, signIn } from "./helpers";
 
 /** Resolves once the hydrate bundle has been fetched. */
 function wasmLoaded(page: Page) {

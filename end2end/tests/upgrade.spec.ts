@@ -1,26 +1,15 @@
 import { expect, test, type Page } from "@playwright/test";
 import { spawn, type ChildProcess } from "node:child_process";
-import * as fs from "node:fs";
+import { SHOTS, signIn } from "./helpers";
 
 // An operator's whole upgrade in the console, with `updraft sim` devices doing the real MQTT + HTTPS
 // flow: a product, simulated devices added to a group from the device list, a package uploaded with a
 // progress bar, a task for the group watched live to the end, a device's detail, and a stopped task
 // whose delete is refused while it runs.
 
-const PASSWORD = process.env.E2E_PASSWORD ?? "";
 const BIN = process.env.UPDRAFT_BIN ?? "";
 const DATA = process.env.E2E_DATA_DIR ?? "";
 const MQTT_PORT = process.env.E2E_MQTT_PORT ?? "";
-const SHOTS = "screenshots";
-fs.mkdirSync(SHOTS, { recursive: true });
-
-async function signIn(page: Page) {
-  await page.goto("/login");
-  await page.getByLabel("User name").fill("admin");
-  await page.getByLabel("Password").fill(PASSWORD);
-  await page.getByRole("button", { name: "Sign in" }).click();
-  await expect(page).toHaveURL(/\/devices$/);
-}
 
 /** Navigates and waits until the page is hydrated (the frontend marks the body). */
 async function open(page: Page, path: string) {

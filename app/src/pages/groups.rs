@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use leptos::prelude::*;
 use leptos_meta::Title;
 use leptos_router::components::A;
-use leptos_router::hooks::{use_params_map, use_query_map};
+use leptos_router::hooks::use_params_map;
 
 use crate::api::groups::{
     ChangeMembers, CreateGroup, DeleteGroup, RenameGroup, group_detail, list_groups,
@@ -61,15 +61,8 @@ pub fn GroupsPage() -> impl IntoView {
 #[component]
 pub fn GroupPage() -> impl IntoView {
     let params = use_params_map();
-    let query = use_query_map();
     let id = move || params.read().get("id").unwrap_or_default();
-    let offset = move || {
-        query
-            .read()
-            .get("offset")
-            .and_then(|o| o.parse().ok())
-            .unwrap_or(0_u64)
-    };
+    let offset = crate::components::use_offset();
     let rename = ServerAction::<RenameGroup>::new();
     let remove = ServerAction::<ChangeMembers>::new();
     let delete = ServerAction::<DeleteGroup>::new();

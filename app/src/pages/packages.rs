@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use leptos::prelude::*;
 use leptos_meta::Title;
 use leptos_router::components::A;
-use leptos_router::hooks::{use_params_map, use_query_map};
+use leptos_router::hooks::use_params_map;
 
 use crate::api::products::list_products;
 use crate::api::session::whoami;
@@ -23,14 +23,7 @@ use crate::error::{ApiError, ErrorCode};
 /// `/upgrades/packages`
 #[component]
 pub fn PackagesPage() -> impl IntoView {
-    let query = use_query_map();
-    let offset = move || {
-        query
-            .read()
-            .get("offset")
-            .and_then(|o| o.parse().ok())
-            .unwrap_or(0_u64)
-    };
+    let offset = crate::components::use_offset();
     let (upload, set_upload) = signal(Upload::Idle);
     let uploaded = move || {
         matches!(

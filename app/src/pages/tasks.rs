@@ -23,14 +23,7 @@ use crate::components::{
 /// `/upgrades`: every task, newest first, live.
 #[component]
 pub fn TasksPage() -> impl IntoView {
-    let query = use_query_map();
-    let offset = move || {
-        query
-            .read()
-            .get("offset")
-            .and_then(|o| o.parse().ok())
-            .unwrap_or(0_u64)
-    };
+    let offset = crate::components::use_offset();
     let (tick, live) = live_updates(|| None);
     let tasks = Resource::new(
         move || (offset(), tick.get()),

@@ -442,9 +442,9 @@ impl ObjectReader {
         }
     }
 
-    /// Counts the bytes of every chunk read from now on in `gauge` for as long as the chunk (or any slice
-    /// of it) is alive, so callers can bound the memory held by chunks that are still queued for a slow
-    /// reader (local files only).
+    /// Counts the bytes of every chunk read from now on in `gauge`, from the start of its read (a chunk
+    /// read ahead counts while it waits) for as long as the chunk (or any slice of it) is alive, so callers
+    /// can bound the memory held by chunks that are still queued for a slow reader (local files only).
     pub fn track(&mut self, gauge: Arc<AtomicUsize>) {
         if let Self::File(f) = self {
             f.gauge = Some(gauge);
@@ -519,6 +519,20 @@ struct Chunk {
     gauge: Option<Arc<AtomicUsize>>,
 }
 
+impl Chunk {
+    /// An empty chunk in `buf`, counted in `gauge` from now on.
+    fn new(buf: Vec<u8>, gauge: Option<Arc<AtomicUsize>>) -> Self {
+        if let Some(gauge) = &gauge {
+            gauge.fetch_add(buf.len(), Ordering::Relaxed);
+        }
+        Self {
+            buf,
+            filled: 0,
+            gauge,
+        }
+    }
+}
+
 impl AsRef<[u8]> for Chunk {
     fn as_ref(&self) -> &[u8] {
         &self.buf[..self.filled]
@@ -548,7 +562,7 @@ impl Stream for ObjectReader {
     }
 }
 
-type ReadJob = tokio::task::JoinHandle<io::Result<(Vec<u8>, usize)>>;
+type ReadJob = tokio::task::JoinHandle<io::Result<Chunk>>;
 
 /// Positional reads of `pos..end` from a shared file handle, one chunk at a time on the blocking pool.
 pub struct FileChunks {
@@ -575,18 +589,18 @@ impl FileChunks {
             .unwrap_or(usize::MAX)
             .min(self.chunk);
         let pos = self.pos;
+        // The buffer counts from now: a chunk read ahead, waiting to be asked for, holds memory too.
+        let mut chunk = Chunk::new(POOL.take(len), self.gauge.clone());
         self.pending = Some(tokio::task::spawn_blocking(move || {
-            let mut buf = POOL.take(len);
-            let mut filled = 0;
-            while filled < len {
-                match file.read_at(&mut buf[filled..len], pos + filled as u64) {
+            while chunk.filled < len {
+                match file.read_at(&mut chunk.buf[chunk.filled..len], pos + chunk.filled as u64) {
                     Ok(0) => break,
-                    Ok(n) => filled += n,
+                    Ok(n) => chunk.filled += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
             }
-            Ok((buf, filled))
+            Ok(chunk)
         }));
     }
 }
@@ -607,23 +621,16 @@ impl Stream for FileChunks {
         let result = std::task::ready!(Pin::new(job).poll(cx));
         self.pending = None;
         Poll::Ready(Some(match result {
-            Ok(Ok((_, 0))) => {
+            Ok(Ok(chunk)) if chunk.filled == 0 => {
                 self.file = None;
                 Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the file is shorter than recorded",
                 ))
             }
-            Ok(Ok((buf, filled))) => {
-                self.pos += filled as u64;
-                if let Some(gauge) = &self.gauge {
-                    gauge.fetch_add(buf.len(), Ordering::Relaxed);
-                }
-                let chunk = Bytes::from_owner(Chunk {
-                    buf,
-                    filled,
-                    gauge: self.gauge.clone(),
-                });
+            Ok(Ok(chunk)) => {
+                self.pos += chunk.filled as u64;
+                let chunk = Bytes::from_owner(chunk);
                 // Read ahead: the next chunk is read while this one is being sent.
                 if self.read_ahead {
                     self.spawn_read();

@@ -1431,3 +1431,49 @@ async fn tasks_interrupted_while_starting_are_picked_up_after_a_restart() {
         t.cleanup().await;
     }
 }
+
+/// A chunk read ahead counts against the download budget while it waits, not only once returned: a
+/// thousand stalled downloads must not each hold an uncounted read.
+#[tokio::test]
+async fn read_ahead_chunks_count_in_the_gauge_from_the_start_of_their_read() {
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let store = PackageStore::open(&StoreSettings {
+        bucket: "updraft".into(),
+        location: StoreLocation::Local {
+            dir: dir.path().join("packages"),
+        },
+        max_package_size: 1024 * 1024,
+        offload: false,
+    })
+    .unwrap();
+    let key = domain::package::ObjectKey::parse("uploads/gauge.bin").unwrap();
+    let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
+        7u8;
+        64 * 1024
+    ]))]);
+    store.put_stream(&key, body).await.unwrap();
+
+    let gauge = Arc::new(AtomicUsize::new(0));
+    let mut reader = store.open_range(&key, 0..64 * 1024, 4096).await.unwrap();
+    reader.track(gauge.clone());
+    reader.set_read_ahead(true);
+    let first = reader.next().await.unwrap().unwrap();
+    assert_eq!(first.len(), 4096);
+    assert_eq!(
+        gauge.load(Ordering::Relaxed),
+        2 * 4096,
+        "the chunk returned and the one being read ahead"
+    );
+    drop(first);
+    assert_eq!(gauge.load(Ordering::Relaxed), 4096);
+    let rest: Vec<_> = reader.map(Result::unwrap).collect().await;
+    assert_eq!(rest.iter().map(bytes::Bytes::len).sum::<usize>(), 60 * 1024);
+    drop(rest);
+    assert_eq!(
+        gauge.load(Ordering::Relaxed),
+        0,
+        "every chunk uncounted when dropped"
+    );
+}

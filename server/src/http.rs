@@ -226,5 +226,6 @@ pub fn router(state: ServerState) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .layer(axum::middleware::from_fn_with_state(state.transfers.clone(), download::admit))
         .with_state(state)
 }

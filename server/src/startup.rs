@@ -4,7 +4,9 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{self, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -17,10 +19,11 @@ use backend::{AppState, service};
 use leptos::prelude::LeptosOptions;
 use migrations::{Migrator, MigratorTrait};
 use secrecy::ExposeSecret;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::http::{ServerState, router};
+use crate::http::{ServerState, Transfers, router};
 use crate::tls;
 
 /// Opens what every command needs: the data directory, the secret key, the database (migrated), the
@@ -267,10 +270,14 @@ impl Application {
         }
         background.close();
 
+        let transfers = self.server.transfers.clone();
         let app = router(self.server).into_make_service_with_connect_info::<SocketAddr>();
         let mut server = axum_server::from_tcp_rustls(self.listener, self.tls)
             .context("HTTPS listener")?
-            .map(BoundedTls)
+            .map(|accept| LoadBoundedTls {
+                accept,
+                transfers: transfers.clone(),
+            })
             .handle(handle);
         server
             .http_builder()
@@ -300,36 +307,94 @@ impl Application {
     }
 }
 
-/// Unsent TLS data a connection may buffer (rustls' default is 64 KiB). The kernel's socket buffer keeps a
-/// fast link busy; this bounds what a stalled download holds in our memory.
-const TLS_SEND_BUFFER: usize = 16 * 1024 + 64;
-
-/// The rustls acceptor, with each connection's send buffer bounded to [`TLS_SEND_BUFFER`].
+/// The rustls acceptor, whose connections bound their unsent TLS data by the download load
+/// ([`Transfers::tls_send_buffer`]).
 #[derive(Clone, Debug)]
-struct BoundedTls<A>(A);
+struct LoadBoundedTls<A> {
+    accept: A,
+    transfers: Arc<Transfers>,
+}
 
-impl<A, S> axum_server::accept::Accept<tokio::net::TcpStream, S> for BoundedTls<A>
+impl<A, S> axum_server::accept::Accept<tokio::net::TcpStream, S> for LoadBoundedTls<A>
 where
-    A: axum_server::accept::Accept<
-            tokio::net::TcpStream,
-            S,
-            Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        >,
+    A: axum_server::accept::Accept<tokio::net::TcpStream, S, Stream = TlsStream>,
     A::Future: Send + 'static,
     A::Service: Send + 'static,
 {
-    type Stream = A::Stream;
+    type Stream = LoadBoundedStream;
     type Service = A::Service;
     type Future =
         futures::future::BoxFuture<'static, std::io::Result<(Self::Stream, Self::Service)>>;
 
     fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
-        let accepting = self.0.accept(stream, service);
+        let accepting = self.accept.accept(stream, service);
+        let transfers = self.transfers.clone();
         Box::pin(async move {
-            let (mut tls, service) = accepting.await?;
-            tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
-            Ok((tls, service))
+            let (tls, service) = accepting.await?;
+            Ok((LoadBoundedStream { tls, transfers }, service))
         })
+    }
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection that sets its send-buffer bound (a field store) before every write.
+struct LoadBoundedStream {
+    tls: TlsStream,
+    transfers: Arc<Transfers>,
+}
+
+impl LoadBoundedStream {
+    fn bounded(&mut self) -> Pin<&mut TlsStream> {
+        let limit = self.transfers.tls_send_buffer();
+        self.tls.get_mut().1.set_buffer_limit(Some(limit));
+        Pin::new(&mut self.tls)
+    }
+}
+
+impl AsyncRead for LoadBoundedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LoadBoundedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.bounded().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.bounded().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
     }
 }
 

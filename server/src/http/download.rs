@@ -10,12 +10,13 @@
 //! download resumes; several ranges are answered with the whole file (RFC 9110 allows ignoring them).
 //!
 //! Bytes are streamed from the store. Memory stays bounded under load: all downloads share a read budget
-//! of 8 MiB. Every chunk read from the store counts against it until hyper has written it (and dropped
-//! it), so chunks stuck behind a stalled device are accounted for: a download reads up to 256 KiB at a
-//! time (reading the next chunk while one is sent) while the budget has room and few downloads run, and
-//! 4 KiB without reading ahead when it is spent or a thousand run.
-//! With hyper queueing at most one chunk per connection and rustls buffering at most one record, a
-//! stalled download costs a few tens of KiB.
+//! of 8 MiB. Every chunk read from the store counts against it from the start of its read (a chunk read
+//! ahead included) until hyper has written it (and dropped it), so chunks stuck behind a stalled device
+//! are accounted for: a download reads up to 256 KiB at a time (reading the next chunk while one is sent)
+//! while the budget has room and few downloads run, and 4 KiB without reading ahead when it is spent or a
+//! thousand run. Hyper queues at most one chunk per connection and rustls holds one read's worth of
+//! records ([`Transfers::tls_send_buffer`]); a crowd waiting to be authorized waits in [`admit`], before
+//! any other layer builds its state for it. A stalled download costs a few tens of KiB.
 
 use std::io;
 use std::pin::Pin;
@@ -94,6 +95,33 @@ impl Transfers {
         let size = fair.min(free).clamp(MIN_CHUNK, MAX_CHUNK);
         1 << size.ilog2()
     }
+
+    /// How much encrypted data a TLS connection may hold that its socket has not taken yet: one read's
+    /// worth, at most rustls' default of 64 KiB. A few fast downloads write four 16 KiB records per
+    /// system call; a stalled one in a crowd of a thousand holds 4 KiB (the kernel's socket buffer keeps
+    /// a fast link busy either way).
+    #[must_use]
+    pub fn tls_send_buffer(&self) -> usize {
+        self.chunk().min(64 * 1024)
+    }
+}
+
+/// The outermost middleware: a download request waits here for one of the [`ADMISSIONS`] before any
+/// other layer or the handler builds its state for it (about 15 KiB per request, which a crowd of a
+/// thousand devices would otherwise hold while queueing). The permit is held until the response head is
+/// ready: authorizing and opening are admitted, streaming the body is not.
+pub(super) async fn admit(
+    State(transfers): State<Arc<Transfers>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if !(path.starts_with("/download/") || path.starts_with("/fw/")) {
+        return next.run(request).await;
+    }
+    // Never closed, so acquiring only waits.
+    let _admitted = transfers.admissions.acquire().await;
+    next.run(request).await
 }
 
 /// The handler: every refusal is an IoTDA-style JSON error and nothing else.
@@ -128,8 +156,6 @@ fn refuse(e: impl Into<IotdaError>) -> Refusal {
 
 async fn serve(state: &ServerState, uri: &Uri, headers: &HeaderMap) -> Result<Response, Refusal> {
     let grant = if let Some(token) = uri.path().strip_prefix("/fw/") {
-        // Never closed, so acquiring only waits.
-        let _admitted = state.transfers.admissions.acquire().await;
         match downloads::authorize_token(&state.app, token)
             .await
             .map_err(refuse)?
@@ -140,7 +166,6 @@ async fn serve(state: &ServerState, uri: &Uri, headers: &HeaderMap) -> Result<Re
     } else {
         let (package_id, file_name) = parse_path(uri.path()).map_err(refuse)?;
         let token = bearer(headers).map_err(|d| refuse(denied(d)))?;
-        let _admitted = state.transfers.admissions.acquire().await;
         let grant = match downloads::authorize(&state.app, token, &package_id)
             .await
             .map_err(refuse)?
@@ -425,6 +450,17 @@ mod tests {
         );
         assert_eq!(with(100), 32 * 1024);
         assert_eq!(with(1000), MIN_CHUNK);
+        assert_eq!(
+            t.tls_send_buffer(),
+            MIN_CHUNK,
+            "a crowd's connections hold one small record each"
+        );
+        with(16);
+        assert_eq!(
+            t.tls_send_buffer(),
+            64 * 1024,
+            "a few fast connections write four full records at a time"
+        );
         t.active.store(1, Ordering::Relaxed);
         t.in_flight.store(READ_BUDGET, Ordering::Relaxed);
         assert_eq!(

@@ -1448,7 +1448,7 @@ async fn read_ahead_chunks_count_in_the_gauge_from_the_start_of_their_read() {
         offload: false,
     })
     .unwrap();
-    let key = domain::package::ObjectKey::parse("uploads/gauge.bin").unwrap();
+    let key = domain::package::ObjectKey::parse("firmware/gauge.bin").unwrap();
     let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(vec![
         7u8;
         64 * 1024

@@ -154,11 +154,19 @@ async fn a_standard_lwm2m_client_upgrades_its_firmware_block_wise_and_the_token_
         [30, 59, 469],
         "30 000 bytes in 1024-, 512- and 64-byte blocks"
     );
-    // Every token counted what it served and was revoked when its download ended.
-    let tokens = download_tokens::Entity::find()
-        .all(&app.state.db)
-        .await
-        .unwrap();
+    // Every token counted what it served and was revoked when its download ended. The last count is
+    // written in the background after the last block: poll for it (bounded).
+    let mut tokens = Vec::new();
+    for _ in 0..250 {
+        tokens = download_tokens::Entity::find()
+            .all(&app.state.db)
+            .await
+            .unwrap();
+        if tokens.iter().all(|t| t.bytes_served == 30_000) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(tokens.len(), 3);
     for t in &tokens {
         assert!(t.revoked_at.is_some(), "{t:?}");

@@ -5,7 +5,7 @@ UPDRAFT := $(TARGET_DIR)/debug/updraft
 # The wasm build needs RUSTC_BOOTSTRAP=1, which must not touch host artifacts: its own target directory.
 WASM_TARGET_DIR := $(TARGET_DIR)/wasm-build
 
-.PHONY: setup server site run test bench bench-tasks bench-lwm2m bench-console fuzz api-fuzz check fmt fmt-check clippy purity unit e2e clean-data
+.PHONY: setup server site run test bench bench-tasks chaos bench-lwm2m bench-console fuzz api-fuzz check fmt fmt-check clippy purity unit e2e clean-data
 
 setup:
 	@scripts/setup.sh
@@ -32,6 +32,13 @@ bench: setup
 ## Upgrade-task benchmark: 10 000 simulated MQTT devices, one task (release build; `ARGS=2000` for fewer).
 bench-tasks: setup
 	scripts/bench-tasks.sh $(ARGS)
+
+## Crash benchmark: 5 000 simulated MQTT devices, one task, the server SIGKILLed 3 times and restarted
+## (release build): time to completion, outcomes, upgrades run twice, counters against rows. On SQLite, then
+## on PostgreSQL when CHAOS_POSTGRES_URL is set. `ARGS="300 2"` for a quick look.
+chaos: setup
+	scripts/chaos.sh $(ARGS)
+	@if [ -n "$${CHAOS_POSTGRES_URL:-}" ]; then CHAOS_DATABASE_URL="$$CHAOS_POSTGRES_URL" scripts/chaos.sh $(ARGS); fi
 
 ## LwM2M/PCP benchmark: segments served per second, and a 5 000-device, 100-cell campaign (release build).
 bench-lwm2m: setup

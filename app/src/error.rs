@@ -34,6 +34,8 @@ pub enum ErrorCode {
     RateLimited,
     /// 500
     Internal,
+    /// 503: the server is at a limit; try again shortly.
+    Busy,
 }
 
 impl ErrorCode {
@@ -47,6 +49,7 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::RateLimited => 429,
             Self::Internal => 500,
+            Self::Busy => 503,
         }
     }
 }
@@ -133,6 +136,7 @@ impl ApiError {
             E::Conflict(m) => Self::new(ErrorCode::Conflict, m),
             E::Unauthorized(m) => Self::new(ErrorCode::Unauthorized, m),
             E::RateLimited { .. } => Self::new(ErrorCode::RateLimited, e.to_string()),
+            E::Busy { .. } => Self::new(ErrorCode::Busy, e.to_string()),
             E::TooLarge { .. } => {
                 let mut api = Self::new(ErrorCode::Validation, e.to_string());
                 api.fields.insert("file".to_owned(), e.to_string());

@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
 
+/// Connections in the pool on a SQLite file (each holds the file, its WAL and its shared memory open).
+pub const SQLITE_POOL: u32 = 8;
+/// Connections in the pool on PostgreSQL.
+pub const POSTGRES_POOL: u32 = 32;
+
 /// Opens a pool on `url`. For a SQLite file, its directory is created and WAL is switched on.
 ///
 /// # Errors
@@ -26,7 +31,7 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
     if sqlite {
         // SQLite serialises writers anyway; a small pool avoids "database is locked" storms, and the busy
         // timeout lets a writer wait for another instead of failing.
-        opts.max_connections(8)
+        opts.max_connections(SQLITE_POOL)
             .min_connections(1)
             .map_sqlx_sqlite_opts(|o| {
                 o.create_if_missing(true)
@@ -36,7 +41,7 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
                     .busy_timeout(Duration::from_secs(10))
             });
     } else {
-        opts.max_connections(32).min_connections(1);
+        opts.max_connections(POSTGRES_POOL).min_connections(1);
     }
     let db = Database::connect(opts).await?;
     if sqlite {

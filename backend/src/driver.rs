@@ -1312,12 +1312,18 @@ impl Driver {
                         task_id: Some(row.task_id.clone()),
                     };
                     protocol::ota::upgrade_event_v2(&row.device_id, &event_time, kind, &notice)
-                } else if downloads::live_and_used(txn, now, row.id).await? {
-                    // A re-send after a reconnect, but the device already downloads with its token.
-                    tracing::debug!(device_id = %row.device_id, "upgrade event not re-sent: download in progress");
-                    return Ok(());
                 } else {
-                    let token = downloads::issue_in(txn, now, ttl, row, &package.id).await?;
+                    // A re-send (after a reconnect or a restart) carries the token the device may be
+                    // downloading with already, so it resumes instead of starting over.
+                    let token = downloads::reuse_or_issue_in(
+                        txn,
+                        &state.sealer,
+                        now,
+                        ttl,
+                        row,
+                        &package.id,
+                    )
+                    .await?;
                     let notice = protocol::ota::UpgradeNotice {
                         version: package.version.clone(),
                         url: download_url(
@@ -1382,7 +1388,8 @@ impl Driver {
                 // A fresh URI each time (a device that registered again starts over with it).
                 downloads::revoke_subtask(txn, now, row.id).await?;
                 let ttl = state.settings.download_token_ttl;
-                let token = downloads::issue_in(txn, now, ttl, row, &package.id).await?;
+                let token =
+                    downloads::issue_in(txn, &state.sealer, now, ttl, row, &package.id).await?;
                 let settings = &self.inner.settings;
                 let (uri, blocks) = match plan.firmware_download {
                     FirmwareDownload::Coap => (

@@ -40,12 +40,21 @@ pub enum Error {
     /// The package store failed.
     #[error("package store error: {0}")]
     Storage(#[from] object_store::Error),
-    /// The database failed.
-    #[error("database error")]
+    /// The database failed. (The message carries the cause for the log; callers never show it.)
+    #[error("database error: {0}")]
     Db(#[from] sea_orm::DbErr),
     /// A stored secret could not be opened (wrong key file?).
     #[error("stored secret could not be opened")]
     Secrets(#[from] crate::secrets::SecretsError),
+    /// The server is at one of its limits (descriptors, open package files, connections): the caller
+    /// should try again after `retry_after`. Never a failure of the request itself.
+    #[error("the server is busy ({what}); try again in {} s", .retry_after.as_secs().max(1))]
+    Busy {
+        /// Which limit was reached.
+        what: &'static str,
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// Anything else that is our fault.
     #[error("internal error: {0}")]
     Internal(String),

@@ -117,6 +117,8 @@ struct Ctx {
     sessions: Mutex<HashMap<String, SessionHandle>>,
     next_session: AtomicU64,
     connections: AtomicUsize,
+    /// Connections refused for the cap since start.
+    refused: AtomicU64,
 }
 
 struct SessionHandle {
@@ -129,6 +131,10 @@ struct SessionHandle {
 
 /// Downlinks queued per session before it drops them (a device this far behind will be asked again).
 const DOWN_QUEUE: usize = 64;
+
+/// Connections past `max_connections` that may be in the middle of being refused (CONNACK 3) at once;
+/// past that, new connections are closed as soon as they are accepted.
+pub const REFUSING: usize = 64;
 
 /// Publishes the driver's messages through the platform link.
 struct RouterDownlink {
@@ -220,6 +226,7 @@ impl MqttEndpoint {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
         });
         state.driver.set_downlink(Arc::new(RouterDownlink {
             _link: Mutex::new(tx),
@@ -229,7 +236,13 @@ impl MqttEndpoint {
         Ok(Self { ctx })
     }
 
-    /// Open device connections.
+    /// Connections refused for the cap (`max_connections`) since start.
+    #[must_use]
+    pub fn refused(&self) -> u64 {
+        self.ctx.refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now (in a handshake, logging in, or connected).
     #[must_use]
     pub fn connections(&self) -> usize {
         self.ctx.connections.load(Ordering::Relaxed)
@@ -270,6 +283,15 @@ impl MqttEndpoint {
                     }
                 },
             };
+            // Past the cap and past the refusals in progress: close at once, so a crowd cannot take the
+            // descriptors that connected devices, downloads and the database need.
+            if self.ctx.connections.load(Ordering::Relaxed)
+                >= self.ctx.settings.max_connections + REFUSING
+            {
+                self.ctx.refused.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+                continue;
+            }
             let _ = stream.set_nodelay(true);
             let ctx = self.ctx.clone();
             let stop = stop.clone();
@@ -348,9 +370,29 @@ async fn uplinks(
                 break;
             }
         }
-        if let Err(e) = state.driver.device_events(&state, batch).await {
-            tracing::warn!(error.message = %e, "mqtt: handling device events failed");
+        apply_with_retries(&state, batch).await;
+    }
+}
+
+/// Hands `batch` to the driver; a failure (the database busy or briefly unreachable) is tried again with
+/// backoff rather than dropped, because a dropped batch loses connects and final reports, and with them
+/// the devices' subtasks. Events wait meanwhile (the router link and the session queue hold them).
+async fn apply_with_retries(state: &AppState, batch: Vec<(String, DeviceEvent)>) {
+    const ATTEMPTS: u32 = 10;
+    for attempt in 1..=ATTEMPTS {
+        let Err(e) = state.driver.device_events(state, batch.clone()).await else {
+            return;
+        };
+        if attempt == ATTEMPTS || !e.is_internal() {
+            tracing::error!(
+                error.message = %e, error.cause_chain = ?e, events = batch.len(),
+                "mqtt: handling device events failed; the devices' next connect or report catches up"
+            );
+            return;
         }
+        let wait = Duration::from_millis(100u64 << attempt.min(7));
+        tracing::warn!(error.message = %e, attempt, retry_in = ?wait, "mqtt: handling device events failed; retrying");
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -481,6 +523,13 @@ where
         }
         Ok(Ok(None) | Err(_)) | Err(_) => return,
     };
+    // Over the cap: "server unavailable" before any work (the login is not even checked); devices retry.
+    if ctx.connections.load(Ordering::Relaxed) > ctx.settings.max_connections {
+        ctx.refused.fetch_add(1, Ordering::Relaxed);
+        let _ = write(&mut wr, refuse(ConnectReturnCode::ServiceUnavailable), max).await;
+        let _ = wr.shutdown().await;
+        return;
+    }
     let device_id = match authenticate(ctx, &connect).await {
         Ok(id) => id,
         Err(code) => {
@@ -490,10 +539,6 @@ where
             return;
         }
     };
-    if ctx.connections.load(Ordering::Relaxed) > ctx.settings.max_connections {
-        let _ = write(&mut wr, refuse(ConnectReturnCode::ServiceUnavailable), max).await;
-        return;
-    }
 
     // One session per device: end an earlier one (and wait for it to leave the router) first.
     let id = ctx.next_session.fetch_add(1, Ordering::Relaxed);

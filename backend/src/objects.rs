@@ -8,13 +8,20 @@
 //! - **Reads stream.** [`PackageStore::open_range`] returns a [`ObjectReader`] over a byte range. For the
 //!   local directory it reads the file `object_store` opened in chunks the caller sizes (the downloader
 //!   shrinks them as concurrency grows, to bound memory); for S3 it forwards the GET body.
+//! - **A package being served is opened once.** Local files are shared by every download of them through
+//!   [`OpenFiles`]: ten thousand devices fetching one package hold one descriptor for it, not ten
+//!   thousand. At most `max_open_files` distinct packages are open at once; beyond that, and when the
+//!   process is out of descriptors, a read is refused with [`Error::Busy`] (503 + `Retry-After` on the
+//!   wire), never an internal error.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
@@ -73,6 +80,8 @@ pub struct StoreSettings {
     /// With an S3-compatible store: send devices presigned URLs to the bucket (IoTDA's `*_upgrade_v2`)
     /// for uploaded packages too, not only for registered bucket objects, so bytes bypass Updraft.
     pub offload: bool,
+    /// The most distinct local package files open at once (each is shared by all its downloads).
+    pub max_open_files: usize,
 }
 
 /// What a completed write or a digest measured.
@@ -93,6 +102,101 @@ pub struct PackageStore {
     offload: bool,
     bucket: Arc<str>,
     max_package_size: u64,
+    /// The local directory's files being served (`None` for S3).
+    open_files: Option<Arc<OpenFiles>>,
+}
+
+/// How long a caller refused for want of descriptors or open-file slots should wait.
+const BUSY_RETRY: Duration = Duration::from_secs(2);
+
+/// The local package files being read, each opened once and shared by every reader (`read_at` needs no
+/// seek position, so readers never disturb each other). An entry closes when its last reader is done.
+#[derive(Debug)]
+struct OpenFiles {
+    fs: Arc<object_store::local::LocalFileSystem>,
+    files: Mutex<HashMap<String, Weak<std::fs::File>>>,
+    max: usize,
+}
+
+impl OpenFiles {
+    /// The open file of `key`, shared, opening it if no reader has it open.
+    async fn open(&self, key: &ObjectKey) -> Result<Arc<std::fs::File>> {
+        if let Some(file) = self.live(key) {
+            return Ok(file);
+        }
+        let path = self
+            .fs
+            .path_to_filesystem(&PackageStore::path(key)?)
+            .map_err(Error::Storage)?;
+        let opened = tokio::task::spawn_blocking(move || std::fs::File::open(path))
+            .await
+            .map_err(|e| Error::Internal(format!("opening a package file: {e}")))?;
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::not_found("object", key.as_str()));
+            }
+            Err(e) if out_of_descriptors(&e) => {
+                tracing::warn!(error.message = %e, "package store: out of file descriptors");
+                return Err(Error::Busy {
+                    what: "file descriptors",
+                    retry_after: BUSY_RETRY,
+                });
+            }
+            Err(e) => {
+                return Err(Error::Internal(format!(
+                    "opening package object {}: {e}",
+                    key.as_str()
+                )));
+            }
+        };
+        let mut files = self.files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Another reader may have opened it meanwhile: share theirs (ours closes here).
+        if let Some(file) = files.get(key.as_str()).and_then(Weak::upgrade) {
+            return Ok(file);
+        }
+        files.retain(|_, f| f.strong_count() > 0);
+        if files.len() >= self.max {
+            return Err(Error::Busy {
+                what: "open package files",
+                retry_after: BUSY_RETRY,
+            });
+        }
+        let file = Arc::new(file);
+        files.insert(key.as_str().to_owned(), Arc::downgrade(&file));
+        Ok(file)
+    }
+
+    fn live(&self, key: &ObjectKey) -> Option<Arc<std::fs::File>> {
+        self.files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key.as_str())
+            .and_then(Weak::upgrade)
+    }
+
+    /// Files open now (shared ones count once).
+    fn count(&self) -> usize {
+        self.files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|f| f.strong_count() > 0)
+            .count()
+    }
+
+    /// Forgets `key` (deleted): readers that have it keep reading; the next one opens the new object.
+    fn forget(&self, key: &ObjectKey) {
+        self.files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key.as_str());
+    }
+}
+
+/// `EMFILE` or `ENFILE`: the process or the system has no descriptor left.
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(24 | 23))
 }
 
 impl PackageStore {
@@ -103,6 +207,7 @@ impl PackageStore {
     pub fn open(settings: &StoreSettings) -> Result<Self> {
         domain::package::parse_bucket_name(&settings.bucket)?;
         let mut signer = None;
+        let mut open_files = None;
         let inner: Arc<dyn ObjectStore> = match &settings.location {
             StoreLocation::Local { dir } => {
                 std::fs::create_dir_all(dir).map_err(|e| {
@@ -116,7 +221,13 @@ impl PackageStore {
                         Error::Internal(format!("package directory {}: {e}", dir.display()))
                     })?
                     .with_automatic_cleanup(true);
-                Arc::new(fs)
+                let fs = Arc::new(fs);
+                open_files = Some(Arc::new(OpenFiles {
+                    fs: fs.clone(),
+                    files: Mutex::new(HashMap::new()),
+                    max: settings.max_open_files.max(1),
+                }));
+                fs
             }
             StoreLocation::S3 {
                 endpoint,
@@ -154,6 +265,7 @@ impl PackageStore {
             offload: settings.offload,
             bucket: Arc::from(settings.bucket.as_str()),
             max_package_size: settings.max_package_size,
+            open_files,
         })
     }
 
@@ -306,6 +418,17 @@ impl PackageStore {
         if range.is_empty() {
             return Ok(ObjectReader::Empty);
         }
+        if let Some(files) = &self.open_files {
+            return Ok(ObjectReader::File(FileChunks {
+                file: Some(files.open(key).await?),
+                pos: range.start,
+                end: range.end,
+                chunk: chunk.max(4096),
+                pending: None,
+                gauge: None,
+                read_ahead: false,
+            }));
+        }
         let options = GetOptions {
             range: Some(GetRange::Bounded(range.clone())),
             ..GetOptions::default()
@@ -336,10 +459,19 @@ impl PackageStore {
     /// # Errors
     /// [`Error::Storage`].
     pub async fn delete(&self, key: &ObjectKey) -> Result<()> {
+        if let Some(files) = &self.open_files {
+            files.forget(key);
+        }
         match self.inner.delete(&Self::path(key)?).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Local package files open now for reading (each shared by all its readers); 0 for S3.
+    #[must_use]
+    pub fn open_files(&self) -> usize {
+        self.open_files.as_ref().map_or(0, |f| f.count())
     }
 
     /// Writes `bytes` at `key` in one request (test fixtures and small objects).

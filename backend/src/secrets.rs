@@ -10,6 +10,8 @@ use std::path::Path;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 
@@ -35,9 +37,11 @@ pub enum SecretsError {
     Open,
 }
 
-/// Seals and opens secrets with the installation's key.
+/// Seals and opens secrets with the installation's key, and derives download tokens from it.
 pub struct Sealer {
     cipher: XChaCha20Poly1305,
+    /// HMAC-SHA256 keyed with a subkey of the installation's key, for [`Sealer::derive_token`].
+    tokens: Hmac<Sha256>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -60,7 +64,13 @@ impl Sealer {
         }
         let cipher = XChaCha20Poly1305::new_from_slice(key.expose_secret())
             .map_err(|_| SecretsError::BadKey)?;
-        Ok(Self { cipher })
+        // A separate subkey, so tokens and sealed values never share a key.
+        let mut sub = <Hmac<Sha256> as Mac>::new_from_slice(key.expose_secret())
+            .map_err(|_| SecretsError::BadKey)?;
+        sub.update(b"updraft download tokens v1");
+        let tokens = <Hmac<Sha256> as Mac>::new_from_slice(&sub.finalize().into_bytes())
+            .map_err(|_| SecretsError::BadKey)?;
+        Ok(Self { cipher, tokens })
     }
 
     /// Loads the key from `path`, creating it (0600) with a fresh random key if it does not exist.
@@ -86,6 +96,16 @@ impl Sealer {
             }
             Err(e) => Err(io(e)),
         }
+    }
+
+    /// A bearer token (64 hex digits) derived from the installation's key and `context`: the same context
+    /// always gives the same token, so a token can be handed out again (a re-sent upgrade event after a
+    /// reconnect or a restart) while only its hash is stored; without the key it cannot be guessed.
+    #[must_use]
+    pub fn derive_token(&self, context: &str) -> String {
+        let mut mac = self.tokens.clone();
+        mac.update(context.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
     }
 
     /// Seals `plain` for the row identified by `row`.

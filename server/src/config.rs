@@ -64,6 +64,9 @@ pub struct HttpSettings {
     /// How long in-flight requests may take to finish after SIGTERM before connections are cut.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// The most HTTPS connections at once; more are answered 503 with `Retry-After`. Default: derived
+    /// from the descriptor budget (`crate::budget`).
+    pub max_connections: Option<usize>,
 }
 
 /// TLS. Without `cert`/`key`, Updraft generates a local CA and a server certificate on first start
@@ -139,6 +142,9 @@ pub struct PackageSettings {
     pub dir: Option<PathBuf>,
     /// The largest package accepted, in bytes (default 4 GiB).
     pub max_size: u64,
+    /// The most distinct local package files open at once for downloads (each shared by all of its
+    /// downloads); a download of yet another package gets 503 with `Retry-After`.
+    pub max_open_files: usize,
     /// The S3-compatible bucket (with `store = "s3"`).
     pub s3: S3Settings,
 }
@@ -250,8 +256,9 @@ pub struct MqttSettings {
     /// How far a signature-type-1 login timestamp may be from the clock.
     #[serde(with = "humantime_serde")]
     pub timestamp_skew: Duration,
-    /// The most device connections at once.
-    pub max_connections: usize,
+    /// The most device connections at once (plain and TLS); more get CONNACK 3. Default: what the
+    /// descriptor budget leaves (`crate::budget`).
+    pub max_connections: Option<usize>,
     /// The largest MQTT packet accepted, in bytes.
     pub max_packet_size: usize,
 }
@@ -354,7 +361,7 @@ impl Default for MqttSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
             timestamp_skew: d.timestamp_skew,
-            max_connections: d.max_connections,
+            max_connections: None,
             max_packet_size: d.max_packet_size,
         }
     }
@@ -378,6 +385,7 @@ impl Default for PackageSettings {
             bucket: "updraft".to_owned(),
             dir: None,
             max_size: 4 * 1024 * 1024 * 1024,
+            max_open_files: 64,
             s3: S3Settings::default(),
         }
     }
@@ -455,6 +463,7 @@ impl Default for HttpSettings {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             shutdown_grace: Duration::from_secs(3),
+            max_connections: None,
         }
     }
 }
@@ -714,7 +723,10 @@ impl Settings {
         backend::mqtt::MqttSettings {
             timestamp_skew: self.mqtt.timestamp_skew,
             max_packet_size: self.mqtt.max_packet_size,
-            max_connections: self.mqtt.max_connections,
+            max_connections: self
+                .mqtt
+                .max_connections
+                .unwrap_or(backend::mqtt::MqttSettings::default().max_connections),
             ..backend::mqtt::MqttSettings::default()
         }
     }
@@ -789,6 +801,7 @@ impl Settings {
             location,
             max_package_size: self.packages.max_size,
             offload: self.packages.s3.offload,
+            max_open_files: self.packages.max_open_files,
         }
     }
 }

@@ -10,6 +10,8 @@
 // Rendering the console nests Leptos view types deeper than the default limit of 128.
 #![recursion_limit = "256"]
 
+pub mod accept;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod http;

@@ -107,10 +107,16 @@ pub struct SimStats {
     pub succeeded: AtomicU64,
     /// Failures reported (refuse, fail, bad download).
     pub failed: AtomicU64,
-    /// Logins refused or connections lost that ended a device.
+    /// Logins refused (the device tries again later).
     pub errors: AtomicU64,
     /// Connections that failed or dropped and were tried again.
     pub reconnects: AtomicU64,
+    /// Download attempts that the server could not serve (busy, an error, a broken connection) and that
+    /// were tried again.
+    pub download_retries: AtomicU64,
+    /// Upgrade events for the version a device already runs (it reports success again and installs
+    /// nothing): how often the platform asked a device to run an upgrade it had finished.
+    pub repeated: AtomicU64,
 }
 
 /// The client id and password a device sends for the hour of `now_unix_ms` (`protocols.md` §1.1).
@@ -126,12 +132,53 @@ pub fn login(device_id: &str, secret: &str, sig_type: u8, now_unix_ms: i64) -> (
     )
 }
 
-/// How long a device waits before its `failures`-th reconnect: 1 s doubling up to 32 s, with ±50 %
-/// jitter so a fleet that lost its server does not come back in lockstep.
-fn reconnect_delay(failures: u32) -> Duration {
+/// How long a device waits before its `failures`-th retry (a reconnect, or another download attempt):
+/// 1 s doubling up to 32 s, with ±50 % jitter so a fleet that lost its server does not come back in
+/// lockstep. Huawei's Python SDK retries its connection the same way (1 s to 30 s).
+fn backoff(failures: u32) -> Duration {
     let base = 1000u64 << failures.saturating_sub(1).min(5);
     let jitter = rand::random_range(0.5..1.5);
     Duration::from_millis((base as f64 * jitter) as u64)
+}
+
+/// A report waiting for a connection to be published on.
+struct Report {
+    event_type: &'static str,
+    paras: Value,
+}
+
+/// What a background download tells its device.
+enum Fetch {
+    /// `Behaviour::Resume` cut the transfer halfway: drop the connection, and notify `resume` after the
+    /// next CONNACK.
+    Cut,
+    /// The whole package arrived and its SHA-256 and size match.
+    Verified,
+    /// The whole package arrived but does not match `sign` or `file_size`.
+    Corrupt,
+    /// The server refused the download for good (its token is unknown, expired or revoked).
+    Refused(String),
+}
+
+/// An upgrade being downloaded in the background while the MQTT connection comes and goes, as a device
+/// downloads over its own HTTPS connection.
+struct Upgrade {
+    /// The version being installed.
+    version: String,
+    /// The latest `*_upgrade` parameters: an event re-sent after a server restart may carry a new URL or
+    /// token, which the next download attempt uses.
+    paras: tokio::sync::watch::Sender<Value>,
+    /// What the download reports.
+    events: tokio::sync::mpsc::UnboundedReceiver<Fetch>,
+    /// Wakes a download cut by `Behaviour::Resume` once the device is back.
+    resume: Arc<tokio::sync::Notify>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Upgrade {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// What the device is doing between MQTT events.
@@ -144,12 +191,17 @@ struct Device {
     connecting: Arc<tokio::sync::Semaphore>,
     sw: String,
     fw: String,
-    /// The bytes of a download in progress (kept across a reconnect, for `Behaviour::Resume`).
-    partial: Vec<u8>,
+    /// The upgrade in progress, if any.
+    upgrade: Option<Upgrade>,
+    /// Reports not yet handed to a connection (made while disconnected, or whose publish failed).
+    pending: std::collections::VecDeque<Report>,
+    /// `Behaviour::Resume` cuts the first download only.
+    cut_done: bool,
 }
 
 /// Runs `devices` until `stop`; each connects, answers and upgrades as `opts` says. `now` gives the login
-/// timestamp (a test's manual clock, or the wall clock).
+/// timestamp (a test's manual clock, or the wall clock). Devices never give up: a refused login, a lost
+/// connection or a download the server could not serve is tried again with backoff, as real devices do.
 pub async fn run_fleet(
     opts: SimOptions,
     devices: Vec<SimDevice>,
@@ -160,7 +212,8 @@ pub async fn run_fleet(
     let opts = Arc::new(opts);
     let mut http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(600));
+        .connect_timeout(Duration::from_secs(30))
+        .read_timeout(Duration::from_secs(120));
     if !opts.ca_pem.is_empty() {
         http = http.tls_certs_only([
             reqwest::Certificate::from_pem(&opts.ca_pem).context("the CA certificate (PEM)")?
@@ -178,7 +231,9 @@ pub async fn run_fleet(
             creds,
             http: http.clone(),
             stats: stats.clone(),
-            partial: Vec::new(),
+            upgrade: None,
+            pending: std::collections::VecDeque::new(),
+            cut_done: false,
         };
         let (now, stop) = (now.clone(), stop.clone());
         tasks.spawn(async move {
@@ -192,8 +247,27 @@ pub async fn run_fleet(
     Ok(())
 }
 
+/// What woke the device's loop.
+enum Wake {
+    Stop,
+    Mqtt(std::result::Result<Event, rumqttc::ConnectionError>),
+    Fetch(Fetch),
+}
+
+/// The next message of the upgrade in progress; never, without one.
+async fn next_fetch(upgrade: &mut Option<Upgrade>) -> Fetch {
+    match upgrade {
+        Some(u) => match u.events.recv().await {
+            Some(f) => f,
+            // The download task ended without a word (it panicked): try the download again later.
+            None => Fetch::Refused("the download task ended".to_owned()),
+        },
+        None => std::future::pending().await,
+    }
+}
+
 impl Device {
-    fn options(&self, now_ms: i64) -> Result<MqttOptions> {
+    fn options(&self, now_ms: i64) -> MqttOptions {
         let (client_id, password) = login(
             &self.creds.device_id,
             &self.creds.secret,
@@ -212,7 +286,7 @@ impl Device {
                 client_auth: None,
             }));
         }
-        Ok(o)
+        o
     }
 
     async fn run(
@@ -222,11 +296,9 @@ impl Device {
     ) -> Result<()> {
         let up = format!("$oc/devices/{}/sys/events/up", self.creds.device_id);
         let down = format!("$oc/devices/{}/sys/events/down", self.creds.device_id);
-        let mut resume_at: Option<(Value, u64)> = None;
-        // `Resume` cuts the first download only.
-        let mut cut = false;
         // Failed attempts since the last CONNACK: the reconnect delay grows with them.
         let mut failures: u32 = 0;
+        let mut counted = false;
         'connection: loop {
             let mut permit = Some(
                 self.connecting
@@ -235,24 +307,41 @@ impl Device {
                     .await
                     .context("the connect gate closed")?,
             );
-            let (client, mut events) = AsyncClient::new(self.options(now())?, 64);
+            let (client, mut events) = AsyncClient::new(self.options(now()), 64);
             // Device SDKs wait longer than rumqttc's 5 s for a CONNACK (Paho: 30 s).
             let mut network = events.network_options();
             network.set_connection_timeout(30);
             events.set_network_options(network);
-            let mut counted = false;
+            let mut connected = false;
             loop {
-                let event = tokio::select! {
-                    () = stop.cancelled() => {
+                let wake = tokio::select! {
+                    () = stop.cancelled() => Wake::Stop,
+                    e = events.poll() => Wake::Mqtt(e),
+                    f = next_fetch(&mut self.upgrade) => Wake::Fetch(f),
+                };
+                let p = match wake {
+                    Wake::Stop => {
                         let _ = client.disconnect().await;
                         return Ok(());
                     }
-                    e = events.poll() => e,
-                };
-                let p = match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    Wake::Fetch(Fetch::Cut) => {
+                        // Drop the connection without DISCONNECT, like a device losing signal.
+                        drop(events);
+                        drop(client);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue 'connection;
+                    }
+                    Wake::Fetch(fetched) => {
+                        self.installed(fetched);
+                        if connected && self.flush(&client, &up).await.is_err() {
+                            continue 'connection;
+                        }
+                        continue;
+                    }
+                    Wake::Mqtt(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
                         permit = None;
                         failures = 0;
+                        connected = true;
                         if !counted {
                             counted = true;
                             self.stats.connected.fetch_add(1, Ordering::Relaxed);
@@ -260,26 +349,31 @@ impl Device {
                         if self.opts.subscribe {
                             client.subscribe(&down, QoS::AtMostOnce).await?;
                         }
-                        if let Some((paras, offset)) = resume_at.take() {
-                            // Back after the deliberate drop: finish the download where it stopped.
-                            self.upgrade(&client, &up, &paras, Some(offset)).await?;
+                        if let Some(u) = &self.upgrade {
+                            u.resume.notify_one();
+                        }
+                        if self.flush(&client, &up).await.is_err() {
+                            continue 'connection;
                         }
                         continue;
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => p,
-                    Ok(_) => continue,
-                    Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                        bail!("login refused: {code:?}");
-                    }
-                    Err(e) => {
-                        tracing::debug!(device_id = %self.creds.device_id, error = %e, "sim: reconnecting");
+                    Wake::Mqtt(Ok(Event::Incoming(Packet::Publish(p)))) => p,
+                    Wake::Mqtt(Ok(_)) => continue,
+                    Wake::Mqtt(Err(e)) => {
+                        if let rumqttc::ConnectionError::ConnectionRefused(code) = e {
+                            // A busy server (3) and even bad credentials (4, 5) are tried again, slowly:
+                            // Huawei's SDKs keep retrying after a refusal too (protocols.md §1.1).
+                            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(device_id = %self.creds.device_id, ?code, "sim: login refused");
+                        } else {
+                            tracing::debug!(device_id = %self.creds.device_id, error = %e, "sim: reconnecting");
+                        }
                         drop(permit.take());
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                         failures = failures.saturating_add(1);
                         tokio::select! {
                             () = stop.cancelled() => return Ok(()),
-                            () = tokio::time::sleep(reconnect_delay(failures)) => {}
+                            () = tokio::time::sleep(backoff(failures)) => {}
                         }
                         continue 'connection;
                     }
@@ -299,192 +393,298 @@ impl Device {
                     let paras = service["paras"].clone();
                     match service["event_type"].as_str().unwrap_or_default() {
                         "version_query" => {
-                            self.report(
-                                &client,
-                                &up,
+                            self.queue(
                                 "version_report",
-                                json!({
-                                    "sw_version": self.sw, "fw_version": self.fw,
-                                }),
-                            )
-                            .await?;
+                                json!({ "sw_version": self.sw, "fw_version": self.fw }),
+                            );
                             self.stats.version_reports.fetch_add(1, Ordering::Relaxed);
                         }
                         "software_upgrade"
                         | "firmware_upgrade"
                         | "software_upgrade_v2"
-                        | "firmware_upgrade_v2" => {
-                            self.stats.upgrades.fetch_add(1, Ordering::Relaxed);
-                            if self.opts.behaviour == Behaviour::Resume && !cut {
-                                cut = true;
-                                let size = paras["file_size"].as_u64().unwrap_or(0);
-                                let half = size / 2;
-                                self.download(&paras, 0, Some(half)).await?;
-                                resume_at = Some((paras, half));
-                                // Drop the connection without DISCONNECT, like a device losing signal.
-                                drop(events);
-                                drop(client);
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                                continue 'connection;
-                            }
-                            self.upgrade(&client, &up, &paras, None).await?;
-                        }
+                        | "firmware_upgrade_v2" => self.asked_to_upgrade(paras),
                         _ => {}
                     }
+                }
+                if self.flush(&client, &up).await.is_err() {
+                    continue 'connection;
                 }
             }
         }
     }
 
-    /// Downloads (from `offset`), verifies and reports, as the behaviour says.
-    async fn upgrade(
-        &mut self,
-        client: &AsyncClient,
-        up: &str,
-        paras: &Value,
-        offset: Option<u64>,
-    ) -> Result<()> {
+    /// An upgrade event arrived (perhaps again, after a reconnect or a server restart).
+    fn asked_to_upgrade(&mut self, paras: Value) {
         let version = paras["version"].as_str().unwrap_or_default().to_owned();
-        let current = self.sw.clone();
         if self.opts.behaviour == Behaviour::Refuse {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             let code = self.opts.fail_code.unwrap_or(1);
-            return self
-                .report(
-                    client,
-                    up,
-                    "upgrade_progress_report",
-                    json!({
-                        "result_code": code, "version": current, "progress": 0,
-                        "description": "refused by the simulator",
-                    }),
-                )
-                .await;
+            self.queue(
+                "upgrade_progress_report",
+                json!({
+                    "result_code": code, "version": self.sw, "progress": 0,
+                    "description": "refused by the simulator",
+                }),
+            );
+            return;
         }
-        let ok = match self.download(paras, offset.unwrap_or(0), None).await {
-            Ok(ok) => ok,
-            Err(e) => {
-                tracing::warn!(device_id = %self.creds.device_id, error = %format!("{e:#}"), "sim: download failed");
-                false
-            }
+        if version == self.sw {
+            // Installed already (the server missed the final report): say so again, install nothing.
+            self.stats.repeated.fetch_add(1, Ordering::Relaxed);
+            self.queue(
+                "upgrade_progress_report",
+                json!({
+                    "result_code": 0, "version": version, "progress": 100,
+                    "description": "upgrade success",
+                }),
+            );
+            return;
+        }
+        if let Some(u) = &self.upgrade
+            && u.version == version
+        {
+            // Downloading it already: the next attempt (if any) uses the newest URL and token.
+            u.paras.send_replace(paras);
+            return;
+        }
+        self.stats.upgrades.fetch_add(1, Ordering::Relaxed);
+        let (paras_tx, paras_rx) = tokio::sync::watch::channel(paras);
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let resume = Arc::new(tokio::sync::Notify::new());
+        let cut = (self.opts.behaviour == Behaviour::Resume && !self.cut_done).then(|| resume.clone());
+        self.cut_done |= cut.is_some();
+        let task = tokio::spawn(fetch(
+            self.http.clone(),
+            paras_rx,
+            self.stats.clone(),
+            cut,
+            events_tx,
+            self.creds.device_id.clone(),
+        ))
+        .abort_handle();
+        self.upgrade = Some(Upgrade {
+            version,
+            paras: paras_tx,
+            events,
+            resume,
+            task,
+        });
+    }
+
+    /// The download ended: install, or report why not.
+    fn installed(&mut self, fetched: Fetch) {
+        let Some(upgrade) = self.upgrade.take() else {
+            return;
         };
-        if !ok {
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            return self
-                .report(
-                    client,
-                    up,
+        let current = self.sw.clone();
+        let (code, description) = match fetched {
+            Fetch::Cut => {
+                self.upgrade = Some(upgrade);
+                return;
+            }
+            Fetch::Verified => {
+                self.queue(
                     "upgrade_progress_report",
                     json!({
-                        "result_code": 7, "version": current, "progress": 0,
-                        "description": "package verification failed",
+                        "result_code": 0, "version": current, "progress": 50,
+                        "description": "installing",
                     }),
-                )
-                .await;
-        }
-        self.report(
-            client,
-            up,
+                );
+                if self.opts.behaviour == Behaviour::Fail {
+                    (
+                        self.opts.fail_code.unwrap_or(10),
+                        "installation failed (simulated)".to_owned(),
+                    )
+                } else {
+                    self.sw.clone_from(&upgrade.version);
+                    self.fw.clone_from(&upgrade.version);
+                    self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+                    self.queue(
+                        "upgrade_progress_report",
+                        json!({
+                            "result_code": 0, "version": upgrade.version, "progress": 100,
+                            "description": "upgrade success",
+                        }),
+                    );
+                    return;
+                }
+            }
+            Fetch::Corrupt => (7, "package verification failed".to_owned()),
+            Fetch::Refused(why) => (6, format!("download failed: {why}")),
+        };
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        self.queue(
             "upgrade_progress_report",
             json!({
-                "result_code": 0, "version": current, "progress": 50, "description": "installing",
+                "result_code": code, "version": current, "progress": 0, "description": description,
             }),
-        )
-        .await?;
-        if self.opts.behaviour == Behaviour::Fail {
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            let code = self.opts.fail_code.unwrap_or(10);
-            return self
-                .report(
-                    client,
-                    up,
-                    "upgrade_progress_report",
-                    json!({
-                        "result_code": code, "version": current, "progress": 50,
-                        "description": "installation failed (simulated)",
-                    }),
-                )
-                .await;
-        }
-        self.sw.clone_from(&version);
-        self.fw.clone_from(&version);
-        self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
-        self.report(client, up, "upgrade_progress_report", json!({
-            "result_code": 0, "version": version, "progress": 100, "description": "upgrade success",
-        }))
-        .await
+        );
     }
 
-    /// Downloads `paras.url` from `offset` (to `stop_at`, exclusive, when given); with the whole file,
-    /// checks its SHA-256 against `sign`. Returns whether a whole, verified package arrived.
-    async fn download(&mut self, paras: &Value, offset: u64, stop_at: Option<u64>) -> Result<bool> {
-        let url = paras["url"].as_str().context("no url")?;
-        let token = paras["access_token"].as_str().unwrap_or_default();
-        let mut req = self.http.get(url);
-        if !token.is_empty() {
-            req = req.header("authorization", format!("Bearer {token}"));
-        }
-        if offset > 0 {
-            req = req.header("range", format!("bytes={offset}-"));
-        }
-        let resp = req.send().await.context("download request")?;
-        let expected = if offset > 0 { 206 } else { 200 };
-        if resp.status().as_u16() != expected {
-            bail!("download answered {}", resp.status());
-        }
-        let mut body = resp.bytes_stream();
-        if offset == 0 {
-            self.partial.clear();
-        }
-        let mut got = offset;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.context("download body")?;
-            let take = match stop_at {
-                Some(end) => usize::try_from(end.saturating_sub(got))
-                    .unwrap_or(usize::MAX)
-                    .min(chunk.len()),
-                None => chunk.len(),
-            };
-            self.partial.extend_from_slice(&chunk[..take]);
-            got += take as u64;
-            self.stats.bytes.fetch_add(take as u64, Ordering::Relaxed);
-            if stop_at.is_some_and(|end| got >= end) {
-                return Ok(false);
+    fn queue(&mut self, event_type: &'static str, paras: Value) {
+        self.pending.push_back(Report { event_type, paras });
+    }
+
+    /// Publishes the pending reports, in order. A report whose hand-over fails stays pending for the next
+    /// connection.
+    async fn flush(&mut self, client: &AsyncClient, up: &str) -> Result<()> {
+        while let Some(report) = self.pending.pop_front() {
+            // Shaped like the Python SDK's output: `event_id: null`, ISO-like event time.
+            let message = json!({
+                "object_device_id": self.creds.device_id,
+                "services": [{
+                    "service_id": "$ota", "event_type": report.event_type, "event_id": null,
+                    "event_time": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                    "paras": report.paras,
+                }],
+            });
+            let sent = client
+                .publish(up, QoS::AtLeastOnce, false, serde_json::to_vec(&message)?)
+                .await;
+            if let Err(e) = sent {
+                self.pending.push_front(report);
+                return Err(e).context("publishing a report");
             }
         }
-        let digest = hex::encode(Sha256::digest(&self.partial));
-        self.partial = Vec::new();
-        let ok = paras["sign"]
-            .as_str()
-            .is_none_or(|s| s.eq_ignore_ascii_case(&digest))
-            && paras["file_size"].as_u64().is_none_or(|n| n == got);
-        if ok {
-            self.stats.downloads.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(ok)
+        Ok(())
     }
+}
 
-    async fn report(
-        &self,
-        client: &AsyncClient,
-        up: &str,
-        event_type: &str,
-        paras: Value,
-    ) -> Result<()> {
-        // Shaped like the Python SDK's output: `event_id: null`, ISO-like event time.
-        let message = json!({
-            "object_device_id": self.creds.device_id,
-            "services": [{
-                "service_id": "$ota", "event_type": event_type, "event_id": null,
-                "event_time": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-                "paras": paras,
-            }],
-        });
-        client
-            .publish(up, QoS::AtLeastOnce, false, serde_json::to_vec(&message)?)
-            .await
-            .context("publishing a report")
+/// How one download attempt ended.
+enum Attempt {
+    /// Every byte is here.
+    Complete,
+    /// Stopped at the cut point (`Behaviour::Resume`).
+    Cut,
+    /// A server-side problem (busy, an error, a broken connection): try again after this long.
+    Retry(Option<Duration>, String),
+    /// Refused for good (4xx).
+    Refused(String),
+}
+
+/// Downloads the package of `paras` in the background, resuming with `Range` after every interruption,
+/// until it is whole: a 503 waits its `Retry-After`, other server errors and broken connections back
+/// off; only a 4xx answer that a newer upgrade event does not replace within 30 s ends it.
+async fn fetch(
+    http: reqwest::Client,
+    mut paras: tokio::sync::watch::Receiver<Value>,
+    stats: Arc<SimStats>,
+    mut cut: Option<Arc<tokio::sync::Notify>>,
+    events: tokio::sync::mpsc::UnboundedSender<Fetch>,
+    device_id: String,
+) {
+    let mut body = Vec::new();
+    let mut failures = 0u32;
+    loop {
+        let p = paras.borrow_and_update().clone();
+        let stop_at = cut
+            .as_ref()
+            .map(|_| p["file_size"].as_u64().unwrap_or(0) / 2);
+        let outcome = match attempt(&http, &p, &mut body, stop_at, &stats).await {
+            Ok(a) => a,
+            Err(e) => Attempt::Retry(None, format!("{e:#}")),
+        };
+        match outcome {
+            Attempt::Complete => {
+                let ok = p["sign"].as_str().is_none_or(|s| {
+                    s.eq_ignore_ascii_case(&hex::encode(Sha256::digest(&body)))
+                }) && p["file_size"]
+                    .as_u64()
+                    .is_none_or(|n| n == body.len() as u64);
+                if ok {
+                    stats.downloads.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = events.send(if ok { Fetch::Verified } else { Fetch::Corrupt });
+                return;
+            }
+            Attempt::Cut => {
+                let resume = cut.take().unwrap_or_default();
+                let _ = events.send(Fetch::Cut);
+                resume.notified().await;
+            }
+            Attempt::Retry(after, why) => {
+                failures = failures.saturating_add(1);
+                stats.download_retries.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%device_id, %why, "sim: download interrupted, trying again");
+                let wait = after.unwrap_or_else(|| backoff(failures));
+                // A re-sent upgrade event (new URL or token) is tried at once.
+                let _ = tokio::time::timeout(wait, paras.changed()).await;
+            }
+            Attempt::Refused(why) => {
+                if tokio::time::timeout(Duration::from_secs(30), paras.changed())
+                    .await
+                    .is_ok_and(|changed| changed.is_ok())
+                {
+                    continue;
+                }
+                let _ = events.send(Fetch::Refused(why));
+                return;
+            }
+        }
     }
+}
+
+/// One GET of `paras.url` from `body.len()` (to `stop_at`, exclusive, when given), appending to `body`.
+async fn attempt(
+    http: &reqwest::Client,
+    paras: &Value,
+    body: &mut Vec<u8>,
+    stop_at: Option<u64>,
+    stats: &SimStats,
+) -> Result<Attempt> {
+    let url = paras["url"].as_str().context("no url")?;
+    let token = paras["access_token"].as_str().unwrap_or_default();
+    let mut req = http.get(url);
+    if !token.is_empty() {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let offset = body.len() as u64;
+    if offset > 0 {
+        req = req.header("range", format!("bytes={offset}-"));
+    }
+    let resp = req.send().await.context("download request")?;
+    let status = resp.status();
+    match status.as_u16() {
+        200 => body.clear(),
+        206 if offset > 0 => {}
+        416 => {
+            // What we hold does not fit the object any more: start over.
+            body.clear();
+            return Ok(Attempt::Retry(Some(Duration::ZERO), "416".into()));
+        }
+        503 | 429 => {
+            let after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|s| {
+                    // Spread a crowd that was told the same number.
+                    Duration::from_millis(s * 1000).mul_f64(rand::random_range(1.0..1.5))
+                });
+            return Ok(Attempt::Retry(after, format!("answered {status}")));
+        }
+        s if s >= 500 => return Ok(Attempt::Retry(None, format!("answered {status}"))),
+        _ => return Ok(Attempt::Refused(format!("answered {status}"))),
+    }
+    let mut stream = resp.bytes_stream();
+    let mut got = body.len() as u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("download body")?;
+        let take = match stop_at {
+            Some(end) => usize::try_from(end.saturating_sub(got))
+                .unwrap_or(usize::MAX)
+                .min(chunk.len()),
+            None => chunk.len(),
+        };
+        body.extend_from_slice(&chunk[..take]);
+        got += take as u64;
+        stats.bytes.fetch_add(take as u64, Ordering::Relaxed);
+        if stop_at.is_some_and(|end| got >= end) {
+            return Ok(Attempt::Cut);
+        }
+    }
+    Ok(Attempt::Complete)
 }
 
 #[cfg(test)]

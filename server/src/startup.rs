@@ -4,9 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{self, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -19,11 +17,12 @@ use backend::{AppState, service};
 use leptos::prelude::LeptosOptions;
 use migrations::{Migrator, MigratorTrait};
 use secrecy::ExposeSecret;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::{ConnectionGate, GatedTls};
+use crate::budget::{self, Budget};
 use crate::config::Settings;
-use crate::http::{ServerState, Transfers, router};
+use crate::http::{ServerState, router};
 use crate::tls;
 
 /// Opens what every command needs: the data directory, the secret key, the database (migrated), the
@@ -75,6 +74,7 @@ pub struct Application {
     admin: AdminBootstrap,
     mqtt: Option<MqttListeners>,
     coap: Option<backend::coap::CoapEndpoint>,
+    gate: Arc<ConnectionGate>,
 }
 
 /// The bound MQTT listeners.
@@ -90,6 +90,12 @@ impl Application {
     /// # Errors
     /// Any start-up failure, with context saying which step failed.
     pub async fn build(mut settings: Settings, clock: Arc<dyn Clock>) -> Result<Self> {
+        let budget = Budget::plan(&settings, budget::raise_descriptor_limit())
+            .map_err(anyhow::Error::msg)
+            .context("dividing the file descriptor budget")?;
+        tracing::info!(%budget, "descriptor budget");
+        settings.http.max_connections = Some(usize::try_from(budget.https).unwrap_or(usize::MAX));
+        settings.mqtt.max_connections = Some(usize::try_from(budget.mqtt).unwrap_or(usize::MAX));
         let listener = std::net::TcpListener::bind(settings.http.listen)
             .with_context(|| format!("binding HTTPS on {} (http.listen)", settings.http.listen))?;
         listener.set_nonblocking(true)?;
@@ -171,7 +177,17 @@ impl Application {
             admin,
             mqtt,
             coap,
+            gate: Arc::new(ConnectionGate::new(
+                usize::try_from(budget.https).unwrap_or(usize::MAX),
+                usize::try_from(budget.refusing).unwrap_or(usize::MAX),
+            )),
         })
+    }
+
+    /// The HTTPS connection cap (for tests and health reports).
+    #[must_use]
+    pub fn connection_gate(&self) -> Arc<ConnectionGate> {
+        self.gate.clone()
     }
 
     /// The bound CoAP address, when LwM2M is enabled.
@@ -274,9 +290,10 @@ impl Application {
         let app = router(self.server).into_make_service_with_connect_info::<SocketAddr>();
         let mut server = axum_server::from_tcp_rustls(self.listener, self.tls)
             .context("HTTPS listener")?
-            .map(|accept| LoadBoundedTls {
+            .map(|accept| GatedTls {
                 accept,
                 transfers: transfers.clone(),
+                gate: self.gate.clone(),
             })
             .handle(handle);
         server
@@ -304,97 +321,6 @@ impl Application {
         }
         tracing::info!("stopped");
         result
-    }
-}
-
-/// The rustls acceptor, whose connections bound their unsent TLS data by the download load
-/// ([`Transfers::tls_send_buffer`]).
-#[derive(Clone, Debug)]
-struct LoadBoundedTls<A> {
-    accept: A,
-    transfers: Arc<Transfers>,
-}
-
-impl<A, S> axum_server::accept::Accept<tokio::net::TcpStream, S> for LoadBoundedTls<A>
-where
-    A: axum_server::accept::Accept<tokio::net::TcpStream, S, Stream = TlsStream>,
-    A::Future: Send + 'static,
-    A::Service: Send + 'static,
-{
-    type Stream = LoadBoundedStream;
-    type Service = A::Service;
-    type Future =
-        futures::future::BoxFuture<'static, std::io::Result<(Self::Stream, Self::Service)>>;
-
-    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
-        let accepting = self.accept.accept(stream, service);
-        let transfers = self.transfers.clone();
-        Box::pin(async move {
-            let (tls, service) = accepting.await?;
-            Ok((LoadBoundedStream { tls, transfers }, service))
-        })
-    }
-}
-
-type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-
-/// A TLS connection that sets its send-buffer bound (a field store) before every write.
-struct LoadBoundedStream {
-    tls: TlsStream,
-    transfers: Arc<Transfers>,
-}
-
-impl LoadBoundedStream {
-    fn bounded(&mut self) -> Pin<&mut TlsStream> {
-        let limit = self.transfers.tls_send_buffer();
-        self.tls.get_mut().1.set_buffer_limit(Some(limit));
-        Pin::new(&mut self.tls)
-    }
-}
-
-impl AsyncRead for LoadBoundedStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut task::Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for LoadBoundedStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut task::Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.bounded().poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        self.bounded().poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tls.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut task::Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut task::Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_shutdown(cx)
     }
 }
 

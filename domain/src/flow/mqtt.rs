@@ -348,9 +348,10 @@ impl Subtask {
             // Reconnects: the device may have missed what was sent while its connection (or Updraft) was
             // going down. Devices tolerate repeats (`protocols.md`), so send it again; deadlines stay.
             (Phase::WaitVersion { .. }, Input::Online) => vec![Effect::SendVersionQuery],
-            (Phase::Upgrading { .. }, Input::Online) if self.progress == 0 => {
-                vec![Effect::SendUpgrade]
-            }
+            // While upgrading, the device may have finished (and its final report was lost with the
+            // connection or with Updraft), or lost its download: ask which, and let the answer decide
+            // (on the target: success; otherwise the upgrade event again, with the same token).
+            (Phase::Upgrading { .. }, Input::Online) => vec![Effect::SendVersionQuery],
             (Phase::WaitVersion { .. }, Input::Offline) => {
                 self.phase = Phase::WaitOnline {
                     deadline: now.plus(plan.timeouts.online),
@@ -383,10 +384,12 @@ impl Subtask {
                 }
             }
             (Phase::Upgrading { .. }, Input::VersionReport { sw, fw }) => {
-                if reported(plan.kind, sw, fw) == Some(plan.target.as_str()) {
-                    self.succeed()
-                } else {
-                    Vec::new()
+                match reported(plan.kind, sw, fw) {
+                    Some(v) if v == plan.target => self.succeed(),
+                    // Still on the old version after a reconnect: it needs the event (again). A device
+                    // that is still downloading resumes with the same URL and token.
+                    Some(_) => vec![Effect::SendUpgrade],
+                    None => Vec::new(),
                 }
             }
             (
@@ -430,6 +433,22 @@ impl Subtask {
             }
             (Phase::RetryWait { at, .. }, Input::Timer) if now >= *at => {
                 self.begin_attempt(now, plan)
+            }
+            // Reconciled, not dropped: the attempt timed out (say, while Updraft was down), but the
+            // device reports that it runs the target now. That is success; another attempt would only
+            // upgrade it twice. (Final states are never reopened.)
+            (
+                Phase::RetryWait { .. },
+                Input::Progress {
+                    result_code: 0 | 3,
+                    version: Some(v),
+                    ..
+                },
+            ) if v == plan.target => self.succeed(),
+            (Phase::RetryWait { .. }, Input::VersionReport { sw, fw })
+                if reported(plan.kind, sw, fw) == Some(plan.target.as_str()) =>
+            {
+                self.succeed()
             }
             _ => Vec::new(),
         }
@@ -746,7 +765,11 @@ mod tests {
     fn a_version_report_of_the_target_while_upgrading_is_success() {
         let p = plan();
         let mut s = upgrading(&p);
-        assert!(s.handle(T0, &p, report("1.0")).is_empty());
+        assert_eq!(
+            s.handle(T0, &p, report("1.0")),
+            [Effect::SendUpgrade],
+            "still on the old version: the event again"
+        );
         assert_eq!(s.step(), "upgrading");
         assert_eq!(s.handle(T0, &p, report("2.0")), [Effect::RevokeTokens]);
         assert_eq!(s.status(), SubtaskStatus::Success);
@@ -830,13 +853,22 @@ mod tests {
             Some(T0.plus(3 * MIN)),
             "the deadline is not extended"
         );
+        // While upgrading, a reconnect asks for the version first: a device still on the old version
+        // (with or without progress reported) gets the event again; one on the target has succeeded.
         let mut s = upgrading(&p);
-        assert_eq!(s.handle(T0, &p, Input::Online), [Effect::SendUpgrade]);
-        s.handle(T0, &p, progress(0, 10, "1.0"));
-        assert!(
-            s.handle(T0, &p, Input::Online).is_empty(),
-            "a device that reported progress got the event"
+        assert_eq!(s.handle(T0, &p, Input::Online), [Effect::SendVersionQuery]);
+        assert_eq!(
+            s.handle(T0, &p, report("1.0")),
+            [Effect::SendUpgrade]
         );
+        s.handle(T0, &p, progress(0, 10, "1.0"));
+        assert_eq!(s.handle(T0, &p, Input::Online), [Effect::SendVersionQuery]);
+        assert_eq!(s.handle(T0, &p, report("1.0")), [Effect::SendUpgrade]);
+        assert_eq!(s.status(), SubtaskStatus::Processing, "deadlines stay");
+        let mut s = upgrading(&p);
+        s.handle(T0, &p, Input::Online);
+        s.handle(T0, &p, report("2.0"));
+        assert_eq!(s.status(), SubtaskStatus::Success, "the lost final report is not needed");
     }
 
     #[test]
@@ -859,6 +891,27 @@ mod tests {
             done.handle(T0, &p, Input::Start).is_empty(),
             "a success is not retried"
         );
+    }
+
+    #[test]
+    fn a_late_success_after_a_timeout_is_reconciled_instead_of_retried() {
+        let p = with_retries(2);
+        let mut s = upgrading(&p);
+        s.handle(T0.plus(25 * HOUR), &p, Input::Timer);
+        assert_eq!(s.status(), SubtaskStatus::FailWaitRetry);
+        assert_eq!(
+            s.handle(T0.plus(25 * HOUR), &p, progress(0, 100, "2.0")),
+            [Effect::RevokeTokens]
+        );
+        assert_eq!(s.status(), SubtaskStatus::Success);
+        let mut s = upgrading(&p);
+        s.handle(T0.plus(25 * HOUR), &p, Input::Timer);
+        s.handle(T0.plus(25 * HOUR), &p, report("2.0"));
+        assert_eq!(s.status(), SubtaskStatus::Success);
+        let mut s = upgrading(&p);
+        s.handle(T0.plus(25 * HOUR), &p, Input::Timer);
+        assert!(s.handle(T0.plus(25 * HOUR), &p, progress(0, 100, "1.0")).is_empty());
+        assert_eq!(s.status(), SubtaskStatus::FailWaitRetry, "only the target counts");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | 416 | `IOTDA.000010` | a `Range` that cannot be served |
 //! | 429 | `IOTDA.000011` | too many requests |
 //! | 500 | `IOTDA.000001` | our fault; the cause is in the server log under the request id |
+//! | 503 | `IOTDA.000012` | the server is at one of its limits; `Retry-After` says when to try again |
 
 use axum::Json;
 use axum::response::{IntoResponse, Response};
@@ -29,6 +30,8 @@ pub struct IotdaError {
     pub code: &'static str,
     /// A sentence for the caller.
     pub message: String,
+    /// Seconds for a `Retry-After` header (503).
+    pub retry_after: Option<u64>,
 }
 
 /// The body of every error response: what [`IotdaError`] answers, and its schema in the OpenAPI document.
@@ -37,7 +40,7 @@ pub struct IotdaErrorBody {
     /// `IOTDA.xxxxxx`: `IOTDA.000006` invalid input, `IOTDA.000002` credentials, `IOTDA.000003` not allowed,
     /// `IOTDA.000005` not found, `IOTDA.000007` conflict, `IOTDA.000008` too large, `IOTDA.000009`
     /// unsupported `Content-Type`, `IOTDA.000010` bad `Range`, `IOTDA.000011` too many requests,
-    /// `IOTDA.000001` internal error.
+    /// `IOTDA.000001` internal error, `IOTDA.000012` busy (503 with `Retry-After`).
     #[schema(example = "IOTDA.000006")]
     pub error_code: String,
     /// What was wrong, in words (names the field for invalid input).
@@ -51,6 +54,15 @@ impl IotdaError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 503 with `Retry-After`: the server is at a limit, not failing.
+    pub fn busy(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after.as_secs().max(1)),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "IOTDA.000012", message)
         }
     }
 
@@ -112,6 +124,7 @@ impl From<backend::Error> for IotdaError {
             E::RateLimited { .. } => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "IOTDA.000011", e.to_string())
             }
+            E::Busy { retry_after, .. } => Self::busy(e.to_string(), *retry_after),
             E::Db(_) | E::Secrets(_) | E::Storage(_) | E::Internal(_) => Self::internal(&e),
         }
     }
@@ -123,6 +136,12 @@ impl IntoResponse for IotdaError {
             error_code: self.code.to_owned(),
             error_msg: self.message,
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+        response
     }
 }

@@ -10,5 +10,6 @@ mod helpers;
 mod lwm2m;
 mod notifications;
 mod packages;
+mod robustness;
 mod sdk;
 mod tasks;

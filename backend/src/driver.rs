@@ -1297,50 +1297,49 @@ impl Driver {
                 let custom_info = Some(package.custom_info.clone()).filter(|c| !c.is_empty());
                 let key = super::service::packages::object_key(package)?;
                 let registered = package.source == super::service::packages::SOURCE_BUCKET;
-                let payload = if let Some(url) =
-                    state.store.offload_url(&key, registered, ttl).await?
-                {
-                    // IoTDA's `*_upgrade_v2`: the device fetches from the bucket, without a token.
-                    let notice = protocol::ota::UpgradeNoticeV2 {
-                        version: package.version.clone(),
-                        url,
-                        file_size: u64::try_from(package.size).unwrap_or(0),
-                        file_name: package.file_name.clone(),
-                        expires: ttl.as_secs(),
-                        sign: package.sha256.clone(),
-                        custom_info,
-                        task_id: Some(row.task_id.clone()),
-                    };
-                    protocol::ota::upgrade_event_v2(&row.device_id, &event_time, kind, &notice)
-                } else {
-                    // A re-send (after a reconnect or a restart) carries the token the device may be
-                    // downloading with already, so it resumes instead of starting over.
-                    let token = downloads::reuse_or_issue_in(
-                        txn,
-                        &state.sealer,
-                        now,
-                        ttl,
-                        row,
-                        &package.id,
-                    )
-                    .await?;
-                    let notice = protocol::ota::UpgradeNotice {
-                        version: package.version.clone(),
-                        url: download_url(
-                            &self.inner.settings.download_base_url,
+                let payload =
+                    if let Some(url) = state.store.offload_url(&key, registered, ttl).await? {
+                        // IoTDA's `*_upgrade_v2`: the device fetches from the bucket, without a token.
+                        let notice = protocol::ota::UpgradeNoticeV2 {
+                            version: package.version.clone(),
+                            url,
+                            file_size: u64::try_from(package.size).unwrap_or(0),
+                            file_name: package.file_name.clone(),
+                            expires: ttl.as_secs(),
+                            sign: package.sha256.clone(),
+                            custom_info,
+                            task_id: Some(row.task_id.clone()),
+                        };
+                        protocol::ota::upgrade_event_v2(&row.device_id, &event_time, kind, &notice)
+                    } else {
+                        // A re-send (after a reconnect or a restart) carries the token the device may be
+                        // downloading with already, so it resumes instead of starting over.
+                        let token = downloads::reuse_or_issue_in(
+                            txn,
+                            &state.sealer,
+                            now,
+                            ttl,
+                            row,
                             &package.id,
-                            &package.file_name,
-                        ),
-                        file_size: u64::try_from(package.size).unwrap_or(0),
-                        file_name: package.file_name.clone(),
-                        access_token: token.token,
-                        expires: ttl.as_secs(),
-                        sign: package.sha256.clone(),
-                        custom_info,
-                        task_id: Some(row.task_id.clone()),
+                        )
+                        .await?;
+                        let notice = protocol::ota::UpgradeNotice {
+                            version: package.version.clone(),
+                            url: download_url(
+                                &self.inner.settings.download_base_url,
+                                &package.id,
+                                &package.file_name,
+                            ),
+                            file_size: u64::try_from(package.size).unwrap_or(0),
+                            file_name: package.file_name.clone(),
+                            access_token: token.token,
+                            expires: ttl.as_secs(),
+                            sign: package.sha256.clone(),
+                            custom_info,
+                            task_id: Some(row.task_id.clone()),
+                        };
+                        protocol::ota::upgrade_event(&row.device_id, &event_time, kind, &notice)
                     };
-                    protocol::ota::upgrade_event(&row.device_id, &event_time, kind, &notice)
-                };
                 outgoing.push(Outgoing::Mqtt {
                     device_id: row.device_id.clone(),
                     payload,

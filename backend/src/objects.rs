@@ -20,10 +20,10 @@ use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use domain::package::ObjectKey;
@@ -150,7 +150,10 @@ impl OpenFiles {
                 )));
             }
         };
-        let mut files = self.files.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut files = self
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Another reader may have opened it meanwhile: share theirs (ours closes here).
         if let Some(file) = files.get(key.as_str()).and_then(Weak::upgrade) {
             return Ok(file);

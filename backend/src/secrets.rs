@@ -11,9 +11,9 @@ use std::path::Path;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use rand::Rng;
 use secrecy::{ExposeSecret, SecretBox, SecretString};
+use sha2::Sha256;
 
 const VERSION: u8 = 1;
 const NONCE_LEN: usize = 24;

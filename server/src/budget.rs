@@ -57,7 +57,11 @@ impl Budget {
     /// # Errors
     /// A message for the operator.
     pub fn plan(settings: &Settings, descriptors: u64) -> Result<Self, String> {
-        let database = if settings.database_url().expose_secret().starts_with("sqlite:") {
+        let database = if settings
+            .database_url()
+            .expose_secret()
+            .starts_with("sqlite:")
+        {
             3 * u64::from(backend::db::SQLITE_POOL)
         } else {
             u64::from(backend::db::POSTGRES_POOL)
@@ -132,9 +136,7 @@ pub fn raise_descriptor_limit() -> u64 {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => n,
         Err(e) => {
-            let soft = rlimit::Resource::NOFILE
-                .get_soft()
-                .unwrap_or(1024);
+            let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
             tracing::warn!(error.message = %e, soft, "could not raise the descriptor limit");
             soft
         }

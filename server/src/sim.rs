@@ -451,7 +451,8 @@ impl Device {
         let (paras_tx, paras_rx) = tokio::sync::watch::channel(paras);
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let resume = Arc::new(tokio::sync::Notify::new());
-        let cut = (self.opts.behaviour == Behaviour::Resume && !self.cut_done).then(|| resume.clone());
+        let cut =
+            (self.opts.behaviour == Behaviour::Resume && !self.cut_done).then(|| resume.clone());
         self.cut_done |= cut.is_some();
         let task = tokio::spawn(fetch(
             self.http.clone(),
@@ -586,11 +587,12 @@ async fn fetch(
         };
         match outcome {
             Attempt::Complete => {
-                let ok = p["sign"].as_str().is_none_or(|s| {
-                    s.eq_ignore_ascii_case(&hex::encode(Sha256::digest(&body)))
-                }) && p["file_size"]
-                    .as_u64()
-                    .is_none_or(|n| n == body.len() as u64);
+                let ok = p["sign"]
+                    .as_str()
+                    .is_none_or(|s| s.eq_ignore_ascii_case(&hex::encode(Sha256::digest(&body))))
+                    && p["file_size"]
+                        .as_u64()
+                        .is_none_or(|n| n == body.len() as u64);
                 if ok {
                     stats.downloads.fetch_add(1, Ordering::Relaxed);
                 }

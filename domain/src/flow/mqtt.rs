@@ -857,10 +857,7 @@ mod tests {
         // (with or without progress reported) gets the event again; one on the target has succeeded.
         let mut s = upgrading(&p);
         assert_eq!(s.handle(T0, &p, Input::Online), [Effect::SendVersionQuery]);
-        assert_eq!(
-            s.handle(T0, &p, report("1.0")),
-            [Effect::SendUpgrade]
-        );
+        assert_eq!(s.handle(T0, &p, report("1.0")), [Effect::SendUpgrade]);
         s.handle(T0, &p, progress(0, 10, "1.0"));
         assert_eq!(s.handle(T0, &p, Input::Online), [Effect::SendVersionQuery]);
         assert_eq!(s.handle(T0, &p, report("1.0")), [Effect::SendUpgrade]);
@@ -868,7 +865,11 @@ mod tests {
         let mut s = upgrading(&p);
         s.handle(T0, &p, Input::Online);
         s.handle(T0, &p, report("2.0"));
-        assert_eq!(s.status(), SubtaskStatus::Success, "the lost final report is not needed");
+        assert_eq!(
+            s.status(),
+            SubtaskStatus::Success,
+            "the lost final report is not needed"
+        );
     }
 
     #[test]
@@ -910,8 +911,15 @@ mod tests {
         assert_eq!(s.status(), SubtaskStatus::Success);
         let mut s = upgrading(&p);
         s.handle(T0.plus(25 * HOUR), &p, Input::Timer);
-        assert!(s.handle(T0.plus(25 * HOUR), &p, progress(0, 100, "1.0")).is_empty());
-        assert_eq!(s.status(), SubtaskStatus::FailWaitRetry, "only the target counts");
+        assert!(
+            s.handle(T0.plus(25 * HOUR), &p, progress(0, 100, "1.0"))
+                .is_empty()
+        );
+        assert_eq!(
+            s.status(),
+            SubtaskStatus::FailWaitRetry,
+            "only the target counts"
+        );
     }
 
     #[test]

@@ -64,7 +64,14 @@ async fn connections_past_the_caps_get_connack_3_and_503_with_retry_after() {
     drop(a);
     let mut served = false;
     for _ in 0..100 {
-        if client().get(app.url("/healthz")).send().await.unwrap().status() == 200 {
+        if client()
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
             served = true;
             break;
         }
@@ -235,7 +242,10 @@ async fn a_download_interrupted_by_a_restart_resumes_with_the_same_token() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(f.stats.bytes.load(Ordering::Relaxed) > 0, "the download began");
+    assert!(
+        f.stats.bytes.load(Ordering::Relaxed) > 0,
+        "the download began"
+    );
     app.kill().await;
     let app = spawn_with(settings).await;
     let rows = wait_all_final(&app, &task.id, Duration::from_secs(60)).await;

@@ -115,5 +115,7 @@ echo "[chaos] final: $(tally "$TASK")" >&2
 echo "[chaos] simulator: $(tail -1 "$WORK/sim.log")" >&2
 twice=$(tail -1 "$WORK/sim.log" | awk '{for (i=1;i<NF;i++) if ($i=="repeated") print $(i+1)}')
 upgrades=$(tail -1 "$WORK/sim.log" | awk '{for (i=1;i<NF;i++) if ($i=="upgrades") print $(i+1)}')
-echo "[chaos] devices asked to install the upgrade they had: $twice; downloads started: $upgrades of $DEVICES devices" >&2
+dups=$(tail -1 "$WORK/sim.log" | awk '{for (i=1;i<NF;i++) if ($i=="duplicates") print $(i+1)}')
+echo "[chaos] upgrades run twice (a new command for the version a device had installed; must be 0): $twice" >&2
+echo "[chaos] downloads started: $upgrades for $DEVICES devices; re-sent commands crossing a final report (answered with success): $dups" >&2
 echo "[chaos] server errors logged: $(grep -c -E ' ERROR ' "$WORK/server.log" || true)" >&2

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbErr,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
 
 /// Connections in the pool on a SQLite file (each holds the file, its WAL and its shared memory open).
 pub const SQLITE_POOL: u32 = 8;
@@ -49,6 +52,21 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
         db.execute_unprepared("PRAGMA journal_mode=WAL").await?;
     }
     Ok(db)
+}
+
+/// Begins a transaction that writes. On SQLite it is `BEGIN IMMEDIATE`: the write lock is taken at once
+/// (waiting for it within the busy timeout), so a transaction that reads first and writes later cannot fail
+/// with `SQLITE_BUSY_SNAPSHOT` (517, "database is locked") because another connection committed in
+/// between; a deferred `BEGIN` fails that way at once, without waiting. PostgreSQL ignores the mode.
+///
+/// # Errors
+/// [`DbErr`] when the transaction cannot begin.
+pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    db.begin_with_options(TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    })
+    .await
 }
 
 /// The file path of a `sqlite:` URL, if it names a file.

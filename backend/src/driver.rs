@@ -696,7 +696,7 @@ impl Driver {
             .await?;
         for task_id in &running {
             let _w = self.inner.write.lock().await;
-            let txn = state.db.begin().await?;
+            let txn = crate::db::begin_write(&state.db).await?;
             recount(&txn, task_id).await?;
             txn.commit().await?;
         }
@@ -902,7 +902,7 @@ impl Driver {
     pub(crate) async fn refresh(&self, state: &AppState, task_id: &str) -> Result<()> {
         let events = {
             let _w = self.inner.write.lock().await;
-            let txn = state.db.begin().await?;
+            let txn = crate::db::begin_write(&state.db).await?;
             let mut events = Vec::new();
             refresh_task(&txn, task_id, state.clock.now(), &mut events).await?;
             txn.commit().await?;
@@ -1156,7 +1156,7 @@ impl Driver {
                 }
             }
             let downlink = self.downlink();
-            let txn = state.db.begin().await?;
+            let txn = crate::db::begin_write(&state.db).await?;
             for (device_id, event) in devices {
                 record_device(&txn, device_id, event, now.as_millis()).await?;
             }

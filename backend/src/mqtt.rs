@@ -293,11 +293,12 @@ impl MqttEndpoint {
                 continue;
             }
             let _ = stream.set_nodelay(true);
+            // Counted before the spawn, so a burst of accepts cannot slip past the check above.
+            self.ctx.connections.fetch_add(1, Ordering::Relaxed);
             let ctx = self.ctx.clone();
             let stop = stop.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
-                ctx.connections.fetch_add(1, Ordering::Relaxed);
                 match tls {
                     None => session(&ctx, stream, peer, stop).await,
                     Some(acceptor) => {

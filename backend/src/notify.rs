@@ -485,7 +485,7 @@ async fn fan_out(state: &AppState, subs: &[notification_subscriptions::Model]) -
         return Ok(0);
     }
     let now = state.clock.now().as_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::db::begin_write(&state.db).await?;
     // Write first (see `driver::apply_in`): mark the records; if another instance took some meanwhile,
     // leave them all to it.
     let marked = outbox::Entity::update_many()

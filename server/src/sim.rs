@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::{Value, json};
@@ -114,9 +114,13 @@ pub struct SimStats {
     /// Download attempts that the server could not serve (busy, an error, a broken connection) and that
     /// were tried again.
     pub download_retries: AtomicU64,
-    /// Upgrade events for the version a device already runs (it reports success again and installs
-    /// nothing): how often the platform asked a device to run an upgrade it had finished.
+    /// Upgrade commands, other than the one it installed with, for the version a device already runs (it
+    /// reports success again and installs nothing): how often the platform asked a device to run an
+    /// upgrade it had finished, which a naive device would have run twice.
     pub repeated: AtomicU64,
+    /// The command a device installed with, received again after installing (a re-send that crossed
+    /// the final report); answered with success.
+    pub duplicates: AtomicU64,
 }
 
 /// The client id and password a device sends for the hour of `now_unix_ms` (`protocols.md` §1.1).
@@ -197,6 +201,8 @@ struct Device {
     pending: std::collections::VecDeque<Report>,
     /// `Behaviour::Resume` cuts the first download only.
     cut_done: bool,
+    /// The download token of the last installed upgrade.
+    installed_with: Option<String>,
 }
 
 /// Runs `devices` until `stop`; each connects, answers and upgrades as `opts` says. `now` gives the login
@@ -234,6 +240,7 @@ pub async fn run_fleet(
             upgrade: None,
             pending: std::collections::VecDeque::new(),
             cut_done: false,
+            installed_with: None,
         };
         let (now, stop) = (now.clone(), stop.clone());
         tasks.spawn(async move {
@@ -429,8 +436,16 @@ impl Device {
             return;
         }
         if version == self.sw {
-            // Installed already (the server missed the final report): say so again, install nothing.
-            self.stats.repeated.fetch_add(1, Ordering::Relaxed);
+            // Installed already: say so again, install nothing. The same command again (its token is
+            // the one the device installed with: a re-send that crossed the device's final report) is
+            // a duplicate; a new command for a version the device runs would have made a naive device
+            // install twice.
+            let token = paras["access_token"].as_str().map(str::to_owned);
+            if token.is_some() && token == self.installed_with {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.stats.repeated.fetch_add(1, Ordering::Relaxed);
+            }
             self.queue(
                 "upgrade_progress_report",
                 json!({
@@ -499,6 +514,9 @@ impl Device {
                 } else {
                     self.sw.clone_from(&upgrade.version);
                     self.fw.clone_from(&upgrade.version);
+                    self.installed_with = upgrade.paras.borrow()["access_token"]
+                        .as_str()
+                        .map(str::to_owned);
                     self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
                     self.queue(
                         "upgrade_progress_report",

@@ -305,7 +305,10 @@ impl Application {
             // bound what is queued per connection ahead of a slow reader (default ~400 KiB): download
             // chunks then stay the ones the download budget counts (see `http::download`).
             .writev(true)
-            .max_buf_size(8 * 1024);
+            .max_buf_size(8 * 1024)
+            // A connection that sends no request head for this long (idle keep-alive included) is
+            // closed, so idle clients cannot hold the places under http.max_connections.
+            .header_read_timeout(Duration::from_secs(30));
         let result = server.serve(app).await.context("HTTPS server");
         stop.cancel();
         let _ = janitor.await;

@@ -370,7 +370,7 @@ const ACTIVE_TASK_STATUSES: [TaskStatus; 4] = [
 pub async fn delete(state: &AppState, project_id: &str, package_id: &str) -> Result<()> {
     let package = find(state, project_id, package_id).await?;
     // In one transaction, so a task cannot start using the package between the check and the delete.
-    let txn = state.db.begin().await?;
+    let txn = crate::db::begin_write(&state.db).await?;
     let busy = tasks::Entity::find()
         .filter(tasks::Column::PackageId.eq(package_id))
         .filter(tasks::Column::Status.is_in(ACTIVE_TASK_STATUSES.map(TaskStatus::as_str)))

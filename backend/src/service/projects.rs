@@ -31,7 +31,7 @@ pub async fn ensure_default(state: &AppState) -> Result<projects::Model> {
 /// [`crate::Error::Db`] (a taken name is a unique-key error).
 pub async fn create(state: &AppState, name: &str) -> Result<projects::Model> {
     let now = state.clock.now().as_millis();
-    let txn = state.db.begin().await?;
+    let txn = crate::db::begin_write(&state.db).await?;
     let project = projects::ActiveModel {
         id: Set(ids::hex32()),
         name: Set(name.to_owned()),

@@ -167,7 +167,7 @@ pub async fn create(state: &AppState, project_id: &str, new: NewTask) -> Result<
         updated_at: Set(now.as_millis()),
     };
     // The task and its listed targets commit together: a crash leaves both or neither.
-    let txn = state.db.begin().await?;
+    let txn = crate::db::begin_write(&state.db).await?;
     let task = task.insert(&txn).await?;
     if let Some(devices) = devices {
         write_subtasks(&txn, now, &task.id, &devices).await?;
@@ -232,7 +232,7 @@ pub(crate) async fn start(state: &AppState, task_id: &str, scheduled: bool) -> R
             }
             .ok_or_else(|| Error::Conflict(format!("task {task_id}: its package was deleted")))?;
             let members = group_devices(state, &task.project_id, &package, &filter).await?;
-            let txn = state.db.begin().await?;
+            let txn = crate::db::begin_write(&state.db).await?;
             write_subtasks(&txn, state.clock.now(), task_id, &members).await?;
             txn.commit().await?;
         }

@@ -163,7 +163,7 @@ pub async fn run(settings: Settings, args: SimMqttArgs) -> Result<()> {
             _ = tick.tick() => {
                 let done = stats.succeeded.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
                 println!(
-                    "{:>6.1}s connected {} reports {} upgrades {} downloads {} ({} MiB) succeeded {} failed {} errors {} reconnects {} retries {} repeated {}",
+                    "{:>6.1}s connected {} reports {} upgrades {} downloads {} ({} MiB) succeeded {} failed {} errors {} reconnects {} retries {} repeated {} duplicates {}",
                     started.elapsed().as_secs_f64(),
                     stats.connected.load(Ordering::Relaxed),
                     stats.version_reports.load(Ordering::Relaxed),
@@ -176,6 +176,7 @@ pub async fn run(settings: Settings, args: SimMqttArgs) -> Result<()> {
                     stats.reconnects.load(Ordering::Relaxed),
                     stats.download_retries.load(Ordering::Relaxed),
                     stats.repeated.load(Ordering::Relaxed),
+                    stats.duplicates.load(Ordering::Relaxed),
                 );
                 if args.exit_when_done && done >= total {
                     break;

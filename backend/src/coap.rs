@@ -60,6 +60,9 @@ pub struct CoapSettings {
     pub cache_bytes: usize,
     /// The Block2 size used when a device does not ask for one (16-1024, a power of two).
     pub block_size: usize,
+    /// Requests being worked on at once (those that wait for the database or the package store); past
+    /// this a request is answered 5.03 with Max-Age and the device asks again later.
+    pub max_in_flight: usize,
 }
 
 impl Default for CoapSettings {
@@ -70,6 +73,7 @@ impl Default for CoapSettings {
             default_lifetime: Duration::from_secs(86_400),
             cache_bytes: 256 * 1024 * 1024,
             block_size: 512,
+            max_in_flight: 1024,
         }
     }
 }
@@ -230,7 +234,12 @@ struct Inner {
     next_mid: Mutex<HashMap<SocketAddr, u16>>,
     events: mpsc::UnboundedSender<(String, DeviceEvent)>,
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, DeviceEvent)>>>,
+    /// Places for requests being worked on ([`CoapSettings::max_in_flight`]).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// What a device told "busy" (5.03) is asked to wait, in seconds (the Max-Age option).
+const BUSY_MAX_AGE: u8 = 2;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -241,6 +250,7 @@ impl CoapEndpoint {
     #[must_use]
     pub fn new(state: AppState, socket: UdpSocket, settings: CoapSettings) -> Self {
         let (events, events_rx) = mpsc::unbounded_channel();
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight));
         let endpoint = Self {
             inner: Arc::new(Inner {
                 state,
@@ -256,6 +266,7 @@ impl CoapEndpoint {
                 next_mid: Mutex::default(),
                 events,
                 events_rx: Mutex::new(Some(events_rx)),
+                in_flight,
             }),
         };
         endpoint
@@ -457,8 +468,14 @@ impl CoapEndpoint {
                 if ty == MessageType::Confirmable && self.duplicate(addr, mid) {
                     return;
                 }
+                let Some(place) = self.place(&packet, addr) else {
+                    return;
+                };
                 let this = self.clone();
-                tokio::spawn(async move { this.request(packet, addr).await });
+                tokio::spawn(async move {
+                    this.request(packet, addr).await;
+                    drop(place);
+                });
             }
             MessageClass::Empty => match ty {
                 MessageType::Acknowledgement => self.acknowledged(addr, mid, None),
@@ -1145,9 +1162,13 @@ impl CoapEndpoint {
                 return;
             }
         }
+        let Some(place) = self.place(packet, addr) else {
+            return;
+        };
         let this = self.clone();
         let packet = packet.clone();
         tokio::spawn(async move {
+            let _place = place;
             let source = match source {
                 Some((s, _)) => s,
                 None => match crate::service::downloads::authorize_token(&this.inner.state, &token)
@@ -1299,8 +1320,32 @@ impl CoapEndpoint {
         });
     }
 
+    /// A place for a request that waits for the database or the store; without one (too many at once)
+    /// the request is answered 5.03 with Max-Age, and `None` is returned.
+    fn place(
+        &self,
+        request: &Packet,
+        addr: SocketAddr,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let place = self.inner.in_flight.clone().try_acquire_owned().ok();
+        if place.is_none() {
+            tracing::debug!(%addr, "CoAP: busy, answered 5.03");
+            self.block_error(
+                request,
+                addr,
+                ResponseType::ServiceUnavailable,
+                "busy; try again",
+            );
+        }
+        place
+    }
+
     fn block_error(&self, request: &Packet, addr: SocketAddr, code: ResponseType, why: &str) {
         let mut response = self.response_for(request, code, addr);
+        if code == ResponseType::ServiceUnavailable {
+            // RFC 7252 §5.9.3.4: Max-Age says when to try again.
+            response.add_option(CoapOption::MaxAge, vec![BUSY_MAX_AGE]);
+        }
         // RFC 7252 §5.5.2: a diagnostic payload.
         response.payload = why.as_bytes().to_vec();
         if let Ok(out) = response.to_bytes() {

@@ -290,6 +290,9 @@ pub struct Lwm2mSettings {
     /// The Block2 size of firmware downloads when a device does not ask for one (16-1024, a power of
     /// two).
     pub block_size: usize,
+    /// CoAP requests worked on at once (those that wait for the database or the package store); more
+    /// are answered 5.03 with Max-Age 2 and devices ask again.
+    pub max_in_flight: usize,
     /// How long a subtask waits for its device to register.
     #[serde(with = "humantime_serde")]
     pub online_timeout: Duration,
@@ -327,6 +330,7 @@ impl Default for Lwm2mSettings {
             receive_buffer: 4 * 1024 * 1024,
             public_url: None,
             block_size: c.block_size,
+            max_in_flight: c.max_in_flight,
             online_timeout: t.online,
             version_timeout: t.version,
             version_reask: t.version_reask,
@@ -714,6 +718,7 @@ impl Settings {
             default_lifetime: self.lwm2m.default_lifetime,
             cache_bytes: self.lwm2m.cache_bytes,
             block_size: self.lwm2m.block_size,
+            max_in_flight: self.lwm2m.max_in_flight,
         }
     }
 

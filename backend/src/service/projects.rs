@@ -1,8 +1,6 @@
 //! Projects (tenants) and their default resource space.
 
-use sea_orm::{
-    ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
-};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
 use crate::storage::entity::{applications, projects};
 use crate::{AppState, Error, Result, ids};

@@ -297,3 +297,46 @@ async fn a_download_interrupted_by_a_restart_resumes_with_the_same_token() {
 const fn fx_len() -> u64 {
     100 * 1024
 }
+
+#[tokio::test]
+async fn coap_requests_past_the_in_flight_cap_get_5_03_with_max_age() {
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings_for(dir.path());
+    settings.lwm2m.max_in_flight = 0;
+    let app = spawn_with(settings).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut register = Packet::new();
+    register.header.set_type(MessageType::Confirmable);
+    register.header.code = MessageClass::Request(RequestType::Post);
+    register.header.message_id = 4711;
+    register.set_token(vec![1, 2, 3, 4]);
+    register.add_option(CoapOption::UriPath, b"rd".to_vec());
+    register.add_option(CoapOption::UriQuery, b"ep=863703000000001".to_vec());
+    register.add_option(CoapOption::UriQuery, b"lt=300".to_vec());
+    register.payload = b"</19/0>,</19/1>".to_vec();
+    socket
+        .send_to(&register.to_bytes().unwrap(), app.coap)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = Packet::from_bytes(&buf[..n]).unwrap();
+    assert_eq!(
+        answer.header.code,
+        MessageClass::Response(ResponseType::ServiceUnavailable)
+    );
+    assert_eq!(answer.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(answer.header.message_id, 4711);
+    assert_eq!(answer.get_token(), [1, 2, 3, 4]);
+    let max_age = answer.get_option(CoapOption::MaxAge).expect("Max-Age");
+    assert_eq!(max_age.front().map(Vec::as_slice), Some(&[2u8][..]));
+    assert!(
+        n <= register.to_bytes().unwrap().len(),
+        "the busy answer ({n} bytes) is no larger than the request"
+    );
+    app.stop().await;
+}

@@ -70,6 +70,9 @@ pub struct SimOptions {
     /// At most this many devices are between TCP connect and CONNACK at once: a fleet's logins arrive
     /// spread out, not as one burst of SYNs.
     pub max_connecting: usize,
+    /// At most this many downloads at once in this process: a fleet simulated in one process shares one
+    /// descriptor limit, which real devices do not (a device past it waits, as for a busy server).
+    pub max_downloading: usize,
 }
 
 impl Default for SimOptions {
@@ -86,6 +89,7 @@ impl Default for SimOptions {
             subscribe: false,
             sig_type: 1,
             max_connecting: 256,
+            max_downloading: 512,
         }
     }
 }
@@ -193,6 +197,8 @@ struct Device {
     stats: Arc<SimStats>,
     /// Limits devices connecting at once (see [`SimOptions::max_connecting`]).
     connecting: Arc<tokio::sync::Semaphore>,
+    /// Limits downloads at once (see [`SimOptions::max_downloading`]).
+    downloading: Arc<tokio::sync::Semaphore>,
     sw: String,
     fw: String,
     /// The upgrade in progress, if any.
@@ -227,10 +233,12 @@ pub async fn run_fleet(
     }
     let http = http.build().context("building the HTTPS client")?;
     let connecting = Arc::new(tokio::sync::Semaphore::new(opts.max_connecting.max(1)));
+    let downloading = Arc::new(tokio::sync::Semaphore::new(opts.max_downloading.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for creds in devices {
         let device = Device {
             connecting: connecting.clone(),
+            downloading: downloading.clone(),
             sw: opts.sw_version.clone(),
             fw: opts.fw_version.clone(),
             opts: opts.clone(),
@@ -470,6 +478,7 @@ impl Device {
             (self.opts.behaviour == Behaviour::Resume && !self.cut_done).then(|| resume.clone());
         self.cut_done |= cut.is_some();
         let task = tokio::spawn(fetch(
+            self.downloading.clone(),
             self.http.clone(),
             paras_rx,
             self.stats.clone(),
@@ -585,6 +594,7 @@ enum Attempt {
 /// until it is whole: a 503 waits its `Retry-After`, other server errors and broken connections back
 /// off; only a 4xx answer that a newer upgrade event does not replace within 30 s ends it.
 async fn fetch(
+    downloading: Arc<tokio::sync::Semaphore>,
     http: reqwest::Client,
     mut paras: tokio::sync::watch::Receiver<Value>,
     stats: Arc<SimStats>,
@@ -599,7 +609,12 @@ async fn fetch(
         let stop_at = cut
             .as_ref()
             .map(|_| p["file_size"].as_u64().unwrap_or(0) / 2);
-        let outcome = match attempt(&http, &p, &mut body, stop_at, &stats).await {
+        let Ok(permit) = downloading.acquire().await else {
+            return;
+        };
+        let outcome = attempt(&http, &p, &mut body, stop_at, &stats).await;
+        drop(permit);
+        let outcome = match outcome {
             Ok(a) => a,
             Err(e) => Attempt::Retry(None, format!("{e:#}")),
         };

@@ -59,6 +59,9 @@ pub struct SimMqttArgs {
     /// At most this many devices connecting (between TCP connect and CONNACK) at once.
     #[arg(long, default_value_t = 256)]
     pub max_connecting: usize,
+    /// At most this many downloads at once in this process (one process, one descriptor limit).
+    #[arg(long, default_value_t = 512)]
+    pub max_downloading: usize,
     /// Exit once every device has reported a final result.
     #[arg(long)]
     pub exit_when_done: bool,
@@ -139,6 +142,7 @@ pub async fn run(settings: Settings, args: SimMqttArgs) -> Result<()> {
         subscribe: args.subscribe,
         sig_type: 1,
         max_connecting: args.max_connecting,
+        max_downloading: args.max_downloading,
     };
     println!(
         "simulating {} devices ({} registered now) on {}:{port}{}, behaviour {:?}",

@@ -396,3 +396,19 @@ fn devices_groups_and_tasks_are_scripted_from_the_command_line() {
         serde_json::json!([])
     );
 }
+
+#[test]
+fn connection_caps_beyond_the_descriptor_limit_stop_start_up_with_the_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = updraft(dir.path())
+        .env("UPDRAFT_MQTT__MAX_CONNECTIONS", "100000000")
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mqtt.max_connections 100000000") && err.contains("file descriptors"),
+        "names the cap and the limit: {err}"
+    );
+}

@@ -117,8 +117,6 @@ struct Ctx {
     sessions: Mutex<HashMap<String, SessionHandle>>,
     next_session: AtomicU64,
     connections: AtomicUsize,
-    /// Connections refused for the cap since start.
-    refused: AtomicU64,
 }
 
 struct SessionHandle {
@@ -226,7 +224,6 @@ impl MqttEndpoint {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
-            refused: AtomicU64::new(0),
         });
         state.driver.set_downlink(Arc::new(RouterDownlink {
             _link: Mutex::new(tx),
@@ -234,12 +231,6 @@ impl MqttEndpoint {
         }));
         tokio::spawn(uplinks(state, rx, events_rx));
         Ok(Self { ctx })
-    }
-
-    /// Connections refused for the cap (`max_connections`) since start.
-    #[must_use]
-    pub fn refused(&self) -> u64 {
-        self.ctx.refused.load(Ordering::Relaxed)
     }
 
     /// Connections open now (in a handshake, logging in, or connected).
@@ -288,7 +279,6 @@ impl MqttEndpoint {
             if self.ctx.connections.load(Ordering::Relaxed)
                 >= self.ctx.settings.max_connections + REFUSING
             {
-                self.ctx.refused.fetch_add(1, Ordering::Relaxed);
                 drop(stream);
                 continue;
             }
@@ -526,7 +516,6 @@ where
     };
     // Over the cap: "server unavailable" before any work (the login is not even checked); devices retry.
     if ctx.connections.load(Ordering::Relaxed) > ctx.settings.max_connections {
-        ctx.refused.fetch_add(1, Ordering::Relaxed);
         let _ = write(&mut wr, refuse(ConnectReturnCode::ServiceUnavailable), max).await;
         let _ = wr.shutdown().await;
         return;

@@ -150,10 +150,7 @@ impl OpenFiles {
                 )));
             }
         };
-        let mut files = self
-            .files
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut files = self.files();
         // Another reader may have opened it meanwhile: share theirs (ours closes here).
         if let Some(file) = files.get(key.as_str()).and_then(Weak::upgrade) {
             return Ok(file);
@@ -170,30 +167,19 @@ impl OpenFiles {
         Ok(file)
     }
 
-    fn live(&self, key: &ObjectKey) -> Option<Arc<std::fs::File>> {
+    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<std::fs::File>>> {
         self.files
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key.as_str())
-            .and_then(Weak::upgrade)
     }
 
-    /// Files open now (shared ones count once).
-    fn count(&self) -> usize {
-        self.files
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .filter(|f| f.strong_count() > 0)
-            .count()
+    fn live(&self, key: &ObjectKey) -> Option<Arc<std::fs::File>> {
+        self.files().get(key.as_str()).and_then(Weak::upgrade)
     }
 
     /// Forgets `key` (deleted): readers that have it keep reading; the next one opens the new object.
     fn forget(&self, key: &ObjectKey) {
-        self.files
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key.as_str());
+        self.files().remove(key.as_str());
     }
 }
 
@@ -422,15 +408,11 @@ impl PackageStore {
             return Ok(ObjectReader::Empty);
         }
         if let Some(files) = &self.open_files {
-            return Ok(ObjectReader::File(FileChunks {
-                file: Some(files.open(key).await?),
-                pos: range.start,
-                end: range.end,
-                chunk: chunk.max(4096),
-                pending: None,
-                gauge: None,
-                read_ahead: false,
-            }));
+            return Ok(ObjectReader::File(FileChunks::new(
+                files.open(key).await?,
+                range,
+                chunk,
+            )));
         }
         let options = GetOptions {
             range: Some(GetRange::Bounded(range.clone())),
@@ -444,15 +426,9 @@ impl PackageStore {
             Err(e) => return Err(e.into()),
         };
         Ok(match result.payload {
-            GetResultPayload::File(file, _) => ObjectReader::File(FileChunks {
-                file: Some(Arc::new(file)),
-                pos: range.start,
-                end: range.end,
-                chunk: chunk.max(4096),
-                pending: None,
-                gauge: None,
-                read_ahead: false,
-            }),
+            GetResultPayload::File(file, _) => {
+                ObjectReader::File(FileChunks::new(Arc::new(file), range, chunk))
+            }
             GetResultPayload::Stream(s) => ObjectReader::Stream(s),
         })
     }
@@ -469,12 +445,6 @@ impl PackageStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
-    }
-
-    /// Local package files open now for reading (each shared by all its readers); 0 for S3.
-    #[must_use]
-    pub fn open_files(&self) -> usize {
-        self.open_files.as_ref().map_or(0, |f| f.count())
     }
 
     /// Writes `bytes` at `key` in one request (test fixtures and small objects).
@@ -711,6 +681,19 @@ pub struct FileChunks {
 }
 
 impl FileChunks {
+    /// Reads `range` of `file`, `chunk` bytes (at least 4 KiB) at a time.
+    fn new(file: Arc<std::fs::File>, range: Range<u64>, chunk: usize) -> Self {
+        Self {
+            file: Some(file),
+            pos: range.start,
+            end: range.end,
+            chunk: chunk.max(4096),
+            pending: None,
+            gauge: None,
+            read_ahead: false,
+        }
+    }
+
     /// Starts reading the next chunk on the blocking pool.
     fn spawn_read(&mut self) {
         use std::os::unix::fs::FileExt;

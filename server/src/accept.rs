@@ -12,7 +12,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{self, Poll};
 use std::time::Duration;
 
@@ -37,9 +36,6 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 pub struct ConnectionGate {
     serving: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
-    /// Connections answered 503 (or closed at once) since start.
-    refused: AtomicU64,
-    max: usize,
 }
 
 impl ConnectionGate {
@@ -49,21 +45,7 @@ impl ConnectionGate {
         Self {
             serving: Arc::new(Semaphore::new(max.max(1))),
             refusing: Arc::new(Semaphore::new(refusing.max(1))),
-            refused: AtomicU64::new(0),
-            max: max.max(1),
         }
-    }
-
-    /// Connections being served now.
-    #[must_use]
-    pub fn serving(&self) -> usize {
-        self.max - self.serving.available_permits()
-    }
-
-    /// Connections refused since start.
-    #[must_use]
-    pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
     }
 }
 
@@ -100,7 +82,6 @@ where
         let admission = match self.gate.serving.clone().try_acquire_owned() {
             Ok(p) => Admission::Serve(p),
             Err(_) => {
-                self.gate.refused.fetch_add(1, Ordering::Relaxed);
                 match self.gate.refusing.clone().try_acquire_owned() {
                     Ok(p) => Admission::Refuse(p),
                     Err(_) => {

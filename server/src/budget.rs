@@ -12,7 +12,7 @@
 //! | package files being served (each shared by all its downloads) | `packages.max_open_files` |
 //! | HTTPS connections (console, API, downloads) | `http.max_connections`, default 1/16 of the rest, at most 1 024 |
 //! | MQTT device connections | `mqtt.max_connections`, default all that remains |
-//! | refusals in progress | 64 per listener: a connection past its cap is answered "busy" and closed |
+//! | refusals in progress | 64 for HTTPS, 64 for MQTT (plain and TLS together): a connection past its cap is answered "busy" and closed |
 //!
 //! A configuration that cannot fit (say `mqtt.max_connections` above what remains) stops start-up with
 //! the numbers. Memory is not divided here: what each connection costs is measured and reported by the
@@ -24,7 +24,8 @@ use crate::config::{Settings, StoreKind};
 
 /// Descriptors kept for the process itself, its listeners, logs, DNS lookups and webhook deliveries.
 pub const RESERVED: u64 = 256;
-/// Connections past a listener's cap that may be in the middle of being refused at once.
+/// HTTPS connections past the cap that may be in the middle of being refused at once (the MQTT
+/// endpoint's allowance is `backend::mqtt::REFUSING`, shared by its plain and TLS listeners).
 pub const REFUSING: u64 = 64;
 /// The default HTTPS connection cap, at most.
 const HTTPS_DEFAULT_MAX: u64 = 1024;
@@ -46,7 +47,7 @@ pub struct Budget {
     pub https: u64,
     /// MQTT device connections at once (plain and TLS together).
     pub mqtt: u64,
-    /// Connections being refused, per listener.
+    /// Connections being refused at once: HTTPS and MQTT together.
     pub refusing: u64,
 }
 
@@ -71,7 +72,12 @@ impl Budget {
             StoreKind::S3 => 0,
         };
         let mqtt_on = settings.mqtt.enabled;
-        let refusing = REFUSING * if mqtt_on { 3 } else { 1 };
+        let refusing = REFUSING
+            + if mqtt_on {
+                backend::mqtt::REFUSING as u64
+            } else {
+                0
+            };
         let fixed = RESERVED + database + package_files + refusing;
         let available = descriptors.checked_sub(fixed).filter(|a| *a >= 2 * MIN_SHARE).ok_or_else(|| {
             format!(
@@ -99,7 +105,7 @@ impl Budget {
             package_files,
             https,
             mqtt,
-            refusing: REFUSING,
+            refusing,
         };
         if https < 1 || (mqtt_on && mqtt < 1) || https + mqtt > available {
             return Err(format!(
@@ -118,7 +124,7 @@ impl std::fmt::Display for Budget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} descriptors: {} reserved, {} database, {} package files, {} HTTPS, {} MQTT, {} per listener for refusals",
+            "{} descriptors: {} reserved, {} database, {} package files, {} HTTPS, {} MQTT, {} for refusals",
             self.descriptors,
             self.reserved,
             self.database,
@@ -159,7 +165,7 @@ mod tests {
         assert_eq!(b.https, 1024);
         assert!(b.mqtt >= 18_000, "{b}");
         assert_eq!(
-            b.reserved + b.database + b.package_files + 3 * b.refusing + b.https + b.mqtt,
+            b.reserved + b.database + b.package_files + b.refusing + b.https + b.mqtt,
             20_000
         );
     }
@@ -167,7 +173,7 @@ mod tests {
     #[test]
     fn a_small_limit_shrinks_https_to_a_sixteenth() {
         let b = Budget::plan(&settings(), 4096).unwrap();
-        assert_eq!(b.https, (4096 - 256 - 24 - 64 - 192) / 16);
+        assert_eq!(b.https, (4096 - 256 - 24 - 64 - 128) / 16);
     }
 
     #[test]

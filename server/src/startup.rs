@@ -179,15 +179,9 @@ impl Application {
             coap,
             gate: Arc::new(ConnectionGate::new(
                 usize::try_from(budget.https).unwrap_or(usize::MAX),
-                usize::try_from(budget.refusing).unwrap_or(usize::MAX),
+                usize::try_from(budget::REFUSING).unwrap_or(usize::MAX),
             )),
         })
-    }
-
-    /// The HTTPS connection cap (for tests and health reports).
-    #[must_use]
-    pub fn connection_gate(&self) -> Arc<ConnectionGate> {
-        self.gate.clone()
     }
 
     /// The bound CoAP address, when LwM2M is enabled.

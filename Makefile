@@ -5,7 +5,7 @@ UPDRAFT := $(TARGET_DIR)/debug/updraft
 # The wasm build needs RUSTC_BOOTSTRAP=1, which must not touch host artifacts: its own target directory.
 WASM_TARGET_DIR := $(TARGET_DIR)/wasm-build
 
-.PHONY: setup server site run test bench bench-tasks chaos bench-lwm2m bench-console fuzz api-fuzz check fmt fmt-check clippy purity unit e2e clean-data
+.PHONY: setup server site run test bench bench-tasks chaos probe bench-lwm2m bench-console fuzz api-fuzz check fmt fmt-check clippy purity unit e2e clean-data
 
 setup:
 	@scripts/setup.sh
@@ -39,6 +39,12 @@ bench-tasks: setup
 chaos: setup
 	scripts/chaos.sh $(ARGS)
 	@if [ -n "$${CHAOS_POSTGRES_URL:-}" ]; then CHAOS_DATABASE_URL="$$CHAOS_POSTGRES_URL" scripts/chaos.sh $(ARGS); fi
+
+## Hostile-client probe: slowloris, sign-in floods, MQTT subscription flood, oversize pre-auth requests,
+## CoAP flood, spoofed LwM2M updates, all during a 1 000-device campaign (release build; exits 1 on a
+## regression or a peak RSS of 1 GiB). `BIN=path/to/updraft` skips the build.
+probe: setup
+	scripts/probe.sh $(ARGS)
 
 ## LwM2M/PCP benchmark: segments served per second, and a 5 000-device, 100-cell campaign (release build).
 bench-lwm2m: setup

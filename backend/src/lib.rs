@@ -21,6 +21,7 @@ pub mod coap;
 pub mod db;
 pub mod driver;
 pub mod error;
+pub mod hashing;
 pub mod ids;
 pub mod mqtt;
 pub mod notify;

@@ -7,11 +7,14 @@
 //!
 //! ```text
 //! device ──TCP/TLS──▶ session (this module: MQTT 3.1.1 codec, login, ACL, keep-alive)
-//!                        │ one rumqttd local link per device, client id = device id
+//!                        │ one rumqttd local link per device, link id `device:{device id}`
 //!                        ▼
-//!                     rumqttd router ◀── "updraft" link: subscribed to every device's up topic;
-//!                                         publishes down-topic messages for the task driver
+//!                     rumqttd router ◀── `platform:uplinks` link: subscribed to every device's up
+//!                                         topic, linked again whenever the router drops it
 //! ```
+//!
+//! Link ids live in two namespaces (`device:...` and `platform:...`; device ids are letters, digits, `_` and `-`), so no device id, whatever it is
+//! (`updraft` is a valid one), can name the platform's link and make the router drop it.
 //!
 //! - **Login**: client id `{device_id}_0_{0|1}_{YYYYMMDDHH}`, user name = device id, password =
 //!   `HMAC-SHA256(key = YYYYMMDDHH, secret)`; signature type 1 also requires the hour to be within
@@ -22,6 +25,14 @@
 //! - **ACL**: a device publishes only to its own `$oc/devices/{id}/sys/events/up` (other topics below its
 //!   own `$oc/devices/{id}/` are acknowledged and dropped, as Updraft has no use for them; anything else
 //!   ends the session) and subscribes only below `$oc/devices/{id}/` (other filters get SUBACK 0x80).
+//!   The router keeps every filter it has seen for good (~230 KiB each), so a device may create at most
+//!   `max_subscriptions` filters in the life of the process, and never one matching its own uplink
+//!   topic (which would share the platform's 128 MiB uplink buffer).
+//! - **Before login** a connection costs little: CONNECT may be at most [`MAX_CONNECT`] bytes, and failed
+//!   logins are throttled per device id and per source address ([`LOGIN_FAILURES_PER_DEVICE`],
+//!   [`LOGIN_FAILURES_PER_ADDRESS`] per [`LOGIN_WINDOW`]), answered CONNACK 3 without a database lookup.
+//! - **The router's channel is bounded** and its sends block when it is full: every call into the
+//!   router runs on the blocking pool, never on an async worker.
 //! - **Topics inside the router** are the device topics without the leading `$` (rumqttd refuses `$`
 //!   topics); devices never see those names, and no one else can reach the router.
 //! - **Connect/disconnect** feed the task driver (`DeviceEvent::Online/Offline`), which records the online
@@ -49,6 +60,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use domain::throttle::Throttle;
+
 use crate::AppState;
 use crate::driver::{DeviceEvent, Downlink};
 use crate::storage::entity::devices;
@@ -64,6 +77,8 @@ pub struct MqttSettings {
     pub max_packet_size: usize,
     /// Connections beyond this are refused with CONNACK 3 (server unavailable).
     pub max_connections: usize,
+    /// Subscription filters a device may create in the router, in the life of the process.
+    pub max_subscriptions: usize,
 }
 
 impl Default for MqttSettings {
@@ -74,6 +89,7 @@ impl Default for MqttSettings {
             max_packet_size: 256 * 1024,
             // The router reserves (virtual) slots for this many up front.
             max_connections: 200_000,
+            max_subscriptions: 16,
         }
     }
 }
@@ -81,8 +97,22 @@ impl Default for MqttSettings {
 /// The router filter of every device's uplinks (the router's name for `$oc/devices/+/sys/events/up`).
 const UP_FILTER: &str = "oc/devices/+/sys/events/up";
 
-/// The client id of Updraft's own router link.
-const PLATFORM_LINK: &str = "updraft";
+/// The router link id of Updraft's own link (device links are `device:{id}`: another namespace).
+const PLATFORM_LINK: &str = "platform:uplinks";
+
+/// The router link id of a device's session.
+fn device_link(device_id: &str) -> String {
+    format!("device:{device_id}")
+}
+
+/// The largest CONNECT read before the login is checked (IoTDA's are ~200 bytes).
+pub const MAX_CONNECT: usize = 4096;
+/// Failed logins per device id per [`LOGIN_WINDOW`]; past that, logins of the id are refused unchecked.
+pub const LOGIN_FAILURES_PER_DEVICE: usize = 10;
+/// Failed logins per source address per [`LOGIN_WINDOW`] (a carrier NAT hides many devices).
+pub const LOGIN_FAILURES_PER_ADDRESS: usize = 200;
+/// The failed-login window.
+pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 
 /// The router's name for a device topic (rumqttd refuses `$` topics).
 fn internal(topic: &str) -> &str {
@@ -113,8 +143,12 @@ struct Ctx {
     /// Connects and disconnects, handed to the same worker as device messages (in order, in batches).
     events: tokio::sync::mpsc::UnboundedSender<(String, DeviceEvent)>,
     settings: MqttSettings,
-    broker: rumqttd::Broker,
+    broker: Arc<rumqttd::Broker>,
     sessions: Mutex<HashMap<String, SessionHandle>>,
+    /// The filters each device has created in the router (which never frees them).
+    filters: Mutex<HashMap<String, std::collections::HashSet<String>>>,
+    /// Failed logins: by device id, and by source address.
+    failures: Mutex<(Throttle, Throttle)>,
     next_session: AtomicU64,
     connections: AtomicUsize,
 }
@@ -134,10 +168,8 @@ const DOWN_QUEUE: usize = 64;
 /// past that, new connections are closed as soon as they are accepted.
 pub const REFUSING: usize = 64;
 
-/// Publishes the driver's messages through the platform link.
+/// Hands the driver's messages to the sessions.
 struct RouterDownlink {
-    /// The platform link's sending half, kept open for the link's lifetime.
-    _link: Mutex<LinkTx>,
     /// The sessions (weak: the context owns the state that owns this downlink).
     ctx: std::sync::Weak<Ctx>,
 }
@@ -209,27 +241,28 @@ impl MqttEndpoint {
             },
             ..Default::default()
         };
-        let broker = rumqttd::Broker::new(config);
-        let (mut tx, rx) = broker
-            .link(PLATFORM_LINK)
-            .map_err(|e| format!("linking to the MQTT router: {e}"))?;
-        tx.subscribe(UP_FILTER)
-            .map_err(|e| format!("subscribing device uplinks: {e}"))?;
+        let broker = Arc::new(rumqttd::Broker::new(config));
+        let link = platform_link(&broker)?;
         let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let window = LOGIN_WINDOW;
         let ctx = Arc::new(Ctx {
             state: state.clone(),
             events,
             settings,
-            broker,
+            broker: broker.clone(),
             sessions: Mutex::new(HashMap::new()),
+            filters: Mutex::new(HashMap::new()),
+            failures: Mutex::new((
+                Throttle::new(LOGIN_FAILURES_PER_DEVICE, window, 100_000),
+                Throttle::new(LOGIN_FAILURES_PER_ADDRESS, window, 100_000),
+            )),
             next_session: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
         });
         state.driver.set_downlink(Arc::new(RouterDownlink {
-            _link: Mutex::new(tx),
             ctx: Arc::downgrade(&ctx),
         }));
-        tokio::spawn(uplinks(state, rx, events_rx));
+        tokio::spawn(uplinks(state, broker, link, events_rx));
         Ok(Self { ctx })
     }
 
@@ -312,14 +345,60 @@ impl MqttEndpoint {
     }
 }
 
+/// The platform's router link, subscribed to every device's uplinks. Blocks on the router's reply: call
+/// it at start-up or on the blocking pool.
+fn platform_link(broker: &rumqttd::Broker) -> Result<(LinkTx, LinkRx), String> {
+    let (mut tx, rx) = broker
+        .link(PLATFORM_LINK)
+        .map_err(|e| format!("linking to the MQTT router: {e}"))?;
+    tx.subscribe(UP_FILTER)
+        .map_err(|e| format!("subscribing device uplinks: {e}"))?;
+    Ok((tx, rx))
+}
+
 /// Hands connects, disconnects and `$ota` events to the task driver, in arrival order, the ones that
 /// arrived together in one call (one transaction for the lot): with thousands of devices, per-event
-/// transactions would queue behind SQLite's single writer.
+/// transactions would queue behind SQLite's single writer. When the router drops the platform's link,
+/// it is linked again (backing off up to 5 s) and the events go on.
 async fn uplinks(
     state: AppState,
-    mut rx: LinkRx,
+    broker: Arc<rumqttd::Broker>,
+    link: (LinkTx, LinkRx),
     mut sessions: tokio::sync::mpsc::UnboundedReceiver<(String, DeviceEvent)>,
 ) {
+    let (mut _tx, mut rx) = link;
+    loop {
+        if !forward_uplinks(&state, &mut rx, &mut sessions).await {
+            return;
+        }
+        tracing::error!("mqtt: the router dropped the platform link; linking again");
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let broker = broker.clone();
+            match tokio::task::spawn_blocking(move || platform_link(&broker)).await {
+                Ok(Ok((tx, new_rx))) => {
+                    (_tx, rx) = (tx, new_rx);
+                    tracing::info!("mqtt: platform link restored");
+                    break;
+                }
+                Ok(Err(e)) => tracing::warn!(error.message = %e, "mqtt: linking again failed"),
+                Err(e) => tracing::warn!(error.message = %e, "mqtt: linking again failed"),
+            }
+            if sessions.is_closed() {
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Forwards events until the router link is lost (true) or the endpoint is gone (false).
+async fn forward_uplinks(
+    state: &AppState,
+    rx: &mut LinkRx,
+    sessions: &mut tokio::sync::mpsc::UnboundedReceiver<(String, DeviceEvent)>,
+) -> bool {
     use futures::FutureExt;
     const MAX_BATCH: usize = 512;
     loop {
@@ -330,17 +409,19 @@ async fn uplinks(
             biased;
             e = sessions.recv() => match e {
                 Some(e) => batch.push(e),
-                None => return,
+                None => return false,
             },
             n = rx.next() => match n {
                 Ok(n) => {
-                    if !router_notification(n, &mut rx, &mut batch).await {
-                        return;
+                    if !router_notification(n, rx, &mut batch).await {
+                        apply_with_retries(state, batch).await;
+                        return true;
                     }
                 }
                 Err(e) => {
                     tracing::info!(error.message = %e, "mqtt: router link closed");
-                    return;
+                    apply_with_retries(state, batch).await;
+                    return true;
                 }
             },
         }
@@ -352,8 +433,9 @@ async fn uplinks(
                 more = true;
             }
             if let Some(Ok(n)) = rx.next().now_or_never() {
-                if !router_notification(n, &mut rx, &mut batch).await {
-                    return;
+                if !router_notification(n, rx, &mut batch).await {
+                    apply_with_retries(state, batch).await;
+                    return true;
                 }
                 more = true;
             }
@@ -361,7 +443,7 @@ async fn uplinks(
                 break;
             }
         }
-        apply_with_retries(&state, batch).await;
+        apply_with_retries(state, batch).await;
     }
 }
 
@@ -409,6 +491,8 @@ async fn router_notification(
                 false
             }
         },
+        // The router ended the link (another link took its id, or the router restarted it).
+        Some(Notification::Disconnect(..)) => false,
         _ => true,
     }
 }
@@ -491,9 +575,10 @@ where
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(512);
     let max = ctx.settings.max_packet_size;
+    // Nothing larger than a CONNECT is read before the login is checked.
     let first = tokio::time::timeout(
         ctx.settings.connect_timeout,
-        read_packet(&mut rd, &mut buf, max),
+        read_packet(&mut rd, &mut buf, max.min(MAX_CONNECT)),
     )
     .await;
     let connect = match first {
@@ -508,11 +593,15 @@ where
             .await;
             return;
         }
-        Ok(Ok(Some(other))) => {
-            tracing::debug!(%peer, packet = ?other, "mqtt: first packet is not CONNECT");
+        Ok(Ok(Some(_))) => {
+            tracing::debug!(%peer, "mqtt: first packet is not CONNECT");
             return;
         }
-        Ok(Ok(None) | Err(_)) | Err(_) => return,
+        Ok(Err(ReadError::Codec(e))) => {
+            tracing::debug!(%peer, error.message = %e, "mqtt: unreadable CONNECT");
+            return;
+        }
+        Ok(Ok(None) | Err(ReadError::Io(_))) | Err(_) => return,
     };
     // Over the cap: "server unavailable" before any work (the login is not even checked); devices retry.
     if ctx.connections.load(Ordering::Relaxed) > ctx.settings.max_connections {
@@ -520,10 +609,11 @@ where
         let _ = wr.shutdown().await;
         return;
     }
-    let device_id = match authenticate(ctx, &connect).await {
+    let device_id = match authenticate(ctx, &connect, peer).await {
         Ok(id) => id,
         Err(code) => {
-            tracing::info!(%peer, client_id = %connect.client_id, ?code, "mqtt: login refused");
+            // Debug-formatted: a client id is the client's text, and may hold line breaks.
+            tracing::info!(%peer, client_id = ?connect.client_id, ?code, "mqtt: login refused");
             let _ = write(&mut wr, refuse(code), max).await;
             let _ = wr.shutdown().await;
             return;
@@ -618,12 +708,15 @@ where
     let linked = {
         let (ctx, id) = (ctx.clone(), device_id.to_owned());
         tokio::task::spawn_blocking(move || {
-            let (tx, rx) = ctx.broker.link(&id).map_err(|e| e.to_string())?;
+            let (tx, rx) = ctx
+                .broker
+                .link(&device_link(&id))
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>((tx, rx))
         })
         .await
     };
-    let (mut tx, mut rx) = match linked {
+    let (tx, mut rx) = match linked {
         Ok(Ok(link)) => link,
         Ok(Err(e)) => {
             tracing::warn!(device_id, error.message = %e, "mqtt: router refused the session");
@@ -635,6 +728,7 @@ where
             return End::RouterDropped;
         }
     };
+    let mut tx = Some(tx);
     if let Err(e) = write(
         wr,
         Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
@@ -642,7 +736,7 @@ where
     )
     .await
     {
-        disconnect_link(&mut tx).await;
+        route(&mut tx, Route::Disconnect).await;
         return End::Io(e);
     }
     tracing::debug!(device_id, "mqtt: device connected");
@@ -675,15 +769,26 @@ where
                 if let Some(d) = idle {
                     deadline = Some(tokio::time::Instant::now() + d);
                 }
-                match on_packet(device_id, &prefix, &up, &down, packet, &mut tx) {
-                    Ok(Reply::None) => {}
-                    Ok(Reply::Send(p)) => {
+                let topics = Topics { prefix: &prefix, up: &up, down: &down };
+                let (routes, reply) = match on_packet(ctx, device_id, &topics, packet) {
+                    Ok(r) => r,
+                    Err(end) => break end,
+                };
+                let mut routed = true;
+                for r in routes {
+                    routed &= route(&mut tx, r).await;
+                }
+                if !routed {
+                    break End::RouterDropped;
+                }
+                match reply {
+                    Reply::None => {}
+                    Reply::Send(p) => {
                         if let Err(e) = write(wr, p, max).await {
                             break End::Io(e);
                         }
                     }
-                    Ok(Reply::Disconnect) => break End::Disconnect,
-                    Err(end) => break end,
+                    Reply::Disconnect => break End::Disconnect,
                 }
             }
             Some(payload) = down_rx.recv() => {
@@ -714,7 +819,7 @@ where
             },
         }
     };
-    disconnect_link(&mut tx).await;
+    route(&mut tx, Route::Disconnect).await;
     end
 }
 
@@ -724,94 +829,203 @@ enum Reply {
     Disconnect,
 }
 
-/// One packet from a logged-in device: ACL, acknowledgements, routing.
-fn on_packet(
-    device_id: &str,
-    prefix: &str,
-    up: &str,
-    down: &str,
-    packet: Packet,
-    tx: &mut LinkTx,
-) -> Result<Reply, End> {
-    match packet {
-        Packet::Publish(p) => {
-            if !p.topic.starts_with(prefix) {
-                return Err(End::Acl(format!("publish to {}", p.topic)));
+/// A call into the router on a session's link.
+enum Route {
+    Publish(String, Bytes),
+    Subscribe(String),
+    Unsubscribe(String),
+    Disconnect,
+}
+
+/// Runs `route` on the blocking pool (the router's channel is bounded and its sends block when it is
+/// full; on an async worker that would stall every connection). False when the router dropped the link.
+async fn route(tx: &mut Option<LinkTx>, route: Route) -> bool {
+    let Some(mut link) = tx.take() else {
+        return false;
+    };
+    let done = tokio::task::spawn_blocking(move || {
+        let ok = match route {
+            Route::Publish(topic, payload) => link.publish(topic, payload).is_ok(),
+            Route::Subscribe(filter) => link.subscribe(filter).is_ok(),
+            Route::Unsubscribe(filter) => link.unsubscribe(filter).is_ok(),
+            Route::Disconnect => {
+                let disconnect = rumqttd::protocol::Packet::Disconnect(
+                    rumqttd::protocol::Disconnect {
+                        reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+                    },
+                    None,
+                );
+                futures::executor::block_on(link.send(disconnect)).is_ok()
             }
-            if p.topic == up {
-                tx.publish(internal(up).to_owned(), p.payload)
-                    .map_err(|_| End::RouterDropped)?;
-            } else {
-                tracing::debug!(device_id, topic = %p.topic, "mqtt: publish outside sys/events/up dropped");
-            }
-            Ok(match p.qos {
-                QoS::AtMostOnce => Reply::None,
-                QoS::AtLeastOnce => Reply::Send(Packet::PubAck(PubAck::new(p.pkid))),
-                QoS::ExactlyOnce => Reply::Send(Packet::PubRec(PubRec::new(p.pkid))),
-            })
+        };
+        (link, ok)
+    })
+    .await;
+    match done {
+        Ok((link, ok)) => {
+            *tx = Some(link);
+            ok
         }
-        Packet::PubRel(r) => Ok(Reply::Send(Packet::PubComp(PubComp::new(r.pkid)))),
-        Packet::Subscribe(s) => {
-            let mut codes = Vec::with_capacity(s.filters.len());
-            for f in &s.filters {
-                let allowed = f.path.starts_with(prefix) && !f.path[prefix.len()..].is_empty();
-                if !allowed {
-                    tracing::info!(device_id, filter = %f.path, "mqtt: subscription refused");
-                    codes.push(SubscribeReasonCode::Failure);
-                    continue;
-                }
-                // The down topic is subscribed at login.
-                if f.path != down {
-                    tx.subscribe(internal(&f.path).to_owned())
-                        .map_err(|_| End::RouterDropped)?;
-                }
-                let qos = if f.qos == QoS::AtMostOnce {
-                    QoS::AtMostOnce
-                } else {
-                    QoS::AtLeastOnce
-                };
-                codes.push(SubscribeReasonCode::Success(qos));
-            }
-            Ok(Reply::Send(Packet::SubAck(SubAck::new(s.pkid, codes))))
-        }
-        Packet::Unsubscribe(u) => {
-            for f in &u.topics {
-                if f.starts_with(prefix) && f != down {
-                    tx.unsubscribe(internal(f).to_owned())
-                        .map_err(|_| End::RouterDropped)?;
-                }
-            }
-            Ok(Reply::Send(Packet::UnsubAck(UnsubAck::new(u.pkid))))
-        }
-        Packet::PingReq => Ok(Reply::Send(Packet::PingResp)),
-        Packet::Disconnect => Ok(Reply::Disconnect),
-        // Acknowledgements of our QoS 0 downlinks cannot arrive; ignore strays.
-        Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PingResp => {
-            Ok(Reply::None)
-        }
-        Packet::Connect(_) => Err(End::Protocol("second CONNECT".to_owned())),
-        Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) => Err(End::Protocol(
-            "server-to-client packet from a client".to_owned(),
-        )),
+        Err(_) => false,
     }
 }
 
-async fn disconnect_link(tx: &mut LinkTx) {
-    let disconnect = rumqttd::protocol::Packet::Disconnect(
-        rumqttd::protocol::Disconnect {
-            reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
-        },
-        None,
-    );
-    let _ = tx.send(disconnect).await;
+/// A session's own topics.
+struct Topics<'a> {
+    /// `$oc/devices/{id}/`
+    prefix: &'a str,
+    /// Its system uplink topic.
+    up: &'a str,
+    /// Its system downlink topic.
+    down: &'a str,
+}
+
+/// One packet from a logged-in device: ACL, acknowledgements; what to route, and what to answer.
+fn on_packet(
+    ctx: &Ctx,
+    device_id: &str,
+    topics: &Topics<'_>,
+    packet: Packet,
+) -> Result<(Vec<Route>, Reply), End> {
+    let mut routes = Vec::new();
+    let reply = match packet {
+        Packet::Publish(p) => {
+            if !p.topic.starts_with(topics.prefix) {
+                return Err(End::Acl(format!("publish to {:?}", p.topic)));
+            }
+            if p.topic == topics.up {
+                routes.push(Route::Publish(internal(topics.up).to_owned(), p.payload));
+            } else {
+                tracing::debug!(device_id, topic = ?p.topic, "mqtt: publish outside sys/events/up dropped");
+            }
+            match p.qos {
+                QoS::AtMostOnce => Reply::None,
+                QoS::AtLeastOnce => Reply::Send(Packet::PubAck(PubAck::new(p.pkid))),
+                QoS::ExactlyOnce => Reply::Send(Packet::PubRec(PubRec::new(p.pkid))),
+            }
+        }
+        Packet::PubRel(r) => Reply::Send(Packet::PubComp(PubComp::new(r.pkid))),
+        Packet::Subscribe(s) => {
+            let mut codes = Vec::with_capacity(s.filters.len());
+            for f in &s.filters {
+                match subscription(ctx, device_id, topics, &f.path) {
+                    Ok(new) => {
+                        routes.extend(new.then(|| Route::Subscribe(internal(&f.path).to_owned())));
+                        let qos = if f.qos == QoS::AtMostOnce {
+                            QoS::AtMostOnce
+                        } else {
+                            QoS::AtLeastOnce
+                        };
+                        codes.push(SubscribeReasonCode::Success(qos));
+                    }
+                    Err(why) => {
+                        tracing::info!(device_id, filter = ?f.path, why, "mqtt: subscription refused");
+                        codes.push(SubscribeReasonCode::Failure);
+                    }
+                }
+            }
+            Reply::Send(Packet::SubAck(SubAck::new(s.pkid, codes)))
+        }
+        Packet::Unsubscribe(u) => {
+            for f in &u.topics {
+                if f.starts_with(topics.prefix) && f != topics.down && f != topics.up {
+                    routes.push(Route::Unsubscribe(internal(f).to_owned()));
+                }
+            }
+            Reply::Send(Packet::UnsubAck(UnsubAck::new(u.pkid)))
+        }
+        Packet::PingReq => Reply::Send(Packet::PingResp),
+        Packet::Disconnect => Reply::Disconnect,
+        // Acknowledgements of our QoS 0 downlinks cannot arrive; ignore strays.
+        Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PingResp => {
+            Reply::None
+        }
+        Packet::Connect(_) => return Err(End::Protocol("second CONNECT".to_owned())),
+        Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) => {
+            return Err(End::Protocol(
+                "server-to-client packet from a client".to_owned(),
+            ));
+        }
+    };
+    Ok((routes, reply))
+}
+
+/// Whether `device_id` may subscribe to `filter`: `Ok(true)` when the router must be told (a filter the
+/// session does not have from login), or why not.
+fn subscription(
+    ctx: &Ctx,
+    device_id: &str,
+    topics: &Topics<'_>,
+    filter: &str,
+) -> Result<bool, &'static str> {
+    let Some(rest) = filter.strip_prefix(topics.prefix) else {
+        return Err("outside the device's own topics");
+    };
+    if rest.is_empty() || !rumqttc::mqttbytes::valid_filter(filter) {
+        return Err("not a valid filter");
+    }
+    // Matched under the router's names: `matches` never matches a `$` topic.
+    if rumqttc::mqttbytes::matches(internal(topics.up), internal(filter)) {
+        return Err("the device's own uplink topic");
+    }
+    // The down topic is subscribed at login.
+    if filter == topics.down {
+        return Ok(false);
+    }
+    let mut filters = lock(&ctx.filters);
+    let created = filters.entry(device_id.to_owned()).or_default();
+    if !created.contains(filter) {
+        if created.len() >= ctx.settings.max_subscriptions {
+            return Err("too many subscription filters (mqtt.max_subscriptions)");
+        }
+        created.insert(filter.to_owned());
+    }
+    Ok(true)
 }
 
 /// Checks an IoTDA login; the device id, or the CONNACK code to refuse with.
+///
+/// Failed logins are throttled per device id and per source address: an attempt takes its place before
+/// any lookup (check and record are one step), and a successful one gives it back.
 async fn authenticate(
     ctx: &Ctx,
     connect: &rumqttc::mqttbytes::v4::Connect,
+    peer: SocketAddr,
 ) -> Result<String, ConnectReturnCode> {
     let client = ClientId::parse(&connect.client_id).map_err(|_| ConnectReturnCode::BadClientId)?;
+    let now = ctx.state.clock.now();
+    let (device_key, address_key) = (client.device_id.to_owned(), peer.ip().to_string());
+    {
+        let mut failures = lock(&ctx.failures);
+        let (by_device, by_address) = &mut *failures;
+        if by_device.begin(&device_key, now).is_err() {
+            return Err(ConnectReturnCode::ServiceUnavailable);
+        }
+        if by_address.begin(&address_key, now).is_err() {
+            by_device.forgive(&device_key, now);
+            return Err(ConnectReturnCode::ServiceUnavailable);
+        }
+    }
+    let checked = check_login(ctx, connect, &client, now).await;
+    let mut failures = lock(&ctx.failures);
+    let (by_device, by_address) = &mut *failures;
+    match checked {
+        Ok(_) | Err(ConnectReturnCode::ServiceUnavailable) => {
+            by_device.forgive(&device_key, now);
+            by_address.forgive(&address_key, now);
+        }
+        Err(_) => {}
+    }
+    checked
+}
+
+/// The login check proper (see [`authenticate`]).
+async fn check_login(
+    ctx: &Ctx,
+    connect: &rumqttc::mqttbytes::v4::Connect,
+    client: &ClientId<'_>,
+    now: domain::Timestamp,
+) -> Result<String, ConnectReturnCode> {
     let login = connect
         .login
         .as_ref()
@@ -820,11 +1034,7 @@ async fn authenticate(
         return Err(ConnectReturnCode::BadUserNamePassword);
     }
     if client.sig_type == SigType::TimestampCheck
-        && !timestamp_fresh(
-            client.timestamp,
-            ctx.state.clock.now(),
-            ctx.settings.timestamp_skew,
-        )
+        && !timestamp_fresh(client.timestamp, now, ctx.settings.timestamp_skew)
     {
         return Err(ConnectReturnCode::BadUserNamePassword);
     }

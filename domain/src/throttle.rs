@@ -2,6 +2,11 @@
 //!
 //! Pure: the caller passes `now`, so lockouts are tested on a manual clock. Memory is bounded: failures
 //! older than the window are dropped, and when more than `max_keys` keys are tracked the stalest go.
+//!
+//! Concurrent attempts use [`Throttle::begin`], which checks and records in one step: the attempt counts
+//! as a failure from the moment it starts, and a success takes it back ([`Throttle::forgive`] or
+//! [`Throttle::record_success`]). Checking first and recording after the slow password check would let
+//! any number of simultaneous attempts through the same check.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -53,6 +58,28 @@ impl Throttle {
         Err(RetryAfter(
             self.window.saturating_sub(now.since(oldest_counted)),
         ))
+    }
+
+    /// Checks `key` and, when it may try, records this attempt as a failure at `now` in the same step.
+    ///
+    /// # Errors
+    /// [`RetryAfter`] while `key` has used up its failures in the window (nothing is recorded then).
+    pub fn begin(&mut self, key: &str, now: Timestamp) -> Result<(), RetryAfter> {
+        self.check(key, now)?;
+        self.record_failure(key, now);
+        Ok(())
+    }
+
+    /// Takes back one attempt of `key` begun at `at` (it succeeded); other failures of `key` still count.
+    pub fn forgive(&mut self, key: &str, at: Timestamp) {
+        if let Some(times) = self.failures.get_mut(key) {
+            if let Some(i) = times.iter().rposition(|t| *t == at) {
+                times.remove(i);
+            }
+            if times.is_empty() {
+                self.failures.remove(key);
+            }
+        }
     }
 
     /// Records a failure of `key` at `now`.
@@ -130,6 +157,22 @@ mod tests {
         assert!(t.check("admin", at(2)).is_err());
         t.record_success("admin");
         assert!(t.check("admin", at(2)).is_ok());
+    }
+
+    #[test]
+    fn begun_attempts_count_until_forgiven() {
+        let mut t = Throttle::new(3, 15 * MIN, 100);
+        // Three attempts in flight at once use up the key; the fourth is refused before it starts.
+        for _ in 0..3 {
+            assert!(t.begin("admin", at(0)).is_ok());
+        }
+        assert!(t.begin("admin", at(0)).is_err());
+        // One of them succeeded: its place comes back, the two failures still count.
+        t.forgive("admin", at(0));
+        assert!(t.begin("admin", at(0)).is_ok());
+        assert!(t.begin("admin", at(0)).is_err());
+        t.forgive("nobody", at(0));
+        assert_eq!(t.tracked_keys(), 1);
     }
 
     #[test]

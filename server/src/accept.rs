@@ -8,6 +8,12 @@
 //! later instead of counting a failure. At most [`crate::budget::REFUSING`] connections are being refused
 //! at once; past that, new connections are closed as soon as they are accepted, so no crowd can take the
 //! descriptors the served connections need.
+//!
+//! **Slow clients.** The TLS handshake must end within `http.handshake_timeout`; then the first byte of
+//! a request must arrive within `http.header_timeout` (hyper's protocol detection would otherwise wait
+//! for it for ever), and every request head, the first and each on a kept-alive connection, must be
+//! complete within `http.header_timeout` after the connection starts waiting for it (hyper's header
+//! read timeout). Trickling a request head or idling between requests therefore ends the connection.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -59,6 +65,8 @@ pub struct GatedTls<A> {
     pub transfers: Arc<Transfers>,
     /// The cap.
     pub gate: Arc<ConnectionGate>,
+    /// How long after the handshake the first byte of a request may take.
+    pub first_byte_timeout: Duration,
 }
 
 /// A connection's place under the cap.
@@ -96,6 +104,7 @@ where
         };
         let accepting = self.accept.accept(stream, service);
         let transfers = self.transfers.clone();
+        let first_byte_timeout = self.first_byte_timeout;
         Box::pin(async move {
             let (tls, service, permit, deadline) = match admission {
                 Admission::Serve(permit) => {
@@ -116,6 +125,7 @@ where
                     transfers,
                     _permit: permit,
                     deadline,
+                    first_byte: Some(Box::pin(tokio::time::sleep(first_byte_timeout))),
                 },
                 service,
             ))
@@ -172,12 +182,15 @@ fn busy() -> Response<Body> {
 type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
 /// A TLS connection that sets its send-buffer bound (a field store) before every write, holds its place
-/// under the cap while it lives, and (when refused) ends at its deadline.
+/// under the cap while it lives, ends when no request byte comes in time, and (when refused) ends at its
+/// deadline.
 pub struct LoadBoundedStream {
     tls: TlsStream,
     transfers: Arc<Transfers>,
     _permit: OwnedSemaphorePermit,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Until the first byte of a request arrives: when the connection gives up waiting for it.
+    first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl LoadBoundedStream {
@@ -208,7 +221,24 @@ impl AsyncRead for LoadBoundedStream {
         if self.expired(cx) {
             return Poll::Ready(Err(timed_out()));
         }
-        Pin::new(&mut self.tls).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.tls).poll_read(cx, buf);
+        if self.first_byte.is_some() {
+            if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+                self.first_byte = None;
+            } else if read.is_pending()
+                && self
+                    .first_byte
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+            {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within http.header_timeout",
+                )));
+            }
+        }
+        read
     }
 }
 

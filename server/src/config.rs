@@ -67,6 +67,13 @@ pub struct HttpSettings {
     /// The most HTTPS connections at once; more are answered 503 with `Retry-After`. Default: derived
     /// from the descriptor budget (`crate::budget`).
     pub max_connections: Option<usize>,
+    /// How long a client has to complete a request head: the first request after the handshake, and
+    /// each next one on a kept-alive connection (idle time included). Slower connections are closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a client has to complete the TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
 }
 
 /// TLS. Without `cert`/`key`, Updraft generates a local CA and a server certificate on first start
@@ -103,9 +110,15 @@ pub struct ConsoleSettings {
     pub session_max: Duration,
     /// Failed logins allowed per user name and client address within `login_window`.
     pub login_max_failures: usize,
+    /// Failed logins allowed per client address, whatever the user names, within `login_window`.
+    pub login_max_failures_per_address: usize,
     /// The failed-login window.
     #[serde(with = "humantime_serde")]
     pub login_window: Duration,
+    /// Threads checking passwords (argon2id, ~19 MiB and a core each while working).
+    pub password_hash_threads: usize,
+    /// Sign-ins waiting for a password check at most; more are told the server is busy.
+    pub password_hash_queue: usize,
 }
 
 /// The first administrator.
@@ -259,8 +272,11 @@ pub struct MqttSettings {
     /// The most device connections at once (plain and TLS); more get CONNACK 3. Default: what the
     /// descriptor budget leaves (`crate::budget`).
     pub max_connections: Option<usize>,
-    /// The largest MQTT packet accepted, in bytes.
+    /// The largest MQTT packet accepted from a logged-in device, in bytes (CONNECT: at most 4 KiB).
     pub max_packet_size: usize,
+    /// Subscription filters a device may create, in the life of the process (the router never frees
+    /// one); more get SUBACK 0x80.
+    pub max_subscriptions: usize,
 }
 
 /// The device CoAP endpoint (LwM2M registration, PCP software upgrades) and the LwM2M flow's timeouts
@@ -367,6 +383,7 @@ impl Default for MqttSettings {
             timestamp_skew: d.timestamp_skew,
             max_connections: None,
             max_packet_size: d.max_packet_size,
+            max_subscriptions: d.max_subscriptions,
         }
     }
 }
@@ -468,6 +485,8 @@ impl Default for HttpSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
             shutdown_grace: Duration::from_secs(3),
             max_connections: None,
+            header_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -479,7 +498,10 @@ impl Default for ConsoleSettings {
             session_idle: d.session_idle,
             session_max: d.session_max,
             login_max_failures: d.login_max_failures,
+            login_max_failures_per_address: d.login_max_failures_per_address,
             login_window: d.login_window,
+            password_hash_threads: d.password_hash_threads,
+            password_hash_queue: d.password_hash_queue,
         }
     }
 }
@@ -636,8 +658,15 @@ impl Settings {
         if self.mqtt.max_packet_size < 1024 {
             problems.push("  - mqtt.max_packet_size must be at least 1024".to_owned());
         }
-        if self.console.login_max_failures == 0 {
-            problems.push("  - console.login_max_failures must be at least 1".to_owned());
+        if self.console.login_max_failures == 0 || self.console.login_max_failures_per_address == 0
+        {
+            problems.push(
+                "  - console.login_max_failures and login_max_failures_per_address must be at least 1"
+                    .to_owned(),
+            );
+        }
+        if !(1..=64).contains(&self.console.password_hash_threads) {
+            problems.push("  - console.password_hash_threads must be 1 to 64".to_owned());
         }
         if problems.is_empty() {
             Ok(())
@@ -675,7 +704,10 @@ impl Settings {
             session_idle: self.console.session_idle,
             session_max: self.console.session_max,
             login_max_failures: self.console.login_max_failures,
+            login_max_failures_per_address: self.console.login_max_failures_per_address,
             login_window: self.console.login_window,
+            password_hash_threads: self.console.password_hash_threads,
+            password_hash_queue: self.console.password_hash_queue,
             download_token_ttl: self.downloads.token_ttl,
             api_signature_skew: self.api.signature_skew,
             driver: backend::driver::DriverSettings {
@@ -728,6 +760,7 @@ impl Settings {
         backend::mqtt::MqttSettings {
             timestamp_skew: self.mqtt.timestamp_skew,
             max_packet_size: self.mqtt.max_packet_size,
+            max_subscriptions: self.mqtt.max_subscriptions,
             max_connections: self
                 .mqtt
                 .max_connections

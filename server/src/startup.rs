@@ -281,11 +281,16 @@ impl Application {
         background.close();
 
         let transfers = self.server.transfers.clone();
+        let (header_timeout, handshake_timeout) = (
+            self.settings.http.header_timeout,
+            self.settings.http.handshake_timeout,
+        );
         let app = router(self.server).into_make_service_with_connect_info::<SocketAddr>();
         let mut server = axum_server::from_tcp_rustls(self.listener, self.tls)
             .context("HTTPS listener")?
             .map(|accept| GatedTls {
-                accept,
+                accept: accept.handshake_timeout(handshake_timeout),
+                first_byte_timeout: header_timeout,
                 transfers: transfers.clone(),
                 gate: self.gate.clone(),
             })
@@ -302,7 +307,7 @@ impl Application {
             .max_buf_size(8 * 1024)
             // A connection that sends no request head for this long (idle keep-alive included) is
             // closed, so idle clients cannot hold the places under http.max_connections.
-            .header_read_timeout(Duration::from_secs(30));
+            .header_read_timeout(header_timeout);
         let result = server.serve(app).await.context("HTTPS server");
         stop.cancel();
         let _ = janitor.await;

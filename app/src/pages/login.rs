@@ -11,6 +11,7 @@ fn message(code: &str) -> &'static str {
     match code {
         "invalid" => "Wrong user name or password.",
         "throttled" => "Too many failed attempts. Wait a few minutes, then try again.",
+        "busy" => "The server is busy checking other sign-ins. Try again in a moment.",
         "expired" => "Your session expired. Please sign in again.",
         "csrf" => "The form came from another site and was refused. Please sign in here.",
         _ => "Sign-in failed. Please try again.",

@@ -1,9 +1,12 @@
 //! Console users and sessions.
 //!
-//! - Passwords are hashed with argon2id (OWASP parameters, the `argon2` crate's defaults), on a blocking
-//!   thread so hashing never stalls the async runtime.
+//! - Passwords are hashed with argon2id (OWASP parameters, the `argon2` crate's defaults), on the small
+//!   pool of [`crate::hashing`], so hashing never stalls the async runtime nor the blocking pool that
+//!   file reads use, and a flood of sign-ins costs at most the pool's threads.
 //! - A session is a random 256-bit token in a cookie; the database keeps only its SHA-256.
-//! - Failed logins are throttled per user name and client address, on the injected clock.
+//! - Failed logins are throttled per user name and client address, and per client address alone, on the
+//!   injected clock. An attempt counts from the moment it starts (check and record are one step), so
+//!   simultaneous attempts cannot all pass the same check.
 //! - An unknown user name costs the same hash as a wrong password, so timing does not reveal which names exist.
 
 use std::sync::LazyLock;
@@ -88,14 +91,15 @@ fn verify_blocking(password: &str, phc: &str) -> bool {
     })
 }
 
-/// Hashes `password` with argon2id on a blocking thread.
+/// Hashes `password` with argon2id on the hashing pool.
 ///
 /// # Errors
-/// [`Error::Internal`] if hashing fails.
-pub async fn hash_password(password: SecretString) -> Result<String> {
-    tokio::task::spawn_blocking(move || hash_blocking(password.expose_secret()))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
+/// [`Error::Busy`] when the pool is full; [`Error::Internal`] if hashing fails.
+pub async fn hash_password(state: &AppState, password: SecretString) -> Result<String> {
+    state
+        .hasher
+        .run(move || hash_blocking(password.expose_secret()))
+        .await?
 }
 
 /// Checks a new password against the policy: 10 to 128 characters.
@@ -166,7 +170,7 @@ pub async fn create_user(
         .into());
     }
     check_password_policy(password.expose_secret())?;
-    let hash = hash_password(password).await?;
+    let hash = hash_password(state, password).await?;
     let now = state.clock.now();
     users::ActiveModel {
         id: Set(ids::object_id(now)),
@@ -202,9 +206,10 @@ pub async fn change_password(
         .ok_or_else(|| Error::not_found("user", user_id))?;
     check_password_policy(new.expose_secret())?;
     let phc = user.password_hash.clone();
-    let ok = tokio::task::spawn_blocking(move || verify_blocking(current.expose_secret(), &phc))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let ok = state
+        .hasher
+        .run(move || verify_blocking(current.expose_secret(), &phc))
+        .await?;
     if !ok {
         return Err(domain::ValidationError::new(
             "current_password",
@@ -212,7 +217,7 @@ pub async fn change_password(
         )
         .into());
     }
-    let hash = hash_password(new).await?;
+    let hash = hash_password(state, new).await?;
     let now = state.clock.now().as_millis();
     let mut active = user.into_active_model();
     active.password_hash = Set(hash);
@@ -244,29 +249,34 @@ pub async fn login(
     let now = state.clock.now();
     let addr = client_addr.unwrap_or("-");
     let user_key = format!("u:{username}|a:{addr}");
-    {
-        let throttle = state.login_throttle.lock().expect("login throttle lock");
-        throttle
-            .check(&user_key, now)
-            .map_err(|r| Error::RateLimited { retry_after: r.0 })?;
+    // Check and record in one step per key, before any work: simultaneous attempts each take a place.
+    state
+        .login_throttle
+        .lock()
+        .expect("login throttle lock")
+        .begin(&user_key, now)
+        .map_err(|r| Error::RateLimited { retry_after: r.0 })?;
+    let by_address = state
+        .address_throttle
+        .lock()
+        .expect("login throttle lock")
+        .begin(addr, now);
+    if let Err(r) = by_address {
+        forgive(&state.login_throttle, &user_key, now);
+        return Err(Error::RateLimited { retry_after: r.0 });
     }
-    let user = users::Entity::find()
-        .filter(users::Column::Username.eq(username))
-        .one(&state.db)
-        .await?;
-    let phc = user
-        .as_ref()
-        .map_or_else(|| DUMMY_HASH.clone(), |u| u.password_hash.clone());
-    let ok = tokio::task::spawn_blocking(move || verify_blocking(password.expose_secret(), &phc))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let user = match (user, ok) {
-        (Some(u), true) => u,
-        _ => {
-            let mut throttle = state.login_throttle.lock().expect("login throttle lock");
-            throttle.record_failure(&user_key, now);
+    let checked = check_credentials(state, username, password).await;
+    let user = match checked {
+        Ok(Some(u)) => u,
+        Ok(None) => {
             tracing::warn!(username, client_addr = addr, "failed console login");
             return Err(Error::Unauthorized("wrong user name or password"));
+        }
+        Err(e) => {
+            // Not a failure of the caller's (the pool was busy, the database down): give the places back.
+            forgive(&state.login_throttle, &user_key, now);
+            forgive(&state.address_throttle, addr, now);
+            return Err(e);
         }
     };
     state
@@ -274,6 +284,7 @@ pub async fn login(
         .lock()
         .expect("login throttle lock")
         .record_success(&user_key);
+    forgive(&state.address_throttle, addr, now);
 
     let token = SecretString::from(ids::token());
     let expires_at = now.plus(state.settings.session_idle);
@@ -306,6 +317,34 @@ pub async fn login(
             session_id,
         },
     })
+}
+
+fn forgive(throttle: &std::sync::Mutex<domain::throttle::Throttle>, key: &str, at: Timestamp) {
+    throttle
+        .lock()
+        .expect("login throttle lock")
+        .forgive(key, at);
+}
+
+/// The user when `password` is theirs; `None` for a wrong name or password (both cost one hash).
+async fn check_credentials(
+    state: &AppState,
+    username: &str,
+    password: SecretString,
+) -> Result<Option<users::Model>> {
+    let user = users::Entity::find()
+        .filter(users::Column::Username.eq(username))
+        .one(&state.db)
+        .await?;
+    let phc = user.as_ref().map(|u| u.password_hash.clone());
+    let ok = state
+        .hasher
+        .run(move || {
+            let phc = phc.as_deref().unwrap_or(DUMMY_HASH.as_str());
+            verify_blocking(password.expose_secret(), phc)
+        })
+        .await?;
+    Ok(user.filter(|_| ok))
 }
 
 /// Resolves a session token to its user, sliding the idle expiry forward (at most once a minute, to keep

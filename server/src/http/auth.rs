@@ -34,12 +34,15 @@ pub(super) struct LoginForm {
 }
 
 /// A local path to return to after sign-in; anything else (`//evil`, `https://...`) becomes `/devices`.
+///
+/// Browsers drop tabs and line breaks from a `Location` and read a backslash as `/`, so `/<TAB>/evil.example`
+/// would become `//evil.example` (another host): a path with any control character, space or backslash
+/// is refused whole rather than cleaned.
 fn safe_next(next: &str) -> &str {
-    if next.starts_with('/')
-        && !next.starts_with("//")
-        && !next.starts_with("/\\")
-        && !next.starts_with("/auth/")
-    {
+    let plain = !next
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == '\\');
+    if plain && next.starts_with('/') && !next.starts_with("//") && !next.starts_with("/auth/") {
         next
     } else {
         "/devices"
@@ -100,6 +103,7 @@ pub(super) async fn login(
         }
         Err(backend::Error::Unauthorized(_)) => login_redirect("invalid", &form.next),
         Err(backend::Error::RateLimited { .. }) => login_redirect("throttled", &form.next),
+        Err(backend::Error::Busy { .. }) => login_redirect("busy", &form.next),
         Err(e) => {
             tracing::error!(error.message = %e, error.cause_chain = ?e, "login failed");
             login_redirect("failed", &form.next)
@@ -249,6 +253,10 @@ mod tests {
         assert_eq!(safe_next("/groups?x=1"), "/groups?x=1");
         assert_eq!(safe_next("//evil.example"), "/devices");
         assert_eq!(safe_next("/\\evil.example"), "/devices");
+        assert_eq!(safe_next("/\t/evil.example"), "/devices");
+        assert_eq!(safe_next("/\n/evil.example"), "/devices");
+        assert_eq!(safe_next("/ /evil.example"), "/devices");
+        assert_eq!(safe_next("/groups/\\x"), "/devices");
         assert_eq!(safe_next("https://evil.example"), "/devices");
         assert_eq!(safe_next(""), "/devices");
     }

@@ -6,6 +6,7 @@ mod binary;
 mod console;
 mod console_tasks;
 mod firmware;
+mod hardening;
 mod helpers;
 mod lwm2m;
 mod notifications;

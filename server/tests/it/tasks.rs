@@ -145,7 +145,7 @@ pub(crate) fn new_task(fx: &Fixture, name: &str, targets: &[&SimDevice]) -> task
 }
 
 /// Polls (real time, bounded) until `done` holds for the task; returns it.
-async fn wait_task(
+pub(crate) async fn wait_task(
     app: &TestApp,
     fx: &Fixture,
     task_id: &str,

@@ -731,6 +731,23 @@ impl Driver {
         for task_id in &half_started {
             self.start_task(state, task_id).await?;
         }
+        // Stops cut short by a crash (the task was marked `Stopping`, some subtasks were not yet stopped).
+        let stopping: Vec<String> = tasks::Entity::find()
+            .select_only()
+            .column(tasks::Column::Id)
+            .filter(tasks::Column::Status.eq(TaskStatus::Stopping.as_str()))
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        for task_id in &stopping {
+            self.finish_stop(state, task_id).await?;
+        }
+        if !stopping.is_empty() {
+            tracing::info!(
+                tasks = stopping.len(),
+                "stops interrupted by a restart were carried through"
+            );
+        }
         if requeued > 0 || !half_started.is_empty() {
             tracing::info!(
                 requeued,
@@ -899,6 +916,25 @@ impl Driver {
     ///
     /// # Errors
     /// [`Error::Db`].
+    /// Carries a whole-task stop through, from a task already marked `Stopping`: every open subtask is
+    /// stopped, the task's download tokens are revoked, and the task's status follows. Each step is
+    /// idempotent, so a stop cut short by a crash is carried through again at start-up (and by a second
+    /// stop request) with the same outcome.
+    pub(crate) async fn finish_stop(&self, state: &AppState, task_id: &str) -> Result<()> {
+        let open: Vec<&str> = OPEN.iter().map(|s| s.as_str()).collect();
+        let ids: Vec<i64> = subtasks::Entity::find()
+            .select_only()
+            .column(subtasks::Column::Id)
+            .filter(subtasks::Column::TaskId.eq(task_id))
+            .filter(subtasks::Column::Status.is_in(open))
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        self.command(state, ids, Step::Stop).await?;
+        crate::service::downloads::revoke_task(state, task_id).await?;
+        self.refresh(state, task_id).await
+    }
+
     pub(crate) async fn refresh(&self, state: &AppState, task_id: &str) -> Result<()> {
         let events = {
             let _w = self.inner.write.lock().await;

@@ -779,9 +779,13 @@ async fn select(
 /// Stops a task (no targets: every waiting, running or retry-waiting subtask, and the task itself) or
 /// some of its devices. Stopped subtasks' download tokens are revoked.
 ///
+/// A whole-task stop is marked first (`Stopping`, committed) and then carried through; stopping a task
+/// that is still `Stopping` (a stop cut short by a crash, if start-up has not carried it through yet)
+/// carries it through again.
+///
 /// # Errors
-/// [`Error::Conflict`] when the task has completed or is stopping; [`Error::Validation`] for more than 100
-/// targets; [`Error::NotFound`]; [`Error::Db`].
+/// [`Error::Conflict`] when the task has completed, or devices are named while it is stopping;
+/// [`Error::Validation`] for more than 100 targets; [`Error::NotFound`]; [`Error::Db`].
 pub async fn stop(
     state: &AppState,
     project_id: &str,
@@ -790,26 +794,27 @@ pub async fn stop(
 ) -> Result<Vec<TargetResult>> {
     let task = get(state, project_id, task_id).await?;
     let status = TaskStatus::parse(&task.status)?;
-    if status.is_completed() || status == TaskStatus::Stopping {
+    let whole = targets.is_none_or(<[String]>::is_empty);
+    if status.is_completed() || (status == TaskStatus::Stopping && !whole) {
         return Err(Error::Conflict(format!(
             "task {task_id} is {}; only a running or waiting task can be stopped",
             status.as_str()
         )));
     }
-    let whole = targets.is_none_or(<[String]>::is_empty);
     if whole {
-        set_status(state, task_id, TaskStatus::Stopping).await?;
+        if status != TaskStatus::Stopping {
+            set_status(state, task_id, TaskStatus::Stopping).await?;
+        }
+        state.driver.finish_stop(state, task_id).await?;
+        tracing::info!(task_id, "task stopped");
+        return Ok(Vec::new());
     }
     let (ids, results) = select(state, task_id, targets, &OPEN, "stop").await?;
     state
         .driver
         .command(state, ids, crate::driver::Step::Stop)
         .await?;
-    if whole {
-        super::downloads::revoke_task(state, task_id).await?;
-        state.driver.refresh(state, task_id).await?;
-    }
-    tracing::info!(task_id, whole, "task stop requested");
+    tracing::info!(task_id, "devices of the task stopped");
     Ok(results)
 }
 

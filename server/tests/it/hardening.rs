@@ -362,3 +362,79 @@ async fn slow_and_idle_https_clients_are_cut_off() {
         "idle keep-alive"
     );
 }
+
+/// Marks `task_id` `Stopping` the way a stop does first, as if the server died right after that commit.
+async fn mark_stopping(app: &crate::helpers::TestApp, task_id: &str) {
+    use sea_orm::{ActiveModelTrait, IntoActiveModel, Set};
+    let task = backend::storage::entity::tasks::Entity::find_by_id(task_id.to_owned())
+        .one(&app.state.db)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut active = task.into_active_model();
+    active.status = Set("Stopping".to_owned());
+    active.update(&app.state.db).await.unwrap();
+}
+
+async fn statuses(app: &crate::helpers::TestApp, task_id: &str) -> (String, Vec<String>) {
+    use backend::storage::entity::{subtasks, tasks};
+    use sea_orm::{ColumnTrait, QueryFilter};
+    let task = tasks::Entity::find_by_id(task_id.to_owned())
+        .one(&app.state.db)
+        .await
+        .unwrap()
+        .unwrap();
+    let subtasks = subtasks::Entity::find()
+        .filter(subtasks::Column::TaskId.eq(task_id))
+        .all(&app.state.db)
+        .await
+        .unwrap();
+    (
+        task.status,
+        subtasks.into_iter().map(|s| s.status).collect(),
+    )
+}
+
+use sea_orm::EntityTrait;
+
+#[tokio::test]
+async fn a_stop_cut_short_by_a_crash_is_carried_through_by_a_second_stop_and_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = crate::robustness::fixed_ports(dir.path());
+    let app = spawn_with(settings.clone()).await;
+    let fx = fixture(&app).await;
+    let a = register(&app, &fx, "stop-a").await;
+    let b = register(&app, &fx, "stop-b").await;
+    // The devices are offline: the subtasks wait for them.
+    let create = |name: &'static str| {
+        backend::service::tasks::create(&app.state, &fx.project, new_task(&fx, name, &[&a, &b]))
+    };
+    let first = create("first").await.unwrap();
+    let second = create("second").await.unwrap();
+    for t in [&first, &second] {
+        wait_task(&app, &fx, &t.id, "started", |t| t.status == "Processing").await;
+        mark_stopping(&app, &t.id).await;
+    }
+
+    // A second stop carries the first through (it used to be refused 409 while the task was Stopping,
+    // with its devices still upgrading).
+    backend::service::tasks::stop(&app.state, &fx.project, &first.id, None)
+        .await
+        .unwrap();
+    let (status, subtasks) = statuses(&app, &first.id).await;
+    assert_eq!(status, "Stopped");
+    assert_eq!(subtasks, ["Stopped", "Stopped"]);
+
+    // Start-up carries the other through (recovery never resumed a stop).
+    app.kill().await;
+    let app = crate::robustness::restart(&settings).await;
+    let mut waited = 0;
+    while statuses(&app, &second.id).await.0 != "Stopped" && waited < 200 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        waited += 1;
+    }
+    let (status, subtasks) = statuses(&app, &second.id).await;
+    assert_eq!(status, "Stopped");
+    assert_eq!(subtasks, ["Stopped", "Stopped"]);
+    app.stop().await;
+}

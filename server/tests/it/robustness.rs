@@ -25,7 +25,7 @@ fn free_port() -> u16 {
 }
 
 /// Waits (real time, bounded) until a killed server's listeners are gone, then starts it again.
-async fn restart(settings: &Settings) -> TestApp {
+pub(crate) async fn restart(settings: &Settings) -> TestApp {
     for _ in 0..200 {
         let free = [
             settings.http.listen,
@@ -43,7 +43,7 @@ async fn restart(settings: &Settings) -> TestApp {
 }
 
 /// Settings on fixed free ports, so a restarted server is found where its devices left it.
-fn fixed_ports(dir: &std::path::Path) -> Settings {
+pub(crate) fn fixed_ports(dir: &std::path::Path) -> Settings {
     let mut s = settings_for(dir);
     s.http.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     s.mqtt.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();

@@ -516,7 +516,8 @@ def check_slowloris():
         closed = [s for c, s, _ in rows if c]
         passed &= len(closed) == 50 and max(closed, default=0) <= limit
         hows = collections.Counter(h for _, _, h in rows)
-        parts.append(f"{kind} {len(closed)}/50 closed (max {max(closed, default=0):.1f} s; "
+        slowest = f"slowest {max(closed):.1f} s" if closed else "none closed"
+        parts.append(f"{kind} {len(closed)}/50 closed ({slowest}; "
                      + ", ".join(f"{h} {n}" for h, n in sorted(hows.items())) + ")")
     report("slowloris", passed, "; ".join(parts))
 
@@ -897,12 +898,21 @@ def check_campaign():
 
 
 def run(name, check, *args):
-    """Runs a check; an exception is that check's failure."""
+    """Runs a check; an exception is that check's failure. Logs the server's memory and descriptors after
+    it, so a peak can be traced to the check that caused it."""
     try:
         return check(*args)
     except Exception as e:  # noqa: BLE001 - a broken check must not hide the others
         report(name, False, f"probe error: {type(e).__name__}: {e}")
         return None
+    finally:
+        hwm, rss = Monitor.status_kib("VmHWM"), Monitor.status_kib("VmRSS")
+        try:
+            fds = len(os.listdir(f"/proc/{SERVER_PID}/fd"))
+        except OSError:
+            fds = None
+        if hwm is not None and rss is not None:
+            log(f"after {name}: server VmHWM {hwm / 1024:.0f} MiB, VmRSS {rss / 1024:.0f} MiB, {fds} descriptors")
 
 
 def main():

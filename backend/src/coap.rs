@@ -783,6 +783,39 @@ impl CoapEndpoint {
     }
 
     /// The whole package, from the cache or loaded into it once.
+    /// Bytes `range` of a package: from the cache, from the whole package loaded into it when it fits
+    /// (`lwm2m.cache_bytes`), else read from the store on their own, so a package larger than the cache is
+    /// never held whole to serve one block.
+    async fn block_bytes(
+        &self,
+        source: &SegmentSource,
+        range: std::ops::Range<usize>,
+    ) -> crate::Result<Bytes> {
+        if let Some(b) = self.cached(&source.package_id) {
+            return Ok(b.slice(range));
+        }
+        if usize::try_from(source.size).is_ok_and(|size| size <= self.inner.settings.cache_bytes) {
+            return Ok(self.package_bytes(source).await?.slice(range));
+        }
+        let (start, end) = (range.start as u64, range.end as u64);
+        let reader = self
+            .inner
+            .state
+            .store
+            .open_range(&source.object_key, start..end, 64 * 1024)
+            .await?;
+        let block = reader
+            .try_fold(Vec::with_capacity(range.len()), |mut all, chunk| async move {
+                all.extend_from_slice(&chunk);
+                Ok(all)
+            })
+            .await
+            .map_err(|e| {
+                crate::Error::Internal(format!("reading package {}: {e}", source.package_id))
+            })?;
+        Ok(Bytes::from(block))
+    }
+
     async fn package_bytes(&self, source: &SegmentSource) -> crate::Result<Bytes> {
         if let Some(b) = self.cached(&source.package_id) {
             return Ok(b);
@@ -1220,8 +1253,13 @@ impl CoapEndpoint {
                     }
                 },
             };
-            match this.package_bytes(&source).await {
-                Ok(bytes) => this.answer_block(&packet, addr, &hash, &bytes, num, szx),
+            let size = usize::try_from(source.size).unwrap_or(usize::MAX);
+            let Some((range, _)) = lwm2m::Block::slice(num, szx, size) else {
+                this.block_error(&packet, addr, ResponseType::BadOption, "no such block");
+                return;
+            };
+            match this.block_bytes(&source, range.clone()).await {
+                Ok(block) => this.answer_block_range(&packet, addr, &hash, size, num, szx, range, &block),
                 Err(e) => {
                     tracing::warn!(package_id = %source.package_id, error.message = %e, "block download: package bytes unavailable");
                     this.block_error(
@@ -1235,6 +1273,7 @@ impl CoapEndpoint {
         });
     }
 
+    /// Block `num` of a package whose bytes are all at hand.
     fn answer_block(
         &self,
         request: &Packet,
@@ -1244,18 +1283,36 @@ impl CoapEndpoint {
         num: u32,
         szx: u8,
     ) {
-        let Some((range, more)) = lwm2m::Block::slice(num, szx, bytes.len()) else {
+        let Some((range, _)) = lwm2m::Block::slice(num, szx, bytes.len()) else {
             self.block_error(request, addr, ResponseType::BadOption, "no such block");
             return;
         };
+        let block = bytes.slice(range.clone());
+        self.answer_block_range(request, addr, hash, bytes.len(), num, szx, range, &block);
+    }
+
+    /// Block `num` (bytes `range` of a `total`-byte package, `block` being those bytes).
+    #[allow(clippy::too_many_arguments)]
+    fn answer_block_range(
+        &self,
+        request: &Packet,
+        addr: SocketAddr,
+        hash: &str,
+        total: usize,
+        num: u32,
+        szx: u8,
+        range: std::ops::Range<usize>,
+        block: &[u8],
+    ) {
+        let more = range.end < total;
         let mut response = self.response_for(request, ResponseType::Content, addr);
         response.set_content_format(ContentFormat::ApplicationOctetStream);
         response.add_option(CoapOption::Block2, lwm2m::Block { num, more, szx }.encode());
         if num == 0 || request.get_first_option(CoapOption::Size2).is_some() {
-            response.add_option(CoapOption::Size2, uint_bytes(bytes.len() as u64));
+            response.add_option(CoapOption::Size2, uint_bytes(total as u64));
         }
         let served = range.len() as u64;
-        response.payload = bytes[range.clone()].to_vec();
+        response.payload = block.to_vec();
         if let Ok(out) = response.to_bytes() {
             self.send(&out, addr);
         }
@@ -1264,7 +1321,7 @@ impl CoapEndpoint {
             let mut blocks = lock(&self.inner.blocks);
             blocks.get_mut(hash).and_then(|b| {
                 b.unrecorded += served;
-                let pct = u32::try_from(range.end as u64 * 100 / (bytes.len().max(1) as u64))
+                let pct = u32::try_from(range.end as u64 * 100 / (total.max(1) as u64))
                     .unwrap_or(100);
                 let step = pct / PROGRESS_STEP * PROGRESS_STEP;
                 if b.reported.is_none_or(|r| step > r) {

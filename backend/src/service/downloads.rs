@@ -201,11 +201,14 @@ pub async fn authorize(
 }
 
 /// Checks a token that names its package itself (the URIs of Firmware Update object downloads,
-/// `/fw/<token>`).
+/// `/fw/<token>`). Only tokens issued for such downloads open anything here: a firmware package for a
+/// device of a CoAP (LwM2M) product. An MQTT device's token, valid for its own HTTPS download, is unknown
+/// here.
 ///
 /// # Errors
 /// `Ok(Err(Denied))` for a refused token (also when its package is gone); [`Error::Db`].
 pub async fn authorize_token(state: &AppState, token: &str) -> Result<Result<Grant, Denied>> {
+    use crate::storage::entity::{devices, products};
     let (hash, row) = match live_token(state, token).await? {
         Ok(found) => found,
         Err(denied) => return Ok(Err(denied)),
@@ -216,6 +219,18 @@ pub async fn authorize_token(state: &AppState, token: &str) -> Result<Result<Gra
     else {
         return Ok(Err(Denied::Revoked));
     };
+    let product = match devices::Entity::find_by_id(row.device_id.clone())
+        .one(&state.db)
+        .await?
+    {
+        Some(d) => products::Entity::find_by_id(d.product_id).one(&state.db).await?,
+        None => None,
+    };
+    let object5 = package.package_type == domain::package::PackageType::Firmware.as_str()
+        && product.is_some_and(|p| p.protocol_type == domain::device::ProtocolType::CoAP.as_str());
+    if !object5 {
+        return Ok(Err(Denied::Unknown));
+    }
     Ok(Ok(grant(hash, row, package)))
 }
 

@@ -524,7 +524,7 @@ async fn a_third_party_lwm2m_client_upgrades_its_firmware_block_wise() {
 }
 
 /// Sends a block request for `token` and returns the answer to it (skipping the platform's own requests).
-async fn get_block(socket: &tokio::net::UdpSocket, token: &str, num: u32, mid: u16) -> Packet {
+pub(crate) async fn get_block(socket: &tokio::net::UdpSocket, token: &str, num: u32, mid: u16) -> Packet {
     let mut get = Packet::new();
     get.header.set_type(MessageType::Confirmable);
     get.header.code = MessageClass::Request(RequestType::Get);

@@ -438,3 +438,58 @@ async fn a_stop_cut_short_by_a_crash_is_carried_through_by_a_second_stop_and_at_
     assert_eq!(subtasks, ["Stopped", "Stopped"]);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_mqtt_download_token_opens_nothing_at_the_firmware_uris() {
+    use backend::storage::entity::subtasks;
+    use coap_lite::{MessageClass, ResponseType};
+    use sea_orm::{ColumnTrait, QueryFilter};
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let fx = fixture(&app).await;
+    let dev = register(&app, &fx, "mqtt-1").await;
+    let task = backend::service::tasks::create(&app.state, &fx.project, new_task(&fx, "t", &[&dev]))
+        .await
+        .unwrap();
+    let row = subtasks::Entity::find()
+        .filter(subtasks::Column::TaskId.eq(&task.id))
+        .one(&app.state.db)
+        .await
+        .unwrap()
+        .unwrap();
+    // The token an MQTT device gets for its HTTPS download of the package.
+    let issued = backend::service::downloads::issue_in(
+        &app.state.db,
+        &app.state.sealer,
+        backend::clock::Clock::now(&app.clock),
+        Duration::from_secs(3600),
+        &row,
+        &fx.package,
+    )
+    .await
+    .unwrap();
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.connect(app.coap).await.unwrap();
+    let answer = crate::firmware::get_block(&socket, &issued.token, 0, 7000).await;
+    assert_eq!(
+        answer.header.code,
+        MessageClass::Response(ResponseType::Unauthorized),
+        "{answer:?}"
+    );
+    let https = app
+        .client
+        .get(app.url(&format!("/fw/{}", issued.token)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(https.status(), 401);
+    // It still opens its own download.
+    let own = app
+        .client
+        .get(app.url(&format!("/download/{}/app-2.0.bin", fx.package)))
+        .bearer_auth(&issued.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+}

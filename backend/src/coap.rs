@@ -63,6 +63,9 @@ pub struct CoapSettings {
     /// Requests being worked on at once (those that wait for the database or the package store); past
     /// this a request is answered 5.03 with Max-Age and the device asks again later.
     pub max_in_flight: usize,
+    /// Requests per second per source address that may cost a lookup (registrations, a download token
+    /// not yet open), with twice as many at once; more are dropped unanswered.
+    pub requests_per_second: u32,
 }
 
 impl Default for CoapSettings {
@@ -74,6 +77,7 @@ impl Default for CoapSettings {
             cache_bytes: 256 * 1024 * 1024,
             block_size: 512,
             max_in_flight: 1024,
+            requests_per_second: 10,
         }
     }
 }
@@ -236,6 +240,11 @@ struct Inner {
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, DeviceEvent)>>>,
     /// Places for requests being worked on ([`CoapSettings::max_in_flight`]).
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Requests that may cost a lookup, per source ([`CoapSettings::requests_per_second`]).
+    per_source: governor::DefaultKeyedRateLimiter<SocketAddr>,
+    /// Confirmable requests remembered for duplicate detection at most (a flood from ever new source
+    /// ports would otherwise fill the map for `EXCHANGE_LIFETIME`); past this, new ones are dropped.
+    max_seen: usize,
 }
 
 /// What a device told "busy" (5.03) is asked to wait, in seconds (the Max-Age option).
@@ -251,6 +260,11 @@ impl CoapEndpoint {
     pub fn new(state: AppState, socket: UdpSocket, settings: CoapSettings) -> Self {
         let (events, events_rx) = mpsc::unbounded_channel();
         let in_flight = Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight));
+        let rate = std::num::NonZeroU32::new(settings.requests_per_second.max(1))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).unwrap_or(rate));
+        let per_source =
+            governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst));
         let endpoint = Self {
             inner: Arc::new(Inner {
                 state,
@@ -267,6 +281,8 @@ impl CoapEndpoint {
                 events,
                 events_rx: Mutex::new(Some(events_rx)),
                 in_flight,
+                per_source,
+                max_seen: 200_000,
             }),
         };
         endpoint
@@ -337,6 +353,8 @@ impl CoapEndpoint {
                 tracing::info!(device_id = %id, "LwM2M registration expired");
                 self.event(&id, DeviceEvent::Offline);
             }
+            self.inner.per_source.retain_recent();
+            self.inner.per_source.shrink_to_fit();
             let instant = std::time::Instant::now();
             let mut ex = lock(&self.inner.exchanges);
             ex.seen.retain(|_, (_, until)| *until > instant);
@@ -465,6 +483,12 @@ impl CoapEndpoint {
                     self.block_request(&packet, addr);
                     return;
                 }
+                // Registration requests may cost a database lookup: limited per source, before they
+                // take any memory. Dropped unanswered (an answer is what a flood wants).
+                if self.inner.per_source.check_key(&addr).is_err() {
+                    tracing::trace!(%addr, "CoAP: request over the per-source rate, dropped");
+                    return;
+                }
                 if ty == MessageType::Confirmable && self.duplicate(addr, mid) {
                     return;
                 }
@@ -516,6 +540,10 @@ impl CoapEndpoint {
                 drop(ex);
                 self.send(&reply, addr);
             }
+            return true;
+        }
+        if ex.seen.len() >= self.inner.max_seen {
+            // Treated as already seen (dropped): memory for duplicate detection is bounded.
             return true;
         }
         let until = std::time::Instant::now() + self.inner.settings.exchange_lifetime();
@@ -590,7 +618,7 @@ impl CoapEndpoint {
             }
         }
         let device_id = {
-            let mut sessions = lock(&self.inner.sessions);
+            let sessions = lock(&self.inner.sessions);
             let Some(device_id) = sessions.by_addr.get(&addr).cloned() else {
                 drop(sessions);
                 // Nobody registered there (Updraft restarted, or the device moved): the device cancels
@@ -610,11 +638,17 @@ impl CoapEndpoint {
                 self.firmware_notification(&device_id, which, &packet);
                 return;
             }
-            if let Some(s) = sessions.by_device.get_mut(&device_id)
-                && s.observe_token.as_deref() != Some(packet.get_token())
-            {
-                // The observation from before a restart: adopt it.
-                s.observe_token = Some(packet.get_token().to_vec());
+            let ours = sessions
+                .by_device
+                .get(&device_id)
+                .is_some_and(|s| s.observe_token.as_deref() == Some(packet.get_token()));
+            if !ours {
+                drop(sessions);
+                // Not an observation of ours (one from before a restart, or a forgery from the device's
+                // address): a reset makes a real device cancel it; nothing it says is taken.
+                tracing::debug!(device_id, %addr, "LwM2M: notification with an unknown token, reset");
+                self.send(&reset(packet.header.message_id), addr);
+                return;
             }
             device_id
         };
@@ -805,10 +839,13 @@ impl CoapEndpoint {
             .open_range(&source.object_key, start..end, 64 * 1024)
             .await?;
         let block = reader
-            .try_fold(Vec::with_capacity(range.len()), |mut all, chunk| async move {
-                all.extend_from_slice(&chunk);
-                Ok(all)
-            })
+            .try_fold(
+                Vec::with_capacity(range.len()),
+                |mut all, chunk| async move {
+                    all.extend_from_slice(&chunk);
+                    Ok(all)
+                },
+            )
             .await
             .map_err(|e| {
                 crate::Error::Internal(format!("reading package {}: {e}", source.package_id))
@@ -967,10 +1004,10 @@ impl CoapEndpoint {
                 self.register(&endpoint, &params, addr).await
             }
             Ok(Registration::Update { id, params }) => (self.update(&id, &params, addr), None),
-            Ok(Registration::Deregister { id }) => (self.deregister(&id), None),
+            Ok(Registration::Deregister { id }) => (self.deregister(&id, addr), None),
             Err(RequestError::NotFound) => (ResponseType::NotFound, None),
             Err(e) => {
-                tracing::info!(%addr, error.message = %e, "LwM2M registration request refused");
+                tracing::debug!(%addr, error.message = %e, "LwM2M registration request refused");
                 (ResponseType::BadRequest, None)
             }
         };
@@ -994,9 +1031,15 @@ impl CoapEndpoint {
         addr: SocketAddr,
     ) -> (ResponseType, Option<String>) {
         let device = match crate::service::devices::find_lwm2m(&self.inner.state, endpoint).await {
+            Ok(Some(d)) if d.secure_access => {
+                // The device must come over DTLS (`secure_access`); a plain registration of it is
+                // refused, so no one can take its place on plain CoAP.
+                tracing::debug!(%addr, endpoint, "LwM2M registration refused: the device needs a secure (DTLS) connection");
+                return (ResponseType::Forbidden, None);
+            }
             Ok(Some(d)) => d,
             Ok(None) => {
-                tracing::info!(%addr, endpoint, "LwM2M registration refused: unknown or frozen endpoint");
+                tracing::debug!(%addr, endpoint, "LwM2M registration refused: unknown or frozen endpoint");
                 return (ResponseType::Forbidden, None);
             }
             Err(e) => {
@@ -1071,32 +1114,45 @@ impl CoapEndpoint {
         ok.then(|| answer.get_token().to_vec())
     }
 
-    /// `POST /rd/{id}`: a registration update (lifetime refreshed, address possibly changed).
+    /// `POST /rd/{id}`: a registration update (lifetime refreshed). A registration is bound to the
+    /// address it was made from: an update from elsewhere is 4.04, and a device whose address changed
+    /// registers again (as LwM2M clients do on 4.04), so a registration id seen on the wire cannot move
+    /// the device's traffic to another address.
     fn update(&self, reg_id: &str, params: &RegisterParams, addr: SocketAddr) -> ResponseType {
         let now = self.inner.state.clock.now();
         let mut sessions = lock(&self.inner.sessions);
         let Some(device_id) = sessions.by_reg.get(reg_id).cloned() else {
             return ResponseType::NotFound;
         };
-        let Some(mut s) = sessions.by_device.get(&device_id).cloned() else {
+        let Some(s) = sessions
+            .by_device
+            .get_mut(&device_id)
+            .filter(|s| s.addr == addr)
+        else {
+            tracing::debug!(%addr, reg_id, "LwM2M update from another address than the registration's");
             return ResponseType::NotFound;
         };
         if let Some(lt) = params.lifetime {
             s.lifetime = Duration::from_secs(u64::from(lt));
         }
         s.expires_at = now.plus(s.lifetime).as_millis();
-        s.addr = addr;
-        sessions.insert(s);
         ResponseType::Changed
     }
 
-    /// `DELETE /rd/{id}`.
-    fn deregister(&self, reg_id: &str) -> ResponseType {
+    /// `DELETE /rd/{id}` (from the registration's address only, like an update).
+    fn deregister(&self, reg_id: &str, addr: SocketAddr) -> ResponseType {
         let removed = {
             let mut sessions = lock(&self.inner.sessions);
             let Some(device_id) = sessions.by_reg.get(reg_id).cloned() else {
                 return ResponseType::NotFound;
             };
+            if sessions
+                .by_device
+                .get(&device_id)
+                .is_none_or(|s| s.addr != addr)
+            {
+                return ResponseType::NotFound;
+            }
             sessions.remove(&device_id)
         };
         if let Some(s) = removed {
@@ -1195,6 +1251,10 @@ impl CoapEndpoint {
                 return;
             }
         }
+        // A token not open yet costs a database lookup: limited per source like registrations.
+        if source.is_none() && self.inner.per_source.check_key(&addr).is_err() {
+            return;
+        }
         let Some(place) = self.place(packet, addr) else {
             return;
         };
@@ -1259,7 +1319,9 @@ impl CoapEndpoint {
                 return;
             };
             match this.block_bytes(&source, range.clone()).await {
-                Ok(block) => this.answer_block_range(&packet, addr, &hash, size, num, szx, range, &block),
+                Ok(block) => {
+                    this.answer_block_range(&packet, addr, &hash, size, num, szx, range, &block)
+                }
                 Err(e) => {
                     tracing::warn!(package_id = %source.package_id, error.message = %e, "block download: package bytes unavailable");
                     this.block_error(
@@ -1321,8 +1383,8 @@ impl CoapEndpoint {
             let mut blocks = lock(&self.inner.blocks);
             blocks.get_mut(hash).and_then(|b| {
                 b.unrecorded += served;
-                let pct = u32::try_from(range.end as u64 * 100 / (total.max(1) as u64))
-                    .unwrap_or(100);
+                let pct =
+                    u32::try_from(range.end as u64 * 100 / (total.max(1) as u64)).unwrap_or(100);
                 let step = pct / PROGRESS_STEP * PROGRESS_STEP;
                 if b.reported.is_none_or(|r| step > r) {
                     b.reported = Some(step);
@@ -1403,10 +1465,19 @@ impl CoapEndpoint {
             // RFC 7252 §5.9.3.4: Max-Age says when to try again.
             response.add_option(CoapOption::MaxAge, vec![BUSY_MAX_AGE]);
         }
-        // RFC 7252 §5.5.2: a diagnostic payload.
-        response.payload = why.as_bytes().to_vec();
-        if let Ok(out) = response.to_bytes() {
-            self.send(&out, addr);
+        // RFC 7252 §5.5.2: a diagnostic payload, when the answer stays no larger than the request (an
+        // error is the answer anyone can get: it must not amplify a spoofed flood).
+        let limit = request.to_bytes().map_or(0, |b| b.len());
+        let Ok(bare) = response.to_bytes() else {
+            return;
+        };
+        if bare.len() + 1 + why.len() <= limit {
+            response.payload = why.as_bytes().to_vec();
+            if let Ok(out) = response.to_bytes() {
+                self.send(&out, addr);
+            }
+        } else if bare.len() <= limit {
+            self.send(&bare, addr);
         }
     }
 

@@ -182,6 +182,7 @@ impl Server {
                 devices::NewDevice {
                     product_id: name.into(),
                     node_id: node.clone(),
+                    secure_access: Some(false),
                     ..Default::default()
                 },
             )

@@ -309,6 +309,9 @@ pub struct Lwm2mSettings {
     /// CoAP requests worked on at once (those that wait for the database or the package store); more
     /// are answered 5.03 with Max-Age 2 and devices ask again.
     pub max_in_flight: usize,
+    /// Registration requests (and first requests of a download token) per second per source address;
+    /// twice as many may come at once, more are dropped unanswered.
+    pub requests_per_second: u32,
     /// How long a subtask waits for its device to register.
     #[serde(with = "humantime_serde")]
     pub online_timeout: Duration,
@@ -347,6 +350,7 @@ impl Default for Lwm2mSettings {
             public_url: None,
             block_size: c.block_size,
             max_in_flight: c.max_in_flight,
+            requests_per_second: c.requests_per_second,
             online_timeout: t.online,
             version_timeout: t.version,
             version_reask: t.version_reask,
@@ -751,6 +755,7 @@ impl Settings {
             cache_bytes: self.lwm2m.cache_bytes,
             block_size: self.lwm2m.block_size,
             max_in_flight: self.lwm2m.max_in_flight,
+            requests_per_second: self.lwm2m.requests_per_second,
         }
     }
 

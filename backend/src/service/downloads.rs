@@ -223,7 +223,11 @@ pub async fn authorize_token(state: &AppState, token: &str) -> Result<Result<Gra
         .one(&state.db)
         .await?
     {
-        Some(d) => products::Entity::find_by_id(d.product_id).one(&state.db).await?,
+        Some(d) => {
+            products::Entity::find_by_id(d.product_id)
+                .one(&state.db)
+                .await?
+        }
         None => None,
     };
     let object5 = package.package_type == domain::package::PackageType::Firmware.as_str()

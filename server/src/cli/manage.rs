@@ -72,6 +72,10 @@ pub enum DeviceCommand {
         /// The secret (default: generated).
         #[arg(long)]
         secret: Option<String>,
+        /// Let the device connect without TLS/DTLS (`secure_access: false`): needed for LwM2M devices
+        /// on plain CoAP, which are refused otherwise.
+        #[arg(long)]
+        plain: bool,
     },
     /// List devices.
     List {
@@ -325,6 +329,7 @@ pub async fn device(settings: Settings, cmd: DeviceCommand, json_out: bool) -> R
             id,
             name,
             secret,
+            plain,
         } => {
             let r = service::devices::register(
                 &state,
@@ -335,6 +340,7 @@ pub async fn device(settings: Settings, cmd: DeviceCommand, json_out: bool) -> R
                     device_id: id,
                     device_name: name,
                     secret: secret.map(SecretString::from),
+                    secure_access: Some(!plain),
                     ..Default::default()
                 },
             )

@@ -284,6 +284,8 @@ pub async fn run_lwm2m(settings: Settings, args: SimLwm2mArgs) -> Result<()> {
                     product_id: product.clone(),
                     node_id: node.clone(),
                     device_name: format!("simulated {node}"),
+                    // The simulator speaks plain CoAP.
+                    secure_access: Some(false),
                     ..Default::default()
                 },
             )

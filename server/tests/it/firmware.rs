@@ -71,6 +71,7 @@ async fn fixture(app: &TestApp, product: &str, download: &str, n: usize) -> (Fix
             devices::NewDevice {
                 product_id: product.into(),
                 node_id: node.clone(),
+                secure_access: Some(false),
                 ..Default::default()
             },
         )
@@ -524,7 +525,12 @@ async fn a_third_party_lwm2m_client_upgrades_its_firmware_block_wise() {
 }
 
 /// Sends a block request for `token` and returns the answer to it (skipping the platform's own requests).
-pub(crate) async fn get_block(socket: &tokio::net::UdpSocket, token: &str, num: u32, mid: u16) -> Packet {
+pub(crate) async fn get_block(
+    socket: &tokio::net::UdpSocket,
+    token: &str,
+    num: u32,
+    mid: u16,
+) -> Packet {
     let mut get = Packet::new();
     get.header.set_type(MessageType::Confirmable);
     get.header.code = MessageClass::Request(RequestType::Get);
@@ -561,6 +567,8 @@ async fn a_block_wise_download_stops_when_its_token_expires() {
     let mut settings = crate::helpers::settings_for(dir.path());
     // Shorter than the 60-minute download timeout, so expiry is what ends it.
     settings.downloads.token_ttl = Duration::from_secs(30 * 60);
+    // Smaller than the package: each block is read from the store on its own.
+    settings.lwm2m.cache_bytes = 16;
     let app = crate::helpers::spawn_with(settings).await;
     let (fx, nodes) = fixture(&app, "tracker", "coap", 1).await;
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();

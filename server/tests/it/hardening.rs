@@ -448,9 +448,10 @@ async fn an_mqtt_download_token_opens_nothing_at_the_firmware_uris() {
     let app = spawn_app(dir.path()).await;
     let fx = fixture(&app).await;
     let dev = register(&app, &fx, "mqtt-1").await;
-    let task = backend::service::tasks::create(&app.state, &fx.project, new_task(&fx, "t", &[&dev]))
-        .await
-        .unwrap();
+    let task =
+        backend::service::tasks::create(&app.state, &fx.project, new_task(&fx, "t", &[&dev]))
+            .await
+            .unwrap();
     let row = subtasks::Entity::find()
         .filter(subtasks::Column::TaskId.eq(&task.id))
         .one(&app.state.db)
@@ -492,4 +493,176 @@ async fn an_mqtt_download_token_opens_nothing_at_the_firmware_uris() {
         .await
         .unwrap();
     assert_eq!(own.status(), 200);
+}
+
+mod lwm2m {
+    use std::time::Duration;
+
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+    use tokio::net::UdpSocket;
+
+    use crate::helpers::spawn_app;
+    use crate::lwm2m::{fixture, next_request, raw, register_packet};
+
+    async fn socket(to: std::net::SocketAddr) -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        s.connect(to).await.unwrap();
+        s
+    }
+
+    /// Whatever comes to `s` within `within`.
+    async fn received(s: &UdpSocket, within: Duration) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1500];
+        while let Ok(Ok(n)) = tokio::time::timeout(within, s.recv(&mut buf)).await {
+            out.push(buf[..n].to_vec());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn registrations_stay_with_their_address_and_observation_and_secure_devices_need_dtls() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = spawn_app(dir.path()).await;
+        let (fx, nodes) = fixture(&app, 1).await;
+        let device = socket(app.coap).await;
+        let created = raw(&device, &register_packet(&nodes[0], 1)).await;
+        assert_eq!(
+            created.header.code,
+            MessageClass::Response(ResponseType::Created)
+        );
+        let location: Vec<Vec<u8>> = created
+            .get_option(CoapOption::LocationPath)
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect();
+        // The platform observes /19/0/0; the device accepts.
+        let (observe, path) = next_request(&device).await.expect("an observe request");
+        assert_eq!(path, "19/0/0");
+        let mut ack = Packet::new();
+        ack.header.set_type(MessageType::Acknowledgement);
+        ack.header.message_id = observe.header.message_id;
+        ack.header.code = MessageClass::Response(ResponseType::Content);
+        ack.set_token(observe.get_token().to_vec());
+        ack.set_observe_value(1);
+        device.send(&ack.to_bytes().unwrap()).await.unwrap();
+
+        // Someone else who saw the registration id on the wire updates it from their address: 4.04
+        // (it used to move the device's traffic to them).
+        let thief = socket(app.coap).await;
+        let mut update = Packet::new();
+        update.header.set_type(MessageType::Confirmable);
+        update.header.code = MessageClass::Request(RequestType::Post);
+        update.header.message_id = 2;
+        update.set_token(vec![9]);
+        for seg in &location {
+            update.add_option(CoapOption::UriPath, seg.clone());
+        }
+        let answer = raw(&thief, &update).await;
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(ResponseType::NotFound)
+        );
+        let mut delete = update.clone();
+        delete.header.code = MessageClass::Request(RequestType::Delete);
+        delete.header.message_id = 3;
+        let answer = raw(&thief, &delete).await;
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(ResponseType::NotFound)
+        );
+        // The device's own update still works.
+        update.header.message_id = 4;
+        let answer = raw(&device, &update).await;
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(ResponseType::Changed)
+        );
+
+        // A notification under a token the platform never used is reset, not adopted.
+        let mut forged = Packet::new();
+        forged.header.set_type(MessageType::NonConfirmable);
+        forged.header.code = MessageClass::Response(ResponseType::Content);
+        forged.header.message_id = 5;
+        forged.set_token(vec![7, 7, 7, 7]);
+        forged.set_observe_value(9);
+        forged.payload = protocol::pcp::Downlink::QueryVersion.encode();
+        device.send(&forged.to_bytes().unwrap()).await.unwrap();
+        let replies = received(&device, Duration::from_millis(500)).await;
+        assert!(
+            replies.iter().any(|r| {
+                let p = Packet::from_bytes(r).unwrap();
+                p.header.get_type() == MessageType::Reset && p.header.message_id == 5
+            }),
+            "a reset for the forged notification: {replies:?}"
+        );
+
+        // A device that must use DTLS (`secure_access`, the default) is refused on plain CoAP.
+        backend::service::devices::register(
+            &app.state,
+            &fx.project,
+            backend::service::devices::NewDevice {
+                product_id: "nb-meter".into(),
+                node_id: "secure-1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let other = socket(app.coap).await;
+        let answer = raw(&other, &register_packet("secure-1", 1)).await;
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(ResponseType::Forbidden)
+        );
+    }
+
+    #[tokio::test]
+    async fn lookups_are_rate_limited_per_source_and_errors_never_outgrow_the_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = spawn_app(dir.path()).await;
+        let flood = socket(app.coap).await;
+        // 100 registrations of unknown endpoints at once: 20 (twice lwm2m.requests_per_second) are
+        // looked up and answered, the rest dropped.
+        let mut sent = 0;
+        for mid in 0..100u16 {
+            let p = register_packet(&format!("nobody-{mid}"), mid);
+            let bytes = p.to_bytes().unwrap();
+            sent += bytes.len();
+            flood.send(&bytes).await.unwrap();
+        }
+        let replies = received(&flood, Duration::from_millis(700)).await;
+        assert!(
+            (10..=25).contains(&replies.len()),
+            "answered {} of 100",
+            replies.len()
+        );
+        assert!(replies.iter().map(Vec::len).sum::<usize>() <= sent);
+
+        // A tiny block request with a malformed token: the 4.01 carries no diagnostic larger than the
+        // request (it used to be three times its size).
+        let tiny = socket(app.coap).await;
+        let mut get = Packet::new();
+        get.header.set_type(MessageType::Confirmable);
+        get.header.code = MessageClass::Request(RequestType::Get);
+        get.header.message_id = 1;
+        get.add_option(CoapOption::UriPath, b"fw".to_vec());
+        get.add_option(CoapOption::UriPath, b"x".to_vec());
+        let request = get.to_bytes().unwrap();
+        tiny.send(&request).await.unwrap();
+        let replies = received(&tiny, Duration::from_millis(700)).await;
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        let answer = Packet::from_bytes(&replies[0]).unwrap();
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(ResponseType::Unauthorized)
+        );
+        assert!(
+            replies[0].len() <= request.len(),
+            "{} > {}",
+            replies[0].len(),
+            request.len()
+        );
+    }
 }

@@ -25,7 +25,7 @@ pub(crate) struct Fixture {
 
 /// A CoAP product, a 20 000-byte software package V2.0 (from V1.0) cut in 500-byte segments, and `n`
 /// devices with node ids `8637...`.
-async fn fixture(app: &TestApp, n: usize) -> (Fixture, Vec<String>) {
+pub(crate) async fn fixture(app: &TestApp, n: usize) -> (Fixture, Vec<String>) {
     let project = backend::service::projects::ensure_default(&app.state)
         .await
         .unwrap()
@@ -71,6 +71,8 @@ async fn fixture(app: &TestApp, n: usize) -> (Fixture, Vec<String>) {
                 product_id: PRODUCT.into(),
                 node_id: node.clone(),
                 device_name: format!("meter {i}"),
+                // Plain CoAP: a secure_access device is refused without DTLS.
+                secure_access: Some(false),
                 ..Default::default()
             },
         )
@@ -380,7 +382,7 @@ async fn mqtt_and_lwm2m_tasks_run_side_by_side() {
 }
 
 /// A raw CoAP exchange from a socket that is not a simulated device.
-async fn raw(socket: &tokio::net::UdpSocket, packet: &Packet) -> Packet {
+pub(crate) async fn raw(socket: &tokio::net::UdpSocket, packet: &Packet) -> Packet {
     socket.send(&packet.to_bytes().unwrap()).await.unwrap();
     let mut buf = [0u8; 1500];
     let n = tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf))
@@ -391,7 +393,7 @@ async fn raw(socket: &tokio::net::UdpSocket, packet: &Packet) -> Packet {
 }
 
 /// The next message from the platform (within 2 s) and its path (`19/0/0`).
-async fn next_request(socket: &tokio::net::UdpSocket) -> Option<(Packet, String)> {
+pub(crate) async fn next_request(socket: &tokio::net::UdpSocket) -> Option<(Packet, String)> {
     let mut buf = [0u8; 1500];
     let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
         .await
@@ -410,7 +412,7 @@ async fn next_request(socket: &tokio::net::UdpSocket) -> Option<(Packet, String)
     Some((packet, path))
 }
 
-fn register_packet(endpoint: &str, mid: u16) -> Packet {
+pub(crate) fn register_packet(endpoint: &str, mid: u16) -> Packet {
     let mut p = Packet::new();
     p.header.set_type(MessageType::Confirmable);
     p.header.code = MessageClass::Request(RequestType::Post);

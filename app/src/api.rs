@@ -94,6 +94,20 @@ pub(crate) mod ssr {
         Ok((state, user))
     }
 
+    /// Like [`context`], for what only administrators may do (credentials, webhook subscriptions).
+    pub(crate) async fn admin_context() -> Result<(AppState, CurrentUser), ApiError> {
+        let (state, user) = context().await?;
+        if !user.is_admin {
+            tracing::warn!(username = %user.username, "administrator action refused");
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "only an administrator may manage credentials and subscriptions",
+            )
+            .with_status());
+        }
+        Ok((state, user))
+    }
+
     /// Formats a stored millisecond time for display.
     pub(crate) fn when(ms: i64) -> String {
         domain::Timestamp::from_millis(ms).to_string()

@@ -30,6 +30,8 @@ pub enum ErrorCode {
     Validation,
     /// 401
     Unauthorized,
+    /// 403: signed in, but this needs an administrator.
+    Forbidden,
     /// 429
     RateLimited,
     /// 500
@@ -47,6 +49,7 @@ impl ErrorCode {
             Self::Conflict => 409,
             Self::Validation => 422,
             Self::Unauthorized => 401,
+            Self::Forbidden => 403,
             Self::RateLimited => 429,
             Self::Internal => 500,
             Self::Busy => 503,

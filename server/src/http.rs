@@ -9,6 +9,7 @@ mod auth;
 mod batchtasks;
 mod download;
 mod events;
+pub mod guards;
 mod health;
 pub mod iotda;
 mod openapi;
@@ -49,6 +50,8 @@ pub struct ServerState {
     pub transfers: Arc<Transfers>,
     /// Cancelled when the server shuts down: long-lived responses (event streams) end with it.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// Per-client limits (event streams, unauthenticated bodies).
+    pub guards: Arc<guards::Guards>,
 }
 
 impl FromRef<ServerState> for LeptosOptions {

@@ -165,6 +165,7 @@ impl Application {
             default_project: Arc::from(project.id.as_str()),
             transfers: Arc::default(),
             stopping: CancellationToken::new(),
+            guards: Arc::default(),
         };
         Ok(Self {
             settings,

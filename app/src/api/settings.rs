@@ -93,7 +93,7 @@ pub async fn list_credentials() -> Result<Vec<CredentialRow>, ApiError> {
 #[server(prefix = "/api", endpoint = "create_credential")]
 pub async fn create_credential(description: String) -> Result<NewCredential, ApiError> {
     use secrecy::ExposeSecret;
-    let (state, user) = super::ssr::context().await?;
+    let (state, user) = super::ssr::admin_context().await?;
     let created =
         backend::service::credentials::create(&state, &user.project_id, &description).await?;
     Ok(NewCredential {
@@ -106,7 +106,7 @@ pub async fn create_credential(description: String) -> Result<NewCredential, Api
 /// Revokes a credential: its signatures are refused from now on.
 #[server(prefix = "/api", endpoint = "revoke_credential")]
 pub async fn revoke_credential(access_key: String) -> Result<(), ApiError> {
-    let (state, user) = super::ssr::context().await?;
+    let (state, user) = super::ssr::admin_context().await?;
     backend::service::credentials::revoke(&state, &user.project_id, &access_key).await?;
     Ok(())
 }
@@ -135,7 +135,7 @@ pub async fn create_subscription(
     url: String,
 ) -> Result<NewSubscription, ApiError> {
     use secrecy::ExposeSecret;
-    let (state, user) = super::ssr::context().await?;
+    let (state, user) = super::ssr::admin_context().await?;
     let created = backend::service::subscriptions::create(
         &state,
         &user.project_id,
@@ -154,7 +154,7 @@ pub async fn create_subscription(
 /// Deletes a subscription (its pending deliveries are dropped).
 #[server(prefix = "/api", endpoint = "delete_subscription")]
 pub async fn delete_subscription(subscription_id: String) -> Result<(), ApiError> {
-    let (state, user) = super::ssr::context().await?;
+    let (state, user) = super::ssr::admin_context().await?;
     backend::service::subscriptions::delete(&state, &user.project_id, &subscription_id).await?;
     Ok(())
 }

@@ -90,6 +90,7 @@ fn upload_error(status: u16, body: &str) -> ApiError {
         409 => ErrorCode::Conflict,
         400 | 413 | 422 => ErrorCode::Validation,
         401 => ErrorCode::Unauthorized,
+        403 => ErrorCode::Forbidden,
         503 => ErrorCode::Busy,
         _ => ErrorCode::Internal,
     };

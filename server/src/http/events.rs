@@ -43,6 +43,23 @@ pub(super) async fn stream(
     let Some(Extension(caller)) = caller else {
         return IotdaError::unauthorized("not signed in").into_response();
     };
+    let session = jar
+        .get(super::auth::SESSION_COOKIE)
+        .map(|c| c.value().to_owned());
+    // One caller's streams are counted (its session, or its access key): each holds a connection and a
+    // subscription to every change.
+    let who = match (&session, &caller.access_key) {
+        (Some(token), _) => format!("session:{}", backend::ids::sha256_hex(token)),
+        (None, Some(ak)) => format!("key:{ak}"),
+        (None, None) => format!("project:{}", caller.project_id),
+    };
+    let Some(place) = state.guards.stream(&who) else {
+        return IotdaError::too_many(format!(
+            "at most {} event streams per session or access key are open at once",
+            super::guards::STREAMS_PER_CALLER
+        ))
+        .into_response();
+    };
     let filter = Filter {
         project_id: caller.project_id,
         task_id: query.task_id.filter(|t| !t.is_empty()),
@@ -55,11 +72,13 @@ pub(super) async fn stream(
             Err(RecvError::Closed) => None,
         }
     })
-    .filter_map(move |event| std::future::ready(filter.frame(event.as_ref())));
+    .filter_map(move |event| std::future::ready(filter.frame(event.as_ref())))
+    // The place is held as long as the stream lives.
+    .map(move |frame| {
+        let _held = &place;
+        frame
+    });
     let stopping = state.stopping.clone();
-    let session = jar
-        .get(super::auth::SESSION_COOKIE)
-        .map(|c| c.value().to_owned());
     let app = state.app.clone();
     let session_ended = async move {
         // A signed API caller proved itself once; a console session can end while the stream is open.

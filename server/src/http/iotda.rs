@@ -66,6 +66,11 @@ impl IotdaError {
         }
     }
 
+    /// 429: this caller holds too much of something.
+    pub fn too_many(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "IOTDA.000011", message)
+    }
+
     /// 400.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "IOTDA.000006", message)

@@ -42,8 +42,13 @@ fn path_project(path: &str) -> Option<&str> {
     segments.next().filter(|p| !p.is_empty())
 }
 
-/// Checks a signed request; on success the request (its body restored) carries a [`Caller`]. The key,
-/// date and project are checked before the body is read, so unauthenticated bodies are never buffered.
+/// Checks a signed request; on success the request (its body restored) carries a [`Caller`].
+///
+/// Work before the signature is known good is bounded: the key, date and project are checked before the
+/// body is read; a declared `Content-Length` over [`MAX_SIGNED_BODY`] is refused before it is read; a
+/// request that declares its body's hash (`X-Sdk-Content-Sha256`) has its signature checked before the
+/// body is read; and other bodies are buffered only within a budget shared by all callers
+/// ([`super::guards::UNAUTHENTICATED_BODY_BYTES`]; past it, 503 with `Retry-After`).
 pub(super) async fn authenticate(state: &ServerState, req: Request) -> Result<Request, Response> {
     let (mut parts, body) = req.into_parts();
     let text = |name: &str| -> Option<String> {
@@ -85,7 +90,19 @@ pub(super) async fn authenticate(state: &ServerState, req: Request) -> Result<Re
             .to_ascii_lowercase()
             .starts_with("multipart/")
     });
-    let empty = text("content-length").is_some_and(|l| l.trim() == "0");
+    let length = text("content-length").and_then(|l| l.trim().parse::<u64>().ok());
+    let empty = length == Some(0);
+    if length.is_some_and(|n| n > MAX_SIGNED_BODY as u64) && !multipart {
+        return Err(too_large());
+    }
+    // A declared hash is signed with: the signature is checked on it before the body is read.
+    let declared_hash = declared
+        .as_deref()
+        .filter(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) && !empty)
+        .map(str::to_ascii_lowercase);
+    if let Some(hash) = &declared_hash {
+        verify(state, &parts, &active, &authorization, hash).await?;
+    }
     let (body, payload_hash) = if declared.as_deref() == Some(UNSIGNED_PAYLOAD) && !empty {
         if !multipart {
             return Err(unauthorized(
@@ -94,15 +111,29 @@ pub(super) async fn authenticate(state: &ServerState, req: Request) -> Result<Re
         }
         (body, UNSIGNED_PAYLOAD.to_owned())
     } else {
+        // Room for the body among all bodies being read before their signature is checked (a body
+        // whose hash was signed and checked above is the caller's own).
+        let _room = if declared_hash.is_some() {
+            None
+        } else {
+            let want = length.map_or(MAX_SIGNED_BODY, |n| {
+                usize::try_from(n).unwrap_or(MAX_SIGNED_BODY)
+            });
+            match state.guards.body(want) {
+                Some(room) => Some(room),
+                None => {
+                    return Err(IotdaError::busy(
+                        "too many signed request bodies are being received; try again shortly",
+                        std::time::Duration::from_secs(1),
+                    )
+                    .into_response());
+                }
+            }
+        };
         let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_SIGNED_BODY));
         let bytes = match read.await {
             Ok(Ok(bytes)) => bytes,
-            Ok(Err(_)) => {
-                return Err(IotdaError::too_large(format!(
-                    "a signed request body may be at most {MAX_SIGNED_BODY} bytes"
-                ))
-                .into_response());
-            }
+            Ok(Err(_)) => return Err(too_large()),
             Err(_) => return Err(unauthorized("the request body did not arrive in time")),
         };
         let actual = apisign::payload_hash(&bytes, None);
@@ -116,6 +147,31 @@ pub(super) async fn authenticate(state: &ServerState, req: Request) -> Result<Re
         }
         (Body::from(bytes), actual)
     };
+    if declared_hash.is_none() {
+        verify(state, &parts, &active, &authorization, &payload_hash).await?;
+    }
+    parts.extensions.insert(Caller {
+        project_id: active.project_id.clone(),
+        access_key: Some(active.access_key.clone()),
+    });
+    Ok(Request::from_parts(parts, body))
+}
+
+fn too_large() -> Response {
+    IotdaError::too_large(format!(
+        "a signed request body may be at most {MAX_SIGNED_BODY} bytes"
+    ))
+    .into_response()
+}
+
+/// Checks the signature of the request whose head is `parts` and whose body hashes to `payload_hash`.
+async fn verify(
+    state: &ServerState,
+    parts: &http::request::Parts,
+    active: &credentials::Active,
+    authorization: &str,
+    payload_hash: &str,
+) -> Result<(), Response> {
     // HTTP/2 carries the host in the URI (`:authority`), not in a Host header.
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     let lookup = |name: &str| {
@@ -133,18 +189,13 @@ pub(super) async fn authenticate(state: &ServerState, req: Request) -> Result<Re
         path: parts.uri.path(),
         query: parts.uri.query().unwrap_or(""),
         header: &lookup,
-        payload_hash: &payload_hash,
+        payload_hash,
     };
-    match credentials::verify(&state.app, &active, &authorization, &signed).await {
-        Ok(Ok(())) => {}
-        Ok(Err(refusal)) => return Err(refused(&refusal, parts.uri.path())),
-        Err(e) => return Err(IotdaError::from(e).into_response()),
+    match credentials::verify(&state.app, active, authorization, &signed).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(refusal)) => Err(refused(&refusal, parts.uri.path())),
+        Err(e) => Err(IotdaError::from(e).into_response()),
     }
-    parts.extensions.insert(Caller {
-        project_id: active.project_id.clone(),
-        access_key: Some(active.access_key.clone()),
-    });
-    Ok(Request::from_parts(parts, body))
 }
 
 fn refused(refusal: &Refusal, path: &str) -> Response {

@@ -666,3 +666,169 @@ mod lwm2m {
         );
     }
 }
+
+/// Sends `head` (a request head, no body) over TLS; the response's status line, or `None` when none
+/// comes within 3 s.
+async fn status_of_head(app: &crate::helpers::TestApp, head: &str) -> Option<String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(&app.ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let port = app.base.trim_start_matches("https://localhost:");
+    let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.lines().next().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn signed_requests_are_refused_before_their_bodies_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let project = backend::service::projects::ensure_default(&app.state)
+        .await
+        .unwrap()
+        .id;
+    let key = backend::service::credentials::create(&app.state, &project, "probe")
+        .await
+        .unwrap();
+    let ak = key.credential.access_key;
+    let date = chrono::DateTime::from_timestamp_millis(crate::helpers::START)
+        .unwrap()
+        .format("%Y%m%dT%H%M%SZ");
+    let head = |length: u64, extra: &str| {
+        format!(
+            "POST /v5/iot/{project}/ota-upgrades/tasks HTTP/1.1\r\nHost: localhost\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\nX-Sdk-Date: {date}\r\n{extra}\
+             Authorization: SDK-HMAC-SHA256 Access={ak}, SignedHeaders=host;x-sdk-date, Signature={}\r\n\r\n",
+            "0".repeat(64)
+        )
+    };
+    // A body declared larger than any signed body: 413 before a byte of it is read.
+    let status = status_of_head(&app, &head(20_000_000, "")).await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 413 Payload Too Large"));
+    // A declared body hash is what the signature covers: a wrong signature is refused without the body
+    // (it used to wait for all 15 MB of it, up to a minute).
+    let hash = "ab".repeat(32);
+    let status = status_of_head(
+        &app,
+        &head(15_000_000, &format!("X-Sdk-Content-Sha256: {hash}\r\n")),
+    )
+    .await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 401 Unauthorized"));
+}
+
+#[tokio::test]
+async fn event_streams_are_capped_per_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let cookie = app.sign_in().await;
+    let open = || {
+        app.client
+            .get(app.url("/events"))
+            .header("cookie", &cookie)
+            .send()
+    };
+    let mut held = Vec::new();
+    for _ in 0..server::http::guards::STREAMS_PER_CALLER {
+        let r = open().await.unwrap();
+        assert_eq!(r.status(), 200);
+        held.push(r);
+    }
+    let refused = open().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error_code"], "IOTDA.000011");
+    // Another session has its own streams; a closed stream gives its place back.
+    drop(held.pop());
+    let mut reopened = None;
+    for _ in 0..100 {
+        let r = open().await.unwrap();
+        if r.status() == 200 {
+            reopened = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        reopened.is_some(),
+        "the closed stream's place is free again"
+    );
+}
+
+#[tokio::test]
+async fn only_administrators_manage_credentials_and_subscriptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    backend::service::auth::create_user(
+        &app.state,
+        "viewer",
+        "viewer-password-1".to_owned().into(),
+        false,
+    )
+    .await
+    .unwrap();
+    let r = app
+        .client
+        .post(app.url("/auth/login"))
+        .header("origin", &app.origin)
+        .form(&[
+            ("username", "viewer"),
+            ("password", "viewer-password-1"),
+            ("next", ""),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let viewer = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let refused = app
+        .server_fn(&viewer, "create_credential", &[("description", "mine")])
+        .await;
+    assert_eq!(refused.status(), 403);
+    let refused = app
+        .server_fn(
+            &viewer,
+            "create_subscription",
+            &[
+                ("resource", "device.upgrade"),
+                ("url", "https://example.com/hook"),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status(), 403);
+    // Reading is allowed; the administrator may create.
+    assert_eq!(
+        app.server_fn(&viewer, "list_credentials", &[])
+            .await
+            .status(),
+        200
+    );
+    let admin = app.sign_in().await;
+    let created = app
+        .server_fn(&admin, "create_credential", &[("description", "app")])
+        .await;
+    assert_eq!(created.status(), 200);
+}

@@ -101,6 +101,9 @@ impl Notifier {
                 allow_private: settings.allow_private,
             }))
             .redirect(reqwest::redirect::Policy::none())
+            // Never through a proxy from the environment (`HTTPS_PROXY`...): a proxy resolves the
+            // callback's name itself, past the private-address check of `Resolver`.
+            .no_proxy()
             .user_agent(concat!("updraft/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &settings.extra_ca_pem {
             for cert in reqwest::Certificate::from_pem_bundle(pem)
@@ -532,6 +535,58 @@ async fn fan_out(state: &AppState, subs: &[notification_subscriptions::Model]) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Set in the child process of [`deliveries_ignore_proxies_from_the_environment`].
+    const PROXY_CHILD: &str = "UPDRAFT_TEST_PROXY_CHILD";
+
+    /// A proxy from the environment would resolve callback names past the private-address check, so
+    /// the notifier's client ignores it. The environment is read when a client is built, so the check
+    /// runs in a child process of this test binary started with `HTTPS_PROXY` set.
+    #[test]
+    fn deliveries_ignore_proxies_from_the_environment() {
+        if std::env::var_os(PROXY_CHILD).is_some() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let notifier = Notifier::new(NotifySettings::default()).unwrap();
+                // TEST-NET-1: nothing answers; through the proxy, the proxy would be asked.
+                let _ = notifier
+                    .client
+                    .get("https://192.0.2.1/hook")
+                    .timeout(Duration::from_millis(500))
+                    .send()
+                    .await;
+            });
+            return;
+        }
+        let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "notify::tests::deliveries_ignore_proxies_from_the_environment",
+            ])
+            .env(PROXY_CHILD, "1")
+            .env(
+                "HTTPS_PROXY",
+                format!("http://{}", proxy.local_addr().unwrap()),
+            )
+            .env(
+                "https_proxy",
+                format!("http://{}", proxy.local_addr().unwrap()),
+            )
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        proxy.set_nonblocking(true).unwrap();
+        assert!(
+            proxy.accept().is_err(),
+            "the notifier connected to the proxy from the environment"
+        );
+    }
 
     #[test]
     fn internal_addresses_are_private() {

@@ -412,3 +412,55 @@ fn connection_caps_beyond_the_descriptor_limit_stop_start_up_with_the_numbers() 
         "names the cap and the limit: {err}"
     );
 }
+
+#[test]
+fn text_logs_keep_what_clients_send_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = updraft(dir.path())
+        .env("UPDRAFT_MQTT__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = |within: Duration| rx.recv_timeout(within).ok();
+    while !next(Duration::from_secs(60)).is_some_and(|l| l.contains("CA certificate:")) {}
+    // A client id with a line break and a forged log line after it.
+    let mut connect = rumqttc::mqttbytes::v4::Connect::new("x\n2026-12-05T00:00:00Z  INFO forged");
+    connect.login = Some(rumqttc::mqttbytes::v4::Login::new("x", "y"));
+    let mut out = bytes::BytesMut::new();
+    connect.write(&mut out).unwrap();
+    let mut mqtt = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut mqtt, &out).unwrap();
+    let mut lines = Vec::new();
+    while let Some(line) = next(Duration::from_secs(10)) {
+        let refused = line.contains("login refused");
+        lines.push(line);
+        if refused {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("login refused") && l.contains(r"x\n2026")),
+        "the refusal is logged with the line break escaped: {lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("2026-12-05T00:00:00Z")),
+        "{lines:#?}"
+    );
+}

@@ -327,6 +327,43 @@ async fn register(
     Ok(packages::register(&state.app, project_id, meta, object).await?)
 }
 
+/// The text parts of an upload form (the file comes last).
+const TEXT_FIELDS: [&str; 9] = [
+    "package_type",
+    "product_id",
+    "version",
+    "support_source_versions",
+    "description",
+    "custom_info",
+    "file_name",
+    "segment_size",
+    "app_id",
+];
+
+/// The most bytes of one text part (`custom_info` may have 4 096 characters of up to 4 bytes each).
+const MAX_TEXT_FIELD: usize = 16 * 1024;
+
+/// Reads a text part, refusing it as soon as it grows past [`MAX_TEXT_FIELD`].
+async fn text_field(
+    mut field: axum::extract::multipart::Field<'_>,
+    name: &str,
+) -> Result<String, IotdaError> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| IotdaError::bad_request(e.body_text()))?
+    {
+        if bytes.len() + chunk.len() > MAX_TEXT_FIELD {
+            return Err(IotdaError::bad_request(format!(
+                "{name}: at most {MAX_TEXT_FIELD} bytes"
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    String::from_utf8(bytes).map_err(|_| IotdaError::bad_request(format!("{name}: not UTF-8")))
+}
+
 async fn upload(
     state: &ServerState,
     project_id: &str,
@@ -350,7 +387,13 @@ async fn upload(
             }
             return Ok(packages::upload(&state.app, project_id, meta, field).await?);
         }
-        let value = field.text().await.map_err(bad)?;
+        if !TEXT_FIELDS.contains(&name.as_str()) {
+            // Refused by name, before a byte of its value is read.
+            return Err(IotdaError::bad_request(format!(
+                "unknown form field {name:?}"
+            )));
+        }
+        let value = text_field(field, &name).await?;
         match name.as_str() {
             "package_type" => meta.package_type = value,
             "product_id" => meta.product_id = value,
@@ -370,12 +413,7 @@ async fn upload(
                     IotdaError::bad_request("segment_size: must be a number from 32 to 500")
                 })?);
             }
-            "segment_size" | "app_id" => {}
-            other => {
-                return Err(IotdaError::bad_request(format!(
-                    "unknown form field {other:?}"
-                )));
-            }
+            _ => {}
         }
     }
     Err(IotdaError::bad_request(

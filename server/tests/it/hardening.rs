@@ -832,3 +832,49 @@ async fn only_administrators_manage_credentials_and_subscriptions() {
         .await;
     assert_eq!(created.status(), 200);
 }
+
+#[tokio::test]
+async fn upload_form_fields_are_judged_by_name_first_and_read_within_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let cookie = app.sign_in().await;
+    let project = backend::service::projects::ensure_default(&app.state)
+        .await
+        .unwrap()
+        .id;
+    let url = app.url(&format!("/v5/iot/{project}/ota-upgrades/packages"));
+    let post = |form: reqwest::multipart::Form| {
+        app.client
+            .post(&url)
+            .header("origin", &app.origin)
+            .header("cookie", &cookie)
+            .multipart(form)
+            .send()
+    };
+    // A text part of 8 MiB: refused once it passes 16 KiB (it used to be read whole first).
+    let huge = "a".repeat(8 * 1024 * 1024);
+    let r = post(reqwest::multipart::Form::new().text("description", huge.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("at most 16384 bytes"),
+        "{body}"
+    );
+    let r = post(reqwest::multipart::Form::new().text("nonsense", huge))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("unknown form field"),
+        "{body}"
+    );
+}

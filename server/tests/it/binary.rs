@@ -13,6 +13,7 @@ fn updraft(dir: &std::path::Path) -> Command {
         .env("UPDRAFT_HTTP__LISTEN", "127.0.0.1:0")
         .env("UPDRAFT_MQTT__LISTEN", "127.0.0.1:0")
         .env("UPDRAFT_MQTT__TLS_LISTEN", "127.0.0.1:0")
+        .env("UPDRAFT_LWM2M__LISTEN", "127.0.0.1:0")
         .env("UPDRAFT_HTTP__SHUTDOWN_GRACE", "1s");
     cmd
 }
@@ -416,13 +417,7 @@ fn connection_caps_beyond_the_descriptor_limit_stop_start_up_with_the_numbers() 
 #[test]
 fn text_logs_keep_what_clients_send_on_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let mut child = updraft(dir.path())
-        .env("UPDRAFT_MQTT__LISTEN", format!("127.0.0.1:{port}"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -435,7 +430,32 @@ fn text_logs_keep_what_clients_send_on_one_line() {
         }
     });
     let next = |within: Duration| rx.recv_timeout(within).ok();
-    while !next(Duration::from_secs(60)).is_some_and(|l| l.contains("CA certificate:")) {}
+    let mut started = Vec::new();
+    loop {
+        match next(Duration::from_secs(60)) {
+            Some(line) if line.contains("CA certificate:") => break,
+            Some(line) => started.push(line),
+            None => {
+                let _ = child.kill();
+                panic!("updraft did not start: {started:#?}");
+            }
+        }
+    }
+    // The MQTT port, from the banner (`mqtt://127.0.0.1:PORT`).
+    let port: u16 = started
+        .iter()
+        .find_map(|l| {
+            let at = l.find("mqtt://127.0.0.1:")? + "mqtt://127.0.0.1:".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("no MQTT address in the banner: {started:#?}")
+        });
     // A client id with a line break and a forged log line after it.
     let mut connect = rumqttc::mqttbytes::v4::Connect::new("x\n2026-12-05T00:00:00Z  INFO forged");
     connect.login = Some(rumqttc::mqttbytes::v4::Login::new("x", "y"));

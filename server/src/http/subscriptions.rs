@@ -21,6 +21,20 @@ use super::signed::Caller;
 
 type Ext = Option<axum::Extension<Caller>>;
 
+/// The console user of a session-authenticated call (absent for signed calls).
+type User = Option<axum::Extension<backend::service::auth::CurrentUser>>;
+
+/// Subscriptions are managed by administrators: a console session of another user is refused (an
+/// application's access key was itself created by an administrator).
+fn admin_only(user: &User) -> Result<(), IotdaError> {
+    match user {
+        Some(u) if !u.is_admin => Err(IotdaError::forbidden(
+            "only an administrator may manage subscriptions",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A new subscription.
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(as = CreateSubscription)]
@@ -108,8 +122,10 @@ pub(super) async fn create(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
     caller: Ext,
+    user: User,
     body: Result<Json<CreateBody>, JsonRejection>,
 ) -> Result<Response, IotdaError> {
+    admin_only(&user)?;
     let project_id = project(caller.as_deref(), &project_id)?;
     let Json(b) = body.map_err(|e| IotdaError::bad_request(e.body_text()))?;
     if b.channel
@@ -232,7 +248,9 @@ pub(super) async fn delete(
     State(state): State<ServerState>,
     Path((project_id, id)): Path<(String, String)>,
     caller: Ext,
+    user: User,
 ) -> Result<Response, IotdaError> {
+    admin_only(&user)?;
     let project_id = project(caller.as_deref(), &project_id)?;
     subscriptions::delete(&state.app, &project_id, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

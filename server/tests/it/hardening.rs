@@ -819,6 +819,21 @@ async fn only_administrators_manage_credentials_and_subscriptions() {
         )
         .await;
     assert_eq!(refused.status(), 403);
+    // The same through the /v5 API with the console session.
+    let project = backend::service::projects::ensure_default(&app.state)
+        .await
+        .unwrap()
+        .id;
+    let r = app
+        .client
+        .post(app.url(&format!("/v5/iot/{project}/subscriptions")))
+        .header("origin", &app.origin)
+        .header("cookie", &viewer)
+        .json(&serde_json::json!({"resource": "batchtask", "event": "update", "callbackurl": "https://example.com/h"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
     // Reading is allowed; the administrator may create.
     assert_eq!(
         app.server_fn(&viewer, "list_credentials", &[])

@@ -985,8 +985,10 @@ fn subscription(
 
 /// Checks an IoTDA login; the device id, or the CONNACK code to refuse with.
 ///
-/// Failed logins are throttled per device id and per source address: an attempt takes its place before
-/// any lookup (check and record are one step), and a successful one gives it back.
+/// Failed logins are throttled per device id, where an attempt takes its place before any lookup (check
+/// and record are one step: simultaneous guesses cannot all pass the check) and a successful one gives it
+/// back; and per source address, where only failures count (a carrier NAT logs in thousands of devices
+/// at once, none of which may be refused for the others being checked).
 async fn authenticate(
     ctx: &Ctx,
     connect: &rumqttc::mqttbytes::v4::Connect,
@@ -1001,7 +1003,7 @@ async fn authenticate(
         if by_device.begin(&device_key, now).is_err() {
             return Err(ConnectReturnCode::ServiceUnavailable);
         }
-        if by_address.begin(&address_key, now).is_err() {
+        if by_address.check(&address_key, now).is_err() {
             by_device.forgive(&device_key, now);
             return Err(ConnectReturnCode::ServiceUnavailable);
         }
@@ -1010,11 +1012,8 @@ async fn authenticate(
     let mut failures = lock(&ctx.failures);
     let (by_device, by_address) = &mut *failures;
     match checked {
-        Ok(_) | Err(ConnectReturnCode::ServiceUnavailable) => {
-            by_device.forgive(&device_key, now);
-            by_address.forgive(&address_key, now);
-        }
-        Err(_) => {}
+        Ok(_) | Err(ConnectReturnCode::ServiceUnavailable) => by_device.forgive(&device_key, now),
+        Err(_) => by_address.record_failure(&address_key, now),
     }
     checked
 }

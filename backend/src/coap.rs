@@ -240,12 +240,17 @@ struct Inner {
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, DeviceEvent)>>>,
     /// Places for requests being worked on ([`CoapSettings::max_in_flight`]).
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// The `/19/0/0` observe tokens last issued to each device, newest last.
+    observe_tokens: Mutex<HashMap<String, VecDeque<Token>>>,
     /// Requests that may cost a lookup, per source ([`CoapSettings::requests_per_second`]).
     per_source: governor::DefaultKeyedRateLimiter<SocketAddr>,
     /// Confirmable requests remembered for duplicate detection at most (a flood from ever new source
     /// ports would otherwise fill the map for `EXCHANGE_LIFETIME`); past this, new ones are dropped.
     max_seen: usize,
 }
+
+/// Observe tokens remembered per device ([`Inner::observe_tokens`]).
+const ISSUED_OBSERVE_TOKENS: usize = 4;
 
 /// What a device told "busy" (5.03) is asked to wait, in seconds (the Max-Age option).
 const BUSY_MAX_AGE: u8 = 2;
@@ -281,6 +286,7 @@ impl CoapEndpoint {
                 events,
                 events_rx: Mutex::new(Some(events_rx)),
                 in_flight,
+                observe_tokens: Mutex::default(),
                 per_source,
                 max_seen: 200_000,
             }),
@@ -618,7 +624,7 @@ impl CoapEndpoint {
             }
         }
         let device_id = {
-            let sessions = lock(&self.inner.sessions);
+            let mut sessions = lock(&self.inner.sessions);
             let Some(device_id) = sessions.by_addr.get(&addr).cloned() else {
                 drop(sessions);
                 // Nobody registered there (Updraft restarted, or the device moved): the device cancels
@@ -638,11 +644,22 @@ impl CoapEndpoint {
                 self.firmware_notification(&device_id, which, &packet);
                 return;
             }
-            let ours = sessions
+            let token = packet.get_token();
+            let current = sessions
                 .by_device
                 .get(&device_id)
-                .is_some_and(|s| s.observe_token.as_deref() == Some(packet.get_token()));
-            if !ours {
+                .is_some_and(|s| s.observe_token.as_deref() == Some(token));
+            let issued = !current
+                && Token::try_from(token).is_ok_and(|t| {
+                    lock(&self.inner.observe_tokens)
+                        .get(&device_id)
+                        .is_some_and(|tokens| tokens.contains(&t))
+                });
+            if issued && let Some(s) = sessions.by_device.get_mut(&device_id) {
+                // An observation of ours whose answer was lost: take it up.
+                s.observe_token = Some(token.to_vec());
+            }
+            if !current && !issued {
                 drop(sessions);
                 // Not an observation of ours (one from before a restart, or a forgery from the device's
                 // address): a reset makes a real device cancel it; nothing it says is taken.
@@ -934,8 +951,18 @@ impl CoapEndpoint {
     /// Sends a confirmable request and waits for its answer; `None` after the last retransmission, or
     /// on a reset.
     async fn exchange(&self, addr: SocketAddr, packet: Packet) -> Option<Packet> {
+        self.exchange_with(addr, packet, rand::random()).await
+    }
+
+    /// [`Self::exchange`] under the given token.
+    async fn exchange_with(
+        &self,
+        addr: SocketAddr,
+        packet: Packet,
+        token: Token,
+    ) -> Option<Packet> {
         let (tx, rx) = oneshot::channel();
-        if !self.start_exchange(addr, packet, Some(tx)) {
+        if !self.start_exchange_with(addr, packet, Some(tx), token) {
             return None;
         }
         rx.await.ok().flatten()
@@ -946,11 +973,20 @@ impl CoapEndpoint {
     fn start_exchange(
         &self,
         addr: SocketAddr,
-        mut packet: Packet,
+        packet: Packet,
         answer: Option<oneshot::Sender<Option<Packet>>>,
     ) -> bool {
+        self.start_exchange_with(addr, packet, answer, rand::random())
+    }
+
+    fn start_exchange_with(
+        &self,
+        addr: SocketAddr,
+        mut packet: Packet,
+        answer: Option<oneshot::Sender<Option<Packet>>>,
+        token: Token,
+    ) -> bool {
         let mid = self.next_mid(addr);
-        let token: Token = rand::random();
         packet.header.set_type(MessageType::Confirmable);
         packet.header.message_id = mid;
         packet.set_token(token.to_vec());
@@ -1087,7 +1123,19 @@ impl CoapEndpoint {
             observe.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
         }
         observe.add_option(CoapOption::Accept, format_bytes(lwm2m::FORMAT_OPAQUE));
-        match self.exchange_observe(session.addr, observe).await {
+        // Remembered before it is sent: on a lossy link the device may take up this observation even if
+        // its answer never arrives (or a later registration's observation crosses it), and its
+        // notifications under it are then still the platform's own.
+        let token: Token = rand::random();
+        {
+            let mut issued = lock(&self.inner.observe_tokens);
+            let tokens = issued.entry(session.device_id.clone()).or_default();
+            if tokens.len() >= ISSUED_OBSERVE_TOKENS {
+                tokens.pop_front();
+            }
+            tokens.push_back(token);
+        }
+        match self.exchange_observe(session.addr, observe, token).await {
             Some(token) => {
                 if let Some(s) = lock(&self.inner.sessions)
                     .by_device
@@ -1105,8 +1153,13 @@ impl CoapEndpoint {
     }
 
     /// Sends an observe request; returns its token when the device accepted it.
-    async fn exchange_observe(&self, addr: SocketAddr, packet: Packet) -> Option<Vec<u8>> {
-        let answer = self.exchange(addr, packet).await?;
+    async fn exchange_observe(
+        &self,
+        addr: SocketAddr,
+        packet: Packet,
+        token: Token,
+    ) -> Option<Vec<u8>> {
+        let answer = self.exchange_with(addr, packet, token).await?;
         let ok = matches!(
             answer.header.code,
             MessageClass::Response(ResponseType::Content | ResponseType::Changed)

@@ -848,26 +848,33 @@ impl CoapEndpoint {
         if usize::try_from(source.size).is_ok_and(|size| size <= self.inner.settings.cache_bytes) {
             return Ok(self.package_bytes(source).await?.slice(range));
         }
-        let (start, end) = (range.start as u64, range.end as u64);
+        self.read_package(source, range.start as u64..range.end as u64)
+            .await
+    }
+
+    /// Bytes `range` of a package, read from the store.
+    async fn read_package(
+        &self,
+        source: &SegmentSource,
+        range: std::ops::Range<u64>,
+    ) -> crate::Result<Bytes> {
+        let capacity = usize::try_from(range.end - range.start).unwrap_or(0);
         let reader = self
             .inner
             .state
             .store
-            .open_range(&source.object_key, start..end, 64 * 1024)
+            .open_range(&source.object_key, range, 64 * 1024)
             .await?;
-        let block = reader
-            .try_fold(
-                Vec::with_capacity(range.len()),
-                |mut all, chunk| async move {
-                    all.extend_from_slice(&chunk);
-                    Ok(all)
-                },
-            )
+        let all = reader
+            .try_fold(Vec::with_capacity(capacity), |mut all, chunk| async move {
+                all.extend_from_slice(&chunk);
+                Ok(all)
+            })
             .await
             .map_err(|e| {
                 crate::Error::Internal(format!("reading package {}: {e}", source.package_id))
             })?;
-        Ok(Bytes::from(block))
+        Ok(Bytes::from(all))
     }
 
     async fn package_bytes(&self, source: &SegmentSource) -> crate::Result<Bytes> {
@@ -878,23 +885,7 @@ impl CoapEndpoint {
         if let Some(b) = self.cached(&source.package_id) {
             return Ok(b);
         }
-        let reader = self
-            .inner
-            .state
-            .store
-            .open_range(&source.object_key, 0..source.size, 64 * 1024)
-            .await?;
-        let capacity = usize::try_from(source.size).unwrap_or(0);
-        let all = reader
-            .try_fold(Vec::with_capacity(capacity), |mut all, chunk| async move {
-                all.extend_from_slice(&chunk);
-                Ok(all)
-            })
-            .await
-            .map_err(|e| {
-                crate::Error::Internal(format!("reading package {}: {e}", source.package_id))
-            })?;
-        let bytes = Bytes::from(all);
+        let bytes = self.read_package(source, 0..source.size).await?;
         let mut cache = lock(&self.inner.cache);
         cache.tick += 1;
         let tick = cache.tick;

@@ -16,7 +16,7 @@ export E2E_PASSWORD="e2e-$(python3 -c 'import secrets; print(secrets.token_hex(8
 LOG="$DATA/server.log"
 
 UPDRAFT_DATA_DIR="$DATA" UPDRAFT_SITE_ROOT="$ROOT/target/site" UPDRAFT_HTTP__LISTEN="127.0.0.1:$PORT" \
-  UPDRAFT_MQTT__LISTEN="127.0.0.1:$MQTT_PORT" UPDRAFT_MQTT__TLS_LISTEN="127.0.0.1:0" \
+  UPDRAFT_MQTT__LISTEN="127.0.0.1:$MQTT_PORT" UPDRAFT_MQTT__TLS_LISTEN="127.0.0.1:0" UPDRAFT_LWM2M__LISTEN="127.0.0.1:0" \
   UPDRAFT_ADMIN__PASSWORD="$E2E_PASSWORD" "$BIN" serve >"$LOG" 2>&1 &
 PID=$!
 cleanup() { kill "$PID" 2>/dev/null || true; rm -rf "$DATA"; }

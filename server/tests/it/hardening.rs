@@ -295,37 +295,12 @@ async fn slow_and_idle_https_clients_are_cut_off() {
         .replace("https://localhost", "127.0.0.1")
         .parse()
         .unwrap();
-    let tls = {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::pem::PemObject::pem_slice_iter(&app.ca_pem) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        Arc::new(
-            rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
-    };
-    let connect_tls = || {
-        let tls = tls.clone();
-        async move {
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            tokio_rustls::TlsConnector::from(tls)
-                .connect(
-                    rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-                    tcp,
-                )
-                .await
-                .unwrap()
-        }
-    };
-
     // No handshake at all.
     let mut raw = TcpStream::connect(addr).await.unwrap();
     // A handshake, then nothing.
-    let mut idle = connect_tls().await;
+    let mut idle = app.tls_connect().await;
     // A request head trickled a byte at a time, never finished.
-    let mut trickle = connect_tls().await;
+    let mut trickle = app.tls_connect().await;
     trickle
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
         .await
@@ -350,7 +325,7 @@ async fn slow_and_idle_https_clients_are_cut_off() {
     assert!(trickler.await.unwrap(), "a trickled head is cut off");
 
     // A kept-alive connection idle after a request is closed too; a prompt request is served.
-    let mut kept = connect_tls().await;
+    let mut kept = app.tls_connect().await;
     kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
@@ -670,24 +645,7 @@ mod lwm2m {
 /// Sends `head` (a request head, no body) over TLS; the response's status line, or `None` when none
 /// comes within 3 s.
 async fn status_of_head(app: &crate::helpers::TestApp, head: &str) -> Option<String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::pem::PemObject::pem_slice_iter(&app.ca_pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let port = app.base.trim_start_matches("https://localhost:");
-    let tcp = TcpStream::connect(format!("127.0.0.1:{port}"))
-        .await
-        .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
+    let mut tls = app.tls_connect().await;
     tls.write_all(head.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf))

@@ -907,21 +907,7 @@ async fn download_refusals_are_iotda_errors_and_nothing_else() {
 
 /// Sends `request` as written over TLS and returns the whole response as text (lossy).
 async fn raw_request(app: &TestApp, request: &str) -> String {
-    let ca = std::fs::read(app.data_dir.join("tls/ca.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&ca) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let addr = app.base.trim_start_matches("https://localhost:");
-    let tcp = tokio::net::TcpStream::connect(format!("127.0.0.1:{addr}"))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let mut tls = app.tls_connect().await;
     tls.write_all(request.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out).await;

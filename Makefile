@@ -5,7 +5,7 @@ UPDRAFT := $(TARGET_DIR)/debug/updraft
 # The wasm build needs RUSTC_BOOTSTRAP=1, which must not touch host artifacts: its own target directory.
 WASM_TARGET_DIR := $(TARGET_DIR)/wasm-build
 
-.PHONY: setup server site run test bench bench-tasks chaos probe bench-lwm2m bench-console fuzz api-fuzz check fmt fmt-check clippy purity unit e2e clean-data
+.PHONY: setup server site run test bench bench-tasks chaos probe bench-lwm2m bench-console fuzz api-fuzz check fmt fmt-check clippy purity circles unit e2e clean-data
 
 setup:
 	@scripts/setup.sh
@@ -20,7 +20,7 @@ site: setup
 run: server site
 	$(UPDRAFT) serve
 
-## Everything CI checks: format, clippy per feature set, crate purity, unit + integration tests
+## Everything CI checks: format, crate purity, import circles, clippy per feature set, unit + integration tests
 ## (SQLite always, PostgreSQL when UPDRAFT_TEST_POSTGRES_URL is set), then end2end in headless Chromium.
 test: setup
 	scripts/test.sh
@@ -70,6 +70,11 @@ fmt-check:
 clippy: setup
 	cargo clippy --workspace --exclude frontend --all-targets -- -D warnings
 	CARGO_TARGET_DIR="$(WASM_TARGET_DIR)" RUSTC_BOOTSTRAP=1 cargo clippy -p frontend --target wasm32-unknown-unknown -Z build-std=std,panic_abort -- -D warnings
+
+## Import circles between modules (`scripts/circles.py`; also part of `make test`).
+circles:
+	scripts/circles.py --self-test
+	scripts/circles.py backend/src server/src app/src domain/src protocol/src
 
 unit: setup
 	cargo nextest run --workspace --exclude frontend

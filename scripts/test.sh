@@ -19,6 +19,10 @@ for crate in domain protocol; do
   fi
 done
 
+step "no import circles between modules"
+scripts/circles.py --self-test
+scripts/circles.py backend/src server/src app/src domain/src protocol/src
+
 step "clippy: host crates (app with ssr)"
 cargo clippy --workspace --exclude frontend --all-targets -- -D warnings
 

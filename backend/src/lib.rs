@@ -18,6 +18,7 @@
 
 pub mod clock;
 pub mod coap;
+pub mod context;
 pub mod db;
 pub mod driver;
 pub mod error;
@@ -28,8 +29,11 @@ pub mod notify;
 pub mod objects;
 pub mod secrets;
 pub mod service;
+pub mod settings;
 pub mod state;
 pub mod storage;
+pub mod tokens;
 
+pub use context::Context;
 pub use error::{Error, Result};
 pub use state::AppState;

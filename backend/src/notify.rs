@@ -37,50 +37,15 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use crate::service::subscriptions::{self, BATCHTASK, BATCHTASK_DEVICE};
+use crate::settings::NotifySettings;
 use crate::storage::entity::{notification_deliveries, notification_subscriptions, outbox};
 use crate::{AppState, Error, Result};
+use domain::net::is_private;
 
 /// Outbox rows fanned out per transaction.
 const BATCH: u64 = 500;
 /// Pending deliveries looked at per subscription and round.
 const PER_SUBSCRIPTION: u64 = 200;
-
-/// Notification settings.
-#[derive(Clone, Debug)]
-pub struct NotifySettings {
-    /// Attempts before a delivery is given up (`failed`).
-    pub max_attempts: u32,
-    /// The longest wait between two attempts.
-    pub max_backoff: Duration,
-    /// How long one POST may take.
-    pub timeout: Duration,
-    /// Deliveries in flight at once.
-    pub concurrency: usize,
-    /// Extra CA certificates (PEM) to trust for receivers, besides the system's.
-    pub extra_ca_pem: Option<Vec<u8>>,
-    /// Accept `http://` callback URLs (for a receiver on a trusted network).
-    pub allow_http: bool,
-    /// How long finished deliveries and outbox records are kept.
-    pub retention: Duration,
-    /// Contact callback URLs on loopback, private and link-local addresses (a receiver inside the
-    /// network Updraft runs in).
-    pub allow_private: bool,
-}
-
-impl Default for NotifySettings {
-    fn default() -> Self {
-        Self {
-            max_attempts: 12,
-            max_backoff: Duration::from_secs(3600),
-            timeout: Duration::from_secs(10),
-            concurrency: 16,
-            extra_ca_pem: None,
-            allow_http: false,
-            retention: Duration::from_secs(7 * 24 * 3600),
-            allow_private: false,
-        }
-    }
-}
 
 /// The delivery worker.
 #[derive(Clone, Debug)]
@@ -348,36 +313,6 @@ fn resource_of_kind(kind: &str) -> &'static str {
     }
 }
 
-/// Whether a callback may reach `ip` only with `allow_private`: loopback, private (RFC 1918), shared
-/// (100.64/10), link-local, unspecified, multicast, broadcast and documentation addresses, IPv6 unique-local
-/// and link-local ones, and IPv4 addresses of those kinds written as IPv6.
-#[must_use]
-pub fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_multicast()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || a == 0
-                || (a == 100 && (b & 0xC0) == 64)
-        }
-        IpAddr::V6(v6) => {
-            v6.to_ipv4_mapped()
-                .is_some_and(|v4| is_private(IpAddr::V4(v4)))
-                || v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (v6.segments()[0] & 0xfe00) == 0xfc00
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
-        }
-    }
-}
-
 /// Resolves callback host names, dropping private addresses unless they are allowed.
 struct Resolver {
     allow_private: bool,
@@ -586,35 +521,6 @@ mod tests {
             proxy.accept().is_err(),
             "the notifier connected to the proxy from the environment"
         );
-    }
-
-    #[test]
-    fn internal_addresses_are_private() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "224.0.0.1",
-            "255.255.255.255",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:10.0.0.1",
-        ] {
-            assert!(is_private(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in [
-            "8.8.8.8",
-            "1.1.1.1",
-            "2606:4700:4700::1111",
-            "::ffff:8.8.8.8",
-        ] {
-            assert!(!is_private(ip.parse().unwrap()), "{ip}");
-        }
     }
 
     #[tokio::test]

@@ -33,7 +33,7 @@ struct TestDb {
 
 impl TestDb {
     async fn cleanup(self) {
-        self.state.db.close().await.ok();
+        self.state.db.clone().close().await.ok();
         if let Some((admin_url, name)) = self.drop_pg {
             let admin = Database::connect(&admin_url)
                 .await

@@ -15,6 +15,7 @@
 pub mod device;
 pub mod flow;
 pub mod id;
+pub mod net;
 pub mod package;
 pub mod task;
 pub mod text;

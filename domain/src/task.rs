@@ -46,6 +46,30 @@ impl TaskStatus {
             Self::Success | Self::Fail | Self::PartialSuccess | Self::Stopped
         )
     }
+
+    /// The task's `status_desc` in this status, with its subtask counts.
+    #[must_use]
+    pub fn describe(self, p: &TaskProgress) -> String {
+        match self {
+            Self::Initializing => "resolving targets".to_owned(),
+            Self::Waiting => "waiting to start".to_owned(),
+            Self::Processing => format!(
+                "{} of {} devices done ({} succeeded, {} failed)",
+                p.success + p.fail + p.stopped,
+                p.total,
+                p.success,
+                p.fail
+            ),
+            Self::Stopping => "stopping".to_owned(),
+            Self::Stopped => format!("stopped ({} of {} succeeded)", p.success, p.total),
+            Self::Success => format!("all {} devices succeeded", p.success),
+            Self::Fail => format!("all {} devices failed", p.fail),
+            Self::PartialSuccess => format!(
+                "{} of {} devices succeeded, {} failed",
+                p.success, p.total, p.fail
+            ),
+        }
+    }
 }
 
 wire_enum!(
@@ -69,6 +93,9 @@ wire_enum!(
 );
 
 impl SubtaskStatus {
+    /// The statuses in which something can still happen without an operator.
+    pub const OPEN: [Self; 3] = [Self::Waiting, Self::Processing, Self::FailWaitRetry];
+
     /// Whether nothing more will happen without an operator (retry).
     #[must_use]
     pub const fn is_terminal(self) -> bool {

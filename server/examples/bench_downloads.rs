@@ -307,7 +307,7 @@ async fn setup(data: &Path, size: u64, n: usize) -> Result<(String, Vec<String>,
                 .token,
         );
     }
-    state.db.close().await?;
+    state.db.clone().close().await?;
     Ok((package.id, tokens, package.sha256))
 }
 

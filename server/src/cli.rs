@@ -226,7 +226,7 @@ async fn upload(settings: Settings, args: UploadArgs) -> Result<()> {
         });
     let result = backend::service::packages::upload(&state, &project.id, meta, body).await;
     bar.finish_and_clear();
-    state.db.close().await.ok();
+    state.db.clone().close().await.ok();
     let package = result?;
     println!("uploaded package {}", package.id);
     println!("  product:  {}", package.product_id);

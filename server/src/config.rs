@@ -210,7 +210,7 @@ pub struct ApiSettings {
 impl Default for ApiSettings {
     fn default() -> Self {
         Self {
-            signature_skew: backend::state::ServiceSettings::default().api_signature_skew,
+            signature_skew: backend::settings::ServiceSettings::default().api_signature_skew,
         }
     }
 }
@@ -242,7 +242,7 @@ pub struct NotificationSettings {
 
 impl Default for NotificationSettings {
     fn default() -> Self {
-        let d = backend::notify::NotifySettings::default();
+        let d = backend::settings::NotifySettings::default();
         Self {
             enabled: true,
             max_attempts: d.max_attempts,
@@ -433,7 +433,7 @@ impl Default for S3Settings {
 impl Default for DownloadSettings {
     fn default() -> Self {
         Self {
-            token_ttl: backend::state::ServiceSettings::default().download_token_ttl,
+            token_ttl: backend::settings::ServiceSettings::default().download_token_ttl,
             public_url: None,
         }
     }
@@ -497,7 +497,7 @@ impl Default for HttpSettings {
 
 impl Default for ConsoleSettings {
     fn default() -> Self {
-        let d = backend::state::ServiceSettings::default();
+        let d = backend::settings::ServiceSettings::default();
         Self {
             session_idle: d.session_idle,
             session_max: d.session_max,
@@ -696,7 +696,7 @@ impl Settings {
     ///
     /// # Errors
     /// `notifications.extra_ca` cannot be read.
-    pub fn service_settings(&self) -> anyhow::Result<backend::state::ServiceSettings> {
+    pub fn service_settings(&self) -> anyhow::Result<backend::settings::ServiceSettings> {
         let extra_ca_pem =
             match &self.notifications.extra_ca {
                 Some(path) => Some(std::fs::read(path).with_context(|| {
@@ -704,7 +704,7 @@ impl Settings {
                 })?),
                 None => None,
             };
-        Ok(backend::state::ServiceSettings {
+        Ok(backend::settings::ServiceSettings {
             session_idle: self.console.session_idle,
             session_max: self.console.session_max,
             login_max_failures: self.console.login_max_failures,
@@ -714,7 +714,7 @@ impl Settings {
             password_hash_queue: self.console.password_hash_queue,
             download_token_ttl: self.downloads.token_ttl,
             api_signature_skew: self.api.signature_skew,
-            driver: backend::driver::DriverSettings {
+            driver: backend::settings::DriverSettings {
                 mqtt: domain::flow::mqtt::Timeouts {
                     online: self.tasks.online_timeout,
                     version: self.tasks.version_timeout,
@@ -732,7 +732,7 @@ impl Settings {
                 download_base_url: self.public_url(self.http.listen.port()),
                 coap_base_url: self.coap_public_url(self.lwm2m.listen.port()),
             },
-            notify: backend::notify::NotifySettings {
+            notify: backend::settings::NotifySettings {
                 max_attempts: self.notifications.max_attempts,
                 max_backoff: self.notifications.max_backoff,
                 timeout: self.notifications.timeout,
@@ -740,7 +740,7 @@ impl Settings {
                 allow_http: self.notifications.allow_http,
                 retention: self.notifications.retention,
                 allow_private: self.notifications.allow_private,
-                ..backend::notify::NotifySettings::default()
+                ..backend::settings::NotifySettings::default()
             },
         })
     }
@@ -794,7 +794,7 @@ impl Settings {
                 .names
                 .first()
                 .cloned()
-                .or_else(crate::tls::hostname)
+                .or_else(hostname)
                 .unwrap_or_else(|| "localhost".to_owned())
         } else if ip.is_ipv6() {
             format!("[{ip}]")
@@ -880,4 +880,16 @@ impl From<figment::Error> for ConfigError {
                 .collect(),
         )
     }
+}
+
+/// This machine's host name, when it is a usable DNS name.
+pub(crate) fn hostname() -> Option<String> {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        })
 }

@@ -7,15 +7,19 @@
 
 mod auth;
 mod batchtasks;
+mod devices;
 mod download;
 mod events;
+mod groups;
 pub mod guards;
 mod health;
 pub mod iotda;
 mod openapi;
 mod packages;
-mod resources;
+mod paging;
+mod products;
 mod signed;
+mod spaces;
 mod subscriptions;
 
 pub use download::Transfers;
@@ -135,57 +139,57 @@ pub fn router(state: ServerState) -> Router {
         )
         .route(
             "/v5/iot/{project_id}/devices",
-            get(resources::list_devices)
-                .post(resources::add_device)
+            get(devices::list_devices)
+                .post(devices::add_device)
                 .layer(timeout),
         )
         .route(
             "/v5/iot/{project_id}/devices/{device_id}",
-            get(resources::show_device)
-                .put(resources::update_device)
-                .delete(resources::delete_device)
+            get(devices::show_device)
+                .put(devices::update_device)
+                .delete(devices::delete_device)
                 .layer(timeout),
         )
         .route(
             "/v5/iot/{project_id}/devices/{device_id}/freeze",
-            post(resources::freeze_device).layer(timeout),
+            post(devices::freeze_device).layer(timeout),
         )
         .route(
             "/v5/iot/{project_id}/devices/{device_id}/unfreeze",
-            post(resources::unfreeze_device).layer(timeout),
+            post(devices::unfreeze_device).layer(timeout),
         )
         .route(
             "/v5/iot/{project_id}/device-group",
-            get(resources::list_groups)
-                .post(resources::add_group)
+            get(groups::list_groups)
+                .post(groups::add_group)
                 .layer(timeout),
         )
         .route(
             "/v5/iot/{project_id}/device-group/{group_id}",
-            get(resources::show_group)
-                .put(resources::update_group)
-                .delete(resources::delete_group)
+            get(groups::show_group)
+                .put(groups::update_group)
+                .delete(groups::delete_group)
                 .layer(timeout),
         )
         .route(
             "/v5/iot/{project_id}/device-group/{group_id}/action",
-            post(resources::group_action).layer(timeout),
+            post(groups::group_action).layer(timeout),
         )
         .route(
             "/v5/iot/{project_id}/device-group/{group_id}/devices",
-            get(resources::group_devices).layer(timeout),
+            get(groups::group_devices).layer(timeout),
         )
         .route(
             "/v5/iot/{project_id}/products",
-            get(resources::list_products)
-                .post(resources::add_product)
+            get(products::list_products)
+                .post(products::add_product)
                 .layer(timeout),
         )
         .route(
             "/v5/iot/{project_id}/products/{product_id}",
-            get(resources::show_product)
-                .put(resources::update_product)
-                .delete(resources::delete_product)
+            get(products::show_product)
+                .put(products::update_product)
+                .delete(products::delete_product)
                 .layer(timeout),
         )
         .route(

@@ -252,9 +252,12 @@ impl Application {
         let janitor = tokio::spawn(janitor(self.state.clone(), stop.clone()));
         let background = tokio_util::task::TaskTracker::new();
         {
-            let (driver, state, stop) =
-                (self.state.driver.clone(), self.state.clone(), stop.clone());
-            background.spawn(async move { driver.run(state, stop).await });
+            let (driver, context, stop) = (
+                self.state.driver.clone(),
+                self.state.context().clone(),
+                stop.clone(),
+            );
+            background.spawn(async move { driver.run(context, stop).await });
         }
         if self.settings.notifications.enabled {
             let notifier = backend::notify::Notifier::new(self.state.settings.notify.clone())
@@ -319,7 +322,7 @@ impl Application {
         {
             tracing::warn!("background tasks did not stop within the grace period");
         }
-        if let Err(e) = self.state.db.close().await {
+        if let Err(e) = self.state.db.clone().close().await {
             tracing::warn!(error.message = %e, "closing the database");
         }
         tracing::info!("stopped");

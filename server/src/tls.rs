@@ -58,25 +58,13 @@ pub fn prepare(settings: &Settings, now_unix: i64) -> Result<TlsMaterial> {
         "127.0.0.1".to_owned(),
         "::1".to_owned(),
     ];
-    if let Some(host) = hostname() {
+    if let Some(host) = crate::config::hostname() {
         names.push(host);
     }
     names.extend(settings.tls.names.iter().cloned());
     names.sort();
     names.dedup();
     generated(&dir, names, now_unix)
-}
-
-/// This machine's host name, when it is a usable DNS name.
-pub(crate) fn hostname() -> Option<String> {
-    std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|h| {
-            !h.is_empty()
-                && h.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        })
 }
 
 const DAY: i64 = 86_400;

@@ -3,11 +3,18 @@
 //!
 //! The slots live in memory and are rebuilt from the subtasks at start-up ([`super::Driver::recover`]):
 //! a `downloading` subtask holds its slot, a `wait_slot` one queues. A grant whose subtask no longer waits
-//! (it was stopped meanwhile) is handed back and goes to the next in line.
+//! (it was stopped meanwhile) is handed back and goes to the next in line. The driver's side of them
+//! (rebuilding, granting, sweeping out holders that ended elsewhere) is the `impl Driver` below.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use domain::flow::lwm2m::{Class, Slot};
+use domain::flow::lwm2m::{self, Class, Slot};
+use domain::task::SubtaskStatus;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+
+use super::{BATCH, Driver, Step};
+use crate::storage::entity::subtasks;
+use crate::{Context, Result};
 
 #[derive(Debug, Default)]
 struct Cell {
@@ -106,6 +113,84 @@ impl Slots {
     #[cfg(test)]
     pub(crate) fn held(&self, cell: u32, class: Class) -> usize {
         self.cells.get(&(cell, class)).map_or(0, |c| c.held.len())
+    }
+}
+
+impl Driver {
+    /// Rebuilds the LwM2M download slots from the subtasks (at start-up): downloading subtasks hold
+    /// theirs, waiting ones queue in the order they started waiting, and free places are granted.
+    pub(super) async fn recover_slots(&self, state: &Context) -> Result<()> {
+        let rows: Vec<(i64, String, Option<String>)> = subtasks::Entity::find()
+            .select_only()
+            .column(subtasks::Column::Id)
+            .column(subtasks::Column::Step)
+            .column(subtasks::Column::Machine)
+            .filter(subtasks::Column::Status.eq(SubtaskStatus::Processing.as_str()))
+            .filter(subtasks::Column::Step.is_in(["downloading", "wait_slot"]))
+            .order_by_asc(subtasks::Column::UpdatedAt)
+            .order_by_asc(subtasks::Column::Id)
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        let mut granted = Vec::new();
+        {
+            let mut slots = self.slots();
+            for (id, _, json) in &rows {
+                let Some(machine) = json
+                    .as_deref()
+                    .and_then(|j| serde_json::from_str::<lwm2m::Subtask>(j).ok())
+                else {
+                    continue;
+                };
+                match machine.phase {
+                    lwm2m::Phase::Downloading { slot, .. } => slots.hold(*id, slot),
+                    lwm2m::Phase::WaitSlot { slot } => slots.ask(*id, slot, &mut granted),
+                    _ => {}
+                }
+            }
+        }
+        self.grant(state, granted).await
+    }
+
+    /// Hands granted slots to their subtasks (see [`Driver::apply_in`]).
+    pub(super) async fn grant(&self, state: &Context, granted: Vec<i64>) -> Result<()> {
+        let steps = granted
+            .into_iter()
+            .map(|id| (id, Step::Lwm2m(lwm2m::Input::SlotGranted)))
+            .collect();
+        self.apply_in(state, steps, &[]).await
+    }
+
+    /// Frees slots whose holders ended without this process seeing it (stopped from the command line,
+    /// or by another instance).
+    pub(super) async fn sweep_slots(&self, state: &Context) -> Result<()> {
+        let holders = self.slots().holders();
+        if holders.is_empty() {
+            return Ok(());
+        }
+        let mut still = std::collections::HashSet::new();
+        for chunk in holders.chunks(BATCH as usize) {
+            let ids: Vec<i64> = subtasks::Entity::find()
+                .select_only()
+                .column(subtasks::Column::Id)
+                .filter(subtasks::Column::Id.is_in(chunk.to_vec()))
+                // Not the step: a subtask granted a slot a moment ago still says `wait_slot`.
+                .filter(subtasks::Column::Status.eq(SubtaskStatus::Processing.as_str()))
+                .into_tuple()
+                .all(&state.db)
+                .await?;
+            still.extend(ids);
+        }
+        let mut granted = Vec::new();
+        {
+            let mut slots = self.slots();
+            for id in holders {
+                if !still.contains(&id) {
+                    slots.release(id, &mut granted);
+                }
+            }
+        }
+        self.grant(state, granted).await
     }
 }
 

@@ -292,7 +292,7 @@ pub async fn delete(state: &AppState, project_id: &str, device_id: &str) -> Resu
         .filter(subtasks::Column::DeviceId.eq(device_id))
         .filter(
             subtasks::Column::Status
-                .is_in(crate::driver::OPEN.map(domain::task::SubtaskStatus::as_str)),
+                .is_in(domain::task::SubtaskStatus::OPEN.map(domain::task::SubtaskStatus::as_str)),
         )
         .one(&state.db)
         .await?

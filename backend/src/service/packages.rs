@@ -17,13 +17,9 @@ use sea_orm::{
 
 use super::{Page, Paged};
 use crate::objects::Digest256;
+pub use crate::storage::entity::packages::{SOURCE_BUCKET, SOURCE_UPLOAD, object_key};
 use crate::storage::entity::{download_tokens, packages, products, tasks};
 use crate::{AppState, Error, Result, ids};
-
-/// Where a package's bytes came from.
-pub const SOURCE_UPLOAD: &str = "upload";
-/// A registered bucket object (never deleted by Updraft).
-pub const SOURCE_BUCKET: &str = "bucket";
 
 /// A registration of an object already in the bucket (`file_location.obs_location`).
 #[derive(Clone, Debug, Default)]
@@ -402,18 +398,4 @@ pub async fn delete(state: &AppState, project_id: &str, package_id: &str) -> Res
     }
     tracing::info!(package_id, "package deleted");
     Ok(())
-}
-
-/// A package's stored object key.
-///
-/// # Errors
-/// [`Error::Internal`] when the stored key is invalid (never for rows written by this module).
-pub fn object_key(package: &packages::Model) -> Result<ObjectKey> {
-    if package.source == SOURCE_UPLOAD {
-        Ok(ObjectKey::for_upload(&PackageId::parse(
-            package.id.clone(),
-        )?))
-    } else {
-        ObjectKey::parse(&package.object_key).map_err(|e| Error::Internal(e.to_string()))
-    }
 }

@@ -101,8 +101,8 @@ fn check_url(url: &str, allow_http: bool, allow_private: bool) -> Result<String>
         .into());
     }
     let private = match parsed.host() {
-        Some(url::Host::Ipv4(ip)) => crate::notify::is_private(ip.into()),
-        Some(url::Host::Ipv6(ip)) => crate::notify::is_private(ip.into()),
+        Some(url::Host::Ipv4(ip)) => domain::net::is_private(ip.into()),
+        Some(url::Host::Ipv6(ip)) => domain::net::is_private(ip.into()),
         Some(url::Host::Domain(name)) => {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             name == "localhost" || name.ends_with(".localhost")

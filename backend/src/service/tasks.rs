@@ -8,9 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use domain::device::ProtocolType;
 use domain::flow::RetryPolicy;
-use domain::flow::mqtt;
 use domain::package::PackageType;
 use domain::task::{SubtaskStatus, TaskStatus, TaskType, check_schedule, parse_task_name};
 use domain::{DeviceId, Timestamp, ValidationError};
@@ -22,10 +20,10 @@ use sea_orm::{
 use serde::{Deserialize, Serialize};
 
 use super::{Page, Paged};
-use crate::driver::OPEN;
+pub use crate::driver::TargetsFilter;
+use crate::driver::{check_protocol, write_subtasks};
 use crate::storage::entity::{
-    device_group_members, device_groups, devices, packages, products, subtask_steps, subtasks,
-    tasks,
+    device_group_members, device_groups, devices, packages, subtask_steps, subtasks, tasks,
 };
 use crate::{AppState, Error, Result, ids};
 
@@ -53,14 +51,6 @@ pub struct NewTask {
     pub retry_interval: Option<i64>,
     /// `task_ext_info`, echoed to devices and the API.
     pub task_ext_info: Option<serde_json::Value>,
-}
-
-/// The stored `targets_filter`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TargetsFilter {
-    /// Groups whose members (of the package's product) are the targets.
-    #[serde(default)]
-    pub group_ids: Vec<String>,
 }
 
 /// The stored `document`.
@@ -180,7 +170,7 @@ pub async fn create(state: &AppState, project_id: &str, new: NewTask) -> Result<
         set_status(state, &task.id, TaskStatus::Waiting).await?;
         state.driver.kick();
     } else {
-        start(state, &task.id, false).await?;
+        state.driver.start(state, &task.id, false).await?;
     }
     tracing::info!(task_id = %task.id, package_id = %package.id, scheduled, "task created");
     get(state, project_id, &task.id).await
@@ -191,68 +181,19 @@ fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-/// Starts a task now: resolves group targets if that is still to do, then hands it to the driver.
-pub(crate) async fn start(state: &AppState, task_id: &str, scheduled: bool) -> Result<()> {
-    // A scheduled task is claimed first (`Waitting` → `Initializing`), so that when several callers see it
-    // due at once (the driver's loop, a test's tick, another instance) exactly one starts it.
-    if scheduled {
-        let claimed = tasks::Entity::update_many()
-            .col_expr(
-                tasks::Column::Status,
-                Expr::value(TaskStatus::Initializing.as_str()),
-            )
-            .filter(tasks::Column::Id.eq(task_id))
-            .filter(tasks::Column::Status.eq(TaskStatus::Waiting.as_str()))
-            .exec(&state.db)
-            .await?
-            .rows_affected;
-        if claimed == 0 {
-            return Ok(());
-        }
-    }
-    let task = tasks::Entity::find_by_id(task_id.to_owned())
-        .one(&state.db)
-        .await?
-        .ok_or_else(|| Error::not_found("task", task_id))?;
-    if let Some(filter) = task.targets_filter.as_deref() {
-        let already = subtasks::Entity::find()
-            .filter(subtasks::Column::TaskId.eq(task_id))
-            .one(&state.db)
-            .await?
-            .is_some();
-        if !already {
-            let filter: TargetsFilter = serde_json::from_str(filter).unwrap_or_default();
-            let package = match &task.package_id {
-                Some(p) => {
-                    packages::Entity::find_by_id(p.clone())
-                        .one(&state.db)
-                        .await?
-                }
-                None => None,
-            }
-            .ok_or_else(|| Error::Conflict(format!("task {task_id}: its package was deleted")))?;
-            let members = group_devices(state, &task.project_id, &package, &filter).await?;
-            let txn = crate::db::begin_write(&state.db).await?;
-            write_subtasks(&txn, state.clock.now(), task_id, &members).await?;
-            txn.commit().await?;
-        }
-    }
-    state.driver.start_task(state, task_id).await
-}
-
 async fn set_status(state: &AppState, task_id: &str, status: TaskStatus) -> Result<()> {
     let progress = {
         let t = tasks::Entity::find_by_id(task_id.to_owned())
             .one(&state.db)
             .await?
             .ok_or_else(|| Error::not_found("task", task_id))?;
-        crate::driver::progress_of(&t)
+        t.progress()
     };
     tasks::Entity::update_many()
         .col_expr(tasks::Column::Status, Expr::value(status.as_str()))
         .col_expr(
             tasks::Column::StatusDesc,
-            Expr::value(crate::driver::describe(status, &progress)),
+            Expr::value(status.describe(&progress)),
         )
         .col_expr(
             tasks::Column::UpdatedAt,
@@ -379,103 +320,6 @@ async fn listed_devices(
         .iter()
         .filter_map(|t| found.remove(t.as_str()))
         .collect())
-}
-
-/// What the package's product can be upgraded with: MQTT devices take both package types; LwM2M/CoAP
-/// devices take software packages over PCP, whose version field holds 1-16 ASCII characters, and firmware
-/// packages through the Firmware Update object (any version string).
-async fn check_protocol(state: &AppState, package: &packages::Model) -> Result<()> {
-    let product_id = &package.product_id;
-    let product = products::Entity::find_by_id(product_id.clone())
-        .one(&state.db)
-        .await?
-        .ok_or_else(|| Error::not_found("product", product_id))?;
-    if ProtocolType::parse(&product.protocol_type)? != ProtocolType::CoAP
-        || package.package_type == PackageType::Firmware.as_str()
-    {
-        return Ok(());
-    }
-    if let Err(e) = protocol::pcp::Version::new(&package.version) {
-        return Err(ValidationError::new("package_id", e.to_string()).into());
-    }
-    Ok(())
-}
-
-/// The members of the filter's groups that belong to the package's product (each once).
-async fn group_devices(
-    state: &AppState,
-    project_id: &str,
-    package: &packages::Model,
-    filter: &TargetsFilter,
-) -> Result<Vec<devices::Model>> {
-    check_protocol(state, package).await?;
-    let member_ids = device_group_members::Entity::find()
-        .select_only()
-        .column(device_group_members::Column::DeviceId)
-        .filter(device_group_members::Column::GroupId.is_in(filter.group_ids.clone()))
-        .distinct()
-        .into_tuple::<String>()
-        .all(&state.db)
-        .await?;
-    let mut out = Vec::with_capacity(member_ids.len());
-    for chunk in member_ids.chunks(INSERT_BATCH) {
-        out.extend(
-            devices::Entity::find()
-                .filter(devices::Column::ProjectId.eq(project_id))
-                .filter(devices::Column::ProductId.eq(package.product_id.as_str()))
-                .filter(devices::Column::Id.is_in(chunk.to_vec()))
-                .order_by_asc(devices::Column::Id)
-                .all(&state.db)
-                .await?,
-        );
-    }
-    Ok(out)
-}
-
-/// Writes one `Waitting` subtask per device and sets the task's counters.
-async fn write_subtasks(
-    txn: &sea_orm::DatabaseTransaction,
-    now: Timestamp,
-    task_id: &str,
-    devices: &[devices::Model],
-) -> Result<()> {
-    let now = now.as_millis();
-    for chunk in devices.chunks(INSERT_BATCH) {
-        let rows = chunk.iter().map(|d| {
-            let machine = mqtt::Subtask::new(d.status == "ONLINE");
-            subtasks::ActiveModel {
-                task_id: Set(task_id.to_owned()),
-                device_id: Set(d.id.clone()),
-                status: Set(SubtaskStatus::Waiting.as_str().to_owned()),
-                step: Set(machine.step().to_owned()),
-                progress: Set(0),
-                attempts: Set(0),
-                deadline_at: Set(None),
-                source_version: Set(None),
-                error_code: Set(None),
-                error_msg: Set(None),
-                output: Set(None),
-                machine: Set(serde_json::to_string(&machine).ok()),
-                lease_owner: Set(None),
-                lease_until: Set(None),
-                created_at: Set(now),
-                started_at: Set(None),
-                updated_at: Set(now),
-                finished_at: Set(None),
-                ..Default::default()
-            }
-        });
-        subtasks::Entity::insert_many(rows).exec(txn).await?;
-    }
-    let n = i64::try_from(devices.len()).unwrap_or(i64::MAX);
-    tasks::Entity::update_many()
-        .col_expr(tasks::Column::Total, Expr::value(n))
-        .col_expr(tasks::Column::Waitting, Expr::value(n))
-        .col_expr(tasks::Column::UpdatedAt, Expr::value(now))
-        .filter(tasks::Column::Id.eq(task_id))
-        .exec(txn)
-        .await?;
-    Ok(())
 }
 
 /// Filters for [`list`].
@@ -809,7 +653,7 @@ pub async fn stop(
         tracing::info!(task_id, "task stopped");
         return Ok(Vec::new());
     }
-    let (ids, results) = select(state, task_id, targets, &OPEN, "stop").await?;
+    let (ids, results) = select(state, task_id, targets, &SubtaskStatus::OPEN, "stop").await?;
     state
         .driver
         .command(state, ids, crate::driver::Step::Stop)
@@ -879,7 +723,7 @@ pub async fn delete(state: &AppState, project_id: &str, task_id: &str) -> Result
             status.as_str()
         )));
     }
-    super::downloads::revoke_task(state, task_id).await?;
+    crate::tokens::revoke_task(&state.db, state.clock.now(), task_id).await?;
     tasks::Entity::delete_by_id(task_id.to_owned())
         .exec(&state.db)
         .await?;

@@ -217,7 +217,7 @@ pub async fn packages(settings: Settings, json_out: bool) -> Result<()> {
             );
         }
     });
-    state.db.close().await.ok();
+    state.db.clone().close().await.ok();
     Ok(())
 }
 
@@ -250,7 +250,7 @@ pub async fn product(settings: Settings, cmd: ProductCommand, json_out: bool) ->
         &json!({"product_id": p.id, "name": p.name, "protocol_type": p.protocol_type}),
         || println!("product {} ({}, {})", p.id, p.name, p.protocol_type),
     );
-    state.db.close().await.ok();
+    state.db.clone().close().await.ok();
     Ok(())
 }
 
@@ -312,7 +312,7 @@ pub async fn credentials(settings: Settings, cmd: CredentialCommand, json_out: b
             );
         }
     }
-    state.db.close().await.ok();
+    state.db.clone().close().await.ok();
     Ok(())
 }
 
@@ -393,7 +393,7 @@ pub async fn device(settings: Settings, cmd: DeviceCommand, json_out: bool) -> R
             );
         }
     }
-    state.db.close().await.ok();
+    state.db.clone().close().await.ok();
     Ok(())
 }
 
@@ -438,7 +438,7 @@ pub async fn group(settings: Settings, cmd: GroupCommand, json_out: bool) -> Res
             });
         }
     }
-    state.db.close().await.ok();
+    state.db.clone().close().await.ok();
     Ok(())
 }
 
@@ -457,7 +457,7 @@ pub fn task_json(t: &backend::storage::entity::tasks::Model) -> serde_json::Valu
             "retry_count": t.retry_count,
             "retry_interval": t.retry_interval_min,
         },
-        "task_progress": backend::driver::progress_of(t),
+        "task_progress": t.progress(),
         "create_time": Timestamp::from_millis(t.created_at).to_compact(),
     })
 }
@@ -601,6 +601,6 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
             });
         }
     }
-    state.db.close().await.ok();
+    state.db.clone().close().await.ok();
     Ok(())
 }

@@ -118,7 +118,7 @@ pub async fn run(settings: Settings, args: SimMqttArgs) -> Result<()> {
             secret: secret.expose_secret().to_owned(),
         });
     }
-    state.db.close().await.ok();
+    state.db.clone().close().await.ok();
     let ca_path = args
         .ca
         .clone()
@@ -293,7 +293,7 @@ pub async fn run_lwm2m(settings: Settings, args: SimLwm2mArgs) -> Result<()> {
             .with_context(|| format!("registering {node}"))?;
             registered += 1;
         }
-        state.db.close().await.ok();
+        state.db.clone().close().await.ok();
         println!("registered {registered} devices");
     }
     let server = args.server.unwrap_or_else(|| {

@@ -17,7 +17,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::ServerState;
 use super::iotda::{IotdaError, IotdaErrorBody};
-use super::packages::{PageInfo, paging, project};
+use super::paging::{PageInfo, paging};
+use super::signed::project;
 
 /// IoTDA's `TaskPolicy`.
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
@@ -175,7 +176,7 @@ impl TaskJson {
     fn new(t: task_rows::Model, targets: Vec<String>) -> Self {
         let json = |s: Option<&str>| s.and_then(|s| serde_json::from_str::<Value>(s).ok());
         Self {
-            task_progress: backend::driver::progress_of(&t).into(),
+            task_progress: t.progress().into(),
             task_ext_info: json(t.task_ext_info.as_deref()),
             targets_filter: json(t.targets_filter.as_deref()),
             document: json(Some(&t.document)).unwrap_or(Value::Null),

@@ -16,6 +16,7 @@
 //! | 503 | `IOTDA.000012` | the server is at one of its limits; `Retry-After` says when to try again |
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde::Serialize;
@@ -149,4 +150,23 @@ impl IntoResponse for IotdaError {
         }
         response
     }
+}
+
+/// A JSON body, or IoTDA's 400 for one that does not parse.
+pub(super) fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, IotdaError> {
+    b.map(|Json(v)| v)
+        .map_err(|e| IotdaError::bad_request(e.body_text()))
+}
+
+/// `{ "body": "..." }`, what IoTDA's freeze, unfreeze and membership operations answer.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ActionResult)]
+pub(super) struct Done {
+    /// What happened: `frozen`, `unfrozen`, `added` or `removed`.
+    body: &'static str,
+}
+
+/// Answers [`Done`].
+pub(super) fn done(message: &'static str) -> Response {
+    Json(Done { body: message }).into_response()
 }

@@ -9,7 +9,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, Securi
 use utoipa::{Modify, OpenApi};
 
 use super::auth::SESSION_COOKIE;
-use super::{batchtasks, packages, resources, subscriptions};
+use super::{batchtasks, devices, groups, packages, products, subscriptions};
 
 /// The security scheme of signed requests.
 const SIGNATURE_SCHEME: &str = "sdk_hmac_sha256";
@@ -60,25 +60,25 @@ too. State-changing requests must also come from the console's origin (`Origin` 
         batchtasks::delete,
         batchtasks::stop,
         batchtasks::retry,
-        resources::add_device,
-        resources::list_devices,
-        resources::show_device,
-        resources::update_device,
-        resources::delete_device,
-        resources::freeze_device,
-        resources::unfreeze_device,
-        resources::add_group,
-        resources::list_groups,
-        resources::show_group,
-        resources::update_group,
-        resources::delete_group,
-        resources::group_action,
-        resources::group_devices,
-        resources::add_product,
-        resources::list_products,
-        resources::show_product,
-        resources::update_product,
-        resources::delete_product,
+        devices::add_device,
+        devices::list_devices,
+        devices::show_device,
+        devices::update_device,
+        devices::delete_device,
+        devices::freeze_device,
+        devices::unfreeze_device,
+        groups::add_group,
+        groups::list_groups,
+        groups::show_group,
+        groups::update_group,
+        groups::delete_group,
+        groups::group_action,
+        groups::group_devices,
+        products::add_product,
+        products::list_products,
+        products::show_product,
+        products::update_product,
+        products::delete_product,
         subscriptions::create,
         subscriptions::list,
         subscriptions::show,

@@ -11,7 +11,6 @@
 use axum::Json;
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::response::{IntoResponse, Response};
-use backend::service::Page;
 use backend::service::packages::{self, BucketObject, Filter, PackageRow};
 
 use super::signed::Caller;
@@ -23,19 +22,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::ServerState;
 use super::iotda::{IotdaError, IotdaErrorBody};
-
-/// Checks that the caller works in the project the path names.
-/// The path's project, if it is the caller's. Another project is "not found", so ids do not leak.
-pub(crate) fn project(caller: Option<&Caller>, project_id: &str) -> Result<String, IotdaError> {
-    let caller = caller.ok_or_else(|| IotdaError::unauthorized("not signed in"))?;
-    if caller.project_id == project_id {
-        Ok(project_id.to_owned())
-    } else {
-        Err(IotdaError::not_found(format!(
-            "project {project_id} does not exist"
-        )))
-    }
-}
+use super::paging::{PageInfo, paging};
+use super::signed::project;
 
 /// `obs_location`, as IoTDA spells it: an object in the package bucket.
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
@@ -451,16 +439,6 @@ pub(super) struct ListQuery {
     offset: Option<String>,
 }
 
-/// IoTDA's `page` (`PageInfo`; `Page` elsewhere, the same shape).
-#[derive(Serialize, ToSchema)]
-pub(crate) struct PageInfo {
-    /// Every matching record, across pages.
-    pub(crate) count: u64,
-    /// The id of this page's last record: the next page's `marker`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) marker: Option<String>,
-}
-
 /// `ListOtaPackageInfo`'s answer.
 #[derive(Serialize, ToSchema)]
 #[schema(as = ListOtaPackageInfoResponse)]
@@ -469,46 +447,6 @@ struct ListBody {
     packages: Vec<PackageJson>,
     /// Paging.
     page: PageInfo,
-}
-
-/// Parses IoTDA's `limit` (1-50, default 10), `offset` (0-500, default 0) and `marker` (24 hex digits).
-pub(crate) fn paging(
-    limit: Option<&str>,
-    offset: Option<&str>,
-    marker: Option<&str>,
-) -> Result<(Page, Option<String>), IotdaError> {
-    let number =
-        |name: &str, v: Option<&str>, default: u64, range: std::ops::RangeInclusive<u64>| match v
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-        {
-            None => Ok(default),
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| range.contains(n))
-                .ok_or_else(|| {
-                    IotdaError::bad_request(format!(
-                        "{name}: must be an integer from {} to {}",
-                        range.start(),
-                        range.end()
-                    ))
-                }),
-        };
-    let limit = number("limit", limit, 10, 1..=50)?;
-    let offset = number("offset", offset, 0, 0..=500)?;
-    let marker = match marker.map(str::trim).filter(|m| !m.is_empty()) {
-        None => None,
-        Some(m) if m.len() == 24 && m.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            Some(m.to_ascii_lowercase())
-        }
-        Some(_) => {
-            return Err(IotdaError::bad_request(
-                "marker: must be 24 hexadecimal digits (the id of the last record of the previous page)",
-            ));
-        }
-    };
-    Ok((Page::new(limit, offset), marker))
 }
 
 /// `GET /v5/iot/{project_id}/ota-upgrades/packages`.

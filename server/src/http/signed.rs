@@ -207,6 +207,22 @@ fn unauthorized(message: &str) -> Response {
     IotdaError::unauthorized(message).into_response()
 }
 
+/// The signed caller, when the request was signed (what the `/v5` handlers take).
+pub(super) type Ext = Option<axum::Extension<Caller>>;
+
+/// Checks that the caller works in the project the path names.
+/// The path's project, if it is the caller's. Another project is "not found", so ids do not leak.
+pub(crate) fn project(caller: Option<&Caller>, project_id: &str) -> Result<String, IotdaError> {
+    let caller = caller.ok_or_else(|| IotdaError::unauthorized("not signed in"))?;
+    if caller.project_id == project_id {
+        Ok(project_id.to_owned())
+    } else {
+        Err(IotdaError::not_found(format!(
+            "project {project_id} does not exist"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,8 +16,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::ServerState;
 use super::iotda::{IotdaError, IotdaErrorBody};
-use super::packages::{PageInfo, project};
+use super::paging::PageInfo;
 use super::signed::Caller;
+use super::signed::project;
 
 type Ext = Option<axum::Extension<Caller>>;
 

@@ -217,7 +217,7 @@ async fn packages_are_uploaded_from_the_command_line() {
     )
     .await
     .unwrap();
-    state.db.close().await.unwrap();
+    state.db.clone().close().await.unwrap();
 
     let out = upload("2.0");
     let stdout = String::from_utf8_lossy(&out.stdout);

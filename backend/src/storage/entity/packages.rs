@@ -1,5 +1,7 @@
 //! The `packages` table (schema: `migrations`).
 
+use domain::PackageId;
+use domain::package::ObjectKey;
 use sea_orm::entity::prelude::*;
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -34,3 +36,23 @@ pub struct Model {
 pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
+
+/// Where a package's bytes came from.
+pub const SOURCE_UPLOAD: &str = "upload";
+/// A registered bucket object (never deleted by Updraft).
+pub const SOURCE_BUCKET: &str = "bucket";
+
+/// A package's stored object key.
+///
+/// # Errors
+/// [`crate::Error::Internal`] when the stored key is invalid (never for rows written by
+/// `service::packages`).
+pub fn object_key(package: &Model) -> crate::Result<ObjectKey> {
+    if package.source == SOURCE_UPLOAD {
+        Ok(ObjectKey::for_upload(&PackageId::parse(
+            package.id.clone(),
+        )?))
+    } else {
+        ObjectKey::parse(&package.object_key).map_err(|e| crate::Error::Internal(e.to_string()))
+    }
+}

@@ -44,3 +44,21 @@ pub struct Model {
 pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
+
+impl Model {
+    /// The task's IoTDA `task_progress`, from its counters.
+    #[must_use]
+    pub fn progress(&self) -> domain::task::TaskProgress {
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        domain::task::TaskProgress {
+            total: n(self.total),
+            processing: n(self.processing),
+            success: n(self.success),
+            fail: n(self.fail),
+            waitting: n(self.waitting),
+            fail_wait_retry: n(self.fail_wait_retry),
+            stopped: n(self.stopped),
+            removed: n(self.removed),
+        }
+    }
+}

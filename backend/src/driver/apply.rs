@@ -1,0 +1,388 @@
+//! The transition transaction, the driver's one way of changing a subtask: [`Driver::apply_in`] loads the
+//! rows and plans, runs each machine on its input ([`super::transition`]), carries out the effects that
+//! write (download tokens) in the same transaction, records what device events say about their devices,
+//! refreshes the tasks whose counters moved, commits, and only then sends what the effects decided
+//! ([`Outgoing`]) and hands out the download slots they freed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use domain::flow::lwm2m;
+use domain::task::SubtaskStatus;
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
+};
+
+use super::effects::{Effects, Outgoing};
+use super::flow::{AnyEffect, FlowPlan};
+use super::plan::TaskPlan;
+use super::transition::{Outcome, refresh_task, transition};
+use super::{BATCH, DeviceEvent, Driver, Step, firmware, mqtt, pcp};
+use crate::storage::entity::{device_messages, devices, subtasks};
+use crate::{Context, Error, Result};
+
+/// How often one input is re-decided on a subtask another writer keeps changing.
+const MAX_CONFLICTS: usize = 3;
+
+/// What one [`Driver::apply_once`] did beyond its transaction.
+#[derive(Default)]
+pub(super) struct Applied {
+    /// Subtasks whose machine changed.
+    changed: HashSet<i64>,
+    /// Subtasks granted a download slot by the slot changes it made.
+    pub(super) granted: Vec<i64>,
+}
+
+impl Driver {
+    /// The core: load plans, run the machines, commit everything in one transaction, then perform effects.
+    ///
+    /// Rows are read under the write lock but before the transaction, so the transaction's first statement
+    /// is a write: on SQLite a transaction that reads first and writes later fails when another connection
+    /// wrote in between.
+    pub(super) async fn apply(
+        &self,
+        state: &Context,
+        ids: Vec<i64>,
+        input: Step<'_>,
+    ) -> Result<()> {
+        let steps = ids.into_iter().map(|id| (id, input.clone())).collect();
+        self.apply_in(state, steps, &[]).await
+    }
+
+    /// Applies each `(subtask id, input)` in order, all in one transaction that also records what
+    /// `devices` say about their devices (online state, versions), so a device's state and its subtasks'
+    /// view of it commit together. A subtask named twice sees the state its first input left.
+    ///
+    /// LwM2M download slots freed or granted by these transitions are then handed out, each grant in a
+    /// transition of its own; a grant to a subtask that no longer waits goes to the next in line.
+    pub(super) async fn apply_in(
+        &self,
+        state: &Context,
+        steps: Vec<(i64, Step<'_>)>,
+        devices: &[(String, DeviceEvent)],
+    ) -> Result<()> {
+        let mut granted = self.apply_once(state, steps, devices).await?.granted;
+        while !granted.is_empty() {
+            let steps = granted
+                .iter()
+                .map(|id| (*id, Step::Lwm2m(lwm2m::Input::SlotGranted)))
+                .collect();
+            let applied = self.apply_once(state, steps, &[]).await?;
+            let mut next = applied.granted;
+            let mut slots = self.slots();
+            for id in granted {
+                if !applied.changed.contains(&id) {
+                    slots.release(id, &mut next);
+                }
+            }
+            drop(slots);
+            granted = next;
+        }
+        Ok(())
+    }
+
+    async fn apply_once(
+        &self,
+        state: &Context,
+        steps: Vec<(i64, Step<'_>)>,
+        devices: &[(String, DeviceEvent)],
+    ) -> Result<Applied> {
+        let mut applied = Applied::default();
+        if steps.is_empty() && devices.is_empty() {
+            return Ok(applied);
+        }
+        let mut outgoing = Vec::new();
+        let mut events = Vec::new();
+        {
+            let _w = self.inner.write.lock().await;
+            let now = state.clock.now();
+            let mut steps = steps;
+            steps.extend(open_steps(state, devices).await?);
+            let mut ids: Vec<i64> = steps.iter().map(|(id, _)| *id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let mut rows: HashMap<i64, subtasks::Model> = HashMap::with_capacity(ids.len());
+            for chunk in ids.chunks(BATCH as usize) {
+                for row in subtasks::Entity::find()
+                    .filter(subtasks::Column::Id.is_in(chunk.to_vec()))
+                    .all(&state.db)
+                    .await?
+                {
+                    rows.insert(row.id, row);
+                }
+            }
+            // Whether a beginning subtask's device is connected, read under the lock (see `open_steps`).
+            if steps.iter().any(|(_, s)| matches!(s, Step::Begin { .. })) {
+                let online =
+                    online_devices(state, rows.values().map(|r| r.device_id.clone())).await?;
+                for (id, step) in &mut steps {
+                    if let Step::Begin { online: o } = step {
+                        *o = rows.get(id).is_some_and(|r| online.contains(&r.device_id));
+                    }
+                }
+            }
+            let mut plans: HashMap<i64, Arc<TaskPlan>> = HashMap::with_capacity(rows.len());
+            for row in rows.values() {
+                if let Some(plan) = self.plan(state, &row.task_id).await? {
+                    plans.insert(row.id, plan);
+                }
+            }
+            let downlink = self.downlink();
+            let txn = crate::db::begin_write(&state.db).await?;
+            for (device_id, event) in devices {
+                record_device(&txn, device_id, event, now.as_millis()).await?;
+            }
+            let mut touched_tasks: Vec<String> = Vec::new();
+            for (id, input) in steps {
+                let (Some(mut row), Some(plan)) = (rows.remove(&id), plans.get(&id)) else {
+                    continue;
+                };
+                let mut conflicts = 0;
+                let changed = loop {
+                    match transition(&txn, now, plan, &row, input.clone(), &mut events).await? {
+                        Outcome::Changed(changed) => break Some(*changed),
+                        Outcome::Unchanged => break None,
+                        Outcome::Stale if conflicts < MAX_CONFLICTS => {
+                            // Another writer (a second instance, or one shutting down) moved this
+                            // subtask since it was read: decide again on what is stored now.
+                            conflicts += 1;
+                            match subtasks::Entity::find_by_id(id).one(&txn).await? {
+                                Some(current) => row = current,
+                                None => break None,
+                            }
+                        }
+                        Outcome::Stale => {
+                            return Err(Error::Internal(format!(
+                                "subtask {id}: changed by another writer {MAX_CONFLICTS} times in a row"
+                            )));
+                        }
+                    }
+                };
+                let Some(changed) = changed else {
+                    rows.insert(id, row);
+                    continue;
+                };
+                applied.changed.insert(id);
+                if changed.status_changed && !touched_tasks.contains(&changed.row.task_id) {
+                    touched_tasks.push(changed.row.task_id.clone());
+                }
+                let mut fx = Effects {
+                    state,
+                    settings: &self.inner.settings,
+                    txn: &txn,
+                    now,
+                    plan,
+                    row: &changed.row,
+                    outgoing: &mut outgoing,
+                };
+                for effect in &changed.effects {
+                    match (*effect, &plan.plan) {
+                        (AnyEffect::Mqtt(e), _) => mqtt::carry_out(&mut fx, e).await?,
+                        (AnyEffect::Lwm2m(e), FlowPlan::Lwm2m(p))
+                            if p.method == lwm2m::Method::Object5 =>
+                        {
+                            firmware::carry_out(&mut fx, e).await?;
+                        }
+                        (AnyEffect::Lwm2m(e), _) => pcp::carry_out(&mut fx, e)?,
+                    }
+                }
+                rows.insert(id, changed.row);
+            }
+            // In a fixed order: two instances refreshing the same tasks lock their rows alike.
+            touched_tasks.sort_unstable();
+            for task_id in &touched_tasks {
+                refresh_task(&txn, task_id, now, &mut events).await?;
+            }
+            if downlink.is_none() {
+                // No MQTT endpoint in this process (the command line): the messages are queued, with
+                // the state that decided them, for the process that has one.
+                for m in &outgoing {
+                    if let Outgoing::Mqtt { device_id, payload } = m {
+                        device_messages::ActiveModel {
+                            device_id: Set(device_id.clone()),
+                            payload: Set(payload.clone()),
+                            created_at: Set(now.as_millis()),
+                            ..Default::default()
+                        }
+                        .insert(&txn)
+                        .await?;
+                    }
+                }
+            }
+            txn.commit().await?;
+            let link = self.lwm2m_link();
+            for m in outgoing {
+                match m {
+                    Outgoing::Mqtt { device_id, payload } => {
+                        if let Some(d) = &downlink {
+                            d.publish(&device_id, payload);
+                        }
+                    }
+                    Outgoing::AskSlot { subtask, slot } => {
+                        self.slots().ask(subtask, slot, &mut applied.granted);
+                    }
+                    Outgoing::ReleaseSlot { subtask } => {
+                        self.slots().release(subtask, &mut applied.granted);
+                    }
+                    lwm2m => {
+                        if let Some(l) = &link {
+                            lwm2m.send_to(l.as_ref());
+                        }
+                    }
+                }
+            }
+        }
+        self.publish_events(events);
+        Ok(applied)
+    }
+}
+
+/// The open subtasks each event applies to, in event order.
+async fn open_steps<'a>(
+    state: &Context,
+    events: &'a [(String, DeviceEvent)],
+) -> Result<Vec<(i64, Step<'a>)>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut device_ids: Vec<&str> = events.iter().map(|(d, _)| d.as_str()).collect();
+    device_ids.sort_unstable();
+    device_ids.dedup();
+    let mut open: HashMap<String, Vec<i64>> = HashMap::new();
+    for chunk in device_ids.chunks(BATCH as usize) {
+        let rows: Vec<(i64, String)> = subtasks::Entity::find()
+            .select_only()
+            .column(subtasks::Column::Id)
+            .column(subtasks::Column::DeviceId)
+            .filter(subtasks::Column::DeviceId.is_in(chunk.iter().copied()))
+            .filter(subtasks::Column::Status.is_in(SubtaskStatus::OPEN.map(SubtaskStatus::as_str)))
+            .order_by_asc(subtasks::Column::Id)
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        for (id, device) in rows {
+            open.entry(device).or_default().push(id);
+        }
+    }
+    Ok(events
+        .iter()
+        .flat_map(|(device, event)| {
+            open.get(device)
+                .into_iter()
+                .flatten()
+                .map(move |id| (*id, event.input()))
+        })
+        .collect())
+}
+
+/// Which of `devices` are connected now.
+pub(super) async fn online_devices(
+    state: &Context,
+    devices: impl Iterator<Item = String>,
+) -> Result<HashSet<String>> {
+    let devices: Vec<String> = devices.collect();
+    let mut online = HashSet::new();
+    for chunk in devices.chunks(BATCH as usize) {
+        online.extend(
+            devices::Entity::find()
+                .select_only()
+                .column(devices::Column::Id)
+                .filter(devices::Column::Id.is_in(chunk.to_vec()))
+                .filter(devices::Column::Status.eq("ONLINE"))
+                .into_tuple::<String>()
+                .all(&state.db)
+                .await?,
+        );
+    }
+    Ok(online)
+}
+
+/// Records what a device event says about the device itself: online state, reported versions.
+async fn record_device(
+    txn: &DatabaseTransaction,
+    device_id: &str,
+    event: &DeviceEvent,
+    now: i64,
+) -> Result<()> {
+    match event {
+        DeviceEvent::Online | DeviceEvent::Offline => {
+            let online = *event == DeviceEvent::Online;
+            let mut update = devices::Entity::update_many()
+                .col_expr(
+                    devices::Column::Status,
+                    Expr::value(if online { "ONLINE" } else { "OFFLINE" }),
+                )
+                .col_expr(
+                    devices::Column::ConnectionStatusUpdateTime,
+                    Expr::value(now),
+                )
+                .filter(devices::Column::Id.eq(device_id))
+                // A frozen device stays frozen whatever its connection did.
+                .filter(devices::Column::Status.ne("FROZEN"));
+            if online {
+                update = update.col_expr(
+                    devices::Column::ActiveTime,
+                    Expr::col(devices::Column::ActiveTime).if_null(now),
+                );
+            }
+            update.exec(txn).await?;
+        }
+        DeviceEvent::VersionReport {
+            sw_version,
+            fw_version,
+        } => {
+            let mut update =
+                devices::Entity::update_many().filter(devices::Column::Id.eq(device_id));
+            let mut any = false;
+            for (col, v) in [
+                (devices::Column::SwVersion, sw_version),
+                (devices::Column::FwVersion, fw_version),
+            ] {
+                if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
+                    update = update.col_expr(col, Expr::value(v.to_owned()));
+                    any = true;
+                }
+            }
+            if any {
+                update.exec(txn).await?;
+            }
+        }
+        // PCP upgrades software: what the device says it runs is its software version.
+        DeviceEvent::PcpVersion { result: 0, version }
+        | DeviceEvent::PcpUpgradeResult { result: 0, version }
+            if !version.is_empty() =>
+        {
+            devices::Entity::update_many()
+                .col_expr(devices::Column::SwVersion, Expr::value(version.clone()))
+                .filter(devices::Column::Id.eq(device_id))
+                .exec(txn)
+                .await?;
+        }
+        // Object 5 upgrades firmware: `/3/0/3` is the firmware version.
+        DeviceEvent::FirmwareVersion(version) if !version.is_empty() => {
+            devices::Entity::update_many()
+                .col_expr(devices::Column::FwVersion, Expr::value(version.clone()))
+                .filter(devices::Column::Id.eq(device_id))
+                .exec(txn)
+                .await?;
+        }
+        DeviceEvent::Coverage { .. } | DeviceEvent::CellId(_) => {
+            let (rsrp, sinr, cell) = match event {
+                DeviceEvent::Coverage { rsrp, sinr, cell } => (*rsrp, *sinr, *cell),
+                DeviceEvent::CellId(cell) => (None, None, Some(*cell)),
+                _ => (None, None, None),
+            };
+            let radio =
+                serde_json::json!({ "rsrp": rsrp, "sinr": sinr, "cell_id": cell, "at": now });
+            devices::Entity::update_many()
+                .col_expr(devices::Column::LastRadio, Expr::value(radio.to_string()))
+                .filter(devices::Column::Id.eq(device_id))
+                .exec(txn)
+                .await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Start-up recovery: the stored rows are the state, so little is needed. Running tasks' counters are
+//! counted again, tasks a dead process was starting or stopping are carried through, and the LwM2M
+//! download slots are rebuilt from the subtasks.
+
+use domain::task::{SubtaskStatus, TaskStatus};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+
+use super::transition::recount;
+use super::{Driver, SegmentSource, segment_source};
+use crate::storage::entity::{subtasks, tasks};
+use crate::{Context, Result};
+
+impl Driver {
+    /// After a restart: running tasks' counters are counted again, and tasks a dead process was starting
+    /// are started again. A task left `Initializing`
+    /// goes back to `Waitting` (the loop starts it when due; its group is resolved if that never
+    /// committed); a `Processing` task with subtasks that never started gets them started. Transitions
+    /// are compare-and-set, so work another live instance did is not done twice.
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub async fn recover(&self, state: &Context) -> Result<()> {
+        // Counters are adjusted per transition; a running task's are counted afresh once at start-up.
+        let running: Vec<String> = tasks::Entity::find()
+            .select_only()
+            .column(tasks::Column::Id)
+            .filter(tasks::Column::Status.is_in([
+                TaskStatus::Processing.as_str(),
+                TaskStatus::Stopping.as_str(),
+            ]))
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        for task_id in &running {
+            let _w = self.inner.write.lock().await;
+            let txn = crate::db::begin_write(&state.db).await?;
+            recount(&txn, task_id).await?;
+            txn.commit().await?;
+        }
+        let requeued = tasks::Entity::update_many()
+            .col_expr(
+                tasks::Column::Status,
+                Expr::value(TaskStatus::Waiting.as_str()),
+            )
+            .filter(tasks::Column::Status.eq(TaskStatus::Initializing.as_str()))
+            .exec(&state.db)
+            .await?
+            .rows_affected;
+        let half_started: Vec<String> = subtasks::Entity::find()
+            .select_only()
+            .column(subtasks::Column::TaskId)
+            .distinct()
+            .filter(subtasks::Column::Step.eq("pending"))
+            .filter(
+                subtasks::Column::TaskId.in_subquery(
+                    sea_orm::sea_query::Query::select()
+                        .column(tasks::Column::Id)
+                        .from(tasks::Entity)
+                        .and_where(
+                            Expr::col(tasks::Column::Status).eq(TaskStatus::Processing.as_str()),
+                        )
+                        .to_owned(),
+                ),
+            )
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        for task_id in &half_started {
+            self.start_task(state, task_id).await?;
+        }
+        // Stops cut short by a crash (the task was marked `Stopping`, some subtasks were not yet stopped).
+        let stopping: Vec<String> = tasks::Entity::find()
+            .select_only()
+            .column(tasks::Column::Id)
+            .filter(tasks::Column::Status.eq(TaskStatus::Stopping.as_str()))
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        for task_id in &stopping {
+            self.finish_stop(state, task_id).await?;
+        }
+        if !stopping.is_empty() {
+            tracing::info!(
+                tasks = stopping.len(),
+                "stops interrupted by a restart were carried through"
+            );
+        }
+        if requeued > 0 || !half_started.is_empty() {
+            tracing::info!(
+                requeued,
+                resumed = half_started.len(),
+                "tasks interrupted while starting were picked up again"
+            );
+        }
+        self.recover_slots(state).await
+    }
+
+    /// What `device_id` downloads over PCP now, if anything: its open subtask in the `downloading` step
+    /// (the CoAP adapter asks after a restart, when a device goes on requesting segments).
+    ///
+    /// # Errors
+    /// [`Error::Db`].
+    pub async fn serving(&self, state: &Context, device_id: &str) -> Result<Option<SegmentSource>> {
+        let Some(row) = subtasks::Entity::find()
+            .filter(subtasks::Column::DeviceId.eq(device_id))
+            .filter(subtasks::Column::Status.eq(SubtaskStatus::Processing.as_str()))
+            .filter(subtasks::Column::Step.eq("downloading"))
+            .one(&state.db)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let Some(plan) = self.plan(state, &row.task_id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(segment_source(&plan.package)?))
+    }
+}

@@ -3,8 +3,8 @@
 //! [`Driver`](crate::driver::Driver)'s job; this module validates and hands it commands.
 //!
 //! Targets are a device list or groups (`targets_filter.group_ids`); a list wins when both are given, as in
-//! IoTDA. A group is resolved when the task starts (at once, or at its `schedule_time`), to the members of
-//! the package's product. There is no cap on devices per task or on concurrent tasks.
+//! IoTDA. A group is resolved when the task starts (at once, or at its `schedule_time`; see `driver::start`),
+//! to the members of the package's product. There is no cap on devices per task or on concurrent tasks.
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -692,6 +692,17 @@ impl Settings {
         }
     }
 
+    /// The database file, when the database is SQLite on a file (not in memory, not PostgreSQL).
+    #[must_use]
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        use secrecy::ExposeSecret;
+        let url = self.database_url();
+        let rest = url.expose_secret().strip_prefix("sqlite:")?;
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        let path = rest.split('?').next().unwrap_or_default();
+        (!path.is_empty() && !path.starts_with(":memory:")).then(|| PathBuf::from(path))
+    }
+
     /// The service settings derived from this configuration.
     ///
     /// # Errors
@@ -892,4 +903,31 @@ pub(crate) fn hostname() -> Option<String> {
                 && h.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sqlite_file_is_found_in_every_spelling_of_its_url() {
+        let mut s = Settings {
+            data_dir: PathBuf::from("/var/lib/updraft"),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.sqlite_file(),
+            Some(PathBuf::from("/var/lib/updraft/updraft.db"))
+        );
+        for (url, file) in [
+            ("sqlite:///tmp/u.db?mode=rwc", Some("/tmp/u.db")),
+            ("sqlite://data/u.db", Some("data/u.db")),
+            ("sqlite:u.db", Some("u.db")),
+            ("sqlite::memory:", None),
+            ("postgres://u:p@localhost/updraft", None),
+        ] {
+            s.database.url = Some(SecretString::from(url.to_owned()));
+            assert_eq!(s.sqlite_file(), file.map(PathBuf::from), "{url}");
+        }
+    }
 }

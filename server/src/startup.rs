@@ -75,6 +75,43 @@ pub struct Application {
     mqtt: Option<MqttListeners>,
     coap: Option<backend::coap::CoapEndpoint>,
     gate: Arc<ConnectionGate>,
+    /// Held while this server runs on a SQLite database (see [`lock_sqlite`]).
+    _sqlite_lock: Option<std::fs::File>,
+}
+
+/// Refuses a second `updraft serve` on one SQLite database: two servers would drive the same subtasks
+/// twice. The lock is the operating system's (`flock` on
+/// `{database}.serve-lock`), held for as long as the returned file is open, so a server that crashed holds
+/// none; the command line's other commands do not take it.
+fn lock_sqlite(settings: &Settings) -> Result<Option<std::fs::File>> {
+    let Some(database) = settings.sqlite_file() else {
+        return Ok(None);
+    };
+    let mut name = database.file_name().unwrap_or_default().to_os_string();
+    name.push(".serve-lock");
+    let path = database.with_file_name(name);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the database directory {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow::anyhow!(
+            "another `updraft serve` is running on the SQLite database {} (it holds {}); two servers \
+             on one database would drive the same upgrades twice. Stop the other one first",
+            database.display(),
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 /// The bound MQTT listeners.
@@ -90,6 +127,7 @@ impl Application {
     /// # Errors
     /// Any start-up failure, with context saying which step failed.
     pub async fn build(mut settings: Settings, clock: Arc<dyn Clock>) -> Result<Self> {
+        let sqlite_lock = lock_sqlite(&settings)?;
         let budget = Budget::plan(&settings, budget::raise_descriptor_limit())
             .map_err(anyhow::Error::msg)
             .context("dividing the file descriptor budget")?;
@@ -182,6 +220,7 @@ impl Application {
                 usize::try_from(budget.https).unwrap_or(usize::MAX),
                 usize::try_from(budget::REFUSING).unwrap_or(usize::MAX),
             )),
+            _sqlite_lock: sqlite_lock,
         })
     }
 

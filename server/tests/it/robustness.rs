@@ -340,3 +340,28 @@ async fn coap_requests_past_the_in_flight_cap_get_5_03_with_max_age() {
     );
     app.stop().await;
 }
+
+/// Two servers on one SQLite database would drive the same subtasks twice: the second is refused, with a
+/// message that says why and what to do instead; once the first is gone (here it crashes), a server
+/// starts again on the same data.
+#[tokio::test]
+async fn a_second_server_on_one_sqlite_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = crate::helpers::spawn_app(dir.path()).await;
+    let clock =
+        backend::clock::ManualClock::new(domain::Timestamp::from_millis(crate::helpers::START));
+    let refused =
+        server::startup::Application::build(settings_for(dir.path()), std::sync::Arc::new(clock))
+            .await
+            .err()
+            .expect("a second server on the same SQLite database is refused");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("another `updraft serve` is running on the SQLite database"),
+        "{message}"
+    );
+    assert!(message.contains("Stop the other one first"), "{message}");
+    first.kill().await;
+    let again = crate::helpers::spawn_app(dir.path()).await;
+    again.stop().await;
+}

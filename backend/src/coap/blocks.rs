@@ -323,3 +323,43 @@ fn uint_bytes(v: u64) -> Vec<u8> {
     let skip = bytes.iter().take_while(|b| **b == 0).count();
     bytes[skip..].to_vec()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(code: RequestType, path: &[&str]) -> Packet {
+        let mut p = Packet::new();
+        p.header.code = MessageClass::Request(code);
+        for seg in path {
+            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        p
+    }
+
+    #[test]
+    fn only_a_get_of_fw_and_one_token_is_a_block_download() {
+        assert!(is_block_request(&request(RequestType::Get, &["fw", "abc"])));
+        assert!(!is_block_request(&request(
+            RequestType::Post,
+            &["fw", "abc"]
+        )));
+        assert!(!is_block_request(&request(RequestType::Get, &["fw"])));
+        assert!(!is_block_request(&request(
+            RequestType::Get,
+            &["fw", "a", "b"]
+        )));
+        assert!(!is_block_request(&request(
+            RequestType::Get,
+            &["rd", "abc"]
+        )));
+    }
+
+    #[test]
+    fn sizes_are_sent_in_the_fewest_bytes() {
+        assert_eq!(uint_bytes(0), Vec::<u8>::new());
+        assert_eq!(uint_bytes(255), vec![255]);
+        assert_eq!(uint_bytes(256), vec![1, 0]);
+        assert_eq!(uint_bytes(1 << 20), vec![0x10, 0, 0]);
+    }
+}

@@ -33,7 +33,7 @@ impl Driver {
     /// Re-derives a task's status from its counters (after a stop, or a start with nothing to do).
     ///
     /// # Errors
-    /// [`Error::Db`].
+    /// [`crate::Error::Db`].
     pub(crate) async fn refresh(&self, state: &Context, task_id: &str) -> Result<()> {
         let events = {
             let _w = self.inner.write.lock().await;
@@ -50,7 +50,7 @@ impl Driver {
     /// Applies an operator command (`Start` to retry, `Stop`) to the given subtasks.
     ///
     /// # Errors
-    /// [`Error::Db`].
+    /// [`crate::Error::Db`].
     pub(crate) async fn command(
         &self,
         state: &Context,
@@ -67,7 +67,7 @@ impl Driver {
     /// (finished subtasks stop following connects and disconnects), then started.
     ///
     /// # Errors
-    /// [`Error::Db`].
+    /// [`crate::Error::Db`].
     pub(crate) async fn restart(&self, state: &Context, subtask_ids: Vec<i64>) -> Result<()> {
         for chunk in subtask_ids.chunks(BATCH as usize) {
             let rows: Vec<(i64, String)> = subtasks::Entity::find()
@@ -97,7 +97,7 @@ impl Driver {
     /// Feeds a device event to the device's open subtasks, and records its online state and versions.
     ///
     /// # Errors
-    /// [`Error::Db`].
+    /// [`crate::Error::Db`].
     pub async fn device_event(
         &self,
         state: &Context,
@@ -112,7 +112,7 @@ impl Driver {
     /// device records and the subtasks: what the MQTT adapter hands over when messages arrive together.
     ///
     /// # Errors
-    /// [`Error::Db`].
+    /// [`crate::Error::Db`].
     pub async fn device_events(
         &self,
         state: &Context,

@@ -19,7 +19,7 @@ impl Driver {
     /// are compare-and-set, so work another live instance did is not done twice.
     ///
     /// # Errors
-    /// [`Error::Db`].
+    /// [`crate::Error::Db`].
     pub async fn recover(&self, state: &Context) -> Result<()> {
         // Counters are adjusted per transition; a running task's are counted afresh once at start-up.
         let running: Vec<String> = tasks::Entity::find()
@@ -100,7 +100,7 @@ impl Driver {
     /// (the CoAP adapter asks after a restart, when a device goes on requesting segments).
     ///
     /// # Errors
-    /// [`Error::Db`].
+    /// [`crate::Error::Db`].
     pub async fn serving(&self, state: &Context, device_id: &str) -> Result<Option<SegmentSource>> {
         let Some(row) = subtasks::Entity::find()
             .filter(subtasks::Column::DeviceId.eq(device_id))

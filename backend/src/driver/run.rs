@@ -47,7 +47,7 @@ impl Driver {
     /// deadline, if any.
     ///
     /// # Errors
-    /// [`Error::Db`].
+    /// [`crate::Error::Db`].
     pub async fn run_due(&self, state: &Context) -> Result<Option<Timestamp>> {
         while self.drain_queued(state).await? == BATCH as usize {}
         self.sweep_slots(state).await?;
@@ -117,7 +117,7 @@ impl Driver {
     /// MQTT. Returns how many were sent.
     ///
     /// # Errors
-    /// [`Error::Db`].
+    /// [`crate::Error::Db`].
     pub async fn drain_queued(&self, state: &Context) -> Result<usize> {
         let Some(downlink) = self.downlink() else {
             return Ok(0);

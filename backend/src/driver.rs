@@ -28,7 +28,8 @@
 //!   frames and segment serving), `firmware` (the Firmware Update object); `effects`: what they work
 //!   with, and the messages they collect, sent after the commit.
 //! - `flow`: the two machines behind one face; `slots`: per-cell LwM2M download slots; `events`: what
-//!   comes in from the adapters and goes out to the outbox.
+//!   comes in from the adapters and goes out to the outbox; `tail`: the outbox records other processes
+//!   wrote, broadcast here too.
 //!
 //! The driver works on a [`Context`] (the database, clock, store and settings), never on the
 //! [`crate::AppState`] that holds it: services call the driver, the driver calls no service.
@@ -46,9 +47,10 @@ mod recovery;
 mod run;
 mod slots;
 mod start;
+mod tail;
 mod transition;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{Notify, broadcast};
@@ -63,6 +65,10 @@ pub(crate) use self::start::{check_protocol, write_subtasks};
 use crate::Result;
 use crate::settings::DriverSettings;
 use crate::storage::entity::packages;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Subtasks handled per transaction when many move at once (a task starts, deadlines pass together).
 const BATCH: u64 = 500;
@@ -175,6 +181,9 @@ struct Inner {
     plans: Mutex<HashMap<String, Arc<TaskPlan>>>,
     wake: Notify,
     events: broadcast::Sender<Event>,
+    /// Outbox records this process wrote (and broadcasts itself), which its outbox tail skips; pruned as
+    /// the tail passes them.
+    own_records: Mutex<BTreeSet<i64>>,
     /// Whether this process runs the driver loop ([`Driver::run`]): only then does it start tasks.
     running: std::sync::atomic::AtomicBool,
 }
@@ -194,6 +203,7 @@ impl Driver {
                 plans: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 events,
+                own_records: Mutex::default(),
                 running: std::sync::atomic::AtomicBool::new(false),
             }),
         }
@@ -287,8 +297,13 @@ impl Driver {
             .clone()
     }
 
-    fn publish_events(&self, events: Vec<Event>) {
-        for e in events {
+    /// Records outbox ids as written by this process (before their transaction commits).
+    fn own_records(&self, events: &[(i64, Event)]) {
+        lock(&self.inner.own_records).extend(events.iter().map(|(id, _)| *id));
+    }
+
+    fn publish_events(&self, events: Vec<(i64, Event)>) {
+        for (_, e) in events {
             // No receiver is fine: nobody is watching.
             let _ = self.inner.events.send(e);
         }

@@ -1326,6 +1326,140 @@ async fn two_drivers_on_one_database_never_apply_a_transition_twice() {
     }
 }
 
+/// Two instances on one database, each with its live stream: each broadcasts its own changes as they
+/// commit, and the other's through its outbox tail, so both streams carry every change once, in the
+/// same order.
+#[tokio::test]
+async fn every_instances_live_stream_shows_every_instances_changes_once() {
+    use backend::driver::{DeviceEvent, Event};
+    use backend::service::tasks;
+    use tokio::sync::broadcast::Receiver;
+    const N: usize = 5;
+    fn drain(rx: &mut Receiver<Event>) -> Vec<Event> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+    for t in databases().await {
+        let kind = t.kind;
+        let project = projects::ensure_default(&t.state).await.unwrap().id;
+        mqtt_product(&t, &project).await;
+        let mut ids = Vec::new();
+        for i in 0..N {
+            let d = devices::register(
+                &t.state,
+                &project,
+                devices::NewDevice {
+                    product_id: "meter".into(),
+                    node_id: format!("n{i}"),
+                    device_id: Some(format!("d{i}")),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            ids.push(d.device.id);
+        }
+        let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+            b"software",
+        ))]);
+        let package = backend::service::packages::upload(
+            &t.state,
+            &project,
+            domain::package::PackageMetaInput {
+                package_type: "softwarePackage".into(),
+                product_id: "meter".into(),
+                version: "2.0".into(),
+                file_name: "sw.bin".into(),
+                ..Default::default()
+            },
+            body,
+        )
+        .await
+        .unwrap();
+        let a = t.state.clone();
+        let b = AppState::new(
+            a.db.clone(),
+            a.clock.clone(),
+            a.sealer.clone(),
+            a.store.clone(),
+            a.settings.clone(),
+        );
+        for s in [&a, &b] {
+            s.driver.set_downlink(Arc::new(Sent::default()));
+        }
+        let mut at_a = a.driver.outbox_head(&a).await.unwrap();
+        let mut at_b = b.driver.outbox_head(&b).await.unwrap();
+        let (mut rx_a, mut rx_b) = (a.driver.subscribe(), b.driver.subscribe());
+
+        // Instance A: devices connect and a task starts (the version queries go out).
+        let online: Vec<_> = ids
+            .iter()
+            .map(|d| (d.clone(), DeviceEvent::Online))
+            .collect();
+        a.driver.device_events(&a, online).await.unwrap();
+        tasks::create(
+            &a,
+            &project,
+            tasks::NewTask {
+                task_name: "live".into(),
+                task_type: "softwareUpgrade".into(),
+                package_id: package.id.clone(),
+                targets: ids.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        a.driver.run_due(&a).await.unwrap();
+        // Instance B: the devices report their versions there.
+        let reports: Vec<_> = ids
+            .iter()
+            .map(|d| {
+                (
+                    d.clone(),
+                    DeviceEvent::VersionReport {
+                        sw_version: Some("1.0".into()),
+                        fw_version: None,
+                    },
+                )
+            })
+            .collect();
+        let mut seen_a = drain(&mut rx_a);
+        let mut seen_b = drain(&mut rx_b);
+        let own_a = seen_a.len();
+        assert!(own_a > 0, "{kind}: A's own changes are broadcast at once");
+        assert!(seen_b.is_empty(), "{kind}: B has not read the outbox yet");
+        at_b = b.driver.tail_outbox(&b, at_b).await.unwrap();
+        seen_b.extend(drain(&mut rx_b));
+        b.driver.device_events(&b, reports).await.unwrap();
+        seen_b.extend(drain(&mut rx_b));
+        // Each tail skips what its own instance wrote.
+        at_a = a.driver.tail_outbox(&a, at_a).await.unwrap();
+        seen_a.extend(drain(&mut rx_a));
+        at_b = b.driver.tail_outbox(&b, at_b).await.unwrap();
+        seen_b.extend(drain(&mut rx_b));
+        assert!(seen_a.len() > own_a, "{kind}: A shows B's changes too");
+        assert_eq!(
+            seen_a, seen_b,
+            "{kind}: both streams carry every change once, in order"
+        );
+        assert_eq!(
+            a.driver.tail_outbox(&a, at_a).await.unwrap(),
+            at_a,
+            "{kind}"
+        );
+        assert_eq!(
+            b.driver.tail_outbox(&b, at_b).await.unwrap(),
+            at_b,
+            "{kind}"
+        );
+        assert!(
+            drain(&mut rx_a).is_empty() && drain(&mut rx_b).is_empty(),
+            "{kind}"
+        );
+        t.cleanup().await;
+    }
+}
+
 /// A process that died while starting tasks: one task left `Initializing` (claimed, group unresolved),
 /// one left `Processing` with subtasks never started. `recover` picks both up.
 #[tokio::test]

@@ -298,6 +298,15 @@ impl Application {
             );
             background.spawn(async move { driver.run(context, stop).await });
         }
+        {
+            // Changes written by other processes reach this one's live views.
+            let (driver, context, stop) = (
+                self.state.driver.clone(),
+                self.state.context().clone(),
+                stop.clone(),
+            );
+            background.spawn(async move { driver.tail(context, stop).await });
+        }
         if self.settings.notifications.enabled {
             let notifier = backend::notify::Notifier::new(self.state.settings.notify.clone())
                 .context("setting up notifications")?;

@@ -211,6 +211,8 @@ impl Driver {
                     }
                 }
             }
+            // Known as this process's before the commit makes them visible to its outbox tail.
+            self.own_records(&events);
             txn.commit().await?;
             let link = self.lwm2m_link();
             for m in outgoing {

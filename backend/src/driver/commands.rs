@@ -40,6 +40,7 @@ impl Driver {
             let txn = crate::db::begin_write(&state.db).await?;
             let mut events = Vec::new();
             refresh_task(&txn, task_id, state.clock.now(), &mut events).await?;
+            self.own_records(&events);
             txn.commit().await?;
             events
         };

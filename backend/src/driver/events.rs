@@ -4,7 +4,7 @@
 
 use domain::flow::{lwm2m, mqtt};
 use domain::task::TaskProgress;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Step;
 
@@ -164,8 +164,9 @@ impl DeviceEvent {
     }
 }
 
-/// An outbox record, also broadcast in-process after its transaction commits (for live views).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// An outbox record, also broadcast in-process after its transaction commits (for live views), by the
+/// process that wrote it and, through their outbox tails, by every other (see `tail`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 pub enum Event {
     /// A subtask changed status, step or progress.

@@ -41,7 +41,7 @@ pub(super) async fn transition(
     plan: &TaskPlan,
     row: &subtasks::Model,
     input: Step<'_>,
-    events: &mut Vec<Event>,
+    events: &mut Vec<(i64, Event)>,
 ) -> Result<Outcome> {
     let mut machine = Machine::load(&plan.plan, row.machine.as_deref())
         .map_err(|e| Error::Internal(format!("subtask {}: stored machine: {e}", row.id)))?;
@@ -173,8 +173,8 @@ pub(super) async fn transition(
             error_msg: failure.as_ref().map(|f| f.message.clone()),
             at,
         };
-        write_outbox(txn, &event, at).await?;
-        events.push(event);
+        let id = write_outbox(txn, &event, at).await?;
+        events.push((id, event));
     }
     if status != old_status {
         // Failures are worth an operator's eye; the rest of a large fleet's progress is debug noise.
@@ -253,7 +253,7 @@ pub(super) async fn refresh_task(
     txn: &DatabaseTransaction,
     task_id: &str,
     now: Timestamp,
-    events: &mut Vec<Event>,
+    events: &mut Vec<(i64, Event)>,
 ) -> Result<()> {
     let at = now.as_millis();
     // Write first (see `Driver::apply`), then read the counters this transaction sees.
@@ -299,13 +299,18 @@ pub(super) async fn refresh_task(
         task_progress: progress,
         at,
     };
-    write_outbox(txn, &event, at).await?;
-    events.push(event);
+    let id = write_outbox(txn, &event, at).await?;
+    events.push((id, event));
     Ok(())
 }
 
-pub(super) async fn write_outbox<C: ConnectionTrait>(db: &C, event: &Event, at: i64) -> Result<()> {
-    outbox::ActiveModel {
+/// Writes `event`'s outbox record; returns its id.
+pub(super) async fn write_outbox<C: ConnectionTrait>(
+    db: &C,
+    event: &Event,
+    at: i64,
+) -> Result<i64> {
+    let row = outbox::ActiveModel {
         project_id: Set(event.project_id().to_owned()),
         kind: Set(event.kind().to_owned()),
         aggregate_id: Set(event.aggregate_id()),
@@ -315,5 +320,5 @@ pub(super) async fn write_outbox<C: ConnectionTrait>(db: &C, event: &Event, at: 
     }
     .insert(db)
     .await?;
-    Ok(())
+    Ok(row.id)
 }

@@ -1,0 +1,111 @@
+//! The outbox tail: every process that serves live views broadcasts the outbox records other processes
+//! wrote (another instance, or a command-line process stopping a task), so a console on any of them shows
+//! every change. Records this process wrote are broadcast when their transaction commits and skipped here.
+//!
+//! A record is read once the tail passes its id. Ids come from one sequence and the writers of one SQLite
+//! database are serialised, so there they commit in order; on PostgreSQL, a transaction that commits after
+//! a later id was read is not shown live (the outbox, and the notifications made from it, still have it).
+
+use std::time::Duration;
+
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use tokio_util::sync::CancellationToken;
+
+use super::{Driver, Event, lock};
+use crate::storage::entity::outbox;
+use crate::{Context, Result};
+
+/// How often the tail looks for new records.
+const EVERY: Duration = Duration::from_millis(250);
+
+/// Records read per look, at most.
+const BATCH: u64 = 500;
+
+impl Driver {
+    /// Where a tail starts: after the newest outbox record now (history is not replayed).
+    ///
+    /// # Errors
+    /// [`crate::Error::Db`].
+    pub async fn outbox_head(&self, state: &Context) -> Result<i64> {
+        let head: Option<i64> = outbox::Entity::find()
+            .select_only()
+            .column_as(outbox::Column::Id.max(), "m")
+            .into_tuple::<Option<i64>>()
+            .one(&state.db)
+            .await?
+            .flatten();
+        Ok(head.unwrap_or(0))
+    }
+
+    /// Broadcasts the outbox records after `after` that other processes wrote (at most [`BATCH`]);
+    /// returns the position to go on from.
+    ///
+    /// # Errors
+    /// [`crate::Error::Db`].
+    pub async fn tail_outbox(&self, state: &Context, after: i64) -> Result<i64> {
+        let rows: Vec<(i64, String)> = outbox::Entity::find()
+            .select_only()
+            .column(outbox::Column::Id)
+            .column(outbox::Column::Payload)
+            .filter(outbox::Column::Id.gt(after))
+            .order_by_asc(outbox::Column::Id)
+            .limit(BATCH)
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        let Some(last) = rows.last().map(|(id, _)| *id) else {
+            return Ok(after);
+        };
+        let foreign: Vec<(i64, String)> = {
+            let mut own = lock(&self.inner.own_records);
+            let foreign = rows.into_iter().filter(|(id, _)| !own.remove(id)).collect();
+            // Ids at or below `last` will not be read again.
+            *own = own.split_off(&(last + 1));
+            foreign
+        };
+        for (id, payload) in foreign {
+            match serde_json::from_str::<Event>(&payload) {
+                // No receiver is fine: nobody is watching.
+                Ok(event) => drop(self.inner.events.send(event)),
+                Err(e) => {
+                    tracing::warn!(outbox_id = id, error.message = %e, "outbox record not understood");
+                }
+            }
+        }
+        Ok(last)
+    }
+
+    /// Runs the tail until `stop` is cancelled.
+    pub async fn tail(&self, state: Context, stop: CancellationToken) {
+        let mut after = loop {
+            match self.outbox_head(&state).await {
+                Ok(head) => break head,
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "outbox tail: reading the head failed")
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(EVERY) => {}
+            }
+        };
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            match self.tail_outbox(&state, after).await {
+                Ok(next) if next != after => {
+                    after = next;
+                    // More may be waiting: look again at once.
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error.message = %e, "outbox tail: reading records failed"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(EVERY) => {}
+            }
+        }
+    }
+}

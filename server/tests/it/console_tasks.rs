@@ -509,3 +509,44 @@ async fn the_api_reference_lists_every_operation_of_the_openapi_document() {
     assert!(page.contains("CreateBatchTask"), "rendered on the server");
     app.stop().await;
 }
+
+/// A change another process makes (the command line, another instance on the same database) reaches the
+/// console's live stream through the server's outbox tail.
+#[tokio::test]
+async fn the_live_stream_shows_changes_made_by_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let fx = crate::tasks::fixture(&app).await;
+    // An offline device: its subtask waits, so the task stays open until stopped.
+    let device = crate::tasks::register(&app, &fx, "waiting-1").await;
+    let task = backend::service::tasks::create(
+        &app.state,
+        &fx.project,
+        crate::tasks::new_task(&fx, "stopped_elsewhere", &[&device]),
+    )
+    .await
+    .unwrap();
+    let cookie = app.sign_in().await;
+    let mut stream = app
+        .client
+        .get(app.url(&format!("/events?task_id={}", task.id)))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    // Another process: its own driver on the same database, as `updraft task stop` has.
+    let other = backend::AppState::new(
+        app.state.db.clone(),
+        app.state.clock.clone(),
+        app.state.sealer.clone(),
+        app.state.store.clone(),
+        app.state.settings.clone(),
+    );
+    backend::service::tasks::stop(&other, &fx.project, &task.id, None)
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    read_until(&mut stream, &mut seen, "\"status\":\"Stopped\"").await;
+    assert!(seen.contains(&device.device_id), "{seen}");
+}

@@ -182,8 +182,10 @@ struct Inner {
     wake: Notify,
     events: broadcast::Sender<Event>,
     /// Outbox records this process wrote (and broadcasts itself), which its outbox tail skips; pruned as
-    /// the tail passes them.
+    /// the tail passes them. Kept only once a tail started ([`Driver::outbox_head`]): a process without
+    /// one (the command line) would only pile them up.
     own_records: Mutex<BTreeSet<i64>>,
+    tailing: std::sync::atomic::AtomicBool,
     /// Whether this process runs the driver loop ([`Driver::run`]): only then does it start tasks.
     running: std::sync::atomic::AtomicBool,
 }
@@ -204,6 +206,7 @@ impl Driver {
                 wake: Notify::new(),
                 events,
                 own_records: Mutex::default(),
+                tailing: std::sync::atomic::AtomicBool::new(false),
                 running: std::sync::atomic::AtomicBool::new(false),
             }),
         }
@@ -299,6 +302,13 @@ impl Driver {
 
     /// Records outbox ids as written by this process (before their transaction commits).
     fn own_records(&self, events: &[(i64, Event)]) {
+        if !self
+            .inner
+            .tailing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
         lock(&self.inner.own_records).extend(events.iter().map(|(id, _)| *id));
     }
 

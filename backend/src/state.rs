@@ -1,7 +1,7 @@
 //! [`AppState`]: what every HTTP handler, server function and background job receives: the [`Context`]
 //! (database, clock, store, settings; reached through `Deref`) and the task driver.
 
-use std::ops::{Deref, DerefMut};
+use std::ops::Deref;
 use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
@@ -50,11 +50,5 @@ impl Deref for AppState {
 
     fn deref(&self) -> &Context {
         &self.context
-    }
-}
-
-impl DerefMut for AppState {
-    fn deref_mut(&mut self) -> &mut Context {
-        &mut self.context
     }
 }

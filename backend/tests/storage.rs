@@ -1183,6 +1183,48 @@ async fn the_task_driver_runs_subtasks_and_queues_messages_without_a_broker() {
     }
 }
 
+/// `n` devices `d0`.. of the `meter` product and a software package 2.0 for it.
+async fn meters_and_package(
+    t: &TestDb,
+    project: &str,
+    n: usize,
+) -> (Vec<String>, e::packages::Model) {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let d = devices::register(
+            &t.state,
+            project,
+            devices::NewDevice {
+                product_id: "meter".into(),
+                node_id: format!("n{i}"),
+                device_id: Some(format!("d{i}")),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        ids.push(d.device.id);
+    }
+    let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+        b"software",
+    ))]);
+    let package = backend::service::packages::upload(
+        &t.state,
+        project,
+        domain::package::PackageMetaInput {
+            package_type: "softwarePackage".into(),
+            product_id: "meter".into(),
+            version: "2.0".into(),
+            file_name: "sw.bin".into(),
+            ..Default::default()
+        },
+        body,
+    )
+    .await
+    .unwrap();
+    (ids, package)
+}
+
 /// Two drivers on one database (two instances, or a crashed one still finishing a batch) handle the
 /// same device events at the same time: each transition happens once, and the task's counters match
 /// its subtasks.
@@ -1195,39 +1237,7 @@ async fn two_drivers_on_one_database_never_apply_a_transition_twice() {
         let kind = t.kind;
         let project = projects::ensure_default(&t.state).await.unwrap().id;
         mqtt_product(&t, &project).await;
-        let mut ids = Vec::new();
-        for i in 0..N {
-            let d = devices::register(
-                &t.state,
-                &project,
-                devices::NewDevice {
-                    product_id: "meter".into(),
-                    node_id: format!("n{i}"),
-                    device_id: Some(format!("d{i}")),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-            ids.push(d.device.id);
-        }
-        let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
-            b"software",
-        ))]);
-        let package = backend::service::packages::upload(
-            &t.state,
-            &project,
-            domain::package::PackageMetaInput {
-                package_type: "softwarePackage".into(),
-                product_id: "meter".into(),
-                version: "2.0".into(),
-                file_name: "sw.bin".into(),
-                ..Default::default()
-            },
-            body,
-        )
-        .await
-        .unwrap();
+        let (ids, package) = meters_and_package(&t, &project, N).await;
         let online: Vec<_> = ids
             .iter()
             .map(|d| (d.clone(), DeviceEvent::Online))
@@ -1342,39 +1352,7 @@ async fn every_instances_live_stream_shows_every_instances_changes_once() {
         let kind = t.kind;
         let project = projects::ensure_default(&t.state).await.unwrap().id;
         mqtt_product(&t, &project).await;
-        let mut ids = Vec::new();
-        for i in 0..N {
-            let d = devices::register(
-                &t.state,
-                &project,
-                devices::NewDevice {
-                    product_id: "meter".into(),
-                    node_id: format!("n{i}"),
-                    device_id: Some(format!("d{i}")),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-            ids.push(d.device.id);
-        }
-        let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
-            b"software",
-        ))]);
-        let package = backend::service::packages::upload(
-            &t.state,
-            &project,
-            domain::package::PackageMetaInput {
-                package_type: "softwarePackage".into(),
-                product_id: "meter".into(),
-                version: "2.0".into(),
-                file_name: "sw.bin".into(),
-                ..Default::default()
-            },
-            body,
-        )
-        .await
-        .unwrap();
+        let (ids, package) = meters_and_package(&t, &project, N).await;
         let a = t.state.clone();
         let b = AppState::new(
             a.db.clone(),

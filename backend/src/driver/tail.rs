@@ -27,6 +27,11 @@ impl Driver {
     /// # Errors
     /// [`crate::Error::Db`].
     pub async fn outbox_head(&self, state: &Context) -> Result<i64> {
+        // From now on this process's own records are noted, so its tail can skip them (records written
+        // before are at or below the head).
+        self.inner
+            .tailing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let head: Option<i64> = outbox::Entity::find()
             .select_only()
             .column_as(outbox::Column::Id.max(), "m")

@@ -723,7 +723,7 @@ pub async fn delete(state: &AppState, project_id: &str, task_id: &str) -> Result
             status.as_str()
         )));
     }
-    crate::tokens::revoke_task(&state.db, state.clock.now(), task_id).await?;
+    super::downloads::revoke_task(state, task_id).await?;
     tasks::Entity::delete_by_id(task_id.to_owned())
         .exec(&state.db)
         .await?;

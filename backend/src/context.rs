@@ -63,4 +63,18 @@ impl Context {
             hasher: Arc::new(hasher),
         }
     }
+
+    /// Whether other instances may share the database: on PostgreSQL, subtasks are driven under leases,
+    /// messages are routed to the instance holding the device, and so on (`crate::cluster`). A SQLite
+    /// file has one instance (start-up refuses a second).
+    #[must_use]
+    pub fn clustered(&self) -> bool {
+        sea_orm::ConnectionTrait::get_database_backend(&self.db) == sea_orm::DbBackend::Postgres
+    }
+
+    /// This instance's id (`cluster.instance_id`).
+    #[must_use]
+    pub fn instance_id(&self) -> &str {
+        &self.settings.cluster.instance_id
+    }
 }

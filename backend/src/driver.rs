@@ -44,6 +44,7 @@ mod mqtt;
 mod pcp;
 mod plan;
 mod recovery;
+mod route;
 mod run;
 mod slots;
 mod start;
@@ -58,8 +59,8 @@ use tokio::sync::{Notify, broadcast};
 pub use self::events::{DeviceEvent, Event};
 pub(crate) use self::flow::Step;
 pub use self::mqtt::download_url;
+pub use self::route::CHANNEL as MESSAGES_CHANNEL;
 use self::plan::TaskPlan;
-use self::slots::Slots;
 pub use self::start::TargetsFilter;
 pub(crate) use self::start::{check_protocol, write_subtasks};
 use crate::Result;
@@ -116,18 +117,40 @@ pub trait Lwm2mLink: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// A block-wise firmware download (`coap://.../fw/<token>`) the driver opened.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockGrant {
     /// The token's stored id (its SHA-256).
     pub token_hash: String,
     /// When the token expires (ms on the injected clock).
     pub expires_at: i64,
     /// The package, as for segments.
+    #[serde(with = "shared")]
     pub source: Arc<SegmentSource>,
 }
 
+/// Serialises an `Arc<T>` as the `T` it shares (serde's own needs its `rc` feature, and with it a
+/// rebuild of every crate using serde).
+mod shared {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer, T: Serialize>(
+        v: &Arc<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        T::serialize(v, s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Arc<T>, D::Error> {
+        T::deserialize(d).map(Arc::new)
+    }
+}
+
 /// What a device downloads over PCP: the package and how it is cut.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SegmentSource {
     /// The package.
     pub package_id: String,
@@ -175,17 +198,19 @@ struct Inner {
     settings: DriverSettings,
     downlink: RwLock<Option<Arc<dyn Downlink>>>,
     lwm2m: RwLock<Option<Arc<dyn Lwm2mLink>>>,
-    /// LwM2M download slots per cell and coverage class.
-    slots: Mutex<Slots>,
     write: tokio::sync::Mutex<()>,
     plans: Mutex<HashMap<String, Arc<TaskPlan>>>,
     wake: Notify,
+    /// Another instance queued messages for devices held here.
+    queued: Notify,
     events: broadcast::Sender<Event>,
     /// Outbox records this process wrote (and broadcasts itself), which its outbox tail skips; pruned as
     /// the tail passes them. Kept only once a tail started ([`Driver::outbox_head`]): a process without
     /// one (the command line) would only pile them up.
     own_records: Mutex<BTreeSet<i64>>,
     tailing: std::sync::atomic::AtomicBool,
+    /// Outbox ids the tail passed without finding them, and since when (see `tail`).
+    gaps: Mutex<std::collections::BTreeMap<i64, std::time::Instant>>,
     /// Whether this process runs the driver loop ([`Driver::run`]): only then does it start tasks.
     running: std::sync::atomic::AtomicBool,
 }
@@ -200,13 +225,14 @@ impl Driver {
                 settings,
                 downlink: RwLock::new(None),
                 lwm2m: RwLock::new(None),
-                slots: Mutex::new(Slots::default()),
                 write: tokio::sync::Mutex::new(()),
                 plans: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
+                queued: Notify::new(),
                 events,
                 own_records: Mutex::default(),
                 tailing: std::sync::atomic::AtomicBool::new(false),
+                gaps: Mutex::default(),
                 running: std::sync::atomic::AtomicBool::new(false),
             }),
         }
@@ -252,13 +278,6 @@ impl Driver {
             .clone()
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
-        self.inner
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Connects the driver to the device messaging adapter.
     pub fn set_downlink(&self, downlink: Arc<dyn Downlink>) {
         *self
@@ -278,6 +297,11 @@ impl Driver {
     /// Makes [`Driver::run`] look at deadlines now (after a manual clock moved, or new work).
     pub fn kick(&self) {
         self.inner.wake.notify_one();
+    }
+
+    /// Makes [`Driver::deliver_queued`] look for queued device messages now.
+    pub fn wake_queue(&self) {
+        self.inner.queued.notify_one();
     }
 
     /// Forgets a deleted task's cached plan.

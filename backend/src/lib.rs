@@ -8,6 +8,7 @@
 //! - [`storage`]: sea-orm entities for every table.
 //! - [`service`]: the operations the console, the API and the command line share (auth, projects, products,
 //!   devices, groups, overview).
+//! - [`cluster`]: several instances on one PostgreSQL: heartbeats, leases, taking over from dead ones.
 //! - [`driver`]: the task driver, which runs every subtask's state machine against the database.
 //! - [`coap`]: the device CoAP endpoint (LwM2M registration, PCP over `/19/0/0` and `/19/1/0`, coverage reads).
 //! - [`mqtt`]: the device MQTT endpoint (IoTDA login, `$oc` system topics, ACLs) on an embedded rumqttd.
@@ -17,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod clock;
+pub mod cluster;
 pub mod coap;
 pub mod context;
 pub mod db;

@@ -190,6 +190,10 @@ impl Notifier {
         record: outbox::Model,
         sub: notification_subscriptions::Model,
     ) -> Result<()> {
+        if !claim(state, &delivery, self.settings.timeout).await? {
+            // Another instance is sending it.
+            return Ok(());
+        }
         let prepared = state
             .sealer
             .open(&sub.id, &sub.secret_enc)
@@ -245,6 +249,8 @@ impl Notifier {
         let attempts = delivery.attempts.saturating_add(1);
         let now = state.clock.now().as_millis();
         let mut row: notification_deliveries::ActiveModel = delivery.into();
+        row.claimed_by = Set(None);
+        row.claimed_until = Set(None);
         row.attempts = Set(attempts);
         row.last_http_status = Set(status.map(i32::from));
         match error {
@@ -272,6 +278,38 @@ impl Notifier {
         row.update(&state.db).await?;
         Ok(())
     }
+}
+
+/// Claims `delivery` for this instance for as long as one attempt may take (and a margin): whoever
+/// claims it sends it, so each delivery goes out from one instance. A claim left by an instance that died
+/// mid-attempt expires. Returns whether this instance got it.
+async fn claim(
+    state: &AppState,
+    delivery: &notification_deliveries::Model,
+    timeout: Duration,
+) -> Result<bool> {
+    let now = state.clock.now().as_millis();
+    let until = now + i64::try_from((timeout + Duration::from_secs(30)).as_millis()).unwrap_or(0);
+    let claimed = notification_deliveries::Entity::update_many()
+        .col_expr(
+            notification_deliveries::Column::ClaimedBy,
+            Expr::value(state.instance_id()),
+        )
+        .col_expr(
+            notification_deliveries::Column::ClaimedUntil,
+            Expr::value(until),
+        )
+        .filter(notification_deliveries::Column::Id.eq(delivery.id))
+        .filter(notification_deliveries::Column::Status.eq("pending"))
+        .filter(notification_deliveries::Column::Attempts.eq(delivery.attempts))
+        .filter(
+            sea_orm::Condition::any()
+                .add(notification_deliveries::Column::ClaimedUntil.is_null())
+                .add(notification_deliveries::Column::ClaimedUntil.lt(now)),
+        )
+        .exec(&state.db)
+        .await?;
+    Ok(claimed.rows_affected == 1)
 }
 
 /// The wait before attempt `attempts + 1`: 1 s, 2 s, 4 s... capped.

@@ -31,6 +31,8 @@ pub struct ServiceSettings {
     pub driver: DriverSettings,
     /// Push notifications.
     pub notify: NotifySettings,
+    /// This instance among others on one PostgreSQL.
+    pub cluster: ClusterSettings,
 }
 
 impl Default for ServiceSettings {
@@ -47,7 +49,54 @@ impl Default for ServiceSettings {
             api_signature_skew: Duration::from_secs(15 * 60),
             driver: DriverSettings::default(),
             notify: NotifySettings::default(),
+            cluster: ClusterSettings::default(),
         }
+    }
+}
+
+/// How an instance takes part in a deployment of several on one PostgreSQL (`crate::cluster`). With
+/// SQLite there is one instance, and these only name it.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// This instance's id: its subtask leases, device connections and queued messages are recorded
+    /// under it. Unique among the instances on one database.
+    pub instance_id: String,
+    /// How long a subtask lease (and an instance's heartbeat) holds without renewal: an instance silent
+    /// this long is dead, and the others take its subtasks over.
+    pub lease: Duration,
+    /// How often the heartbeat is written and leases are renewed (a fraction of `lease`).
+    pub heartbeat: Duration,
+}
+
+/// The default [`ClusterSettings::lease`].
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+/// The default [`ClusterSettings::heartbeat`].
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(3);
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            instance_id: default_instance_id(),
+            lease: DEFAULT_LEASE,
+            heartbeat: DEFAULT_HEARTBEAT,
+        }
+    }
+}
+
+/// `<host name>-<process id>`, with `-<n>` for the second and later instance in one process (tests).
+#[must_use]
+pub fn default_instance_id() -> String {
+    static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "updraft".to_owned());
+    let pid = std::process::id();
+    match COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+        0 => format!("{host}-{pid}"),
+        n => format!("{host}-{pid}-{}", n + 1),
     }
 }
 

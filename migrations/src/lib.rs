@@ -11,6 +11,7 @@ mod m20261127_000001_create_schema;
 mod m20261201_000001_extend_task_driver;
 mod m20261202_000001_track_notifications;
 mod m20261202_000002_add_firmware_download;
+mod m20261205_000001_add_cluster;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000001_extend_task_driver::Migration),
             Box::new(m20261202_000001_track_notifications::Migration),
             Box::new(m20261202_000002_add_firmware_download::Migration),
+            Box::new(m20261205_000001_add_cluster::Migration),
         ]
     }
 }

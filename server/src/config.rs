@@ -53,6 +53,34 @@ pub struct Settings {
     pub secret_key: Option<SecretString>,
     /// Logging.
     pub log: LogSettings,
+    /// Several instances on one PostgreSQL.
+    pub cluster: ClusterSettings,
+}
+
+/// Several instances on one PostgreSQL (README, "Running several instances"). Nothing here is needed:
+/// an instance names itself, and the defaults suit a load balancer's health checks.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// This instance's id, unique among those sharing the database. Default: host name + process id.
+    pub instance_id: Option<String>,
+    /// How long an instance's subtask leases hold without renewal; an instance silent this long is
+    /// taken for dead and the others take its subtasks over.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often an instance writes its heartbeat and renews its leases.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            instance_id: None,
+            lease: backend::settings::DEFAULT_LEASE,
+            heartbeat: backend::settings::DEFAULT_HEARTBEAT,
+        }
+    }
 }
 
 /// The HTTPS listener.
@@ -479,6 +507,7 @@ impl Default for Settings {
             notifications: NotificationSettings::default(),
             secret_key: None,
             log: LogSettings::default(),
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -547,6 +576,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "notifications",
     "secret_key",
     "log",
+    "cluster",
 ];
 
 /// Why the configuration was refused.
@@ -597,6 +627,23 @@ impl Settings {
         }
         if self.packages.max_size == 0 {
             problems.push("  - packages.max_size must be at least 1".to_owned());
+        }
+        if let Some(id) = &self.cluster.instance_id
+            && (id.is_empty()
+                || id.len() > 128
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)))
+        {
+            problems.push(
+                "  - cluster.instance_id must be 1 to 128 letters, digits, '-', '_', '.' or ':'"
+                    .to_owned(),
+            );
+        }
+        if self.cluster.heartbeat.is_zero() || self.cluster.heartbeat * 2 > self.cluster.lease {
+            problems.push(
+                "  - cluster.heartbeat must be more than 0 and at most half of cluster.lease".to_owned(),
+            );
         }
         if self.notifications.max_attempts == 0 {
             problems.push("  - notifications.max_attempts must be at least 1".to_owned());
@@ -752,6 +799,15 @@ impl Settings {
                 retention: self.notifications.retention,
                 allow_private: self.notifications.allow_private,
                 ..backend::settings::NotifySettings::default()
+            },
+            cluster: backend::settings::ClusterSettings {
+                instance_id: self
+                    .cluster
+                    .instance_id
+                    .clone()
+                    .unwrap_or_else(backend::settings::default_instance_id),
+                lease: self.cluster.lease,
+                heartbeat: self.cluster.heartbeat,
             },
         })
     }

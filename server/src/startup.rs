@@ -169,6 +169,18 @@ impl Application {
         let coap = coap_socket.map(|socket| {
             backend::coap::CoapEndpoint::new(state.clone(), socket, settings.coap_settings())
         });
+        let addresses = serde_json::json!({
+            "https": https_addr.to_string(),
+            "mqtt": mqtt.as_ref().and_then(|m| m.plain.local_addr().ok()).map(|a| a.to_string()),
+            "coap": coap.as_ref().and_then(|c| c.local_addr().ok()).map(|a| a.to_string()),
+        });
+        backend::cluster::join(&state, &addresses.to_string())
+            .await
+            .context("joining the instances on the database")?;
+        // Instances that died without leaving: their devices are offline, their subtasks are taken over.
+        backend::cluster::beat(&state, &state.driver)
+            .await
+            .context("looking for instances that died")?;
         mark_devices_offline(&state)
             .await
             .context("resetting device online states")?;
@@ -289,6 +301,14 @@ impl Application {
             });
         }
         let janitor = tokio::spawn(janitor(self.state.clone(), stop.clone()));
+        let cluster = {
+            let (driver, context, stop) = (
+                self.state.driver.clone(),
+                self.state.context().clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move { backend::cluster::run(context, driver, stop).await })
+        };
         let background = tokio_util::task::TaskTracker::new();
         {
             let (driver, context, stop) = (
@@ -363,12 +383,16 @@ impl Application {
         let result = server.serve(app).await.context("HTTPS server");
         stop.cancel();
         let _ = janitor.await;
+        let _ = cluster.await;
         // MQTT sessions record their devices going offline; give them a moment before the database closes.
         if tokio::time::timeout(grace, background.wait())
             .await
             .is_err()
         {
             tracing::warn!("background tasks did not stop within the grace period");
+        }
+        if let Err(e) = backend::cluster::leave(&self.state).await {
+            tracing::warn!(error.message = %e, "leaving the instances on the database");
         }
         if let Err(e) = self.state.db.clone().close().await {
             tracing::warn!(error.message = %e, "closing the database");
@@ -395,15 +419,23 @@ fn bind_udp(addr: SocketAddr, receive_buffer: usize) -> Result<tokio::net::UdpSo
     Ok(tokio::net::UdpSocket::from_std(socket.into())?)
 }
 
-/// After a restart no device is connected: devices recorded online are marked offline, and their open
-/// subtasks are told so.
+/// After a restart no device is connected here: devices recorded online (here, or nowhere in particular)
+/// are marked offline, and their open subtasks are told so. Devices other instances hold stay online.
 async fn mark_devices_offline(state: &AppState) -> Result<()> {
     use backend::storage::entity::devices;
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
-    let online: Vec<String> = devices::Entity::find()
+    let mut online = devices::Entity::find()
         .select_only()
         .column(devices::Column::Id)
-        .filter(devices::Column::Status.eq("ONLINE"))
+        .filter(devices::Column::Status.eq("ONLINE"));
+    if state.clustered() {
+        online = online.filter(
+            sea_orm::Condition::any()
+                .add(devices::Column::InstanceId.is_null())
+                .add(devices::Column::InstanceId.eq(state.instance_id())),
+        );
+    }
+    let online: Vec<String> = online
         .into_tuple()
         .all(&state.db)
         .await?;

@@ -18,7 +18,8 @@ use sea_orm::{
 use super::effects::{Effects, Outgoing};
 use super::flow::{AnyEffect, FlowPlan};
 use super::plan::TaskPlan;
-use super::transition::{Outcome, refresh_task, transition};
+use super::route::route;
+use super::transition::{Lease, Outcome, refresh_task, transition};
 use super::{BATCH, DeviceEvent, Driver, Step, firmware, mqtt, pcp};
 use crate::storage::entity::{device_messages, devices, subtasks};
 use crate::{Context, Error, Result};
@@ -71,13 +72,11 @@ impl Driver {
                 .collect();
             let applied = self.apply_once(state, steps, &[]).await?;
             let mut next = applied.granted;
-            let mut slots = self.slots();
             for id in granted {
                 if !applied.changed.contains(&id) {
-                    slots.release(id, &mut next);
+                    next.extend(self.release_slot(state, id).await?);
                 }
             }
-            drop(slots);
             granted = next;
         }
         Ok(())
@@ -95,11 +94,18 @@ impl Driver {
         }
         let mut outgoing = Vec::new();
         let mut events = Vec::new();
+        let mut slot_changes = Vec::new();
         {
             let _w = self.inner.write.lock().await;
             let now = state.clock.now();
             let mut steps = steps;
             steps.extend(open_steps(state, devices).await?);
+            let lease_until = now.as_millis()
+                + i64::try_from(state.settings.cluster.lease.as_millis()).unwrap_or(i64::MAX / 4);
+            let lease = state.clustered().then(|| Lease {
+                owner: state.instance_id(),
+                until: lease_until,
+            });
             let mut ids: Vec<i64> = steps.iter().map(|(id, _)| *id).collect();
             ids.sort_unstable();
             ids.dedup();
@@ -132,7 +138,7 @@ impl Driver {
             let downlink = self.downlink();
             let txn = crate::db::begin_write(&state.db).await?;
             for (device_id, event) in devices {
-                record_device(&txn, device_id, event, now.as_millis()).await?;
+                record_device(&txn, state.instance_id(), device_id, event, now.as_millis()).await?;
             }
             let mut touched_tasks: Vec<String> = Vec::new();
             for (id, input) in steps {
@@ -141,7 +147,17 @@ impl Driver {
                 };
                 let mut conflicts = 0;
                 let changed = loop {
-                    match transition(&txn, now, plan, &row, input.clone(), &mut events).await? {
+                    match transition(
+                        &txn,
+                        now,
+                        plan,
+                        &row,
+                        input.clone(),
+                        lease.as_ref(),
+                        &mut events,
+                    )
+                    .await?
+                    {
                         Outcome::Changed(changed) => break Some(*changed),
                         Outcome::Unchanged => break None,
                         Outcome::Stale if conflicts < MAX_CONFLICTS => {
@@ -195,6 +211,9 @@ impl Driver {
             for task_id in &touched_tasks {
                 refresh_task(&txn, task_id, now, &mut events).await?;
             }
+            if state.clustered() {
+                route(&txn, state, &mut outgoing, now.as_millis()).await?;
+            }
             if downlink.is_none() {
                 // No MQTT endpoint in this process (the command line): the messages are queued, with
                 // the state that decided them, for the process that has one.
@@ -204,6 +223,8 @@ impl Driver {
                             device_id: Set(device_id.clone()),
                             payload: Set(payload.clone()),
                             created_at: Set(now.as_millis()),
+                            instance_id: Set(None),
+                            kind: Set("mqtt".to_owned()),
                             ..Default::default()
                         }
                         .insert(&txn)
@@ -222,12 +243,7 @@ impl Driver {
                             d.publish(&device_id, payload);
                         }
                     }
-                    Outgoing::AskSlot { subtask, slot } => {
-                        self.slots().ask(subtask, slot, &mut applied.granted);
-                    }
-                    Outgoing::ReleaseSlot { subtask } => {
-                        self.slots().release(subtask, &mut applied.granted);
-                    }
+                    Outgoing::AskSlot { .. } | Outgoing::ReleaseSlot { .. } => slot_changes.push(m),
                     lwm2m => {
                         if let Some(l) = &link {
                             lwm2m.send_to(l.as_ref());
@@ -237,6 +253,15 @@ impl Driver {
             }
         }
         self.publish_events(events);
+        // Each in a transaction of its own, after the lock: a cell's slots are counted across instances.
+        for change in slot_changes {
+            let granted = match change {
+                Outgoing::AskSlot { subtask, slot } => self.ask_slot(state, subtask, slot).await?,
+                Outgoing::ReleaseSlot { subtask } => self.release_slot(state, subtask).await?,
+                _ => Vec::new(),
+            };
+            applied.granted.extend(granted);
+        }
         Ok(applied)
     }
 }
@@ -268,8 +293,33 @@ async fn open_steps<'a>(
             open.entry(device).or_default().push(id);
         }
     }
+    // A disconnect here of a device that connected to another instance meanwhile is no disconnect.
+    let mut offline: Vec<&str> = events
+        .iter()
+        .filter(|(_, e)| *e == DeviceEvent::Offline)
+        .map(|(d, _)| d.as_str())
+        .collect();
+    offline.sort_unstable();
+    offline.dedup();
+    let mut elsewhere: HashSet<String> = HashSet::new();
+    for chunk in offline.chunks(BATCH as usize) {
+        elsewhere.extend(
+            devices::Entity::find()
+                .select_only()
+                .column(devices::Column::Id)
+                .filter(devices::Column::Id.is_in(chunk.iter().copied()))
+                .filter(devices::Column::InstanceId.is_not_null())
+                .filter(devices::Column::InstanceId.ne(state.instance_id()))
+                .into_tuple::<String>()
+                .all(&state.db)
+                .await?,
+        );
+    }
     Ok(events
         .iter()
+        .filter(move |(device, event)| {
+            !(*event == DeviceEvent::Offline && elsewhere.contains(device))
+        })
         .flat_map(|(device, event)| {
             open.get(device)
                 .into_iter()
@@ -304,6 +354,7 @@ pub(super) async fn online_devices(
 /// Records what a device event says about the device itself: online state, reported versions.
 async fn record_device(
     txn: &DatabaseTransaction,
+    instance: &str,
     device_id: &str,
     event: &DeviceEvent,
     now: i64,
@@ -324,10 +375,25 @@ async fn record_device(
                 // A frozen device stays frozen whatever its connection did.
                 .filter(devices::Column::Status.ne("FROZEN"));
             if online {
-                update = update.col_expr(
-                    devices::Column::ActiveTime,
-                    Expr::col(devices::Column::ActiveTime).if_null(now),
-                );
+                update = update
+                    .col_expr(
+                        devices::Column::ActiveTime,
+                        Expr::col(devices::Column::ActiveTime).if_null(now),
+                    )
+                    .col_expr(devices::Column::InstanceId, Expr::value(instance));
+            } else {
+                // A connection that ended here says nothing of one the device opened on another
+                // instance meanwhile.
+                update = update
+                    .col_expr(
+                        devices::Column::InstanceId,
+                        Expr::value(Option::<String>::None),
+                    )
+                    .filter(
+                        sea_orm::Condition::any()
+                            .add(devices::Column::InstanceId.is_null())
+                            .add(devices::Column::InstanceId.eq(instance)),
+                    );
             }
             update.exec(txn).await?;
         }

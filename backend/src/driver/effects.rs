@@ -27,6 +27,7 @@ pub(super) struct Effects<'a> {
 }
 
 /// Something to send once the transaction that decided it has committed.
+#[derive(Debug, PartialEq, Eq)]
 pub(super) enum Outgoing {
     /// An MQTT message.
     Mqtt { device_id: String, payload: Vec<u8> },
@@ -58,6 +59,21 @@ pub(super) enum Outgoing {
 }
 
 impl Outgoing {
+    /// The device it is for (`None` for the slot bookkeeping).
+    pub(super) fn device_id(&self) -> Option<&str> {
+        match self {
+            Self::Mqtt { device_id, .. }
+            | Self::Pcp { device_id, .. }
+            | Self::ReadCoverage { device_id }
+            | Self::ReadCellId { device_id }
+            | Self::Serve { device_id, .. }
+            | Self::ReadFirmwareVersion { device_id }
+            | Self::StartFirmware { device_id, .. }
+            | Self::ExecuteUpdate { device_id } => Some(device_id),
+            Self::AskSlot { .. } | Self::ReleaseSlot { .. } => None,
+        }
+    }
+
     /// Hands an LwM2M message to the CoAP adapter (the other kinds are not its business).
     pub(super) fn send_to(self, link: &dyn Lwm2mLink) {
         match self {

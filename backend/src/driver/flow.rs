@@ -54,6 +54,15 @@ pub(crate) enum Step<'a> {
     Lwm2m(lwm2m::Input<'a>),
 }
 
+impl Step<'_> {
+    /// Whether this instance decided on the input itself (a deadline, a download slot), so that it
+    /// applies only under this instance's lease; devices and operators take the lease over instead
+    /// (see `transition::Lease`).
+    pub(crate) fn respects_lease(&self) -> bool {
+        matches!(self, Self::Timer | Self::Lwm2m(lwm2m::Input::SlotGranted))
+    }
+}
+
 /// An effect of either flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum AnyEffect {

@@ -93,7 +93,7 @@ impl Driver {
                 "tasks interrupted while starting were picked up again"
             );
         }
-        self.recover_slots(state).await
+        self.reconcile_slots(state).await
     }
 
     /// What `device_id` downloads over PCP now, if anything: its open subtask in the `downloading` step

@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use domain::Timestamp;
 use domain::task::TaskStatus;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    Statement,
+};
 
 use super::{BATCH, Driver, Step};
-use crate::storage::entity::{device_messages, subtasks, tasks};
+use crate::storage::entity::{subtasks, tasks};
 use crate::{Context, Result};
-
-/// Queued device messages older than this are dropped instead of published.
-const QUEUED_MAX_AGE_MS: i64 = 3 * 60 * 1000;
 
 /// How long [`Driver::run`] waits at most between looks at the clock. Deadlines are found by query, so
 /// this bounds how late a deadline is noticed (and how soon a manual clock's jump is seen without a kick).
@@ -50,7 +50,7 @@ impl Driver {
     /// [`crate::Error::Db`].
     pub async fn run_due(&self, state: &Context) -> Result<Option<Timestamp>> {
         while self.drain_queued(state).await? == BATCH as usize {}
-        self.sweep_slots(state).await?;
+        self.reconcile_slots(state).await?;
         let now = state.clock.now();
         let scheduled: Vec<String> = tasks::Entity::find()
             .select_only()
@@ -76,24 +76,34 @@ impl Driver {
             }
         }
         loop {
-            let due = subtasks::Entity::find()
-                .select_only()
-                .column(subtasks::Column::Id)
-                .filter(subtasks::Column::DeadlineAt.lte(now.as_millis()))
-                .order_by_asc(subtasks::Column::DeadlineAt)
-                .limit(BATCH)
-                .into_tuple::<i64>()
-                .all(&state.db)
-                .await?;
+            let due = if state.clustered() {
+                claim_due(state, now).await?
+            } else {
+                subtasks::Entity::find()
+                    .select_only()
+                    .column(subtasks::Column::Id)
+                    .filter(subtasks::Column::DeadlineAt.lte(now.as_millis()))
+                    .order_by_asc(subtasks::Column::DeadlineAt)
+                    .limit(BATCH)
+                    .into_tuple::<i64>()
+                    .all(&state.db)
+                    .await?
+            };
             let n = due.len() as u64;
             self.apply(state, due, Step::Timer).await?;
             if n < BATCH {
                 break;
             }
         }
-        let next_deadline: Option<i64> = subtasks::Entity::find()
+        let mut next_deadline = subtasks::Entity::find()
             .select_only()
-            .column_as(subtasks::Column::DeadlineAt.min(), "m")
+            .column_as(subtasks::Column::DeadlineAt.min(), "m");
+        if state.clustered() {
+            // Deadlines under another instance's lease are its own; when it dies, the lease expires
+            // and the loop's regular look (at least every `MAX_IDLE`) sees them.
+            next_deadline = next_deadline.filter(claimable(state, now));
+        }
+        let next_deadline: Option<i64> = next_deadline
             .into_tuple::<Option<i64>>()
             .one(&state.db)
             .await?
@@ -112,39 +122,38 @@ impl Driver {
             .min()
             .map(Timestamp::from_millis))
     }
+}
 
-    /// Publishes messages other processes queued for devices (oldest first), when this process serves
-    /// MQTT. Returns how many were sent.
-    ///
-    /// # Errors
-    /// [`crate::Error::Db`].
-    pub async fn drain_queued(&self, state: &Context) -> Result<usize> {
-        let Some(downlink) = self.downlink() else {
-            return Ok(0);
-        };
-        let rows = device_messages::Entity::find()
-            .order_by_asc(device_messages::Column::Id)
-            .limit(BATCH)
-            .all(&state.db)
-            .await?;
-        let Some(last) = rows.last().map(|r| r.id) else {
-            return Ok(0);
-        };
-        device_messages::Entity::delete_many()
-            .filter(device_messages::Column::Id.lte(last))
-            .exec(&state.db)
-            .await?;
-        let n = rows.len();
-        // A message that waited longer than a version query may (no MQTT process was running) is stale:
-        // its subtask has moved on, and the device will be asked again.
-        let oldest = state.clock.now().as_millis() - QUEUED_MAX_AGE_MS;
-        for m in rows {
-            if m.created_at >= oldest {
-                downlink.publish(&m.device_id, m.payload);
-            } else {
-                tracing::debug!(device_id = %m.device_id, "dropping a stale queued message");
-            }
-        }
-        Ok(n)
-    }
+/// Subtasks this instance may take: under no lease, its own, or an expired one.
+fn claimable(state: &Context, now: Timestamp) -> sea_orm::Condition {
+    sea_orm::Condition::any()
+        .add(subtasks::Column::LeaseOwner.is_null())
+        .add(subtasks::Column::LeaseOwner.eq(state.instance_id()))
+        .add(subtasks::Column::LeaseUntil.lt(now.as_millis()))
+}
+
+/// Takes the lease of (at most [`BATCH`]) subtasks whose deadline passed and that this instance may take,
+/// oldest deadline first, skipping rows another instance is claiming or writing right now; returns them.
+async fn claim_due(state: &Context, now: Timestamp) -> Result<Vec<i64>> {
+    let lease = i64::try_from(state.settings.cluster.lease.as_millis()).unwrap_or(i64::MAX / 4);
+    let rows = state
+        .db
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE subtasks SET lease_owner = $1, lease_until = $2 WHERE id IN (\
+               SELECT id FROM subtasks WHERE deadline_at <= $3 \
+                 AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < $3) \
+               ORDER BY deadline_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             RETURNING id",
+            [
+                state.instance_id().into(),
+                (now.as_millis() + lease).into(),
+                now.as_millis().into(),
+                (BATCH as i64).into(),
+            ],
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| r.try_get::<i64>("", "id").map_err(Into::into))
+        .collect()
 }

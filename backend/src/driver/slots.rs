@@ -1,155 +1,180 @@
 //! Per-cell download slots of LwM2M devices (`design.md`, LwM2M steps 7-9): devices of one cell and
 //! coverage class download at most `cap` at a time; the rest wait in the order they asked.
 //!
-//! The slots live in memory and are rebuilt from the subtasks at start-up ([`super::Driver::recover`]):
-//! a `downloading` subtask holds its slot, a `wait_slot` one queues. A grant whose subtask no longer waits
-//! (it was stopped meanwhile) is handed back and goes to the next in line. The driver's side of them
-//! (rebuilding, granting, sweeping out holders that ended elsewhere) is the `impl Driver` below.
-
-use std::collections::{HashMap, HashSet, VecDeque};
+//! The slots are rows of `download_slots` (held, or waiting since `asked_at`), so they are counted the
+//! same on every instance sharing the database: a cell's cap holds across all of them. Each change to a
+//! cell's slots is a transaction of its own that first takes the cell's lock (a PostgreSQL advisory lock
+//! on the cell's key; SQLite has one writer anyway), counts the holders and hands free places to the
+//! oldest waiters. Asking and giving back happen right after the transition that decided them commits;
+//! [`Driver::reconcile_slots`] repairs what a crash in between left (a waiting subtask with no row, a row
+//! whose subtask ended), at start-up and on every pass of the driver's loop.
 
 use domain::flow::lwm2m::{self, Class, Slot};
 use domain::task::SubtaskStatus;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set, Statement,
+};
 
 use super::{BATCH, Driver, Step};
-use crate::storage::entity::subtasks;
+use crate::storage::entity::{download_slots, subtasks};
 use crate::{Context, Result};
 
-#[derive(Debug, Default)]
-struct Cell {
-    cap: u32,
-    held: HashSet<i64>,
-    queue: VecDeque<i64>,
+/// The key devices sharing a cap have in common.
+fn key(slot: Slot) -> String {
+    let class = match slot.class {
+        Class::Range0 => "range0",
+        Class::Range1 => "range1",
+        Class::Range2 => "range2",
+        Class::CellOnly => "cell_only",
+    };
+    format!("{}:{class}", slot.cell)
 }
 
-impl Cell {
-    fn has_room(&self) -> bool {
-        self.held.len() < self.cap as usize
+/// Takes `key`'s lock for the rest of `txn`.
+async fn lock(txn: &DatabaseTransaction, key: &str) -> Result<()> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            [key.into()],
+        ))
+        .await?;
     }
-
-    /// Moves waiters into free places; returns who got one.
-    fn fill(&mut self, granted: &mut Vec<i64>) {
-        while self.has_room() {
-            let Some(next) = self.queue.pop_front() else {
-                break;
-            };
-            if self.held.insert(next) {
-                granted.push(next);
-            }
-        }
-    }
+    Ok(())
 }
 
-/// The slot table.
-#[derive(Debug, Default)]
-pub(crate) struct Slots {
-    cells: HashMap<(u32, Class), Cell>,
-    /// Where each subtask holds or waits.
-    of: HashMap<i64, (u32, Class)>,
-}
-
-impl Slots {
-    fn cell(&mut self, slot: Slot) -> &mut Cell {
-        let cell = self.cells.entry((slot.cell, slot.class)).or_default();
-        // The cap is configuration: the newest ask says what it is now.
-        cell.cap = slot.cap;
-        cell
+/// Hands `key`'s free places (of `cap`) to its oldest waiters; returns who got one.
+async fn fill(txn: &DatabaseTransaction, key: &str, cap: i32) -> Result<Vec<i64>> {
+    let held = download_slots::Entity::find()
+        .filter(download_slots::Column::SlotKey.eq(key))
+        .filter(download_slots::Column::Held.eq(true))
+        .count(txn)
+        .await?;
+    let room = u64::try_from(cap).unwrap_or(0).saturating_sub(held);
+    if room == 0 {
+        return Ok(Vec::new());
     }
-
-    /// `subtask` asks for `slot`: granted at once when there is room (returned), queued otherwise.
-    pub(crate) fn ask(&mut self, subtask: i64, slot: Slot, granted: &mut Vec<i64>) {
-        if let Some(key) = self.of.get(&subtask).copied() {
-            if key == (slot.cell, slot.class) {
-                let cell = self.cell(slot);
-                if cell.held.contains(&subtask) {
-                    // Asked again while holding (a retry after a lost grant): it holds it already.
-                    granted.push(subtask);
-                    return;
-                }
-                if cell.queue.contains(&subtask) {
-                    return;
-                }
-            } else {
-                self.release(subtask, granted);
-            }
-        }
-        self.of.insert(subtask, (slot.cell, slot.class));
-        let cell = self.cell(slot);
-        cell.queue.push_back(subtask);
-        cell.fill(granted);
+    let next: Vec<i64> = download_slots::Entity::find()
+        .select_only()
+        .column(download_slots::Column::SubtaskId)
+        .filter(download_slots::Column::SlotKey.eq(key))
+        .filter(download_slots::Column::Held.eq(false))
+        .order_by_asc(download_slots::Column::AskedAt)
+        .order_by_asc(download_slots::Column::SubtaskId)
+        .limit(room)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    if !next.is_empty() {
+        download_slots::Entity::update_many()
+            .col_expr(download_slots::Column::Held, Expr::value(true))
+            .filter(download_slots::Column::SubtaskId.is_in(next.clone()))
+            .exec(txn)
+            .await?;
     }
-
-    /// `subtask` holds `slot` (rebuilt at start-up).
-    pub(crate) fn hold(&mut self, subtask: i64, slot: Slot) {
-        self.of.insert(subtask, (slot.cell, slot.class));
-        self.cell(slot).held.insert(subtask);
-    }
-
-    /// `subtask` gives its slot back (or stops waiting); the freed place goes to the next in line.
-    pub(crate) fn release(&mut self, subtask: i64, granted: &mut Vec<i64>) {
-        let Some(key) = self.of.remove(&subtask) else {
-            return;
-        };
-        if let Some(cell) = self.cells.get_mut(&key) {
-            cell.held.remove(&subtask);
-            cell.queue.retain(|s| *s != subtask);
-            cell.fill(granted);
-            if cell.held.is_empty() && cell.queue.is_empty() {
-                self.cells.remove(&key);
-            }
-        }
-    }
-
-    /// Every subtask holding a slot.
-    pub(crate) fn holders(&self) -> Vec<i64> {
-        self.cells
-            .values()
-            .flat_map(|c| c.held.iter().copied())
-            .collect()
-    }
-
-    /// Devices downloading in `cell` with `class` now.
-    #[cfg(test)]
-    pub(crate) fn held(&self, cell: u32, class: Class) -> usize {
-        self.cells.get(&(cell, class)).map_or(0, |c| c.held.len())
-    }
+    Ok(next)
 }
 
 impl Driver {
-    /// Rebuilds the LwM2M download slots from the subtasks (at start-up): downloading subtasks hold
-    /// theirs, waiting ones queue in the order they started waiting, and free places are granted.
-    pub(super) async fn recover_slots(&self, state: &Context) -> Result<()> {
-        let rows: Vec<(i64, String, Option<String>)> = subtasks::Entity::find()
-            .select_only()
-            .column(subtasks::Column::Id)
-            .column(subtasks::Column::Step)
-            .column(subtasks::Column::Machine)
-            .filter(subtasks::Column::Status.eq(SubtaskStatus::Processing.as_str()))
-            .filter(subtasks::Column::Step.is_in(["downloading", "wait_slot"]))
-            .order_by_asc(subtasks::Column::UpdatedAt)
-            .order_by_asc(subtasks::Column::Id)
-            .into_tuple()
-            .all(&state.db)
-            .await?;
-        let mut granted = Vec::new();
+    /// `subtask` asks for `slot`: granted at once when there is room, queued otherwise. Returns who was
+    /// granted one (the asker, if it got or already holds one, and waiters a changed cap let in).
+    pub(super) async fn ask_slot(
+        &self,
+        state: &Context,
+        subtask: i64,
+        slot: Slot,
+    ) -> Result<Vec<i64>> {
+        let key = key(slot);
+        let cap = i32::try_from(slot.cap).unwrap_or(i32::MAX);
+        let mut granted = match download_slots::Entity::find_by_id(subtask)
+            .one(&state.db)
+            .await?
         {
-            let mut slots = self.slots();
-            for (id, _, json) in &rows {
-                let Some(machine) = json
-                    .as_deref()
-                    .and_then(|j| serde_json::from_str::<lwm2m::Subtask>(j).ok())
-                else {
-                    continue;
-                };
-                match machine.phase {
-                    lwm2m::Phase::Downloading { slot, .. } => slots.hold(*id, slot),
-                    lwm2m::Phase::WaitSlot { slot } => slots.ask(*id, slot, &mut granted),
-                    _ => {}
+            // Asked elsewhere before (its cell changed): that place is given up first.
+            Some(row) if row.slot_key != key => self.release_slot(state, subtask).await?,
+            _ => Vec::new(),
+        };
+        let txn = crate::db::begin_write(&state.db).await?;
+        lock(&txn, &key).await?;
+        match download_slots::Entity::find_by_id(subtask).one(&txn).await? {
+            // Asked again while holding (a retry after a lost grant): it holds it already.
+            Some(row) if row.held => granted.push(subtask),
+            Some(_) => {}
+            None => {
+                download_slots::ActiveModel {
+                    subtask_id: Set(subtask),
+                    slot_key: Set(key.clone()),
+                    cap: Set(cap),
+                    held: Set(false),
+                    asked_at: Set(state.clock.now().as_millis()),
                 }
+                .insert(&txn)
+                .await?;
             }
         }
-        self.grant(state, granted).await
+        // The cap is configuration: the newest ask says what it is now.
+        granted.extend(fill(&txn, &key, cap).await?);
+        txn.commit().await?;
+        Ok(granted)
+    }
+
+    /// `subtask` holds `slot` (rebuilt after a crash), whatever the count.
+    async fn hold_slot(&self, state: &Context, subtask: i64, slot: Slot) -> Result<()> {
+        let key = key(slot);
+        let txn = crate::db::begin_write(&state.db).await?;
+        lock(&txn, &key).await?;
+        if download_slots::Entity::find_by_id(subtask)
+            .one(&txn)
+            .await?
+            .is_none()
+        {
+            download_slots::ActiveModel {
+                subtask_id: Set(subtask),
+                slot_key: Set(key),
+                cap: Set(i32::try_from(slot.cap).unwrap_or(i32::MAX)),
+                held: Set(true),
+                asked_at: Set(state.clock.now().as_millis()),
+            }
+            .insert(&txn)
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// `subtask` gives its slot back (or stops waiting); the freed place goes to the next in line, who is
+    /// returned.
+    pub(super) async fn release_slot(&self, state: &Context, subtask: i64) -> Result<Vec<i64>> {
+        let Some(row) = download_slots::Entity::find_by_id(subtask)
+            .one(&state.db)
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let txn = crate::db::begin_write(&state.db).await?;
+        lock(&txn, &row.slot_key).await?;
+        let gone = download_slots::Entity::delete_by_id(subtask)
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        let granted = if gone == 0 {
+            Vec::new()
+        } else {
+            let cap = download_slots::Entity::find()
+                .select_only()
+                .column(download_slots::Column::Cap)
+                .filter(download_slots::Column::SlotKey.eq(&row.slot_key))
+                .order_by_desc(download_slots::Column::AskedAt)
+                .into_tuple::<i32>()
+                .one(&txn)
+                .await?
+                .unwrap_or(row.cap);
+            fill(&txn, &row.slot_key, cap).await?
+        };
+        txn.commit().await?;
+        Ok(granted)
     }
 
     /// Hands granted slots to their subtasks (see [`Driver::apply_in`]).
@@ -161,100 +186,82 @@ impl Driver {
         self.apply_in(state, steps, &[]).await
     }
 
-    /// Frees slots whose holders ended without this process seeing it (stopped from the command line,
-    /// or by another instance).
-    pub(super) async fn sweep_slots(&self, state: &Context) -> Result<()> {
-        let holders = self.slots().holders();
-        if holders.is_empty() {
-            return Ok(());
-        }
-        let mut still = std::collections::HashSet::new();
-        for chunk in holders.chunks(BATCH as usize) {
-            let ids: Vec<i64> = subtasks::Entity::find()
-                .select_only()
-                .column(subtasks::Column::Id)
-                .filter(subtasks::Column::Id.is_in(chunk.to_vec()))
-                // Not the step: a subtask granted a slot a moment ago still says `wait_slot`.
-                .filter(subtasks::Column::Status.eq(SubtaskStatus::Processing.as_str()))
-                .into_tuple()
-                .all(&state.db)
-                .await?;
-            still.extend(ids);
-        }
+    /// Repairs the slots after a crash between a transition and its slot change: slots of subtasks that
+    /// ended are given back, and subtasks downloading or waiting without a slot row hold or queue again
+    /// (in the order they started waiting). Whatever place this frees is granted.
+    ///
+    /// # Errors
+    /// [`crate::Error::Db`].
+    pub async fn reconcile_slots(&self, state: &Context) -> Result<()> {
+        let processing = SubtaskStatus::Processing.as_str();
+        let ended: Vec<i64> = download_slots::Entity::find()
+            .select_only()
+            .column(download_slots::Column::SubtaskId)
+            .filter(
+                download_slots::Column::SubtaskId.not_in_subquery(
+                    Query::select()
+                        .column(subtasks::Column::Id)
+                        .from(subtasks::Entity)
+                        .and_where(Expr::col(subtasks::Column::Status).eq(processing))
+                        .to_owned(),
+                ),
+            )
+            .limit(BATCH)
+            .into_tuple()
+            .all(&state.db)
+            .await?;
         let mut granted = Vec::new();
-        {
-            let mut slots = self.slots();
-            for id in holders {
-                if !still.contains(&id) {
-                    slots.release(id, &mut granted);
+        for id in ended {
+            granted.extend(self.release_slot(state, id).await?);
+        }
+        let missing: Vec<(i64, Option<String>)> = subtasks::Entity::find()
+            .select_only()
+            .column(subtasks::Column::Id)
+            .column(subtasks::Column::Machine)
+            .filter(subtasks::Column::Status.eq(processing))
+            .filter(subtasks::Column::Step.is_in(["downloading", "wait_slot"]))
+            .filter(
+                subtasks::Column::Id.not_in_subquery(
+                    Query::select()
+                        .column(download_slots::Column::SubtaskId)
+                        .from(download_slots::Entity)
+                        .to_owned(),
+                ),
+            )
+            .order_by_asc(subtasks::Column::UpdatedAt)
+            .order_by_asc(subtasks::Column::Id)
+            .limit(BATCH)
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        for (id, json) in missing {
+            let Some(machine) = json
+                .as_deref()
+                .and_then(|j| serde_json::from_str::<lwm2m::Subtask>(j).ok())
+            else {
+                continue;
+            };
+            match machine.phase {
+                lwm2m::Phase::Downloading { slot, .. } => self.hold_slot(state, id, slot).await?,
+                lwm2m::Phase::WaitSlot { slot } => {
+                    granted.extend(self.ask_slot(state, id, slot).await?);
                 }
+                _ => {}
             }
         }
         self.grant(state, granted).await
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn slot(cell: u32, cap: u32) -> Slot {
-        Slot {
-            cell,
-            class: Class::Range1,
-            cap,
-        }
-    }
-
-    #[test]
-    fn a_cell_admits_its_cap_and_queues_the_rest_in_order() {
-        let mut s = Slots::default();
-        let mut granted = Vec::new();
-        for id in 1..=4 {
-            s.ask(id, slot(7, 2), &mut granted);
-        }
-        s.ask(9, slot(8, 2), &mut granted);
-        assert_eq!(granted, [1, 2, 9]);
-        assert_eq!(s.held(7, Class::Range1), 2);
-        granted.clear();
-        s.release(2, &mut granted);
-        assert_eq!(granted, [3]);
-        granted.clear();
-        // A waiter that leaves gives up its place in the queue.
-        s.release(4, &mut granted);
-        s.release(1, &mut granted);
-        s.release(3, &mut granted);
-        assert!(granted.is_empty());
-        assert_eq!(s.held(7, Class::Range1), 0);
-        // Classes of one cell are counted apart.
-        let poor = Slot {
-            cell: 8,
-            class: Class::Range2,
-            cap: 1,
-        };
-        s.ask(10, poor, &mut granted);
-        s.ask(11, poor, &mut granted);
-        assert_eq!(granted, [10]);
-        assert_eq!(s.held(8, Class::Range2), 1);
-    }
-
-    #[test]
-    fn asking_twice_neither_queues_twice_nor_holds_twice() {
-        let mut s = Slots::default();
-        let mut granted = Vec::new();
-        s.ask(1, slot(7, 1), &mut granted);
-        s.ask(1, slot(7, 1), &mut granted);
-        assert_eq!(granted, [1, 1], "a holder asking again is told it holds");
-        s.ask(2, slot(7, 1), &mut granted);
-        s.ask(2, slot(7, 1), &mut granted);
-        granted.clear();
-        s.release(1, &mut granted);
-        assert_eq!(granted, [2]);
-        granted.clear();
-        s.release(2, &mut granted);
-        assert!(granted.is_empty());
-        s.hold(5, slot(7, 1));
-        s.ask(6, slot(7, 1), &mut granted);
-        assert!(granted.is_empty(), "rebuilt holders count");
+    /// Devices downloading in `cell` with `class` now, across every instance.
+    ///
+    /// # Errors
+    /// [`crate::Error::Db`].
+    pub async fn slots_held(&self, state: &Context, cell: u32, class: Class) -> Result<u64> {
+        let key = key(Slot { cell, class, cap: 0 });
+        Ok(download_slots::Entity::find()
+            .filter(download_slots::Column::SlotKey.eq(key))
+            .filter(download_slots::Column::Held.eq(true))
+            .count(&state.db)
+            .await?)
     }
 }

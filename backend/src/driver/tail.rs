@@ -2,9 +2,10 @@
 //! wrote (another instance, or a command-line process stopping a task), so a console on any of them shows
 //! every change. Records this process wrote are broadcast when their transaction commits and skipped here.
 //!
-//! A record is read once the tail passes its id. Ids come from one sequence and the writers of one SQLite
-//! database are serialised, so there they commit in order; on PostgreSQL, a transaction that commits after
-//! a later id was read is not shown live (the outbox, and the notifications made from it, still have it).
+//! A record is read once the tail passes its id. Ids come from one sequence, but on PostgreSQL transactions
+//! commit in any order: an id the tail passed without finding it (a *gap*) may belong to a transaction not
+//! committed yet, so gaps are looked for again on every pass for [`GAP_WAIT`], then given up (a transaction
+//! that rolled back leaves its id unused for ever). On SQLite writers are serialised and gaps are rare.
 
 use std::time::Duration;
 
@@ -20,6 +21,13 @@ const EVERY: Duration = Duration::from_millis(250);
 
 /// Records read per look, at most.
 const BATCH: u64 = 500;
+
+/// How long an id the tail passed without finding it is looked for again. Far longer than a transition's
+/// transaction takes to commit.
+pub(super) const GAP_WAIT: Duration = Duration::from_secs(10);
+
+/// Gaps looked for at most (a sequence jump after a large rollback would otherwise be tracked id by id).
+const MAX_GAPS: usize = 10_000;
 
 impl Driver {
     /// Where a tail starts: after the newest outbox record now (history is not replayed).
@@ -48,24 +56,41 @@ impl Driver {
     /// # Errors
     /// [`crate::Error::Db`].
     pub async fn tail_outbox(&self, state: &Context, after: i64) -> Result<i64> {
+        let waiting: Vec<i64> = {
+            let mut gaps = lock(&self.inner.gaps);
+            gaps.retain(|_, since| since.elapsed() < GAP_WAIT);
+            gaps.keys().copied().collect()
+        };
+        let mut wanted = sea_orm::Condition::any().add(outbox::Column::Id.gt(after));
+        if !waiting.is_empty() {
+            wanted = wanted.add(outbox::Column::Id.is_in(waiting));
+        }
         let rows: Vec<(i64, String)> = outbox::Entity::find()
             .select_only()
             .column(outbox::Column::Id)
             .column(outbox::Column::Payload)
-            .filter(outbox::Column::Id.gt(after))
+            .filter(wanted)
             .order_by_asc(outbox::Column::Id)
             .limit(BATCH)
             .into_tuple()
             .all(&state.db)
             .await?;
-        let Some(last) = rows.last().map(|(id, _)| *id) else {
-            return Ok(after);
-        };
+        let last = rows.last().map_or(after, |(id, _)| *id).max(after);
         let foreign: Vec<(i64, String)> = {
+            let mut gaps = lock(&self.inner.gaps);
+            let mut expected = after + 1;
+            for (id, _) in &rows {
+                gaps.remove(id);
+                while expected < *id && gaps.len() < MAX_GAPS {
+                    gaps.insert(expected, std::time::Instant::now());
+                    expected += 1;
+                }
+                expected = expected.max(id + 1);
+            }
             let mut own = lock(&self.inner.own_records);
             let foreign = rows.into_iter().filter(|(id, _)| !own.remove(id)).collect();
-            // Ids at or below `last` will not be read again.
-            *own = own.split_off(&(last + 1));
+            // Ids at or below `last` will not be read again, unless they are gaps.
+            own.retain(|id| *id > last || gaps.contains_key(id));
             foreign
         };
         for (id, payload) in foreign {

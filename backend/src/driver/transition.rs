@@ -26,6 +26,21 @@ pub(super) enum Outcome {
     Changed(Box<Changed>),
 }
 
+/// The lease a transition takes (on PostgreSQL, where other instances may drive the same subtasks): the
+/// row is written with this owner and expiry. An input this instance decided on its own (a deadline, a
+/// slot grant) is only applied under a lease held here, or free, or expired; one a device or operator
+/// gave (the device is connected here, the operator asked here) takes the lease over.
+pub(super) struct Lease<'a> {
+    pub(super) owner: &'a str,
+    pub(super) until: i64,
+}
+
+/// Whether `row`'s lease is held by another instance at `now`.
+pub(super) fn leased_elsewhere(row: &subtasks::Model, owner: &str, now: i64) -> bool {
+    row.lease_owner.as_deref().is_some_and(|o| o != owner)
+        && row.lease_until.is_some_and(|until| until >= now)
+}
+
 pub(super) struct Changed {
     /// The row as written.
     pub(super) row: subtasks::Model,
@@ -41,8 +56,16 @@ pub(super) async fn transition(
     plan: &TaskPlan,
     row: &subtasks::Model,
     input: Step<'_>,
+    lease: Option<&Lease<'_>>,
     events: &mut Vec<(i64, Event)>,
 ) -> Result<Outcome> {
+    let respects_lease = input.respects_lease();
+    if let Some(lease) = lease
+        && respects_lease
+        && leased_elsewhere(row, lease.owner, now.as_millis())
+    {
+        return Ok(Outcome::Unchanged);
+    }
     let mut machine = Machine::load(&plan.plan, row.machine.as_deref())
         .map_err(|e| Error::Internal(format!("subtask {}: stored machine: {e}", row.id)))?;
     let before = machine.clone();
@@ -75,6 +98,8 @@ pub(super) async fn transition(
             row.started_at
         },
         finished_at: machine.is_final().then_some(at),
+        lease_owner: lease.map_or_else(|| row.lease_owner.clone(), |l| Some(l.owner.to_owned())),
+        lease_until: lease.map_or(row.lease_until, |l| Some(l.until)),
         ..row.clone()
     };
     // Compare-and-set: written only if the row is still the one the machine was run on.
@@ -82,7 +107,21 @@ pub(super) async fn transition(
         Some(json) => subtasks::Column::Machine.eq(json.clone()),
         None => subtasks::Column::Machine.is_null(),
     };
-    let result = subtasks::Entity::update_many()
+    let mut update = subtasks::Entity::update_many();
+    if let Some(lease) = lease {
+        update = update
+            .col_expr(subtasks::Column::LeaseOwner, Expr::value(lease.owner))
+            .col_expr(subtasks::Column::LeaseUntil, Expr::value(lease.until));
+        if respects_lease {
+            update = update.filter(
+                sea_orm::Condition::any()
+                    .add(subtasks::Column::LeaseOwner.is_null())
+                    .add(subtasks::Column::LeaseOwner.eq(lease.owner))
+                    .add(subtasks::Column::LeaseUntil.lt(at)),
+            );
+        }
+    }
+    let result = update
         .col_expr(
             subtasks::Column::Status,
             Expr::value(written.status.clone()),
@@ -214,6 +253,16 @@ const fn counter(status: SubtaskStatus) -> tasks::Column {
 
 /// Counts a task's subtasks by status and stores the counters (after a crash, they are checked once).
 pub(super) async fn recount(txn: &DatabaseTransaction, task_id: &str) -> Result<TaskProgress> {
+    // The task's row first: transitions of other instances move its counters under the same row lock,
+    // so none commits between the count and the write (and none counted is counted twice).
+    tasks::Entity::update_many()
+        .col_expr(
+            tasks::Column::UpdatedAt,
+            Expr::col(tasks::Column::UpdatedAt).into(),
+        )
+        .filter(tasks::Column::Id.eq(task_id))
+        .exec(txn)
+        .await?;
     let counts: Vec<(String, i64)> = subtasks::Entity::find()
         .select_only()
         .column(subtasks::Column::Status)

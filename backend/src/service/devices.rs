@@ -94,6 +94,7 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
         sw_version: Set(None),
         fw_version: Set(None),
         device_sdk_version: Set(None),
+        instance_id: Set(None),
         extension_info: Set(new
             .extension_info
             .as_ref()

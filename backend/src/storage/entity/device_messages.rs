@@ -10,6 +10,10 @@ pub struct Model {
     pub device_id: String,
     pub payload: Vec<u8>,
     pub created_at: i64,
+    /// The instance to send it (the one holding the device); `None`: any that serves the protocol.
+    pub instance_id: Option<String>,
+    /// `mqtt` (the payload is published) or `lwm2m` (the payload is an LwM2M command, JSON).
+    pub kind: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -30,6 +30,8 @@ pub struct Model {
     pub last_radio: Option<String>,
     pub connection_status_update_time: Option<i64>,
     pub active_time: Option<i64>,
+    /// The instance holding the device's MQTT connection or LwM2M registration (`cluster`).
+    pub instance_id: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }

@@ -17,6 +17,9 @@ pub struct Model {
     pub last_error: Option<String>,
     pub delivered_at: Option<i64>,
     pub created_at: i64,
+    /// The instance sending it now, until `claimed_until` (ms).
+    pub claimed_by: Option<String>,
+    pub claimed_until: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

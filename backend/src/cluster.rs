@@ -180,7 +180,12 @@ pub async fn beat(state: &Context, driver: &Driver) -> Result<Beat> {
 
 /// Forgets `dead`'s device connections (telling their subtasks the devices went offline) and takes over
 /// its subtasks. Returns (devices, subtasks).
-async fn reap(state: &Context, driver: &Driver, dead: &str, now: Timestamp) -> Result<(usize, u64)> {
+async fn reap(
+    state: &Context,
+    driver: &Driver,
+    dead: &str,
+    now: Timestamp,
+) -> Result<(usize, u64)> {
     let mut offline = 0;
     loop {
         let ids: Vec<String> = devices::Entity::find()

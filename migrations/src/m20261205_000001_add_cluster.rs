@@ -35,7 +35,10 @@ impl MigrationTrait for Migration {
         .await?;
         // SQLite alters one column per statement.
         for (table, column) in [
-            ("devices", ColumnDef::new("instance_id").string().null().take()),
+            (
+                "devices",
+                ColumnDef::new("instance_id").string().null().take(),
+            ),
             (
                 "device_messages",
                 ColumnDef::new("instance_id").string().null().take(),

@@ -110,6 +110,7 @@ async fn main() -> Result<()> {
             last_radio: Set(None),
             connection_status_update_time: Set(None),
             active_time: Set(None),
+            instance_id: Set(None),
             created_at: Set(now),
             updated_at: Set(now),
         }))

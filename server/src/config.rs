@@ -642,7 +642,8 @@ impl Settings {
         }
         if self.cluster.heartbeat.is_zero() || self.cluster.heartbeat * 2 > self.cluster.lease {
             problems.push(
-                "  - cluster.heartbeat must be more than 0 and at most half of cluster.lease".to_owned(),
+                "  - cluster.heartbeat must be more than 0 and at most half of cluster.lease"
+                    .to_owned(),
             );
         }
         if self.notifications.max_attempts == 0 {

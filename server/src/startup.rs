@@ -435,10 +435,7 @@ async fn mark_devices_offline(state: &AppState) -> Result<()> {
                 .add(devices::Column::InstanceId.eq(state.instance_id())),
         );
     }
-    let online: Vec<String> = online
-        .into_tuple()
-        .all(&state.db)
-        .await?;
+    let online: Vec<String> = online.into_tuple().all(&state.db).await?;
     let count = online.len();
     for chunk in online.chunks(500) {
         let events = chunk

@@ -72,10 +72,12 @@ impl Driver {
                 .collect();
             let applied = self.apply_once(state, steps, &[]).await?;
             let mut next = applied.granted;
-            for id in granted {
-                if !applied.changed.contains(&id) {
-                    next.extend(self.release_slot(state, id).await?);
-                }
+            let unchanged: Vec<i64> = granted
+                .into_iter()
+                .filter(|id| !applied.changed.contains(id))
+                .collect();
+            for id in no_longer_waiting(state, unchanged).await? {
+                next.extend(self.release_slot(state, id).await?);
             }
             granted = next;
         }
@@ -137,8 +139,25 @@ impl Driver {
             }
             let downlink = self.downlink();
             let txn = crate::db::begin_write(&state.db).await?;
-            for (device_id, event) in devices {
+            // In device order (each device's events in theirs): two instances' transactions then lock
+            // device rows alike and cannot deadlock.
+            let mut recorded: Vec<&(String, DeviceEvent)> = devices.iter().collect();
+            recorded.sort_by(|x, y| x.0.cmp(&y.0));
+            for (device_id, event) in recorded {
                 record_device(&txn, state.instance_id(), device_id, event, now.as_millis()).await?;
+            }
+            if state.clustered() && steps.iter().any(|(_, s)| matches!(s, Step::Begin { .. })) {
+                // Another instance may be recording a device's connection right now: read the online
+                // state again under a share lock of the device rows, so that either its transaction
+                // committed first (and this one sees the device online) or it waits for this one and
+                // then finds the begun subtask (see `open_steps`).
+                let online =
+                    locked_online(&txn, rows.values().map(|r| r.device_id.clone())).await?;
+                for (id, step) in &mut steps {
+                    if let Step::Begin { online: o } = step {
+                        *o = rows.get(id).is_some_and(|r| online.contains(&r.device_id));
+                    }
+                }
             }
             let mut touched_tasks: Vec<String> = Vec::new();
             for (id, input) in steps {
@@ -346,6 +365,59 @@ pub(super) async fn online_devices(
                 .into_tuple::<String>()
                 .all(&state.db)
                 .await?,
+        );
+    }
+    Ok(online)
+}
+
+/// Which of `granted` (subtasks a grant did not change) neither wait for their slot nor download: their
+/// grant goes to the next in line. One already downloading took a grant made twice (by this instance and
+/// another, or by repair) and keeps its place.
+async fn no_longer_waiting(state: &Context, granted: Vec<i64>) -> Result<Vec<i64>> {
+    if granted.is_empty() {
+        return Ok(granted);
+    }
+    let holding: HashSet<i64> = subtasks::Entity::find()
+        .select_only()
+        .column(subtasks::Column::Id)
+        .filter(subtasks::Column::Id.is_in(granted.clone()))
+        .filter(subtasks::Column::Status.eq(SubtaskStatus::Processing.as_str()))
+        .filter(subtasks::Column::Step.eq("downloading"))
+        .into_tuple::<i64>()
+        .all(&state.db)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(granted
+        .into_iter()
+        .filter(|id| !holding.contains(id))
+        .collect())
+}
+
+/// Which of `devices` are connected now, read under a share lock of their rows (PostgreSQL), in id order.
+async fn locked_online(
+    txn: &DatabaseTransaction,
+    devices: impl Iterator<Item = String>,
+) -> Result<HashSet<String>> {
+    let mut devices: Vec<String> = devices.collect();
+    devices.sort_unstable();
+    devices.dedup();
+    let mut online = HashSet::new();
+    for chunk in devices.chunks(BATCH as usize) {
+        let rows: Vec<(String, String)> = devices::Entity::find()
+            .select_only()
+            .column(devices::Column::Id)
+            .column(devices::Column::Status)
+            .filter(devices::Column::Id.is_in(chunk.to_vec()))
+            .order_by_asc(devices::Column::Id)
+            .lock_shared()
+            .into_tuple()
+            .all(txn)
+            .await?;
+        online.extend(
+            rows.into_iter()
+                .filter(|(_, status)| status == "ONLINE")
+                .map(|(id, _)| id),
         );
     }
     Ok(online)

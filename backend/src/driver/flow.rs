@@ -55,11 +55,11 @@ pub(crate) enum Step<'a> {
 }
 
 impl Step<'_> {
-    /// Whether this instance decided on the input itself (a deadline, a download slot), so that it
-    /// applies only under this instance's lease; devices and operators take the lease over instead
-    /// (see `transition::Lease`).
+    /// Whether this instance decided on the input itself (a deadline passed), so that it applies only
+    /// under this instance's lease; devices and operators take the lease over instead, and so does a
+    /// download slot granted under its cell's lock (see `transition::Lease`).
     pub(crate) fn respects_lease(&self) -> bool {
-        matches!(self, Self::Timer | Self::Lwm2m(lwm2m::Input::SlotGranted))
+        matches!(self, Self::Timer)
     }
 }
 

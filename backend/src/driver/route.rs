@@ -51,26 +51,35 @@ enum Command {
 fn stored(m: &Outgoing) -> Option<(&str, &'static str, Vec<u8>)> {
     let (device_id, command) = match m {
         Outgoing::Mqtt { device_id, payload } => return Some((device_id, "mqtt", payload.clone())),
-        Outgoing::Pcp { device_id, frame } => (device_id, Command::Pcp {
-            frame: frame.clone(),
-        }),
+        Outgoing::Pcp { device_id, frame } => (
+            device_id,
+            Command::Pcp {
+                frame: frame.clone(),
+            },
+        ),
         Outgoing::ReadCoverage { device_id } => (device_id, Command::ReadCoverage),
         Outgoing::ReadCellId { device_id } => (device_id, Command::ReadCellId),
         Outgoing::Serve {
             device_id,
             download,
-        } => (device_id, Command::Serve {
-            download: download.as_deref().cloned(),
-        }),
+        } => (
+            device_id,
+            Command::Serve {
+                download: download.as_deref().cloned(),
+            },
+        ),
         Outgoing::ReadFirmwareVersion { device_id } => (device_id, Command::ReadFirmwareVersion),
         Outgoing::StartFirmware {
             device_id,
             uri,
             blocks,
-        } => (device_id, Command::StartFirmware {
-            uri: uri.clone(),
-            blocks: blocks.clone(),
-        }),
+        } => (
+            device_id,
+            Command::StartFirmware {
+                uri: uri.clone(),
+                blocks: blocks.clone(),
+            },
+        ),
         Outgoing::ExecuteUpdate { device_id } => (device_id, Command::ExecuteUpdate),
         Outgoing::AskSlot { .. } | Outgoing::ReleaseSlot { .. } => return None,
     };
@@ -267,7 +276,9 @@ impl Driver {
                         m.send_to(l.as_ref());
                     }
                 }
-                Err(e) => tracing::warn!(error.message = %e, "a queued device message is unreadable"),
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "a queued device message is unreadable")
+                }
             }
         }
         Ok(n)

@@ -7,7 +7,7 @@
 //! on the cell's key; SQLite has one writer anyway), counts the holders and hands free places to the
 //! oldest waiters. Asking and giving back happen right after the transition that decided them commits;
 //! [`Driver::reconcile_slots`] repairs what a crash in between left (a waiting subtask with no row, a row
-//! whose subtask ended), at start-up and on every pass of the driver's loop.
+//! whose subtask ended, a grant its subtask never saw), at start-up and on every pass of the driver's loop.
 
 use domain::flow::lwm2m::{self, Class, Slot};
 use domain::task::SubtaskStatus;
@@ -98,7 +98,10 @@ impl Driver {
         };
         let txn = crate::db::begin_write(&state.db).await?;
         lock(&txn, &key).await?;
-        match download_slots::Entity::find_by_id(subtask).one(&txn).await? {
+        match download_slots::Entity::find_by_id(subtask)
+            .one(&txn)
+            .await?
+        {
             // Asked again while holding (a retry after a lost grant): it holds it already.
             Some(row) if row.held => granted.push(subtask),
             Some(_) => {}
@@ -234,6 +237,28 @@ impl Driver {
             .into_tuple()
             .all(&state.db)
             .await?;
+        // Granted, but the grant never reached the subtask (a crash or an error right after): granted
+        // again (a grant made twice changes a subtask once).
+        granted.extend(
+            download_slots::Entity::find()
+                .select_only()
+                .column(download_slots::Column::SubtaskId)
+                .filter(download_slots::Column::Held.eq(true))
+                .filter(
+                    download_slots::Column::SubtaskId.in_subquery(
+                        Query::select()
+                            .column(subtasks::Column::Id)
+                            .from(subtasks::Entity)
+                            .and_where(Expr::col(subtasks::Column::Status).eq(processing))
+                            .and_where(Expr::col(subtasks::Column::Step).eq("wait_slot"))
+                            .to_owned(),
+                    ),
+                )
+                .limit(BATCH)
+                .into_tuple::<i64>()
+                .all(&state.db)
+                .await?,
+        );
         for (id, json) in missing {
             let Some(machine) = json
                 .as_deref()
@@ -257,7 +282,11 @@ impl Driver {
     /// # Errors
     /// [`crate::Error::Db`].
     pub async fn slots_held(&self, state: &Context, cell: u32, class: Class) -> Result<u64> {
-        let key = key(Slot { cell, class, cap: 0 });
+        let key = key(Slot {
+            cell,
+            class,
+            cap: 0,
+        });
         Ok(download_slots::Entity::find()
             .filter(download_slots::Column::SlotKey.eq(key))
             .filter(download_slots::Column::Held.eq(true))

@@ -57,6 +57,11 @@ pub(crate) async fn spawn_app(data_dir: &Path) -> TestApp {
 
 /// Starts the application with `settings`; the client trusts the generated CA, or `settings.tls.cert`.
 pub(crate) async fn spawn_with(settings: Settings) -> TestApp {
+    spawn_on_clock(settings, ManualClock::new(Timestamp::from_millis(START))).await
+}
+
+/// [`spawn_with`] on a given clock (instances of one deployment share one).
+pub(crate) async fn spawn_on_clock(settings: Settings, clock: ManualClock) -> TestApp {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let data_dir = settings.data_dir.clone();
     if std::env::var_os("TEST_LOG").is_some() {
@@ -67,7 +72,6 @@ pub(crate) async fn spawn_with(settings: Settings) -> TestApp {
             false,
         );
     }
-    let clock = ManualClock::new(Timestamp::from_millis(START));
     let trust = settings.tls.cert.clone();
     let app = Application::build(settings, Arc::new(clock.clone()))
         .await

@@ -3,6 +3,7 @@
 
 mod api;
 mod binary;
+mod cluster;
 mod console;
 mod console_tasks;
 mod firmware;

@@ -108,13 +108,20 @@ impl Fleet {
 }
 
 pub(crate) fn fleet(app: &TestApp, devices: Vec<SimDevice>, opts: SimOptions) -> Fleet {
+    let addr = if opts.tls { app.mqtts } else { app.mqtt };
+    fleet_at(app, addr, devices, opts)
+}
+
+/// [`fleet`] connecting to `addr` (a balancer in front of several instances).
+pub(crate) fn fleet_at(
+    app: &TestApp,
+    addr: std::net::SocketAddr,
+    devices: Vec<SimDevice>,
+    opts: SimOptions,
+) -> Fleet {
     let opts = SimOptions {
         host: "localhost".into(),
-        port: if opts.tls {
-            app.mqtts.port()
-        } else {
-            app.mqtt.port()
-        },
+        port: addr.port(),
         ca_pem: app.ca_pem.clone(),
         ..opts
     };

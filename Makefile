@@ -5,7 +5,7 @@ UPDRAFT := $(TARGET_DIR)/debug/updraft
 # The wasm build needs RUSTC_BOOTSTRAP=1, which must not touch host artifacts: its own target directory.
 WASM_TARGET_DIR := $(TARGET_DIR)/wasm-build
 
-.PHONY: setup server site run test bench bench-tasks chaos probe bench-lwm2m bench-console fuzz api-fuzz check fmt fmt-check clippy purity circles unit e2e clean-data
+.PHONY: setup server site run test bench bench-tasks chaos probe bench-lwm2m bench-console cluster bench-cluster fuzz api-fuzz check fmt fmt-check clippy purity circles unit e2e clean-data
 
 setup:
 	@scripts/setup.sh
@@ -53,6 +53,16 @@ bench-lwm2m: setup
 ## Console: the task detail page of a 100 000-device task, timed over HTTPS (release build).
 bench-console: setup
 	cargo run --release -p server --example bench_console -- $(ARGS)
+
+## A local deployment: PostgreSQL, an S3-compatible server, 3 instances, HAProxy (HTTPS, MQTT) and nginx
+## (CoAP over UDP) in front; prints the addresses, Ctrl-C stops everything. `INSTANCES=2`, `BIN=...`.
+cluster: setup
+	scripts/cluster.sh
+
+## Scale-out benchmark: `make cluster`'s deployment, 15 000 MQTT devices through HAProxy, one task, one instance
+## SIGKILLed mid-campaign (release build): time, peak RSS per instance, takeover time, subtasks driven twice.
+bench-cluster: setup
+	scripts/bench-cluster.sh $(ARGS)
 
 ## Fuzz the PCP decoder and the CoAP request handling, 5 minutes each (nightly + cargo-fuzz).
 fuzz: setup

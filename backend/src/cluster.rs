@@ -175,6 +175,29 @@ pub async fn beat(state: &Context, driver: &Driver) -> Result<Beat> {
         beat.taken_over += taken;
         beat.reaped.push(instance.id);
     }
+    // Connections recorded under an instance that is gone without a trace (it left while a connection
+    // was still being recorded, or an earlier run on SQLite): the same as a dead instance's.
+    let vanished: Vec<String> = devices::Entity::find()
+        .select_only()
+        .column(devices::Column::InstanceId)
+        .distinct()
+        .filter(devices::Column::InstanceId.is_not_null())
+        .filter(
+            devices::Column::InstanceId.not_in_subquery(
+                sea_orm::sea_query::Query::select()
+                    .column(instances::Column::Id)
+                    .from(instances::Entity)
+                    .to_owned(),
+            ),
+        )
+        .into_tuple()
+        .all(&state.db)
+        .await?;
+    for instance in vanished {
+        let (devices, taken) = reap(state, driver, &instance, now).await?;
+        beat.devices_offline += devices;
+        beat.taken_over += taken;
+    }
     Ok(beat)
 }
 
@@ -186,6 +209,8 @@ async fn reap(
     dead: &str,
     now: Timestamp,
 ) -> Result<(usize, u64)> {
+    // Leases first: the devices' going offline is then recorded by their subtasks' new owner.
+    let taken = take_over(state, dead, now).await?;
     let mut offline = 0;
     loop {
         let ids: Vec<String> = devices::Entity::find()
@@ -217,7 +242,6 @@ async fn reap(
             )
             .await?;
     }
-    let taken = take_over(state, dead, now).await?;
     instances::Entity::delete_by_id(dead.to_owned())
         .exec(&state.db)
         .await?;

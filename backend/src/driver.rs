@@ -211,6 +211,8 @@ struct Inner {
     tailing: std::sync::atomic::AtomicBool,
     /// Outbox ids the tail passed without finding them, and since when (see `tail`).
     gaps: Mutex<std::collections::BTreeMap<i64, std::time::Instant>>,
+    /// When the download slots were last repaired ([`Driver::reconcile_slots`]).
+    reconciled: Mutex<Option<std::time::Instant>>,
     /// Whether this process runs the driver loop ([`Driver::run`]): only then does it start tasks.
     running: std::sync::atomic::AtomicBool,
 }
@@ -233,6 +235,7 @@ impl Driver {
                 own_records: Mutex::default(),
                 tailing: std::sync::atomic::AtomicBool::new(false),
                 gaps: Mutex::default(),
+                reconciled: Mutex::default(),
                 running: std::sync::atomic::AtomicBool::new(false),
             }),
         }
@@ -322,6 +325,16 @@ impl Driver {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Whether the download slots are due for repair: once a second at most, however often the loop runs.
+    fn reconcile_due(&self) -> bool {
+        let mut last = lock(&self.inner.reconciled);
+        let due = last.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1));
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
     }
 
     /// Records outbox ids as written by this process (before their transaction commits).

@@ -1591,3 +1591,160 @@ async fn read_ahead_chunks_count_in_the_gauge_from_the_start_of_their_read() {
         "every chunk uncounted when dropped"
     );
 }
+
+/// Two instances on one PostgreSQL: a subtask whose deadline passed under another live instance's lease is
+/// left to it; once that instance stops beating for a lease, a heartbeat of the other takes its subtasks
+/// over and marks its devices offline. (On SQLite there is one instance: a heartbeat reaps only what an
+/// earlier run left.)
+#[tokio::test]
+async fn a_silent_instances_subtasks_are_taken_over_after_its_lease() {
+    use backend::cluster;
+    use backend::driver::DeviceEvent;
+    use backend::service::tasks;
+    use sea_orm::QueryOrder;
+    const N: usize = 6;
+    for t in databases().await {
+        let kind = t.kind;
+        let project = projects::ensure_default(&t.state).await.unwrap().id;
+        mqtt_product(&t, &project).await;
+        let (ids, package) = meters_and_package(&t, &project, N).await;
+        // A lease longer than the version query's timeout (3 min), so that a deadline passes under it.
+        let instance = |id: &str| {
+            let mut settings = t.state.settings.clone();
+            settings.cluster.instance_id = id.to_owned();
+            settings.cluster.lease = Duration::from_secs(600);
+            AppState::new(
+                t.state.db.clone(),
+                t.state.clock.clone(),
+                t.state.sealer.clone(),
+                t.state.store.clone(),
+                settings,
+            )
+        };
+        let (a, b) = (instance("a"), instance("b"));
+        for s in [&a, &b] {
+            s.driver.set_downlink(Arc::new(Sent::default()));
+            cluster::join(s, "").await.unwrap();
+        }
+        let online: Vec<_> = ids
+            .iter()
+            .map(|d| (d.clone(), DeviceEvent::Online))
+            .collect();
+        a.driver.device_events(&a, online).await.unwrap();
+        let task = tasks::create(
+            &a,
+            &project,
+            tasks::NewTask {
+                task_name: "takeover".into(),
+                task_type: "softwareUpgrade".into(),
+                package_id: package.id.clone(),
+                targets: ids.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        a.driver.run_due(&a).await.unwrap();
+        let rows = |db: &AppState| {
+            let (db, task_id) = (db.db.clone(), task.id.clone());
+            async move {
+                subtasks::Entity::find()
+                    .filter(subtasks::Column::TaskId.eq(task_id))
+                    .order_by_asc(subtasks::Column::Id)
+                    .all(&db)
+                    .await
+                    .unwrap()
+            }
+        };
+        let started = rows(&a).await;
+        assert!(
+            started.iter().all(|r| r.step == "version_query"),
+            "{kind}: {started:?}"
+        );
+        if kind == "sqlite" {
+            // One instance per file: another recorded instance is an earlier run, reaped at once.
+            let beat = cluster::beat(&b, &b.driver).await.unwrap();
+            assert_eq!(beat.reaped, ["a"], "{kind}");
+            t.cleanup().await;
+            continue;
+        }
+        assert!(
+            started
+                .iter()
+                .all(|r| r.lease_owner.as_deref() == Some("a")),
+            "{kind}: the instance that began them drives them: {started:?}"
+        );
+        // The version queries time out, under A's lease: B leaves them to A.
+        t.clock.advance(Duration::from_secs(3 * 60 + 1));
+        b.driver.run_due(&b).await.unwrap();
+        assert_eq!(
+            rows(&b).await,
+            started,
+            "{kind}: B did not touch A's subtasks"
+        );
+        assert_eq!(cluster::beat(&b, &b.driver).await.unwrap().reaped.len(), 0);
+        // A falls silent for longer than its lease.
+        t.clock.advance(Duration::from_secs(601));
+        let beat = cluster::beat(&b, &b.driver).await.unwrap();
+        assert_eq!(beat.reaped, ["a"], "{kind}");
+        assert_eq!(beat.taken_over, N as u64, "{kind}");
+        assert_eq!(beat.devices_offline, N, "{kind}");
+        assert!(
+            rows(&b)
+                .await
+                .iter()
+                .all(|r| r.lease_owner.as_deref() == Some("b")),
+            "{kind}: B owns them now"
+        );
+        // The deadlines A never fired are B's now.
+        b.driver.run_due(&b).await.unwrap();
+        assert!(
+            rows(&b)
+                .await
+                .iter()
+                .zip(&started)
+                .all(|(now, before)| now.machine != before.machine
+                    && now.lease_owner.as_deref() == Some("b")),
+            "{kind}: B fired the deadlines it took over"
+        );
+        for d in &ids {
+            let device = e::devices::Entity::find_by_id(d.clone())
+                .one(&b.db)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (device.status.as_str(), device.instance_id),
+                ("OFFLINE", None),
+                "{kind}: {d}"
+            );
+        }
+        let live: Vec<String> = cluster::live(&b)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(live, ["b"], "{kind}");
+        // A device reconnecting (to B) takes its subtask along; a disconnect A reports late is ignored.
+        b.driver
+            .device_event(&b, &ids[0], DeviceEvent::Online)
+            .await
+            .unwrap();
+        a.driver
+            .device_event(&a, &ids[0], DeviceEvent::Offline)
+            .await
+            .unwrap();
+        let device = e::devices::Entity::find_by_id(ids[0].clone())
+            .one(&b.db)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (device.status.as_str(), device.instance_id.as_deref()),
+            ("ONLINE", Some("b")),
+            "{kind}"
+        );
+        t.cleanup().await;
+    }
+}

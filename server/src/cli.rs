@@ -151,7 +151,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         settings.log.format = format;
     }
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(settings).await,
+        Command::Serve => Box::pin(serve(settings)).await,
         Command::CheckConfig => {
             println!("{}", to_json(&settings)?);
             Ok(())

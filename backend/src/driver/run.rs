@@ -50,7 +50,9 @@ impl Driver {
     /// [`crate::Error::Db`].
     pub async fn run_due(&self, state: &Context) -> Result<Option<Timestamp>> {
         while self.drain_queued(state).await? == BATCH as usize {}
-        self.reconcile_slots(state).await?;
+        if self.reconcile_due() {
+            self.reconcile_slots(state).await?;
+        }
         let now = state.clock.now();
         let scheduled: Vec<String> = tasks::Entity::find()
             .select_only()

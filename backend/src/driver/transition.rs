@@ -258,7 +258,7 @@ pub(super) async fn recount(txn: &DatabaseTransaction, task_id: &str) -> Result<
     tasks::Entity::update_many()
         .col_expr(
             tasks::Column::UpdatedAt,
-            Expr::col(tasks::Column::UpdatedAt).into(),
+            Expr::col(tasks::Column::UpdatedAt),
         )
         .filter(tasks::Column::Id.eq(task_id))
         .exec(txn)

@@ -164,6 +164,9 @@ struct Pair {
 
 fn instance_settings(dir: &std::path::Path, pg: &Pg, id: &str, download_port: u16) -> Settings {
     let mut s = settings_for(dir);
+    // Trusts the notification receiver's certificate, when a test wrote it.
+    let receiver_ca = dir.join("receiver-ca.pem");
+    s.notifications.extra_ca = receiver_ca.exists().then_some(receiver_ca);
     s.database.url = Some(pg.url.clone().into());
     s.cluster.instance_id = Some(id.to_owned());
     // Real time between beats; the lease is judged on the shared manual clock.
@@ -244,6 +247,9 @@ async fn two_instances_drive_one_mqtt_campaign_and_the_survivor_finishes_after_a
             return;
         };
         let dir = tempfile::tempdir().unwrap();
+        // Both instances send notifications, to one receiver.
+        let (hook, received, hook_ca) = crate::notifications::receiver().await;
+        std::fs::write(dir.path().join("receiver-ca.pem"), &hook_ca).unwrap();
         // The HTTPS balancer's port is chosen before the instances start, since they advertise it.
         let https_port = free_port();
         let Pair { a, b, clock } = pair(dir.path(), &pg, https_port).await;
@@ -271,6 +277,15 @@ async fn two_instances_drive_one_mqtt_campaign_and_the_survivor_finishes_after_a
             spread.iter().all(|n| *n >= DEVICES / 3),
             "devices are spread over both instances: {spread:?}"
         );
+        backend::service::subscriptions::create(
+            &a.state,
+            &fx.project,
+            "batchtask",
+            "update",
+            &format!("https://localhost:{}/hook", hook.port()),
+        )
+        .await
+        .unwrap();
         // The task is created on B, while most devices' connections are elsewhere half the time.
         let task = tasks::create(
             &b.state,
@@ -293,7 +308,8 @@ async fn two_instances_drive_one_mqtt_campaign_and_the_survivor_finishes_after_a
             );
             a.kill().await;
             // The lease (15 s) runs out on the shared clock; B's next beat takes A's subtasks over.
-            clock.advance(Duration::from_secs(16));
+            // (45 s: also past the claim of a notification A may have been sending when it died.)
+            clock.advance(Duration::from_secs(45));
             b.state.driver.kick();
             (b, None)
         } else {
@@ -331,6 +347,44 @@ async fn two_instances_drive_one_mqtt_campaign_and_the_survivor_finishes_after_a
             (t.total, t.success, t.processing, t.fail, t.waitting),
             (DEVICES as i64, DEVICES as i64, 0, 0, 0),
             "kill={kill}: counters equal rows"
+        );
+        // Every notification was sent, by one instance or the other, once.
+        let deliveries = || async {
+            backend::storage::entity::notification_deliveries::Entity::find()
+                .all(&survivor.state.db)
+                .await
+                .unwrap()
+        };
+        for _ in 0..600 {
+            if deliveries().await.iter().all(|d| d.status != "pending") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let rows = deliveries().await;
+        assert!(
+            rows.iter().all(|d| d.status == "delivered"),
+            "kill={kill}: {:?}",
+            rows.iter()
+                .filter(|d| d.status != "delivered")
+                .collect::<Vec<_>>()
+        );
+        let mut sent: Vec<String> = received
+            .accepted_raw()
+            .iter()
+            .map(|(h, _)| h["x-updraft-delivery"].to_str().unwrap().to_owned())
+            .collect();
+        let posts = sent.len();
+        sent.sort();
+        sent.dedup();
+        if !kill {
+            // (A kill may cut an attempt after the receiver took it: at least once, then.)
+            assert_eq!(posts, sent.len(), "no delivery was sent twice");
+        }
+        assert_eq!(
+            sent.len(),
+            rows.len(),
+            "kill={kill}: every delivery arrived"
         );
         if let Some(a) = other {
             // The other instance's view is the same.

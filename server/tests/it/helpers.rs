@@ -73,7 +73,7 @@ pub(crate) async fn spawn_on_clock(settings: Settings, clock: ManualClock) -> Te
         );
     }
     let trust = settings.tls.cert.clone();
-    let app = Application::build(settings, Arc::new(clock.clone()))
+    let app = Box::pin(Application::build(settings, Arc::new(clock.clone())))
         .await
         .expect("application builds");
     let addr = app.https_addr();

@@ -21,7 +21,7 @@ use crate::helpers::{TestApp, settings_for, spawn_with};
 
 /// What the receiver saw: every POST, with whether it accepted it.
 #[derive(Default)]
-struct Received {
+pub(crate) struct Received {
     posts: Mutex<Vec<(HeaderMap, Vec<u8>, bool)>>,
     failing: AtomicBool,
 }
@@ -34,7 +34,7 @@ impl Received {
             .collect()
     }
 
-    fn accepted_raw(&self) -> Vec<(HeaderMap, Vec<u8>)> {
+    pub(crate) fn accepted_raw(&self) -> Vec<(HeaderMap, Vec<u8>)> {
         self.posts
             .lock()
             .unwrap()
@@ -72,7 +72,7 @@ async fn hook(
 }
 
 /// An HTTPS receiver on 127.0.0.1 port 0 with its own self-signed certificate (PEM returned).
-async fn receiver() -> (SocketAddr, Arc<Received>, Vec<u8>) {
+pub(crate) async fn receiver() -> (SocketAddr, Arc<Received>, Vec<u8>) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let cert_pem = cert.cert.pem();
     let key_pem = cert.signing_key.serialize_pem();

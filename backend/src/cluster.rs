@@ -139,19 +139,35 @@ pub async fn beat(state: &Context, driver: &Driver) -> Result<Beat> {
         );
         join(state, "").await?;
     }
-    let open = SubtaskStatus::OPEN.map(SubtaskStatus::as_str);
     // Renewed once half the lease has passed, so each lease is written about twice per lease period.
-    let renewed = subtasks::Entity::update_many()
-        .col_expr(
-            subtasks::Column::LeaseUntil,
-            Expr::value(now.as_millis() + lease),
-        )
-        .filter(subtasks::Column::LeaseOwner.eq(me))
-        .filter(subtasks::Column::LeaseUntil.lt(now.as_millis() + lease / 2))
-        .filter(subtasks::Column::Status.is_in(open))
-        .exec(&state.db)
-        .await?
-        .rows_affected;
+    // Rows a transition is writing right now are skipped (it renews them itself): a bulk update that
+    // waited for them would deadlock with transitions locking rows in another order.
+    let renewed = if state.clustered() {
+        let open: Vec<sea_orm::Value> = SubtaskStatus::OPEN
+            .iter()
+            .map(|s| s.as_str().into())
+            .collect();
+        state
+            .db
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "UPDATE subtasks SET lease_until = $1 WHERE id IN (\
+                   SELECT id FROM subtasks WHERE lease_owner = $2 AND lease_until < $3 \
+                     AND status IN ($4, $5, $6) \
+                   ORDER BY id FOR UPDATE SKIP LOCKED)",
+                [
+                    (now.as_millis() + lease).into(),
+                    me.into(),
+                    (now.as_millis() + lease / 2).into(),
+                ]
+                .into_iter()
+                .chain(open),
+            ))
+            .await?
+            .rows_affected()
+    } else {
+        0
+    };
     let mut beat = Beat {
         renewed,
         ..Beat::default()

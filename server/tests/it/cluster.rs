@@ -20,6 +20,7 @@ use server::sim::lwm2m::{Lwm2mOptions, Lwm2mStats, Radio};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{START, TestApp, settings_for, spawn_on_clock};
+use crate::robustness::{free_port, succeeded};
 
 /// A fresh PostgreSQL database, dropped by [`Pg::drop_database`].
 struct Pg {
@@ -144,14 +145,6 @@ impl Drop for Balancer {
     fn drop(&mut self) {
         self.stop.cancel();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Two instances, `a` and `b`, on `pg`, sharing `dir` (packages, TLS, secret key) and `clock`. Downloads
@@ -407,16 +400,6 @@ fn https_addr(app: &TestApp) -> SocketAddr {
         .and_then(|(_, p)| p.parse().ok())
         .unwrap();
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-async fn succeeded(app: &TestApp, task_id: &str) -> usize {
-    subtasks::Entity::find()
-        .filter(subtasks::Column::TaskId.eq(task_id))
-        .filter(subtasks::Column::Status.eq("Success"))
-        .all(&app.state.db)
-        .await
-        .unwrap()
-        .len()
 }
 
 /// LwM2M devices of two cells with poor coverage (cap 1 per cell), registered half with each instance:

@@ -16,7 +16,7 @@ use server::sim::{Behaviour, SimOptions};
 use crate::helpers::{TestApp, settings_for, spawn_with};
 use crate::tasks::{fixture, fleet, new_task, register};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -161,7 +161,7 @@ async fn wait_all_final(app: &TestApp, task_id: &str, limit: Duration) -> Vec<su
     }
 }
 
-async fn succeeded(app: &TestApp, task_id: &str) -> usize {
+pub(crate) async fn succeeded(app: &TestApp, task_id: &str) -> usize {
     subtasks::Entity::find()
         .filter(subtasks::Column::TaskId.eq(task_id))
         .filter(subtasks::Column::Status.eq("Success"))

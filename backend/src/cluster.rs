@@ -25,7 +25,7 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 
 use crate::driver::{DeviceEvent, Driver};
-use crate::storage::entity::{devices, instances, subtasks};
+use crate::storage::entity::{device_messages, devices, instances, subtasks};
 use crate::{Context, Result};
 
 /// Subtasks taken over per statement.
@@ -258,6 +258,11 @@ async fn reap(
             )
             .await?;
     }
+    // Nobody sends what was queued for it; its devices are asked again when they connect.
+    device_messages::Entity::delete_many()
+        .filter(device_messages::Column::InstanceId.eq(dead))
+        .exec(&state.db)
+        .await?;
     instances::Entity::delete_by_id(dead.to_owned())
         .exec(&state.db)
         .await?;

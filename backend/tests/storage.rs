@@ -1748,3 +1748,176 @@ async fn a_silent_instances_subtasks_are_taken_over_after_its_lease() {
         t.cleanup().await;
     }
 }
+
+/// Two instances on one PostgreSQL, the race `make bench-cluster` found: a device that was held by an
+/// instance that just died reconnects to B while another instance begins its subtask, reading the old
+/// place and queueing the version query there. B's connect waits for the begin's lock on the device row;
+/// it must then decide on the begun subtask (and ask again), and take over what was queued for the dead
+/// instance, rather than decide on the never-started row it read before it waited.
+#[tokio::test]
+async fn a_connect_that_waited_for_a_begin_elsewhere_asks_the_device_again() {
+    use backend::driver::DeviceEvent;
+    use backend::service::tasks;
+    use domain::flow::mqtt;
+    use sea_orm::TransactionTrait;
+    for t in databases().await {
+        if t.kind != "postgres" {
+            // One instance per SQLite file: there is no other instance to race.
+            t.cleanup().await;
+            continue;
+        }
+        let project = projects::ensure_default(&t.state).await.unwrap().id;
+        mqtt_product(&t, &project).await;
+        let (ids, package) = meters_and_package(&t, &project, 1).await;
+        let device = ids[0].clone();
+        let instance = |id: &str| {
+            let mut settings = t.state.settings.clone();
+            settings.cluster.instance_id = id.to_owned();
+            AppState::new(
+                t.state.db.clone(),
+                t.state.clock.clone(),
+                t.state.sealer.clone(),
+                t.state.store.clone(),
+                settings,
+            )
+        };
+        let (a, b) = (instance("a"), instance("b"));
+        let sent_b = Arc::new(Sent::default());
+        a.driver.set_downlink(Arc::new(Sent::default()));
+        b.driver.set_downlink(sent_b.clone());
+        a.driver
+            .device_event(&a, &device, DeviceEvent::Online)
+            .await
+            .unwrap();
+        let task = tasks::create(
+            &a,
+            &project,
+            tasks::NewTask {
+                task_name: "race".into(),
+                task_type: "softwareUpgrade".into(),
+                package_id: package.id.clone(),
+                targets: ids.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let subtask = subtasks::Entity::find()
+            .filter(subtasks::Column::TaskId.eq(task.id.clone()))
+            .one(&t.state.db)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(subtask.step, "pending");
+        // The other instance's begin: it holds the device row (shared) while it decides.
+        let begin = t.state.db.begin().await.unwrap();
+        begin
+            .execute_raw(Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT id FROM devices WHERE id = $1 FOR SHARE",
+                [device.clone().into()],
+            ))
+            .await
+            .unwrap();
+        // Meanwhile the device connects to B, whose transaction waits for that lock.
+        let connect = {
+            let (b, device) = (b.clone(), device.clone());
+            tokio::spawn(async move {
+                b.driver
+                    .device_event(&b, &device, DeviceEvent::Online)
+                    .await
+            })
+        };
+        let waiting = || async {
+            let row = t
+                .state
+                .db
+                .query_one_raw(Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) AS n FROM pg_locks WHERE NOT granted",
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get::<i64>("", "n").unwrap() > 0
+        };
+        let mut tries = 0;
+        while !waiting().await {
+            tries += 1;
+            assert!(tries < 500, "B's connect never waited for the device row");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The begin, as the other instance writes it: version query asked, and queued for A, where it
+        // read the device.
+        let now = t.state.clock.now();
+        let machine = mqtt::Subtask {
+            phase: mqtt::Phase::WaitVersion {
+                deadline: now.plus(Duration::from_secs(180)),
+            },
+            online: true,
+            attempts: 1,
+            source_version: None,
+            progress: 0,
+        };
+        subtasks::Entity::update_many()
+            .col_expr(
+                subtasks::Column::Machine,
+                sea_orm::sea_query::Expr::value(serde_json::to_string(&machine).unwrap()),
+            )
+            .col_expr(
+                subtasks::Column::Status,
+                sea_orm::sea_query::Expr::value("Processing"),
+            )
+            .col_expr(
+                subtasks::Column::Step,
+                sea_orm::sea_query::Expr::value("version_query"),
+            )
+            .filter(subtasks::Column::Id.eq(subtask.id))
+            .exec(&begin)
+            .await
+            .unwrap();
+        let queued = serde_json::json!({
+            "object_device_id": device,
+            "services": [{"service_id": "$ota", "event_type": "version_query", "event_id": "queued"}],
+        });
+        device_messages::ActiveModel {
+            device_id: Set(device.clone()),
+            payload: Set(serde_json::to_vec(&queued).unwrap()),
+            created_at: Set(now.as_millis()),
+            instance_id: Set(Some("a".to_owned())),
+            kind: Set("mqtt".to_owned()),
+            ..Default::default()
+        }
+        .insert(&begin)
+        .await
+        .unwrap();
+        begin.commit().await.unwrap();
+        connect.await.unwrap().unwrap();
+        let sent: Vec<serde_json::Value> = sent_b
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, v)| v["services"][0].clone())
+            .collect();
+        assert_eq!(
+            sent.iter()
+                .map(|s| (s["event_type"].as_str(), s["event_id"].as_str()))
+                .collect::<Vec<_>>(),
+            [
+                (Some("version_query"), Some("queued")),
+                (Some("version_query"), None)
+            ],
+            "B sends what was queued for A, then asks again: {sent:?}"
+        );
+        assert_eq!(
+            device_messages::Entity::find()
+                .all(&t.state.db)
+                .await
+                .unwrap(),
+            [],
+            "nothing is left queued for A"
+        );
+        t.cleanup().await;
+    }
+}

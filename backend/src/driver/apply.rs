@@ -18,7 +18,7 @@ use sea_orm::{
 use super::effects::{Effects, Outgoing};
 use super::flow::{AnyEffect, FlowPlan};
 use super::plan::TaskPlan;
-use super::route::route;
+use super::route::{route, take_over_queued};
 use super::transition::{Lease, Outcome, refresh_task, transition};
 use super::{BATCH, DeviceEvent, Driver, Step, firmware, mqtt, pcp};
 use crate::storage::entity::{device_messages, devices, subtasks};
@@ -111,26 +111,7 @@ impl Driver {
             let mut ids: Vec<i64> = steps.iter().map(|(id, _)| *id).collect();
             ids.sort_unstable();
             ids.dedup();
-            let mut rows: HashMap<i64, subtasks::Model> = HashMap::with_capacity(ids.len());
-            for chunk in ids.chunks(BATCH as usize) {
-                for row in subtasks::Entity::find()
-                    .filter(subtasks::Column::Id.is_in(chunk.to_vec()))
-                    .all(&state.db)
-                    .await?
-                {
-                    rows.insert(row.id, row);
-                }
-            }
-            // Whether a beginning subtask's device is connected, read under the lock (see `open_steps`).
-            if steps.iter().any(|(_, s)| matches!(s, Step::Begin { .. })) {
-                let online =
-                    online_devices(state, rows.values().map(|r| r.device_id.clone())).await?;
-                for (id, step) in &mut steps {
-                    if let Step::Begin { online: o } = step {
-                        *o = rows.get(id).is_some_and(|r| online.contains(&r.device_id));
-                    }
-                }
-            }
+            let mut rows = read_rows(&state.db, &ids).await?;
             let mut plans: HashMap<i64, Arc<TaskPlan>> = HashMap::with_capacity(rows.len());
             for row in rows.values() {
                 if let Some(plan) = self.plan(state, &row.task_id).await? {
@@ -146,17 +127,31 @@ impl Driver {
             for (device_id, event) in recorded {
                 record_device(&txn, state.instance_id(), device_id, event, now.as_millis()).await?;
             }
-            if state.clustered() && steps.iter().any(|(_, s)| matches!(s, Step::Begin { .. })) {
-                // Another instance may be recording a device's connection right now: read the online
-                // state again under a share lock of the device rows, so that either its transaction
-                // committed first (and this one sees the device online) or it waits for this one and
-                // then finds the begun subtask (see `open_steps`).
+            if steps.iter().any(|(_, s)| s.reads_online()) {
+                // Whether the device of a beginning or retried subtask is connected, read here under a
+                // share lock of the device rows: a connection being recorded right now (by another
+                // instance, or before this transaction on this one) either committed first and is seen,
+                // or waits for this transaction and then finds the started subtask (see `open_steps`).
                 let online =
                     locked_online(&txn, rows.values().map(|r| r.device_id.clone())).await?;
                 for (id, step) in &mut steps {
-                    if let Step::Begin { online: o } = step {
+                    if let Step::Begin { online: o } | Step::Start { online: o } = step {
                         *o = rows.get(id).is_some_and(|r| online.contains(&r.device_id));
                     }
+                }
+            }
+            if state.clustered() {
+                // Read again, now that this transaction holds its devices' rows: another instance may
+                // have changed a subtask since it was read above (a begin this one's connection waited
+                // for, above). A changed row's compare-and-set would fail and be retried, but an input
+                // that changes nothing (a connect to a not yet begun subtask) would be decided on the
+                // old row and lost.
+                rows = read_rows(&txn, &ids).await?;
+                // Sent first: they were decided before anything decided here.
+                let mut queued = take_over_queued(&txn, state, devices, now.as_millis()).await?;
+                if !queued.is_empty() {
+                    queued.append(&mut outgoing);
+                    outgoing = queued;
                 }
             }
             let mut touched_tasks: Vec<String> = Vec::new();
@@ -348,28 +343,6 @@ async fn open_steps<'a>(
         .collect())
 }
 
-/// Which of `devices` are connected now.
-pub(super) async fn online_devices(
-    state: &Context,
-    devices: impl Iterator<Item = String>,
-) -> Result<HashSet<String>> {
-    let devices: Vec<String> = devices.collect();
-    let mut online = HashSet::new();
-    for chunk in devices.chunks(BATCH as usize) {
-        online.extend(
-            devices::Entity::find()
-                .select_only()
-                .column(devices::Column::Id)
-                .filter(devices::Column::Id.is_in(chunk.to_vec()))
-                .filter(devices::Column::Status.eq("ONLINE"))
-                .into_tuple::<String>()
-                .all(&state.db)
-                .await?,
-        );
-    }
-    Ok(online)
-}
-
 /// Which of `granted` (subtasks a grant did not change) neither wait for their slot nor download: their
 /// grant goes to the next in line. One already downloading took a grant made twice (by this instance and
 /// another, or by repair) and keeps its place.
@@ -421,6 +394,24 @@ async fn locked_online(
         );
     }
     Ok(online)
+}
+
+/// The subtask rows `ids` (those that still exist).
+async fn read_rows(
+    db: &impl sea_orm::ConnectionTrait,
+    ids: &[i64],
+) -> Result<HashMap<i64, subtasks::Model>> {
+    let mut rows = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(BATCH as usize) {
+        for row in subtasks::Entity::find()
+            .filter(subtasks::Column::Id.is_in(chunk.to_vec()))
+            .all(db)
+            .await?
+        {
+            rows.insert(row.id, row);
+        }
+    }
+    Ok(rows)
 }
 
 /// Records what a device event says about the device itself: online state, reported versions.

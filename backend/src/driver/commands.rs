@@ -4,7 +4,6 @@
 use domain::task::SubtaskStatus;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
 
-use super::apply::online_devices;
 use super::transition::refresh_task;
 use super::{BATCH, DeviceEvent, Driver, Step};
 use crate::storage::entity::subtasks;
@@ -64,32 +63,18 @@ impl Driver {
         Ok(())
     }
 
-    /// Restarts subtasks (an operator retry): each is first told whether its device is connected now
-    /// (finished subtasks stop following connects and disconnects), then started.
+    /// Restarts subtasks (an operator retry): each is told whether its device is connected now, read
+    /// under the device's lock when the retry is applied (finished subtasks stop following connects and
+    /// disconnects), then started.
     ///
     /// # Errors
     /// [`crate::Error::Db`].
     pub(crate) async fn restart(&self, state: &Context, subtask_ids: Vec<i64>) -> Result<()> {
         for chunk in subtask_ids.chunks(BATCH as usize) {
-            let rows: Vec<(i64, String)> = subtasks::Entity::find()
-                .select_only()
-                .column(subtasks::Column::Id)
-                .column(subtasks::Column::DeviceId)
-                .filter(subtasks::Column::Id.is_in(chunk.to_vec()))
-                .into_tuple()
-                .all(&state.db)
-                .await?;
-            let online = online_devices(state, rows.iter().map(|(_, d)| d.clone())).await?;
-            let mut steps = Vec::with_capacity(rows.len() * 2);
-            for (id, device) in &rows {
-                let now_online = if online.contains(device) {
-                    Step::Online
-                } else {
-                    Step::Offline
-                };
-                steps.push((*id, now_online));
-                steps.push((*id, Step::Start));
-            }
+            let steps = chunk
+                .iter()
+                .map(|id| (*id, Step::Start { online: false }))
+                .collect();
             self.apply_in(state, steps, &[]).await?;
         }
         Ok(())

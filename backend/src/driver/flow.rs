@@ -38,8 +38,9 @@ pub(crate) enum Step<'a> {
     /// The task begins (only never-started subtasks start), with whether the device is connected now:
     /// it may have connected after the subtask was written, before this process heard of the subtask.
     Begin { online: bool },
-    /// Start, or an operator retry.
-    Start,
+    /// An operator retry (restarts a failed, retry-waiting or stopped subtask), with whether the device
+    /// is connected now (read under the device's lock like `Begin`'s).
+    Start { online: bool },
     /// An operator stop.
     Stop,
     /// A deadline passed.
@@ -60,6 +61,11 @@ impl Step<'_> {
     /// download slot granted under its cell's lock (see `transition::Lease`).
     pub(crate) fn respects_lease(&self) -> bool {
         matches!(self, Self::Timer)
+    }
+
+    /// Whether the step carries the device's connection state, read when it is applied.
+    pub(crate) fn reads_online(&self) -> bool {
+        matches!(self, Self::Begin { .. } | Self::Start { .. })
     }
 }
 
@@ -103,7 +109,10 @@ impl Machine {
                         }
                         mqtt::Input::Begin
                     }
-                    Step::Start => mqtt::Input::Start,
+                    Step::Start { online } => {
+                        m.online = online;
+                        mqtt::Input::Start
+                    }
                     Step::Stop => mqtt::Input::Stop,
                     Step::Timer => mqtt::Input::Timer,
                     Step::Online => mqtt::Input::Online,
@@ -124,7 +133,10 @@ impl Machine {
                         }
                         lwm2m::Input::Begin
                     }
-                    Step::Start => lwm2m::Input::Start,
+                    Step::Start { online } => {
+                        m.online = online;
+                        lwm2m::Input::Start
+                    }
                     Step::Stop => lwm2m::Input::Stop,
                     Step::Timer => lwm2m::Input::Timer,
                     Step::Online => lwm2m::Input::Online,

@@ -185,6 +185,55 @@ pub(super) async fn route(
     Ok(())
 }
 
+/// Takes the messages queued on other instances for devices that have just connected here (`devices`,
+/// recorded in `txn`): a transition that read a device's old place (a connection dropping as the task
+/// began, an instance that died) queued them there, where nobody will send them now. Returned oldest
+/// first, to be sent before anything decided in `txn`; stale ones are dropped.
+pub(super) async fn take_over_queued(
+    txn: &DatabaseTransaction,
+    state: &Context,
+    devices: &[(String, crate::driver::DeviceEvent)],
+    now: i64,
+) -> Result<Vec<Outgoing>> {
+    let mut ids: Vec<&str> = devices
+        .iter()
+        .filter(|(_, e)| *e == crate::driver::DeviceEvent::Online)
+        .map(|(d, _)| d.as_str())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut taken = Vec::new();
+    for chunk in ids.chunks(BATCH as usize) {
+        let rows = device_messages::Entity::find()
+            .filter(device_messages::Column::DeviceId.is_in(chunk.iter().copied()))
+            .filter(device_messages::Column::InstanceId.is_not_null())
+            .filter(device_messages::Column::InstanceId.ne(state.instance_id()))
+            .order_by_asc(device_messages::Column::Id)
+            .lock_exclusive()
+            .all(txn)
+            .await?;
+        if rows.is_empty() {
+            continue;
+        }
+        device_messages::Entity::delete_many()
+            .filter(device_messages::Column::Id.is_in(rows.iter().map(|r| r.id)))
+            .exec(txn)
+            .await?;
+        for row in rows {
+            if row.created_at < now - QUEUED_MAX_AGE_MS {
+                continue;
+            }
+            match outgoing(row) {
+                Ok(m) => taken.push(m),
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "a queued device message is unreadable");
+                }
+            }
+        }
+    }
+    Ok(taken)
+}
+
 impl Driver {
     /// Sends the messages queued for this instance as they come (woken by [`Driver::wake_queue`], and
     /// looking at least every second) until `stop`.

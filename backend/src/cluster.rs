@@ -240,21 +240,20 @@ async fn reap(
         if ids.is_empty() {
             break;
         }
-        // Only those still recorded there: a device that reconnected elsewhere meanwhile stays online.
-        devices::Entity::update_many()
-            .col_expr(
-                devices::Column::InstanceId,
-                Expr::value(Option::<String>::None),
-            )
-            .filter(devices::Column::Id.is_in(ids.clone()))
-            .filter(devices::Column::InstanceId.eq(dead))
-            .exec(&state.db)
-            .await?;
+        // Offline where still recorded there (each checked under its row's lock as it is applied): a
+        // device that reconnected elsewhere meanwhile stays online.
         offline += ids.len();
         driver
             .device_events(
                 state,
-                ids.into_iter().map(|d| (d, DeviceEvent::Offline)).collect(),
+                ids.into_iter()
+                    .map(|d| {
+                        let lost = DeviceEvent::Lost {
+                            instance: dead.to_owned(),
+                        };
+                        (d, lost)
+                    })
+                    .collect(),
             )
             .await?;
     }

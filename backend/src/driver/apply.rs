@@ -120,6 +120,20 @@ impl Driver {
             }
             let downlink = self.downlink();
             let txn = crate::db::begin_write(&state.db).await?;
+            if state.clustered() {
+                // Disconnects checked again, under the device rows' lock: the device may have connected
+                // to another instance since `open_steps` looked.
+                let elsewhere =
+                    connected_elsewhere(&txn, state.instance_id(), devices, true).await?;
+                if !elsewhere.is_empty() {
+                    steps.retain(|(id, step)| {
+                        !(*step == Step::Offline
+                            && rows
+                                .get(id)
+                                .is_some_and(|r| elsewhere.contains(&r.device_id)))
+                    });
+                }
+            }
             // In device order (each device's events in theirs): two instances' transactions then lock
             // device rows alike and cannot deadlock.
             let mut recorded: Vec<&(String, DeviceEvent)> = devices.iter().collect();
@@ -307,33 +321,10 @@ async fn open_steps<'a>(
             open.entry(device).or_default().push(id);
         }
     }
-    // A disconnect here of a device that connected to another instance meanwhile is no disconnect.
-    let mut offline: Vec<&str> = events
-        .iter()
-        .filter(|(_, e)| *e == DeviceEvent::Offline)
-        .map(|(d, _)| d.as_str())
-        .collect();
-    offline.sort_unstable();
-    offline.dedup();
-    let mut elsewhere: HashSet<String> = HashSet::new();
-    for chunk in offline.chunks(BATCH as usize) {
-        elsewhere.extend(
-            devices::Entity::find()
-                .select_only()
-                .column(devices::Column::Id)
-                .filter(devices::Column::Id.is_in(chunk.iter().copied()))
-                .filter(devices::Column::InstanceId.is_not_null())
-                .filter(devices::Column::InstanceId.ne(state.instance_id()))
-                .into_tuple::<String>()
-                .all(&state.db)
-                .await?,
-        );
-    }
+    let elsewhere = connected_elsewhere(&state.db, state.instance_id(), events, false).await?;
     Ok(events
         .iter()
-        .filter(move |(device, event)| {
-            !(*event == DeviceEvent::Offline && elsewhere.contains(device))
-        })
+        .filter(move |(device, event)| !(is_disconnect(event) && elsewhere.contains(device)))
         .flat_map(|(device, event)| {
             open.get(device)
                 .into_iter()
@@ -341,6 +332,61 @@ async fn open_steps<'a>(
                 .map(move |id| (*id, event.input()))
         })
         .collect())
+}
+
+const fn is_disconnect(event: &DeviceEvent) -> bool {
+    matches!(event, DeviceEvent::Offline | DeviceEvent::Lost { .. })
+}
+
+/// The devices of `events` whose disconnect is none: a connection that ended on this instance, or on a
+/// dead one (`Lost`), says nothing of one the device opened on another instance meanwhile. With `lock`,
+/// the device rows are locked (in id order) until the transaction ends, so the answer holds for it.
+async fn connected_elsewhere(
+    db: &impl sea_orm::ConnectionTrait,
+    me: &str,
+    events: &[(String, DeviceEvent)],
+    lock: bool,
+) -> Result<HashSet<String>> {
+    // The instance each disconnect came from, and whether it died.
+    let mut from: HashMap<&str, (&str, bool)> = HashMap::new();
+    for (device, event) in events {
+        match event {
+            DeviceEvent::Offline => from.insert(device, (me, false)),
+            DeviceEvent::Lost { instance } => from.insert(device, (instance, true)),
+            _ => None,
+        };
+    }
+    let mut ids: Vec<&str> = from.keys().copied().collect();
+    ids.sort_unstable();
+    let mut elsewhere = HashSet::new();
+    for chunk in ids.chunks(BATCH as usize) {
+        let mut query = devices::Entity::find()
+            .select_only()
+            .column(devices::Column::Id)
+            .column(devices::Column::InstanceId)
+            .filter(devices::Column::Id.is_in(chunk.iter().copied()))
+            .order_by_asc(devices::Column::Id);
+        if lock {
+            query = query.lock_exclusive();
+        }
+        let rows: Vec<(String, Option<String>)> = query.into_tuple().all(db).await?;
+        for (id, held) in rows {
+            let Some((instance, died)) = from.get(id.as_str()) else {
+                continue;
+            };
+            let no_disconnect = match held.as_deref() {
+                Some(h) => h != *instance,
+                // Held by none: a session's end still counts (the device may have been taken off a dead
+                // instance before its session noticed); a dead instance's was counted by whoever
+                // cleared it.
+                None => *died,
+            };
+            if no_disconnect {
+                elsewhere.insert(id);
+            }
+        }
+    }
+    Ok(elsewhere)
 }
 
 /// Which of `granted` (subtasks a grant did not change) neither wait for their slot nor download: their
@@ -459,6 +505,30 @@ async fn record_device(
                     );
             }
             update.exec(txn).await?;
+        }
+        DeviceEvent::Lost { instance: dead } => {
+            // Only where the dead instance still holds it (a frozen device stays frozen, but is held
+            // by none either).
+            devices::Entity::update_many()
+                .col_expr(devices::Column::Status, Expr::value("OFFLINE"))
+                .col_expr(
+                    devices::Column::ConnectionStatusUpdateTime,
+                    Expr::value(now),
+                )
+                .filter(devices::Column::Id.eq(device_id))
+                .filter(devices::Column::InstanceId.eq(dead.as_str()))
+                .filter(devices::Column::Status.ne("FROZEN"))
+                .exec(txn)
+                .await?;
+            devices::Entity::update_many()
+                .col_expr(
+                    devices::Column::InstanceId,
+                    Expr::value(Option::<String>::None),
+                )
+                .filter(devices::Column::Id.eq(device_id))
+                .filter(devices::Column::InstanceId.eq(dead.as_str()))
+                .exec(txn)
+                .await?;
         }
         DeviceEvent::VersionReport {
             sw_version,

@@ -15,6 +15,12 @@ pub enum DeviceEvent {
     Online,
     /// Its connection (or registration) ended.
     Offline,
+    /// The instance holding its connection stopped (a survivor's heartbeat found it silent): offline,
+    /// unless the device has connected elsewhere meanwhile.
+    Lost {
+        /// The instance that held it.
+        instance: String,
+    },
     /// `version_report`.
     VersionReport {
         /// `sw_version`.
@@ -100,7 +106,7 @@ impl DeviceEvent {
     pub(super) fn input(&self) -> Step<'_> {
         match self {
             Self::Online => Step::Online,
-            Self::Offline => Step::Offline,
+            Self::Offline | Self::Lost { .. } => Step::Offline,
             Self::VersionReport {
                 sw_version,
                 fw_version,

@@ -60,13 +60,14 @@ impl Pg {
 
     async fn drop_database(self) {
         let admin = Database::connect(&self.admin_url).await.expect("postgres");
-        admin
-            .execute_unprepared(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .expect("drop test database");
+        // A backend of another role on it (autovacuum) can make FORCE fail for a moment.
+        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let mut tries = 0;
+        while let Err(e) = admin.execute_unprepared(&drop).await {
+            tries += 1;
+            assert!(tries < 20, "drop test database: {e}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         admin.close().await.ok();
     }
 }

@@ -115,6 +115,8 @@ pub struct Beat {
     pub taken_over: u64,
     /// Their devices marked offline.
     pub devices_offline: usize,
+    /// Tasks whose start was cut short (one of them may have been starting it), started again.
+    pub starts_resumed: usize,
 }
 
 /// One heartbeat: this instance's row and leases are renewed, and dead instances are reaped.
@@ -190,6 +192,16 @@ pub async fn beat(state: &Context, driver: &Driver) -> Result<Beat> {
         beat.devices_offline += devices;
         beat.taken_over += taken;
         beat.reaped.push(instance.id);
+    }
+    if state.clustered() && !beat.reaped.is_empty() {
+        // On SQLite, start-up's recovery does this after its first beat.
+        beat.starts_resumed = driver.resume_starts(state).await?;
+        if beat.starts_resumed > 0 {
+            tracing::warn!(
+                tasks = beat.starts_resumed,
+                "tasks a dead instance was starting are started here"
+            );
+        }
     }
     // Connections recorded under an instance that is gone without a trace (it left while a connection
     // was still being recorded, or an earlier run on SQLite): the same as a dead instance's.

@@ -1947,3 +1947,84 @@ async fn a_connect_that_waited_for_a_begin_elsewhere_asks_the_device_again() {
         t.cleanup().await;
     }
 }
+
+/// Two instances on one PostgreSQL: the instance that was starting a task (its subtasks begin in batches)
+/// dies half-way; a survivor's heartbeat that reaps it starts the rest (found by `make bench-cluster`,
+/// where 7 000 subtasks stayed pending after the kill).
+#[tokio::test]
+async fn a_task_whose_starter_died_is_started_by_a_survivor() {
+    use backend::cluster;
+    use backend::service::tasks;
+    for t in databases().await {
+        if t.kind != "postgres" {
+            // One instance per SQLite file: start-up's recovery resumes starts (tested elsewhere).
+            t.cleanup().await;
+            continue;
+        }
+        let project = projects::ensure_default(&t.state).await.unwrap().id;
+        mqtt_product(&t, &project).await;
+        let (ids, package) = meters_and_package(&t, &project, 3).await;
+        let instance = |id: &str| {
+            let mut settings = t.state.settings.clone();
+            settings.cluster.instance_id = id.to_owned();
+            AppState::new(
+                t.state.db.clone(),
+                t.state.clock.clone(),
+                t.state.sealer.clone(),
+                t.state.store.clone(),
+                settings,
+            )
+        };
+        let (a, b) = (instance("a"), instance("b"));
+        for s in [&a, &b] {
+            s.driver.set_downlink(Arc::new(Sent::default()));
+            cluster::join(s, "").await.unwrap();
+        }
+        let task = tasks::create(
+            &a,
+            &project,
+            tasks::NewTask {
+                task_name: "cut_short".into(),
+                task_type: "softwareUpgrade".into(),
+                package_id: package.id.clone(),
+                targets: ids.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        // A marked it running, then died before its subtasks began.
+        e::tasks::Entity::update_many()
+            .col_expr(
+                e::tasks::Column::Status,
+                sea_orm::sea_query::Expr::value("Processing"),
+            )
+            .filter(e::tasks::Column::Id.eq(task.id.clone()))
+            .exec(&t.state.db)
+            .await
+            .unwrap();
+        let pending = || async {
+            subtasks::Entity::find()
+                .filter(subtasks::Column::TaskId.eq(task.id.clone()))
+                .filter(subtasks::Column::Step.eq("pending"))
+                .all(&t.state.db)
+                .await
+                .unwrap()
+                .len()
+        };
+        assert_eq!(pending().await, 3);
+        let beat = cluster::beat(&b, &b.driver).await.unwrap();
+        assert_eq!(
+            (beat.reaped.len(), pending().await),
+            (0, 3),
+            "A is alive until its lease passes"
+        );
+        t.clock
+            .advance(b.settings.cluster.lease + Duration::from_secs(1));
+        let beat = cluster::beat(&b, &b.driver).await.unwrap();
+        assert_eq!(beat.reaped, ["a"]);
+        assert_eq!(beat.starts_resumed, 1);
+        assert_eq!(pending().await, 0, "B began the rest");
+        t.cleanup().await;
+    }
+}

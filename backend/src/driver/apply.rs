@@ -121,10 +121,20 @@ impl Driver {
             let downlink = self.downlink();
             let txn = crate::db::begin_write(&state.db).await?;
             if state.clustered() {
-                // Disconnects checked again, under the device rows' lock: the device may have connected
-                // to another instance since `open_steps` looked.
-                let elsewhere =
-                    connected_elsewhere(&txn, state.instance_id(), devices, true).await?;
+                // Every device this transaction touches is locked first, in id order: transitions that
+                // write a device (its version on success) and device events that write it first then
+                // cannot deadlock, and what is read of the devices below holds until the commit.
+                lock_devices(
+                    &txn,
+                    devices
+                        .iter()
+                        .map(|(d, _)| d.as_str())
+                        .chain(rows.values().map(|r| r.device_id.as_str())),
+                )
+                .await?;
+                // Disconnects checked again: the device may have connected to another instance since
+                // `open_steps` looked.
+                let elsewhere = connected_elsewhere(&txn, state.instance_id(), devices).await?;
                 if !elsewhere.is_empty() {
                     steps.retain(|(id, step)| {
                         !(*step == Step::Offline
@@ -321,7 +331,7 @@ async fn open_steps<'a>(
             open.entry(device).or_default().push(id);
         }
     }
-    let elsewhere = connected_elsewhere(&state.db, state.instance_id(), events, false).await?;
+    let elsewhere = connected_elsewhere(&state.db, state.instance_id(), events).await?;
     Ok(events
         .iter()
         .filter(move |(device, event)| !(is_disconnect(event) && elsewhere.contains(device)))
@@ -338,14 +348,34 @@ const fn is_disconnect(event: &DeviceEvent) -> bool {
     matches!(event, DeviceEvent::Offline | DeviceEvent::Lost { .. })
 }
 
+/// Locks the device rows `ids` (`FOR NO KEY UPDATE`, in id order) until the transaction ends.
+async fn lock_devices<'a>(
+    txn: &DatabaseTransaction,
+    ids: impl Iterator<Item = &'a str>,
+) -> Result<()> {
+    let mut ids: Vec<&str> = ids.collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for chunk in ids.chunks(BATCH as usize) {
+        let _: Vec<String> = devices::Entity::find()
+            .select_only()
+            .column(devices::Column::Id)
+            .filter(devices::Column::Id.is_in(chunk.iter().copied()))
+            .order_by_asc(devices::Column::Id)
+            .lock(sea_orm::sea_query::LockType::NoKeyUpdate)
+            .into_tuple()
+            .all(txn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// The devices of `events` whose disconnect is none: a connection that ended on this instance, or on a
-/// dead one (`Lost`), says nothing of one the device opened on another instance meanwhile. With `lock`,
-/// the device rows are locked (in id order) until the transaction ends, so the answer holds for it.
+/// dead one (`Lost`), says nothing of one the device opened on another instance meanwhile.
 async fn connected_elsewhere(
     db: &impl sea_orm::ConnectionTrait,
     me: &str,
     events: &[(String, DeviceEvent)],
-    lock: bool,
 ) -> Result<HashSet<String>> {
     // The instance each disconnect came from, and whether it died.
     let mut from: HashMap<&str, (&str, bool)> = HashMap::new();
@@ -360,16 +390,14 @@ async fn connected_elsewhere(
     ids.sort_unstable();
     let mut elsewhere = HashSet::new();
     for chunk in ids.chunks(BATCH as usize) {
-        let mut query = devices::Entity::find()
+        let rows: Vec<(String, Option<String>)> = devices::Entity::find()
             .select_only()
             .column(devices::Column::Id)
             .column(devices::Column::InstanceId)
             .filter(devices::Column::Id.is_in(chunk.iter().copied()))
-            .order_by_asc(devices::Column::Id);
-        if lock {
-            query = query.lock_exclusive();
-        }
-        let rows: Vec<(String, Option<String>)> = query.into_tuple().all(db).await?;
+            .into_tuple()
+            .all(db)
+            .await?;
         for (id, held) in rows {
             let Some((instance, died)) = from.get(id.as_str()) else {
                 continue;

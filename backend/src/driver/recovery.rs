@@ -47,6 +47,42 @@ impl Driver {
             .exec(&state.db)
             .await?
             .rows_affected;
+        let half_started = self.resume_starts(state).await?;
+        // Stops cut short by a crash (the task was marked `Stopping`, some subtasks were not yet stopped).
+        let stopping: Vec<String> = tasks::Entity::find()
+            .select_only()
+            .column(tasks::Column::Id)
+            .filter(tasks::Column::Status.eq(TaskStatus::Stopping.as_str()))
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        for task_id in &stopping {
+            self.finish_stop(state, task_id).await?;
+        }
+        if !stopping.is_empty() {
+            tracing::info!(
+                tasks = stopping.len(),
+                "stops interrupted by a restart were carried through"
+            );
+        }
+        if requeued > 0 || half_started > 0 {
+            tracing::info!(
+                requeued,
+                resumed = half_started,
+                "tasks interrupted while starting were picked up again"
+            );
+        }
+        self.reconcile_slots(state).await
+    }
+
+    /// Starts again the tasks whose start was cut short (some subtasks never began): by a crash of this
+    /// process, or by the death of the instance that was starting them (a survivor calls this after it
+    /// reaped it). Starting a subtask twice is harmless: only a never-started subtask begins. Returns how
+    /// many tasks were resumed.
+    ///
+    /// # Errors
+    /// [`crate::Error::Db`].
+    pub async fn resume_starts(&self, state: &Context) -> Result<usize> {
         let half_started: Vec<String> = subtasks::Entity::find()
             .select_only()
             .column(subtasks::Column::TaskId)
@@ -69,31 +105,7 @@ impl Driver {
         for task_id in &half_started {
             self.start_task(state, task_id).await?;
         }
-        // Stops cut short by a crash (the task was marked `Stopping`, some subtasks were not yet stopped).
-        let stopping: Vec<String> = tasks::Entity::find()
-            .select_only()
-            .column(tasks::Column::Id)
-            .filter(tasks::Column::Status.eq(TaskStatus::Stopping.as_str()))
-            .into_tuple()
-            .all(&state.db)
-            .await?;
-        for task_id in &stopping {
-            self.finish_stop(state, task_id).await?;
-        }
-        if !stopping.is_empty() {
-            tracing::info!(
-                tasks = stopping.len(),
-                "stops interrupted by a restart were carried through"
-            );
-        }
-        if requeued > 0 || !half_started.is_empty() {
-            tracing::info!(
-                requeued,
-                resumed = half_started.len(),
-                "tasks interrupted while starting were picked up again"
-            );
-        }
-        self.reconcile_slots(state).await
+        Ok(half_started.len())
     }
 
     /// What `device_id` downloads over PCP now, if anything: its open subtask in the `downloading` step

@@ -124,6 +124,17 @@ pub struct Beat {
 /// # Errors
 /// [`crate::Error::Db`].
 pub async fn beat(state: &Context, driver: &Driver) -> Result<Beat> {
+    let renewed = renew(state).await?;
+    let mut beat = reap_dead(state, driver).await?;
+    beat.renewed = renewed;
+    Ok(beat)
+}
+
+/// The heartbeat proper: this instance's row and its leases are renewed. Returns the leases renewed.
+///
+/// # Errors
+/// [`crate::Error::Db`].
+pub async fn renew(state: &Context) -> Result<u64> {
     let now = state.clock.now();
     let lease = millis(state.settings.cluster.lease);
     let me = state.instance_id();
@@ -170,10 +181,19 @@ pub async fn beat(state: &Context, driver: &Driver) -> Result<Beat> {
     } else {
         0
     };
-    let mut beat = Beat {
-        renewed,
-        ..Beat::default()
-    };
+    Ok(renewed)
+}
+
+/// Reaps the instances that stopped beating (and connections recorded under vanished ones), and starts
+/// the tasks they were starting. Slow when a large instance died: [`run`] keeps it off the heartbeat.
+///
+/// # Errors
+/// [`crate::Error::Db`].
+pub async fn reap_dead(state: &Context, driver: &Driver) -> Result<Beat> {
+    let now = state.clock.now();
+    let lease = millis(state.settings.cluster.lease);
+    let me = state.instance_id();
+    let mut beat = Beat::default();
     let mut dead = instances::Entity::find().filter(instances::Column::Id.ne(me));
     if state.clustered() {
         dead = dead.filter(instances::Column::HeartbeatAt.lt(now.as_millis() - lease));
@@ -340,12 +360,28 @@ pub async fn run(state: Context, driver: Driver, stop: CancellationToken) {
     }
     let mut tick = tokio::time::interval(state.settings.cluster.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Reaping a large dead instance takes long: it runs beside the heartbeat, one at a time, so that
+    // this instance never looks dead to the others while it takes a dead one's work over.
+    let mut reaping: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {
+                if let Some(r) = reaping {
+                    r.abort();
+                }
+                return;
+            }
             _ = tick.tick() => {
-                if let Err(e) = beat(&state, &driver).await {
+                if let Err(e) = renew(&state).await {
                     tracing::warn!(error.message = %e, "cluster: heartbeat failed");
+                }
+                if reaping.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                    let (s, d) = (state.clone(), driver.clone());
+                    reaping = Some(tokio::spawn(async move {
+                        if let Err(e) = reap_dead(&s, &d).await {
+                            tracing::warn!(error.message = %e, "cluster: reaping dead instances failed");
+                        }
+                    }));
                 }
             }
         }

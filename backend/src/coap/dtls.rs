@@ -1,0 +1,693 @@
+//! CoAP over DTLS 1.2 with pre-shared keys (CoAPS, RFC 7252 §9.1.3.1; IoTDA's LwM2M port 5684,
+//! `protocols.md` §2.1): one UDP socket, one DTLS session per peer address, the device's node id as PSK
+//! identity and its secret as the key. Under the CoAP transport: what comes out of a session is a CoAP
+//! datagram like any other, and what the transport sends to a peer with a session goes through it.
+//!
+//! OpenSSL (Debian's libssl, through rust-openssl) does the protocol; this layer only moves datagrams
+//! between the socket and per-peer OpenSSL objects, which read and write through an in-memory
+//! [`Datagrams`] queue (one read is one datagram). Around it:
+//! - **Cookies** (HelloVerifyRequest, RFC 6347 §4.2.1): a peer must echo an HMAC of its address before
+//!   the server does any work for it, so a spoofed source gets one small HelloVerifyRequest and nothing
+//!   larger. The half-open state OpenSSL keeps meanwhile is bounded: at most [`DtlsSettings::max_handshakes`]
+//!   handshakes at once (the oldest is dropped for a new one) and ClientHellos are rate-limited per source.
+//! - **Keys** are looked up when the client's key exchange names its identity: OpenSSL asks for the key
+//!   synchronously, so the flight carrying the identity is held while the device is looked up (in the
+//!   database, off the receive loop), and fed again with the key (or without: the handshake then fails
+//!   with `unknown_psk_identity`).
+//! - **Timers**: [`Dtls::tick`] drives handshake retransmission (OpenSSL resends its flight when asked to
+//!   read after its timer expired), drops handshakes older than [`DtlsSettings::handshake_timeout`] and
+//!   sessions idle for [`DtlsSettings::idle_timeout`], and keeps at most [`DtlsSettings::max_sessions`].
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use hmac::{Hmac, Mac};
+use openssl::ssl::{
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions,
+    SslSessionCacheMode, SslStream, SslVersion,
+};
+use sha2::Sha256;
+use tokio::net::UdpSocket;
+
+use super::{HashMap, lock};
+
+/// The cipher suites IoTDA offers on 5684 (`TLS_PSK_WITH_AES_128_CCM_8`, `TLS_PSK_WITH_AES_128_CBC_SHA256`).
+/// Security level 0: OpenSSL 3.2 and later refuse CCM_8's short tag at higher levels.
+const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CBC-SHA256:@SECLEVEL=0";
+/// The largest datagram OpenSSL is asked to write (records and handshake fragments fit in it).
+const MTU: u32 = 1152;
+/// Bytes of a cookie (an HMAC-SHA256 of the peer's address, truncated).
+const COOKIE_LEN: usize = 16;
+/// Datagrams of a flight held while its key is looked up, at most.
+const MAX_HELD: usize = 8;
+
+/// DTLS listener settings.
+#[derive(Clone, Debug)]
+pub(super) struct DtlsSettings {
+    /// A session unused this long is dropped (the device handshakes again when it next sends).
+    pub(super) idle_timeout: Duration,
+    /// A handshake not finished in this time is dropped.
+    pub(super) handshake_timeout: Duration,
+    /// Established sessions kept at most (the least recently used goes first).
+    pub(super) max_sessions: usize,
+    /// Handshakes in progress at most (the oldest goes first).
+    pub(super) max_handshakes: usize,
+    /// ClientHellos per second per source address (twice as many at once); more are dropped.
+    pub(super) hellos_per_second: u32,
+}
+
+impl Default for DtlsSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(2 * 3600),
+            handshake_timeout: Duration::from_secs(30),
+            max_sessions: 20_000,
+            max_handshakes: 1024,
+            hellos_per_second: 5,
+        }
+    }
+}
+
+/// A device's pre-shared key, found by its PSK identity.
+#[derive(Clone)]
+pub(super) struct Psk {
+    /// The device it authenticates.
+    pub(super) device_id: String,
+    /// The key bytes.
+    pub(super) key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Psk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Psk")
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Finds the key of a PSK identity (`None`: no such device, or it may not use DTLS).
+pub(super) type KeyLookup = Arc<dyn Fn(String) -> BoxFuture<'static, Option<Psk>> + Send + Sync>;
+
+/// An OpenSSL object's view of the network: datagrams in, datagrams out.
+#[derive(Debug, Default)]
+struct Datagrams {
+    inbox: VecDeque<Vec<u8>>,
+    outbox: Vec<Vec<u8>>,
+}
+
+impl Read for Datagrams {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inbox.pop_front() {
+            Some(d) => {
+                let n = d.len().min(buf.len());
+                buf[..n].copy_from_slice(&d[..n]);
+                Ok(n)
+            }
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl Write for Datagrams {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.outbox.push(buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the handshake knows of the key, kept on the OpenSSL object for its PSK callback.
+#[derive(Debug, Default)]
+struct KeySlot {
+    /// The identity being looked up or found.
+    identity: Option<String>,
+    /// The lookup's answer (`None` inside: not found).
+    found: Option<Option<Psk>>,
+}
+
+/// One peer's session.
+struct Peer {
+    stream: SslStream<Datagrams>,
+    keys: Arc<Mutex<KeySlot>>,
+    /// The device the handshake authenticated; `None` while it runs.
+    device_id: Option<String>,
+    /// The datagrams held while the key of the identity their flight names is looked up.
+    held: Option<Vec<Vec<u8>>>,
+    started: Instant,
+    last_seen: Instant,
+}
+
+/// The DTLS side of the CoAP endpoint.
+pub(super) struct Dtls {
+    socket: UdpSocket,
+    context: SslContext,
+    settings: DtlsSettings,
+    lookup: KeyLookup,
+    peers: Mutex<HashMap<SocketAddr, Peer>>,
+    per_source: governor::DefaultKeyedRateLimiter<SocketAddr>,
+    key_index: openssl::ex_data::Index<Ssl, Arc<Mutex<KeySlot>>>,
+    addr_index: openssl::ex_data::Index<Ssl, SocketAddr>,
+}
+
+/// The cookie of `addr` under `secret`.
+fn cookie(secret: &[u8; 32], addr: Option<&SocketAddr>) -> [u8; COOKIE_LEN] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key");
+    if let Some(addr) = addr {
+        mac.update(addr.to_string().as_bytes());
+    }
+    let full = mac.finalize().into_bytes();
+    let mut out = [0u8; COOKIE_LEN];
+    out.copy_from_slice(&full[..COOKIE_LEN]);
+    out
+}
+
+/// The PSK identity a client's flight names, if it carries its ClientKeyExchange (a plaintext
+/// handshake record of epoch 0: record header 13 bytes, handshake header 12, then the identity with a
+/// two-byte length; RFC 6347 §4.1, §4.2.2; RFC 4279 §2).
+fn psk_identity(datagram: &[u8]) -> Option<String> {
+    let mut rest = datagram;
+    while rest.len() >= 13 {
+        let content = rest[0];
+        let epoch = u16::from_be_bytes([rest[3], rest[4]]);
+        let len = usize::from(u16::from_be_bytes([rest[11], rest[12]]));
+        let record = rest.get(13..13 + len)?;
+        rest = &rest[13 + len..];
+        // Handshake, unencrypted, a whole ClientKeyExchange (type 16) from its first byte.
+        if content != 22 || epoch != 0 || record.len() < 14 || record[0] != 16 {
+            continue;
+        }
+        let offset = u32::from_be_bytes([0, record[6], record[7], record[8]]);
+        if offset != 0 {
+            continue;
+        }
+        let body = &record[12..];
+        let n = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let identity = body.get(2..2 + n)?;
+        return String::from_utf8(identity.to_vec()).ok();
+    }
+    None
+}
+
+impl Dtls {
+    /// The DTLS side on `socket`, looking keys up with `lookup`.
+    ///
+    /// # Errors
+    /// When OpenSSL cannot be set up (no PSK or DTLS support in the library).
+    pub(super) fn new(
+        socket: UdpSocket,
+        settings: DtlsSettings,
+        lookup: KeyLookup,
+    ) -> Result<Self, openssl::error::ErrorStack> {
+        let key_index = Ssl::new_ex_index::<Arc<Mutex<KeySlot>>>()?;
+        let addr_index = Ssl::new_ex_index::<SocketAddr>()?;
+        let secret: [u8; 32] = rand::random();
+        let mut builder = SslContextBuilder::new(SslMethod::dtls_server())?;
+        builder.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
+        builder.set_cipher_list(CIPHERS)?;
+        builder.set_options(
+            SslOptions::COOKIE_EXCHANGE
+                | SslOptions::NO_QUERY_MTU
+                | SslOptions::CIPHER_SERVER_PREFERENCE,
+        );
+        builder.set_mode(SslMode::RELEASE_BUFFERS);
+        builder.set_session_cache_mode(SslSessionCacheMode::OFF);
+        builder.set_cookie_generate_cb(move |ssl, out| {
+            let c = cookie(&secret, ssl.ex_data(addr_index));
+            out[..COOKIE_LEN].copy_from_slice(&c);
+            Ok(COOKIE_LEN)
+        });
+        builder.set_cookie_verify_cb(move |ssl, echoed| {
+            openssl::memcmp::eq(echoed, &cookie(&secret, ssl.ex_data(addr_index)))
+                && echoed.len() == COOKIE_LEN
+        });
+        builder.set_psk_server_callback(move |ssl, identity, out| {
+            let Some(slot) = ssl.ex_data(key_index) else {
+                return Ok(0);
+            };
+            let slot = lock(slot);
+            let asked = identity.and_then(|i| std::str::from_utf8(i).ok());
+            match (&slot.identity, &slot.found) {
+                (Some(known), Some(Some(psk)))
+                    if asked == Some(known.as_str()) && psk.key.len() <= out.len() =>
+                {
+                    out[..psk.key.len()].copy_from_slice(&psk.key);
+                    Ok(psk.key.len())
+                }
+                // Unknown: OpenSSL ends the handshake with `unknown_psk_identity`.
+                _ => Ok(0),
+            }
+        });
+        let context = builder.build();
+        let rate = std::num::NonZeroU32::new(settings.hellos_per_second.max(1))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).unwrap_or(rate));
+        Ok(Self {
+            socket,
+            context,
+            settings,
+            lookup,
+            peers: Mutex::default(),
+            per_source: governor::RateLimiter::keyed(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            ),
+            key_index,
+            addr_index,
+        })
+    }
+
+    /// The address it listens on.
+    pub(super) fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// The next datagram from the network.
+    pub(super) async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.socket.recv_from(buf).await
+    }
+
+    /// Sessions established, and handshakes in progress.
+    pub(super) fn counts(&self) -> (usize, usize) {
+        let peers = lock(&self.peers);
+        let established = peers.values().filter(|p| p.device_id.is_some()).count();
+        (established, peers.len() - established)
+    }
+
+    /// The device whose session `addr` is, once its handshake finished.
+    pub(super) fn device_at(&self, addr: SocketAddr) -> Option<String> {
+        lock(&self.peers)
+            .get(&addr)
+            .and_then(|p| p.device_id.clone())
+    }
+
+    /// A datagram from `addr`: fed to its session (a new one for a ClientHello); returns the CoAP
+    /// messages it carried. A flight naming a PSK identity waits for the key's lookup, spawned here.
+    pub(super) fn receive(self: &Arc<Self>, datagram: &[u8], addr: SocketAddr) -> Vec<Vec<u8>> {
+        let mut peers = lock(&self.peers);
+        let now = Instant::now();
+        if !peers.contains_key(&addr) {
+            // Only a ClientHello (handshake record, epoch 0, type 1) opens a session.
+            let hello = datagram.len() > 25
+                && datagram[0] == 22
+                && datagram[3..5] == [0, 0]
+                && datagram[13] == 1;
+            if !hello || self.per_source.check_key(&addr).is_err() {
+                return Vec::new();
+            }
+            let handshaking = peers.values().filter(|p| p.device_id.is_none()).count();
+            if handshaking >= self.settings.max_handshakes
+                && let Some(oldest) = peers
+                    .iter()
+                    .filter(|(_, p)| p.device_id.is_none())
+                    .min_by_key(|(_, p)| p.started)
+                    .map(|(a, _)| *a)
+            {
+                peers.remove(&oldest);
+            }
+            match self.open(addr) {
+                Ok(peer) => {
+                    peers.insert(addr, peer);
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error.message = %e, "DTLS: a session could not be opened");
+                    return Vec::new();
+                }
+            }
+        }
+        let Some(peer) = peers.get_mut(&addr) else {
+            return Vec::new();
+        };
+        peer.last_seen = now;
+        if peer.device_id.is_none() {
+            if let Some(held) = &mut peer.held {
+                // Its key is being looked up: the rest of the flight waits with it.
+                if held.len() < MAX_HELD {
+                    held.push(datagram.to_vec());
+                }
+                return Vec::new();
+            }
+            if let Some(identity) = psk_identity(datagram) {
+                let mut slot = lock(&peer.keys);
+                if slot.identity.as_deref() != Some(identity.as_str()) || slot.found.is_none() {
+                    slot.identity = Some(identity.clone());
+                    slot.found = None;
+                    drop(slot);
+                    peer.held = Some(vec![datagram.to_vec()]);
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let found = (this.lookup)(identity).await;
+                        this.resume(addr, found);
+                    });
+                    return Vec::new();
+                }
+            }
+        }
+        let (out, plain, end) = Self::feed(peer, datagram);
+        if end {
+            peers.remove(&addr);
+        }
+        drop(peers);
+        self.transmit(&out, addr);
+        plain
+    }
+
+    /// The key lookup for `addr`'s handshake answered: feed the flight it held.
+    fn resume(&self, addr: SocketAddr, found: Option<Psk>) {
+        let mut peers = lock(&self.peers);
+        let Some(peer) = peers.get_mut(&addr) else {
+            return;
+        };
+        let Some(flight) = peer.held.take() else {
+            return;
+        };
+        lock(&peer.keys).found = Some(found);
+        let mut out = Vec::new();
+        let mut end = false;
+        for datagram in &flight {
+            let (o, _, e) = Self::feed(peer, datagram);
+            out.extend(o);
+            end |= e;
+            if end {
+                break;
+            }
+        }
+        if end {
+            peers.remove(&addr);
+        }
+        drop(peers);
+        self.transmit(&out, addr);
+    }
+
+    /// Sends `plain` (a CoAP message) to `addr` through its session; false when it has none.
+    pub(super) fn send(&self, plain: &[u8], addr: SocketAddr) -> bool {
+        let mut peers = lock(&self.peers);
+        let Some(peer) = peers.get_mut(&addr).filter(|p| p.device_id.is_some()) else {
+            return false;
+        };
+        peer.last_seen = Instant::now();
+        if let Err(e) = peer.stream.ssl_write(plain) {
+            tracing::debug!(%addr, error.message = %e, "DTLS: write failed");
+            return false;
+        }
+        let out = std::mem::take(&mut peer.stream.get_mut().outbox);
+        drop(peers);
+        self.transmit(&out, addr);
+        true
+    }
+
+    /// Timers: handshake retransmissions, and the ends of slow handshakes and idle sessions.
+    pub(super) fn tick(&self) {
+        let now = Instant::now();
+        let mut sends = Vec::new();
+        let mut peers = lock(&self.peers);
+        peers.retain(|addr, peer| match &peer.device_id {
+            None => {
+                if now.duration_since(peer.started) > self.settings.handshake_timeout {
+                    return false;
+                }
+                if peer.held.is_none() {
+                    let (out, _, end) = Self::feed(peer, &[]);
+                    if !out.is_empty() {
+                        sends.push((*addr, out));
+                    }
+                    return !end;
+                }
+                true
+            }
+            Some(_) => now.duration_since(peer.last_seen) <= self.settings.idle_timeout,
+        });
+        let established = peers.values().filter(|p| p.device_id.is_some()).count();
+        if established > self.settings.max_sessions {
+            let mut by_age: Vec<(Instant, SocketAddr)> = peers
+                .iter()
+                .filter(|(_, p)| p.device_id.is_some())
+                .map(|(a, p)| (p.last_seen, *a))
+                .collect();
+            by_age.sort_unstable();
+            for (_, addr) in by_age
+                .into_iter()
+                .take(established - self.settings.max_sessions)
+            {
+                peers.remove(&addr);
+            }
+        }
+        drop(peers);
+        for (addr, out) in sends {
+            self.transmit(&out, addr);
+        }
+    }
+
+    /// A new session for `addr`, before its ClientHello.
+    fn open(&self, addr: SocketAddr) -> Result<Peer, openssl::error::ErrorStack> {
+        let mut ssl = Ssl::new(&self.context)?;
+        ssl.set_mtu(MTU)?;
+        let keys = Arc::new(Mutex::new(KeySlot::default()));
+        ssl.set_ex_data(self.key_index, keys.clone());
+        ssl.set_ex_data(self.addr_index, addr);
+        ssl.set_accept_state();
+        let stream = SslStream::new(ssl, Datagrams::default())?;
+        let now = Instant::now();
+        Ok(Peer {
+            stream,
+            keys,
+            device_id: None,
+            held: None,
+            started: now,
+            last_seen: now,
+        })
+    }
+
+    /// Feeds a datagram (none: just a look at the timers) to `peer`; returns the datagrams to send, the
+    /// application data it carried, and whether the session ended.
+    fn feed(peer: &mut Peer, datagram: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, bool) {
+        if !datagram.is_empty() {
+            peer.stream.get_mut().inbox.push_back(datagram.to_vec());
+        }
+        let mut plain = Vec::new();
+        let mut end = false;
+        if peer.device_id.is_none() {
+            match peer.stream.do_handshake() {
+                Ok(()) => {
+                    let slot = lock(&peer.keys);
+                    match &slot.found {
+                        Some(Some(psk)) => peer.device_id = Some(psk.device_id.clone()),
+                        _ => end = true,
+                    }
+                }
+                Err(e) if e.code() == ErrorCode::WANT_READ => {}
+                Err(e) => {
+                    tracing::debug!(error.message = %e, "DTLS: handshake failed");
+                    end = true;
+                }
+            }
+        }
+        if peer.device_id.is_some() && !end {
+            let mut buf = vec![0u8; 2048];
+            loop {
+                match peer.stream.ssl_read(&mut buf) {
+                    Ok(n) => plain.push(buf[..n].to_vec()),
+                    Err(e) if e.code() == ErrorCode::WANT_READ => break,
+                    Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
+                        // close_notify: the device ended its session.
+                        let _ = peer.stream.shutdown();
+                        end = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error.message = %e, "DTLS: read failed");
+                        end = true;
+                        break;
+                    }
+                }
+            }
+        }
+        let out = std::mem::take(&mut peer.stream.get_mut().outbox);
+        (out, plain, end)
+    }
+
+    fn transmit(&self, datagrams: &[Vec<u8>], addr: SocketAddr) {
+        for d in datagrams {
+            if let Err(e) = self.socket.try_send_to(d, addr) {
+                tracing::debug!(%addr, error.message = %e, "DTLS: send dropped");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket as StdSocket;
+
+    use openssl::ssl::SslConnector;
+
+    use super::*;
+
+    /// A client's socket, connected to the server: one read is one datagram.
+    #[derive(Debug)]
+    struct Connected(StdSocket);
+
+    impl Read for Connected {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.recv(buf)
+        }
+    }
+
+    impl Write for Connected {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.send(buf)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lookup() -> KeyLookup {
+        Arc::new(|identity: String| {
+            Box::pin(async move {
+                (identity == "863705000000001").then(|| Psk {
+                    device_id: "meter_863705000000001".to_owned(),
+                    key: b"0123456789abcdef".to_vec(),
+                })
+            }) as BoxFuture<'static, Option<Psk>>
+        })
+    }
+
+    /// A server echoing what its sessions carry; its address.
+    async fn echo_server() -> (Arc<Dtls>, SocketAddr) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.writable().await.unwrap();
+        let dtls = Arc::new(Dtls::new(socket, DtlsSettings::default(), lookup()).unwrap());
+        let addr = dtls.local_addr().unwrap();
+        let server = dtls.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    r = server.recv(&mut buf) => {
+                        let Ok((n, from)) = r else { continue };
+                        for plain in server.receive(&buf[..n], from) {
+                            assert!(server.send(&plain, from));
+                        }
+                    }
+                    _ = tick.tick() => server.tick(),
+                }
+            }
+        });
+        (dtls, addr)
+    }
+
+    /// A DTLS-PSK client's handshake with `identity`/`key`, then "hello" sent; its echo, and the
+    /// client's address.
+    fn client(
+        server: SocketAddr,
+        identity: &'static str,
+        key: &'static [u8],
+    ) -> io::Result<(Vec<u8>, SocketAddr)> {
+        let socket = StdSocket::bind("127.0.0.1:0")?;
+        let local = socket.local_addr()?;
+        socket.connect(server)?;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut builder =
+            SslConnector::builder(SslMethod::dtls_client()).map_err(io::Error::other)?;
+        builder.set_cipher_list(CIPHERS).map_err(io::Error::other)?;
+        builder.set_psk_client_callback(move |_, _, id, psk| {
+            id[..identity.len()].copy_from_slice(identity.as_bytes());
+            id[identity.len()] = 0;
+            psk[..key.len()].copy_from_slice(key);
+            Ok(key.len())
+        });
+        let connector = builder.build();
+        let mut config = connector.configure().map_err(io::Error::other)?;
+        config.set_verify_hostname(false);
+        let mut stream = config
+            .connect("updraft", Connected(socket))
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        stream.write_all(b"hello")?;
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf)?;
+        Ok((buf[..n].to_vec(), local))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_device_with_its_key_gets_a_session_and_others_do_not() {
+        let (dtls, addr) = echo_server().await;
+        let echoed = tokio::task::spawn_blocking(move || {
+            client(addr, "863705000000001", b"0123456789abcdef")
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(echoed.0, b"hello");
+        assert_eq!(dtls.counts(), (1, 0));
+        assert_eq!(
+            dtls.device_at(echoed.1).as_deref(),
+            Some("meter_863705000000001"),
+            "the session is the device's whose key it used"
+        );
+        let wrong_key = tokio::task::spawn_blocking(move || {
+            client(addr, "863705000000001", b"wrong-key-bytes!")
+        })
+        .await
+        .unwrap();
+        assert!(wrong_key.is_err(), "{wrong_key:?}");
+        let unknown = tokio::task::spawn_blocking(move || {
+            client(addr, "863705000000999", b"0123456789abcdef")
+        })
+        .await
+        .unwrap();
+        assert!(unknown.is_err(), "{unknown:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(dtls.counts().0, 1, "failed handshakes leave no session");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spoofed_client_hello_gets_one_small_hello_verify_request() {
+        // A real client's first ClientHello, caught on a socket that never answers.
+        let catcher = StdSocket::bind("127.0.0.1:0").unwrap();
+        catcher
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let target = catcher.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let _ = client(target, "863705000000001", b"0123456789abcdef");
+        });
+        let mut hello = vec![0u8; 2048];
+        let n = catcher.recv(&mut hello).unwrap();
+        hello.truncate(n);
+        let (dtls, addr) = echo_server().await;
+        let spoofer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        spoofer.send_to(&hello, addr).await.unwrap();
+        let mut answer = vec![0u8; 2048];
+        let (m, _) = tokio::time::timeout(Duration::from_secs(2), spoofer.recv_from(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer[0], 22, "a handshake record");
+        assert_eq!(answer[13], 3, "HelloVerifyRequest");
+        assert!(m <= n, "no amplification: {m} bytes for {n}");
+        // Nothing more comes (the ServerHello waits for the cookie), and the half-open state is one.
+        let more =
+            tokio::time::timeout(Duration::from_millis(500), spoofer.recv_from(&mut answer)).await;
+        assert!(more.is_err(), "only the HelloVerifyRequest");
+        assert_eq!(dtls.counts(), (0, 1));
+    }
+
+    #[test]
+    fn psk_identities_are_found_in_client_key_exchanges() {
+        // Record header (handshake, DTLS 1.2, epoch 0), then ClientKeyExchange with identity "abc".
+        let mut d = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 4, 0, 17];
+        d.extend([16, 0, 0, 5, 0, 2, 0, 0, 0, 0, 0, 5, 0, 3, b'a', b'b', b'c']);
+        assert_eq!(psk_identity(&d).as_deref(), Some("abc"));
+        assert_eq!(psk_identity(&d[..20]), None, "cut short");
+        d[3] = 1;
+        assert_eq!(psk_identity(&d), None, "encrypted (epoch 1)");
+    }
+}

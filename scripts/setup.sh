@@ -23,7 +23,8 @@ SECONDS=0
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 # --- apt ------------------------------------------------------------------------------------------
-pkgs=(rustc-web cargo-web rust-web-src rust-web-llvm lld-22 rust-web-clippy)
+# libssl-dev and pkg-config: rust-openssl, for CoAPS (DTLS with PSK).
+pkgs=(rustc-web cargo-web rust-web-src rust-web-llvm lld-22 rust-web-clippy libssl-dev pkg-config)
 [ "${SKIP_BROWSER:-0}" = 1 ] || pkgs+=(chromium)
 missing=()
 for p in "${pkgs[@]}"; do

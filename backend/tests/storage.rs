@@ -1596,6 +1596,22 @@ async fn read_ahead_chunks_count_in_the_gauge_from_the_start_of_their_read() {
     );
 }
 
+/// Another instance (`id`) on `t`'s database, clock, keys and store, with its own lease if given.
+fn instance_on(t: &TestDb, id: &str, lease: Option<Duration>) -> AppState {
+    let mut settings = t.state.settings.clone();
+    settings.cluster.instance_id = id.to_owned();
+    if let Some(lease) = lease {
+        settings.cluster.lease = lease;
+    }
+    AppState::new(
+        t.state.db.clone(),
+        t.state.clock.clone(),
+        t.state.sealer.clone(),
+        t.state.store.clone(),
+        settings,
+    )
+}
+
 /// Two instances on one PostgreSQL: a subtask whose deadline passed under another live instance's lease is
 /// left to it; once that instance stops beating for a lease, a heartbeat of the other takes its subtasks
 /// over and marks its devices offline. (On SQLite there is one instance: a heartbeat reaps only what an
@@ -1613,18 +1629,7 @@ async fn a_silent_instances_subtasks_are_taken_over_after_its_lease() {
         mqtt_product(&t, &project).await;
         let (ids, package) = meters_and_package(&t, &project, N).await;
         // A lease longer than the version query's timeout (3 min), so that a deadline passes under it.
-        let instance = |id: &str| {
-            let mut settings = t.state.settings.clone();
-            settings.cluster.instance_id = id.to_owned();
-            settings.cluster.lease = Duration::from_secs(600);
-            AppState::new(
-                t.state.db.clone(),
-                t.state.clock.clone(),
-                t.state.sealer.clone(),
-                t.state.store.clone(),
-                settings,
-            )
-        };
+        let instance = |id: &str| instance_on(&t, id, Some(Duration::from_secs(600)));
         let (a, b) = (instance("a"), instance("b"));
         for s in [&a, &b] {
             s.driver.set_downlink(Arc::new(Sent::default()));
@@ -1796,17 +1801,7 @@ async fn a_connect_that_waited_for_a_begin_elsewhere_asks_the_device_again() {
         mqtt_product(&t, &project).await;
         let (ids, package) = meters_and_package(&t, &project, 1).await;
         let device = ids[0].clone();
-        let instance = |id: &str| {
-            let mut settings = t.state.settings.clone();
-            settings.cluster.instance_id = id.to_owned();
-            AppState::new(
-                t.state.db.clone(),
-                t.state.clock.clone(),
-                t.state.sealer.clone(),
-                t.state.store.clone(),
-                settings,
-            )
-        };
+        let instance = |id: &str| instance_on(&t, id, None);
         let (a, b) = (instance("a"), instance("b"));
         let sent_b = Arc::new(Sent::default());
         a.driver.set_downlink(Arc::new(Sent::default()));
@@ -1964,17 +1959,7 @@ async fn a_task_whose_starter_died_is_started_by_a_survivor() {
         let project = projects::ensure_default(&t.state).await.unwrap().id;
         mqtt_product(&t, &project).await;
         let (ids, package) = meters_and_package(&t, &project, 3).await;
-        let instance = |id: &str| {
-            let mut settings = t.state.settings.clone();
-            settings.cluster.instance_id = id.to_owned();
-            AppState::new(
-                t.state.db.clone(),
-                t.state.clock.clone(),
-                t.state.sealer.clone(),
-                t.state.store.clone(),
-                settings,
-            )
-        };
+        let instance = |id: &str| instance_on(&t, id, None);
         let (a, b) = (instance("a"), instance("b"));
         for s in [&a, &b] {
             s.driver.set_downlink(Arc::new(Sent::default()));

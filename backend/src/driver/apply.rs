@@ -331,7 +331,12 @@ async fn open_steps<'a>(
             open.entry(device).or_default().push(id);
         }
     }
-    let elsewhere = connected_elsewhere(&state.db, state.instance_id(), events).await?;
+    // With several instances this is decided in the transaction, under the devices' locks (`apply_once`).
+    let elsewhere = if state.clustered() {
+        HashSet::new()
+    } else {
+        connected_elsewhere(&state.db, state.instance_id(), events).await?
+    };
     Ok(events
         .iter()
         .filter(move |(device, event)| !(is_disconnect(event) && elsewhere.contains(device)))

@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use domain::Timestamp;
-use domain::task::SubtaskStatus;
+use domain::task::{SubtaskStatus, TaskStatus};
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect, Set, Statement,
@@ -25,7 +25,7 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 
 use crate::driver::{DeviceEvent, Driver};
-use crate::storage::entity::{device_messages, devices, instances, subtasks};
+use crate::storage::entity::{device_messages, devices, instances, subtasks, tasks};
 use crate::{Context, Result};
 
 /// Subtasks taken over per statement.
@@ -117,6 +117,17 @@ pub struct Beat {
     pub devices_offline: usize,
     /// Tasks whose start was cut short (one of them may have been starting it), started again.
     pub starts_resumed: usize,
+    /// This instance had been taken for dead: connections it holds, recorded as its own again.
+    pub held_again: usize,
+}
+
+/// What renewing did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Renewal {
+    /// Leases renewed.
+    pub leases: u64,
+    /// This instance had been taken for dead (reaped while stalled) and joined again.
+    pub rejoined: bool,
 }
 
 /// One heartbeat: this instance's row and leases are renewed, and dead instances are reaped.
@@ -124,17 +135,23 @@ pub struct Beat {
 /// # Errors
 /// [`crate::Error::Db`].
 pub async fn beat(state: &Context, driver: &Driver) -> Result<Beat> {
-    let renewed = renew(state).await?;
+    let renewal = renew(state).await?;
+    let held_again = if renewal.rejoined {
+        hold_again(state, driver).await?
+    } else {
+        0
+    };
     let mut beat = reap_dead(state, driver).await?;
-    beat.renewed = renewed;
+    beat.renewed = renewal.leases;
+    beat.held_again = held_again;
     Ok(beat)
 }
 
-/// The heartbeat proper: this instance's row and its leases are renewed. Returns the leases renewed.
+/// The heartbeat proper: this instance's row and its leases are renewed.
 ///
 /// # Errors
 /// [`crate::Error::Db`].
-pub async fn renew(state: &Context) -> Result<u64> {
+pub async fn renew(state: &Context) -> Result<Renewal> {
     let now = state.clock.now();
     let lease = millis(state.settings.cluster.lease);
     let me = state.instance_id();
@@ -145,13 +162,15 @@ pub async fn renew(state: &Context) -> Result<u64> {
         .await?
         .rows_affected;
     if alive == 0 {
-        // Reaped while stalled (a long pause): join again; what was taken over is the others' now.
+        // Reaped while stalled (a long pause): join again; what was taken over is the others' now, and
+        // the connections still held here are recorded again ([`hold_again`]).
         tracing::warn!(
             instance_id = me,
             "this instance was taken for dead by another; joining again"
         );
         join(state, "").await?;
     }
+    let rejoined = alive == 0;
     // Renewed once half the lease has passed, so each lease is written about twice per lease period.
     // Rows a transition is writing right now are skipped (it renews them itself): a bulk update that
     // waited for them would deadlock with transitions locking rows in another order.
@@ -181,7 +200,46 @@ pub async fn renew(state: &Context) -> Result<u64> {
     } else {
         0
     };
-    Ok(renewed)
+    Ok(Renewal {
+        leases: renewed,
+        rejoined,
+    })
+}
+
+/// After this instance was taken for dead and joined again: the devices whose connections it still holds
+/// were marked offline by whoever reaped it; those still recorded nowhere else are recorded here again
+/// (their subtasks come back with them). Returns how many.
+///
+/// # Errors
+/// [`crate::Error::Db`].
+pub async fn hold_again(state: &Context, driver: &Driver) -> Result<usize> {
+    let held = driver.held_devices();
+    let mut again = 0;
+    for chunk in held.chunks(500) {
+        // A device that reconnected to another instance meanwhile is that one's; a connection here
+        // that says otherwise is stale and ends by its keep-alive.
+        let offline: Vec<String> = devices::Entity::find()
+            .select_only()
+            .column(devices::Column::Id)
+            .filter(devices::Column::Id.is_in(chunk.iter().cloned()))
+            .filter(devices::Column::InstanceId.is_null())
+            .into_tuple()
+            .all(&state.db)
+            .await?;
+        again += offline.len();
+        let events = offline
+            .into_iter()
+            .map(|d| (d, DeviceEvent::Online))
+            .collect();
+        driver.device_events(state, events).await?;
+    }
+    if again > 0 {
+        tracing::warn!(
+            devices = again,
+            "connections held here were recorded again after this instance was taken for dead"
+        );
+    }
+    Ok(again)
 }
 
 /// Reaps the instances that stopped beating (and connections recorded under vanished ones), and starts
@@ -289,6 +347,25 @@ async fn reap(
             )
             .await?;
     }
+    // Tasks it was starting go back to waiting; the driver's loop (here or elsewhere) starts them.
+    let requeued = tasks::Entity::update_many()
+        .col_expr(
+            tasks::Column::Status,
+            Expr::value(TaskStatus::Waiting.as_str()),
+        )
+        .filter(tasks::Column::Status.eq(TaskStatus::Initializing.as_str()))
+        .filter(tasks::Column::ClaimedBy.eq(dead))
+        .exec(&state.db)
+        .await?
+        .rows_affected;
+    if requeued > 0 {
+        tracing::warn!(
+            dead_instance = dead,
+            tasks = requeued,
+            "tasks a dead instance was starting wait to be started again"
+        );
+        driver.kick();
+    }
     // Nobody sends what was queued for it; its devices are asked again when they connect.
     device_messages::Entity::delete_many()
         .filter(device_messages::Column::InstanceId.eq(dead))
@@ -372,8 +449,17 @@ pub async fn run(state: Context, driver: Driver, stop: CancellationToken) {
                 return;
             }
             _ = tick.tick() => {
-                if let Err(e) = renew(&state).await {
-                    tracing::warn!(error.message = %e, "cluster: heartbeat failed");
+                match renew(&state).await {
+                    Ok(r) if r.rejoined => {
+                        let (s, d) = (state.clone(), driver.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = hold_again(&s, &d).await {
+                                tracing::warn!(error.message = %e, "cluster: recording held connections again failed");
+                            }
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error.message = %e, "cluster: heartbeat failed"),
                 }
                 if reaping.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
                     let (s, d) = (state.clone(), driver.clone());

@@ -404,6 +404,10 @@ impl Lwm2mLink for CoapEndpoint {
         let device_id = device_id.to_owned();
         tokio::spawn(async move { this.execute(&device_id).await });
     }
+
+    fn held(&self) -> Vec<String> {
+        self.inner.registry.devices()
+    }
 }
 
 /// Hands device events to the driver in order, in batches.

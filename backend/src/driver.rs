@@ -82,6 +82,11 @@ pub trait Downlink: Send + Sync + std::fmt::Debug + 'static {
 
     /// Ends `device_id`'s connection, if it has one (it was frozen or deleted).
     fn disconnect(&self, _device_id: &str) {}
+
+    /// The devices connected here now.
+    fn held(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Where the driver sends LwM2M devices their PCP messages and reads (the CoAP adapter). Like
@@ -114,6 +119,11 @@ pub trait Lwm2mLink: Send + Sync + std::fmt::Debug + 'static {
 
     /// Executes Update (`/5/0/2`).
     fn execute_update(&self, device_id: &str);
+
+    /// The devices registered here now.
+    fn held(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A block-wise firmware download (`coap://.../fw/<token>`) the driver opened.
@@ -262,6 +272,14 @@ impl Driver {
         if let Some(d) = self.downlink() {
             d.disconnect(device_id);
         }
+    }
+
+    /// The devices whose MQTT connection or LwM2M registration this process holds now.
+    #[must_use]
+    pub fn held_devices(&self) -> Vec<String> {
+        let mut held = self.downlink().map(|d| d.held()).unwrap_or_default();
+        held.extend(self.lwm2m_link().map(|l| l.held()).unwrap_or_default());
+        held
     }
 
     /// Connects the driver to the CoAP adapter.

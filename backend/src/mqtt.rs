@@ -177,6 +177,13 @@ impl std::fmt::Debug for RouterDownlink {
 }
 
 impl Downlink for RouterDownlink {
+    fn held(&self) -> Vec<String> {
+        self.ctx
+            .upgrade()
+            .map(|ctx| lock(&ctx.sessions).keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     fn disconnect(&self, device_id: &str) {
         if let Some(ctx) = self.ctx.upgrade()
             && let Some(session) = lock(&ctx.sessions).get(device_id)

@@ -284,6 +284,7 @@ async fn the_whole_model_round_trips_and_cascades() {
             started_at: Set(Some(now)),
             finished_at: Set(None),
             updated_at: Set(now),
+            claimed_by: Set(None),
         }
         .insert(db)
         .await
@@ -823,6 +824,7 @@ async fn task_fixture(t: &TestDb, project: &str, package_id: &str, status: &str)
         started_at: Set(None),
         finished_at: Set(None),
         updated_at: Set(START),
+        claimed_by: Set(None),
     }
     .insert(&t.state.db)
     .await
@@ -1549,6 +1551,69 @@ async fn tasks_interrupted_while_starting_are_picked_up_after_a_restart() {
     }
 }
 
+/// Two instances on one PostgreSQL: a task another live instance is starting (`Initializing`, claimed by
+/// it) is left to it by a restarting instance's recovery; once that instance is reaped, the task waits
+/// again and a survivor starts it.
+#[tokio::test]
+async fn a_task_a_live_instance_is_starting_is_left_to_it_until_it_dies() {
+    use backend::cluster;
+    use backend::service::tasks;
+    for t in databases().await {
+        if t.kind != "postgres" {
+            // One instance per SQLite file: whatever it left `Initializing` is its own (test above).
+            t.cleanup().await;
+            continue;
+        }
+        let project = projects::ensure_default(&t.state).await.unwrap().id;
+        mqtt_product(&t, &project).await;
+        let (ids, package) = meters_and_package(&t, &project, 2).await;
+        let instance = |id: &str| instance_on(&t, id, Some(Duration::from_secs(600)));
+        let (a, b) = (instance("a"), instance("b"));
+        for s in [&a, &b] {
+            cluster::join(s, "").await.unwrap();
+        }
+        let task = tasks::create(
+            &b,
+            &project,
+            tasks::NewTask {
+                task_name: "claimed".into(),
+                task_type: "softwareUpgrade".into(),
+                package_id: package.id.clone(),
+                targets: ids.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        // B is in the middle of starting it.
+        e::tasks::Entity::update_many()
+            .col_expr(
+                e::tasks::Column::Status,
+                sea_orm::sea_query::Expr::value("Initializing"),
+            )
+            .col_expr(
+                e::tasks::Column::ClaimedBy,
+                sea_orm::sea_query::Expr::value("b"),
+            )
+            .filter(e::tasks::Column::Id.eq(task.id.clone()))
+            .exec(&t.state.db)
+            .await
+            .unwrap();
+        let status = || async { tasks::get(&a, &project, &task.id).await.unwrap().status };
+        a.driver.recover(&a).await.unwrap();
+        a.driver.run_due(&a).await.unwrap();
+        assert_eq!(status().await, "Initializing", "left to B, alive");
+        t.clock.advance(Duration::from_secs(601));
+        let beat = cluster::beat(&a, &a.driver).await.unwrap();
+        assert_eq!(beat.reaped, ["b"]);
+        assert_eq!(status().await, "Waitting", "B died while starting it");
+        a.driver.run_due(&a).await.unwrap();
+        let task = tasks::get(&a, &project, &task.id).await.unwrap();
+        assert_eq!((task.status.as_str(), task.total), ("Processing", 2));
+        t.cleanup().await;
+    }
+}
+
 /// A chunk read ahead counts against the download budget while it waits, not only once returned: a
 /// thousand stalled downloads must not each hold an uncounted read.
 #[tokio::test]
@@ -1776,6 +1841,106 @@ async fn a_silent_instances_subtasks_are_taken_over_after_its_lease() {
             ("ONLINE", Some("b")),
             "{kind}: a late report of A's death leaves a device that moved on alone"
         );
+        t.cleanup().await;
+    }
+}
+
+/// A downlink whose process holds the given devices' connections and sends nothing.
+#[derive(Debug)]
+struct Holding(Vec<String>);
+
+impl backend::driver::Downlink for Holding {
+    fn publish(&self, _device_id: &str, _payload: Vec<u8>) {}
+
+    fn held(&self) -> Vec<String> {
+        self.0.clone()
+    }
+}
+
+/// Two instances on one PostgreSQL: A stalls past its lease while its devices stay connected to it; B
+/// reaps it (the devices offline, the subtasks B's). When A beats again it joins again and records the
+/// connections it still holds as its own, taking their subtasks back; a device that reconnected to B
+/// meanwhile stays B's.
+#[tokio::test]
+async fn an_instance_taken_for_dead_records_its_connections_again() {
+    use backend::cluster;
+    use backend::driver::DeviceEvent;
+    use backend::service::tasks;
+    const N: usize = 4;
+    for t in databases().await {
+        if t.kind != "postgres" {
+            // One instance per SQLite file: nobody else takes it for dead.
+            t.cleanup().await;
+            continue;
+        }
+        let project = projects::ensure_default(&t.state).await.unwrap().id;
+        mqtt_product(&t, &project).await;
+        let (ids, package) = meters_and_package(&t, &project, N).await;
+        let instance = |id: &str| instance_on(&t, id, Some(Duration::from_secs(600)));
+        let (a, b) = (instance("a"), instance("b"));
+        a.driver.set_downlink(Arc::new(Holding(ids[1..].to_vec())));
+        b.driver.set_downlink(Arc::new(Sent::default()));
+        for s in [&a, &b] {
+            cluster::join(s, "").await.unwrap();
+        }
+        let online: Vec<_> = ids
+            .iter()
+            .map(|d| (d.clone(), DeviceEvent::Online))
+            .collect();
+        a.driver.device_events(&a, online).await.unwrap();
+        let task = tasks::create(
+            &a,
+            &project,
+            tasks::NewTask {
+                task_name: "stalled".into(),
+                task_type: "softwareUpgrade".into(),
+                package_id: package.id.clone(),
+                targets: ids.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        a.driver.run_due(&a).await.unwrap();
+        // A stalls; B reaps it. Device 0 reconnects to B; the others stay connected to A.
+        t.clock.advance(Duration::from_secs(601));
+        let beat = cluster::beat(&b, &b.driver).await.unwrap();
+        assert_eq!((beat.reaped.len(), beat.devices_offline), (1, N));
+        b.driver
+            .device_event(&b, &ids[0], DeviceEvent::Online)
+            .await
+            .unwrap();
+        let beat = cluster::beat(&a, &a.driver).await.unwrap();
+        assert_eq!(beat.held_again, N - 1, "A records what it still holds");
+        assert!(beat.reaped.is_empty(), "B is alive: {beat:?}");
+        let live: Vec<String> = cluster::live(&a)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(live.len(), 2, "A joined again: {live:?}");
+        for (i, d) in ids.iter().enumerate() {
+            let owner = if i == 0 { "b" } else { "a" };
+            let device = e::devices::Entity::find_by_id(d.clone())
+                .one(&a.db)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (device.status.as_str(), device.instance_id.as_deref()),
+                ("ONLINE", Some(owner)),
+                "{d}"
+            );
+            let sub = subtasks::Entity::find()
+                .filter(subtasks::Column::TaskId.eq(task.id.clone()))
+                .filter(subtasks::Column::DeviceId.eq(d.clone()))
+                .one(&a.db)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(sub.lease_owner.as_deref(), Some(owner), "{d}: {sub:?}");
+        }
         t.cleanup().await;
     }
 }

@@ -12,6 +12,7 @@ mod m20261201_000001_extend_task_driver;
 mod m20261202_000001_track_notifications;
 mod m20261202_000002_add_firmware_download;
 mod m20261205_000001_add_cluster;
+mod m20261206_000001_add_task_claim;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000001_track_notifications::Migration),
             Box::new(m20261202_000002_add_firmware_download::Migration),
             Box::new(m20261205_000001_add_cluster::Migration),
+            Box::new(m20261206_000001_add_task_claim::Migration),
         ]
     }
 }

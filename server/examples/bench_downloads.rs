@@ -283,6 +283,7 @@ async fn setup(data: &Path, size: u64, n: usize) -> Result<(String, Vec<String>,
         started_at: Set(None),
         finished_at: Set(None),
         updated_at: Set(0),
+        claimed_by: Set(None),
     }
     .insert(&state.db)
     .await?;

@@ -107,6 +107,11 @@ impl Registry {
         lock(&self.sessions).by_device.len()
     }
 
+    /// The devices registered now.
+    pub(super) fn devices(&self) -> Vec<String> {
+        lock(&self.sessions).by_device.keys().cloned().collect()
+    }
+
     /// The addresses registrations are at.
     pub(super) fn addrs(&self) -> HashSet<SocketAddr> {
         lock(&self.sessions).by_addr.keys().copied().collect()

@@ -4,18 +4,18 @@
 
 use domain::task::{SubtaskStatus, TaskStatus};
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 
 use super::transition::recount;
 use super::{Driver, SegmentSource, segment_source};
-use crate::storage::entity::{subtasks, tasks};
+use crate::storage::entity::{instances, subtasks, tasks};
 use crate::{Context, Result};
 
 impl Driver {
     /// After a restart: running tasks' counters are counted again, and tasks a dead process was starting
-    /// are started again. A task left `Initializing`
-    /// goes back to `Waitting` (the loop starts it when due; its group is resolved if that never
-    /// committed); a `Processing` task with subtasks that never started gets them started. Transitions
+    /// are started again. A task left `Initializing` by this process's earlier run (or by an instance
+    /// no longer recorded) goes back to `Waitting` (the loop starts it when due; its group is resolved
+    /// if that never committed); a `Processing` task with subtasks that never started gets them started. Transitions
     /// are compare-and-set, so work another live instance did is not done twice.
     ///
     /// # Errors
@@ -38,12 +38,27 @@ impl Driver {
             recount(&txn, task_id).await?;
             txn.commit().await?;
         }
+        // Tasks this process (an earlier run under the same id) or a vanished instance was starting; a
+        // live instance's are left to it, a dead one's are requeued when it is reaped.
         let requeued = tasks::Entity::update_many()
             .col_expr(
                 tasks::Column::Status,
                 Expr::value(TaskStatus::Waiting.as_str()),
             )
             .filter(tasks::Column::Status.eq(TaskStatus::Initializing.as_str()))
+            .filter(
+                Condition::any()
+                    .add(tasks::Column::ClaimedBy.is_null())
+                    .add(tasks::Column::ClaimedBy.eq(state.instance_id()))
+                    .add(
+                        tasks::Column::ClaimedBy.not_in_subquery(
+                            sea_orm::sea_query::Query::select()
+                                .column(instances::Column::Id)
+                                .from(instances::Entity)
+                                .to_owned(),
+                        ),
+                    ),
+            )
             .exec(&state.db)
             .await?
             .rows_affected;

@@ -41,6 +41,7 @@ impl Driver {
                     tasks::Column::Status,
                     Expr::value(TaskStatus::Initializing.as_str()),
                 )
+                .col_expr(tasks::Column::ClaimedBy, Expr::value(state.instance_id()))
                 .filter(tasks::Column::Id.eq(task_id))
                 .filter(tasks::Column::Status.eq(TaskStatus::Waiting.as_str()))
                 .exec(&state.db)

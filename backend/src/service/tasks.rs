@@ -155,6 +155,7 @@ pub async fn create(state: &AppState, project_id: &str, new: NewTask) -> Result<
         started_at: Set(None),
         finished_at: Set(None),
         updated_at: Set(now.as_millis()),
+        claimed_by: Set(Some(state.instance_id().to_owned())),
     };
     // The task and its listed targets commit together: a crash leaves both or neither.
     let txn = crate::db::begin_write(&state.db).await?;

@@ -178,6 +178,7 @@ async fn task_with_subtask(
         started_at: Set(None),
         finished_at: Set(None),
         updated_at: Set(0),
+        claimed_by: Set(None),
     }
     .insert(&app.state.db)
     .await

@@ -29,6 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 LB_HTTPS="$(free_port)" LB_MQTT="$(free_port)" LB_MQTTS="$(free_port)" LB_COAP="$(free_udp_port)"
+LB_COAPS="$(free_udp_port)"
 cluster_start
 echo "[bench-cluster] $INSTANCES instances up behind HAProxy ($HAPROXY_PROCS processes); $DEVICES devices" >&2
 

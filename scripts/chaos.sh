@@ -25,6 +25,7 @@ export UPDRAFT_HTTP__LISTEN="127.0.0.1:$(free_port)"
 export UPDRAFT_MQTT__LISTEN="127.0.0.1:$(free_port)"
 export UPDRAFT_MQTT__TLS_LISTEN="127.0.0.1:$(free_port)"
 export UPDRAFT_LWM2M__LISTEN="127.0.0.1:$(free_port)"
+export UPDRAFT_LWM2M__DTLS_LISTEN="127.0.0.1:$(free_port)"
 export UPDRAFT_ADMIN__PASSWORD="chaos-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
 export UPDRAFT_LOG__FILTER="${UPDRAFT_LOG__FILTER:-warn}"
 DB_KIND=SQLite

@@ -21,6 +21,7 @@ LB_HTTPS="${LB_HTTPS:-8443}"
 LB_MQTT="${LB_MQTT:-1883}"
 LB_MQTTS="${LB_MQTTS:-8883}"
 LB_COAP="${LB_COAP:-5683}"
+LB_COAPS="${LB_COAPS:-5684}"
 CLUSTER_PIDS=()
 INSTANCE_PIDS=()
 
@@ -90,6 +91,7 @@ cluster_env() {
   export UPDRAFT_PACKAGES__S3__ALLOW_HTTP=true
   export UPDRAFT_DOWNLOADS__PUBLIC_URL="https://localhost:$LB_HTTPS"
   export UPDRAFT_LWM2M__PUBLIC_URL="coap://localhost:$LB_COAP"
+  export UPDRAFT_LWM2M__DTLS_PUBLIC_URL="coaps://localhost:$LB_COAPS"
   export UPDRAFT_ADMIN__PASSWORD="$ADMIN_PASSWORD"
   export UPDRAFT_LOG__FILTER="${UPDRAFT_LOG__FILTER:-warn,backend::cluster=info,updraft=info}"
   # For command-line calls (`. $WORK/env`); the file holds the secret key, so it is the user's alone.
@@ -100,9 +102,10 @@ cluster_env() {
 cluster_instance() {
   local n="$1" dir="$WORK/i$1"
   mkdir -p "$dir"
-  local https mqtt mqtts coap
-  https="$(free_port)"; mqtt="$(free_port)"; mqtts="$(free_port)"; coap="$(free_udp_port)"
+  local https mqtt mqtts coap coaps
+  https="$(free_port)"; mqtt="$(free_port)"; mqtts="$(free_port)"; coap="$(free_udp_port)"; coaps="$(free_udp_port)"
   HTTPS_PORTS[$n]="$https"; MQTT_PORTS[$n]="$mqtt"; MQTTS_PORTS[$n]="$mqtts"; COAP_PORTS[$n]="$coap"
+  COAPS_PORTS[$n]="$coaps"
   local tls=()
   if [ "$n" -gt 1 ]; then
     tls=(UPDRAFT_TLS__CERT="$WORK/i1/tls/server.pem" UPDRAFT_TLS__KEY="$WORK/i1/tls/server.key")
@@ -110,6 +113,7 @@ cluster_instance() {
   env "${tls[@]}" UPDRAFT_DATA_DIR="$dir" UPDRAFT_CLUSTER__INSTANCE_ID="updraft-$n" \
     UPDRAFT_HTTP__LISTEN="127.0.0.1:$https" UPDRAFT_MQTT__LISTEN="127.0.0.1:$mqtt" \
     UPDRAFT_MQTT__TLS_LISTEN="127.0.0.1:$mqtts" UPDRAFT_LWM2M__LISTEN="127.0.0.1:$coap" \
+    UPDRAFT_LWM2M__DTLS_LISTEN="127.0.0.1:$coaps" \
     "$BIN" serve >>"$WORK/updraft-$n.log" 2>&1 &
   INSTANCE_PIDS[$n]=$!
   for _ in $(seq 1 600); do
@@ -169,12 +173,22 @@ cluster_balancers() {
       echo "    server 127.0.0.1:${COAP_PORTS[$n]} max_fails=2 fail_timeout=10s;"
     done
     echo "  }"
-    echo "  server {"
-    echo "    listen 127.0.0.1:$LB_COAP udp;"
-    echo "    proxy_pass coap;"
-    # NB-IoT devices sleep for long: their session (and source port towards Updraft) should outlive it.
-    echo "    proxy_timeout 1h;"
+    # CoAPS by source address too: a DTLS session lives on the instance that did its handshake.
+    echo "  upstream coaps {"
+    echo "    hash \$remote_addr consistent;"
+    for n in $(seq 1 "$INSTANCES"); do
+      echo "    server 127.0.0.1:${COAPS_PORTS[$n]} max_fails=2 fail_timeout=10s;"
+    done
     echo "  }"
+    for pair in "$LB_COAP coap" "$LB_COAPS coaps"; do
+      set -- $pair
+      echo "  server {"
+      echo "    listen 127.0.0.1:$1 udp;"
+      echo "    proxy_pass $2;"
+      # NB-IoT devices sleep for long: their session (and source port towards Updraft) should outlive it.
+      echo "    proxy_timeout 1h;"
+      echo "  }"
+    done
     echo "}"
   } >"$WORK/nginx/nginx.conf"
   nginx -q -t -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" 2>>"$WORK/nginx/error.log"
@@ -185,7 +199,7 @@ cluster_balancers() {
 
 cluster_start() {
   cluster_need
-  declare -g -a HTTPS_PORTS MQTT_PORTS MQTTS_PORTS COAP_PORTS
+  declare -g -a HTTPS_PORTS MQTT_PORTS MQTTS_PORTS COAP_PORTS COAPS_PORTS
   SECRET_KEY="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
   ADMIN_PASSWORD="${ADMIN_PASSWORD:-cluster-$(python3 -c 'import secrets; print(secrets.token_hex(6))')}"
   cluster_database

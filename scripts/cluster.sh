@@ -25,6 +25,7 @@ Updraft cluster: $INSTANCES instances on one PostgreSQL and one S3 bucket, behin
   Console and /v5 API   https://localhost:$LB_HTTPS   (admin / $ADMIN_PASSWORD)
   MQTT / MQTTS          localhost:$LB_MQTT / localhost:$LB_MQTTS   (round-robin)
   CoAP (LwM2M, UDP)     localhost:$LB_COAP   (by source address)
+  CoAPS (LwM2M, DTLS)   localhost:$LB_COAPS   (by source address)
   CA certificate        $WORK/i1/tls/ca.pem
   Database              $DATABASE_URL
   Package bucket        http://127.0.0.1:$S3_PORT/updraft
@@ -33,7 +34,7 @@ Updraft cluster: $INSTANCES instances on one PostgreSQL and one S3 bucket, behin
 Instances:
 INFO
 for n in $(seq 1 "$INSTANCES"); do
-  echo "  updraft-$n  pid ${INSTANCE_PIDS[$n]}  https 127.0.0.1:${HTTPS_PORTS[$n]}  mqtt ${MQTT_PORTS[$n]}  coap ${COAP_PORTS[$n]}"
+  echo "  updraft-$n  pid ${INSTANCE_PIDS[$n]}  https 127.0.0.1:${HTTPS_PORTS[$n]}  mqtt ${MQTT_PORTS[$n]}  coap ${COAP_PORTS[$n]}  coaps ${COAPS_PORTS[$n]}"
 done
 cat <<INFO
 

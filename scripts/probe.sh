@@ -34,6 +34,7 @@ export UPDRAFT_HTTP__LISTEN="127.0.0.1:$(free_port)"
 export UPDRAFT_MQTT__LISTEN="127.0.0.1:$(free_port)"
 export UPDRAFT_MQTT__TLS_LISTEN="127.0.0.1:$(free_port)"
 export UPDRAFT_LWM2M__LISTEN="127.0.0.1:$(free_port)"
+export UPDRAFT_LWM2M__DTLS_LISTEN="127.0.0.1:$(free_port)"
 export UPDRAFT_ADMIN__PASSWORD="probe-$(python3 -c 'import secrets; print(secrets.token_hex(8))')"
 export UPDRAFT_LOG__FILTER="${UPDRAFT_LOG__FILTER:-warn}"
 if [ -z "${PROBE_OLD:-}" ]; then

@@ -29,8 +29,6 @@
 
 mod blocks;
 mod cache;
-// The DTLS layer (issue 19), tested on its own; not yet wired into the endpoint.
-#[cfg(test)]
 mod dtls;
 mod lwm2m;
 mod pcp;
@@ -48,6 +46,8 @@ use tokio_util::sync::CancellationToken;
 
 use self::blocks::BlockServing;
 use self::cache::PackageCache;
+pub use self::dtls::DtlsSettings;
+use self::dtls::{Dtls, KeyLookup, Psk};
 use self::pcp::Serving;
 use self::registry::Registry;
 use self::transport::{Incoming, Transport};
@@ -77,6 +77,13 @@ pub struct CoapSettings {
     /// Requests per second per source address that may cost a lookup (registrations, a download token
     /// not yet open), with twice as many at once; more are dropped unanswered.
     pub requests_per_second: u32,
+    /// CoAPS sessions: timeouts and bounds.
+    pub dtls: DtlsSettings,
+    /// Every device must register over DTLS (plain registrations get 4.03).
+    pub require_dtls: bool,
+    /// The base of the firmware URIs written to devices registered over DTLS (`coaps://host:port`;
+    /// their block-wise downloads come over their session).
+    pub secure_base_url: Option<String>,
 }
 
 impl Default for CoapSettings {
@@ -89,6 +96,9 @@ impl Default for CoapSettings {
             block_size: 512,
             max_in_flight: 1024,
             requests_per_second: 10,
+            dtls: DtlsSettings::default(),
+            require_dtls: false,
+            secure_base_url: None,
         }
     }
 }
@@ -149,9 +159,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl CoapEndpoint {
-    /// An endpoint on `socket`, connected to the driver (it becomes the driver's [`Lwm2mLink`]).
-    #[must_use]
-    pub fn new(state: AppState, socket: UdpSocket, settings: CoapSettings) -> Self {
+    /// An endpoint on `socket` (CoAP) and `secure` (CoAPS, when given), connected to the driver (it
+    /// becomes the driver's [`Lwm2mLink`]).
+    ///
+    /// # Errors
+    /// When OpenSSL cannot serve DTLS with pre-shared keys.
+    pub fn new(
+        state: AppState,
+        socket: UdpSocket,
+        secure: Option<UdpSocket>,
+        settings: CoapSettings,
+    ) -> Result<Self, String> {
+        let dtls = secure
+            .map(|s| Dtls::new(s, settings.dtls.clone(), key_lookup(&state)).map(Arc::new))
+            .transpose()
+            .map_err(|e| format!("OpenSSL cannot serve DTLS 1.2 with pre-shared keys: {e}"))?;
         let (events, events_rx) = mpsc::unbounded_channel();
         let in_flight = Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight));
         let rate = std::num::NonZeroU32::new(settings.requests_per_second.max(1))
@@ -161,7 +183,7 @@ impl CoapEndpoint {
             governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst));
         let endpoint = Self {
             inner: Arc::new(Inner {
-                transport: Transport::new(socket, &settings),
+                transport: Transport::new(socket, dtls, &settings),
                 registry: Registry::default(),
                 serving: Mutex::default(),
                 blocks: Mutex::default(),
@@ -179,7 +201,7 @@ impl CoapEndpoint {
             .state
             .driver
             .set_lwm2m_link(Arc::new(endpoint.clone()));
-        endpoint
+        Ok(endpoint)
     }
 
     /// The address it listens on.
@@ -188,6 +210,18 @@ impl CoapEndpoint {
     /// When the socket has none.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.inner.transport.local_addr()
+    }
+
+    /// The address it listens on for CoAPS, when it does.
+    #[must_use]
+    pub fn secure_addr(&self) -> Option<SocketAddr> {
+        self.inner.transport.dtls()?.local_addr().ok()
+    }
+
+    /// CoAPS sessions established, and handshakes in progress.
+    #[must_use]
+    pub fn dtls_sessions(&self) -> (usize, usize) {
+        self.inner.transport.dtls().map_or((0, 0), |d| d.counts())
     }
 
     /// Serves until `stop` is cancelled: receives datagrams, expires registrations, feeds the driver.
@@ -199,6 +233,12 @@ impl CoapEndpoint {
         let retransmitter_stop = stop.clone();
         let retransmitter =
             tokio::spawn(async move { this.inner.transport.retransmit(retransmitter_stop).await });
+        let secure = self
+            .inner
+            .transport
+            .dtls()
+            .cloned()
+            .map(|dtls| tokio::spawn(self.clone().serve_dtls(dtls, stop.clone())));
         let mut buf = vec![0u8; 2048];
         loop {
             let received = tokio::select! {
@@ -215,9 +255,58 @@ impl CoapEndpoint {
         }
         janitor.abort();
         retransmitter.abort();
+        if let Some(s) = secure {
+            s.abort();
+        }
         if let Some(f) = feeder {
             f.abort();
         }
+    }
+
+    /// The CoAPS socket: datagrams through their sessions, whose CoAP messages go up like plain ones;
+    /// every tick the handshake timers, idle sessions, and registrations whose session ended.
+    async fn serve_dtls(self, dtls: Arc<Dtls>, stop: CancellationToken) {
+        let mut buf = vec![0u8; 2048];
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    dtls.tick();
+                    self.sessions_ended(&dtls);
+                }
+                r = dtls.recv(&mut buf) => match r {
+                    Ok((n, addr)) => {
+                        for message in dtls.receive(&buf[..n], addr) {
+                            self.message(&message, addr);
+                        }
+                        self.sessions_ended(&dtls);
+                    }
+                    Err(e) => tracing::debug!(error.message = %e, "CoAPS receive"),
+                },
+            }
+        }
+    }
+
+    /// A registration made over a DTLS session that ended is over too: nothing reaches the device until
+    /// it handshakes and registers again.
+    fn sessions_ended(&self, dtls: &Dtls) {
+        for (addr, device_id) in dtls.take_ended() {
+            let Some(session) = self.inner.registry.session(&device_id) else {
+                continue;
+            };
+            if session.secure && session.addr == addr {
+                self.inner.registry.deregister(&session.reg_id, addr);
+                tracing::info!(device_id, %addr, "LwM2M: the DTLS session ended; registration dropped");
+                self.event(&device_id, DeviceEvent::Offline);
+            }
+        }
+    }
+
+    /// The device authenticated by the DTLS session at `addr`, if it has one.
+    fn secure_device(&self, addr: SocketAddr) -> Option<String> {
+        self.inner.transport.dtls()?.device_at(addr)
     }
 
     /// Expires registrations whose lifetime passed, and forgets old duplicates.
@@ -254,8 +343,19 @@ impl CoapEndpoint {
         self.inner.transport.send(bytes, addr);
     }
 
-    /// A datagram: what the transport hands up goes to its layer.
+    /// A plaintext datagram; dropped from an address that speaks DTLS (nobody may speak for a secure
+    /// device in plaintext from its address).
     fn datagram(&self, bytes: &[u8], addr: SocketAddr) {
+        if self.inner.transport.dtls().is_some_and(|d| d.owns(addr)) {
+            tracing::trace!(%addr, "CoAP: plaintext from an address with a DTLS session, dropped");
+            return;
+        }
+        self.message(bytes, addr);
+    }
+
+    /// A CoAP message (a plaintext datagram, or what a DTLS record carried): what the transport hands
+    /// up goes to its layer.
+    fn message(&self, bytes: &[u8], addr: SocketAddr) {
         match self.inner.transport.receive(bytes, addr) {
             Some(Incoming::Request(packet)) => self.request(packet, addr),
             Some(Incoming::Notification(packet)) => self.notification(packet, addr),
@@ -288,9 +388,10 @@ impl CoapEndpoint {
         let Some(place) = self.place(&packet, addr) else {
             return;
         };
+        let secure = self.secure_device(addr);
         let this = self.clone();
         tokio::spawn(async move {
-            this.registration(packet, addr).await;
+            this.registration(packet, addr, secure).await;
             drop(place);
         });
     }
@@ -391,6 +492,21 @@ impl Lwm2mLink for CoapEndpoint {
     }
 
     fn start_firmware(&self, device_id: &str, uri: String, blocks: Option<BlockGrant>) {
+        // Updraft's own URI: a device registered over DTLS downloads over its session (`coaps://`).
+        let uri = match (&blocks, &self.inner.settings.secure_base_url) {
+            (Some(_), Some(base))
+                if self
+                    .inner
+                    .registry
+                    .session(device_id)
+                    .is_some_and(|s| s.secure) =>
+            {
+                uri.rsplit_once("/fw/").map_or(uri.clone(), |(_, token)| {
+                    format!("{}/fw/{token}", base.trim_end_matches('/'))
+                })
+            }
+            _ => uri,
+        };
         if let Some(b) = blocks {
             self.open_blocks(device_id, b);
         }
@@ -429,4 +545,41 @@ async fn feed_driver(state: AppState, mut rx: mpsc::UnboundedReceiver<(String, D
             tracing::warn!(error.message = %e, "LwM2M device events not recorded");
         }
     }
+}
+
+/// Looks a PSK identity (the device's node id) up: the LwM2M device of that endpoint name, with its
+/// secret as the key: the bytes its hex spells (IoTDA's NB-IoT secrets are hex), or the text itself when
+/// it is not hex.
+fn key_lookup(state: &AppState) -> KeyLookup {
+    let state = state.clone();
+    Arc::new(move |identity: String| {
+        let state = state.clone();
+        Box::pin(async move {
+            let device = match crate::service::devices::find_lwm2m(&state, &identity).await {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    tracing::debug!(identity, "DTLS: unknown PSK identity");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(identity, error.message = %e, "DTLS: key lookup failed");
+                    return None;
+                }
+            };
+            let sealed = device.secret_enc.as_ref()?;
+            let secret = match state.sealer.open(&device.id, sealed) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(device_id = %device.id, error.message = %e, "DTLS: the device's secret cannot be opened");
+                    return None;
+                }
+            };
+            let text = secrecy::ExposeSecret::expose_secret(&secret);
+            let key = hex::decode(text).unwrap_or_else(|_| text.as_bytes().to_vec());
+            Some(Psk {
+                device_id: device.id,
+                key,
+            })
+        }) as futures::future::BoxFuture<'static, Option<Psk>>
+    })
 }

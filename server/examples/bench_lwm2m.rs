@@ -13,6 +13,12 @@
 //!    in turn: 50, 10 and 1 at a time) upgrade a `--campaign-kib` package in one task; prints the time from
 //!    task creation to every subtask done, and the most devices each cell had downloading at once, next
 //!    to its cap.
+//!
+//! The segment run is made twice: over CoAP, then over CoAPS (DTLS 1.2, PSK, AES-128-CCM-8), for the
+//! ratio of the two in one run (`--skip-dtls` skips the second). Over DTLS the fleet's handshakes and
+//! registrations are timed (handshakes per second), with the process's resident memory before and after
+//! (an upper bound of a session's memory: both ends' sessions live in this process). `--dtls` makes the
+//! block-wise and campaign runs use CoAPS too.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -60,6 +66,24 @@ struct Args {
     /// Worker threads of the simulator's runtime.
     #[arg(long, default_value_t = 1)]
     sim_threads: usize,
+    /// The block-wise and campaign runs over CoAPS too (DTLS with the devices' secrets as keys).
+    #[arg(long)]
+    dtls: bool,
+    /// Skip the segment run over DTLS (by default it follows the plain one, for comparison).
+    #[arg(long)]
+    skip_dtls: bool,
+}
+
+/// This process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// CPU time so far of this process's threads (ns): Updraft's (everything but the simulator) and the
@@ -88,6 +112,7 @@ fn cpu_ns() -> (u64, u64) {
 struct Server {
     state: backend::AppState,
     coap: std::net::SocketAddr,
+    coaps: std::net::SocketAddr,
     project: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
@@ -103,11 +128,13 @@ async fn start() -> Result<Server> {
     settings.http.listen = "127.0.0.1:0".parse()?;
     settings.mqtt.enabled = false;
     settings.lwm2m.listen = "127.0.0.1:0".parse()?;
+    settings.lwm2m.dtls_listen = "127.0.0.1:0".parse()?;
     settings.admin.password = Some("benchmark-password".to_owned().into());
     settings.log.filter = "warn".to_owned();
     let app = server::startup::Application::build(settings, Arc::new(backend::clock::SystemClock))
         .await?;
     let coap = app.coap_addr().context("CoAP enabled")?;
+    let coaps = app.coaps_addr().context("CoAPS enabled")?;
     let state = app.state().clone();
     let project = backend::service::projects::ensure_default(&state).await?.id;
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -117,6 +144,7 @@ async fn start() -> Result<Server> {
     Ok(Server {
         state,
         coap,
+        coaps,
         project,
         stop: Some(tx),
         task,
@@ -172,6 +200,7 @@ impl Server {
         for i in 0..n {
             let prefix = match name {
                 "stream" => "1",
+                "streams" => "4",
                 "blocks" => "3",
                 _ => "2",
             };
@@ -190,6 +219,32 @@ impl Server {
             nodes.push(node);
         }
         Ok((package.id, nodes))
+    }
+
+    /// Where `name`'s devices connect and their keys: CoAPS with `dtls`, else CoAP.
+    async fn link(
+        &self,
+        name: &str,
+        nodes: &[String],
+        dtls: bool,
+    ) -> Result<(
+        std::net::SocketAddr,
+        Option<Arc<std::collections::HashMap<String, Vec<u8>>>>,
+    )> {
+        if !dtls {
+            return Ok((self.coap, None));
+        }
+        let mut keys = std::collections::HashMap::new();
+        for node in nodes {
+            let secret = devices::secret(&self.state, &format!("{name}_{node}"))
+                .await?
+                .context("a device secret")?;
+            keys.insert(
+                node.clone(),
+                hex::decode(secrecy::ExposeSecret::expose_secret(&secret))?,
+            );
+        }
+        Ok((self.coaps, Some(Arc::new(keys))))
     }
 
     async fn task(&self, name: &str, package: &str, nodes: &[String]) -> Result<String> {
@@ -256,6 +311,106 @@ fn devices_fleet(
     (stats, stop, task)
 }
 
+/// The segment run: `args.stream_devices` devices of product `name` download the stream package, over
+/// DTLS when `dtls`; returns the segments per second.
+async fn segment_run(
+    server: &Server,
+    sim: &tokio::runtime::Handle,
+    args: &Args,
+    name: &str,
+    dtls: bool,
+) -> Result<f64> {
+    let (package, nodes) = server
+        .fleet(
+            name,
+            "softwarePackage",
+            args.stream_kib,
+            args.stream_devices,
+        )
+        .await?;
+    // 4 cells of good coverage hold 200 devices at 50 each.
+    let cells = u32::try_from(args.stream_devices.div_ceil(50)).unwrap_or(1);
+    let (addr, psks) = server.link(name, &nodes, dtls).await?;
+    let rss_before = rss_kib();
+    let cpu_registering = cpu_ns();
+    let registering = Instant::now();
+    let (stats, stop, fleet) = devices_fleet(
+        sim,
+        addr,
+        nodes.clone(),
+        Lwm2mOptions {
+            cells,
+            retry: Duration::from_secs(2),
+            psks,
+            ..Lwm2mOptions::default()
+        },
+    );
+    registered(&stats, nodes.len()).await?;
+    let secs = registering.elapsed().as_secs_f64();
+    let cpu_registered = cpu_ns();
+    println!(
+        "registrations: {} devices {} in {secs:.2} s = {:.0}/s; Updraft used {:.0} µs of CPU per device",
+        nodes.len(),
+        if dtls {
+            "handshook (DTLS) and registered"
+        } else {
+            "registered"
+        },
+        nodes.len() as f64 / secs,
+        (cpu_registered.0 - cpu_registering.0) as f64 / 1e3 / nodes.len() as f64
+    );
+    if dtls {
+        // Let the observations settle before reading the memory.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let grown = rss_kib().saturating_sub(rss_before);
+        println!(
+            "memory: resident memory grew {:.1} MiB with {} sessions (both ends in this process): at most {:.1} KiB per session",
+            grown as f64 / 1024.0,
+            nodes.len(),
+            grown as f64 / nodes.len() as f64
+        );
+    }
+    let task_id = server.task(name, &package, &nodes).await?;
+    let (secs, cpu_before, cpu_after) = downloading(&stats, nodes.len(), "segment").await?;
+    let segments = stats.segments.load(Ordering::Relaxed);
+    println!(
+        "segments{}: {} devices downloaded {} KiB each: {segments} segments in {secs:.2} s = {:.0} segments/s ({:.1} MiB/s of package data)",
+        if dtls { " over DTLS" } else { "" },
+        nodes.len(),
+        args.stream_kib,
+        segments as f64 / secs,
+        (segments as f64 * 500.0) / secs / 1_048_576.0
+    );
+    let server_cpu = (cpu_after.0 - cpu_before.0) as f64 / 1e9;
+    let sim_cpu = (cpu_after.1 - cpu_before.1) as f64 / 1e9;
+    println!(
+        "segments: Updraft used {server_cpu:.2} CPU-s ({:.1} µs per segment = {:.0} segments per CPU-second), the simulator {sim_cpu:.2} CPU-s ({:.1} µs per segment)",
+        server_cpu * 1e6 / segments as f64,
+        segments as f64 / server_cpu,
+        sim_cpu * 1e6 / segments as f64,
+    );
+    let t = server.wait(&task_id, Duration::from_secs(120)).await?;
+    println!("segment run task: {} ({})", t.status, t.status_desc);
+    stop.cancel();
+    let _ = fleet.await;
+    Ok(segments as f64 / secs)
+}
+
+/// Waits until `devices` registered (2 min at most).
+async fn registered(stats: &Lwm2mStats, devices: usize) -> Result<()> {
+    let started = Instant::now();
+    while stats.registered.load(Ordering::Relaxed) < devices as u64 {
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "only {} of {devices} devices registered",
+                stats.registered.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
 /// Waits from the fleet's first segment (or block) to its last download; returns the seconds taken and
 /// the CPU times (`cpu_ns`) at both ends.
 async fn downloading(
@@ -297,49 +452,14 @@ async fn run(args: Args, sim: tokio::runtime::Handle) -> Result<()> {
     let server = start().await?;
 
     if !args.campaign_only {
-        let (package, nodes) = server
-            .fleet(
-                "stream",
-                "softwarePackage",
-                args.stream_kib,
-                args.stream_devices,
-            )
-            .await?;
-        // 4 cells of good coverage hold 200 devices at 50 each.
-        let cells = u32::try_from(args.stream_devices.div_ceil(50)).unwrap_or(1);
-        let (stats, stop, fleet) = devices_fleet(
-            &sim,
-            server.coap,
-            nodes.clone(),
-            Lwm2mOptions {
-                cells,
-                retry: Duration::from_secs(2),
-                ..Lwm2mOptions::default()
-            },
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let task_id = server.task("stream", &package, &nodes).await?;
-        let (secs, cpu_before, cpu_after) = downloading(&stats, nodes.len(), "segment").await?;
-        let segments = stats.segments.load(Ordering::Relaxed);
-        println!(
-            "segments: {} devices downloaded {} KiB each: {segments} segments in {secs:.2} s = {:.0} segments/s ({:.1} MiB/s of package data)",
-            nodes.len(),
-            args.stream_kib,
-            segments as f64 / secs,
-            (segments as f64 * 500.0) / secs / 1_048_576.0
-        );
-        let server_cpu = (cpu_after.0 - cpu_before.0) as f64 / 1e9;
-        let sim_cpu = (cpu_after.1 - cpu_before.1) as f64 / 1e9;
-        println!(
-            "segments: Updraft used {server_cpu:.2} CPU-s ({:.1} µs per segment = {:.0} segments per CPU-second), the simulator {sim_cpu:.2} CPU-s ({:.1} µs per segment)",
-            server_cpu * 1e6 / segments as f64,
-            segments as f64 / server_cpu,
-            sim_cpu * 1e6 / segments as f64,
-        );
-        let t = server.wait(&task_id, Duration::from_secs(120)).await?;
-        println!("segment run task: {} ({})", t.status, t.status_desc);
-        stop.cancel();
-        let _ = fleet.await;
+        let plain = segment_run(&server, &sim, &args, "stream", false).await?;
+        if !args.skip_dtls {
+            let secure = segment_run(&server, &sim, &args, "streams", true).await?;
+            println!(
+                "segments over DTLS: {secure:.0}/s, {:.0} % of plain ({plain:.0}/s) in this run",
+                secure * 100.0 / plain
+            );
+        }
     }
 
     if !args.campaign_only {
@@ -352,18 +472,20 @@ async fn run(args: Args, sim: tokio::runtime::Handle) -> Result<()> {
             )
             .await?;
         let cells = u32::try_from(args.block_devices.div_ceil(50)).unwrap_or(1);
+        let (addr, psks) = server.link("blocks", &nodes, args.dtls).await?;
         let (stats, stop, fleet) = devices_fleet(
             &sim,
-            server.coap,
+            addr,
             nodes.clone(),
             Lwm2mOptions {
                 cells,
                 retry: Duration::from_secs(2),
                 block_size: args.block_size,
+                psks,
                 ..Lwm2mOptions::default()
             },
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        registered(&stats, nodes.len()).await?;
         let task_id = server.task("blocks", &package, &nodes).await?;
         let (secs, cpu_before, cpu_after) = downloading(&stats, nodes.len(), "block-wise").await?;
         let blocks = stats.segments.load(Ordering::Relaxed);
@@ -396,14 +518,16 @@ async fn run(args: Args, sim: tokio::runtime::Handle) -> Result<()> {
             args.devices,
         )
         .await?;
+    let (addr, psks) = server.link("campaign", &nodes, args.dtls).await?;
     let (stats, stop, fleet) = devices_fleet(
         &sim,
-        server.coap,
+        addr,
         nodes.clone(),
         Lwm2mOptions {
             cells: args.cells,
             radio: Radio::Mixed,
             retry: Duration::from_secs(2),
+            psks,
             ..Lwm2mOptions::default()
         },
     );

@@ -270,6 +270,16 @@ async fn serve(settings: Settings) -> Result<()> {
             tls.port()
         );
     }
+    if let Some(coap) = application.coap_addr() {
+        let coaps = application
+            .coaps_addr()
+            .map(|a| format!("  coaps://{host}:{}", a.port()))
+            .unwrap_or_default();
+        println!(
+            "  LwM2M:          coap://{host}:{}{coaps}  (NB-IoT, PCP and Object 5)",
+            coap.port()
+        );
+    }
     match application.admin_bootstrap() {
         AdminBootstrap::CreatedWithGeneratedPassword { username, password } => {
             println!(

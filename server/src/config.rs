@@ -361,12 +361,36 @@ pub struct Lwm2mSettings {
     /// Coverage ranges (lower bounds of RSRP in dBm and SINR in dB for ranges 0, 1, 2) and how many
     /// devices of one cell download at once in each (`caps`), or when only the cell id is known.
     pub coverage: domain::flow::lwm2m::Coverage,
+    /// Serve CoAPS (LwM2M over DTLS 1.2 with pre-shared keys: the PSK identity is the device's node id,
+    /// the key its secret, the bytes its hex spells).
+    pub dtls_enabled: bool,
+    /// The CoAPS UDP address (IoTDA's 5684).
+    pub dtls_listen: SocketAddr,
+    /// The base of the firmware URIs written to devices registered over DTLS, e.g.
+    /// `coaps://ota.example.com:5684` (default: this host and the bound CoAPS port).
+    pub dtls_public_url: Option<String>,
+    /// Every LwM2M device must come over DTLS: plain CoAP registrations are refused (4.03), whatever the
+    /// device's `secure_access`.
+    pub require_dtls: bool,
+    /// A DTLS session unused this long is dropped; the device handshakes again.
+    #[serde(with = "humantime_serde")]
+    pub dtls_idle_timeout: Duration,
+    /// A DTLS handshake not finished in this time is dropped.
+    #[serde(with = "humantime_serde")]
+    pub dtls_handshake_timeout: Duration,
+    /// DTLS sessions kept at most (the least recently used goes first).
+    pub dtls_max_sessions: usize,
+    /// DTLS handshakes in progress at most (the oldest goes first).
+    pub dtls_max_handshakes: usize,
+    /// ClientHellos per second per source address (twice as many at once); more are dropped.
+    pub dtls_hellos_per_second: u32,
 }
 
 impl Default for Lwm2mSettings {
     fn default() -> Self {
         let t = domain::flow::lwm2m::Timeouts::default();
         let c = backend::coap::CoapSettings::default();
+        let dtls = backend::coap::DtlsSettings::default();
         Self {
             enabled: true,
             listen: SocketAddr::from(([0, 0, 0, 0], 5683)),
@@ -386,6 +410,15 @@ impl Default for Lwm2mSettings {
             download_timeout: t.download,
             execute_timeout: t.execute,
             coverage: domain::flow::lwm2m::Coverage::default(),
+            dtls_enabled: true,
+            dtls_listen: SocketAddr::from(([0, 0, 0, 0], 5684)),
+            dtls_public_url: None,
+            require_dtls: false,
+            dtls_idle_timeout: dtls.idle_timeout,
+            dtls_handshake_timeout: dtls.handshake_timeout,
+            dtls_max_sessions: dtls.max_sessions,
+            dtls_max_handshakes: dtls.max_handshakes,
+            dtls_hellos_per_second: dtls.hellos_per_second,
         }
     }
 }
@@ -700,6 +733,22 @@ impl Settings {
                 "  - lwm2m.public_url: {url:?} must be a coap:// URL like coap://ota.example.com:5683"
             ));
         }
+        if let Some(url) = &self.lwm2m.dtls_public_url
+            && !url.starts_with("coaps://")
+        {
+            problems.push(format!(
+                "  - lwm2m.dtls_public_url: {url:?} must be a coaps:// URL like coaps://ota.example.com:5684"
+            ));
+        }
+        if self.lwm2m.dtls_enabled
+            && self.lwm2m.dtls_listen == self.lwm2m.listen
+            && self.lwm2m.listen.port() != 0
+        {
+            problems.push(
+                "  - lwm2m.dtls_listen must differ from lwm2m.listen (CoAPS and CoAP are separate ports)"
+                    .to_owned(),
+            );
+        }
         if self.lwm2m.max_retransmit > 10 {
             problems.push("  - lwm2m.max_retransmit must be at most 10".to_owned());
         }
@@ -824,6 +873,18 @@ impl Settings {
             block_size: self.lwm2m.block_size,
             max_in_flight: self.lwm2m.max_in_flight,
             requests_per_second: self.lwm2m.requests_per_second,
+            dtls: backend::coap::DtlsSettings {
+                idle_timeout: self.lwm2m.dtls_idle_timeout,
+                handshake_timeout: self.lwm2m.dtls_handshake_timeout,
+                max_sessions: self.lwm2m.dtls_max_sessions,
+                max_handshakes: self.lwm2m.dtls_max_handshakes,
+                hellos_per_second: self.lwm2m.dtls_hellos_per_second,
+            },
+            require_dtls: self.lwm2m.require_dtls,
+            secure_base_url: self
+                .lwm2m
+                .dtls_enabled
+                .then(|| self.coaps_public_url(self.lwm2m.dtls_listen.port())),
         }
     }
 
@@ -880,6 +941,18 @@ impl Settings {
         format!(
             "coap://{}:{port}",
             self.advertised_host(self.lwm2m.listen.ip())
+        )
+    }
+
+    /// The base of the firmware URIs for devices registered over DTLS.
+    #[must_use]
+    pub fn coaps_public_url(&self, port: u16) -> String {
+        if let Some(url) = &self.lwm2m.dtls_public_url {
+            return url.trim_end_matches('/').to_owned();
+        }
+        format!(
+            "coaps://{}:{port}",
+            self.advertised_host(self.lwm2m.dtls_listen.ip())
         )
     }
 

@@ -6,6 +6,7 @@
 //! Like Huawei's Python and Go SDKs, a simulated device does **not** subscribe to its system topic unless
 //! told to (`subscribe`): the platform must deliver `version_query` anyway.
 
+mod link;
 pub mod lwm2m;
 
 use std::sync::Arc;

@@ -160,19 +160,39 @@ impl Application {
                 .with_context(|| format!("binding CoAP on {addr} (lwm2m.listen)"))?;
             // Firmware URIs name the port really bound.
             settings.lwm2m.public_url = Some(settings.coap_public_url(socket.local_addr()?.port()));
-            Some(socket)
+            let secure = if settings.lwm2m.dtls_enabled {
+                let addr = settings.lwm2m.dtls_listen;
+                let secure = bind_udp(addr, settings.lwm2m.receive_buffer)
+                    .with_context(|| format!("binding CoAPS on {addr} (lwm2m.dtls_listen)"))?;
+                settings.lwm2m.dtls_public_url =
+                    Some(settings.coaps_public_url(secure.local_addr()?.port()));
+                Some(secure)
+            } else {
+                None
+            };
+            Some((socket, secure))
         } else {
             None
         };
         let (state, project) = open_state(&settings, clock.clone()).await?;
         // Before recovery: grants of download slots made there reach devices through it.
-        let coap = coap_socket.map(|socket| {
-            backend::coap::CoapEndpoint::new(state.clone(), socket, settings.coap_settings())
-        });
+        let coap = coap_socket
+            .map(|(socket, secure)| {
+                backend::coap::CoapEndpoint::new(
+                    state.clone(),
+                    socket,
+                    secure,
+                    settings.coap_settings(),
+                )
+            })
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("starting CoAP")?;
         let addresses = serde_json::json!({
             "https": https_addr.to_string(),
             "mqtt": mqtt.as_ref().and_then(|m| m.plain.local_addr().ok()).map(|a| a.to_string()),
             "coap": coap.as_ref().and_then(|c| c.local_addr().ok()).map(|a| a.to_string()),
+            "coaps": coap.as_ref().and_then(backend::coap::CoapEndpoint::secure_addr).map(|a| a.to_string()),
         });
         backend::cluster::join(&state, &addresses.to_string())
             .await
@@ -240,6 +260,12 @@ impl Application {
     #[must_use]
     pub fn coap_addr(&self) -> Option<SocketAddr> {
         self.coap.as_ref()?.local_addr().ok()
+    }
+
+    /// The bound CoAPS address, when LwM2M over DTLS is enabled.
+    #[must_use]
+    pub fn coaps_addr(&self) -> Option<SocketAddr> {
+        self.coap.as_ref()?.secure_addr()
     }
 
     /// The bound MQTT addresses (plain, TLS), when MQTT is enabled.

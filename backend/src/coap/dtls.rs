@@ -44,26 +44,31 @@ const MTU: u32 = 1152;
 const COOKIE_LEN: usize = 16;
 /// Datagrams of a flight held while its key is looked up, at most.
 const MAX_HELD: usize = 8;
+/// How long an address stays DTLS-only after its session ended: its plaintext datagrams are dropped and
+/// nothing is sent to it in plaintext (retransmissions of exchanges begun under the session included)
+/// until it handshakes again. At least CoAP's `EXCHANGE_LIFETIME` with the default settings.
+const CLOSED_KEPT: Duration = Duration::from_secs(300);
 
 /// DTLS listener settings.
 #[derive(Clone, Debug)]
-pub(super) struct DtlsSettings {
-    /// A session unused this long is dropped (the device handshakes again when it next sends).
-    pub(super) idle_timeout: Duration,
+pub struct DtlsSettings {
+    /// A session unused this long is dropped (the device handshakes again when it next sends). The
+    /// default outlives the default registration lifetime (24 h).
+    pub idle_timeout: Duration,
     /// A handshake not finished in this time is dropped.
-    pub(super) handshake_timeout: Duration,
+    pub handshake_timeout: Duration,
     /// Established sessions kept at most (the least recently used goes first).
-    pub(super) max_sessions: usize,
+    pub max_sessions: usize,
     /// Handshakes in progress at most (the oldest goes first).
-    pub(super) max_handshakes: usize,
+    pub max_handshakes: usize,
     /// ClientHellos per second per source address (twice as many at once); more are dropped.
-    pub(super) hellos_per_second: u32,
+    pub hellos_per_second: u32,
 }
 
 impl Default for DtlsSettings {
     fn default() -> Self {
         Self {
-            idle_timeout: Duration::from_secs(2 * 3600),
+            idle_timeout: Duration::from_secs(25 * 3600),
             handshake_timeout: Duration::from_secs(30),
             max_sessions: 20_000,
             max_handshakes: 1024,
@@ -150,7 +155,12 @@ pub(super) struct Dtls {
     context: SslContext,
     settings: DtlsSettings,
     lookup: KeyLookup,
+    secret: [u8; 32],
     peers: Mutex<HashMap<SocketAddr, Peer>>,
+    /// Addresses whose session ended, and when ([`CLOSED_KEPT`]).
+    closed: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Sessions that ended since [`Dtls::take_ended`] was last called: their addresses and devices.
+    ended: Mutex<Vec<(SocketAddr, String)>>,
     per_source: governor::DefaultKeyedRateLimiter<SocketAddr>,
     key_index: openssl::ex_data::Index<Ssl, Arc<Mutex<KeySlot>>>,
     addr_index: openssl::ex_data::Index<Ssl, SocketAddr>,
@@ -166,6 +176,11 @@ fn cookie(secret: &[u8; 32], addr: Option<&SocketAddr>) -> [u8; COOKIE_LEN] {
     let mut out = [0u8; COOKIE_LEN];
     out.copy_from_slice(&full[..COOKIE_LEN]);
     out
+}
+
+/// The cookie of `addr` under `secret`.
+fn cookie_of(secret: &[u8; 32], addr: SocketAddr) -> [u8; COOKIE_LEN] {
+    cookie(secret, Some(&addr))
 }
 
 /// The PSK identity a client's flight names, if it carries its ClientKeyExchange (a plaintext
@@ -193,6 +208,55 @@ fn psk_identity(datagram: &[u8]) -> Option<String> {
         return String::from_utf8(identity.to_vec()).ok();
     }
     None
+}
+
+/// Whether `datagram` starts with a ClientHello (handshake record of epoch 0, handshake type 1), and
+/// the cookie it echoes (empty when none) if the hello is whole in its first record.
+fn client_hello(datagram: &[u8]) -> Option<&[u8]> {
+    if datagram.len() <= 25 || datagram[0] != 22 || datagram[3..5] != [0, 0] || datagram[13] != 1 {
+        return None;
+    }
+    // Record header 13, handshake header 12; then version 2, random 32, session id, cookie.
+    let body = &datagram[25..];
+    let sid = usize::from(*body.get(34)?);
+    let at = 35 + sid;
+    let n = usize::from(*body.get(at).unwrap_or(&0));
+    Some(body.get(at + 1..at + 1 + n).unwrap_or(&[]))
+}
+
+/// `hello` (a ClientHello echoing a cookie, whole in one record) as the ClientHello that came before
+/// it: no cookie, message sequence 0, record sequence 0. Fed to a new OpenSSL object first, it brings the
+/// object to where it would be had it sent the HelloVerifyRequest itself (expecting message 1), for a
+/// client whose first ClientHello another object answered. `None` when `hello` is not such a record, or
+/// its record sequence is 0 (the made-up record would then be taken for a replay of it).
+fn before_cookie(hello: &[u8]) -> Option<Vec<u8>> {
+    let u24 = |b: &[u8]| (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]);
+    if hello.get(5..11)? == [0; 6] {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([*hello.get(11)?, *hello.get(12)?]));
+    let record = hello.get(13..13 + len)?;
+    if record.len() < 12 || record[0] != 1 {
+        return None;
+    }
+    let (whole, offset, fragment) = (u24(&record[1..4]), u24(&record[6..9]), u24(&record[9..12]));
+    if offset != 0 || fragment != whole {
+        return None;
+    }
+    let body = record.get(12..12 + whole)?;
+    let at = 35 + usize::from(*body.get(34)?);
+    let cookie = usize::from(*body.get(at)?);
+    let mut plain = body[..at].to_vec();
+    plain.push(0);
+    plain.extend_from_slice(body.get(at + 1 + cookie..)?);
+    let n = u32::try_from(plain.len()).ok()?.to_be_bytes();
+    let mut message = vec![1, n[1], n[2], n[3], 0, 0, 0, 0, 0, n[1], n[2], n[3]];
+    message.extend_from_slice(&plain);
+    let mut out = hello[..5].to_vec();
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&u16::try_from(message.len()).ok()?.to_be_bytes());
+    out.extend_from_slice(&message);
+    Some(out)
 }
 
 impl Dtls {
@@ -224,8 +288,9 @@ impl Dtls {
             Ok(COOKIE_LEN)
         });
         builder.set_cookie_verify_cb(move |ssl, echoed| {
-            openssl::memcmp::eq(echoed, &cookie(&secret, ssl.ex_data(addr_index)))
-                && echoed.len() == COOKIE_LEN
+            // Length first: `memcmp::eq` panics on slices of different lengths.
+            echoed.len() == COOKIE_LEN
+                && openssl::memcmp::eq(echoed, &cookie(&secret, ssl.ex_data(addr_index)))
         });
         builder.set_psk_server_callback(move |ssl, identity, out| {
             let Some(slot) = ssl.ex_data(key_index) else {
@@ -253,7 +318,10 @@ impl Dtls {
             context,
             settings,
             lookup,
+            secret,
             peers: Mutex::default(),
+            closed: Mutex::default(),
+            ended: Mutex::default(),
             per_source: governor::RateLimiter::keyed(
                 governor::Quota::per_second(rate).allow_burst(burst),
             ),
@@ -279,6 +347,29 @@ impl Dtls {
         (established, peers.len() - established)
     }
 
+    /// Whether `addr` speaks DTLS now: it has an established session, or had one that ended lately
+    /// ([`CLOSED_KEPT`]). Plaintext from it is not taken, and nothing goes to it in plaintext.
+    pub(super) fn owns(&self, addr: SocketAddr) -> bool {
+        lock(&self.peers)
+            .get(&addr)
+            .is_some_and(|p| p.device_id.is_some())
+            || lock(&self.closed).contains_key(&addr)
+    }
+
+    /// The sessions that ended since the last call (closed by the device, failed, idle, evicted, or
+    /// replaced by a new handshake): their addresses and devices.
+    pub(super) fn take_ended(&self) -> Vec<(SocketAddr, String)> {
+        std::mem::take(&mut *lock(&self.ended))
+    }
+
+    /// Records that `peer`'s session at `addr` ended.
+    fn end(&self, addr: SocketAddr, peer: &Peer) {
+        if let Some(device) = &peer.device_id {
+            lock(&self.closed).insert(addr, Instant::now());
+            lock(&self.ended).push((addr, device.clone()));
+        }
+    }
+
     /// The device whose session `addr` is, once its handshake finished.
     pub(super) fn device_at(&self, addr: SocketAddr) -> Option<String> {
         lock(&self.peers)
@@ -291,13 +382,33 @@ impl Dtls {
     pub(super) fn receive(self: &Arc<Self>, datagram: &[u8], addr: SocketAddr) -> Vec<Vec<u8>> {
         let mut peers = lock(&self.peers);
         let now = Instant::now();
+        let hello = client_hello(datagram);
+        if let Some(cookie) = hello
+            && peers.get(&addr).is_some_and(|p| p.device_id.is_some())
+        {
+            // A new handshake from an address with a session (the device restarted, or lost its
+            // session): it replaces the session only once it echoes its cookie, which proves the address;
+            // until then a throwaway object answers with a HelloVerifyRequest and the session stays.
+            if self.per_source.check_key(&addr).is_err() {
+                return Vec::new();
+            }
+            if cookie.len() != COOKIE_LEN
+                || !openssl::memcmp::eq(cookie, &cookie_of(&self.secret, addr))
+            {
+                drop(peers);
+                if let Ok(mut throwaway) = self.open(addr) {
+                    let (out, _, _) = Self::feed(&mut throwaway, datagram);
+                    self.transmit(&out, addr);
+                }
+                return Vec::new();
+            }
+            if let Some(old) = peers.remove(&addr) {
+                self.end(addr, &old);
+            }
+        }
         if !peers.contains_key(&addr) {
-            // Only a ClientHello (handshake record, epoch 0, type 1) opens a session.
-            let hello = datagram.len() > 25
-                && datagram[0] == 22
-                && datagram[3..5] == [0, 0]
-                && datagram[13] == 1;
-            if !hello || self.per_source.check_key(&addr).is_err() {
+            // Only a ClientHello opens a session.
+            if hello.is_none() || self.per_source.check_key(&addr).is_err() {
                 return Vec::new();
             }
             let handshaking = peers.values().filter(|p| p.device_id.is_none()).count();
@@ -311,7 +422,14 @@ impl Dtls {
                 peers.remove(&oldest);
             }
             match self.open(addr) {
-                Ok(peer) => {
+                Ok(mut peer) => {
+                    // A ClientHello echoing a cookie another object issued (the HelloVerifyRequest
+                    // answering a new handshake beside a session): this object picks up from there.
+                    if hello.is_some_and(|c| !c.is_empty())
+                        && let Some(first) = before_cookie(datagram)
+                    {
+                        let _ = Self::feed(&mut peer, &first);
+                    }
                     peers.insert(addr, peer);
                 }
                 Err(e) => {
@@ -349,8 +467,11 @@ impl Dtls {
             }
         }
         let (out, plain, end) = Self::feed(peer, datagram);
-        if end {
-            peers.remove(&addr);
+        if peer.device_id.is_some() {
+            lock(&self.closed).remove(&addr);
+        }
+        if end && let Some(old) = peers.remove(&addr) {
+            self.end(addr, &old);
         }
         drop(peers);
         self.transmit(&out, addr);
@@ -377,8 +498,11 @@ impl Dtls {
                 break;
             }
         }
-        if end {
-            peers.remove(&addr);
+        if peer.device_id.is_some() {
+            lock(&self.closed).remove(&addr);
+        }
+        if end && let Some(old) = peers.remove(&addr) {
+            self.end(addr, &old);
         }
         drop(peers);
         self.transmit(&out, addr);
@@ -406,6 +530,7 @@ impl Dtls {
         let now = Instant::now();
         let mut sends = Vec::new();
         let mut peers = lock(&self.peers);
+        let mut idle = Vec::new();
         peers.retain(|addr, peer| match &peer.device_id {
             None => {
                 if now.duration_since(peer.started) > self.settings.handshake_timeout {
@@ -420,8 +545,19 @@ impl Dtls {
                 }
                 true
             }
-            Some(_) => now.duration_since(peer.last_seen) <= self.settings.idle_timeout,
+            Some(device) => {
+                let alive = now.duration_since(peer.last_seen) <= self.settings.idle_timeout;
+                if !alive {
+                    idle.push((*addr, device.clone()));
+                }
+                alive
+            }
         });
+        for (addr, device) in idle {
+            lock(&self.closed).insert(addr, now);
+            lock(&self.ended).push((addr, device));
+        }
+        lock(&self.closed).retain(|_, at| now.duration_since(*at) <= CLOSED_KEPT);
         let established = peers.values().filter(|p| p.device_id.is_some()).count();
         if established > self.settings.max_sessions {
             let mut by_age: Vec<(Instant, SocketAddr)> = peers
@@ -434,7 +570,9 @@ impl Dtls {
                 .into_iter()
                 .take(established - self.settings.max_sessions)
             {
-                peers.remove(&addr);
+                if let Some(old) = peers.remove(&addr) {
+                    self.end(addr, &old);
+                }
             }
         }
         drop(peers);
@@ -591,7 +729,16 @@ mod tests {
         identity: &'static str,
         key: &'static [u8],
     ) -> io::Result<(Vec<u8>, SocketAddr)> {
-        let socket = StdSocket::bind("127.0.0.1:0")?;
+        client_on(StdSocket::bind("127.0.0.1:0")?, server, identity, key)
+    }
+
+    /// [`client`] on a given socket.
+    fn client_on(
+        socket: StdSocket,
+        server: SocketAddr,
+        identity: &'static str,
+        key: &'static [u8],
+    ) -> io::Result<(Vec<u8>, SocketAddr)> {
         let local = socket.local_addr()?;
         socket.connect(server)?;
         socket.set_read_timeout(Some(Duration::from_secs(3)))?;
@@ -678,6 +825,66 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(500), spoofer.recv_from(&mut answer)).await;
         assert!(more.is_err(), "only the HelloVerifyRequest");
         assert_eq!(dtls.counts(), (0, 1));
+    }
+
+    /// The first ClientHello a client sends (no cookie), caught on a socket that never answers.
+    fn first_client_hello() -> Vec<u8> {
+        let catcher = StdSocket::bind("127.0.0.1:0").unwrap();
+        catcher
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let target = catcher.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let _ = client(target, "863705000000001", b"0123456789abcdef");
+        });
+        let mut hello = vec![0u8; 2048];
+        let n = catcher.recv(&mut hello).unwrap();
+        hello.truncate(n);
+        hello
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_handshake_replaces_a_session_only_once_it_echoes_its_cookie() {
+        let (dtls, addr) = echo_server().await;
+        let socket = StdSocket::bind("127.0.0.1:0").unwrap();
+        let device_socket = socket.try_clone().unwrap();
+        let (_, local) = tokio::task::spawn_blocking(move || {
+            client_on(socket, addr, "863705000000001", b"0123456789abcdef")
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(dtls.owns(local));
+        // A cookie-less ClientHello from the session's address (anyone can forge one): a
+        // HelloVerifyRequest, and the session stays.
+        let hello = first_client_hello();
+        device_socket.send_to(&hello, addr).unwrap();
+        device_socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut answer = vec![0u8; 2048];
+        let _ = device_socket.recv(&mut answer).unwrap();
+        assert_eq!(answer[13], 3, "HelloVerifyRequest");
+        assert_eq!(
+            dtls.device_at(local).as_deref(),
+            Some("meter_863705000000001")
+        );
+        assert!(dtls.take_ended().is_empty());
+        // The device really handshakes again from there: the new session replaces the old one.
+        let echoed = tokio::task::spawn_blocking(move || {
+            client_on(device_socket, addr, "863705000000001", b"0123456789abcdef")
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(echoed.0, b"hello");
+        assert_eq!(dtls.counts(), (1, 0));
+        assert_eq!(
+            dtls.take_ended(),
+            [(local, "meter_863705000000001".to_owned())],
+            "the old session ended"
+        );
+        assert!(dtls.owns(local));
     }
 
     #[test]

@@ -16,10 +16,16 @@ use super::{CoapEndpoint, DeviceEvent};
 
 impl CoapEndpoint {
     /// A request to the registration interface, answered; a new registration is then observed.
-    pub(super) async fn registration(&self, packet: Packet, addr: SocketAddr) {
+    /// `secure`: the device the DTLS session it came over authenticated.
+    pub(super) async fn registration(
+        &self,
+        packet: Packet,
+        addr: SocketAddr,
+        secure: Option<String>,
+    ) {
         let (code, location) = match lwm2m::registration(&packet) {
             Ok(Registration::Register { endpoint, params }) => {
-                self.register(&endpoint, &params, addr).await
+                self.register(&endpoint, &params, addr, secure).await
             }
             Ok(Registration::Update { id, params }) => {
                 let now = self.inner.state.clock.now();
@@ -46,15 +52,25 @@ impl CoapEndpoint {
         }
     }
 
-    /// `POST /rd?ep=...`: 2.01 with a location, or 4.03 for an unknown or frozen endpoint.
+    /// `POST /rd?ep=...`: 2.01 with a location, or 4.03 for an unknown or frozen endpoint, for a device
+    /// that must use DTLS (`secure_access`) in plaintext, and over DTLS for another device than the
+    /// session's.
     async fn register(
         &self,
         endpoint: &str,
         params: &RegisterParams,
         addr: SocketAddr,
+        secure: Option<String>,
     ) -> (ResponseType, Option<String>) {
         let device = match crate::service::devices::find_lwm2m(&self.inner.state, endpoint).await {
-            Ok(Some(d)) if d.secure_access => {
+            Ok(Some(d)) if secure.as_ref().is_some_and(|s| *s != d.id) => {
+                // A session speaks for its own device only.
+                tracing::warn!(%addr, endpoint, session_device = ?secure, "LwM2M registration refused: the endpoint is not the DTLS session's device");
+                return (ResponseType::Forbidden, None);
+            }
+            Ok(Some(d))
+                if (d.secure_access || self.inner.settings.require_dtls) && secure.is_none() =>
+            {
                 // The device must come over DTLS (`secure_access`); a plain registration of it is
                 // refused, so no one can take its place on plain CoAP.
                 tracing::debug!(%addr, endpoint, "LwM2M registration refused: the device needs a secure (DTLS) connection");
@@ -85,6 +101,7 @@ impl CoapEndpoint {
             lifetime,
             observe_token: None,
             firmware_tokens: [None, None],
+            secure: secure.is_some(),
         });
         tracing::debug!(device_id = %device.id, endpoint, %addr, "LwM2M registered");
         (ResponseType::Created, Some(reg_id))
@@ -137,7 +154,11 @@ impl CoapEndpoint {
                 tracing::info!(device_id = %session.device_id, "LwM2M: observing /19/0/0 failed")
             }
         }
-        self.event(&session.device_id, DeviceEvent::Online);
+        // Not if the registration ended meanwhile (deregistered, replaced, its DTLS session closed):
+        // its end was announced already.
+        if self.inner.registry.by_reg(&reg_id).is_some() {
+            self.event(&session.device_id, DeviceEvent::Online);
+        }
     }
 
     /// A notification: a PCP message on `/19/0/0`, or a Firmware Update object value.

@@ -15,7 +15,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,6 +23,8 @@ use coap_lite::{MessageClass, MessageType, Packet, ResponseType};
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
+
+use super::dtls::Dtls;
 
 use super::{CoapSettings, HashMap, lock};
 
@@ -75,9 +77,11 @@ struct Exchanges {
     seen: HashMap<(SocketAddr, u16), Seen>,
 }
 
-/// The transport over one UDP socket.
+/// The transport over one UDP socket, and the DTLS sessions of the secure one.
 pub(super) struct Transport {
     socket: UdpSocket,
+    /// CoAPS: what goes to an address that speaks DTLS goes through its session.
+    dtls: Option<Arc<Dtls>>,
     ack_timeout: Duration,
     max_retransmit: u32,
     /// RFC 7252 `EXCHANGE_LIFETIME`: how long a message id stays a duplicate.
@@ -94,9 +98,10 @@ pub(super) struct Transport {
 }
 
 impl Transport {
-    pub(super) fn new(socket: UdpSocket, settings: &CoapSettings) -> Self {
+    pub(super) fn new(socket: UdpSocket, dtls: Option<Arc<Dtls>>, settings: &CoapSettings) -> Self {
         Self {
             socket,
+            dtls,
             ack_timeout: settings.ack_timeout,
             max_retransmit: settings.max_retransmit,
             exchange_lifetime: settings.exchange_lifetime(),
@@ -116,8 +121,23 @@ impl Transport {
         self.socket.recv_from(buf).await
     }
 
-    /// Sends a datagram (a full socket buffer drops it, like the network may).
+    /// The DTLS side, when CoAPS is served.
+    pub(super) fn dtls(&self) -> Option<&Arc<Dtls>> {
+        self.dtls.as_ref()
+    }
+
+    /// Sends a datagram (a full socket buffer drops it, like the network may). To an address that
+    /// speaks DTLS it goes through its session, and is dropped when that session ended: nothing meant
+    /// for a secure device goes out in plaintext.
     pub(super) fn send(&self, bytes: &[u8], addr: SocketAddr) {
+        if let Some(dtls) = &self.dtls
+            && dtls.owns(addr)
+        {
+            if !dtls.send(bytes, addr) {
+                tracing::debug!(%addr, "CoAPS: its session ended; message dropped");
+            }
+            return;
+        }
         if let Err(e) = self.socket.try_send_to(bytes, addr) {
             tracing::debug!(%addr, error.message = %e, "CoAP send");
         }
@@ -480,7 +500,8 @@ mod tests {
         // Sends are `try_send_to`: the socket must have been seen writable once (in the endpoint, its
         // receive loop does that long before anything is sent).
         socket.writable().await.unwrap();
-        let transport = std::sync::Arc::new(Transport::new(socket, &settings(ack_ms, retransmits)));
+        let transport =
+            std::sync::Arc::new(Transport::new(socket, None, &settings(ack_ms, retransmits)));
         let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         (transport, peer)
     }

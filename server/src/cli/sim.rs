@@ -256,6 +256,10 @@ pub struct SimLwm2mArgs {
     /// Exit after this long in any case.
     #[arg(long)]
     pub duration: Option<humantime::Duration>,
+    /// Speak CoAPS (DTLS 1.2, each device's secret as its pre-shared key, read from the database) to
+    /// `lwm2m.dtls_listen`; with `--register`, devices are registered for DTLS only (`secure_access`).
+    #[arg(long)]
+    pub dtls: bool,
 }
 
 /// Runs an LwM2M fleet until Ctrl-C, `--duration` or (`--exit-when-done`) every device finished, then
@@ -268,36 +272,25 @@ pub async fn run_lwm2m(settings: Settings, args: SimLwm2mArgs) -> Result<()> {
     let endpoints: Vec<String> = (0..args.devices)
         .map(|n| format!("{}{n:07}", args.prefix))
         .collect();
-    if args.register {
-        let product = args.product.clone().context("--register needs --product")?;
+    let mut psks = None;
+    if args.register || args.dtls {
         let (state, project) =
             crate::startup::open_state(&settings, Arc::new(backend::clock::SystemClock)).await?;
-        let mut registered = 0;
-        for node in &endpoints {
-            if service::devices::find_lwm2m(&state, node).await?.is_some() {
-                continue;
-            }
-            service::devices::register(
-                &state,
-                &project.id,
-                service::devices::NewDevice {
-                    product_id: product.clone(),
-                    node_id: node.clone(),
-                    device_name: format!("simulated {node}"),
-                    // The simulator speaks plain CoAP.
-                    secure_access: Some(false),
-                    ..Default::default()
-                },
-            )
-            .await
-            .with_context(|| format!("registering {node}"))?;
-            registered += 1;
+        if args.register {
+            let product = args.product.clone().context("--register needs --product")?;
+            register_lwm2m(&state, &project.id, &product, &endpoints, args.dtls).await?;
+        }
+        if args.dtls {
+            psks = Some(Arc::new(device_keys(&state, &endpoints).await?));
         }
         state.db.clone().close().await.ok();
-        println!("registered {registered} devices");
     }
     let server = args.server.unwrap_or_else(|| {
-        let mut addr = settings.lwm2m.listen;
+        let mut addr = if args.dtls {
+            settings.lwm2m.dtls_listen
+        } else {
+            settings.lwm2m.listen
+        };
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
@@ -317,6 +310,7 @@ pub async fn run_lwm2m(settings: Settings, args: SimLwm2mArgs) -> Result<()> {
         firmware_version: args.firmware_version.clone(),
         firmware_next: args.firmware_next.clone(),
         block_size: args.block_size,
+        psks,
         ..Lwm2mOptions::default()
     };
     println!(
@@ -371,4 +365,59 @@ pub async fn run_lwm2m(settings: Settings, args: SimLwm2mArgs) -> Result<()> {
             .join(" ")
     );
     Ok(())
+}
+
+/// Registers the endpoints not yet known under `product` (for DTLS only when `dtls`).
+async fn register_lwm2m(
+    state: &backend::AppState,
+    project: &str,
+    product: &str,
+    endpoints: &[String],
+    dtls: bool,
+) -> Result<()> {
+    let mut registered = 0;
+    for node in endpoints {
+        if service::devices::find_lwm2m(state, node).await?.is_some() {
+            continue;
+        }
+        service::devices::register(
+            state,
+            project,
+            service::devices::NewDevice {
+                product_id: product.to_owned(),
+                node_id: node.clone(),
+                device_name: format!("simulated {node}"),
+                secure_access: Some(dtls),
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("registering {node}"))?;
+        registered += 1;
+    }
+    println!("registered {registered} devices");
+    Ok(())
+}
+
+/// Each endpoint's pre-shared key: its device's secret, as the bytes its hex spells (or its text).
+async fn device_keys(
+    state: &backend::AppState,
+    endpoints: &[String],
+) -> Result<std::collections::HashMap<String, Vec<u8>>> {
+    use secrecy::ExposeSecret;
+    let mut keys = std::collections::HashMap::new();
+    for node in endpoints {
+        let device = service::devices::find_lwm2m(state, node)
+            .await?
+            .with_context(|| format!("--dtls: no LwM2M device has node id {node}"))?;
+        let secret = service::devices::secret(state, &device.id)
+            .await?
+            .with_context(|| format!("--dtls: device {} has no secret", device.id))?;
+        let text = secret.expose_secret();
+        keys.insert(
+            node.clone(),
+            hex::decode(text).unwrap_or_else(|_| text.as_bytes().to_vec()),
+        );
+    }
+    Ok(keys)
 }

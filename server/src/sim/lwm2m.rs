@@ -25,8 +25,9 @@ use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, Resp
 use protocol::lwm2m::{self, connectivity, tlv_encode, tlv_integer};
 use protocol::pcp::{self, Downlink, ResultCode, Uplink, Version};
 use sha2::{Digest, Sha256};
-use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
+
+use super::link::Link;
 
 /// What a device's radio coverage reads answer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -99,6 +100,9 @@ pub struct Lwm2mOptions {
     pub firmware_next: String,
     /// The Block2 size asked for (16-1024; 0 asks for none and takes the platform's).
     pub block_size: usize,
+    /// CoAPS: each endpoint's pre-shared key (`server` is then the CoAPS address). A device on DTLS
+    /// takes only `coaps://` Package URIs.
+    pub psks: Option<Arc<HashMap<String, Vec<u8>>>>,
 }
 
 impl Default for Lwm2mOptions {
@@ -119,6 +123,7 @@ impl Default for Lwm2mOptions {
             firmware_version: "V1.0".to_owned(),
             firmware_next: "V2.0".to_owned(),
             block_size: 512,
+            psks: None,
         }
     }
 }
@@ -126,6 +131,8 @@ impl Default for Lwm2mOptions {
 /// Counters shared by a run's devices.
 #[derive(Debug, Default)]
 pub struct Lwm2mStats {
+    /// DTLS handshakes (or sockets) that failed; the device tried again.
+    pub handshakes_failed: AtomicU64,
     /// Registrations answered 2.01 (a device counts again after each reboot or restart).
     pub registered: AtomicU64,
     /// Registrations refused.
@@ -289,8 +296,28 @@ struct FwDownload {
 
 impl Device {
     async fn run(mut self, stop: CancellationToken) -> anyhow::Result<()> {
-        let socket = UdpSocket::bind(("127.0.0.1", 0)).await?;
-        socket.connect(self.opts.server).await?;
+        let psk = self
+            .opts
+            .psks
+            .as_ref()
+            .map(|keys| keys.get(&self.endpoint).cloned().unwrap_or_default());
+        let socket = loop {
+            let link = Link::connect(
+                self.opts.server,
+                psk.as_deref().map(|k| (self.endpoint.as_str(), k)),
+            );
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                r = link => match r {
+                    Ok(link) => break link,
+                    Err(e) => {
+                        tracing::debug!(endpoint = %self.endpoint, error.message = %e, "sim: connecting failed");
+                        self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(self.opts.retry).await;
+                    }
+                },
+            }
+        };
         let mut buf = vec![0u8; 2048];
         let mut register_at = tokio::time::Instant::now();
         let mut resend = tokio::time::interval(self.opts.retry);
@@ -333,7 +360,7 @@ impl Device {
         self.opts.loss > 0.0 && rand::random::<f64>() < self.opts.loss
     }
 
-    async fn send(&self, socket: &UdpSocket, bytes: &[u8]) {
+    async fn send(&self, socket: &Link, bytes: &[u8]) {
         if !self.lost() {
             let _ = socket.send(bytes).await;
         }
@@ -344,7 +371,7 @@ impl Device {
         self.mid
     }
 
-    async fn send_register(&mut self, socket: &UdpSocket) {
+    async fn send_register(&mut self, socket: &Link) {
         let mut p = Packet::new();
         p.header.set_type(MessageType::Confirmable);
         p.header.code = MessageClass::Request(RequestType::Post);
@@ -366,7 +393,7 @@ impl Device {
         }
     }
 
-    async fn received(&mut self, socket: &UdpSocket, packet: Packet) {
+    async fn received(&mut self, socket: &Link, packet: Packet) {
         match packet.header.code {
             MessageClass::Response(code) if packet.get_token() == b"reg" => {
                 if code == ResponseType::Created && self.reg.is_none() {
@@ -407,7 +434,7 @@ impl Device {
         }
     }
 
-    async fn request(&mut self, _socket: &UdpSocket, method: RequestType, req: &Packet) -> Packet {
+    async fn request(&mut self, _socket: &Link, method: RequestType, req: &Packet) -> Packet {
         let path: Vec<String> = req
             .get_option(CoapOption::UriPath)
             .map(|l| {
@@ -506,7 +533,7 @@ impl Device {
 
     /// What follows a request once it is answered: PCP handling, and the 0x18 after a reboot once
     /// observed again.
-    async fn after_request(&mut self, socket: &UdpSocket, req: &Packet) {
+    async fn after_request(&mut self, socket: &Link, req: &Packet) {
         let is = |p: &[&str]| {
             req.get_option(CoapOption::UriPath).is_some_and(|l| {
                 l.len() == p.len() && l.iter().zip(p).all(|(a, b)| a.as_slice() == b.as_bytes())
@@ -554,7 +581,7 @@ impl Device {
         }
     }
 
-    async fn pcp(&mut self, socket: &UdpSocket, message: Downlink<'_>) {
+    async fn pcp(&mut self, socket: &Link, message: Downlink<'_>) {
         let opts = self.opts.clone();
         let fail_code = |default: u8| ResultCode(opts.fail_code.unwrap_or(default));
         match message {
@@ -703,13 +730,19 @@ impl Device {
     }
 
     /// A Package URI was written: download it block-wise, or refuse a protocol it lacks.
-    async fn start_firmware(&mut self, socket: &UdpSocket, uri: &str) {
+    async fn start_firmware(&mut self, socket: &Link, uri: &str) {
+        let scheme = if self.opts.psks.is_some() {
+            "coaps://"
+        } else {
+            "coap://"
+        };
         let token = uri
-            .strip_prefix("coap://")
+            .strip_prefix(scheme)
             .and_then(|rest| rest.split_once("/fw/"))
             .map(|(_, token)| token.as_bytes().to_vec());
         let Some(token) = token else {
-            // An empty URI cancels; anything but coap:// is a protocol this device lacks.
+            // An empty URI cancels; anything but coap:// (coaps:// on DTLS) is a protocol this device
+            // lacks.
             self.fw_download = None;
             self.fw_state = 0;
             self.fw_result = if uri.is_empty() { 0 } else { 9 };
@@ -734,7 +767,7 @@ impl Device {
         self.request_block(socket).await;
     }
 
-    async fn request_block(&mut self, socket: &UdpSocket) {
+    async fn request_block(&mut self, socket: &Link) {
         let mid = self.next_mid();
         let Some(d) = self.fw_download.as_mut() else {
             return;
@@ -763,7 +796,7 @@ impl Device {
     }
 
     /// The answer to a block request.
-    async fn block_answer(&mut self, socket: &UdpSocket, code: ResponseType, packet: &Packet) {
+    async fn block_answer(&mut self, socket: &Link, code: ResponseType, packet: &Packet) {
         let Some(d) = self.fw_download.as_mut() else {
             return;
         };
@@ -818,7 +851,7 @@ impl Device {
     }
 
     /// `/5/0/2` executed: install, then reboot into the new firmware (or report the failure).
-    async fn install_firmware(&mut self, socket: &UdpSocket) {
+    async fn install_firmware(&mut self, socket: &Link) {
         self.fw_state = 3;
         self.fw_notify(socket, 0).await;
         if self.opts.behaviour == Lwm2mBehaviour::FailUpgrade {
@@ -840,7 +873,7 @@ impl Device {
     }
 
     /// Notifies the State (`which` 0) or the Update Result (1), when observed.
-    async fn fw_notify(&mut self, socket: &UdpSocket, which: usize) {
+    async fn fw_notify(&mut self, socket: &Link, which: usize) {
         let Some(token) = self.fw_obs[which].clone() else {
             return;
         };
@@ -869,7 +902,7 @@ impl Device {
         }
     }
 
-    async fn request_segment(&mut self, socket: &UdpSocket) {
+    async fn request_segment(&mut self, socket: &Link) {
         let State::Downloading { target, .. } = &self.state else {
             return;
         };
@@ -883,7 +916,7 @@ impl Device {
     }
 
     /// Sends a PCP frame as a notification of the `/19/0/0` observation.
-    async fn notify(&mut self, socket: &UdpSocket, frame: Vec<u8>) {
+    async fn notify(&mut self, socket: &Link, frame: Vec<u8>) {
         let Some(token) = self.observe.clone() else {
             return;
         };

@@ -14,6 +14,7 @@ fn updraft(dir: &std::path::Path) -> Command {
         .env("UPDRAFT_MQTT__LISTEN", "127.0.0.1:0")
         .env("UPDRAFT_MQTT__TLS_LISTEN", "127.0.0.1:0")
         .env("UPDRAFT_LWM2M__LISTEN", "127.0.0.1:0")
+        .env("UPDRAFT_LWM2M__DTLS_LISTEN", "127.0.0.1:0")
         .env("UPDRAFT_HTTP__SHUTDOWN_GRACE", "1s");
     cmd
 }

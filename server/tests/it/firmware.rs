@@ -18,7 +18,12 @@ use crate::lwm2m::{Fixture, fleet, subtask_rows, wait_finished};
 
 /// A CoAP product fetching firmware over `download` (`coap` or `https`), a 30 000-byte firmware package
 /// V2.0 (from V1.0), and `n` devices.
-async fn fixture(app: &TestApp, product: &str, download: &str, n: usize) -> (Fixture, Vec<String>) {
+pub(crate) async fn fixture(
+    app: &TestApp,
+    product: &str,
+    download: &str,
+    n: usize,
+) -> (Fixture, Vec<String>) {
     let project = backend::service::projects::ensure_default(&app.state)
         .await
         .unwrap()
@@ -89,7 +94,12 @@ async fn fixture(app: &TestApp, product: &str, download: &str, n: usize) -> (Fix
     )
 }
 
-async fn firmware_task(app: &TestApp, fx: &Fixture, product: &str, nodes: &[String]) -> String {
+pub(crate) async fn firmware_task(
+    app: &TestApp,
+    fx: &Fixture,
+    product: &str,
+    nodes: &[String],
+) -> String {
     tasks::create(
         &app.state,
         &fx.project,

@@ -28,6 +28,8 @@ pub(crate) struct TestApp {
     pub mqtts: std::net::SocketAddr,
     /// CoAP (LwM2M).
     pub coap: std::net::SocketAddr,
+    /// CoAPS (LwM2M over DTLS).
+    pub coaps: std::net::SocketAddr,
     /// The CA certificate the server's certificate chains to (PEM).
     pub ca_pem: Vec<u8>,
     stop: Option<oneshot::Sender<()>>,
@@ -43,6 +45,7 @@ pub(crate) fn settings_for(data_dir: &Path) -> Settings {
     s.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     s.mqtt.tls_listen = "127.0.0.1:0".parse().unwrap();
     s.lwm2m.listen = "127.0.0.1:0".parse().unwrap();
+    s.lwm2m.dtls_listen = "127.0.0.1:0".parse().unwrap();
     // CoAP retransmissions are transport timing, not flow deadlines: short, so lost datagrams cost little.
     s.lwm2m.ack_timeout = std::time::Duration::from_millis(200);
     s.admin.password = Some(PASSWORD.to_owned().into());
@@ -79,6 +82,7 @@ pub(crate) async fn spawn_on_clock(settings: Settings, clock: ManualClock) -> Te
     let addr = app.https_addr();
     let (mqtt, mqtts) = app.mqtt_addrs().expect("MQTT is enabled");
     let coap = app.coap_addr().expect("CoAP is enabled");
+    let coaps = app.coaps_addr().expect("CoAPS is enabled");
     let state = app.state().clone();
     let ca = std::fs::read(
         trust
@@ -107,6 +111,7 @@ pub(crate) async fn spawn_on_clock(settings: Settings, clock: ManualClock) -> Te
         mqtt,
         mqtts,
         coap,
+        coaps,
         ca_pem: ca.clone(),
         stop: Some(tx),
         task: Some(task),

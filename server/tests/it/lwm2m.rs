@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{TestApp, spawn_app};
 
-const PRODUCT: &str = "nb-meter";
+pub(crate) const PRODUCT: &str = "nb-meter";
 
 pub(crate) struct Fixture {
     pub(crate) project: String,
@@ -90,11 +90,11 @@ pub(crate) async fn fixture(app: &TestApp, n: usize) -> (Fixture, Vec<String>) {
     )
 }
 
-fn device_id(node: &str) -> String {
+pub(crate) fn device_id(node: &str) -> String {
     format!("{PRODUCT}_{node}")
 }
 
-async fn create_task(app: &TestApp, fx: &Fixture, nodes: &[String]) -> String {
+pub(crate) async fn create_task(app: &TestApp, fx: &Fixture, nodes: &[String]) -> String {
     tasks::create(
         &app.state,
         &fx.project,

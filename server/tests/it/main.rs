@@ -4,6 +4,7 @@
 mod api;
 mod binary;
 mod cluster;
+mod coaps;
 mod console;
 mod console_tasks;
 mod firmware;

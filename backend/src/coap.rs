@@ -279,7 +279,7 @@ impl CoapEndpoint {
                 r = dtls.recv(&mut buf) => match r {
                     Ok((n, addr)) => {
                         for message in dtls.receive(&buf[..n], addr) {
-                            self.message(&message, addr);
+                            self.message(&message, dtls::secure(addr));
                         }
                         self.sessions_ended(&dtls);
                     }
@@ -296,7 +296,8 @@ impl CoapEndpoint {
             let Some(session) = self.inner.registry.session(&device_id) else {
                 continue;
             };
-            if session.secure && session.addr == addr {
+            let addr = dtls::secure(addr);
+            if session.addr == addr {
                 self.inner.registry.deregister(&session.reg_id, addr);
                 tracing::info!(device_id, %addr, "LwM2M: the DTLS session ended; registration dropped");
                 self.event(&device_id, DeviceEvent::Offline);
@@ -304,9 +305,12 @@ impl CoapEndpoint {
         }
     }
 
-    /// The device authenticated by the DTLS session at `addr`, if it has one.
+    /// The device authenticated by the DTLS session of `addr` (a [`dtls::secure`] address), if any.
     fn secure_device(&self, addr: SocketAddr) -> Option<String> {
-        self.inner.transport.dtls()?.device_at(addr)
+        self.inner
+            .transport
+            .dtls()?
+            .device_at(dtls::unsecure(addr)?)
     }
 
     /// Expires registrations whose lifetime passed, and forgets old duplicates.
@@ -343,18 +347,13 @@ impl CoapEndpoint {
         self.inner.transport.send(bytes, addr);
     }
 
-    /// A plaintext datagram; dropped from an address that speaks DTLS (nobody may speak for a secure
-    /// device in plaintext from its address).
+    /// A plaintext datagram.
     fn datagram(&self, bytes: &[u8], addr: SocketAddr) {
-        if self.inner.transport.dtls().is_some_and(|d| d.owns(addr)) {
-            tracing::trace!(%addr, "CoAP: plaintext from an address with a DTLS session, dropped");
-            return;
-        }
         self.message(bytes, addr);
     }
 
-    /// A CoAP message (a plaintext datagram, or what a DTLS record carried): what the transport hands
-    /// up goes to its layer.
+    /// A CoAP message (a plaintext datagram, or what a DTLS record carried: then `addr` is the peer's
+    /// [`dtls::secure`] address): what the transport hands up goes to its layer.
     fn message(&self, bytes: &[u8], addr: SocketAddr) {
         match self.inner.transport.receive(bytes, addr) {
             Some(Incoming::Request(packet)) => self.request(packet, addr),

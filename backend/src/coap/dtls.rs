@@ -44,10 +44,45 @@ const MTU: u32 = 1152;
 const COOKIE_LEN: usize = 16;
 /// Datagrams of a flight held while its key is looked up, at most.
 const MAX_HELD: usize = 8;
-/// How long an address stays DTLS-only after its session ended: its plaintext datagrams are dropped and
-/// nothing is sent to it in plaintext (retransmissions of exchanges begun under the session included)
-/// until it handshakes again. At least CoAP's `EXCHANGE_LIFETIME` with the default settings.
-const CLOSED_KEPT: Duration = Duration::from_secs(300);
+/// The flow label marking a [`secure`] address: an IPv4 peer's, and an IPv6 peer's.
+const SECURE_V4: u32 = 0xD_7150;
+const SECURE_V6: u32 = 0xD_7151;
+
+/// The name the layers above give a peer of the DTLS socket: its address, marked (an IPv6 address with a
+/// flow label of [`SECURE_V4`] or [`SECURE_V6`], which no received address carries). A peer of the DTLS
+/// socket and one of the plain socket are then never the same peer to the transport and the registry,
+/// even from the same address and port (a NAT reusing a port): plaintext cannot reach a secure
+/// registration, and what is sent to a secure peer can only go through its session.
+pub(super) fn secure(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(a) => SocketAddr::V6(std::net::SocketAddrV6::new(
+            a.ip().to_ipv6_mapped(),
+            a.port(),
+            SECURE_V4,
+            0,
+        )),
+        SocketAddr::V6(a) => SocketAddr::V6(std::net::SocketAddrV6::new(
+            *a.ip(),
+            a.port(),
+            SECURE_V6,
+            a.scope_id(),
+        )),
+    }
+}
+
+/// The network address of a [`secure`] one; `None` for a plain peer's.
+pub(super) fn unsecure(addr: SocketAddr) -> Option<SocketAddr> {
+    match addr {
+        SocketAddr::V6(a) if a.flowinfo() == SECURE_V4 => {
+            let v4 = a.ip().to_ipv4_mapped()?;
+            Some(SocketAddr::from((v4, a.port())))
+        }
+        SocketAddr::V6(a) if a.flowinfo() == SECURE_V6 => Some(SocketAddr::V6(
+            std::net::SocketAddrV6::new(*a.ip(), a.port(), 0, a.scope_id()),
+        )),
+        _ => None,
+    }
+}
 
 /// DTLS listener settings.
 #[derive(Clone, Debug)]
@@ -157,8 +192,6 @@ pub(super) struct Dtls {
     lookup: KeyLookup,
     secret: [u8; 32],
     peers: Mutex<HashMap<SocketAddr, Peer>>,
-    /// Addresses whose session ended, and when ([`CLOSED_KEPT`]).
-    closed: Mutex<HashMap<SocketAddr, Instant>>,
     /// Sessions that ended since [`Dtls::take_ended`] was last called: their addresses and devices.
     ended: Mutex<Vec<(SocketAddr, String)>>,
     per_source: governor::DefaultKeyedRateLimiter<SocketAddr>,
@@ -320,7 +353,6 @@ impl Dtls {
             lookup,
             secret,
             peers: Mutex::default(),
-            closed: Mutex::default(),
             ended: Mutex::default(),
             per_source: governor::RateLimiter::keyed(
                 governor::Quota::per_second(rate).allow_burst(burst),
@@ -347,15 +379,6 @@ impl Dtls {
         (established, peers.len() - established)
     }
 
-    /// Whether `addr` speaks DTLS now: it has an established session, or had one that ended lately
-    /// ([`CLOSED_KEPT`]). Plaintext from it is not taken, and nothing goes to it in plaintext.
-    pub(super) fn owns(&self, addr: SocketAddr) -> bool {
-        lock(&self.peers)
-            .get(&addr)
-            .is_some_and(|p| p.device_id.is_some())
-            || lock(&self.closed).contains_key(&addr)
-    }
-
     /// The sessions that ended since the last call (closed by the device, failed, idle, evicted, or
     /// replaced by a new handshake): their addresses and devices.
     pub(super) fn take_ended(&self) -> Vec<(SocketAddr, String)> {
@@ -365,7 +388,6 @@ impl Dtls {
     /// Records that `peer`'s session at `addr` ended.
     fn end(&self, addr: SocketAddr, peer: &Peer) {
         if let Some(device) = &peer.device_id {
-            lock(&self.closed).insert(addr, Instant::now());
             lock(&self.ended).push((addr, device.clone()));
         }
     }
@@ -467,9 +489,6 @@ impl Dtls {
             }
         }
         let (out, plain, end) = Self::feed(peer, datagram);
-        if peer.device_id.is_some() {
-            lock(&self.closed).remove(&addr);
-        }
         if end && let Some(old) = peers.remove(&addr) {
             self.end(addr, &old);
         }
@@ -497,9 +516,6 @@ impl Dtls {
             if end {
                 break;
             }
-        }
-        if peer.device_id.is_some() {
-            lock(&self.closed).remove(&addr);
         }
         if end && let Some(old) = peers.remove(&addr) {
             self.end(addr, &old);
@@ -553,11 +569,7 @@ impl Dtls {
                 alive
             }
         });
-        for (addr, device) in idle {
-            lock(&self.closed).insert(addr, now);
-            lock(&self.ended).push((addr, device));
-        }
-        lock(&self.closed).retain(|_, at| now.duration_since(*at) <= CLOSED_KEPT);
+        lock(&self.ended).extend(idle);
         let established = peers.values().filter(|p| p.device_id.is_some()).count();
         if established > self.settings.max_sessions {
             let mut by_age: Vec<(Instant, SocketAddr)> = peers
@@ -626,24 +638,29 @@ impl Dtls {
             }
         }
         if peer.device_id.is_some() && !end {
-            let mut buf = vec![0u8; 2048];
-            loop {
-                match peer.stream.ssl_read(&mut buf) {
-                    Ok(n) => plain.push(buf[..n].to_vec()),
-                    Err(e) if e.code() == ErrorCode::WANT_READ => break,
-                    Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
-                        // close_notify: the device ended its session.
-                        let _ = peer.stream.shutdown();
-                        end = true;
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error.message = %e, "DTLS: read failed");
-                        end = true;
-                        break;
+            thread_local! {
+                /// Where records are decrypted into (one per receiving thread, not per datagram).
+                static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 2048]);
+            }
+            BUF.with_borrow_mut(|buf| {
+                loop {
+                    match peer.stream.ssl_read(buf) {
+                        Ok(n) => plain.push(buf[..n].to_vec()),
+                        Err(e) if e.code() == ErrorCode::WANT_READ => break,
+                        Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
+                            // close_notify: the device ended its session.
+                            let _ = peer.stream.shutdown();
+                            end = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error.message = %e, "DTLS: read failed");
+                            end = true;
+                            break;
+                        }
                     }
                 }
-            }
+            });
         }
         let out = std::mem::take(&mut peer.stream.get_mut().outbox);
         (out, plain, end)
@@ -854,7 +871,7 @@ mod tests {
         .await
         .unwrap()
         .unwrap();
-        assert!(dtls.owns(local));
+        assert!(dtls.device_at(local).is_some());
         // A cookie-less ClientHello from the session's address (anyone can forge one): a
         // HelloVerifyRequest, and the session stays.
         let hello = first_client_hello();
@@ -884,7 +901,21 @@ mod tests {
             [(local, "meter_863705000000001".to_owned())],
             "the old session ended"
         );
-        assert!(dtls.owns(local));
+        assert!(dtls.device_at(local).is_some());
+    }
+
+    #[test]
+    fn a_secure_peer_is_never_the_plain_peer_of_the_same_address() {
+        for plain in ["127.0.0.1:40000", "[2001:db8::7]:5683", "[fe80::1%2]:9"] {
+            let plain: SocketAddr = plain.parse().unwrap();
+            let marked = secure(plain);
+            assert_ne!(marked, plain);
+            assert_eq!(unsecure(marked), Some(plain));
+            assert_eq!(unsecure(plain), None, "{plain} is a plain peer");
+        }
+        // An IPv4-mapped address received on a dual-stack socket stays one.
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:1".parse().unwrap();
+        assert_eq!(unsecure(secure(mapped)), Some(mapped));
     }
 
     #[test]

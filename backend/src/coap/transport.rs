@@ -126,15 +126,14 @@ impl Transport {
         self.dtls.as_ref()
     }
 
-    /// Sends a datagram (a full socket buffer drops it, like the network may). To an address that
-    /// speaks DTLS it goes through its session, and is dropped when that session ended: nothing meant
-    /// for a secure device goes out in plaintext.
+    /// Sends a datagram (a full socket buffer drops it, like the network may). To a peer of the DTLS
+    /// socket (a [`secure`](super::dtls::secure) address) it goes through its session, and is dropped
+    /// when that session ended: nothing meant for a secure peer goes out in plaintext.
     pub(super) fn send(&self, bytes: &[u8], addr: SocketAddr) {
-        if let Some(dtls) = &self.dtls
-            && dtls.owns(addr)
-        {
-            if !dtls.send(bytes, addr) {
-                tracing::debug!(%addr, "CoAPS: its session ended; message dropped");
+        if let Some(network) = super::dtls::unsecure(addr) {
+            let sent = self.dtls.as_ref().is_some_and(|d| d.send(bytes, network));
+            if !sent {
+                tracing::debug!(%network, "CoAPS: no session; message dropped");
             }
             return;
         }

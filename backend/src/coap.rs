@@ -546,6 +546,13 @@ async fn feed_driver(state: AppState, mut rx: mpsc::UnboundedReceiver<(String, D
     }
 }
 
+/// A device's pre-shared key for CoAPS, from its secret: the bytes its hex spells (IoTDA's NB-IoT secrets
+/// are hex), or the text itself when it is not hex.
+#[must_use]
+pub fn psk_key(secret: &str) -> Vec<u8> {
+    hex::decode(secret).unwrap_or_else(|_| secret.as_bytes().to_vec())
+}
+
 /// Looks a PSK identity (the device's node id) up: the LwM2M device of that endpoint name, with its
 /// secret as the key: the bytes its hex spells (IoTDA's NB-IoT secrets are hex), or the text itself when
 /// it is not hex.
@@ -573,11 +580,9 @@ fn key_lookup(state: &AppState) -> KeyLookup {
                     return None;
                 }
             };
-            let text = secrecy::ExposeSecret::expose_secret(&secret);
-            let key = hex::decode(text).unwrap_or_else(|_| text.as_bytes().to_vec());
             Some(Psk {
                 device_id: device.id,
-                key,
+                key: psk_key(secrecy::ExposeSecret::expose_secret(&secret)),
             })
         }) as futures::future::BoxFuture<'static, Option<Psk>>
     })

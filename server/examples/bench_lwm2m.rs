@@ -241,7 +241,7 @@ impl Server {
                 .context("a device secret")?;
             keys.insert(
                 node.clone(),
-                hex::decode(secrecy::ExposeSecret::expose_secret(&secret))?,
+                backend::coap::psk_key(secrecy::ExposeSecret::expose_secret(&secret)),
             );
         }
         Ok((self.coaps, Some(Arc::new(keys))))

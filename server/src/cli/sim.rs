@@ -413,11 +413,7 @@ async fn device_keys(
         let secret = service::devices::secret(state, &device.id)
             .await?
             .with_context(|| format!("--dtls: device {} has no secret", device.id))?;
-        let text = secret.expose_secret();
-        keys.insert(
-            node.clone(),
-            hex::decode(text).unwrap_or_else(|_| text.as_bytes().to_vec()),
-        );
+        keys.insert(node.clone(), backend::coap::psk_key(secret.expose_secret()));
     }
     Ok(keys)
 }

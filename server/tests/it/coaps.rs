@@ -35,7 +35,7 @@ async fn dtls_only(app: &TestApp, product: &str, nodes: &[String]) -> HashMap<St
     let mut keys = HashMap::new();
     for (node, id) in nodes.iter().zip(&ids) {
         let secret = devices::secret(&app.state, id).await.unwrap().unwrap();
-        keys.insert(node.clone(), hex::decode(secret.expose_secret()).unwrap());
+        keys.insert(node.clone(), backend::coap::psk_key(secret.expose_secret()));
     }
     keys
 }

@@ -1677,6 +1677,38 @@ fn instance_on(t: &TestDb, id: &str, lease: Option<Duration>) -> AppState {
     )
 }
 
+/// `ids` connected to instance `a`, and a software task `name` on them begun there.
+async fn begun_on(
+    a: &AppState,
+    project: &str,
+    package_id: &str,
+    ids: &[String],
+    name: &str,
+) -> e::tasks::Model {
+    use backend::driver::DeviceEvent;
+    use backend::service::tasks;
+    let online: Vec<_> = ids
+        .iter()
+        .map(|d| (d.clone(), DeviceEvent::Online))
+        .collect();
+    a.driver.device_events(a, online).await.unwrap();
+    let task = tasks::create(
+        a,
+        project,
+        tasks::NewTask {
+            task_name: name.into(),
+            task_type: "softwareUpgrade".into(),
+            package_id: package_id.to_owned(),
+            targets: ids.to_vec(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    a.driver.run_due(a).await.unwrap();
+    task
+}
+
 /// Two instances on one PostgreSQL: a subtask whose deadline passed under another live instance's lease is
 /// left to it; once that instance stops beating for a lease, a heartbeat of the other takes its subtasks
 /// over and marks its devices offline. (On SQLite there is one instance: a heartbeat reaps only what an
@@ -1685,7 +1717,6 @@ fn instance_on(t: &TestDb, id: &str, lease: Option<Duration>) -> AppState {
 async fn a_silent_instances_subtasks_are_taken_over_after_its_lease() {
     use backend::cluster;
     use backend::driver::DeviceEvent;
-    use backend::service::tasks;
     use sea_orm::QueryOrder;
     const N: usize = 6;
     for t in databases().await {
@@ -1700,25 +1731,7 @@ async fn a_silent_instances_subtasks_are_taken_over_after_its_lease() {
             s.driver.set_downlink(Arc::new(Sent::default()));
             cluster::join(s, "").await.unwrap();
         }
-        let online: Vec<_> = ids
-            .iter()
-            .map(|d| (d.clone(), DeviceEvent::Online))
-            .collect();
-        a.driver.device_events(&a, online).await.unwrap();
-        let task = tasks::create(
-            &a,
-            &project,
-            tasks::NewTask {
-                task_name: "takeover".into(),
-                task_type: "softwareUpgrade".into(),
-                package_id: package.id.clone(),
-                targets: ids.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        a.driver.run_due(&a).await.unwrap();
+        let task = begun_on(&a, &project, &package.id, &ids, "takeover").await;
         let rows = |db: &AppState| {
             let (db, task_id) = (db.db.clone(), task.id.clone());
             async move {
@@ -1865,7 +1878,6 @@ impl backend::driver::Downlink for Holding {
 async fn an_instance_taken_for_dead_records_its_connections_again() {
     use backend::cluster;
     use backend::driver::DeviceEvent;
-    use backend::service::tasks;
     const N: usize = 4;
     for t in databases().await {
         if t.kind != "postgres" {
@@ -1883,25 +1895,7 @@ async fn an_instance_taken_for_dead_records_its_connections_again() {
         for s in [&a, &b] {
             cluster::join(s, "").await.unwrap();
         }
-        let online: Vec<_> = ids
-            .iter()
-            .map(|d| (d.clone(), DeviceEvent::Online))
-            .collect();
-        a.driver.device_events(&a, online).await.unwrap();
-        let task = tasks::create(
-            &a,
-            &project,
-            tasks::NewTask {
-                task_name: "stalled".into(),
-                task_type: "softwareUpgrade".into(),
-                package_id: package.id.clone(),
-                targets: ids.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        a.driver.run_due(&a).await.unwrap();
+        let task = begun_on(&a, &project, &package.id, &ids, "stalled").await;
         // A stalls; B reaps it. Device 0 reconnects to B; the others stay connected to A.
         t.clock.advance(Duration::from_secs(601));
         let beat = cluster::beat(&b, &b.driver).await.unwrap();

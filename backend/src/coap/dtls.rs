@@ -192,6 +192,10 @@ pub(super) struct Dtls {
     lookup: KeyLookup,
     secret: [u8; 32],
     peers: Mutex<HashMap<SocketAddr, Peer>>,
+    /// Handshakes in the order they began (address, start), for the oldest at constant cost; an entry
+    /// whose peer finished or went is skipped when met, and dropped at each [`Dtls::tick`]. Locked after
+    /// `peers`.
+    handshakes: Mutex<VecDeque<(SocketAddr, Instant)>>,
     /// Sessions that ended since [`Dtls::take_ended`] was last called: their addresses and devices.
     ended: Mutex<Vec<(SocketAddr, String)>>,
     per_source: governor::DefaultKeyedRateLimiter<SocketAddr>,
@@ -353,6 +357,7 @@ impl Dtls {
             lookup,
             secret,
             peers: Mutex::default(),
+            handshakes: Mutex::default(),
             ended: Mutex::default(),
             per_source: governor::RateLimiter::keyed(
                 governor::Quota::per_second(rate).allow_burst(burst),
@@ -433,13 +438,19 @@ impl Dtls {
             if hello.is_none() || self.per_source.check_key(&addr).is_err() {
                 return Vec::new();
             }
-            let handshaking = peers.values().filter(|p| p.device_id.is_none()).count();
-            if handshaking >= self.settings.max_handshakes
-                && let Some(oldest) = peers
-                    .iter()
-                    .filter(|(_, p)| p.device_id.is_none())
-                    .min_by_key(|(_, p)| p.started)
-                    .map(|(a, _)| *a)
+            // At the cap the oldest handshake goes: found at the front of the queue, whatever the number
+            // of sessions (a flood of ClientHellos from many sources costs each no scan).
+            let mut handshakes = lock(&self.handshakes);
+            let live = |peers: &HashMap<SocketAddr, Peer>, (a, t): &(SocketAddr, Instant)| {
+                peers
+                    .get(a)
+                    .is_some_and(|p| p.device_id.is_none() && p.started == *t)
+            };
+            while handshakes.front().is_some_and(|h| !live(&peers, h)) {
+                handshakes.pop_front();
+            }
+            if handshakes.len() >= self.settings.max_handshakes
+                && let Some((oldest, _)) = handshakes.pop_front()
             {
                 peers.remove(&oldest);
             }
@@ -452,6 +463,7 @@ impl Dtls {
                     {
                         let _ = Self::feed(&mut peer, &first);
                     }
+                    handshakes.push_back((addr, peer.started));
                     peers.insert(addr, peer);
                 }
                 Err(e) => {
@@ -570,6 +582,11 @@ impl Dtls {
             }
         });
         lock(&self.ended).extend(idle);
+        lock(&self.handshakes).retain(|(a, t)| {
+            peers
+                .get(a)
+                .is_some_and(|p| p.device_id.is_none() && p.started == *t)
+        });
         let established = peers.values().filter(|p| p.device_id.is_some()).count();
         if established > self.settings.max_sessions {
             let mut by_age: Vec<(Instant, SocketAddr)> = peers
@@ -676,246 +693,4 @@ impl Dtls {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::UdpSocket as StdSocket;
-
-    use openssl::ssl::SslConnector;
-
-    use super::*;
-
-    /// A client's socket, connected to the server: one read is one datagram.
-    #[derive(Debug)]
-    struct Connected(StdSocket);
-
-    impl Read for Connected {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.recv(buf)
-        }
-    }
-
-    impl Write for Connected {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.send(buf)
-        }
-
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn lookup() -> KeyLookup {
-        Arc::new(|identity: String| {
-            Box::pin(async move {
-                (identity == "863705000000001").then(|| Psk {
-                    device_id: "meter_863705000000001".to_owned(),
-                    key: b"0123456789abcdef".to_vec(),
-                })
-            }) as BoxFuture<'static, Option<Psk>>
-        })
-    }
-
-    /// A server echoing what its sessions carry; its address.
-    async fn echo_server() -> (Arc<Dtls>, SocketAddr) {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        socket.writable().await.unwrap();
-        let dtls = Arc::new(Dtls::new(socket, DtlsSettings::default(), lookup()).unwrap());
-        let addr = dtls.local_addr().unwrap();
-        let server = dtls.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tokio::select! {
-                    r = server.recv(&mut buf) => {
-                        let Ok((n, from)) = r else { continue };
-                        for plain in server.receive(&buf[..n], from) {
-                            assert!(server.send(&plain, from));
-                        }
-                    }
-                    _ = tick.tick() => server.tick(),
-                }
-            }
-        });
-        (dtls, addr)
-    }
-
-    /// A DTLS-PSK client's handshake with `identity`/`key`, then "hello" sent; its echo, and the
-    /// client's address.
-    fn client(
-        server: SocketAddr,
-        identity: &'static str,
-        key: &'static [u8],
-    ) -> io::Result<(Vec<u8>, SocketAddr)> {
-        client_on(StdSocket::bind("127.0.0.1:0")?, server, identity, key)
-    }
-
-    /// [`client`] on a given socket.
-    fn client_on(
-        socket: StdSocket,
-        server: SocketAddr,
-        identity: &'static str,
-        key: &'static [u8],
-    ) -> io::Result<(Vec<u8>, SocketAddr)> {
-        let local = socket.local_addr()?;
-        socket.connect(server)?;
-        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
-        let mut builder =
-            SslConnector::builder(SslMethod::dtls_client()).map_err(io::Error::other)?;
-        builder.set_cipher_list(CIPHERS).map_err(io::Error::other)?;
-        builder.set_psk_client_callback(move |_, _, id, psk| {
-            id[..identity.len()].copy_from_slice(identity.as_bytes());
-            id[identity.len()] = 0;
-            psk[..key.len()].copy_from_slice(key);
-            Ok(key.len())
-        });
-        let connector = builder.build();
-        let mut config = connector.configure().map_err(io::Error::other)?;
-        config.set_verify_hostname(false);
-        let mut stream = config
-            .connect("updraft", Connected(socket))
-            .map_err(|e| io::Error::other(format!("{e:?}")))?;
-        stream.write_all(b"hello")?;
-        let mut buf = [0u8; 64];
-        let n = stream.read(&mut buf)?;
-        Ok((buf[..n].to_vec(), local))
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_device_with_its_key_gets_a_session_and_others_do_not() {
-        let (dtls, addr) = echo_server().await;
-        let echoed = tokio::task::spawn_blocking(move || {
-            client(addr, "863705000000001", b"0123456789abcdef")
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        assert_eq!(echoed.0, b"hello");
-        assert_eq!(dtls.counts(), (1, 0));
-        assert_eq!(
-            dtls.device_at(echoed.1).as_deref(),
-            Some("meter_863705000000001"),
-            "the session is the device's whose key it used"
-        );
-        let wrong_key = tokio::task::spawn_blocking(move || {
-            client(addr, "863705000000001", b"wrong-key-bytes!")
-        })
-        .await
-        .unwrap();
-        assert!(wrong_key.is_err(), "{wrong_key:?}");
-        let unknown = tokio::task::spawn_blocking(move || {
-            client(addr, "863705000000999", b"0123456789abcdef")
-        })
-        .await
-        .unwrap();
-        assert!(unknown.is_err(), "{unknown:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(dtls.counts().0, 1, "failed handshakes leave no session");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_spoofed_client_hello_gets_one_small_hello_verify_request() {
-        let hello = first_client_hello();
-        let n = hello.len();
-        let (dtls, addr) = echo_server().await;
-        let spoofer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        spoofer.send_to(&hello, addr).await.unwrap();
-        let mut answer = vec![0u8; 2048];
-        let (m, _) = tokio::time::timeout(Duration::from_secs(2), spoofer.recv_from(&mut answer))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(answer[0], 22, "a handshake record");
-        assert_eq!(answer[13], 3, "HelloVerifyRequest");
-        assert!(m <= n, "no amplification: {m} bytes for {n}");
-        // Nothing more comes (the ServerHello waits for the cookie), and the half-open state is one.
-        let more =
-            tokio::time::timeout(Duration::from_millis(500), spoofer.recv_from(&mut answer)).await;
-        assert!(more.is_err(), "only the HelloVerifyRequest");
-        assert_eq!(dtls.counts(), (0, 1));
-    }
-
-    /// The first ClientHello a client sends (no cookie), caught on a socket that never answers.
-    fn first_client_hello() -> Vec<u8> {
-        let catcher = StdSocket::bind("127.0.0.1:0").unwrap();
-        catcher
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        let target = catcher.local_addr().unwrap();
-        std::thread::spawn(move || {
-            let _ = client(target, "863705000000001", b"0123456789abcdef");
-        });
-        let mut hello = vec![0u8; 2048];
-        let n = catcher.recv(&mut hello).unwrap();
-        hello.truncate(n);
-        hello
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_new_handshake_replaces_a_session_only_once_it_echoes_its_cookie() {
-        let (dtls, addr) = echo_server().await;
-        let socket = StdSocket::bind("127.0.0.1:0").unwrap();
-        let device_socket = socket.try_clone().unwrap();
-        let (_, local) = tokio::task::spawn_blocking(move || {
-            client_on(socket, addr, "863705000000001", b"0123456789abcdef")
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        assert!(dtls.device_at(local).is_some());
-        // A cookie-less ClientHello from the session's address (anyone can forge one): a
-        // HelloVerifyRequest, and the session stays.
-        let hello = first_client_hello();
-        device_socket.send_to(&hello, addr).unwrap();
-        device_socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        let mut answer = vec![0u8; 2048];
-        let _ = device_socket.recv(&mut answer).unwrap();
-        assert_eq!(answer[13], 3, "HelloVerifyRequest");
-        assert_eq!(
-            dtls.device_at(local).as_deref(),
-            Some("meter_863705000000001")
-        );
-        assert!(dtls.take_ended().is_empty());
-        // The device really handshakes again from there: the new session replaces the old one.
-        let echoed = tokio::task::spawn_blocking(move || {
-            client_on(device_socket, addr, "863705000000001", b"0123456789abcdef")
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        assert_eq!(echoed.0, b"hello");
-        assert_eq!(dtls.counts(), (1, 0));
-        assert_eq!(
-            dtls.take_ended(),
-            [(local, "meter_863705000000001".to_owned())],
-            "the old session ended"
-        );
-        assert!(dtls.device_at(local).is_some());
-    }
-
-    #[test]
-    fn a_secure_peer_is_never_the_plain_peer_of_the_same_address() {
-        for plain in ["127.0.0.1:40000", "[2001:db8::7]:5683", "[fe80::1%2]:9"] {
-            let plain: SocketAddr = plain.parse().unwrap();
-            let marked = secure(plain);
-            assert_ne!(marked, plain);
-            assert_eq!(unsecure(marked), Some(plain));
-            assert_eq!(unsecure(plain), None, "{plain} is a plain peer");
-        }
-        // An IPv4-mapped address received on a dual-stack socket stays one.
-        let mapped: SocketAddr = "[::ffff:10.0.0.1]:1".parse().unwrap();
-        assert_eq!(unsecure(secure(mapped)), Some(mapped));
-    }
-
-    #[test]
-    fn psk_identities_are_found_in_client_key_exchanges() {
-        // Record header (handshake, DTLS 1.2, epoch 0), then ClientKeyExchange with identity "abc".
-        let mut d = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 4, 0, 17];
-        d.extend([16, 0, 0, 5, 0, 2, 0, 0, 0, 0, 0, 5, 0, 3, b'a', b'b', b'c']);
-        assert_eq!(psk_identity(&d).as_deref(), Some("abc"));
-        assert_eq!(psk_identity(&d[..20]), None, "cut short");
-        d[3] = 1;
-        assert_eq!(psk_identity(&d), None, "encrypted (epoch 1)");
-    }
-}
+mod tests;

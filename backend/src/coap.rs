@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::blocks::BlockServing;
 use self::cache::PackageCache;
-pub use self::dtls::DtlsSettings;
+pub use self::dtls::{Datagrams, DtlsSettings};
 use self::dtls::{Dtls, KeyLookup, Psk};
 use self::pcp::Serving;
 use self::registry::Registry;
@@ -246,7 +246,7 @@ impl CoapEndpoint {
                 r = self.inner.transport.recv(&mut buf) => r,
             };
             match received {
-                Ok((n, addr)) => self.datagram(&buf[..n], addr),
+                Ok((n, addr)) => self.message(&buf[..n], addr),
                 Err(e) => {
                     // ICMP port unreachable from a device that went away shows up here on Linux.
                     tracing::debug!(error.message = %e, "CoAP receive");
@@ -281,7 +281,6 @@ impl CoapEndpoint {
                         for message in dtls.receive(&buf[..n], addr) {
                             self.message(&message, dtls::secure(addr));
                         }
-                        self.sessions_ended(&dtls);
                     }
                     Err(e) => tracing::debug!(error.message = %e, "CoAPS receive"),
                 },
@@ -345,11 +344,6 @@ impl CoapEndpoint {
 
     fn send(&self, bytes: &[u8], addr: SocketAddr) {
         self.inner.transport.send(bytes, addr);
-    }
-
-    /// A plaintext datagram.
-    fn datagram(&self, bytes: &[u8], addr: SocketAddr) {
-        self.message(bytes, addr);
     }
 
     /// A CoAP message (a plaintext datagram, or what a DTLS record carried: then `addr` is the peer's
@@ -498,7 +492,7 @@ impl Lwm2mLink for CoapEndpoint {
                     .inner
                     .registry
                     .session(device_id)
-                    .is_some_and(|s| s.secure) =>
+                    .is_some_and(|s| dtls::unsecure(s.addr).is_some()) =>
             {
                 uri.rsplit_once("/fw/").map_or(uri.clone(), |(_, token)| {
                     format!("{}/fw/{token}", base.trim_end_matches('/'))

@@ -1244,30 +1244,7 @@ async fn two_drivers_on_one_database_never_apply_a_transition_twice() {
         let project = projects::ensure_default(&t.state).await.unwrap().id;
         mqtt_product(&t, &project).await;
         let (ids, package) = meters_and_package(&t, &project, N).await;
-        let online: Vec<_> = ids
-            .iter()
-            .map(|d| (d.clone(), DeviceEvent::Online))
-            .collect();
-        t.state
-            .driver
-            .device_events(&t.state, online)
-            .await
-            .unwrap();
-        let task = tasks::create(
-            &t.state,
-            &project,
-            tasks::NewTask {
-                task_name: "twice".into(),
-                task_type: "softwareUpgrade".into(),
-                package_id: package.id.clone(),
-                targets: ids.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{kind}: {e}"));
-
-        t.state.driver.run_due(&t.state).await.unwrap();
+        let task = begun_on(&t.state, &project, &package.id, &ids, "twice").await;
         // A second instance: same database, its own driver.
         let other = AppState::new(
             t.state.db.clone(),
@@ -1348,7 +1325,6 @@ async fn two_drivers_on_one_database_never_apply_a_transition_twice() {
 #[tokio::test]
 async fn every_instances_live_stream_shows_every_instances_changes_once() {
     use backend::driver::{DeviceEvent, Event};
-    use backend::service::tasks;
     use tokio::sync::broadcast::Receiver;
     const N: usize = 5;
     fn drain(rx: &mut Receiver<Event>) -> Vec<Event> {
@@ -1375,25 +1351,7 @@ async fn every_instances_live_stream_shows_every_instances_changes_once() {
         let (mut rx_a, mut rx_b) = (a.driver.subscribe(), b.driver.subscribe());
 
         // Instance A: devices connect and a task starts (the version queries go out).
-        let online: Vec<_> = ids
-            .iter()
-            .map(|d| (d.clone(), DeviceEvent::Online))
-            .collect();
-        a.driver.device_events(&a, online).await.unwrap();
-        tasks::create(
-            &a,
-            &project,
-            tasks::NewTask {
-                task_name: "live".into(),
-                task_type: "softwareUpgrade".into(),
-                package_id: package.id.clone(),
-                targets: ids.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{kind}: {e}"));
-        a.driver.run_due(&a).await.unwrap();
+        begun_on(&a, &project, &package.id, &ids, "live").await;
         // Instance B: the devices report their versions there.
         let reports: Vec<_> = ids
             .iter()
@@ -1572,19 +1530,7 @@ async fn a_task_a_live_instance_is_starting_is_left_to_it_until_it_dies() {
         for s in [&a, &b] {
             cluster::join(s, "").await.unwrap();
         }
-        let task = tasks::create(
-            &b,
-            &project,
-            tasks::NewTask {
-                task_name: "claimed".into(),
-                task_type: "softwareUpgrade".into(),
-                package_id: package.id.clone(),
-                targets: ids.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let task = software_task(&b, &project, &package.id, &ids, "claimed").await;
         // B is in the middle of starting it.
         e::tasks::Entity::update_many()
             .col_expr(
@@ -1686,16 +1632,28 @@ async fn begun_on(
     name: &str,
 ) -> e::tasks::Model {
     use backend::driver::DeviceEvent;
-    use backend::service::tasks;
     let online: Vec<_> = ids
         .iter()
         .map(|d| (d.clone(), DeviceEvent::Online))
         .collect();
     a.driver.device_events(a, online).await.unwrap();
-    let task = tasks::create(
-        a,
+    let task = software_task(a, project, package_id, ids, name).await;
+    a.driver.run_due(a).await.unwrap();
+    task
+}
+
+/// A software task `name` on `ids`, created on `state`.
+async fn software_task(
+    state: &AppState,
+    project: &str,
+    package_id: &str,
+    ids: &[String],
+    name: &str,
+) -> e::tasks::Model {
+    backend::service::tasks::create(
+        state,
         project,
-        tasks::NewTask {
+        backend::service::tasks::NewTask {
             task_name: name.into(),
             task_type: "softwareUpgrade".into(),
             package_id: package_id.to_owned(),
@@ -1704,9 +1662,7 @@ async fn begun_on(
         },
     )
     .await
-    .unwrap();
-    a.driver.run_due(a).await.unwrap();
-    task
+    .unwrap()
 }
 
 /// Two instances on one PostgreSQL: a subtask whose deadline passed under another live instance's lease is
@@ -1947,7 +1903,6 @@ async fn an_instance_taken_for_dead_records_its_connections_again() {
 #[tokio::test]
 async fn a_connect_that_waited_for_a_begin_elsewhere_asks_the_device_again() {
     use backend::driver::DeviceEvent;
-    use backend::service::tasks;
     use domain::flow::mqtt;
     use sea_orm::TransactionTrait;
     for t in databases().await {
@@ -1969,19 +1924,7 @@ async fn a_connect_that_waited_for_a_begin_elsewhere_asks_the_device_again() {
             .device_event(&a, &device, DeviceEvent::Online)
             .await
             .unwrap();
-        let task = tasks::create(
-            &a,
-            &project,
-            tasks::NewTask {
-                task_name: "race".into(),
-                task_type: "softwareUpgrade".into(),
-                package_id: package.id.clone(),
-                targets: ids.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let task = software_task(&a, &project, &package.id, &ids, "race").await;
         let subtask = subtasks::Entity::find()
             .filter(subtasks::Column::TaskId.eq(task.id.clone()))
             .one(&t.state.db)
@@ -2108,7 +2051,6 @@ async fn a_connect_that_waited_for_a_begin_elsewhere_asks_the_device_again() {
 #[tokio::test]
 async fn a_task_whose_starter_died_is_started_by_a_survivor() {
     use backend::cluster;
-    use backend::service::tasks;
     for t in databases().await {
         if t.kind != "postgres" {
             // One instance per SQLite file: start-up's recovery resumes starts (tested elsewhere).
@@ -2124,19 +2066,7 @@ async fn a_task_whose_starter_died_is_started_by_a_survivor() {
             s.driver.set_downlink(Arc::new(Sent::default()));
             cluster::join(s, "").await.unwrap();
         }
-        let task = tasks::create(
-            &a,
-            &project,
-            tasks::NewTask {
-                task_name: "cut_short".into(),
-                task_type: "softwareUpgrade".into(),
-                package_id: package.id.clone(),
-                targets: ids.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let task = software_task(&a, &project, &package.id, &ids, "cut_short").await;
         // A marked it running, then died before its subtasks began.
         e::tasks::Entity::update_many()
             .col_expr(

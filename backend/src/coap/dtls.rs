@@ -132,11 +132,14 @@ impl std::fmt::Debug for Psk {
 /// Finds the key of a PSK identity (`None`: no such device, or it may not use DTLS).
 pub(super) type KeyLookup = Arc<dyn Fn(String) -> BoxFuture<'static, Option<Psk>> + Send + Sync>;
 
-/// An OpenSSL object's view of the network: datagrams in, datagrams out.
+/// An OpenSSL object's view of the network: datagrams in, datagrams out (one read is one datagram, one
+/// write one datagram). The socket stays with its owner, async; the simulator's DTLS client uses it too.
 #[derive(Debug, Default)]
-struct Datagrams {
-    inbox: VecDeque<Vec<u8>>,
-    outbox: Vec<Vec<u8>>,
+pub struct Datagrams {
+    /// Received datagrams, for OpenSSL to read.
+    pub inbox: VecDeque<Vec<u8>>,
+    /// What OpenSSL wrote, to send.
+    pub outbox: Vec<Vec<u8>>,
 }
 
 impl Read for Datagrams {

@@ -101,7 +101,6 @@ impl CoapEndpoint {
             lifetime,
             observe_token: None,
             firmware_tokens: [None, None],
-            secure: secure.is_some(),
         });
         tracing::debug!(device_id = %device.id, endpoint, %addr, "LwM2M registered");
         (ResponseType::Created, Some(reg_id))

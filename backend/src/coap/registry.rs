@@ -33,8 +33,6 @@ pub(super) struct Session {
     pub(super) observe_token: Option<Vec<u8>>,
     /// The tokens of the `/5/0/3` (State) and `/5/0/5` (Update Result) observations.
     pub(super) firmware_tokens: [Option<Vec<u8>>; 2],
-    /// Registered over DTLS (the session authenticated the device).
-    pub(super) secure: bool,
 }
 
 #[derive(Default)]
@@ -269,7 +267,6 @@ mod tests {
             lifetime: Duration::from_secs(60),
             observe_token: None,
             firmware_tokens: [None, None],
-            secure: false,
         }
     }
 

@@ -2,13 +2,13 @@
 //! pre-shared key, the node id as identity) the way an NB-IoT module does. The DTLS client is OpenSSL's,
 //! reading and writing through an in-memory datagram queue so that the socket stays async.
 
-use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Result;
+use backend::coap::Datagrams;
 use openssl::ssl::{ErrorCode, Ssl, SslContextBuilder, SslMethod, SslStream, SslVersion};
 use tokio::net::UdpSocket;
 
@@ -16,33 +16,6 @@ use tokio::net::UdpSocket;
 const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CBC-SHA256:@SECLEVEL=0";
 /// A handshake is given up after this long (the device tries again later).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Datagrams in and out of the OpenSSL object.
-#[derive(Debug, Default)]
-pub(crate) struct Datagrams {
-    inbox: VecDeque<Vec<u8>>,
-    outbox: Vec<Vec<u8>>,
-}
-
-impl Read for Datagrams {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let d = self.inbox.pop_front().ok_or(io::ErrorKind::WouldBlock)?;
-        let n = d.len().min(buf.len());
-        buf[..n].copy_from_slice(&d[..n]);
-        Ok(n)
-    }
-}
-
-impl Write for Datagrams {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.outbox.push(buf.to_vec());
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A device's way to the platform.
 pub(crate) enum Link {

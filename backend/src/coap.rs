@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::blocks::BlockServing;
 use self::cache::PackageCache;
-pub use self::dtls::{Datagrams, DtlsSettings};
+pub use self::dtls::{Datagrams, DtlsSettings, application_records};
 use self::dtls::{Dtls, KeyLookup, Psk};
 use self::pcp::Serving;
 use self::registry::Registry;
@@ -266,16 +266,27 @@ impl CoapEndpoint {
     /// The CoAPS socket: datagrams through their sessions, whose CoAP messages go up like plain ones;
     /// every tick the handshake timers, idle sessions, and registrations whose session ended.
     async fn serve_dtls(self, dtls: Arc<Dtls>, stop: CancellationToken) {
+        // The timers on a task of their own: the receive loop below polls nothing but the socket.
+        let ticker = tokio::spawn({
+            let (this, dtls, stop) = (self.clone(), dtls.clone(), stop.clone());
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = tick.tick() => {
+                            dtls.tick();
+                            this.sessions_ended(&dtls);
+                        }
+                    }
+                }
+            }
+        });
         let mut buf = vec![0u8; 2048];
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                () = stop.cancelled() => return,
-                _ = tick.tick() => {
-                    dtls.tick();
-                    self.sessions_ended(&dtls);
-                }
+                () = stop.cancelled() => break,
                 r = dtls.recv(&mut buf) => match r {
                     Ok((n, addr)) => {
                         for message in dtls.receive(&buf[..n], addr) {
@@ -286,6 +297,7 @@ impl CoapEndpoint {
                 },
             }
         }
+        ticker.abort();
     }
 
     /// A registration made over a DTLS session that ended is over too: nothing reaches the device until

@@ -250,6 +250,25 @@ fn psk_identity(datagram: &[u8]) -> Option<String> {
     None
 }
 
+/// How many records `datagram` holds when all are whole records of application data (content type 23),
+/// `None` when it holds anything else (handshake, alert, change of cipher spec, or a truncated record).
+/// Reading a session's application data stops after that many records: one read more would find
+/// nothing and cost OpenSSL about as much as one that decrypts; with anything else it reads until
+/// OpenSSL has nothing left to say (RFC 6347 §4.1: a datagram may carry several records).
+pub fn application_records(datagram: &[u8]) -> Option<usize> {
+    let mut rest = datagram;
+    let mut records = 0;
+    while !rest.is_empty() {
+        if rest.len() < 13 || rest[0] != 23 {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([rest[11], rest[12]]));
+        rest = rest.get(13 + len..)?;
+        records += 1;
+    }
+    (records > 0).then_some(records)
+}
+
 /// Whether `datagram` starts with a ClientHello (handshake record of epoch 0, handshake type 1), and
 /// the cookie it echoes (empty when none) if the hello is whole in its first record.
 fn client_hello(datagram: &[u8]) -> Option<&[u8]> {
@@ -662,8 +681,9 @@ impl Dtls {
                 /// Where records are decrypted into (one per receiving thread, not per datagram).
                 static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 2048]);
             }
+            let records = application_records(datagram);
             BUF.with_borrow_mut(|buf| {
-                loop {
+                while records.is_none_or(|n| plain.len() < n) {
                     match peer.stream.ssl_read(buf) {
                         Ok(n) => plain.push(buf[..n].to_vec()),
                         Err(e) if e.code() == ErrorCode::WANT_READ => break,

@@ -260,6 +260,10 @@ pub struct SimLwm2mArgs {
     /// `lwm2m.dtls_listen`; with `--register`, devices are registered for DTLS only (`secure_access`).
     #[arg(long)]
     pub dtls: bool,
+    /// With `--dtls`: the cipher suites offered, in OpenSSL's names (e.g. `PSK-AES128-CBC-SHA256`); by
+    /// default both IoTDA serves, `PSK-AES128-CCM8:PSK-AES128-CBC-SHA256`.
+    #[arg(long, requires = "dtls")]
+    pub dtls_ciphers: Option<String>,
 }
 
 /// Runs an LwM2M fleet until Ctrl-C, `--duration` or (`--exit-when-done`) every device finished, then
@@ -311,6 +315,7 @@ pub async fn run_lwm2m(settings: Settings, args: SimLwm2mArgs) -> Result<()> {
         firmware_next: args.firmware_next.clone(),
         block_size: args.block_size,
         psks,
+        dtls_ciphers: args.dtls_ciphers.clone(),
         ..Lwm2mOptions::default()
     };
     println!(

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Result;
-use backend::coap::Datagrams;
+use backend::coap::{Datagrams, application_records};
 use openssl::ssl::{ErrorCode, Ssl, SslContextBuilder, SslMethod, SslStream, SslVersion};
 use tokio::net::UdpSocket;
 
@@ -24,8 +24,16 @@ pub(crate) enum Link {
     /// CoAPS.
     Dtls {
         socket: UdpSocket,
-        stream: Mutex<SslStream<Datagrams>>,
+        session: Mutex<Session>,
     },
+}
+
+/// A DTLS session's OpenSSL object, and what it may hold unread.
+pub(crate) struct Session {
+    stream: SslStream<Datagrams>,
+    /// Records of application data given to OpenSSL and not read yet; `None`: unknown (something
+    /// else came with them), read until OpenSSL has nothing.
+    unread: Option<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -33,11 +41,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Link {
-    /// A link to `server`: plain, or (with `psk`, identity and key) over a DTLS session.
+    /// A link to `server`: plain, or (with `psk`, identity and key) over a DTLS session offering
+    /// `ciphers` (OpenSSL's names; by default the suites IoTDA serves).
     ///
     /// # Errors
     /// The socket, or a handshake that failed or timed out.
-    pub(crate) async fn connect(server: SocketAddr, psk: Option<(&str, &[u8])>) -> Result<Self> {
+    pub(crate) async fn connect(
+        server: SocketAddr,
+        psk: Option<(&str, &[u8])>,
+        ciphers: Option<&str>,
+    ) -> Result<Self> {
         let socket = UdpSocket::bind(("127.0.0.1", 0)).await?;
         socket.connect(server).await?;
         let Some((identity, key)) = psk else {
@@ -45,7 +58,10 @@ impl Link {
         };
         let mut ctx = SslContextBuilder::new(SslMethod::dtls_client())?;
         ctx.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
-        ctx.set_cipher_list(CIPHERS)?;
+        match ciphers {
+            Some(c) => ctx.set_cipher_list(&format!("{c}:@SECLEVEL=0"))?,
+            None => ctx.set_cipher_list(CIPHERS)?,
+        }
         let (identity, key) = (identity.as_bytes().to_vec(), key.to_vec());
         ctx.set_psk_client_callback(move |_, _hint, id_out, key_out| {
             if identity.len() >= id_out.len() || key.len() > key_out.len() {
@@ -85,7 +101,10 @@ impl Link {
         }
         Ok(Self::Dtls {
             socket,
-            stream: Mutex::new(stream),
+            session: Mutex::new(Session {
+                stream,
+                unread: None,
+            }),
         })
     }
 
@@ -93,9 +112,9 @@ impl Link {
     pub(crate) async fn send(&self, message: &[u8]) -> io::Result<()> {
         match self {
             Self::Plain(socket) => socket.send(message).await.map(drop),
-            Self::Dtls { socket, stream } => {
+            Self::Dtls { socket, session } => {
                 let out = {
-                    let mut stream = lock(stream);
+                    let stream = &mut lock(session).stream;
                     stream.ssl_write(message).map_err(io::Error::other)?;
                     std::mem::take(&mut stream.get_mut().outbox)
                 };
@@ -111,19 +130,30 @@ impl Link {
     pub(crate) async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Self::Plain(socket) => socket.recv(buf).await,
-            Self::Dtls { socket, stream } => {
-                let mut raw = vec![0u8; 2048];
+            Self::Dtls { socket, session } => {
+                let mut raw = [0u8; 2048];
                 loop {
                     {
-                        let mut stream = lock(stream);
-                        match stream.ssl_read(buf) {
-                            Ok(n) => return Ok(n),
-                            Err(e) if e.code() == ErrorCode::WANT_READ => {}
-                            Err(e) => return Err(io::Error::other(e.to_string())),
+                        let mut session = lock(session);
+                        if session.unread != Some(0) {
+                            match session.stream.ssl_read(buf) {
+                                Ok(n) => {
+                                    if let Some(unread) = &mut session.unread {
+                                        *unread -= 1;
+                                    }
+                                    return Ok(n);
+                                }
+                                Err(e) if e.code() == ErrorCode::WANT_READ => {
+                                    session.unread = Some(0);
+                                }
+                                Err(e) => return Err(io::Error::other(e.to_string())),
+                            }
                         }
                     }
                     let n = socket.recv(&mut raw).await?;
-                    lock(stream).get_mut().inbox.push_back(raw[..n].to_vec());
+                    let mut session = lock(session);
+                    session.stream.get_mut().inbox.push_back(raw[..n].to_vec());
+                    session.unread = application_records(&raw[..n]);
                 }
             }
         }

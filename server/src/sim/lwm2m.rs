@@ -103,6 +103,8 @@ pub struct Lwm2mOptions {
     /// CoAPS: each endpoint's pre-shared key (`server` is then the CoAPS address). A device on DTLS
     /// takes only `coaps://` Package URIs.
     pub psks: Option<Arc<HashMap<String, Vec<u8>>>>,
+    /// CoAPS: the cipher suites offered (OpenSSL's names); `None`: the two IoTDA serves.
+    pub dtls_ciphers: Option<String>,
 }
 
 impl Default for Lwm2mOptions {
@@ -124,6 +126,7 @@ impl Default for Lwm2mOptions {
             firmware_next: "V2.0".to_owned(),
             block_size: 512,
             psks: None,
+            dtls_ciphers: None,
         }
     }
 }
@@ -305,6 +308,7 @@ impl Device {
             let link = Link::connect(
                 self.opts.server,
                 psk.as_deref().map(|k| (self.endpoint.as_str(), k)),
+                self.opts.dtls_ciphers.as_deref(),
             );
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),

@@ -87,6 +87,19 @@ fn client_on(
     let local = socket.local_addr()?;
     socket.connect(server)?;
     socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut stream = handshake(Connected(socket), identity, key)?;
+    stream.write_all(b"hello")?;
+    let mut buf = [0u8; 64];
+    let n = stream.read(&mut buf)?;
+    Ok((buf[..n].to_vec(), local))
+}
+
+/// A DTLS-PSK client's handshake over `io` with `identity`/`key`.
+fn handshake<S: Read + Write + std::fmt::Debug>(
+    io: S,
+    identity: &'static str,
+    key: &'static [u8],
+) -> io::Result<SslStream<S>> {
     let mut builder = SslConnector::builder(SslMethod::dtls_client()).map_err(io::Error::other)?;
     builder.set_cipher_list(CIPHERS).map_err(io::Error::other)?;
     builder.set_psk_client_callback(move |_, _, id, psk| {
@@ -98,13 +111,98 @@ fn client_on(
     let connector = builder.build();
     let mut config = connector.configure().map_err(io::Error::other)?;
     config.set_verify_hostname(false);
-    let mut stream = config
-        .connect("updraft", Connected(socket))
-        .map_err(|e| io::Error::other(format!("{e:?}")))?;
-    stream.write_all(b"hello")?;
-    let mut buf = [0u8; 64];
-    let n = stream.read(&mut buf)?;
-    Ok((buf[..n].to_vec(), local))
+    config
+        .connect("updraft", io)
+        .map_err(|e| io::Error::other(format!("{e:?}")))
+}
+
+/// A client's socket that can hold what is written and send it as one datagram.
+#[derive(Debug)]
+struct Coalescing {
+    socket: StdSocket,
+    /// Written and not sent yet, while holding.
+    held: Option<Vec<u8>>,
+}
+
+impl Read for Coalescing {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.recv(buf)
+    }
+}
+
+impl Write for Coalescing {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.held {
+            Some(held) => {
+                held.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            None => self.socket.send(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_coalesced_in_one_datagram_all_come_through() {
+    let (_dtls, addr) = echo_server().await;
+    let echoes = tokio::task::spawn_blocking(move || -> io::Result<Vec<Vec<u8>>> {
+        let socket = StdSocket::bind("127.0.0.1:0")?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let io = Coalescing { socket, held: None };
+        let mut stream = handshake(io, "863705000000001", b"0123456789abcdef")?;
+        stream.get_mut().held = Some(Vec::new());
+        for message in [&b"one"[..], b"two", b"three"] {
+            stream.write_all(message)?;
+        }
+        let datagram = stream.get_mut().held.take().unwrap_or_default();
+        assert_eq!(application_records(&datagram), Some(3));
+        stream.get_ref().socket.send(&datagram)?;
+        let mut echoes = Vec::new();
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            let n = stream.read(&mut buf)?;
+            echoes.push(buf[..n].to_vec());
+        }
+        Ok(echoes)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(echoes, [&b"one"[..], b"two", b"three"]);
+}
+
+#[test]
+fn application_records_are_counted_only_when_nothing_else_is_there() {
+    let record = |content: u8, body: &[u8]| {
+        let mut r = vec![content, 0xFE, 0xFD, 0, 1, 0, 0, 0, 0, 0, 7];
+        r.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+        r.extend_from_slice(body);
+        r
+    };
+    let app = record(23, &[0xAB; 40]);
+    assert_eq!(application_records(&app), Some(1));
+    assert_eq!(
+        application_records(&[app.clone(), app.clone()].concat()),
+        Some(2)
+    );
+    // An alert after the data (a close_notify): read until OpenSSL has nothing left.
+    assert_eq!(
+        application_records(&[app.clone(), record(21, &[1, 0])].concat()),
+        None
+    );
+    assert_eq!(application_records(&record(22, &[1; 20])), None);
+    assert_eq!(
+        application_records(&app[..app.len() - 1]),
+        None,
+        "truncated"
+    );
+    assert_eq!(application_records(&app[..10]), None, "a header cut short");
+    assert_eq!(application_records(&[]), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

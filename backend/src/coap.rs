@@ -81,6 +81,8 @@ pub struct CoapSettings {
     pub dtls: DtlsSettings,
     /// Every device must register over DTLS (plain registrations get 4.03).
     pub require_dtls: bool,
+    /// The devices of these products must register over DTLS (plain registrations get 4.03).
+    pub require_dtls_products: Vec<String>,
     /// The base of the firmware URIs written to devices registered over DTLS (`coaps://host:port`;
     /// their block-wise downloads come over their session).
     pub secure_base_url: Option<String>,
@@ -98,6 +100,7 @@ impl Default for CoapSettings {
             requests_per_second: 10,
             dtls: DtlsSettings::default(),
             require_dtls: false,
+            require_dtls_products: Vec::new(),
             secure_base_url: None,
         }
     }

@@ -199,11 +199,14 @@ impl Server {
         .await?;
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
+            // Node ids are unique across the runs: an endpoint name finds one device.
             let prefix = match name {
                 "stream" => "1",
-                "streams" => "4",
+                "campaign" => "2",
                 "blocks" => "3",
-                _ => "2",
+                "streams" => "4",
+                "streamc" => "5",
+                _ => bail!("no node id prefix for {name}"),
             };
             let node = format!("{prefix}{i:07}");
             devices::register(

@@ -372,6 +372,9 @@ pub struct Lwm2mSettings {
     /// Every LwM2M device must come over DTLS: plain CoAP registrations are refused (4.03), whatever the
     /// device's `secure_access`.
     pub require_dtls: bool,
+    /// The products (ids) whose LwM2M devices must come over DTLS: plain CoAP registrations of their
+    /// devices are refused (4.03), whatever the device's `secure_access`.
+    pub require_dtls_products: Vec<String>,
     /// A DTLS session unused this long is dropped; the device handshakes again.
     #[serde(with = "humantime_serde")]
     pub dtls_idle_timeout: Duration,
@@ -414,6 +417,7 @@ impl Default for Lwm2mSettings {
             dtls_listen: SocketAddr::from(([0, 0, 0, 0], 5684)),
             dtls_public_url: None,
             require_dtls: false,
+            require_dtls_products: Vec::new(),
             dtls_idle_timeout: dtls.idle_timeout,
             dtls_handshake_timeout: dtls.handshake_timeout,
             dtls_max_sessions: dtls.max_sessions,
@@ -881,6 +885,7 @@ impl Settings {
                 hellos_per_second: self.lwm2m.dtls_hellos_per_second,
             },
             require_dtls: self.lwm2m.require_dtls,
+            require_dtls_products: self.lwm2m.require_dtls_products.clone(),
             secure_base_url: self
                 .lwm2m
                 .dtls_enabled

@@ -55,6 +55,14 @@ impl CoapEndpoint {
     /// `POST /rd?ep=...`: 2.01 with a location, or 4.03 for an unknown or frozen endpoint, for a device
     /// that must use DTLS (`secure_access`) in plaintext, and over DTLS for another device than the
     /// session's.
+    /// Whether `device` may register over DTLS only.
+    fn needs_dtls(&self, device: &crate::storage::entity::devices::Model) -> bool {
+        let settings = &self.inner.settings;
+        device.secure_access
+            || settings.require_dtls
+            || settings.require_dtls_products.contains(&device.product_id)
+    }
+
     async fn register(
         &self,
         endpoint: &str,
@@ -68,11 +76,10 @@ impl CoapEndpoint {
                 tracing::warn!(%addr, endpoint, session_device = ?secure, "LwM2M registration refused: the endpoint is not the DTLS session's device");
                 return (ResponseType::Forbidden, None);
             }
-            Ok(Some(d))
-                if (d.secure_access || self.inner.settings.require_dtls) && secure.is_none() =>
-            {
-                // The device must come over DTLS (`secure_access`); a plain registration of it is
-                // refused, so no one can take its place on plain CoAP.
+            Ok(Some(d)) if secure.is_none() && self.needs_dtls(&d) => {
+                // The device must come over DTLS (its `secure_access`, its product's or every
+                // device's setting); a plain registration of it is refused, so no one can take its
+                // place on plain CoAP.
                 tracing::debug!(%addr, endpoint, "LwM2M registration refused: the device needs a secure (DTLS) connection");
                 return (ResponseType::Forbidden, None);
             }

@@ -239,18 +239,28 @@ async fn libcoap_registers_over_coaps_and_a_session_speaks_only_for_its_own_devi
 
 #[tokio::test]
 async fn with_require_dtls_no_device_registers_in_plaintext() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = crate::helpers::settings_for(dir.path());
-    settings.lwm2m.require_dtls = true;
-    let app = crate::helpers::spawn_with(settings).await;
-    // The fixture's devices have `secure_access: false`: the global setting refuses them anyway.
-    let (_fx, nodes) = lwm2m::fixture(&app, 1).await;
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    socket.connect(app.coap).await.unwrap();
-    let refused = raw(&socket, &register_packet(&nodes[0], 1)).await;
-    assert_eq!(
-        refused.header.code,
-        MessageClass::Response(ResponseType::Forbidden)
-    );
-    app.stop().await;
+    // Every device, the fixture's product's devices, another product's devices.
+    let cases: [(bool, &[&str], ResponseType); 3] = [
+        (true, &[], ResponseType::Forbidden),
+        (false, &[lwm2m::PRODUCT], ResponseType::Forbidden),
+        (false, &["another-product"], ResponseType::Created),
+    ];
+    for (everyone, products, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = crate::helpers::settings_for(dir.path());
+        settings.lwm2m.require_dtls = everyone;
+        settings.lwm2m.require_dtls_products = products.iter().map(|p| (*p).to_owned()).collect();
+        let app = crate::helpers::spawn_with(settings).await;
+        // The fixture's devices have `secure_access: false`: the settings refuse them anyway.
+        let (_fx, nodes) = lwm2m::fixture(&app, 1).await;
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.connect(app.coap).await.unwrap();
+        let answer = raw(&socket, &register_packet(&nodes[0], 1)).await;
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(expected),
+            "require_dtls {everyone}, products {products:?}"
+        );
+        app.stop().await;
+    }
 }

@@ -5,7 +5,7 @@ UPDRAFT := $(TARGET_DIR)/debug/updraft
 # The wasm build needs RUSTC_BOOTSTRAP=1, which must not touch host artifacts: its own target directory.
 WASM_TARGET_DIR := $(TARGET_DIR)/wasm-build
 
-.PHONY: setup server site run test bench bench-tasks chaos probe bench-lwm2m bench-console cluster bench-cluster fuzz api-fuzz check fmt fmt-check clippy purity circles unit e2e clean-data
+.PHONY: setup server site run test bench bench-tasks chaos probe bench-lwm2m bench-dtls-eval bench-console cluster bench-cluster fuzz api-fuzz check fmt fmt-check clippy purity circles unit e2e clean-data
 
 setup:
 	@scripts/setup.sh
@@ -49,6 +49,11 @@ probe: setup
 ## LwM2M/PCP benchmark: segments served per second, and a 5 000-device, 100-cell campaign (release build).
 bench-lwm2m: setup
 	cargo run --release -p server --example bench_lwm2m -- $(ARGS)
+
+## DTLS library evaluation: OpenSSL and dimpl (pure Rust) as the CoAPS server against an OpenSSL client:
+## interop, CPU per handshake and per record (release build; its own workspace, sharing target/).
+bench-dtls-eval: setup
+	CARGO_TARGET_DIR=$(CURDIR)/target cargo run --release --manifest-path scripts/dtls-eval/Cargo.toml
 
 ## Console: the task detail page of a 100 000-device task, timed over HTTPS (release build).
 bench-console: setup

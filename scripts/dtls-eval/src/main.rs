@@ -55,10 +55,15 @@ impl Write for Datagrams {
     }
 }
 
+/// What a server does with a datagram: the datagrams to send back, and the application data it carried.
+type Received = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+/// Makes a new server-side session.
+type NewServer<'a> = &'a dyn Fn() -> Box<dyn Server>;
+
 /// The server side of one session.
 trait Server {
     /// A datagram from the client: what to send back, and the application data it carried.
-    fn receive(&mut self, datagram: &[u8]) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>), String>;
+    fn receive(&mut self, datagram: &[u8]) -> Result<Received, String>;
     /// Application data to the client: the datagrams to send.
     fn send(&mut self, plain: &[u8]) -> Vec<Vec<u8>>;
     /// Whether the handshake finished.
@@ -74,8 +79,10 @@ struct OpensslServer {
 /// between records (`SSL_MODE_RELEASE_BUFFERS`, as Updraft runs it: idle sessions cost less memory).
 fn openssl_server_context(suites: &str, release_buffers: bool) -> SslContext {
     let mut b = SslContextBuilder::new(SslMethod::dtls_server()).expect("context");
-    b.set_min_proto_version(Some(SslVersion::DTLS1_2)).expect("version");
-    b.set_cipher_list(&format!("{suites}:@SECLEVEL=0")).expect("suites");
+    b.set_min_proto_version(Some(SslVersion::DTLS1_2))
+        .expect("version");
+    b.set_cipher_list(&format!("{suites}:@SECLEVEL=0"))
+        .expect("suites");
     b.set_options(SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU);
     if release_buffers {
         b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
@@ -109,7 +116,7 @@ impl OpensslServer {
 }
 
 impl Server for OpensslServer {
-    fn receive(&mut self, datagram: &[u8]) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>), String> {
+    fn receive(&mut self, datagram: &[u8]) -> Result<Received, String> {
         self.stream.get_mut().inbox.push_back(datagram.to_vec());
         let mut plain = Vec::new();
         if !self.connected {
@@ -182,8 +189,10 @@ impl DimplServer {
 }
 
 impl Server for DimplServer {
-    fn receive(&mut self, datagram: &[u8]) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>), String> {
-        self.dtls.handle_packet(datagram).map_err(|e| e.to_string())?;
+    fn receive(&mut self, datagram: &[u8]) -> Result<Received, String> {
+        self.dtls
+            .handle_packet(datagram)
+            .map_err(|e| e.to_string())?;
         let (mut out, mut plain) = (Vec::new(), Vec::new());
         self.drain(&mut out, &mut plain);
         Ok((out, plain))
@@ -213,8 +222,10 @@ fn dimpl_config() -> Arc<dimpl::Config> {
 /// An OpenSSL DTLS 1.2 PSK client offering `suites`, with or without Extended Master Secret.
 fn client(suites: &str, ems: bool) -> SslStream<Datagrams> {
     let mut b = SslContextBuilder::new(SslMethod::dtls_client()).expect("context");
-    b.set_min_proto_version(Some(SslVersion::DTLS1_2)).expect("version");
-    b.set_cipher_list(&format!("{suites}:@SECLEVEL=0")).expect("suites");
+    b.set_min_proto_version(Some(SslVersion::DTLS1_2))
+        .expect("version");
+    b.set_cipher_list(&format!("{suites}:@SECLEVEL=0"))
+        .expect("suites");
     if !ems {
         b.set_options(SslOptions::from_bits_retain(NO_EMS));
     }
@@ -231,7 +242,10 @@ fn client(suites: &str, ems: bool) -> SslStream<Datagrams> {
 }
 
 /// A handshake between `client` and `server`; the server's time in it.
-fn handshake(client: &mut SslStream<Datagrams>, server: &mut dyn Server) -> Result<Duration, String> {
+fn handshake(
+    client: &mut SslStream<Datagrams>,
+    server: &mut dyn Server,
+) -> Result<Duration, String> {
     let mut spent = Duration::ZERO;
     for _ in 0..20 {
         let done = match client.do_handshake() {
@@ -258,7 +272,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Server µs per handshake, per record received and per record sent (medians of rounds).
-fn measure(new_server: &dyn Fn() -> Box<dyn Server>, suite: &str) -> (f64, f64, f64) {
+fn measure(new_server: NewServer<'_>, suite: &str) -> (f64, f64, f64) {
     let (mut hs, mut rx, mut tx) = (Vec::new(), Vec::new(), Vec::new());
     let request = [0x40u8; 40];
     let segment = [0x5Au8; 520];
@@ -299,16 +313,21 @@ fn main() {
     let ossl_ccm8 = openssl_server_context(&both, true);
     let ossl_kept = openssl_server_context(&both, false);
     let ossl_cbc = openssl_server_context(CBC, true);
-    let servers: [(&str, Box<dyn Fn() -> Box<dyn Server>>); 2] = [
-        ("OpenSSL", Box::new(|| Box::new(OpensslServer::new(&ossl_ccm8)))),
-        ("dimpl", Box::new(|| Box::new(DimplServer::new(&config)))),
-    ];
-    println!("interop (server ← OpenSSL {} client):", openssl::version::version());
+    let new_openssl = || Box::new(OpensslServer::new(&ossl_ccm8)) as Box<dyn Server>;
+    let new_dimpl = || Box::new(DimplServer::new(&config)) as Box<dyn Server>;
+    let servers: [(&str, NewServer<'_>); 2] = [("OpenSSL", &new_openssl), ("dimpl", &new_dimpl)];
+    println!(
+        "interop (server ← OpenSSL {} client):",
+        openssl::version::version()
+    );
     for (name, new_server) in &servers {
         for (offer, ems) in [(both.as_str(), true), (both.as_str(), false), (CBC, true)] {
             let mut c = client(offer, ems);
             let outcome = match handshake(&mut c, new_server().as_mut()) {
-                Ok(_) => format!("ok ({})", c.ssl().current_cipher().map_or("?", |c| c.name())),
+                Ok(_) => format!(
+                    "ok ({})",
+                    c.ssl().current_cipher().map_or("?", |c| c.name())
+                ),
                 Err(e) => format!("fails: {e}"),
             };
             println!(
@@ -320,12 +339,23 @@ fn main() {
     println!(
         "server CPU, µs (medians of {ROUNDS} rounds of {HANDSHAKES} handshakes and {RECORDS} records each way):"
     );
-    println!("  {:34} {:>10} {:>12} {:>12}", "", "handshake", "record in", "record out");
-    let rows: [(&str, &dyn Fn() -> Box<dyn Server>, &str); 4] = [
-        ("OpenSSL, AES-128-CCM-8", &servers[0].1, CCM8),
-        ("  the same, buffers kept", &|| Box::new(OpensslServer::new(&ossl_kept)), CCM8),
-        ("OpenSSL, AES-128-CBC-HMAC-SHA256", &|| Box::new(OpensslServer::new(&ossl_cbc)), CBC),
-        ("dimpl, AES-128-CCM-8", &servers[1].1, CCM8),
+    println!(
+        "  {:34} {:>10} {:>12} {:>12}",
+        "", "handshake", "record in", "record out"
+    );
+    let rows: [(&str, NewServer<'_>, &str); 4] = [
+        ("OpenSSL, AES-128-CCM-8", &new_openssl, CCM8),
+        (
+            "  the same, buffers kept",
+            &|| Box::new(OpensslServer::new(&ossl_kept)),
+            CCM8,
+        ),
+        (
+            "OpenSSL, AES-128-CBC-HMAC-SHA256",
+            &|| Box::new(OpensslServer::new(&ossl_cbc)),
+            CBC,
+        ),
+        ("dimpl, AES-128-CCM-8", &new_dimpl, CCM8),
     ];
     for (name, new_server, suite) in rows {
         let (hs, rx, tx) = measure(new_server, suite);

@@ -184,9 +184,11 @@ impl CoapEndpoint {
         let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).unwrap_or(rate));
         let per_source =
             governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst));
+        let mut transport = Transport::new(socket, dtls, &settings);
+        transport.retransmitted = state.metrics.coap_retransmissions.clone();
         let endpoint = Self {
             inner: Arc::new(Inner {
-                transport: Transport::new(socket, dtls, &settings),
+                transport,
                 registry: Registry::default(),
                 serving: Mutex::default(),
                 blocks: Mutex::default(),
@@ -339,6 +341,8 @@ impl CoapEndpoint {
                 tracing::info!(device_id = %id, "LwM2M registration expired");
                 self.event(&id, DeviceEvent::Offline);
             }
+            // Every second whatever happened (ended sessions, replaced registrations included).
+            self.count_registrations();
             self.inner.per_source.retain_recent();
             self.inner.per_source.shrink_to_fit();
             self.inner

@@ -33,6 +33,8 @@ pub struct Context {
     pub(crate) address_throttle: Arc<Mutex<Throttle>>,
     /// The password hashing threads.
     pub(crate) hasher: Arc<HashPool>,
+    /// This instance's Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Context {
@@ -61,6 +63,7 @@ impl Context {
             login_throttle: Arc::new(Mutex::new(throttle)),
             address_throttle: Arc::new(Mutex::new(address_throttle)),
             hasher: Arc::new(hasher),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 

@@ -26,6 +26,7 @@ pub mod driver;
 pub mod error;
 pub mod hashing;
 pub mod ids;
+pub mod metrics;
 pub mod mqtt;
 pub mod notify;
 pub mod objects;

@@ -253,10 +253,11 @@ impl Notifier {
         row.claimed_until = Set(None);
         row.attempts = Set(attempts);
         row.last_http_status = Set(status.map(i32::from));
-        match error {
+        let outcome = match error {
             None => {
                 row.status = Set("delivered".to_owned());
                 row.delivered_at = Set(Some(now));
+                "delivered"
             }
             Some(error) => {
                 let gave_up =
@@ -268,14 +269,21 @@ impl Notifier {
                 row.last_error = Set(Some(error));
                 if gave_up {
                     row.status = Set("failed".to_owned());
+                    "abandoned"
                 } else {
                     let wait = backoff(attempts, self.settings.max_backoff);
                     row.next_attempt_at =
                         Set(now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2));
+                    "failed"
                 }
             }
-        }
+        };
         row.update(&state.db).await?;
+        state
+            .metrics
+            .webhook_deliveries
+            .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+            .inc();
         Ok(())
     }
 }

@@ -2102,3 +2102,41 @@ async fn a_task_whose_starter_died_is_started_by_a_survivor() {
         t.cleanup().await;
     }
 }
+
+/// The stored counts behind `/metrics` read alike on SQLite and PostgreSQL: subtasks by status, step and
+/// protocol, tasks by status, the notification backlog.
+#[tokio::test]
+async fn the_metrics_count_what_is_stored_on_every_database() {
+    for t in databases().await {
+        let project = projects::ensure_default(&t.state).await.unwrap().id;
+        mqtt_product(&t, &project).await;
+        let (ids, package) = meters_and_package(&t, &project, 3).await;
+        software_task(&t.state, &project, &package.id, &ids, "counted").await;
+        let metrics = &t.state.metrics;
+        metrics.refresh(&t.state.db).await.unwrap();
+        let text = metrics.encode();
+        let waiting = text
+            .lines()
+            .find(|l| l.starts_with("updraft_subtasks{") && l.contains(r#"status="Waitting""#))
+            .unwrap_or_else(|| panic!("{}: no waiting subtasks in\n{text}", t.kind));
+        assert!(
+            waiting.contains(r#"protocol="MQTT""#),
+            "{}: {waiting}",
+            t.kind
+        );
+        assert!(waiting.ends_with(" 3"), "{}: {waiting}", t.kind);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("updraft_tasks{") && l.ends_with(" 1")),
+            "{}: {text}",
+            t.kind
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("updraft_outbox_backlog ")),
+            "{}: {text}",
+            t.kind
+        );
+        t.cleanup().await;
+    }
+}

@@ -55,6 +55,29 @@ pub struct Settings {
     pub log: LogSettings,
     /// Several instances on one PostgreSQL.
     pub cluster: ClusterSettings,
+    /// Prometheus metrics (`GET /metrics`).
+    pub metrics: MetricsSettings,
+}
+
+/// Prometheus metrics (README, "Metrics").
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Serve `GET /metrics` on the HTTPS listener.
+    pub enabled: bool,
+    /// A scraper must send `Authorization: Bearer <token>`; without one, `/metrics` is open to anyone
+    /// who reaches the port.
+    #[serde(skip_serializing)]
+    pub token: Option<SecretString>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            token: None,
+        }
+    }
 }
 
 /// Several instances on one PostgreSQL (README, "Running several instances"). Nothing here is needed:
@@ -545,6 +568,7 @@ impl Default for Settings {
             secret_key: None,
             log: LogSettings::default(),
             cluster: ClusterSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -614,6 +638,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "secret_key",
     "log",
     "cluster",
+    "metrics",
 ];
 
 /// Why the configuration was refused.

@@ -14,6 +14,7 @@ mod groups;
 pub mod guards;
 mod health;
 pub mod iotda;
+pub mod metrics;
 mod openapi;
 mod packages;
 mod paging;
@@ -56,6 +57,8 @@ pub struct ServerState {
     pub stopping: tokio_util::sync::CancellationToken,
     /// Per-client limits (event streams, unauthenticated bodies).
     pub guards: Arc<guards::Guards>,
+    /// `GET /metrics`: served at all, and the bearer token a scraper must send.
+    pub metrics: metrics::Access,
 }
 
 impl FromRef<ServerState> for LeptosOptions {
@@ -212,9 +215,12 @@ pub fn router(state: ServerState) -> Router {
         .route("/events", get(events::stream))
         .route("/download/{*path}", get(download::download))
         .route("/fw/{token}", get(download::download))
-        .route("/v5/openapi.json", get(openapi::document).layer(timeout));
+        .route("/v5/openapi.json", get(openapi::document).layer(timeout))
+        .route("/metrics", get(metrics::scrape).layer(timeout));
 
     api.merge(console)
+        // Routed requests only, where the route template is known.
+        .route_layer(axum::middleware::from_fn_with_state(state.app.metrics.clone(), metrics::track))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_session))
         .layer(axum::middleware::from_fn(auth::same_origin))
         .layer(SetResponseHeaderLayer::if_not_present(

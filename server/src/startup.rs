@@ -236,6 +236,7 @@ impl Application {
             transfers: Arc::default(),
             stopping: CancellationToken::new(),
             guards: Arc::default(),
+            metrics: crate::http::metrics::Access::new(&settings.metrics),
         };
         Ok(Self {
             settings,

@@ -55,6 +55,12 @@ impl CoapEndpoint {
     /// `POST /rd?ep=...`: 2.01 with a location, or 4.03 for an unknown or frozen endpoint, for a device
     /// that must use DTLS (`secure_access`) in plaintext, and over DTLS for another device than the
     /// session's.
+    /// Sets `updraft_lwm2m_registrations` to the registrations held.
+    pub(super) fn count_registrations(&self) {
+        let n = i64::try_from(self.inner.registry.len()).unwrap_or(i64::MAX);
+        self.inner.state.metrics.lwm2m_registrations.set(n);
+    }
+
     /// Whether `device` may register over DTLS only.
     fn needs_dtls(&self, device: &crate::storage::entity::devices::Model) -> bool {
         let settings = &self.inner.settings;
@@ -109,6 +115,7 @@ impl CoapEndpoint {
             observe_token: None,
             firmware_tokens: [None, None],
         });
+        self.count_registrations();
         tracing::debug!(device_id = %device.id, endpoint, %addr, "LwM2M registered");
         (ResponseType::Created, Some(reg_id))
     }
@@ -117,6 +124,7 @@ impl CoapEndpoint {
     fn deregister(&self, reg_id: &str, addr: SocketAddr) -> ResponseType {
         match self.inner.registry.deregister(reg_id, addr) {
             Some(s) => {
+                self.count_registrations();
                 self.event(&s.device_id, DeviceEvent::Offline);
                 ResponseType::Deleted
             }

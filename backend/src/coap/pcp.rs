@@ -131,6 +131,7 @@ impl CoapEndpoint {
             self.write_pcp(device_id, addr, answer(ResultCode::NO_SEGMENT, &[]));
             return;
         };
+        self.inner.state.metrics.pcp_segments.inc();
         self.write_pcp(device_id, addr, answer(ResultCode::OK, data));
         self.progress(device_id, source, n);
     }

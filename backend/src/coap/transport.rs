@@ -95,6 +95,8 @@ pub(super) struct Transport {
     /// Confirmable messages remembered for duplicate detection at most (a flood from ever new source
     /// ports would otherwise fill the map for `EXCHANGE_LIFETIME`); past this, new ones are dropped.
     max_seen: usize,
+    /// Counts the requests sent again (the instance's `updraft_coap_retransmissions`).
+    pub(super) retransmitted: prometheus_client::metrics::counter::Counter,
 }
 
 impl Transport {
@@ -109,6 +111,7 @@ impl Transport {
             earlier_due: Notify::new(),
             next_mid: Mutex::default(),
             max_seen: 200_000,
+            retransmitted: prometheus_client::metrics::counter::Counter::default(),
         }
     }
 
@@ -434,6 +437,7 @@ impl Transport {
                 p.retransmits_left -= 1;
                 p.wait *= 2;
                 if !p.acked {
+                    self.retransmitted.inc();
                     tracing::trace!(addr = %p.addr, mid = p.mid, "CoAP request sent again");
                     resend.push((p.bytes.clone(), p.addr));
                 }

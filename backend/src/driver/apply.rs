@@ -21,6 +21,7 @@ use super::plan::TaskPlan;
 use super::route::{route, take_over_queued};
 use super::transition::{Lease, Outcome, refresh_task, transition};
 use super::{BATCH, DeviceEvent, Driver, Step, firmware, mqtt, pcp};
+use crate::metrics::SubtaskChange;
 use crate::storage::entity::{device_messages, devices, subtasks};
 use crate::{Context, Error, Result};
 
@@ -179,6 +180,8 @@ impl Driver {
                 }
             }
             let mut touched_tasks: Vec<String> = Vec::new();
+            // What changed, for the metrics once committed: each subtask's status and step before.
+            let mut observed: Vec<SubtaskChange> = Vec::new();
             for (id, input) in steps {
                 let (Some(mut row), Some(plan)) = (rows.remove(&id), plans.get(&id)) else {
                     continue;
@@ -219,6 +222,15 @@ impl Driver {
                     continue;
                 };
                 applied.changed.insert(id);
+                let row = &changed.row;
+                observed.push(SubtaskChange {
+                    id,
+                    from: changed.before.0.as_str(),
+                    to: row.status.clone(),
+                    step_before: changed.before.1.clone(),
+                    step: row.step.clone(),
+                    finished: row.finished_at.is_some(),
+                });
                 if changed.status_changed && !touched_tasks.contains(&changed.row.task_id) {
                     touched_tasks.push(changed.row.task_id.clone());
                 }
@@ -273,6 +285,9 @@ impl Driver {
             // Known as this process's before the commit makes them visible to its outbox tail.
             self.own_records(&events);
             txn.commit().await?;
+            for change in &observed {
+                state.metrics.subtask_changed(change, now.as_millis());
+            }
             let link = self.lwm2m_link();
             for m in outgoing {
                 match m {

@@ -45,6 +45,8 @@ pub(super) struct Changed {
     /// The row as written.
     pub(super) row: subtasks::Model,
     pub(super) status_changed: bool,
+    /// The status and step it had before.
+    pub(super) before: (SubtaskStatus, String),
     pub(super) effects: Vec<AnyEffect>,
 }
 
@@ -234,6 +236,7 @@ pub(super) async fn transition(
     Ok(Outcome::Changed(Box::new(Changed {
         row: written,
         status_changed: status != old_status,
+        before: (old_status, row.step.clone()),
         effects,
     })))
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::login::{authenticate, refuse};
 use super::{Ctx, DOWN_QUEUE, MAX_CONNECT, SessionHandle, device_link, internal, lock, own_prefix};
 use crate::driver::DeviceEvent;
+use crate::metrics::{DirectionLabels, ReasonLabels};
 /// Why a session ended (for the log).
 enum End {
     Closed,
@@ -67,6 +68,7 @@ where
         Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Err(ReadError::Codec(mqttbytes::Error::InvalidProtocolLevel(level)))) => {
             tracing::info!(%peer, level, "mqtt: refused protocol level");
+            refused(ctx, "protocol_version");
             let _ = write(
                 &mut wr,
                 refuse(ConnectReturnCode::RefusedProtocolVersion),
@@ -87,6 +89,7 @@ where
     };
     // Over the cap: "server unavailable" before any work (the login is not even checked); devices retry.
     if ctx.connections.load(Ordering::Relaxed) > ctx.settings.max_connections {
+        refused(ctx, "busy");
         let _ = write(&mut wr, refuse(ConnectReturnCode::ServiceUnavailable), max).await;
         let _ = wr.shutdown().await;
         return;
@@ -96,6 +99,16 @@ where
         Err(code) => {
             // Debug-formatted: a client id is the client's text, and may hold line breaks.
             tracing::info!(%peer, client_id = ?connect.client_id, ?code, "mqtt: login refused");
+            refused(
+                ctx,
+                match code {
+                    ConnectReturnCode::BadUserNamePassword => "bad_credentials",
+                    ConnectReturnCode::NotAuthorized => "not_authorized",
+                    ConnectReturnCode::BadClientId => "bad_client_id",
+                    ConnectReturnCode::ServiceUnavailable => "busy",
+                    _ => "other",
+                },
+            );
             let _ = write(&mut wr, refuse(code), max).await;
             let _ = wr.shutdown().await;
             return;
@@ -125,6 +138,8 @@ where
         let _ = tokio::time::timeout(Duration::from_secs(5), finished).await;
     }
 
+    let metrics = &ctx.state.metrics;
+    metrics.mqtt_connections.inc();
     let end = run_session(
         ctx,
         &device_id,
@@ -140,6 +155,7 @@ where
     )
     .await;
 
+    metrics.mqtt_connections.dec();
     {
         let mut sessions = lock(&ctx.sessions);
         if sessions.get(&device_id).is_some_and(|s| s.id == id) {
@@ -274,6 +290,7 @@ where
                 }
             }
             Some(payload) = down_rx.recv() => {
+                sent_out(ctx);
                 let out = Publish::from_bytes(down.clone(), QoS::AtMostOnce, payload);
                 if let Err(e) = write(wr, Packet::Publish(out), max).await {
                     break End::Io(e);
@@ -281,6 +298,7 @@ where
             }
             n = rx.next() => match n {
                 Ok(Some(Notification::Forward(f))) => {
+                    sent_out(ctx);
                     let topic = format!("${}", String::from_utf8_lossy(&f.publish.topic));
                     let out = Publish::from_bytes(topic, QoS::AtMostOnce, f.publish.payload);
                     if let Err(e) = write(wr, Packet::Publish(out), max).await {
@@ -362,6 +380,24 @@ struct Topics<'a> {
     down: &'a str,
 }
 
+/// Counts a refused connection or message (`updraft_mqtt_refused{reason}`).
+fn refused(ctx: &Ctx, reason: &'static str) {
+    ctx.state
+        .metrics
+        .mqtt_refused
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
+}
+
+/// Counts a message to a device.
+fn sent_out(ctx: &Ctx) {
+    ctx.state
+        .metrics
+        .mqtt_messages
+        .get_or_create(&DirectionLabels { direction: "out" })
+        .inc();
+}
+
 /// One packet from a logged-in device: ACL, acknowledgements; what to route, and what to answer.
 fn on_packet(
     ctx: &Ctx,
@@ -372,7 +408,12 @@ fn on_packet(
     let mut routes = Vec::new();
     let reply = match packet {
         Packet::Publish(p) => {
+            let messages = &ctx.state.metrics.mqtt_messages;
+            messages
+                .get_or_create(&DirectionLabels { direction: "in" })
+                .inc();
             if !p.topic.starts_with(topics.prefix) {
+                refused(ctx, "acl");
                 return Err(End::Acl(format!("publish to {:?}", p.topic)));
             }
             if p.topic == topics.up {

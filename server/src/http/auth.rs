@@ -130,7 +130,13 @@ pub(super) async fn logout(State(state): State<ServerState>, jar: CookieJar) -> 
 fn is_public(path: &str) -> bool {
     matches!(
         path,
-        "/healthz" | "/readyz" | "/login" | "/auth/login" | "/favicon.ico" | "/v5/openapi.json"
+        "/healthz"
+            | "/readyz"
+            | "/login"
+            | "/auth/login"
+            | "/favicon.ico"
+            | "/v5/openapi.json"
+            | "/metrics"
     ) || path.starts_with("/pkg/")
         || path.starts_with("/download/")
         || path.starts_with("/fw/")

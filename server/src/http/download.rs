@@ -130,7 +130,7 @@ pub(super) async fn download(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    match serve(&state, &uri, &headers).await {
+    let response = match serve(&state, &uri, &headers).await {
         Ok(response) => response,
         Err((e, extra)) => {
             let status = e.status;
@@ -145,7 +145,16 @@ pub(super) async fn download(
             }
             response
         }
-    }
+    };
+    state
+        .app
+        .metrics
+        .download_responses
+        .get_or_create(&backend::metrics::CodeLabels {
+            code: response.status().as_u16(),
+        })
+        .inc();
+    response
 }
 
 type Refusal = (IotdaError, Option<(header::HeaderName, HeaderValue)>);
@@ -389,6 +398,7 @@ impl http_body::Body for DownloadBody {
                 }
                 self.remaining -= bytes.len() as u64;
                 self.served += bytes.len() as u64;
+                self.app.metrics.download_bytes.inc_by(bytes.len() as u64);
                 Poll::Ready(Some(Ok(Frame::data(bytes))))
             }
             Some(Err(e)) => {

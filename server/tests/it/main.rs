@@ -11,6 +11,7 @@ mod firmware;
 mod hardening;
 mod helpers;
 mod lwm2m;
+mod metrics;
 mod notifications;
 mod packages;
 mod robustness;

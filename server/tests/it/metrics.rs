@@ -1,0 +1,215 @@
+//! `GET /metrics` scraped while simulated devices upgrade (MQTT over HTTPS downloads, then LwM2M with
+//! PCP): the families move as the devices do, the bearer token guards the endpoint, and every scrape
+//! parses with an independent parser (the OpenMetrics parser of Python's `prometheus_client`, Debian's
+//! python3-prometheus-client).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+
+use server::sim::SimOptions;
+use server::sim::lwm2m::Lwm2mOptions;
+
+use crate::helpers::{TestApp, settings_for, spawn_with};
+
+const TOKEN: &str = "scrape-token-1";
+
+/// The samples of a scrape, `name{k="v",...}` (labels sorted) → value, as Python's OpenMetrics parser
+/// reads them; panics when it refuses the text.
+fn parse(text: &str) -> HashMap<String, f64> {
+    const SCRIPT: &str = r#"
+import sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join('%s="%s"' % (k, v) for k, v in sorted(s.labels.items()))
+        print("%s{%s} %r" % (s.name, labels, s.value))
+"#;
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 with prometheus_client (Debian's python3-prometheus-client)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the parser refused the scrape: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        .collect()
+}
+
+/// The sum of the samples of `name` whose labels include every one of `having`.
+fn sum(samples: &HashMap<String, f64>, name: &str, having: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(k, _)| {
+            k.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+                && having.iter().all(|h| k.contains(h))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+async fn get(app: &TestApp, token: Option<&str>) -> reqwest::Response {
+    let mut req = app.client.get(format!("{}/metrics", app.base));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.unwrap()
+}
+
+async fn scrape(app: &TestApp) -> HashMap<String, f64> {
+    let resp = get(app, Some(TOKEN)).await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()[http::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    parse(&resp.text().await.unwrap())
+}
+
+async fn metrics_app(dir: &std::path::Path) -> TestApp {
+    let mut settings = settings_for(dir);
+    settings.metrics.token = Some(TOKEN.to_owned().into());
+    spawn_with(settings).await
+}
+
+#[tokio::test]
+async fn metrics_follow_an_mqtt_upgrade_and_need_their_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = metrics_app(dir.path()).await;
+    assert_eq!(get(&app, None).await.status(), 401);
+    assert_eq!(get(&app, Some("wrong")).await.status(), 401);
+
+    let fx = crate::tasks::fixture(&app).await;
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        devices.push(crate::tasks::register(&app, &fx, &format!("dev-m{i}")).await);
+    }
+    let fleet = crate::tasks::fleet(&app, devices.clone(), SimOptions::default());
+    let mut idle = HashMap::new();
+    for _ in 0..250 {
+        idle = scrape(&app).await;
+        if idle["updraft_mqtt_connections{}"] == 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(idle["updraft_mqtt_connections{}"], 3.0);
+    assert_eq!(sum(&idle, "updraft_subtasks", &[]), 0.0);
+    assert_eq!(idle[r#"updraft_build_info{version="0.1.0"}"#], 1.0);
+    assert!(idle["updraft_process_resident_memory_bytes{}"] > 1e6);
+    assert!(idle["updraft_process_open_fds{}"] > 5.0);
+    assert!(idle["updraft_process_start_time_seconds{}"] > 1.7e9);
+
+    let targets: Vec<_> = devices.iter().collect();
+    let task = backend::service::tasks::create(
+        &app.state,
+        &fx.project,
+        crate::tasks::new_task(&fx, "measured", &targets),
+    )
+    .await
+    .unwrap();
+    let done =
+        crate::tasks::wait_task(&app, &fx, &task.id, "Success", |t| t.status == "Success").await;
+    assert_eq!(done.success, 3);
+    let after = scrape(&app).await;
+    let success = [r#"status="Success""#, r#"protocol="MQTT""#];
+    assert_eq!(sum(&after, "updraft_subtasks", &success), 3.0, "{after:#?}");
+    assert_eq!(
+        sum(
+            &after,
+            "updraft_subtask_transitions_total",
+            &[r#"to="Success""#]
+        ),
+        3.0
+    );
+    assert_eq!(after[r#"updraft_tasks{status="Success"}"#], 1.0);
+    // Every device left at least one step, each seen entering it here.
+    assert!(sum(&after, "updraft_task_step_seconds_count", &[]) >= 3.0);
+    assert!(
+        after["updraft_download_bytes_total{}"] >= 3.0 * 1024.0,
+        "{after:#?}"
+    );
+    assert!(sum(&after, "updraft_download_responses_total", &[r#"code="20"#]) >= 3.0);
+    assert!(after[r#"updraft_mqtt_messages_total{direction="in"}"#] >= 6.0);
+    assert!(after[r#"updraft_mqtt_messages_total{direction="out"}"#] >= 3.0);
+    assert_eq!(after["updraft_downloads_in_flight{}"], 0.0);
+    // The scrapes before were counted, by their route template.
+    assert!(
+        after[r#"updraft_http_requests_total{code="200",route="/metrics"}"#] >= 1.0,
+        "{after:#?}"
+    );
+    assert!(after[r#"updraft_http_requests_total{code="401",route="/metrics"}"#] >= 2.0);
+    assert!(
+        sum(
+            &after,
+            "updraft_http_request_seconds_count",
+            &[r#"route="/metrics""#]
+        ) >= 3.0
+    );
+    fleet.stop().await;
+    for _ in 0..250 {
+        if scrape(&app).await["updraft_mqtt_connections{}"] == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(scrape(&app).await["updraft_mqtt_connections{}"], 0.0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_follow_an_lwm2m_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = metrics_app(dir.path()).await;
+    let (fx, nodes) = crate::lwm2m::fixture(&app, 4).await;
+    let fleet = crate::lwm2m::fleet(
+        &app,
+        &nodes,
+        Lwm2mOptions {
+            cells: 2,
+            ..Lwm2mOptions::default()
+        },
+    );
+    let mut registered = HashMap::new();
+    for _ in 0..250 {
+        registered = scrape(&app).await;
+        if registered["updraft_lwm2m_registrations{}"] == 4.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(registered["updraft_lwm2m_registrations{}"], 4.0);
+    let task_id = crate::lwm2m::create_task(&app, &fx, &nodes).await;
+    let task = crate::lwm2m::wait_finished(&app, &fx, &task_id).await;
+    assert_eq!(task.success, 4);
+    let after = scrape(&app).await;
+    let success = [r#"status="Success""#, r#"protocol="CoAP""#];
+    assert_eq!(sum(&after, "updraft_subtasks", &success), 4.0, "{after:#?}");
+    // 20 000 bytes in 500-byte segments: 40 a device.
+    assert!(after["updraft_pcp_segments_total{}"] >= 160.0, "{after:#?}");
+    assert_eq!(after["updraft_lwm2m_registrations{}"], 4.0);
+    assert!(after.contains_key("updraft_coap_retransmissions_total{}"));
+    // Every slot was given back.
+    assert_eq!(sum(&after, "updraft_cell_slots_in_use", &[]), 0.0);
+    fleet.stop().await;
+    app.stop().await;
+}

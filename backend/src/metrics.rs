@@ -154,6 +154,8 @@ fn http_histogram() -> Histogram {
 /// The instance's metrics.
 pub struct Metrics {
     registry: Registry,
+    /// The families registered (a family shows in a scrape once it has a sample).
+    names: Vec<&'static str>,
     /// Subtasks by status, step and protocol (counted in the database when scraped).
     pub subtasks: Family<SubtaskLabels, Gauge>,
     /// Subtask status changes made by this instance.
@@ -247,111 +249,118 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         start_time.set(started);
-        let r = &mut registry;
-        r.register(
+        let mut names = Vec::new();
+        macro_rules! reg {
+            ($name:literal, $help:literal, $metric:expr $(,)?) => {{
+                names.push($name);
+                registry.register($name, $help, $metric);
+            }};
+        }
+        reg!(
             "updraft_subtasks",
             "Subtasks by status, step and device protocol",
             subtasks.clone(),
         );
-        r.register(
+        reg!(
             "updraft_subtask_transitions",
             "Subtask status changes made by this instance",
             subtask_transitions.clone(),
         );
-        r.register("updraft_tasks", "Upgrade tasks by status", tasks.clone());
-        r.register(
+        reg!("updraft_tasks", "Upgrade tasks by status", tasks.clone());
+        reg!(
             "updraft_task_step_seconds",
             "Time subtasks spent in a step, observed when they leave it",
             task_step_seconds.clone(),
         );
-        r.register(
+        reg!(
             "updraft_mqtt_connections",
             "MQTT devices connected to this instance",
             mqtt_connections.clone(),
         );
-        r.register(
+        reg!(
             "updraft_mqtt_messages",
             "MQTT messages from (in) and to (out) devices",
             mqtt_messages.clone(),
         );
-        r.register(
+        reg!(
             "updraft_mqtt_refused",
             "MQTT connections and messages refused, by reason",
             mqtt_refused.clone(),
         );
-        r.register(
+        reg!(
             "updraft_lwm2m_registrations",
             "LwM2M devices registered with this instance",
             lwm2m_registrations.clone(),
         );
-        r.register(
+        reg!(
             "updraft_coap_retransmissions",
             "Confirmable CoAP messages sent again for want of an ACK",
             coap_retransmissions.clone(),
         );
-        r.register(
+        reg!(
             "updraft_pcp_segments",
             "PCP segments sent to devices",
             pcp_segments.clone(),
         );
-        r.register(
+        reg!(
             "updraft_cell_slots_in_use",
             "LwM2M download slots held in cells, by the cells' cap",
             cell_slots_in_use.clone(),
         );
-        r.register(
+        reg!(
             "updraft_download_bytes",
             "Package bytes sent to devices over HTTPS",
             download_bytes.clone(),
         );
-        r.register(
+        reg!(
             "updraft_downloads_in_flight",
             "Package downloads being sent",
             downloads_in_flight.clone(),
         );
-        r.register(
+        reg!(
             "updraft_download_responses",
             "Package download answers by status code",
             download_responses.clone(),
         );
-        r.register(
+        reg!(
             "updraft_webhook_deliveries",
             "Push notification deliveries by outcome",
             webhook_deliveries.clone(),
         );
-        r.register(
+        reg!(
             "updraft_outbox_backlog",
             "Notifications not yet delivered",
             outbox_backlog.clone(),
         );
-        r.register(
+        reg!(
             "updraft_http_requests",
             "HTTP requests by route template and status code",
             http_requests.clone(),
         );
-        r.register(
+        reg!(
             "updraft_http_request_seconds",
             "HTTP request durations by route template",
             http_request_seconds.clone(),
         );
-        r.register(
+        reg!(
             "updraft_process_resident_memory_bytes",
             "Resident memory of the process",
             resident_memory.clone(),
         );
-        r.register(
+        reg!(
             "updraft_process_open_fds",
             "File descriptors the process has open",
             open_fds.clone(),
         );
-        r.register(
+        reg!(
             "updraft_process_start_time_seconds",
             "When the process started, seconds since the Unix epoch",
             start_time.clone(),
         );
-        r.register("updraft_build_info", "The build: its version", build);
+        reg!("updraft_build_info", "The build: its version", build);
         Self {
             registry,
+            names,
             subtasks,
             subtask_transitions,
             tasks,
@@ -508,6 +517,12 @@ impl Metrics {
                 .set(i64::try_from(fds.count()).unwrap_or(i64::MAX));
         }
         Ok(())
+    }
+
+    /// The names of the families (a family shows in a scrape once it has a sample).
+    #[must_use]
+    pub fn families(&self) -> &[&'static str] {
+        &self.names
     }
 
     /// The metrics in the text format (OpenMetrics, which Prometheus reads).

@@ -69,6 +69,9 @@ pub struct MetricsSettings {
     /// who reaches the port.
     #[serde(skip_serializing)]
     pub token: Option<SecretString>,
+    /// Also serve `/metrics` over plain HTTP on this address (for scrapers inside a private network;
+    /// off by default). The token applies there too.
+    pub listen: Option<SocketAddr>,
 }
 
 impl Default for MetricsSettings {
@@ -76,6 +79,7 @@ impl Default for MetricsSettings {
         Self {
             enabled: true,
             token: None,
+            listen: None,
         }
     }
 }

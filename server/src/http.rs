@@ -70,6 +70,14 @@ impl FromRef<ServerState> for LeptosOptions {
 /// The header carrying the request id (also returned on every response).
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// `/metrics` alone, for `metrics.listen` (plain HTTP inside a private network; the token still applies
+/// when set).
+pub fn metrics_router(state: ServerState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::scrape))
+        .with_state(state)
+}
+
 /// Builds the router.
 pub fn router(state: ServerState) -> Router {
     let routes = generate_route_list(app::App);
@@ -218,10 +226,15 @@ pub fn router(state: ServerState) -> Router {
         .route("/v5/openapi.json", get(openapi::document).layer(timeout))
         .route("/metrics", get(metrics::scrape).layer(timeout));
 
-    api.merge(console)
+    let mut app = api.merge(console);
+    if state.metrics.enabled() {
         // Routed requests only, where the route template is known.
-        .route_layer(axum::middleware::from_fn_with_state(state.app.metrics.clone(), metrics::track))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_session))
+        app = app.route_layer(axum::middleware::from_fn_with_state(
+            state.app.metrics.clone(),
+            metrics::track,
+        ));
+    }
+    app.layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_session))
         .layer(axum::middleware::from_fn(auth::same_origin))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::STRICT_TRANSPORT_SECURITY,

@@ -74,6 +74,8 @@ pub struct Application {
     admin: AdminBootstrap,
     mqtt: Option<MqttListeners>,
     coap: Option<backend::coap::CoapEndpoint>,
+    /// `metrics.listen`: `/metrics` over plain HTTP for a private network.
+    metrics_listener: Option<std::net::TcpListener>,
     gate: Arc<ConnectionGate>,
     /// Held while this server runs on a SQLite database (see [`lock_sqlite`]).
     _sqlite_lock: Option<std::fs::File>,
@@ -138,6 +140,15 @@ impl Application {
             .with_context(|| format!("binding HTTPS on {} (http.listen)", settings.http.listen))?;
         listener.set_nonblocking(true)?;
         let https_addr = listener.local_addr()?;
+        let metrics_listener = match settings.metrics.listen {
+            Some(addr) if settings.metrics.enabled => {
+                let l = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("binding metrics on {addr} (metrics.listen)"))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            _ => None,
+        };
         // Download URLs name the port really bound (it differs from the configured one with port 0).
         settings.downloads.public_url = Some(settings.public_url(https_addr.port()));
         let mqtt = if settings.mqtt.enabled {
@@ -249,6 +260,7 @@ impl Application {
             admin,
             mqtt,
             coap,
+            metrics_listener,
             gate: Arc::new(ConnectionGate::new(
                 usize::try_from(budget.https).unwrap_or(usize::MAX),
                 usize::try_from(budget::REFUSING).unwrap_or(usize::MAX),
@@ -280,6 +292,12 @@ impl Application {
     #[must_use]
     pub fn https_addr(&self) -> SocketAddr {
         self.https_addr
+    }
+
+    /// The plain HTTP address of `/metrics`, when `metrics.listen` is set.
+    #[must_use]
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref()?.local_addr().ok()
     }
 
     /// The generated CA certificate, if Updraft made its own certificate.
@@ -376,6 +394,20 @@ impl Application {
         if let Some(coap) = self.coap {
             tracing::info!(coap = %coap.local_addr()?, "CoAP (LwM2M) listening");
             background.spawn(coap.run(stop.clone()));
+        }
+        if let Some(listener) = self.metrics_listener {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tracing::info!(metrics = %listener.local_addr()?, "metrics listening (plain HTTP)");
+            let app = crate::http::metrics_router(self.server.clone());
+            let stop = stop.clone();
+            background.spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error.message = %e, "the metrics listener failed");
+                }
+            });
         }
         background.close();
 

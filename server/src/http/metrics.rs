@@ -37,6 +37,14 @@ impl Access {
     }
 }
 
+impl Access {
+    /// Whether metrics are served (and HTTP requests counted).
+    #[must_use]
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+}
+
 /// The metrics in the text format; 401 without the configured bearer token, 404 when disabled, 503
 /// when the database does not answer (the stored counts could not be read).
 pub(super) async fn scrape(State(state): State<ServerState>, headers: HeaderMap) -> Response {

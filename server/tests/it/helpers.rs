@@ -30,6 +30,8 @@ pub(crate) struct TestApp {
     pub coap: std::net::SocketAddr,
     /// CoAPS (LwM2M over DTLS).
     pub coaps: std::net::SocketAddr,
+    /// `/metrics` over plain HTTP, when `metrics.listen` is set.
+    pub metrics_plain: Option<std::net::SocketAddr>,
     /// The CA certificate the server's certificate chains to (PEM).
     pub ca_pem: Vec<u8>,
     stop: Option<oneshot::Sender<()>>,
@@ -83,6 +85,7 @@ pub(crate) async fn spawn_on_clock(settings: Settings, clock: ManualClock) -> Te
     let (mqtt, mqtts) = app.mqtt_addrs().expect("MQTT is enabled");
     let coap = app.coap_addr().expect("CoAP is enabled");
     let coaps = app.coaps_addr().expect("CoAPS is enabled");
+    let metrics_plain = app.metrics_addr();
     let state = app.state().clone();
     let ca = std::fs::read(
         trust
@@ -112,6 +115,7 @@ pub(crate) async fn spawn_on_clock(settings: Settings, clock: ManualClock) -> Te
         mqtts,
         coap,
         coaps,
+        metrics_plain,
         ca_pem: ca.clone(),
         stop: Some(tx),
         task: Some(task),

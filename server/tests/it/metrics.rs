@@ -213,3 +213,106 @@ async fn metrics_follow_an_lwm2m_upgrade() {
     fleet.stop().await;
     app.stop().await;
 }
+
+/// The metric families `text` names (`updraft_...`, without the `_total`, `_bucket`, `_count` and
+/// `_sum` of their samples).
+fn families_named(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("updraft_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        let family = ["_total", "_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        out.insert(family.to_owned());
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_dashboard_and_the_alert_rules_use_only_exported_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = metrics_app(dir.path()).await;
+    let resp = get(&app, Some(TOKEN)).await;
+    let scrape = resp.text().await.unwrap();
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let dashboard = std::fs::read_to_string(deploy.join("grafana/updraft.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let exprs: Vec<&str> = parsed["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .map(|t| t["expr"].as_str().unwrap())
+        .collect();
+    let rules = std::fs::read_to_string(deploy.join("prometheus/updraft-rules.yml")).unwrap();
+    let used = families_named(&format!("{}\n{rules}", exprs.join("\n")));
+    assert!(used.len() >= 15, "{used:?}");
+    // Registered: a family shows in a scrape from its first sample on.
+    let registered: std::collections::BTreeSet<String> = app
+        .state
+        .metrics
+        .families()
+        .iter()
+        .map(|f| (*f).to_owned())
+        .collect();
+    let unknown: Vec<_> = used.difference(&registered).collect();
+    assert!(unknown.is_empty(), "not exported: {unknown:?}");
+    // Those with samples already are in the scrape under that name.
+    for family in [
+        "updraft_mqtt_connections",
+        "updraft_build_info",
+        "updraft_outbox_backlog",
+    ] {
+        assert!(
+            scrape.contains(&format!("# TYPE {family} ")),
+            "{family} is not in the scrape:\n{scrape}"
+        );
+    }
+    // And the other way round: the dashboard shows every family.
+    let shown = families_named(&exprs.join("\n"));
+    let missing: Vec<_> = registered.difference(&shown).collect();
+    assert!(missing.is_empty(), "not on the dashboard: {missing:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings_for(dir.path());
+    settings.metrics.enabled = false;
+    let app = spawn_with(settings).await;
+    assert_eq!(get(&app, None).await.status(), 404);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_plain_listener_serves_metrics_to_a_private_network_with_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = settings_for(dir.path());
+    settings.metrics.token = Some(TOKEN.to_owned().into());
+    settings.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    let app = spawn_with(settings).await;
+    let addr = app.metrics_plain.expect("metrics.listen is bound");
+    let url = format!("http://{addr}/metrics");
+    let plain = reqwest::Client::new();
+    let refused = plain.get(&url).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let resp = plain.get(&url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let samples = parse(&resp.text().await.unwrap());
+    assert_eq!(samples[r#"updraft_build_info{version="0.1.0"}"#], 1.0);
+    // Only /metrics there.
+    let other = plain
+        .get(format!("http://{addr}/v5/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    app.stop().await;
+}

@@ -4,6 +4,7 @@
 //! [`AppState`]: crate::AppState
 //! [`Error`]: crate::Error
 
+pub mod audit;
 pub mod auth;
 pub mod credentials;
 pub mod devices;

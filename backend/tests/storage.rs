@@ -2140,3 +2140,52 @@ async fn the_metrics_count_what_is_stored_on_every_database() {
         t.cleanup().await;
     }
 }
+
+/// The audit trail keeps entries for `audit.retention` and lists them newest first, filtered.
+#[tokio::test]
+async fn audit_entries_are_kept_for_their_retention_and_listed_newest_first() {
+    use backend::service::audit;
+    for t in databases().await {
+        let project = projects::ensure_default(&t.state).await.unwrap().id;
+        let entry = |action: &str, actor: &str| audit::Entry {
+            project_id: Some(project.clone()),
+            actor_type: audit::ActorType::User,
+            actor: actor.to_owned(),
+            source: Some("10.0.0.1".to_owned()),
+            action: action.to_owned(),
+            resource_type: Some("batchtasks".to_owned()),
+            resource_id: Some("t1".to_owned()),
+            success: true,
+            status: Some(200),
+            detail: None,
+            request_id: None,
+        };
+        audit::record(&t.state, entry("old", "alice")).await;
+        t.clock.advance(Duration::from_secs(100 * 86_400));
+        audit::record(&t.state, entry("newer", "bob")).await;
+        let all = audit::Filter {
+            limit: 10,
+            ..Default::default()
+        };
+        let (rows, count) = audit::list(&t.state, &project, &all).await.unwrap();
+        assert_eq!(count, 2, "{}", t.kind);
+        assert_eq!(rows[0].action, "newer", "{}", t.kind);
+        let bobs = audit::Filter {
+            actor: Some("bob".to_owned()),
+            ..all.clone()
+        };
+        assert_eq!(audit::list(&t.state, &project, &bobs).await.unwrap().1, 1);
+        t.clock.advance(Duration::from_secs(81 * 86_400));
+        let retention = Duration::from_secs(180 * 86_400);
+        assert_eq!(
+            audit::prune(&t.state, retention).await.unwrap(),
+            1,
+            "{}",
+            t.kind
+        );
+        let (rows, _) = audit::list(&t.state, &project, &all).await.unwrap();
+        assert_eq!(rows.len(), 1, "{}", t.kind);
+        assert_eq!(rows[0].action, "newer", "{}", t.kind);
+        t.cleanup().await;
+    }
+}

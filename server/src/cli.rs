@@ -75,6 +75,12 @@ pub enum Command {
         #[command(subcommand)]
         command: manage::CredentialCommand,
     },
+    /// The audit trail: who changed what, newest first.
+    Audit {
+        /// What to do.
+        #[command(subcommand)]
+        command: manage::AuditCommand,
+    },
     /// Simulated devices.
     Sim {
         /// Which kind.
@@ -150,7 +156,108 @@ pub async fn run(cli: Cli) -> Result<()> {
     if let Some(format) = cli.log_format {
         settings.log.format = format;
     }
-    match cli.command.unwrap_or(Command::Serve) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    let audited = audited(&command);
+    let audit_settings = audited.as_ref().map(|_| settings.clone());
+    let result = Box::pin(execute(command, settings, cli.json)).await;
+    if let (Some((action, resource_type, resource_id)), Some(settings)) = (audited, audit_settings)
+    {
+        record(&settings, action, resource_type, resource_id, &result).await;
+    }
+    result
+}
+
+/// The command line's changes, for the audit trail: the action, the kind of resource and its id when
+/// the arguments name it. Reads (`list`, `show`), the server and the simulators are not recorded.
+fn audited(command: &Command) -> Option<(String, &'static str, Option<String>)> {
+    use manage::{CredentialCommand as C, TaskCommand as T};
+    /// `AddDevices { .. }` → `add-devices`.
+    fn name(sub: &impl std::fmt::Debug) -> String {
+        let debug = format!("{sub:?}");
+        let word: String = debug
+            .chars()
+            .take_while(char::is_ascii_alphanumeric)
+            .collect();
+        let mut out = String::new();
+        for (i, c) in word.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                out.push('-');
+            }
+            out.push(c.to_ascii_lowercase());
+        }
+        out
+    }
+    let (group, kind, sub, id) = match command {
+        Command::Package {
+            command: PackageCommand::Upload(_),
+        } => ("package", "packages", "upload".to_owned(), None),
+        Command::Product { command } => ("product", "products", name(command), None),
+        Command::Device { command } => ("device", "devices", name(command), None),
+        Command::Group { command } => ("group", "device-group", name(command), None),
+        Command::Task { command } => {
+            let id = match command {
+                T::Stop { task, .. } | T::Retry { task, .. } | T::Delete { task } => {
+                    Some(task.clone())
+                }
+                _ => None,
+            };
+            ("task", "batchtasks", name(command), id)
+        }
+        Command::Credentials { command } => {
+            let id = match command {
+                C::Revoke { access_key } => Some(access_key.clone()),
+                _ => None,
+            };
+            ("credentials", "credentials", name(command), id)
+        }
+        _ => return None,
+    };
+    if sub == "list" || sub == "show" {
+        return None;
+    }
+    Some((format!("cli {group} {sub}"), kind, id))
+}
+
+/// Records a command line change and how it ended (its error's text when it failed). A failure to
+/// record is printed, and does not change the command's outcome.
+async fn record(
+    settings: &Settings,
+    action: String,
+    resource_type: &'static str,
+    resource_id: Option<String>,
+    result: &Result<()>,
+) {
+    use backend::service::audit;
+    let opened = crate::startup::open_state(settings, Arc::new(backend::clock::SystemClock)).await;
+    let Ok((state, project)) = opened else {
+        eprintln!("note: the audit trail could not be opened to record this command");
+        return;
+    };
+    let actor = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
+    audit::record(
+        &state,
+        audit::Entry {
+            project_id: Some(project.id),
+            actor_type: audit::ActorType::Cli,
+            actor,
+            source: None,
+            action,
+            resource_type: Some(resource_type.to_owned()),
+            resource_id,
+            success: result.is_ok(),
+            status: None,
+            detail: result.as_ref().err().map(|e| format!("{e:#}")),
+            request_id: None,
+        },
+    )
+    .await;
+}
+
+/// Runs one command (`json`: machine-readable output).
+async fn execute(command: Command, settings: Settings, json: bool) -> Result<()> {
+    match command {
         Command::Serve => Box::pin(serve(settings)).await,
         Command::CheckConfig => {
             println!("{}", to_json(&settings)?);
@@ -161,12 +268,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => upload(settings, args).await,
         Command::Package {
             command: PackageCommand::List,
-        } => manage::packages(settings, cli.json).await,
-        Command::Product { command } => manage::product(settings, command, cli.json).await,
-        Command::Device { command } => manage::device(settings, command, cli.json).await,
-        Command::Group { command } => manage::group(settings, command, cli.json).await,
-        Command::Task { command } => manage::task(settings, command, cli.json).await,
-        Command::Credentials { command } => manage::credentials(settings, command, cli.json).await,
+        } => manage::packages(settings, json).await,
+        Command::Product { command } => manage::product(settings, command, json).await,
+        Command::Device { command } => manage::device(settings, command, json).await,
+        Command::Group { command } => manage::group(settings, command, json).await,
+        Command::Task { command } => manage::task(settings, command, json).await,
+        Command::Credentials { command } => manage::credentials(settings, command, json).await,
+        Command::Audit { command } => manage::audit(settings, command, json).await,
         Command::Sim {
             command: SimCommand::Mqtt(args),
         } => sim::run(settings, args).await,

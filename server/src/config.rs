@@ -57,6 +57,25 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     /// Prometheus metrics (`GET /metrics`).
     pub metrics: MetricsSettings,
+    /// The audit trail.
+    pub audit: AuditSettings,
+}
+
+/// The audit trail (README, "Audit trail").
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// Entries older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(180 * 86_400),
+        }
+    }
 }
 
 /// Prometheus metrics (README, "Metrics").
@@ -573,6 +592,7 @@ impl Default for Settings {
             log: LogSettings::default(),
             cluster: ClusterSettings::default(),
             metrics: MetricsSettings::default(),
+            audit: AuditSettings::default(),
         }
     }
 }
@@ -643,6 +663,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "log",
     "cluster",
     "metrics",
+    "audit",
 ];
 
 /// Why the configuration was refused.

@@ -5,6 +5,7 @@
 //! Request flow: request id → trace span → security headers → same-origin check (unsafe methods) →
 //! session check → handler.
 
+mod audit;
 mod auth;
 mod batchtasks;
 mod devices;
@@ -224,9 +225,18 @@ pub fn router(state: ServerState) -> Router {
         .route("/download/{*path}", get(download::download))
         .route("/fw/{token}", get(download::download))
         .route("/v5/openapi.json", get(openapi::document).layer(timeout))
-        .route("/metrics", get(metrics::scrape).layer(timeout));
+        .route("/metrics", get(metrics::scrape).layer(timeout))
+        .route(
+            "/v5/iot/{project_id}/audit-logs",
+            get(audit::list).layer(timeout),
+        );
 
-    let mut app = api.merge(console);
+    let mut app = api
+        .merge(console)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::record_changes,
+        ));
     if state.metrics.enabled() {
         // Routed requests only, where the route template is known.
         app = app.route_layer(axum::middleware::from_fn_with_state(

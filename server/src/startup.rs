@@ -345,7 +345,11 @@ impl Application {
                 handle.graceful_shutdown(Some(grace));
             });
         }
-        let janitor = tokio::spawn(janitor(self.state.clone(), stop.clone()));
+        let janitor = tokio::spawn(janitor(
+            self.state.clone(),
+            self.settings.audit.retention,
+            stop.clone(),
+        ));
         let cluster = {
             let (driver, context, stop) = (
                 self.state.driver.clone(),
@@ -510,7 +514,7 @@ async fn mark_devices_offline(state: &AppState) -> Result<()> {
 }
 
 /// Periodic housekeeping: expired sessions.
-async fn janitor(state: AppState, stop: CancellationToken) {
+async fn janitor(state: AppState, audit_retention: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(600));
     loop {
         tokio::select! {
@@ -520,6 +524,11 @@ async fn janitor(state: AppState, stop: CancellationToken) {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(sessions = n, "purged expired sessions"),
                     Err(e) => tracing::warn!(error.message = %e, "purging sessions failed"),
+                }
+                match service::audit::prune(&state, audit_retention).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(entries = n, "audit entries past audit.retention deleted"),
+                    Err(e) => tracing::warn!(error.message = %e, "pruning the audit trail failed"),
                 }
             }
         }

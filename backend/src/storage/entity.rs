@@ -4,6 +4,7 @@
 
 pub mod api_credentials;
 pub mod applications;
+pub mod audit_logs;
 pub mod device_group_members;
 pub mod device_groups;
 pub mod device_messages;

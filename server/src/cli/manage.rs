@@ -112,6 +112,20 @@ pub enum GroupCommand {
     List,
 }
 
+/// `updraft audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Lists the newest entries.
+    List {
+        /// Only this actor's (a user name, an access key, or the command line's user).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Entries at most.
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+    },
+}
+
 /// `updraft task ...`.
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {
@@ -602,5 +616,42 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
         }
     }
     state.db.clone().close().await.ok();
+    Ok(())
+}
+
+/// Runs `updraft audit ...`.
+///
+/// # Errors
+/// The service's error.
+pub async fn audit(settings: Settings, cmd: AuditCommand, json_out: bool) -> Result<()> {
+    let (state, project) = open(&settings).await?;
+    let AuditCommand::List { actor, limit } = cmd;
+    let filter = service::audit::Filter {
+        actor,
+        limit: limit.clamp(1, 10_000),
+        ..Default::default()
+    };
+    let (rows, count) = service::audit::list(&state, &project, &filter).await?;
+    print(
+        json_out,
+        &json!({"audit_logs": rows, "count": count}),
+        || {
+            for r in &rows {
+                println!(
+                    "{}  {:<11} {:<20} {:<8} {:<44} {}{}",
+                    Timestamp::from_millis(r.at),
+                    r.actor_type,
+                    r.actor,
+                    r.result,
+                    r.action,
+                    r.resource_id.as_deref().unwrap_or(""),
+                    r.detail
+                        .as_deref()
+                        .map(|d| format!("  ({d})"))
+                        .unwrap_or_default()
+                );
+            }
+        },
+    );
     Ok(())
 }

@@ -82,7 +82,12 @@ pub(super) async fn login(
         .and_then(|v| v.to_str().ok());
     let addr = peer.ip().to_string();
     let next = safe_next(&form.next).to_owned();
-    match auth::login(
+    let username = form.username.trim().to_owned();
+    let request_id = headers
+        .get(super::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let outcome = auth::login(
         &state.app,
         form.username.trim(),
         form.password,
@@ -90,8 +95,32 @@ pub(super) async fn login(
         Some(&addr),
         agent,
     )
-    .await
-    {
+    .await;
+    let failure = match &outcome {
+        Ok(_) => None,
+        Err(backend::Error::Unauthorized(_)) => Some("wrong user name or password"),
+        Err(backend::Error::RateLimited { .. }) => Some("too many failed sign-ins: throttled"),
+        Err(backend::Error::Busy { .. }) => Some("busy"),
+        Err(_) => Some("failed"),
+    };
+    backend::service::audit::record(
+        &state.app,
+        backend::service::audit::Entry {
+            project_id: Some(state.default_project.to_string()),
+            actor_type: backend::service::audit::ActorType::User,
+            actor: username,
+            source: Some(addr.clone()),
+            action: "sign-in".to_owned(),
+            resource_type: Some("session".to_owned()),
+            resource_id: None,
+            success: failure.is_none(),
+            status: None,
+            detail: failure.map(str::to_owned),
+            request_id,
+        },
+    )
+    .await;
+    match outcome {
         Ok(session) => {
             let cookie = Cookie::build((SESSION_COOKIE, session.token.expose_secret().to_owned()))
                 .path("/")

@@ -9,7 +9,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, Securi
 use utoipa::{Modify, OpenApi};
 
 use super::auth::SESSION_COOKIE;
-use super::{batchtasks, devices, groups, packages, products, subscriptions};
+use super::{audit, batchtasks, devices, groups, packages, products, subscriptions};
 
 /// The security scheme of signed requests.
 const SIGNATURE_SCHEME: &str = "sdk_hmac_sha256";
@@ -84,6 +84,7 @@ too. State-changing requests must also come from the console's origin (`Origin` 
         subscriptions::show,
         subscriptions::delete,
         subscriptions::deliveries,
+        audit::list,
     ),
     modifiers(&Security),
     tags(
@@ -93,6 +94,7 @@ too. State-changing requests must also come from the console's origin (`Origin` 
         (name = "device-group", description = "Static device groups, the targets of group tasks."),
         (name = "products", description = "Products: the kinds of device, and what packages are for."),
         (name = "subscriptions", description = "Push notifications of task and device changes."),
+        (name = "audit", description = "Who changed what: the audit trail (Updraft's)."),
     ),
 )]
 pub(super) struct ApiDoc;

@@ -1002,6 +1002,7 @@ const API_ROUTES: &[(&str, &[&str])] = &[
     ("/subscriptions", &["get", "post"]),
     ("/subscriptions/{subscription_id}", &["get", "delete"]),
     ("/subscriptions/{subscription_id}/deliveries", &["get"]),
+    ("/audit-logs", &["get"]),
 ];
 
 /// The schema `schema` refers to (`{"$ref": "#/components/schemas/X"}`), or `schema` itself.
@@ -1235,5 +1236,201 @@ async fn credentials_made_in_the_console_sign_requests_until_revoked_there() {
         .await
         .unwrap();
     assert!(listed[0]["revoked"].is_string(), "{listed}");
+    app.stop().await;
+}
+
+/// Every change made through the signed API is in the audit trail under the access key that signed it,
+/// with its resource and result; reads are not; `GET /audit-logs` filters and pages them.
+#[tokio::test]
+async fn the_signed_apis_changes_are_audited_with_their_access_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let project = projects::ensure_default(&app.state).await.unwrap().id;
+    mqtt_product_with_devices(&app, &project, &["dev-1"]).await;
+    let a = application(&app, &project).await;
+    let package = json_of(upload(&a, "2.0").await, 201).await;
+    let package_id = package["package_id"].as_str().unwrap().to_owned();
+    let task = json_of(
+        a.call(
+            "POST",
+            "/batchtasks",
+            &[],
+            Some(
+                &json!({"task_name": "audited", "task_type": "softwareUpgrade",
+                        "targets": ["dev-1"], "document": {"package_ids": [package_id]}}),
+            ),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    json_of(
+        a.call(
+            "GET",
+            "/batchtasks",
+            &[("task_type", "softwareUpgrade")],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    json_of(
+        a.call("POST", &format!("/batchtasks/{task_id}/stop"), &[], None)
+            .await,
+        200,
+    )
+    .await;
+    let retried = a
+        .call("POST", &format!("/batchtasks/{task_id}/retry"), &[], None)
+        .await;
+    let retry_status = retried.status().as_u16();
+    let deleted = a
+        .call("DELETE", &format!("/batchtasks/{task_id}"), &[], None)
+        .await;
+    assert!(deleted.status().is_success());
+    let deleted = a
+        .call(
+            "DELETE",
+            &format!("/ota-upgrades/packages/{package_id}"),
+            &[],
+            None,
+        )
+        .await;
+    assert!(deleted.status().is_success());
+    json_of(
+        a.call(
+            "PUT",
+            "/devices/dev-1",
+            &[],
+            Some(&json!({"device_name": "renamed"})),
+        )
+        .await,
+        200,
+    )
+    .await;
+    // A refused change is recorded too.
+    refused(
+        a.call(
+            "POST",
+            "/batchtasks",
+            &[],
+            Some(
+                &json!({"task_name": "bad name!", "task_type": "softwareUpgrade",
+                        "targets": ["dev-1"], "document": {"package_ids": ["x"]}}),
+            ),
+        )
+        .await,
+        400,
+        "IOTDA.000006",
+    )
+    .await;
+
+    let listed = json_of(
+        a.call(
+            "GET",
+            "/audit-logs",
+            &[("actor", &a.ak), ("limit", "50")],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    let entries = listed["audit_logs"].as_array().unwrap();
+    let actions: Vec<(String, String, String)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["resource_id"].as_str().unwrap_or("").to_owned(),
+                e["result"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        (
+            "POST /v5/iot/{project_id}/ota-upgrades/packages",
+            "",
+            "success",
+        ),
+        ("POST /v5/iot/{project_id}/batchtasks", "", "success"),
+        (
+            "POST /v5/iot/{project_id}/batchtasks/{task_id}/stop",
+            task_id.as_str(),
+            "success",
+        ),
+        (
+            "DELETE /v5/iot/{project_id}/batchtasks/{task_id}",
+            task_id.as_str(),
+            "success",
+        ),
+        (
+            "DELETE /v5/iot/{project_id}/ota-upgrades/packages/{package_id}",
+            package_id.as_str(),
+            "success",
+        ),
+        (
+            "PUT /v5/iot/{project_id}/devices/{device_id}",
+            "dev-1",
+            "success",
+        ),
+        ("POST /v5/iot/{project_id}/batchtasks", "", "failure"),
+    ];
+    for (action, id, result) in expected {
+        assert!(
+            actions.contains(&(action.to_owned(), id.to_owned(), result.to_owned())),
+            "{action} {id} {result} missing from {actions:#?}"
+        );
+    }
+    let retry = (
+        "POST /v5/iot/{project_id}/batchtasks/{task_id}/retry".to_owned(),
+        task_id.clone(),
+        if retry_status < 400 {
+            "success"
+        } else {
+            "failure"
+        }
+        .to_owned(),
+    );
+    assert!(actions.contains(&retry), "{actions:#?}");
+    assert_eq!(
+        listed["page"]["count"], 8,
+        "reads are not recorded: {actions:#?}"
+    );
+    let newest = &entries[0];
+    assert_eq!(newest["actor_type"], "application");
+    assert_eq!(newest["actor"], a.ak.as_str());
+    assert_eq!(newest["status"], 400);
+    assert_eq!(newest["source"], "127.0.0.1");
+    assert!(newest["request_id"].as_str().is_some_and(|r| !r.is_empty()));
+    // Filters and pages.
+    let on_task = json_of(
+        a.call(
+            "GET",
+            "/audit-logs",
+            &[("resource_id", &task_id), ("limit", "1"), ("offset", "1")],
+            None,
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(on_task["page"]["count"], 3, "{on_task}");
+    assert_eq!(on_task["audit_logs"].as_array().unwrap().len(), 1);
+    let nobody = json_of(
+        a.call("GET", "/audit-logs", &[("actor", "someone-else")], None)
+            .await,
+        200,
+    )
+    .await;
+    assert_eq!(nobody["page"]["count"], 0);
+    refused(
+        a.call("GET", "/audit-logs", &[("limit", "0")], None).await,
+        400,
+        "IOTDA.000006",
+    )
+    .await;
     app.stop().await;
 }

@@ -15,7 +15,8 @@ fn updraft(dir: &std::path::Path) -> Command {
         .env("UPDRAFT_MQTT__TLS_LISTEN", "127.0.0.1:0")
         .env("UPDRAFT_LWM2M__LISTEN", "127.0.0.1:0")
         .env("UPDRAFT_LWM2M__DTLS_LISTEN", "127.0.0.1:0")
-        .env("UPDRAFT_HTTP__SHUTDOWN_GRACE", "1s");
+        .env("UPDRAFT_HTTP__SHUTDOWN_GRACE", "1s")
+        .env("USER", "ops-alice");
     cmd
 }
 
@@ -396,6 +397,44 @@ fn devices_groups_and_tasks_are_scripted_from_the_command_line() {
     assert_eq!(
         cli_json(d, &["task", "list"])["batchtasks"],
         serde_json::json!([])
+    );
+
+    // Every change above is in the audit trail as the command line's, with how it ended; reads are not.
+    let audit = cli_json(d, &["audit", "list", "--limit", "100"]);
+    let entries = audit["audit_logs"].as_array().unwrap();
+    let seen: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("cli task delete", "success"),
+            ("cli task stop", "success"),
+            ("cli task create", "failure"),
+            ("cli task delete", "failure"),
+            ("cli task create", "success"),
+            ("cli package upload", "success"),
+            ("cli group add-devices", "success"),
+            ("cli group add", "success"),
+            ("cli device add", "success"),
+            ("cli product add", "success"),
+        ],
+        "newest first"
+    );
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["actor_type"] == "cli" && e["actor"] == "ops-alice")
+    );
+    assert_eq!(entries[3]["resource_id"], task_id.as_str());
+    assert!(
+        entries[3]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("stop it before deleting it"),
+        "{}",
+        entries[3]
     );
 }
 

@@ -517,3 +517,102 @@ async fn changing_the_password_checks_the_old_one_and_ends_other_sessions() {
     assert_eq!(new.headers()["location"], "/devices");
     app.stop().await;
 }
+
+/// Sign-ins (both ways) and the console's changes are in the audit trail under the user, from the
+/// browser's address; the console's reads are not.
+#[tokio::test]
+async fn console_changes_and_sign_ins_are_audited_with_the_user() {
+    use backend::service::audit;
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let failed = app
+        .client
+        .post(app.url("/auth/login"))
+        .header("origin", &app.origin)
+        .form(&[("username", "admin"), ("password", "not-the-password")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.headers()["location"], "/login?error=invalid");
+    let cookie = app.sign_in().await;
+    let created = app
+        .server_fn(
+            &cookie,
+            "create_product",
+            &[
+                ("product_id", "meter"),
+                ("name", "Meter"),
+                ("device_type", "WaterMeter"),
+                ("protocol_type", "MQTT"),
+                ("manufacturer_name", ""),
+            ],
+        )
+        .await;
+    assert_eq!(created.status(), 200);
+    let bad = app
+        .server_fn(
+            &cookie,
+            "register_device",
+            &[
+                ("product_id", "meter"),
+                ("node_id", "bad id"),
+                ("device_name", ""),
+                ("device_id", ""),
+                ("secret", ""),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status(), 422);
+    let read = app
+        .server_fn(&cookie, "list_products", &[("offset", "0")])
+        .await;
+    assert!(read.status().as_u16() < 500);
+
+    let project = backend::service::projects::ensure_default(&app.state)
+        .await
+        .unwrap()
+        .id;
+    let (rows, count) = audit::list(
+        &app.state,
+        &project,
+        &audit::Filter {
+            limit: 50,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let seen: Vec<(&str, &str, &str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.action.as_str(),
+                r.actor_type.as_str(),
+                r.actor.as_str(),
+                r.result.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("console register_device", "user", "admin", "failure"),
+            ("console create_product", "user", "admin", "success"),
+            ("sign-in", "user", "admin", "success"),
+            ("sign-in", "user", "admin", "failure"),
+        ],
+        "newest first, reads left out"
+    );
+    assert_eq!(count, 4);
+    assert_eq!(rows[0].status, Some(422));
+    assert_eq!(rows[1].resource_type.as_deref(), Some("product"));
+    assert_eq!(
+        rows[3].detail.as_deref(),
+        Some("wrong user name or password")
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r.source.as_deref() == Some("127.0.0.1"))
+    );
+    app.stop().await;
+}

@@ -94,6 +94,15 @@ pub(crate) mod ssr {
         Ok((state, user))
     }
 
+    /// The request's `X-Request-Id` (set by the server's request-id layer), if any.
+    pub(crate) async fn request_id() -> Option<String> {
+        let headers = leptos_axum::extract::<axum::http::HeaderMap>().await.ok()?;
+        headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
     /// Like [`context`], for what only administrators may do (credentials, webhook subscriptions).
     pub(crate) async fn admin_context() -> Result<(AppState, CurrentUser), ApiError> {
         let (state, user) = context().await?;

@@ -285,6 +285,7 @@ async fn the_whole_model_round_trips_and_cascades() {
             finished_at: Set(None),
             updated_at: Set(now),
             claimed_by: Set(None),
+            request_id: Set(None),
         }
         .insert(db)
         .await
@@ -825,6 +826,7 @@ async fn task_fixture(t: &TestDb, project: &str, package_id: &str, status: &str)
         finished_at: Set(None),
         updated_at: Set(START),
         claimed_by: Set(None),
+        request_id: Set(None),
     }
     .insert(&t.state.db)
     .await

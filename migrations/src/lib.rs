@@ -14,6 +14,7 @@ mod m20261202_000002_add_firmware_download;
 mod m20261205_000001_add_cluster;
 mod m20261206_000001_add_task_claim;
 mod m20261206_000002_add_audit_logs;
+mod m20261206_000003_add_task_request_id;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261205_000001_add_cluster::Migration),
             Box::new(m20261206_000001_add_task_claim::Migration),
             Box::new(m20261206_000002_add_audit_logs::Migration),
+            Box::new(m20261206_000003_add_task_request_id::Migration),
         ]
     }
 }

@@ -284,6 +284,7 @@ async fn setup(data: &Path, size: u64, n: usize) -> Result<(String, Vec<String>,
         finished_at: Set(None),
         updated_at: Set(0),
         claimed_by: Set(None),
+        request_id: Set(None),
     }
     .insert(&state.db)
     .await?;

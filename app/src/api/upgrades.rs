@@ -436,6 +436,7 @@ pub async fn create_task(
         retry_count,
         retry_interval,
         task_ext_info: None,
+        request_id: super::ssr::request_id().await,
     };
     let task = tasks::create(&state, &user.project_id, new)
         .await

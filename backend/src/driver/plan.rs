@@ -24,6 +24,8 @@ pub(super) struct TaskPlan {
     pub(super) kind: PackageType,
     /// How the product's LwM2M devices fetch firmware.
     pub(super) firmware_download: FirmwareDownload,
+    /// The `X-Request-Id` of the call that created the task: the driver's log lines for it carry it.
+    pub(super) request_id: Option<String>,
 }
 
 impl Driver {
@@ -103,6 +105,7 @@ impl Driver {
             package,
             kind,
             firmware_download,
+            request_id: task.request_id,
         });
         self.plans().insert(task_id.to_owned(), plan.clone());
         Ok(Some(plan))

@@ -107,7 +107,11 @@ impl Driver {
                 .exec(&state.db)
                 .await?;
         }
-        tracing::info!(task_id, "task started");
+        let request_id = self
+            .plan(state, task_id)
+            .await?
+            .and_then(|p| p.request_id.clone());
+        tracing::info!(task_id, request_id, "task started");
         let mut after = 0_i64;
         loop {
             let ids = subtasks::Entity::find()

@@ -220,14 +220,16 @@ pub(super) async fn transition(
     if status != old_status {
         // Failures are worth an operator's eye; the rest of a large fleet's progress is debug noise.
         let error = failure.as_ref().map(|f| f.message.as_str());
+        // The request that created the task, so that its effects can be found from the API call.
+        let request_id = plan.request_id.as_deref();
         if status == SubtaskStatus::Fail {
             tracing::info!(
-                task_id = %row.task_id, device_id = %row.device_id, error,
+                task_id = %row.task_id, device_id = %row.device_id, request_id, error,
                 "subtask failed"
             );
         } else {
             tracing::debug!(
-                task_id = %row.task_id, device_id = %row.device_id,
+                task_id = %row.task_id, device_id = %row.device_id, request_id,
                 from = old_status.as_str(), to = status.as_str(), step, error,
                 "subtask status"
             );

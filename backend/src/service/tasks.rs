@@ -51,6 +51,8 @@ pub struct NewTask {
     pub retry_interval: Option<i64>,
     /// `task_ext_info`, echoed to devices and the API.
     pub task_ext_info: Option<serde_json::Value>,
+    /// The `X-Request-Id` of the call creating it: the driver's log lines for the task carry it.
+    pub request_id: Option<String>,
 }
 
 /// The stored `document`.
@@ -156,6 +158,7 @@ pub async fn create(state: &AppState, project_id: &str, new: NewTask) -> Result<
         finished_at: Set(None),
         updated_at: Set(now.as_millis()),
         claimed_by: Set(Some(state.instance_id().to_owned())),
+        request_id: Set(new.request_id.clone()),
     };
     // The task and its listed targets commit together: a crash leaves both or neither.
     let txn = crate::db::begin_write(&state.db).await?;

@@ -529,6 +529,7 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
                     retry_count,
                     retry_interval,
                     task_ext_info: None,
+                    request_id: None,
                 },
             )
             .await?;

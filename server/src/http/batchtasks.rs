@@ -223,6 +223,7 @@ pub(super) async fn create(
     State(state): State<ServerState>,
     Path(project_id): Path<String>,
     caller: Option<axum::Extension<Caller>>,
+    headers: http::HeaderMap,
     body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, IotdaError> {
     let project_id = project(caller.as_deref(), &project_id)?;
@@ -285,6 +286,10 @@ pub(super) async fn create(
         retry_count: policy.retry_count,
         retry_interval: policy.retry_interval,
         task_ext_info: body.task_ext_info,
+        request_id: headers
+            .get(super::REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     };
     let task = tasks::create(&state.app, &project_id, new).await?;
     let targets = targets_of(&state, &task).await?;

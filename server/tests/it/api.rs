@@ -1434,3 +1434,100 @@ async fn the_signed_apis_changes_are_audited_with_their_access_key() {
     .await;
     app.stop().await;
 }
+
+/// What the server logs, captured (JSON lines).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Self;
+
+    fn make_writer(&'a self) -> Self {
+        self.clone()
+    }
+}
+
+/// The request id of the call that created a task is in the driver's log lines for the task (started
+/// later, by the driver's own loop), and the one of the call that stopped it is on the lines of the stop's
+/// effects. (Each test is a process of its own under nextest, so the log subscriber is this test's.)
+#[tokio::test]
+async fn the_request_ids_of_api_calls_follow_the_tasks_they_created_and_stopped() {
+    let logs = Captured::default();
+    server::telemetry::init(
+        server::config::LogFormat::Json,
+        "info,backend=debug",
+        logs.clone(),
+        false,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let project = projects::ensure_default(&app.state).await.unwrap().id;
+    mqtt_product_with_devices(&app, &project, &["dev-1"]).await;
+    let a = application(&app, &project).await;
+    let package = json_of(upload(&a, "2.0").await, 201).await;
+    let created = a
+        .call(
+            "POST",
+            "/batchtasks",
+            &[],
+            Some(&json!({"task_name": "traced", "task_type": "softwareUpgrade",
+                        "targets": ["dev-1"], "document": {"package_ids": [package["package_id"]]}})),
+        )
+        .await;
+    let create_id = created.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let task = json_of(created, 201).await;
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+    app.state.driver.run_due(&app.state).await.unwrap();
+    let stopped = a
+        .call("POST", &format!("/batchtasks/{task_id}/stop"), &[], None)
+        .await;
+    let stop_id = stopped.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    json_of(stopped, 200).await;
+    app.stop().await;
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let started = lines
+        .iter()
+        .find(|l| l["message"] == "task started" && l["task_id"] == task_id.as_str())
+        .unwrap_or_else(|| panic!("no start line in\n{text}"));
+    assert_eq!(started["request_id"], create_id.as_str(), "{started}");
+    let stop_effect = lines
+        .iter()
+        .find(|l| {
+            l["message"] == "subtask status"
+                && l["to"] == "Stopped"
+                && l["task_id"] == task_id.as_str()
+        })
+        .unwrap_or_else(|| panic!("no stop line in\n{text}"));
+    assert_eq!(
+        stop_effect["request_id"],
+        create_id.as_str(),
+        "{stop_effect}"
+    );
+    assert_eq!(
+        stop_effect["span"]["request_id"],
+        stop_id.as_str(),
+        "{stop_effect}"
+    );
+}

@@ -179,6 +179,7 @@ async fn task_with_subtask(
         finished_at: Set(None),
         updated_at: Set(0),
         claimed_by: Set(None),
+        request_id: Set(None),
     }
     .insert(&app.state.db)
     .await

@@ -40,6 +40,8 @@ pub struct Model {
     pub updated_at: i64,
     /// The instance resolving and starting it while `Initializing`.
     pub claimed_by: Option<String>,
+    /// The `X-Request-Id` of the call that created it (for the driver's log lines).
+    pub request_id: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -85,6 +85,19 @@ async fn scrape(app: &TestApp) -> HashMap<String, f64> {
     parse(&resp.text().await.unwrap())
 }
 
+/// Scrapes until the sample `key` is `value` (5 s at most); that scrape.
+async fn scrape_until(app: &TestApp, key: &str, value: f64) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    for _ in 0..250 {
+        samples = scrape(app).await;
+        if samples.get(key) == Some(&value) {
+            return samples;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{key} never became {value}: {samples:#?}");
+}
+
 async fn metrics_app(dir: &std::path::Path) -> TestApp {
     let mut settings = settings_for(dir);
     settings.metrics.token = Some(TOKEN.to_owned().into());
@@ -104,15 +117,7 @@ async fn metrics_follow_an_mqtt_upgrade_and_need_their_token() {
         devices.push(crate::tasks::register(&app, &fx, &format!("dev-m{i}")).await);
     }
     let fleet = crate::tasks::fleet(&app, devices.clone(), SimOptions::default());
-    let mut idle = HashMap::new();
-    for _ in 0..250 {
-        idle = scrape(&app).await;
-        if idle["updraft_mqtt_connections{}"] == 3.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(idle["updraft_mqtt_connections{}"], 3.0);
+    let idle = scrape_until(&app, "updraft_mqtt_connections{}", 3.0).await;
     assert_eq!(sum(&idle, "updraft_subtasks", &[]), 0.0);
     assert_eq!(idle[r#"updraft_build_info{version="0.1.0"}"#], 1.0);
     assert!(idle["updraft_process_resident_memory_bytes{}"] > 1e6);
@@ -166,13 +171,7 @@ async fn metrics_follow_an_mqtt_upgrade_and_need_their_token() {
         ) >= 3.0
     );
     fleet.stop().await;
-    for _ in 0..250 {
-        if scrape(&app).await["updraft_mqtt_connections{}"] == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(scrape(&app).await["updraft_mqtt_connections{}"], 0.0);
+    scrape_until(&app, "updraft_mqtt_connections{}", 0.0).await;
     app.stop().await;
 }
 
@@ -189,15 +188,7 @@ async fn metrics_follow_an_lwm2m_upgrade() {
             ..Lwm2mOptions::default()
         },
     );
-    let mut registered = HashMap::new();
-    for _ in 0..250 {
-        registered = scrape(&app).await;
-        if registered["updraft_lwm2m_registrations{}"] == 4.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(registered["updraft_lwm2m_registrations{}"], 4.0);
+    scrape_until(&app, "updraft_lwm2m_registrations{}", 4.0).await;
     let task_id = crate::lwm2m::create_task(&app, &fx, &nodes).await;
     let task = crate::lwm2m::wait_finished(&app, &fx, &task_id).await;
     assert_eq!(task.success, 4);

@@ -71,6 +71,14 @@ impl FromRef<ServerState> for LeptosOptions {
 /// The header carrying the request id (also returned on every response).
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// The request id of a request (set by the request-id layer before any handler runs).
+fn request_id(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 /// `/metrics` alone, for `metrics.listen` (plain HTTP inside a private network; the token still applies
 /// when set).
 pub fn metrics_router(state: ServerState) -> Router {

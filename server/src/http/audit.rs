@@ -16,9 +16,9 @@ use http::Method;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::ServerState;
 use super::iotda::{IotdaError, IotdaErrorBody};
 use super::signed::{Caller, project};
-use super::{REQUEST_ID, ServerState};
 
 /// Console server functions that change something (the others only read).
 const CONSOLE_CHANGES: &[&str] = &[
@@ -61,11 +61,7 @@ pub(super) async fn record_changes(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip().to_string());
-    let request_id = req
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let request_id = super::request_id(req.headers());
     let (action, resource_type, resource_id) = match &console {
         Some(function) => {
             // `create_task` acts on a task: the resource is named after the function.

@@ -83,10 +83,7 @@ pub(super) async fn login(
     let addr = peer.ip().to_string();
     let next = safe_next(&form.next).to_owned();
     let username = form.username.trim().to_owned();
-    let request_id = headers
-        .get(super::REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let request_id = super::request_id(&headers);
     let outcome = auth::login(
         &state.app,
         form.username.trim(),

@@ -286,10 +286,7 @@ pub(super) async fn create(
         retry_count: policy.retry_count,
         retry_interval: policy.retry_interval,
         task_ext_info: body.task_ext_info,
-        request_id: headers
-            .get(super::REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        request_id: super::request_id(&headers),
     };
     let task = tasks::create(&state.app, &project_id, new).await?;
     let targets = targets_of(&state, &task).await?;

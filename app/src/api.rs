@@ -117,6 +117,20 @@ pub(crate) mod ssr {
         Ok((state, user))
     }
 
+    /// Names the resource this call created in the answer's `X-Resource-Id`, for the audit trail;
+    /// returns `id`.
+    pub(crate) fn created(id: String) -> String {
+        if let Some(response) = use_context::<leptos_axum::ResponseOptions>()
+            && let Ok(value) = axum::http::HeaderValue::from_str(&id)
+        {
+            response.insert_header(
+                axum::http::HeaderName::from_static(backend::service::audit::RESOURCE_ID_HEADER),
+                value,
+            );
+        }
+        id
+    }
+
     /// Formats a stored millisecond time for display.
     pub(crate) fn when(ms: i64) -> String {
         domain::Timestamp::from_millis(ms).to_string()

@@ -197,8 +197,45 @@ pub struct Metrics {
     pub http_request_seconds: Histograms<RouteLabels>,
     resident_memory: Gauge,
     open_fds: Gauge,
-    /// When each subtask entered its step (ms), for [`Metrics::task_step_seconds`].
-    step_started: Mutex<HashMap<i64, (String, i64)>>,
+    /// When each subtask entered its step, for [`Metrics::task_step_seconds`].
+    step_started: Mutex<StepsStarted>,
+}
+
+/// A step entered longer ago than this is forgotten (its subtask was deleted, or finished on another
+/// instance after a takeover); a step that really lasts longer is not observed. Longer than any step's
+/// timeout (24 h) with room for retries.
+const STEP_HORIZON_MS: i64 = 7 * 24 * 3_600_000;
+
+/// When each subtask entered its step (ms), bounded by [`STEP_HORIZON_MS`]: entries past it are swept
+/// when the map has doubled since the last sweep.
+#[derive(Debug)]
+struct StepsStarted {
+    entered: HashMap<i64, (String, i64)>,
+    sweep_at: usize,
+}
+
+impl Default for StepsStarted {
+    fn default() -> Self {
+        Self {
+            entered: HashMap::new(),
+            sweep_at: Self::MIN_SWEEP,
+        }
+    }
+}
+
+impl StepsStarted {
+    const MIN_SWEEP: usize = 1 << 16;
+
+    /// Remembers that `id` entered `step` at `at`, first forgetting entries past the horizon when the
+    /// map has grown enough (amortised: each sweep at least halves what the next one may find stale).
+    fn insert(&mut self, id: i64, step: String, at: i64) {
+        if self.entered.len() >= self.sweep_at {
+            self.entered
+                .retain(|_, (_, since)| at - *since < STEP_HORIZON_MS);
+            self.sweep_at = (self.entered.len() * 2).max(Self::MIN_SWEEP);
+        }
+        self.entered.insert(id, (step, at));
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -412,7 +449,7 @@ impl Metrics {
             .step_started
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((left, since)) = started.remove(&id)
+        if let Some((left, since)) = started.entered.remove(&id)
             && left == *step_before
         {
             #[allow(clippy::cast_precision_loss)]
@@ -422,7 +459,7 @@ impl Metrics {
                 .observe(seconds);
         }
         if !finished {
-            started.insert(id, (step.clone(), at));
+            started.insert(id, step.clone(), at);
         }
     }
 
@@ -540,4 +577,33 @@ fn resident_bytes() -> Option<i64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_entered_long_ago_are_swept_once_the_map_has_grown() {
+        let mut steps = StepsStarted::default();
+        let n = i64::try_from(StepsStarted::MIN_SWEEP).unwrap();
+        // Subtasks that entered a step and were never seen again (deleted, or taken over).
+        for id in 0..n {
+            steps.insert(id, "download".to_owned(), 0);
+        }
+        assert_eq!(steps.entered.len(), StepsStarted::MIN_SWEEP);
+        // Within the horizon nothing is forgotten, only the sweep point moves on.
+        steps.insert(n, "download".to_owned(), STEP_HORIZON_MS - 1);
+        assert_eq!(steps.entered.len(), StepsStarted::MIN_SWEEP + 1);
+        assert_eq!(steps.sweep_at, 2 * StepsStarted::MIN_SWEEP);
+        for id in n + 1..2 * n {
+            steps.insert(id, "download".to_owned(), STEP_HORIZON_MS + 10);
+        }
+        // Past it, the next sweep drops the stale entries and keeps the recent ones.
+        steps.insert(2 * n, "execute".to_owned(), STEP_HORIZON_MS + 20);
+        assert_eq!(steps.entered.len(), StepsStarted::MIN_SWEEP + 1);
+        assert!(!steps.entered.contains_key(&0));
+        assert_eq!(steps.entered[&n].1, STEP_HORIZON_MS - 1);
+        assert_eq!(steps.entered[&(2 * n)].0, "execute");
+    }
 }

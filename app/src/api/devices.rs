@@ -188,7 +188,7 @@ pub async fn register_device(
     };
     let registered = devices::register(&state, &user.project_id, new).await?;
     Ok(RegisteredDevice {
-        device_id: registered.device.id,
+        device_id: super::ssr::created(registered.device.id),
         secret: registered.secret.expose_secret().to_owned(),
     })
 }

@@ -71,11 +71,11 @@ pub async fn list_groups() -> Result<PageOf<GroupRow>, ApiError> {
 #[server(prefix = "/api", endpoint = "create_group")]
 pub async fn create_group(name: String, description: String) -> Result<String, ApiError> {
     let (state, user) = super::ssr::context().await?;
-    Ok(
+    Ok(super::ssr::created(
         backend::service::groups::create(&state, &user.project_id, &name, &description)
             .await?
             .id,
-    )
+    ))
 }
 
 /// Renames a group and sets its description.

@@ -77,7 +77,9 @@ pub async fn create_product(
         service_capabilities: None,
         firmware_download: None,
     };
-    Ok(products::create(&state, &user.project_id, new).await?.id)
+    Ok(super::ssr::created(
+        products::create(&state, &user.project_id, new).await?.id,
+    ))
 }
 
 /// Deletes a product (refused while it has devices or packages).

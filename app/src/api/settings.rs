@@ -98,7 +98,7 @@ pub async fn create_credential(description: String) -> Result<NewCredential, Api
         backend::service::credentials::create(&state, &user.project_id, &description).await?;
     Ok(NewCredential {
         project_id: user.project_id,
-        access_key: created.credential.access_key,
+        access_key: super::ssr::created(created.credential.access_key),
         secret_key: created.secret_key.expose_secret().to_owned(),
     })
 }
@@ -146,7 +146,7 @@ pub async fn create_subscription(
     .await
     .map_err(|e| ApiError::from(e).rename_fields(&[("callbackurl", "url")]))?;
     Ok(NewSubscription {
-        subscription_id: created.subscription.id,
+        subscription_id: super::ssr::created(created.subscription.id),
         secret: created.secret.expose_secret().to_owned(),
     })
 }

@@ -441,7 +441,7 @@ pub async fn create_task(
     let task = tasks::create(&state, &user.project_id, new)
         .await
         .map_err(rename_fields)?;
-    Ok(task.id)
+    Ok(super::ssr::created(task.id))
 }
 
 /// The service names IoTDA's fields (`task_policy.retry_count`); the form's fields are flat.

@@ -11,6 +11,10 @@ use sea_orm::{
 use crate::storage::entity::audit_logs;
 use crate::{Context, Result};
 
+/// The response header naming the resource a call created: set by the creating API handlers and
+/// console functions, recorded as the entry's resource id, and left in the answer for clients.
+pub const RESOURCE_ID_HEADER: &str = "x-resource-id";
+
 /// Who acted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActorType {

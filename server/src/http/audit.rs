@@ -76,6 +76,12 @@ pub(super) async fn record_changes(
     };
     let response = next.run(req).await;
     let status = response.status();
+    let resource_id = resource_id.or_else(|| created_id(&response));
+    let (response, detail) = if status.is_success() || status.is_redirection() {
+        (response, None)
+    } else {
+        error_detail(response).await
+    };
     audit::record(
         &state.app,
         Entry {
@@ -88,13 +94,70 @@ pub(super) async fn record_changes(
             resource_id,
             success: status.is_success() || status.is_redirection(),
             status: Some(status.as_u16()),
-            detail: (!status.is_success())
-                .then(|| status.canonical_reason().unwrap_or("").to_owned()),
+            detail,
             request_id,
         },
     )
     .await;
     response
+}
+
+/// The id of the resource the answer says was created.
+fn created_id(response: &Response) -> Option<String> {
+    response
+        .headers()
+        .get(audit::RESOURCE_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Error answers above this size are recorded by their status alone (they are never this large).
+const ERROR_BODY_LIMIT: usize = 16 * 1024;
+
+/// Why a call failed, as its answer said it: IoTDA's `error_code: error_msg`, or the console's message
+/// and field messages; the status's reason when the body says nothing readable. The answer is passed
+/// on unchanged.
+async fn error_detail(response: Response) -> (Response, Option<String>) {
+    let status = response.status();
+    let fallback = status.canonical_reason().map(str::to_owned);
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, ERROR_BODY_LIMIT).await else {
+        // Only a body larger than the limit ends here; it is consumed, so answer with the status.
+        return (parts.status.into_response(), fallback);
+    };
+    let detail = error_message(&bytes).or(fallback);
+    (
+        Response::from_parts(parts, axum::body::Body::from(bytes)),
+        detail,
+    )
+}
+
+/// The message in an error body of the API (`error_code`, `error_msg`) or of the console (`message`,
+/// `fields`).
+fn error_message(body: &[u8]) -> Option<String> {
+    let json: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if let Some(msg) = json.get("error_msg").and_then(|m| m.as_str()) {
+        let code = json
+            .get("error_code")
+            .and_then(|c| c.as_str())
+            .unwrap_or("");
+        return Some(format!("{code}: {msg}"));
+    }
+    let message = json.get("message")?.as_str()?;
+    let fields: Vec<String> = json
+        .get("fields")
+        .and_then(|f| f.as_object())
+        .map(|f| {
+            f.iter()
+                .filter_map(|(k, v)| Some(format!("{k}: {}", v.as_str()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(if fields.is_empty() {
+        message.to_owned()
+    } else {
+        format!("{message} ({})", fields.join("; "))
+    })
 }
 
 /// Who is asking: the console user, the application (its access key), or nobody.

@@ -290,7 +290,10 @@ pub(super) async fn create(
     };
     let task = tasks::create(&state.app, &project_id, new).await?;
     let targets = targets_of(&state, &task).await?;
-    Ok((StatusCode::CREATED, Json(TaskJson::new(task, targets))).into_response())
+    Ok(super::iotda::created(
+        &task.id.clone(),
+        TaskJson::new(task, targets),
+    ))
 }
 
 /// The task's device list as IoTDA echoes it (`targets`): the devices named at creation, empty for a

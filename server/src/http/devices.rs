@@ -307,8 +307,9 @@ pub(super) async fn add_device(
     )
     .await?;
     let secret = registered.secret.expose_secret().to_owned();
+    let id = registered.device.id.clone();
     let json = device_json(&state, &project_id, registered.device, Some(secret)).await?;
-    Ok((StatusCode::CREATED, Json(json)).into_response())
+    Ok(super::iotda::created(&id, json))
 }
 
 /// `ListDevices` query parameters.

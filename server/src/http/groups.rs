@@ -118,7 +118,7 @@ pub(super) async fn add_group(
         b.description.as_deref().unwrap_or_default(),
     )
     .await?;
-    Ok((StatusCode::CREATED, Json(GroupJson::from(g))).into_response())
+    Ok(super::iotda::created(&g.id.clone(), GroupJson::from(g)))
 }
 
 /// `ListDeviceGroups` query parameters.

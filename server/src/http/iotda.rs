@@ -152,6 +152,18 @@ impl IntoResponse for IotdaError {
     }
 }
 
+/// `201 Created` with `body`, naming the new resource's `id` in `X-Resource-Id` (the audit trail records
+/// it; README, "Audit trail").
+pub(super) fn created(id: &str, body: impl Serialize) -> Response {
+    let mut response = (StatusCode::CREATED, Json(body)).into_response();
+    if let Ok(value) = http::HeaderValue::from_str(id) {
+        response
+            .headers_mut()
+            .insert(backend::service::audit::RESOURCE_ID_HEADER, value);
+    }
+    response
+}
+
 /// A JSON body, or IoTDA's 400 for one that does not parse.
 pub(super) fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, IotdaError> {
     b.map(|Json(v)| v)

@@ -257,7 +257,10 @@ pub(super) async fn create(
         ));
     };
     let row = packages::get(&state.app, &project_id, &row.id).await?;
-    Ok((StatusCode::CREATED, Json(PackageJson::new(row, true))).into_response())
+    Ok(super::iotda::created(
+        &row.package.id.clone(),
+        PackageJson::new(row, true),
+    ))
 }
 
 async fn register(

@@ -147,11 +147,10 @@ pub(super) async fn add_product(
     )
     .await?;
     let app = projects::default_app(&state.app, &project_id).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(ProductJson::new(p, app.name, true)),
-    )
-        .into_response())
+    Ok(super::iotda::created(
+        &p.id.clone(),
+        ProductJson::new(p, app.name, true),
+    ))
 }
 
 /// `ListProducts` query parameters.

@@ -154,11 +154,10 @@ pub(super) async fn create(
     )
     .await?;
     let secret = created.secret.expose_secret().to_owned();
-    Ok((
-        StatusCode::CREATED,
-        Json(SubscriptionJson::new(created.subscription, Some(secret))),
-    )
-        .into_response())
+    Ok(super::iotda::created(
+        &created.subscription.id.clone(),
+        SubscriptionJson::new(created.subscription, Some(secret)),
+    ))
 }
 
 /// `ListSubscriptions`' answer.

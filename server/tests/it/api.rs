@@ -1350,12 +1350,17 @@ async fn the_signed_apis_changes_are_audited_with_their_access_key() {
         })
         .collect();
     let expected = [
+        // A creation names what it created.
         (
             "POST /v5/iot/{project_id}/ota-upgrades/packages",
-            "",
+            package_id.as_str(),
             "success",
         ),
-        ("POST /v5/iot/{project_id}/batchtasks", "", "success"),
+        (
+            "POST /v5/iot/{project_id}/batchtasks",
+            task_id.as_str(),
+            "success",
+        ),
         (
             "POST /v5/iot/{project_id}/batchtasks/{task_id}/stop",
             task_id.as_str(),
@@ -1405,6 +1410,12 @@ async fn the_signed_apis_changes_are_audited_with_their_access_key() {
     assert_eq!(newest["status"], 400);
     assert_eq!(newest["source"], "127.0.0.1");
     assert!(newest["request_id"].as_str().is_some_and(|r| !r.is_empty()));
+    // A failure is recorded with the error the caller was given.
+    let detail = newest["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("IOTDA.000006: ") && detail.contains("task_name"),
+        "{detail}"
+    );
     // Filters and pages.
     let on_task = json_of(
         a.call(
@@ -1417,7 +1428,7 @@ async fn the_signed_apis_changes_are_audited_with_their_access_key() {
         200,
     )
     .await;
-    assert_eq!(on_task["page"]["count"], 3, "{on_task}");
+    assert_eq!(on_task["page"]["count"], 4, "{on_task}");
     assert_eq!(on_task["audit_logs"].as_array().unwrap().len(), 1);
     let nobody = json_of(
         a.call("GET", "/audit-logs", &[("actor", "someone-else")], None)

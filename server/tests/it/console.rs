@@ -549,6 +549,7 @@ async fn console_changes_and_sign_ins_are_audited_with_the_user() {
         )
         .await;
     assert_eq!(created.status(), 200);
+    assert_eq!(created.headers()["x-resource-id"], "meter");
     let bad = app
         .server_fn(
             &cookie,
@@ -605,7 +606,13 @@ async fn console_changes_and_sign_ins_are_audited_with_the_user() {
     );
     assert_eq!(count, 4);
     assert_eq!(rows[0].status, Some(422));
+    let refused = rows[0].detail.as_deref().unwrap();
+    assert!(
+        refused.contains("node_id: "),
+        "the field's message: {refused}"
+    );
     assert_eq!(rows[1].resource_type.as_deref(), Some("product"));
+    assert_eq!(rows[1].resource_id.as_deref(), Some("meter"));
     assert_eq!(
         rows[3].detail.as_deref(),
         Some("wrong user name or password")

@@ -38,7 +38,7 @@ const CONSOLE_CHANGES: &[&str] = &[
 /// OPTIONS, or a console server function in [`CONSOLE_CHANGES`]. Sign-in is recorded by its handler.
 pub(super) async fn record_changes(
     State(state): State<ServerState>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
     let path = req.uri().path().to_owned();
@@ -64,9 +64,16 @@ pub(super) async fn record_changes(
     let request_id = super::request_id(req.headers());
     let (action, resource_type, resource_id) = match &console {
         Some(function) => {
-            // `create_task` acts on a task: the resource is named after the function.
-            let kind = function.split_once('_').map(|(_, k)| k.to_owned());
-            (format!("console {function}"), kind, None)
+            let (kind, id_field) = console_resource(function);
+            let id = match id_field {
+                Some(field) => {
+                    let (back, id) = form_field(req, field).await;
+                    req = back;
+                    id
+                }
+                None => None,
+            };
+            (format!("console {function}"), kind.map(str::to_owned), id)
         }
         None => {
             let template = template.clone().unwrap_or_else(|| path.clone());
@@ -109,6 +116,64 @@ fn created_id(response: &Response) -> Option<String> {
         .get(audit::RESOURCE_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
+}
+
+/// The kind of resource a console function acts on, named as the API names it (so one filter finds
+/// the API's, the console's and the command line's entries), and the form field carrying its id:
+/// `stop_task` acts on `batchtasks`, the one in `task_id`.
+fn console_resource(function: &str) -> (Option<&'static str>, Option<&'static str>) {
+    const KINDS: &[(&str, &str, Option<&str>)] = &[
+        ("product", "products", Some("product_id")),
+        ("device", "devices", Some("device_id")),
+        ("devices", "devices", None),
+        ("package", "packages", Some("package_id")),
+        ("task", "batchtasks", Some("task_id")),
+        ("group", "device-group", Some("group_id")),
+        ("members", "device-group", Some("group_id")),
+        ("credential", "credentials", Some("access_key")),
+        ("subscription", "subscriptions", Some("subscription_id")),
+        ("password", "users", None),
+    ];
+    let suffix = function.split_once('_').map_or(function, |(_, k)| k);
+    KINDS
+        .iter()
+        .find(|(s, _, _)| *s == suffix)
+        .map_or((None, None), |(_, kind, field)| (Some(*kind), *field))
+}
+
+/// Console forms larger than this are not searched for the resource's id (only a CSV import is).
+const FORM_BODY_LIMIT: u64 = 64 * 1024;
+
+/// The value of `field` in a URL-encoded form body, and the request with its body put back. Bodies
+/// without a declared length within [`FORM_BODY_LIMIT`] are passed on unread.
+async fn form_field(req: Request, field: &str) -> (Request, Option<String>) {
+    let small = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n <= FORM_BODY_LIMIT);
+    let form = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
+    if !small || !form {
+        return (req, None);
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::try_from(FORM_BODY_LIMIT).unwrap_or(0)).await
+    else {
+        // The declared length was a lie; the function would have refused the body anyway.
+        return (Request::from_parts(parts, axum::body::Body::empty()), None);
+    };
+    let id = url::form_urlencoded::parse(&bytes)
+        .find(|(k, _)| k == field)
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty());
+    (
+        Request::from_parts(parts, axum::body::Body::from(bytes)),
+        id,
+    )
 }
 
 /// Error answers above this size are recorded by their status alone (they are never this large).

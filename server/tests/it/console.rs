@@ -550,6 +550,18 @@ async fn console_changes_and_sign_ins_are_audited_with_the_user() {
         .await;
     assert_eq!(created.status(), 200);
     assert_eq!(created.headers()["x-resource-id"], "meter");
+    let renamed = app
+        .server_fn(
+            &cookie,
+            "rename_product",
+            &[("product_id", "meter"), ("name", "Water meter")],
+        )
+        .await;
+    assert_eq!(
+        renamed.status(),
+        200,
+        "the form read for the audit reaches the function"
+    );
     let bad = app
         .server_fn(
             &cookie,
@@ -598,23 +610,27 @@ async fn console_changes_and_sign_ins_are_audited_with_the_user() {
         seen,
         [
             ("console register_device", "user", "admin", "failure"),
+            ("console rename_product", "user", "admin", "success"),
             ("console create_product", "user", "admin", "success"),
             ("sign-in", "user", "admin", "success"),
             ("sign-in", "user", "admin", "failure"),
         ],
         "newest first, reads left out"
     );
-    assert_eq!(count, 4);
+    assert_eq!(count, 5);
     assert_eq!(rows[0].status, Some(422));
     let refused = rows[0].detail.as_deref().unwrap();
     assert!(
         refused.contains("node_id: "),
         "the field's message: {refused}"
     );
-    assert_eq!(rows[1].resource_type.as_deref(), Some("product"));
-    assert_eq!(rows[1].resource_id.as_deref(), Some("meter"));
+    // Named as the API names them, with the id from the form or the creation's answer.
+    for row in &rows[1..3] {
+        assert_eq!(row.resource_type.as_deref(), Some("products"));
+        assert_eq!(row.resource_id.as_deref(), Some("meter"));
+    }
     assert_eq!(
-        rows[3].detail.as_deref(),
+        rows[4].detail.as_deref(),
         Some("wrong user name or password")
     );
     assert!(

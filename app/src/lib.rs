@@ -20,8 +20,9 @@ use leptos_router::components::{ParentRoute, Redirect, Route, Router, Routes};
 use leptos_router::{SsrMode, path};
 
 use pages::{
-    DevicePage, DevicesPage, GroupPage, GroupsPage, Layout, LoginPage, NewTaskPage, NotFound,
-    PackagePage, PackagesPage, ProductsPage, ReferencePage, SettingsPage, TaskPage, TasksPage,
+    AuditPage, DevicePage, DevicesPage, GroupPage, GroupsPage, Layout, LoginPage, NewTaskPage,
+    NotFound, PackagePage, PackagesPage, ProductsPage, ReferencePage, SettingsPage, TaskPage,
+    TasksPage,
 };
 
 /// The HTML document around [`App`].
@@ -68,6 +69,7 @@ pub fn App() -> impl IntoView {
                     <Route path=path!("upgrades/packages") view=PackagesPage ssr=SsrMode::Async />
                     <Route path=path!("upgrades/packages/:id") view=PackagePage ssr=SsrMode::Async />
                     <Route path=path!("settings") view=SettingsPage ssr=SsrMode::Async />
+                    <Route path=path!("settings/audit") view=AuditPage ssr=SsrMode::Async />
                     <Route path=path!("api-reference") view=ReferencePage ssr=SsrMode::Async />
                 </ParentRoute>
             </Routes>

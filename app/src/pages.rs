@@ -1,6 +1,7 @@
 //! One component per console page. Every page renders on the server (it works without JavaScript:
 //! links and GET forms navigate, POST forms submit) and becomes interactive once hydrated.
 
+pub mod audit;
 pub mod devices;
 pub mod groups;
 pub mod layout;
@@ -11,6 +12,7 @@ pub mod reference;
 pub mod settings;
 pub mod tasks;
 
+pub use audit::AuditPage;
 pub use devices::{DevicePage, DevicesPage};
 pub use groups::{GroupPage, GroupsPage};
 pub use layout::{Layout, NotFound};

@@ -186,3 +186,86 @@ pub async fn failed_deliveries() -> Result<Vec<FailedDelivery>, ApiError> {
     out.sort_by_key(|d| std::cmp::Reverse(d.0));
     Ok(out.into_iter().map(|(_, d)| d).collect())
 }
+
+/// An audit trail entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRow {
+    /// When.
+    pub at: String,
+    /// `user`, `application`, `cli` or `anonymous`.
+    pub actor_type: String,
+    /// The user name, access key or operating-system user.
+    pub actor: String,
+    /// The client address.
+    pub source: Option<String>,
+    /// What was asked (`console stop_task`, `POST /v5/iot/{project_id}/batchtasks`, `cli task stop`).
+    pub action: String,
+    /// The kind of resource.
+    pub resource_type: Option<String>,
+    /// Its id.
+    pub resource_id: Option<String>,
+    /// Whether it succeeded.
+    pub success: bool,
+    /// The HTTP status answered.
+    pub status: Option<i32>,
+    /// Why it failed.
+    pub detail: Option<String>,
+    /// The request id, to find the call's log lines.
+    pub request_id: Option<String>,
+}
+
+/// Audit entries shown per page.
+pub const AUDIT_PAGE_SIZE: u64 = 50;
+
+/// The project's audit trail, newest first, filtered by actor, resource kind and id, and a time range
+/// (`datetime-local` values read as UTC, as the console shows times); empty filters match everything.
+#[server(prefix = "/api", endpoint = "list_audit")]
+pub async fn list_audit(
+    actor: String,
+    resource_type: String,
+    resource_id: String,
+    from: String,
+    to: String,
+    offset: u64,
+) -> Result<crate::api::PageOf<AuditRow>, ApiError> {
+    use backend::service::audit;
+    let (state, user) = super::ssr::context().await?;
+    let some = |s: String| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    let time = |field: &str, s: String| -> Result<Option<i64>, ApiError> {
+        some(s)
+            .map(|s| domain::Timestamp::parse_local_input(field, &s, 0).map(|t| t.as_millis()))
+            .transpose()
+            .map_err(ApiError::from)
+    };
+    let filter = audit::Filter {
+        actor: some(actor),
+        resource_type: some(resource_type),
+        resource_id: some(resource_id),
+        from: time("from", from)?,
+        to: time("to", to)?,
+        offset,
+        limit: AUDIT_PAGE_SIZE,
+    };
+    let (rows, total) = audit::list(&state, &user.project_id, &filter).await?;
+    Ok(crate::api::PageOf {
+        items: rows
+            .into_iter()
+            .map(|r| AuditRow {
+                at: super::ssr::when(r.at),
+                actor_type: r.actor_type,
+                actor: r.actor,
+                source: r.source,
+                action: r.action,
+                resource_type: r.resource_type,
+                resource_id: r.resource_id,
+                success: r.result == "success",
+                status: r.status,
+                detail: r.detail,
+                request_id: r.request_id,
+            })
+            .collect(),
+        total,
+        offset,
+        limit: AUDIT_PAGE_SIZE,
+    })
+}

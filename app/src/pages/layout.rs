@@ -34,7 +34,8 @@ pub fn Layout() -> impl IntoView {
                 <A href="/upgrades" exact=true attr:class="sub">"Upgrade tasks"</A>
                 <A href="/upgrades/packages" attr:class="sub">"Packages"</A>
                 <span class="nav-section">"Project"</span>
-                <A href="/settings">"Settings"</A>
+                <A href="/settings" exact=true>"Settings"</A>
+                <A href="/settings/audit" attr:class="sub">"Audit log"</A>
                 <A href="/api-reference">"API reference"</A>
             </nav>
             <main class="content">

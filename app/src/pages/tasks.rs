@@ -340,6 +340,7 @@ pub fn TaskPage() -> impl IntoView {
                                     <dt>"Created"</dt><dd>{t.created.clone()}</dd>
                                     <dt>"Starts"</dt><dd>{or_dash(t.scheduled.clone())}</dd>
                                     <dt>"Finished"</dt><dd>{or_dash(t.finished.clone())}</dd>
+                                    <dt>"History"</dt><dd><a id="task-audit" href=format!("/settings/audit?resource_type=batchtasks&resource_id={}", encode(&t.task_id))>"Audit log"</a></dd>
                                 </dl>
                             </div>
                             <Counters t=t.clone() id=task_id3 current=status_filter />

@@ -637,5 +637,52 @@ async fn console_changes_and_sign_ins_are_audited_with_the_user() {
         rows.iter()
             .all(|r| r.source.as_deref() == Some("127.0.0.1"))
     );
+
+    // Settings › Audit log, rendered on the server, filtered in the URL.
+    let page = |query: &'static str| {
+        let (app, cookie) = (&app, &cookie);
+        async move {
+            let resp = app
+                .client
+                .get(app.url(&format!("/settings/audit{query}")))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.text().await.unwrap()
+        }
+    };
+    let all = page("").await;
+    assert!(all.contains("<h1>Audit log</h1>"), "{all}");
+    assert!(all.contains("1–5 of 5"), "every entry, counted");
+    assert!(all.contains(">sign-in<"));
+    let products = page("?actor=admin&resource_type=products&resource_id=meter").await;
+    assert!(
+        products.contains("console rename_product") && products.contains("console create_product")
+    );
+    assert!(!products.contains(">sign-in<"), "filtered by resource");
+    assert!(products.contains("1–2 of 2"));
+    let later = page("?from=2999-01-01T00:00").await;
+    assert!(later.contains("No entries match."), "filtered by time");
+    let refused = app
+        .server_fn(
+            &cookie,
+            "list_audit",
+            &[
+                ("actor", ""),
+                ("resource_type", ""),
+                ("resource_id", ""),
+                ("from", "yesterday"),
+                ("to", ""),
+                ("offset", "0"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        refused.status(),
+        422,
+        "a time that does not parse is a field error"
+    );
     app.stop().await;
 }

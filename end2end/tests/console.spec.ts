@@ -98,6 +98,21 @@ test("the hydrated console creates a product and registers a device through serv
   await page.goto("/settings");
   await expect(page.locator("#project-id")).toHaveText(/^[0-9a-f]{32}$/);
   await page.screenshot({ path: `${SHOTS}/settings.png`, fullPage: true });
+
+  // Settings › Audit log: what this test did, under its user; the failed registration with its reason.
+  await page.getByRole("navigation", { name: "Main" }).getByRole("link", { name: "Audit log" }).click();
+  await expect(page).toHaveURL(/\/settings\/audit$/);
+  const audit = page.locator("#audit-list");
+  await expect(audit).toContainText("console create_product");
+  await expect(audit.getByRole("link", { name: `${product}_${node}` })).toHaveAttribute("href", `/devices/${product}_${node}`);
+  await expect(audit).toContainText("may contain only");
+  await page.locator("#audit-filters select[name=resource_type]").selectOption("products");
+  await page.locator("#audit-filters input[name=resource_id]").fill(product);
+  await page.locator("#audit-filters").getByRole("button", { name: "Filter" }).click();
+  await expect(page).toHaveURL(/resource_type=products&resource_id=e2e/);
+  await expect(audit.locator("tbody tr")).toHaveCount(1);
+  await expect(audit).toContainText("admin");
+  await page.screenshot({ path: `${SHOTS}/audit.png`, fullPage: true });
   await page.goto("/upgrades");
   await expect(page.getByRole("heading", { name: "Upgrade tasks" })).toBeVisible();
   await page.screenshot({ path: `${SHOTS}/upgrades.png`, fullPage: true });

@@ -64,6 +64,8 @@ pub(super) async fn record_changes(
     let request_id = super::request_id(req.headers());
     let (action, resource_type, resource_id) = match &console {
         Some(function) => {
+            // The answer is read for its error message: asked for uncompressed (it is a few bytes).
+            req.headers_mut().remove(http::header::ACCEPT_ENCODING);
             let (kind, id_field) = console_resource(function);
             let id = match id_field {
                 Some(field) => {

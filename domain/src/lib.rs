@@ -7,6 +7,7 @@
 //!   on the wire (`Waitting` included).
 //! - [`flow`]: the per-device upgrade flows as pure state machines (`handle(now, input) -> effects`).
 //! - [`text`]: validated free-text values (names, versions, descriptions).
+//! - [`rollout`]: safe rollouts: waves, automatic pause, pacing, maintenance windows.
 //! - [`throttle`]: the failed-login throttle, a pure sliding window.
 //!
 //! Every constructor that accepts outside input is a `parse` returning [`ValidationError`], whose message
@@ -17,6 +18,7 @@ pub mod flow;
 pub mod id;
 pub mod net;
 pub mod package;
+pub mod rollout;
 pub mod task;
 pub mod text;
 pub mod throttle;

@@ -23,7 +23,7 @@
 //!   begun); `commands`: stop, retry and device events; `recovery`: what start-up carries through.
 //! - `apply`: the transition transaction, the one entry point that changes subtasks ([`Driver::apply_in`]);
 //!   `transition`: one subtask's compare-and-set write, counters, step and outbox record; `plan`: a task's
-//!   cached plan.
+//!   cached plan; `rollout`: waves, pauses, pacing and windows (what `domain::rollout` allows begins).
 //! - The effects of each flow, mapped to I/O: `mqtt` (MQTT messages and download tokens), `pcp` (PCP
 //!   frames and segment serving), `firmware` (the Firmware Update object); `effects`: what they work
 //!   with, and the messages they collect, sent after the commit.
@@ -44,6 +44,7 @@ mod mqtt;
 mod pcp;
 mod plan;
 mod recovery;
+mod rollout;
 mod route;
 mod run;
 mod slots;
@@ -60,6 +61,7 @@ pub use self::events::{DeviceEvent, Event};
 pub(crate) use self::flow::Step;
 pub use self::mqtt::download_url;
 use self::plan::TaskPlan;
+pub use self::rollout::RolloutView;
 pub use self::route::CHANNEL as MESSAGES_CHANNEL;
 pub use self::start::TargetsFilter;
 pub(crate) use self::start::{check_protocol, write_subtasks};
@@ -225,6 +227,10 @@ struct Inner {
     reconciled: Mutex<Option<std::time::Instant>>,
     /// Whether this process runs the driver loop ([`Driver::run`]): only then does it start tasks.
     running: std::sync::atomic::AtomicBool,
+    /// Tasks with a rollout whose subtasks moved since the loop last decided (see `rollout`).
+    rollout_dirty: Mutex<std::collections::HashSet<String>>,
+    /// One rollout decision at a time in this process.
+    rollout_lock: tokio::sync::Mutex<()>,
 }
 
 impl Driver {
@@ -247,6 +253,8 @@ impl Driver {
                 gaps: Mutex::default(),
                 reconciled: Mutex::default(),
                 running: std::sync::atomic::AtomicBool::new(false),
+                rollout_dirty: Mutex::default(),
+                rollout_lock: tokio::sync::Mutex::new(()),
             }),
         }
     }

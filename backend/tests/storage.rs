@@ -286,6 +286,9 @@ async fn the_whole_model_round_trips_and_cascades() {
             updated_at: Set(now),
             claimed_by: Set(None),
             request_id: Set(None),
+            rollout: Set(None),
+            rollout_state: Set(None),
+            rollout_wake_at: Set(None),
         }
         .insert(db)
         .await
@@ -827,6 +830,9 @@ async fn task_fixture(t: &TestDb, project: &str, package_id: &str, status: &str)
         updated_at: Set(START),
         claimed_by: Set(None),
         request_id: Set(None),
+        rollout: Set(None),
+        rollout_state: Set(None),
+        rollout_wake_at: Set(None),
     }
     .insert(&t.state.db)
     .await

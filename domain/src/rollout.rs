@@ -219,8 +219,9 @@ impl ErrorThreshold {
         if let Some(max) = self.max_failures
             && failed > max
         {
+            let devices = if failed == 1 { "device" } else { "devices" };
             return Some(format!(
-                "{failed} devices failed, more than the {max} allowed"
+                "{failed} {devices} failed, more than the {max} allowed"
             ));
         }
         if let Some(pct) = self.max_failure_percent

@@ -34,6 +34,9 @@ wire_enum!(
         Stopped = "Stopped",
         /// A stop is in progress.
         Stopping = "Stopping",
+        /// A rollout threshold was passed (an Updraft extension): devices in flight finish, no new
+        /// device starts until an operator resumes or stops it.
+        Paused = "Paused",
     }
 );
 
@@ -61,6 +64,13 @@ impl TaskStatus {
                 p.fail
             ),
             Self::Stopping => "stopping".to_owned(),
+            Self::Paused => format!(
+                "paused: {} of {} devices done ({} succeeded, {} failed)",
+                p.success + p.fail + p.stopped,
+                p.total,
+                p.success,
+                p.fail
+            ),
             Self::Stopped => format!("stopped ({} of {} succeeded)", p.success, p.total),
             Self::Success => format!("all {} devices succeeded", p.success),
             Self::Fail => format!("all {} devices failed", p.fail),

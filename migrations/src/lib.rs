@@ -15,6 +15,7 @@ mod m20261205_000001_add_cluster;
 mod m20261206_000001_add_task_claim;
 mod m20261206_000002_add_audit_logs;
 mod m20261206_000003_add_task_request_id;
+mod m20261206_000004_add_rollouts;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000001_add_task_claim::Migration),
             Box::new(m20261206_000002_add_audit_logs::Migration),
             Box::new(m20261206_000003_add_task_request_id::Migration),
+            Box::new(m20261206_000004_add_rollouts::Migration),
         ]
     }
 }

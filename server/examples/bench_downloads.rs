@@ -285,6 +285,9 @@ async fn setup(data: &Path, size: u64, n: usize) -> Result<(String, Vec<String>,
         updated_at: Set(0),
         claimed_by: Set(None),
         request_id: Set(None),
+        rollout: Set(None),
+        rollout_state: Set(None),
+        rollout_wake_at: Set(None),
     }
     .insert(&state.db)
     .await?;

@@ -196,9 +196,10 @@ fn audited(command: &Command) -> Option<(String, &'static str, Option<String>)> 
         Command::Group { command } => ("group", "device-group", name(command), None),
         Command::Task { command } => {
             let id = match command {
-                T::Stop { task, .. } | T::Retry { task, .. } | T::Delete { task } => {
-                    Some(task.clone())
-                }
+                T::Stop { task, .. }
+                | T::Retry { task, .. }
+                | T::Resume { task }
+                | T::Delete { task } => Some(task.clone()),
                 _ => None,
             };
             ("task", "batchtasks", name(command), id)

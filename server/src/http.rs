@@ -158,6 +158,10 @@ pub fn router(state: ServerState) -> Router {
             post(batchtasks::retry).layer(timeout),
         )
         .route(
+            "/v5/iot/{project_id}/batchtasks/{task_id}/resume",
+            post(batchtasks::resume).layer(timeout),
+        )
+        .route(
             "/v5/iot/{project_id}/devices",
             get(devices::list_devices)
                 .post(devices::add_device)

@@ -437,6 +437,7 @@ pub async fn create_task(
         retry_interval,
         task_ext_info: None,
         request_id: super::ssr::request_id().await,
+        rollout: None,
     };
     let task = tasks::create(&state, &user.project_id, new)
         .await

@@ -26,6 +26,8 @@ pub(super) struct TaskPlan {
     pub(super) firmware_download: FirmwareDownload,
     /// The `X-Request-Id` of the call that created the task: the driver's log lines for it carry it.
     pub(super) request_id: Option<String>,
+    /// Whether the task has a rollout (its subtasks' moves make the driver decide again).
+    pub(super) rollout: bool,
 }
 
 impl Driver {
@@ -105,6 +107,7 @@ impl Driver {
             package,
             kind,
             firmware_download,
+            rollout: task.rollout.is_some(),
             request_id: task.request_id,
         });
         self.plans().insert(task_id.to_owned(), plan.clone());

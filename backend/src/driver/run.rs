@@ -118,9 +118,11 @@ impl Driver {
             .one(&state.db)
             .await?
             .flatten();
+        let next_rollout = self.release_due(state).await?.map(Timestamp::as_millis);
         Ok(next_deadline
             .into_iter()
             .chain(next_schedule)
+            .chain(next_rollout)
             .min()
             .map(Timestamp::from_millis))
     }

@@ -112,6 +112,18 @@ impl Driver {
             .await?
             .and_then(|p| p.request_id.clone());
         tracing::info!(task_id, request_id, "task started");
+        let task = tasks::Entity::find_by_id(task_id.to_owned())
+            .one(&state.db)
+            .await?;
+        if let Some(task) = task
+            && let Some(rollout) = task.rollout.as_deref()
+        {
+            // Waves, pacing and windows decide who begins.
+            let rollout: domain::rollout::Rollout = serde_json::from_str(rollout)
+                .map_err(|e| Error::Internal(format!("task {task_id}: rollout: {e}")))?;
+            self.start_rollout(state, &task, &rollout).await?;
+            return self.refresh(state, task_id).await;
+        }
         let mut after = 0_i64;
         loop {
             let ids = subtasks::Entity::find()

@@ -333,8 +333,14 @@ pub(super) async fn refresh_task(
         ..Default::default()
     };
     let stop_requested = matches!(current, TaskStatus::Stopping | TaskStatus::Stopped);
-    let status = progress.derived_status(stop_requested);
-    update.status_desc = Set(status.describe(&progress));
+    let status = match progress.derived_status(stop_requested) {
+        // Paused by its rollout: it stays so (with its reason) while devices remain.
+        TaskStatus::Processing if current == TaskStatus::Paused => TaskStatus::Paused,
+        derived => derived,
+    };
+    if status != TaskStatus::Paused {
+        update.status_desc = Set(status.describe(&progress));
+    }
     if status != current {
         update.status = Set(status.as_str().to_owned());
         update.finished_at = Set(status.is_completed().then_some(at));

@@ -53,6 +53,34 @@ pub struct NewTask {
     pub task_ext_info: Option<serde_json::Value>,
     /// The `X-Request-Id` of the call creating it: the driver's log lines for the task carry it.
     pub request_id: Option<String>,
+    /// Waves, thresholds, pacing and windows (an Updraft extension); `None` starts every target at once.
+    pub rollout: Option<domain::rollout::Rollout>,
+}
+
+/// Checks a rollout policy (its groups must be the project's) and completes it with a seed.
+async fn check_rollout(
+    state: &AppState,
+    project_id: &str,
+    rollout: domain::rollout::Rollout,
+) -> Result<domain::rollout::Rollout> {
+    let rollout = rollout.check(rand::random())?;
+    for (i, wave) in rollout.waves.iter().enumerate() {
+        if let domain::rollout::WaveSize::Groups(groups) = &wave.size {
+            for g in groups {
+                device_groups::Entity::find_by_id(g.clone())
+                    .filter(device_groups::Column::ProjectId.eq(project_id))
+                    .one(&state.db)
+                    .await?
+                    .ok_or_else(|| {
+                        ValidationError::new(
+                            format!("rollout.waves[{i}].group_ids"),
+                            format!("no group {g} in this project"),
+                        )
+                    })?;
+            }
+        }
+    }
+    Ok(rollout)
 }
 
 /// The stored `document`.
@@ -122,6 +150,10 @@ pub async fn create(state: &AppState, project_id: &str, new: NewTask) -> Result<
         )
         .into());
     };
+    let rollout = match new.rollout {
+        Some(r) => Some(check_rollout(state, project_id, r).await?),
+        None => None,
+    };
     let document = Document {
         package_ids: vec![package.id.clone()],
     };
@@ -159,6 +191,9 @@ pub async fn create(state: &AppState, project_id: &str, new: NewTask) -> Result<
         updated_at: Set(now.as_millis()),
         claimed_by: Set(Some(state.instance_id().to_owned())),
         request_id: Set(new.request_id.clone()),
+        rollout: Set(rollout.as_ref().map(to_json)),
+        rollout_state: Set(None),
+        rollout_wake_at: Set(None),
     };
     // The task and its listed targets commit together: a crash leaves both or neither.
     let txn = crate::db::begin_write(&state.db).await?;
@@ -664,6 +699,18 @@ pub async fn stop(
         .await?;
     tracing::info!(task_id, "devices of the task stopped");
     Ok(results)
+}
+
+/// Resumes a task its rollout paused (README, "Safe rollouts"): failures before now stop counting
+/// towards its thresholds, a wave that finished below its success threshold is accepted, and devices
+/// start again as the rollout allows.
+///
+/// # Errors
+/// [`Error::Conflict`] when the task is not `Paused`; [`Error::NotFound`]; [`Error::Db`].
+pub async fn resume(state: &AppState, project_id: &str, task_id: &str) -> Result<tasks::Model> {
+    get(state, project_id, task_id).await?;
+    state.driver.resume(state, task_id).await?;
+    get(state, project_id, task_id).await
 }
 
 /// Retries failed, retry-waiting and stopped subtasks (all, or the named devices).

@@ -152,6 +152,10 @@ pub enum TaskCommand {
         /// Minutes between retries (1-1440).
         #[arg(long)]
         retry_interval: Option<i64>,
+        /// Waves, thresholds, pacing and windows, as the API's `rollout` JSON (README, "Safe
+        /// rollouts"), e.g. `{"waves": [{"percent": 1}, {"percent": 10}], "max_per_minute": 100}`.
+        #[arg(long)]
+        rollout: Option<String>,
     },
     /// List tasks.
     List,
@@ -175,6 +179,11 @@ pub enum TaskCommand {
         /// Only these devices.
         #[arg(long = "device", value_delimiter = ',')]
         devices: Vec<String>,
+    },
+    /// Resume a task its rollout paused.
+    Resume {
+        /// The task id.
+        task: String,
     },
     /// Delete a finished task.
     Delete {
@@ -506,7 +515,15 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
             schedule,
             retry_count,
             retry_interval,
+            rollout,
         } => {
+            let rollout = rollout
+                .map(|r| {
+                    serde_json::from_str(&r).map_err(|e| {
+                        backend::Error::from(domain::ValidationError::new("rollout", e.to_string()))
+                    })
+                })
+                .transpose()?;
             let package_row = service::packages::get(&state, &project, &package).await?;
             let task_type = if package_row.package.package_type == "firmwarePackage" {
                 "firmwareUpgrade"
@@ -530,6 +547,7 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
                     retry_interval,
                     task_ext_info: None,
                     request_id: None,
+                    rollout,
                 },
             )
             .await?;
@@ -606,6 +624,12 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
         TaskCommand::Retry { task, devices } => {
             let r = tasks::retry(&state, &project, &task, Some(&devices)).await?;
             print_targets(json_out, "retry", &r);
+        }
+        TaskCommand::Resume { task } => {
+            let t = tasks::resume(&state, &project, &task).await?;
+            print(json_out, &task_json(&t), || {
+                println!("task {} resumed: {} ({})", t.id, t.status, t.status_desc);
+            });
         }
         TaskCommand::Delete { task } => {
             tasks::delete(&state, &project, &task)

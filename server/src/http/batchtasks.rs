@@ -71,6 +71,16 @@ pub(crate) struct CreateBody {
     /// Not supported (task files): must be absent.
     #[serde(default)]
     document_source: Option<String>,
+    /// Updraft extension: waves, error thresholds, pacing and maintenance windows (README, "Safe
+    /// rollouts"). Absent: every target starts at once, as IoTDA does.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>, example = json!({
+        "waves": [{"percent": 1}, {"percent": 10, "success_threshold": 95, "soak_minutes": 60}, {"percent": 50}],
+        "error_threshold": {"max_failure_percent": 5, "min_finished": 20, "count": ["device_failure", "timeout"]},
+        "max_per_minute": 100, "max_in_flight": 500,
+        "maintenance_windows": [{"days": ["Mon", "Tue", "Wed", "Thu", "Fri"], "start": "22:00", "end": "04:00", "time_zone": "Europe/Berlin"}]
+    }))]
+    rollout: Option<Value>,
 }
 
 /// `targets_filter`: the groups whose devices a task upgrades.
@@ -170,6 +180,13 @@ pub(crate) struct TaskJson {
     task_progress: TaskProgressJson,
     /// When it was created (`yyyyMMddTHHmmssZ`, UTC).
     create_time: String,
+    /// Updraft extension, only for a task created with a `rollout`: the policy (completed with its last
+    /// wave and seed), `state` (`wave`: the latest wave allowed to start, 0-based; `paused`: `reason` and
+    /// `at` while paused; `resumed_at`) and `waves` (per wave: `total`, `pending`, `in_flight`,
+    /// `succeeded`, `failed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    rollout: Option<backend::driver::RolloutView>,
 }
 
 impl TaskJson {
@@ -196,7 +213,18 @@ impl TaskJson {
             targets,
             status: t.status,
             status_desc: t.status_desc,
+            rollout: None,
         }
+    }
+
+    /// With the task's rollout, when it has one.
+    async fn with_rollout(
+        mut self,
+        state: &ServerState,
+        task: &task_rows::Model,
+    ) -> Result<Self, IotdaError> {
+        self.rollout = state.app.driver.rollout_view(&state.app, task).await?;
+        Ok(self)
     }
 }
 
@@ -287,13 +315,20 @@ pub(super) async fn create(
         retry_interval: policy.retry_interval,
         task_ext_info: body.task_ext_info,
         request_id: super::request_id(&headers),
+        rollout: body
+            .rollout
+            .map(|r| {
+                serde_json::from_value(r)
+                    .map_err(|e| IotdaError::bad_request(format!("rollout: {e}")))
+            })
+            .transpose()?,
     };
     let task = tasks::create(&state.app, &project_id, new).await?;
     let targets = targets_of(&state, &task).await?;
-    Ok(super::iotda::created(
-        &task.id.clone(),
-        TaskJson::new(task, targets),
-    ))
+    let json = TaskJson::new(task.clone(), targets)
+        .with_rollout(&state, &task)
+        .await?;
+    Ok(super::iotda::created(&task.id, json))
 }
 
 /// The task's device list as IoTDA echoes it (`targets`): the devices named at creation, empty for a
@@ -552,8 +587,11 @@ pub(super) async fn show(
         })
         .collect();
     let targets = targets_of(&state, &task).await?;
+    let batchtask = TaskJson::new(task.clone(), targets)
+        .with_rollout(&state, &task)
+        .await?;
     Ok(Json(ShowBody {
-        batchtask: TaskJson::new(task, targets),
+        batchtask,
         task_details,
         page: PageInfo {
             count: details.total,
@@ -640,6 +678,41 @@ async fn command(
     };
     let targets = targets.into_iter().map(TargetResultJson::from).collect();
     Ok(Json(TargetsResult { targets }).into_response())
+}
+
+/// `POST /v5/iot/{project_id}/batchtasks/{task_id}/resume` (Updraft extension).
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/batchtasks/{task_id}/resume",
+    operation_id = "ResumeBatchTask",
+    tag = "batchtasks",
+    summary = "Resume a task its rollout paused (Updraft extension)",
+    description = "Failures before the resume stop counting towards the rollout's error thresholds; a wave \
+                   that finished below its success threshold is accepted and the next one starts; devices \
+                   start again as the rollout's waves, pacing and windows allow.",
+    params(
+        ("project_id" = String, Path, description = "The project."),
+        ("task_id" = String, Path, description = "The task."),
+    ),
+    responses(
+        (status = 200, description = "The task, `Processing` again, with its rollout.", body = TaskJson),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or task.", body = IotdaErrorBody),
+        (status = 409, description = "The task is not `Paused`.", body = IotdaErrorBody),
+    ),
+)]
+pub(super) async fn resume(
+    State(state): State<ServerState>,
+    Path((project_id, task_id)): Path<(String, String)>,
+    caller: Option<axum::Extension<Caller>>,
+) -> Result<Response, IotdaError> {
+    let project_id = project(caller.as_deref(), &project_id)?;
+    let task = tasks::resume(&state.app, &project_id, &task_id).await?;
+    let targets = targets_of(&state, &task).await?;
+    let json = TaskJson::new(task.clone(), targets)
+        .with_rollout(&state, &task)
+        .await?;
+    Ok(Json(json).into_response())
 }
 
 /// `POST /v5/iot/{project_id}/batchtasks/{task_id}/stop`.

@@ -60,6 +60,7 @@ too. State-changing requests must also come from the console's origin (`Origin` 
         batchtasks::delete,
         batchtasks::stop,
         batchtasks::retry,
+        batchtasks::resume,
         devices::add_device,
         devices::list_devices,
         devices::show_device,

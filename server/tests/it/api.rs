@@ -102,7 +102,7 @@ fn the_test_signer_reproduces_the_documented_example() {
 }
 
 /// An application: a credential and how to call the API with it.
-struct Application<'a> {
+pub(crate) struct Application<'a> {
     app: &'a TestApp,
     project: String,
     ak: String,
@@ -127,7 +127,7 @@ impl Application<'_> {
     }
 
     /// A signed JSON request to `/v5/iot/{project}{rest}`, as the SDK sends it.
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: &str,
         rest: &str,
@@ -200,7 +200,7 @@ impl Application<'_> {
     }
 }
 
-async fn json_of(resp: reqwest::Response, status: u16) -> Value {
+pub(crate) async fn json_of(resp: reqwest::Response, status: u16) -> Value {
     let got = resp.status().as_u16();
     assert!(
         resp.headers().contains_key("x-request-id"),
@@ -217,7 +217,7 @@ async fn refused(resp: reqwest::Response, status: u16, code: &str) -> String {
     body["error_msg"].as_str().unwrap().to_owned()
 }
 
-async fn application<'a>(app: &'a TestApp, project: &str) -> Application<'a> {
+pub(crate) async fn application<'a>(app: &'a TestApp, project: &str) -> Application<'a> {
     let c = credentials::create(&app.state, project, "tests")
         .await
         .unwrap();
@@ -1003,6 +1003,7 @@ const API_ROUTES: &[(&str, &[&str])] = &[
     ("/subscriptions/{subscription_id}", &["get", "delete"]),
     ("/subscriptions/{subscription_id}/deliveries", &["get"]),
     ("/audit-logs", &["get"]),
+    ("/batchtasks/{task_id}/resume", &["post"]),
 ];
 
 /// The schema `schema` refers to (`{"$ref": "#/components/schemas/X"}`), or `schema` itself.

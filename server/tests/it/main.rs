@@ -15,5 +15,6 @@ mod metrics;
 mod notifications;
 mod packages;
 mod robustness;
+mod rollouts;
 mod sdk;
 mod tasks;

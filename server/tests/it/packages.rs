@@ -180,6 +180,9 @@ async fn task_with_subtask(
         updated_at: Set(0),
         claimed_by: Set(None),
         request_id: Set(None),
+        rollout: Set(None),
+        rollout_state: Set(None),
+        rollout_wake_at: Set(None),
     }
     .insert(&app.state.db)
     .await

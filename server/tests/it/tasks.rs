@@ -171,7 +171,7 @@ pub(crate) async fn wait_task(
     panic!("task never got {what}: {t:#?}\n{details:#?}");
 }
 
-async fn subtask_rows(app: &TestApp, task_id: &str) -> Vec<subtasks::Model> {
+pub(crate) async fn subtask_rows(app: &TestApp, task_id: &str) -> Vec<subtasks::Model> {
     subtasks::Entity::find()
         .filter(subtasks::Column::TaskId.eq(task_id))
         .all(&app.state.db)
@@ -208,7 +208,7 @@ async fn wait_subtask(
     );
 }
 
-async fn wait_device_status(app: &TestApp, device: &str, status: &str) {
+pub(crate) async fn wait_device_status(app: &TestApp, device: &str, status: &str) {
     for _ in 0..1000 {
         let d = backend::storage::entity::devices::Entity::find_by_id(device.to_owned())
             .one(&app.state.db)

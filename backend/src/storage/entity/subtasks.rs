@@ -28,6 +28,8 @@ pub struct Model {
     pub started_at: Option<i64>,
     pub updated_at: i64,
     pub finished_at: Option<i64>,
+    /// The rollout wave (0 without waves).
+    pub wave: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -42,6 +42,12 @@ pub struct Model {
     pub claimed_by: Option<String>,
     /// The `X-Request-Id` of the call that created it (for the driver's log lines).
     pub request_id: Option<String>,
+    /// The rollout policy (`domain::rollout::Rollout` as JSON), when the task has one.
+    pub rollout: Option<String>,
+    /// Where the rollout stands (`domain::rollout::RolloutState` as JSON).
+    pub rollout_state: Option<String>,
+    /// When the driver must decide again (a soak ends, the pace allows more, a window opens).
+    pub rollout_wake_at: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

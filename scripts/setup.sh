@@ -24,8 +24,9 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 # --- apt ------------------------------------------------------------------------------------------
 # libssl-dev and pkg-config: rust-openssl, for CoAPS (DTLS with PSK); libcoap3-bin: the tests' independent
-# CoAPS client (coap-client-openssl); python3-prometheus-client: the /metrics tests' independent parser.
-pkgs=(rustc-web cargo-web rust-web-src rust-web-llvm lld-22 rust-web-clippy libssl-dev pkg-config libcoap3-bin python3-prometheus-client)
+# CoAPS client (coap-client-openssl); python3-prometheus-client: the /metrics tests' independent parser;
+# tzdata: the time zones of rollouts' maintenance windows.
+pkgs=(rustc-web cargo-web rust-web-src rust-web-llvm lld-22 rust-web-clippy libssl-dev pkg-config libcoap3-bin python3-prometheus-client tzdata)
 [ "${SKIP_BROWSER:-0}" = 1 ] || pkgs+=(chromium)
 missing=()
 for p in "${pkgs[@]}"; do

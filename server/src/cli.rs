@@ -273,7 +273,7 @@ async fn execute(command: Command, settings: Settings, json: bool) -> Result<()>
         Command::Product { command } => manage::product(settings, command, json).await,
         Command::Device { command } => manage::device(settings, command, json).await,
         Command::Group { command } => manage::group(settings, command, json).await,
-        Command::Task { command } => manage::task(settings, command, json).await,
+        Command::Task { command } => Box::pin(manage::task(settings, command, json)).await,
         Command::Credentials { command } => manage::credentials(settings, command, json).await,
         Command::Audit { command } => manage::audit(settings, command, json).await,
         Command::Sim {

@@ -8,6 +8,7 @@ pub mod devices;
 pub mod groups;
 pub mod products;
 pub mod reference;
+pub mod rollouts;
 pub mod session;
 pub mod settings;
 pub mod upgrades;

@@ -9,6 +9,7 @@ pub mod login;
 pub mod packages;
 pub mod products;
 pub mod reference;
+pub mod rollout;
 pub mod settings;
 pub mod tasks;
 

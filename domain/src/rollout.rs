@@ -143,6 +143,32 @@ impl From<Wave> for WaveWire {
     }
 }
 
+impl WaveSize {
+    /// Waves as an operator types them: sizes separated by commas, each a percentage (`10%`) or a count
+    /// (`50`): `"1%, 10%, 50%"`. Empty: no waves.
+    ///
+    /// # Errors
+    /// A size that is neither, naming `field`.
+    pub fn parse_list(field: &str, text: &str) -> Result<Vec<Self>, ValidationError> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                let bad = || {
+                    ValidationError::new(
+                        field,
+                        format!("{s:?}: give each wave as a percentage (10%) or a number of devices (50)"),
+                    )
+                };
+                match s.strip_suffix('%') {
+                    Some(p) => p.trim().parse::<u8>().map(Self::Percent).map_err(|_| bad()),
+                    None => s.parse::<u32>().map(Self::Count).map_err(|_| bad()),
+                }
+            })
+            .collect()
+    }
+}
+
 /// The kinds of failure a threshold counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -110,6 +110,8 @@ pub struct TaskView {
     pub retry_interval: i32,
     /// Per-device rows.
     pub devices: PageOf<SubtaskRow>,
+    /// Its rollout, when it has one.
+    pub rollout: Option<super::rollouts::RolloutCard>,
 }
 
 /// One device in a task.
@@ -298,7 +300,13 @@ pub async fn task_detail(
         Page::new(PAGE_SIZE, offset),
     )
     .await?;
+    let rollout = state
+        .driver
+        .rollout_view(&state, &task)
+        .await?
+        .map(super::rollouts::RolloutCard::of);
     Ok(TaskView {
+        rollout,
         package_id: task.package_id.clone(),
         retry_count: task.retry_count,
         retry_interval: task.retry_interval_min,
@@ -378,6 +386,7 @@ pub async fn create_task(
     #[server(default)] retry: String,
     #[server(default)] retry_count: String,
     #[server(default)] retry_interval: String,
+    #[server(default)] rollout: super::rollouts::RolloutForm,
 ) -> Result<String, ApiError> {
     use backend::service::{packages, tasks};
     use domain::ValidationError;
@@ -437,7 +446,7 @@ pub async fn create_task(
         retry_interval,
         task_ext_info: None,
         request_id: super::ssr::request_id().await,
-        rollout: None,
+        rollout: rollout.rollout()?,
     };
     let task = tasks::create(&state, &user.project_id, new)
         .await

@@ -211,6 +211,7 @@ pub fn NewTaskPage() -> impl IntoView {
                     }}
                 </p>
             </section>
+            <super::rollout::RolloutFields error />
             <FormError error />
             <div class="actions">
                 <button type="submit" class="primary" disabled=move || create.pending().get()>
@@ -232,8 +233,15 @@ pub fn TaskPage() -> impl IntoView {
     let stop = ServerAction::<StopTask>::new();
     let retry = ServerAction::<RetryTask>::new();
     let delete = ServerAction::<DeleteTask>::new();
+    let resume = ServerAction::<crate::api::rollouts::ResumeTask>::new();
     let (tick, live) = live_updates(move || params.read().get("id"));
-    let commands = move || (stop.version().get(), retry.version().get());
+    let commands = move || {
+        (
+            stop.version().get(),
+            retry.version().get(),
+            resume.version().get(),
+        )
+    };
     let detail = Resource::new(
         move || {
             (
@@ -345,6 +353,7 @@ pub fn TaskPage() -> impl IntoView {
                             </div>
                             <Counters t=t.clone() id=task_id3 current=status_filter />
                         </section>
+                        {d.rollout.clone().map(|card| view! { <super::rollout::RolloutPanel card task_id=t.task_id.clone() resume /> })}
                         <div class="page-head">
                             <h2>"Devices"</h2>
                             <div class="buttons">

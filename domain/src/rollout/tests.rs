@@ -398,3 +398,19 @@ fn error_codes_are_sorted_into_kinds() {
         assert_eq!(ErrorKind::of(code), kind, "{code}");
     }
 }
+
+#[test]
+fn waves_typed_by_an_operator_parse() {
+    assert_eq!(
+        WaveSize::parse_list("waves", " 1%, 10 %,50, ").unwrap(),
+        [
+            WaveSize::Percent(1),
+            WaveSize::Percent(10),
+            WaveSize::Count(50)
+        ]
+    );
+    assert!(WaveSize::parse_list("waves", "").unwrap().is_empty());
+    let e = WaveSize::parse_list("waves", "1%, ten").unwrap_err();
+    assert_eq!(e.field, "waves");
+    assert!(e.message.contains("\"ten\""), "{e}");
+}

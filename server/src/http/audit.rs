@@ -32,6 +32,7 @@ const CONSOLE_CHANGES: &[&str] = &[
     "stop_",
     "revoke_",
     "upload_",
+    "resume_",
 ];
 
 /// Records the request when it changes something: an API call with a method other than GET, HEAD or

@@ -5,6 +5,8 @@
 # to every subtask terminal, the task's outcome, and the server's peak RSS (VmHWM).
 #
 #   scripts/bench-tasks.sh [DEVICES]        e.g. DEVICES=2000 for a quick look
+#   ROLLOUT='{"waves": [{"percent": 1}, {"percent": 10}, {"percent": 50}]}' scripts/bench-tasks.sh
+#                                           the same task with a rollout (README, "Safe rollouts")
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -56,7 +58,7 @@ echo "[bench] $(tail -1 "$WORK/sim.log")" >&2
 "$BIN" group add-devices "$GROUP" $(seq -f "bench-%05g" 0 $((DEVICES - 1))) >/dev/null
 
 start=$(date +%s.%N)
-TASK=$("$BIN" task create --name bench --package "$PACKAGE" --group "$GROUP" --json \
+TASK=$("$BIN" task create --name bench --package "$PACKAGE" --group "$GROUP" ${ROLLOUT:+--rollout "$ROLLOUT"} --json \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["task_id"])')
 while :; do
   line=$("$BIN" task list --json | python3 -c "

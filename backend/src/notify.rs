@@ -428,6 +428,7 @@ fn notification_body(record: &outbox::Model) -> Result<Vec<u8>> {
         json!({
             "task_id": event["task_id"],
             "status": event["status"],
+            "status_desc": event["status_desc"],
             "task_progress": event["task_progress"],
         })
     } else {

@@ -210,6 +210,9 @@ pub enum Event {
         status: String,
         /// IoTDA `task_progress`.
         task_progress: TaskProgress,
+        /// Why the task has its status (a pause's reason). Absent in records written before it existed.
+        #[serde(default)]
+        status_desc: String,
         /// When (ms since the epoch).
         at: i64,
     },

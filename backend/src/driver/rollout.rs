@@ -224,6 +224,16 @@ impl Driver {
         let counts = wave_counts(state, task_id, rollout.waves.len(), &before).await?;
         let starts = recent_starts(state, task_id, now).await?;
         let decision = rollout.decide(&before, &counts, &starts, now);
+        let wake_at = decision.wake_at.map(Timestamp::as_millis);
+        if decision.state == before && wake_at == task.rollout_wake_at && decision.start == 0 {
+            // Nothing to store, nothing to start (the common case on the loop's regular pass).
+            return Ok(());
+        }
+        let pause_desc = decision
+            .paused
+            .as_ref()
+            .map(|p| format!("paused: {}", p.reason))
+            .unwrap_or_default();
         let mut update = tasks::Entity::update_many()
             .col_expr(
                 tasks::Column::RolloutState,
@@ -231,22 +241,19 @@ impl Driver {
             )
             .col_expr(
                 tasks::Column::RolloutWakeAt,
-                Expr::value(decision.wake_at.map(Timestamp::as_millis)),
+                Expr::value(wake_at),
             )
             .filter(tasks::Column::Id.eq(task_id))
             .filter(tasks::Column::Status.eq(TaskStatus::Processing.as_str()));
         let mut events = Vec::new();
         let txn = crate::db::begin_write(&state.db).await?;
-        if let Some(pause) = &decision.paused {
+        if decision.paused.is_some() {
             update = update
                 .col_expr(
                     tasks::Column::Status,
                     Expr::value(TaskStatus::Paused.as_str()),
                 )
-                .col_expr(
-                    tasks::Column::StatusDesc,
-                    Expr::value(format!("paused: {}", pause.reason)),
-                )
+                .col_expr(tasks::Column::StatusDesc, Expr::value(pause_desc.clone()))
                 .col_expr(tasks::Column::UpdatedAt, Expr::value(now.as_millis()));
         }
         let written = update.exec(&txn).await?.rows_affected;
@@ -256,6 +263,7 @@ impl Driver {
                 task_id: task.id.clone(),
                 status: TaskStatus::Paused.as_str().to_owned(),
                 task_progress: task.progress(),
+                status_desc: pause_desc.clone(),
                 at: now.as_millis(),
             };
             let id = write_outbox(&txn, &event, now.as_millis()).await?;
@@ -360,6 +368,7 @@ impl Driver {
                     project_id: task.project_id.clone(),
                     task_id: task.id.clone(),
                     status: TaskStatus::Processing.as_str().to_owned(),
+                    status_desc: TaskStatus::Processing.describe(&progress),
                     task_progress: progress,
                     at: now.as_millis(),
                 };

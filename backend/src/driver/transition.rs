@@ -338,9 +338,12 @@ pub(super) async fn refresh_task(
         TaskStatus::Processing if current == TaskStatus::Paused => TaskStatus::Paused,
         derived => derived,
     };
-    if status != TaskStatus::Paused {
-        update.status_desc = Set(status.describe(&progress));
-    }
+    let status_desc = if status == TaskStatus::Paused {
+        task.status_desc.clone()
+    } else {
+        status.describe(&progress)
+    };
+    update.status_desc = Set(status_desc.clone());
     if status != current {
         update.status = Set(status.as_str().to_owned());
         update.finished_at = Set(status.is_completed().then_some(at));
@@ -357,6 +360,7 @@ pub(super) async fn refresh_task(
         task_id: task.id,
         status: status.as_str().to_owned(),
         task_progress: progress,
+        status_desc,
         at,
     };
     let id = write_outbox(txn, &event, at).await?;

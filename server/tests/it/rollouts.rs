@@ -112,9 +112,9 @@ async fn a_failing_canary_wave_pauses_the_task_until_it_is_resumed_even_across_a
         .await
         .unwrap();
     assert!(
-        records
-            .iter()
-            .any(|r| r.payload.contains("\"status\":\"Paused\""))
+        records.iter().any(|r| r.payload.contains("\"status\":\"Paused\"")
+            && r.payload.contains("wave 1 error threshold")),
+        "the pause and its reason are notified"
     );
     // Wait for the second canary too (the task stays paused while it finishes).
     wait_task(&app, &fx, &task.id, "both canaries done", |t| t.fail == 2).await;

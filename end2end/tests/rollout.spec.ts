@@ -1,6 +1,6 @@
-import { expect, test, type Page } from "@playwright/test";
+import { expect, test } from "@playwright/test";
 import { spawn } from "node:child_process";
-import { SHOTS, signIn } from "./helpers";
+import { SHOTS, createProduct, open, signIn } from "./helpers";
 
 // A safe rollout from the console: a task in waves whose canary fails pauses with the reason shown and
 // nothing started beyond it; Resume accepts the wave and the next one runs (and pauses in turn).
@@ -8,11 +8,6 @@ import { SHOTS, signIn } from "./helpers";
 const BIN = process.env.UPDRAFT_BIN ?? "";
 const DATA = process.env.E2E_DATA_DIR ?? "";
 const MQTT_PORT = process.env.E2E_MQTT_PORT ?? "";
-
-async function open(page: Page, path: string) {
-  await page.goto(path);
-  await page.locator("body[data-hydrated]").waitFor({ state: "attached" });
-}
 
 test("a task in waves pauses when its canary fails, and resumes from the console", async ({ page }) => {
   test.setTimeout(150_000);
@@ -26,13 +21,7 @@ test("a task in waves pauses when its canary fails, and resumes from the console
   const stamp = Date.now().toString(36);
   const product = `e2ewave${stamp}`;
 
-  await open(page, "/products");
-  const productForm = page.locator("#product-form");
-  await productForm.getByLabel("Name").fill("Canary meter");
-  await productForm.getByLabel("Device type").fill("Meter");
-  await productForm.getByLabel(/Product ID/).fill(product);
-  await productForm.getByRole("button", { name: "Create product" }).click();
-  await expect(page.locator("#products")).toContainText(product);
+  await createProduct(page, product, "Canary meter");
 
   // Four simulated devices that refuse every upgrade.
   const sim = spawn(BIN, [

@@ -1,6 +1,6 @@
-import { expect, test, type Page } from "@playwright/test";
+import { expect, test } from "@playwright/test";
 import { spawn, type ChildProcess } from "node:child_process";
-import { SHOTS, signIn } from "./helpers";
+import { SHOTS, createProduct, open, signIn } from "./helpers";
 
 // An operator's whole upgrade in the console, with `updraft sim` devices doing the real MQTT + HTTPS
 // flow: a product, simulated devices added to a group from the device list, a package uploaded with a
@@ -10,12 +10,6 @@ import { SHOTS, signIn } from "./helpers";
 const BIN = process.env.UPDRAFT_BIN ?? "";
 const DATA = process.env.E2E_DATA_DIR ?? "";
 const MQTT_PORT = process.env.E2E_MQTT_PORT ?? "";
-
-/** Navigates and waits until the page is hydrated (the frontend marks the body). */
-async function open(page: Page, path: string) {
-  await page.goto(path);
-  await page.locator("body[data-hydrated]").waitFor({ state: "attached" });
-}
 
 /** `updraft sim mqtt` against the test's server; resolves its output when it exits. */
 function simulate(args: string[]): { child: ChildProcess; done: Promise<string> } {
@@ -46,13 +40,7 @@ test("an operator upgrades a group live, inspects a device, and stops a task", a
   const product = `e2eup${stamp}`;
 
   // A product for the simulated meters.
-  await open(page, "/products");
-  const productForm = page.locator("#product-form");
-  await productForm.getByLabel("Name").fill("Smart meter");
-  await productForm.getByLabel("Device type").fill("Meter");
-  await productForm.getByLabel(/Product ID/).fill(product);
-  await productForm.getByRole("button", { name: "Create product" }).click();
-  await expect(page.locator("#products")).toContainText(product);
+  await createProduct(page, product, "Smart meter");
 
   // Three simulated devices: registered by the simulator, online over MQTT, on software 1.0.
   const sim = simulate([

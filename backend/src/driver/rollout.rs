@@ -239,10 +239,7 @@ impl Driver {
                 tasks::Column::RolloutState,
                 Expr::value(to_json(&decision.state)),
             )
-            .col_expr(
-                tasks::Column::RolloutWakeAt,
-                Expr::value(wake_at),
-            )
+            .col_expr(tasks::Column::RolloutWakeAt, Expr::value(wake_at))
             .filter(tasks::Column::Id.eq(task_id))
             .filter(tasks::Column::Status.eq(TaskStatus::Processing.as_str()));
         let mut events = Vec::new();

@@ -27,7 +27,7 @@ pub(crate) struct Received {
 }
 
 impl Received {
-    fn accepted(&self) -> Vec<(HeaderMap, Value)> {
+    pub(crate) fn accepted(&self) -> Vec<(HeaderMap, Value)> {
         self.accepted_raw()
             .into_iter()
             .map(|(h, b)| (h, serde_json::from_slice(&b).unwrap()))
@@ -112,7 +112,7 @@ fn verify(secret: &str, headers: &HeaderMap, raw: &[u8]) -> bool {
     hex::encode(mac.finalize().into_bytes()) == v1
 }
 
-async fn app_with_receiver(dir: &std::path::Path, ca: &[u8]) -> TestApp {
+pub(crate) async fn app_with_receiver(dir: &std::path::Path, ca: &[u8]) -> TestApp {
     let ca_path = dir.join("receiver-ca.pem");
     std::fs::write(&ca_path, ca).unwrap();
     let mut settings = settings_for(dir);
@@ -121,7 +121,7 @@ async fn app_with_receiver(dir: &std::path::Path, ca: &[u8]) -> TestApp {
 }
 
 /// Polls (real time, bounded) until `done`.
-async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..300 {
         if done() {
             return;

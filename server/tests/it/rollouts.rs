@@ -112,8 +112,10 @@ async fn a_failing_canary_wave_pauses_the_task_until_it_is_resumed_even_across_a
         .await
         .unwrap();
     assert!(
-        records.iter().any(|r| r.payload.contains("\"status\":\"Paused\"")
-            && r.payload.contains("wave 1 error threshold")),
+        records
+            .iter()
+            .any(|r| r.payload.contains("\"status\":\"Paused\"")
+                && r.payload.contains("wave 1 error threshold")),
         "the pause and its reason are notified"
     );
     // Wait for the second canary too (the task stays paused while it finishes).
@@ -284,6 +286,72 @@ async fn nothing_starts_outside_the_maintenance_window_and_started_devices_finis
         rows.iter()
             .all(|s| s.finished_at.unwrap() % 86_400_000 > 14 * 3_600_000)
     );
+    f.stop().await;
+    app.stop().await;
+}
+
+/// A pause and a resume reach a `batchtask` subscriber as signed notifications, the pause with its
+/// reason.
+#[tokio::test]
+async fn a_pause_and_a_resume_are_pushed_to_subscribers_with_the_reason() {
+    use crate::notifications::{app_with_receiver, eventually, receiver};
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, received, ca) = receiver().await;
+    let app = app_with_receiver(dir.path(), &ca).await;
+    let fx = fixture(&app).await;
+    let url = format!("https://localhost:{}/hook", addr.port());
+    backend::service::subscriptions::create(&app.state, &fx.project, "batchtask", "update", &url)
+        .await
+        .unwrap();
+    let refusing = devices(&app, &fx, "refusing", 3).await;
+    let f = fleet(
+        &app,
+        refusing.clone(),
+        SimOptions {
+            behaviour: Behaviour::Refuse,
+            ..Default::default()
+        },
+    );
+    for d in &refusing {
+        wait_device_status(&app, &d.device_id, "ONLINE").await;
+    }
+    let all: Vec<&SimDevice> = refusing.iter().collect();
+    let mut new = new_task(&fx, "pushed", &all);
+    new.rollout = rollout(json!({
+        "waves": [{"count": 1, "error_threshold": {"max_failures": 0}}],
+    }));
+    let task = tasks::create(&app.state, &fx.project, new).await.unwrap();
+    wait_task(&app, &fx, &task.id, "Paused", status_is("Paused")).await;
+    let statuses = || -> Vec<(String, String)> {
+        received
+            .accepted()
+            .into_iter()
+            .map(|(_, b)| b["notify_data"]["body"].clone())
+            .filter(|b| b["task_id"] == task.id.as_str())
+            .map(|b| {
+                (
+                    b["status"].as_str().unwrap_or("").to_owned(),
+                    b["status_desc"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    eventually("the pause notified", || {
+        statuses().iter().any(|(s, d)| {
+            s == "Paused"
+                && d == "paused: wave 1 error threshold: 1 device failed, more than the 0 allowed"
+        })
+    })
+    .await;
+    tasks::resume(&app.state, &fx.project, &task.id)
+        .await
+        .unwrap();
+    eventually("the resume notified after the pause", || {
+        let seen = statuses();
+        let paused = seen.iter().position(|(s, _)| s == "Paused");
+        paused.is_some_and(|p| seen[p..].iter().any(|(s, _)| s != "Paused"))
+    })
+    .await;
     f.stop().await;
     app.stop().await;
 }

@@ -482,6 +482,8 @@ pub fn task_json(t: &backend::storage::entity::tasks::Model) -> serde_json::Valu
         },
         "task_progress": t.progress(),
         "create_time": Timestamp::from_millis(t.created_at).to_compact(),
+        "rollout": t.rollout.as_deref().and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok()),
+        "rollout_state": t.rollout_state.as_deref().and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok()),
     })
 }
 

@@ -351,9 +351,24 @@ fn devices_groups_and_tasks_are_scripted_from_the_command_line() {
             "1",
             "--retry-interval",
             "5",
+            "--rollout",
+            r#"{"waves": [{"percent": 10}, {"count": 5, "soak_minutes": 30}], "max_per_minute": 50}"#,
         ],
     );
     let task_id = task["task_id"].as_str().unwrap().to_owned();
+    // The rollout is stored completed: a last wave for the rest, and a seed.
+    let waves = task["rollout"]["waves"].as_array().unwrap();
+    assert_eq!(waves.len(), 3, "{task}");
+    assert_eq!(waves[1]["soak_minutes"], 30);
+    assert_eq!(task["rollout"]["max_per_minute"], 50);
+    assert!(task["rollout"]["seed"].is_u64());
+    // Only a paused task resumes.
+    let out = updraft(d)
+        .args(["task", "resume", &task_id])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only a paused task resumes"));
     // No server runs here: the task waits for one to start it (and to resolve its group then).
     assert_eq!(task["status"], "Waitting");
     assert_eq!(task["task_type"], "softwareUpgrade");
@@ -413,6 +428,7 @@ fn devices_groups_and_tasks_are_scripted_from_the_command_line() {
             ("cli task stop", "success"),
             ("cli task create", "failure"),
             ("cli task delete", "failure"),
+            ("cli task resume", "failure"),
             ("cli task create", "success"),
             ("cli package upload", "success"),
             ("cli group add-devices", "success"),

@@ -12,7 +12,7 @@ const DATA = process.env.E2E_DATA_DIR ?? "";
 const MQTT_PORT = process.env.E2E_MQTT_PORT ?? "";
 
 /** `updraft sim mqtt` against the test's server; resolves its output when it exits. */
-function simulate(args: string[]): { child: ChildProcess; done: Promise<string> } {
+function simulate(args: string[]): { child: ChildProcess; done: Promise<string>; output: () => string } {
   const child = spawn(BIN, ["sim", "mqtt", "--port", MQTT_PORT, ...args], {
     env: { ...process.env, UPDRAFT_DATA_DIR: DATA, UPDRAFT_LOG__FORMAT: "text" },
     stdio: ["ignore", "pipe", "pipe"],
@@ -21,7 +21,7 @@ function simulate(args: string[]): { child: ChildProcess; done: Promise<string> 
   child.stdout?.on("data", (d) => (out += d));
   child.stderr?.on("data", (d) => (out += d));
   const done = new Promise<string>((resolve) => child.on("exit", (code) => resolve(`exit ${code}\n${out}`)));
-  return { child, done };
+  return { child, done, output: () => out };
 }
 
 test("an operator upgrades a group live, inspects a device, and stops a task", async ({ page }) => {
@@ -116,7 +116,13 @@ test("an operator upgrades a group live, inspects a device, and stops a task", a
     // Live: the page is not reloaded (the marker survives) while the counters reach 3 succeeded.
     await page.evaluate(() => ((window as unknown as { marker: number }).marker = 42));
     await expect(page.locator("#live")).toHaveText("Live");
-    await expect(page.locator('#counters [data-status="Success"] .n')).toHaveText("3", { timeout: 90_000 });
+    await expect(page.locator('#counters [data-status="Success"] .n'))
+      .toHaveText("3", { timeout: 90_000 })
+      .catch((e) => {
+        // What the devices saw, for a run where they did not finish.
+        console.log(`--- updraft sim output ---\n${sim.output()}`);
+        throw e;
+      });
     await expect(page.locator(".title-line .badge")).toHaveText("Success");
     expect(await page.evaluate(() => (window as unknown as { marker: number }).marker)).toBe(42);
     await page.screenshot({ path: `${SHOTS}/task-done.png`, fullPage: true });

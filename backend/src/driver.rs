@@ -227,8 +227,6 @@ struct Inner {
     reconciled: Mutex<Option<std::time::Instant>>,
     /// Whether this process runs the driver loop ([`Driver::run`]): only then does it start tasks.
     running: std::sync::atomic::AtomicBool,
-    /// Tasks with a rollout whose subtasks moved since the loop last decided (see `rollout`).
-    rollout_dirty: Mutex<std::collections::HashSet<String>>,
     /// One rollout decision at a time in this process.
     rollout_lock: tokio::sync::Mutex<()>,
 }
@@ -253,7 +251,6 @@ impl Driver {
                 gaps: Mutex::default(),
                 reconciled: Mutex::default(),
                 running: std::sync::atomic::AtomicBool::new(false),
-                rollout_dirty: Mutex::default(),
                 rollout_lock: tokio::sync::Mutex::new(()),
             }),
         }

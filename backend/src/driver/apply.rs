@@ -285,10 +285,12 @@ impl Driver {
             // Known as this process's before the commit makes them visible to its outbox tail.
             self.own_records(&events);
             txn.commit().await?;
-            for task_id in &touched_tasks {
-                if self.plans().get(task_id).is_some_and(|p| p.rollout) {
-                    self.rollout_moved(task_id);
-                }
+            // A rollout task's devices moved: the loop decides again at once.
+            if touched_tasks
+                .iter()
+                .any(|t| self.plans().get(t).is_some_and(|p| p.rollout))
+            {
+                self.kick();
             }
             for change in &observed {
                 state.metrics.subtask_changed(change, now.as_millis());

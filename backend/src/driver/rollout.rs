@@ -3,8 +3,7 @@
 //!
 //! - When a task with a rollout starts, its targets are assigned to waves once (`subtasks.wave`, from
 //!   the stored seed) and nothing begins but what [`Driver::release`] allows.
-//! - [`Driver::release`] runs when the task's subtasks finish (`apply` marks the task and kicks the
-//!   loop), when `tasks.rollout_wake_at` passes (a soak ends, the pace allows more, a window opens), and
+//! - [`Driver::release`] runs when the task's subtasks finish (`apply` kicks the loop), when `tasks.rollout_wake_at` passes (a soak ends, the pace allows more, a window opens), and
 //!   on every pass of the loop for the tasks this instance owns (so a restart, or a device finishing on
 //!   another instance, is picked up within a second). It is serialised in this process by a lock, and
 //!   only the instance that claimed the task runs it.
@@ -21,7 +20,7 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::transition::write_outbox;
-use super::{BATCH, Driver, Event, Step, lock};
+use super::{BATCH, Driver, Event, Step};
 use crate::storage::entity::{device_group_members, subtasks, tasks};
 use crate::{Context, Error, Result};
 
@@ -161,17 +160,9 @@ impl Driver {
         self.release(state, &task.id).await
     }
 
-    /// Marks a task with a rollout whose subtasks moved, for the loop to decide again.
-    pub(super) fn rollout_moved(&self, task_id: &str) {
-        lock(&self.inner.rollout_dirty).insert(task_id.to_owned());
-        self.kick();
-    }
-
-    /// Decides for every rollout this instance should look at now: the ones whose subtasks moved, whose
-    /// wake time passed, and (at least every pass of the loop) every running one it owns. Returns the
-    /// earliest wake time.
+    /// Decides for every running rollout this instance owns (the loop runs this on every pass: when a
+    /// rollout task's subtasks moved it is kicked, and it wakes at the earliest wake time it returns).
     pub(super) async fn release_due(&self, state: &Context) -> Result<Option<Timestamp>> {
-        lock(&self.inner.rollout_dirty).clear();
         let mut owned = tasks::Entity::find()
             .select_only()
             .column(tasks::Column::Id)
@@ -255,16 +246,8 @@ impl Driver {
         }
         let written = update.exec(&txn).await?.rows_affected;
         if written == 1 && decision.paused.is_some() {
-            let event = Event::Task {
-                project_id: task.project_id.clone(),
-                task_id: task.id.clone(),
-                status: TaskStatus::Paused.as_str().to_owned(),
-                task_progress: task.progress(),
-                status_desc: pause_desc.clone(),
-                at: now.as_millis(),
-            };
-            let id = write_outbox(&txn, &event, now.as_millis()).await?;
-            events.push((id, event));
+            let event = task_event(&task, TaskStatus::Paused, pause_desc, now);
+            events.push((write_outbox(&txn, &event, now.as_millis()).await?, event));
         }
         self.own_records(&events);
         txn.commit().await?;
@@ -361,16 +344,9 @@ impl Driver {
                 .rows_affected;
             let mut events = Vec::new();
             if written == 1 {
-                let event = Event::Task {
-                    project_id: task.project_id.clone(),
-                    task_id: task.id.clone(),
-                    status: TaskStatus::Processing.as_str().to_owned(),
-                    status_desc: TaskStatus::Processing.describe(&progress),
-                    task_progress: progress,
-                    at: now.as_millis(),
-                };
-                let id = write_outbox(&txn, &event, now.as_millis()).await?;
-                events.push((id, event));
+                let desc = TaskStatus::Processing.describe(&progress);
+                let event = task_event(&task, TaskStatus::Processing, desc, now);
+                events.push((write_outbox(&txn, &event, now.as_millis()).await?, event));
             }
             self.own_records(&events);
             txn.commit().await?;
@@ -380,6 +356,23 @@ impl Driver {
         self.release(state, task_id).await?;
         // Everything may have finished while it was paused.
         self.refresh(state, task_id).await
+    }
+}
+
+/// The `task.changed` record of a pause or a resume.
+fn task_event(
+    task: &tasks::Model,
+    status: TaskStatus,
+    status_desc: String,
+    now: Timestamp,
+) -> Event {
+    Event::Task {
+        project_id: task.project_id.clone(),
+        task_id: task.id.clone(),
+        status: status.as_str().to_owned(),
+        task_progress: task.progress(),
+        status_desc,
+        at: now.as_millis(),
     }
 }
 

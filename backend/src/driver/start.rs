@@ -107,14 +107,18 @@ impl Driver {
                 .exec(&state.db)
                 .await?;
         }
-        let request_id = self
-            .plan(state, task_id)
-            .await?
-            .and_then(|p| p.request_id.clone());
+        let plan = self.plan(state, task_id).await?;
+        let request_id = plan.as_ref().and_then(|p| p.request_id.clone());
         tracing::info!(task_id, request_id, "task started");
-        let task = tasks::Entity::find_by_id(task_id.to_owned())
-            .one(&state.db)
-            .await?;
+        let task = match plan {
+            // Only a task with a rollout is read again, for its policy.
+            Some(p) if p.rollout => {
+                tasks::Entity::find_by_id(task_id.to_owned())
+                    .one(&state.db)
+                    .await?
+            }
+            _ => None,
+        };
         if let Some(task) = task
             && let Some(rollout) = task.rollout.as_deref()
         {

@@ -217,14 +217,15 @@ impl TaskJson {
         }
     }
 
-    /// With the task's rollout, when it has one.
-    async fn with_rollout(
-        mut self,
-        state: &ServerState,
-        task: &task_rows::Model,
-    ) -> Result<Self, IotdaError> {
-        self.rollout = state.app.driver.rollout_view(&state.app, task).await?;
-        Ok(self)
+    /// A whole task as the API shows it after a change or on its own: its named targets, and its rollout
+    /// when it has one.
+    async fn read(state: &ServerState, task: task_rows::Model) -> Result<Self, IotdaError> {
+        let targets = targets_of(state, &task).await?;
+        let rollout = state.app.driver.rollout_view(&state.app, &task).await?;
+        Ok(Self {
+            rollout,
+            ..Self::new(task, targets)
+        })
     }
 }
 
@@ -324,11 +325,11 @@ pub(super) async fn create(
             .transpose()?,
     };
     let task = tasks::create(&state.app, &project_id, new).await?;
-    let targets = targets_of(&state, &task).await?;
-    let json = TaskJson::new(task.clone(), targets)
-        .with_rollout(&state, &task)
-        .await?;
-    Ok(super::iotda::created(&task.id, json))
+    let id = task.id.clone();
+    Ok(super::iotda::created(
+        &id,
+        TaskJson::read(&state, task).await?,
+    ))
 }
 
 /// The task's device list as IoTDA echoes it (`targets`): the devices named at creation, empty for a
@@ -586,10 +587,7 @@ pub(super) async fn show(
             source_version: s.source_version,
         })
         .collect();
-    let targets = targets_of(&state, &task).await?;
-    let batchtask = TaskJson::new(task.clone(), targets)
-        .with_rollout(&state, &task)
-        .await?;
+    let batchtask = TaskJson::read(&state, task).await?;
     Ok(Json(ShowBody {
         batchtask,
         task_details,
@@ -708,11 +706,7 @@ pub(super) async fn resume(
 ) -> Result<Response, IotdaError> {
     let project_id = project(caller.as_deref(), &project_id)?;
     let task = tasks::resume(&state.app, &project_id, &task_id).await?;
-    let targets = targets_of(&state, &task).await?;
-    let json = TaskJson::new(task.clone(), targets)
-        .with_rollout(&state, &task)
-        .await?;
-    Ok(Json(json).into_response())
+    Ok(Json(TaskJson::read(&state, task).await?).into_response())
 }
 
 /// `POST /v5/iot/{project_id}/batchtasks/{task_id}/stop`.

@@ -41,6 +41,7 @@
 //!   state and wakes subtasks waiting for the device. A second login of the same device ends the first
 //!   session, as MQTT requires for a reused client id.
 
+mod codec;
 mod login;
 mod session;
 mod uplinks;
@@ -326,7 +327,7 @@ impl MqttEndpoint {
             let tls = tls.clone();
             tokio::spawn(async move {
                 match tls {
-                    None => session(&ctx, stream, peer, stop).await,
+                    None => session(&ctx, stream, peer, false, stop).await,
                     Some(acceptor) => {
                         match tokio::time::timeout(
                             ctx.settings.connect_timeout,
@@ -334,7 +335,7 @@ impl MqttEndpoint {
                         )
                         .await
                         {
-                            Ok(Ok(s)) => session(&ctx, s, peer, stop).await,
+                            Ok(Ok(s)) => session(&ctx, s, peer, true, stop).await,
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, error.message = %e, "mqtt: TLS handshake failed");
                             }

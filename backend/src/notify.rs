@@ -425,8 +425,11 @@ fn notification_body(record: &outbox::Model) -> Result<Vec<u8>> {
         .map_err(|e| Error::Internal(format!("outbox {}: {e}", record.id)))?;
     let at = Timestamp::from_millis(record.created_at);
     let body = if record.kind == "task.changed" {
+        // IoTDA's batch-task notification body, plus the counters.
         json!({
+            "app_id": event["app_id"],
             "task_id": event["task_id"],
+            "task_type": event["task_type"],
             "status": event["status"],
             "status_desc": event["status_desc"],
             "task_progress": event["task_progress"],
@@ -451,10 +454,27 @@ fn notification_body(record: &outbox::Model) -> Result<Vec<u8>> {
         "resource": resource_of_kind(&record.kind),
         "event": "update",
         "event_time": at.to_compact(),
-        "event_time_ms": record.created_at,
+        "event_time_ms": at.to_iso_millis(),
+        "request_id": request_id(record),
         "notify_data": {"header": {"project_id": record.project_id}, "body": body},
     }))
     .map_err(|e| Error::Internal(e.to_string()))
+}
+
+/// A notification's `request_id`: UUID-shaped, derived from the outbox record, so that every delivery
+/// of one change (retries, and every receiver) carries the same one and a receiver can drop repeats.
+fn request_id(record: &outbox::Model) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("updraft-outbox:{}:{}", record.id, record.created_at));
+    let hex = hex::encode(&digest[..16]);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 /// Turns outbox records not yet fanned out into pending deliveries, and marks them. Returns how many

@@ -14,6 +14,7 @@ pub mod overview;
 pub mod packages;
 pub mod products;
 pub mod projects;
+pub mod routing;
 pub mod subscriptions;
 pub mod tasks;
 

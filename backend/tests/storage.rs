@@ -344,6 +344,7 @@ async fn the_whole_model_round_trips_and_cascades() {
             enabled: Set(true),
             created_at: Set(now),
             updated_at: Set(now),
+            rule_id: Set(None),
         }
         .insert(db)
         .await

@@ -16,6 +16,7 @@ mod m20261206_000001_add_task_claim;
 mod m20261206_000002_add_audit_logs;
 mod m20261206_000003_add_task_request_id;
 mod m20261206_000004_add_rollouts;
+mod m20261206_000005_add_gateways_and_routing;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -33,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000002_add_audit_logs::Migration),
             Box::new(m20261206_000003_add_task_request_id::Migration),
             Box::new(m20261206_000004_add_rollouts::Migration),
+            Box::new(m20261206_000005_add_gateways_and_routing::Migration),
         ]
     }
 }

@@ -48,7 +48,17 @@ pub enum Uplink {
         /// `description`.
         description: Option<String>,
     },
-    /// Anything else (`$log`, `$sdk_info`, other `$ota` event types): accepted and ignored.
+    /// `$sdk_info` / `sdk_info_report`: the device SDK's version and the device's versions (the Python
+    /// SDK sends it on connect).
+    SdkInfo {
+        /// `device_sdk_version`.
+        device_sdk_version: Option<String>,
+        /// `sw_version`.
+        sw_version: Option<String>,
+        /// `fw_version`.
+        fw_version: Option<String>,
+    },
+    /// Anything else (`$log`, other `$ota` event types): accepted and ignored.
     Other {
         /// `service_id`.
         service_id: String,
@@ -76,26 +86,64 @@ pub enum UplinkError {
     },
 }
 
+/// One uplink message: whose events they are, and the events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UplinkMessage {
+    /// `object_device_id`: the device the events are about when it is not the sender (a gateway
+    /// reporting for a child device); `None` when absent or empty.
+    pub object_device_id: Option<String>,
+    /// One entry per service event, in order.
+    pub events: Vec<Uplink>,
+}
+
 /// Parses an uplink message: one entry per service event, in order.
 ///
 /// # Errors
 /// [`UplinkError`] for anything that is not an events envelope, or an OTA event without its required
 /// fields.
 pub fn parse_uplink(payload: &[u8]) -> Result<Vec<Uplink>, UplinkError> {
+    parse_uplink_message(payload).map(|m| m.events)
+}
+
+/// [`parse_uplink`], with the message's `object_device_id`.
+///
+/// # Errors
+/// As [`parse_uplink`].
+pub fn parse_uplink_message(payload: &[u8]) -> Result<UplinkMessage, UplinkError> {
     let root: Value =
         serde_json::from_slice(payload).map_err(|e| UplinkError::Json(e.to_string()))?;
     let services = root
         .get("services")
         .and_then(Value::as_array)
         .ok_or(UplinkError::NoServices)?;
-    services.iter().map(parse_service).collect()
+    Ok(UplinkMessage {
+        object_device_id: root
+            .get("object_device_id")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned),
+        events: services
+            .iter()
+            .map(parse_service)
+            .collect::<Result<_, _>>()?,
+    })
 }
+
+/// The service id of the device SDK's information report.
+pub const SDK_INFO_SERVICE: &str = "$sdk_info";
 
 fn parse_service(service: &Value) -> Result<Uplink, UplinkError> {
     let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
     let service_id = text(service, "service_id").unwrap_or_default();
     let event_type = text(service, "event_type").unwrap_or_default();
     let paras = service.get("paras").unwrap_or(&Value::Null);
+    if service_id == SDK_INFO_SERVICE && event_type == "sdk_info_report" {
+        return Ok(Uplink::SdkInfo {
+            device_sdk_version: text(paras, "device_sdk_version"),
+            sw_version: text(paras, "sw_version"),
+            fw_version: text(paras, "fw_version"),
+        });
+    }
     if service_id != OTA_SERVICE {
         return Ok(Uplink::Other {
             service_id,
@@ -177,15 +225,26 @@ fn envelope<P: Serialize>(
     serde_json::to_vec(&message).unwrap_or_default()
 }
 
-/// `version_query` for `device_id`; `event_time` in IoTDA's compact form (`20151212T121212Z`).
+/// What a task adds to the events it sends a device (`protocols.md` §1.4, §1.6): its id, the number of
+/// devices behind the gateway it upgrades (gateway mode), and the task's `task_ext_info`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    /// The batch task id.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub task_id: Option<String>,
+    /// Gateway mode: how many of the gateway's child devices the task upgrades.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sub_device_count: Option<u64>,
+    /// The task's `task_ext_info`, as given at creation.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub task_ext_info: Option<serde_json::Value>,
+}
+
+/// `version_query` for `device_id`; `event_time` in IoTDA's compact form (`20151212T121212Z`). Its
+/// `paras` carry `info`'s fields that are set (none: `{}`).
 #[must_use]
-pub fn version_query(device_id: &str, event_time: &str) -> Vec<u8> {
-    envelope(
-        device_id,
-        "version_query",
-        event_time,
-        serde_json::Map::new(),
-    )
+pub fn version_query(device_id: &str, event_time: &str, info: &TaskInfo) -> Vec<u8> {
+    envelope(device_id, "version_query", event_time, info)
 }
 
 /// The `paras` of `software_upgrade` / `firmware_upgrade` (`protocols.md` §1.6).
@@ -208,9 +267,9 @@ pub struct UpgradeNotice {
     /// The package's custom information, when it has any.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub custom_info: Option<String>,
-    /// The batch task id.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub task_id: Option<String>,
+    /// The task's id, `sub_device_count` and `task_ext_info`.
+    #[serde(flatten)]
+    pub task: TaskInfo,
 }
 
 /// Which upgrade event to send.
@@ -256,9 +315,9 @@ pub struct UpgradeNoticeV2 {
     /// The package's custom information, when it has any.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub custom_info: Option<String>,
-    /// The batch task id.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub task_id: Option<String>,
+    /// The task's id, `sub_device_count` and `task_ext_info`.
+    #[serde(flatten)]
+    pub task: TaskInfo,
 }
 
 /// `software_upgrade_v2` or `firmware_upgrade_v2` for `device_id`.
@@ -327,6 +386,24 @@ mod tests {
     }
 
     #[test]
+    fn sdk_info_and_the_object_device_are_read() {
+        // The Python SDK's `report_device_info`, sent by a gateway for its child `child-1`.
+        let m = br#"{"object_device_id":"child-1","services":[{"service_id":"$sdk_info","event_type":"sdk_info_report","event_time":"20261206T120000Z","paras":{"device_sdk_version":"Python_v1.2.0","sw_version":"1.0","fw_version":"f1"}}]}"#;
+        let parsed = parse_uplink_message(m).unwrap();
+        assert_eq!(parsed.object_device_id.as_deref(), Some("child-1"));
+        assert_eq!(
+            parsed.events,
+            [Uplink::SdkInfo {
+                device_sdk_version: Some("Python_v1.2.0".into()),
+                sw_version: Some("1.0".into()),
+                fw_version: Some("f1".into()),
+            }]
+        );
+        let direct = br#"{"object_device_id":"","services":[]}"#;
+        assert_eq!(parse_uplink_message(direct).unwrap().object_device_id, None);
+    }
+
+    #[test]
     fn other_services_are_accepted_and_garbage_is_an_error() {
         let log = br#"{"object_device_id":"d","services":[{"service_id":"$log","event_type":"log_report","event_time":"2026-11-27T19:34:15Z","event_id":"","paras":{"type":"DEVICE_STATUS"}},{"service_id":"$ota","event_type":"something_new"}]}"#;
         let parsed = parse_uplink(log).unwrap();
@@ -353,12 +430,30 @@ mod tests {
 
     #[test]
     fn downlink_events_have_iotdas_shape() {
-        let q: Value = serde_json::from_slice(&version_query("dev1", "20261127T120000Z")).unwrap();
+        let q: Value = serde_json::from_slice(&version_query(
+            "dev1",
+            "20261127T120000Z",
+            &TaskInfo::default(),
+        ))
+        .unwrap();
         assert_eq!(q["object_device_id"], "dev1");
         assert_eq!(q["services"][0]["service_id"], "$ota");
         assert_eq!(q["services"][0]["event_type"], "version_query");
         assert_eq!(q["services"][0]["event_time"], "20261127T120000Z");
         assert_eq!(q["services"][0]["paras"], serde_json::json!({}));
+        // D-3028's gateway-mode example.
+        let info = TaskInfo {
+            task_id: Some("65d31bf2581ed33a42a58d76".into()),
+            sub_device_count: Some(2),
+            task_ext_info: Some(serde_json::json!({"device_type": "DDC"})),
+        };
+        let q: Value =
+            serde_json::from_slice(&version_query("dev1", "20261127T120000Z", &info)).unwrap();
+        assert_eq!(
+            q["services"][0]["paras"],
+            serde_json::json!({"task_id": "65d31bf2581ed33a42a58d76", "sub_device_count": 2,
+                               "task_ext_info": {"device_type": "DDC"}})
+        );
 
         let notice = UpgradeNotice {
             version: "2.0".into(),
@@ -369,7 +464,11 @@ mod tests {
             expires: 86_400,
             sign: "cd".repeat(32),
             custom_info: None,
-            task_id: Some("65d31bf2581ed33a42a58d76".into()),
+            task: TaskInfo {
+                task_id: Some("65d31bf2581ed33a42a58d76".into()),
+                sub_device_count: None,
+                task_ext_info: Some(serde_json::json!({"device_type": "DDC"})),
+            },
         };
         let u: Value = serde_json::from_slice(&upgrade_event(
             "dev1",
@@ -383,6 +482,8 @@ mod tests {
         assert_eq!(s["paras"]["file_size"], 81_362_928);
         assert_eq!(s["paras"]["expires"], 86_400);
         assert_eq!(s["paras"]["task_id"], "65d31bf2581ed33a42a58d76");
+        assert_eq!(s["paras"]["task_ext_info"]["device_type"], "DDC");
+        assert!(s["paras"].get("sub_device_count").is_none());
         assert!(
             s["paras"].get("custom_info").is_none(),
             "absent optional fields are left out"
@@ -402,7 +503,10 @@ mod tests {
             expires: 86400,
             sign: "00".repeat(32),
             custom_info: None,
-            task_id: Some("t1".into()),
+            task: TaskInfo {
+                task_id: Some("t1".into()),
+                ..TaskInfo::default()
+            },
         };
         let msg: serde_json::Value = serde_json::from_slice(&upgrade_event_v2(
             "d1",

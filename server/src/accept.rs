@@ -4,7 +4,7 @@
 //! At most `http.max_connections` connections are served at once (the descriptor budget's share, see
 //! [`crate::budget`]). A connection beyond that still completes its TLS handshake, but every request on it
 //! is answered `503 Service Unavailable` with `Retry-After` and `Connection: close` (IoTDA's error shape,
-//! `IOTDA.000012`), and it is closed after [`REFUSAL_TIMEOUT`] in any case: a device told "busy" retries
+//! `UPDRAFT.000503`), and it is closed after [`REFUSAL_TIMEOUT`] in any case: a device told "busy" retries
 //! later instead of counting a failure. At most [`crate::budget::REFUSING`] connections are being refused
 //! at once; past that, new connections are closed as soon as they are accepted, so no crowd can take the
 //! descriptors the served connections need.

@@ -20,6 +20,7 @@ mod openapi;
 mod packages;
 mod paging;
 mod products;
+mod routing;
 mod signed;
 mod spaces;
 mod subscriptions;
@@ -158,6 +159,10 @@ pub fn router(state: ServerState) -> Router {
             post(batchtasks::retry).layer(timeout),
         )
         .route(
+            "/v5/iot/{project_id}/batchtasks/{task_id}/confirm",
+            post(batchtasks::confirm).layer(timeout),
+        )
+        .route(
             "/v5/iot/{project_id}/batchtasks/{task_id}/resume",
             post(batchtasks::resume).layer(timeout),
         )
@@ -214,6 +219,39 @@ pub fn router(state: ServerState) -> Router {
             get(products::show_product)
                 .put(products::update_product)
                 .delete(products::delete_product)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/apps",
+            get(spaces::list).layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/apps/{app_id}",
+            get(spaces::show).layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/routing-rule/rules",
+            get(routing::list_rules)
+                .post(routing::create_rule)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/routing-rule/rules/{rule_id}",
+            get(routing::show_rule)
+                .put(routing::update_rule)
+                .delete(routing::delete_rule)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/routing-rule/actions",
+            get(routing::list_actions)
+                .post(routing::create_action)
+                .layer(timeout),
+        )
+        .route(
+            "/v5/iot/{project_id}/routing-rule/actions/{action_id}",
+            get(routing::show_action)
+                .delete(routing::delete_action)
                 .layer(timeout),
         )
         .route(

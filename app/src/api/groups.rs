@@ -108,7 +108,7 @@ pub async fn delete_group(group_id: String) -> Result<(), ApiError> {
 /// A group with a page of its members.
 #[server(prefix = "/api", endpoint = "group_detail")]
 pub async fn group_detail(group_id: String, offset: u64) -> Result<GroupView, ApiError> {
-    use backend::service::{Page, groups};
+    use backend::service::{ListOrder, Page, groups};
     let (state, user) = super::ssr::context().await?;
     let group = groups::get(&state, &user.project_id, &group_id).await?;
     let limit = super::devices::PAGE_SIZE;
@@ -117,6 +117,7 @@ pub async fn group_detail(group_id: String, offset: u64) -> Result<GroupView, Ap
         &user.project_id,
         &group_id,
         Page::new(limit, offset),
+        &ListOrder::Natural,
     )
     .await?;
     Ok(GroupView {

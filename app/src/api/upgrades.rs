@@ -291,6 +291,7 @@ pub async fn task_detail(
             .then(|| domain::task::SubtaskStatus::parse(&status))
             .transpose()?,
         target: None,
+        descending_after: None,
     };
     let page = tasks::details(
         &state,
@@ -447,6 +448,8 @@ pub async fn create_task(
         task_ext_info: None,
         request_id: super::ssr::request_id().await,
         rollout: rollout.rollout()?,
+        need_confirm: false,
+        gateway_mode: false,
     };
     let task = tasks::create(&state, &user.project_id, new)
         .await

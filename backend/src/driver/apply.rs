@@ -157,11 +157,12 @@ impl Driver {
                 // share lock of the device rows: a connection being recorded right now (by another
                 // instance, or before this transaction on this one) either committed first and is seen,
                 // or waits for this transaction and then finds the started subtask (see `open_steps`).
-                let online =
-                    locked_online(&txn, rows.values().map(|r| r.device_id.clone())).await?;
+                // A child device is as connected as the gateway it is reached through.
+                let reach = |r: &subtasks::Model| r.gateway_id.clone().unwrap_or_else(|| r.device_id.clone());
+                let online = locked_online(&txn, rows.values().map(reach)).await?;
                 for (id, step) in &mut steps {
                     if let Step::Begin { online: o } | Step::Start { online: o } = step {
-                        *o = rows.get(id).is_some_and(|r| online.contains(&r.device_id));
+                        *o = rows.get(id).is_some_and(|r| online.contains(&reach(r)));
                     }
                 }
             }
@@ -588,13 +589,25 @@ async fn record_device(
         DeviceEvent::VersionReport {
             sw_version,
             fw_version,
+        }
+        | DeviceEvent::SdkInfo {
+            sw_version,
+            fw_version,
+            ..
         } => {
+            let sdk = match event {
+                DeviceEvent::SdkInfo {
+                    device_sdk_version, ..
+                } => device_sdk_version,
+                _ => &None,
+            };
             let mut update =
                 devices::Entity::update_many().filter(devices::Column::Id.eq(device_id));
             let mut any = false;
             for (col, v) in [
                 (devices::Column::SwVersion, sw_version),
                 (devices::Column::FwVersion, fw_version),
+                (devices::Column::DeviceSdkVersion, sdk),
             ] {
                 if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
                     update = update.col_expr(col, Expr::value(v.to_owned()));

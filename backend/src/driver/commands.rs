@@ -107,6 +107,7 @@ impl Driver {
         if events.is_empty() {
             return Ok(());
         }
+        let events = super::gateways::through_gateways(state, events).await?;
         // The device's open subtasks are looked up under the write lock (in `apply_once`): a task
         // starting meanwhile either sees the device's new state or is seen by the lookup.
         self.apply_in(state, Vec::new(), &events).await

@@ -28,6 +28,23 @@ pub enum DeviceEvent {
         /// `fw_version`.
         fw_version: Option<String>,
     },
+    /// `$sdk_info` / `sdk_info_report`: recorded on the device, and a version report for its upgrade.
+    SdkInfo {
+        /// `device_sdk_version`.
+        device_sdk_version: Option<String>,
+        /// `sw_version`.
+        sw_version: Option<String>,
+        /// `fw_version`.
+        fw_version: Option<String>,
+    },
+    /// An event a gateway sent about the device (`object_device_id`): applied only when the device is
+    /// that gateway's child, dropped otherwise (see `Driver::device_events`).
+    FromGateway {
+        /// The gateway that sent it.
+        gateway: String,
+        /// What it said.
+        event: Box<DeviceEvent>,
+    },
     /// `upgrade_progress_report`.
     Progress {
         /// `result_code`.
@@ -110,10 +127,17 @@ impl DeviceEvent {
             Self::VersionReport {
                 sw_version,
                 fw_version,
+            }
+            | Self::SdkInfo {
+                sw_version,
+                fw_version,
+                ..
             } => Step::Mqtt(mqtt::Input::VersionReport {
                 sw: sw_version.as_deref(),
                 fw: fw_version.as_deref(),
             }),
+            // Unwrapped (or dropped) before it is applied.
+            Self::FromGateway { event, .. } => event.input(),
             Self::Progress {
                 result_code,
                 progress,
@@ -213,6 +237,12 @@ pub enum Event {
         /// Why the task has its status (a pause's reason). Absent in records written before it existed.
         #[serde(default)]
         status_desc: String,
+        /// The task's resource space (IoTDA's `app_id`). Absent in older records.
+        #[serde(default)]
+        app_id: String,
+        /// `softwareUpgrade` or `firmwareUpgrade`. Absent in older records.
+        #[serde(default)]
+        task_type: String,
         /// When (ms since the epoch).
         at: i64,
     },

@@ -6,18 +6,23 @@ use domain::flow::mqtt::Effect;
 use domain::package::PackageType;
 
 use super::effects::{Effects, Outgoing};
-use crate::storage::entity::packages;
+use crate::storage::entity::{packages, subtasks};
 use crate::{Result, tokens};
 
 /// Carries out one MQTT effect inside its transition's transaction.
 pub(super) async fn carry_out(fx: &mut Effects<'_>, effect: Effect) -> Result<()> {
     let row = fx.row;
     let event_time = fx.now.to_compact();
+    // A child device is reached through its gateway's topic; `object_device_id` names the child.
+    let to = row.gateway_id.clone().unwrap_or_else(|| row.device_id.clone());
     match effect {
-        Effect::SendVersionQuery => fx.outgoing.push(Outgoing::Mqtt {
-            device_id: row.device_id.clone(),
-            payload: protocol::ota::version_query(&row.device_id, &event_time),
-        }),
+        Effect::SendVersionQuery => {
+            let info = task_info(fx).await?;
+            fx.outgoing.push(Outgoing::Mqtt {
+                device_id: to,
+                payload: protocol::ota::version_query(&row.device_id, &event_time, &info),
+            });
+        }
         Effect::RevokeTokens => {
             tokens::revoke_subtask(fx.txn, fx.now, row.id).await?;
         }
@@ -42,7 +47,7 @@ pub(super) async fn carry_out(fx: &mut Effects<'_>, effect: Effect) -> Result<()
                         expires: ttl.as_secs(),
                         sign: package.sha256.clone(),
                         custom_info,
-                        task_id: Some(row.task_id.clone()),
+                        task: task_info(fx).await?,
                     };
                     protocol::ota::upgrade_event_v2(&row.device_id, &event_time, kind, &notice)
                 } else {
@@ -70,17 +75,38 @@ pub(super) async fn carry_out(fx: &mut Effects<'_>, effect: Effect) -> Result<()
                         expires: ttl.as_secs(),
                         sign: package.sha256.clone(),
                         custom_info,
-                        task_id: Some(row.task_id.clone()),
+                        task: task_info(fx).await?,
                     };
                     protocol::ota::upgrade_event(&row.device_id, &event_time, kind, &notice)
                 };
             fx.outgoing.push(Outgoing::Mqtt {
-                device_id: row.device_id.clone(),
+                device_id: to,
                 payload,
             });
         }
     }
     Ok(())
+}
+
+/// What the task adds to its events: its id and `task_ext_info` (IoTDA sends both to every device), and
+/// in a gateway-mode task, to a child device, how many of its gateway's children the task upgrades.
+async fn task_info(fx: &Effects<'_>) -> Result<protocol::ota::TaskInfo> {
+    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+    let sub_device_count = match (&fx.row.gateway_id, fx.plan.gateway_mode) {
+        (Some(gateway), true) => Some(
+            subtasks::Entity::find()
+                .filter(subtasks::Column::TaskId.eq(fx.row.task_id.as_str()))
+                .filter(subtasks::Column::GatewayId.eq(gateway.as_str()))
+                .count(fx.txn)
+                .await?,
+        ),
+        _ => None,
+    };
+    Ok(protocol::ota::TaskInfo {
+        task_id: Some(fx.row.task_id.clone()),
+        sub_device_count,
+        task_ext_info: fx.plan.task_ext_info.clone(),
+    })
 }
 
 /// The URL a device downloads `file_name` of `package_id` from.

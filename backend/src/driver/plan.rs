@@ -28,6 +28,10 @@ pub(super) struct TaskPlan {
     pub(super) request_id: Option<String>,
     /// Whether the task has a rollout (its subtasks' moves make the driver decide again).
     pub(super) rollout: bool,
+    /// The task's `task_ext_info`, sent to its devices in the version query and the upgrade event.
+    pub(super) task_ext_info: Option<serde_json::Value>,
+    /// `task_mode` `GATEWAY`: child devices are told `sub_device_count`.
+    pub(super) gateway_mode: bool,
 }
 
 impl Driver {
@@ -108,6 +112,11 @@ impl Driver {
             kind,
             firmware_download,
             rollout: task.rollout.is_some(),
+            gateway_mode: task.task_mode.as_deref() == Some("GATEWAY"),
+            task_ext_info: task
+                .task_ext_info
+                .as_deref()
+                .and_then(|t| serde_json::from_str(t).ok()),
             request_id: task.request_id,
         });
         self.plans().insert(task_id.to_owned(), plan.clone());

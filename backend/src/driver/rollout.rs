@@ -372,6 +372,8 @@ fn task_event(
         status: status.as_str().to_owned(),
         task_progress: task.progress(),
         status_desc,
+        app_id: task.app_id.clone(),
+        task_type: task.task_type.clone(),
         at: now.as_millis(),
     }
 }
@@ -405,7 +407,7 @@ async fn wave_counts(
         let n = n32(n);
         c.total += n;
         match SubtaskStatus::parse(&status) {
-            _ if step == "pending" => c.pending += n,
+            _ if step == "pending" || step == super::UNCONFIRMED => c.pending += n,
             Ok(SubtaskStatus::Success) => c.succeeded += n,
             Ok(SubtaskStatus::Fail) => c.failed += n,
             Ok(

@@ -76,7 +76,8 @@ impl Driver {
                 })?;
                 let members = group_devices(state, &task.project_id, &package, &filter).await?;
                 let txn = crate::db::begin_write(&state.db).await?;
-                write_subtasks(&txn, state.clock.now(), task_id, &members).await?;
+                let confirm = task.need_confirm;
+                write_subtasks(&txn, state.clock.now(), task_id, &members, confirm).await?;
                 txn.commit().await?;
             }
         }
@@ -208,22 +209,33 @@ async fn group_devices(
     Ok(out)
 }
 
-/// Writes one `Waitting` subtask per device and sets the task's counters.
+/// The step of a subtask of a `need_confirm` task that has not been confirmed: it is `Waitting` and
+/// nothing starts it (only `pending` subtasks begin) until ConfirmBatchTask makes it `pending`.
+pub const UNCONFIRMED: &str = "unconfirmed";
+
+/// Writes one `Waitting` subtask per device (`unconfirmed` when the task needs confirmation) and sets the
+/// task's counters.
 pub(crate) async fn write_subtasks(
     txn: &sea_orm::DatabaseTransaction,
     now: Timestamp,
     task_id: &str,
     devices: &[devices::Model],
+    need_confirm: bool,
 ) -> Result<()> {
     let now = now.as_millis();
     for chunk in devices.chunks(BATCH as usize) {
         let rows = chunk.iter().map(|d| {
             let machine = mqtt::Subtask::new(d.status == "ONLINE");
+            let step = if need_confirm {
+                UNCONFIRMED
+            } else {
+                machine.step()
+            };
             subtasks::ActiveModel {
                 task_id: Set(task_id.to_owned()),
                 device_id: Set(d.id.clone()),
                 status: Set(SubtaskStatus::Waiting.as_str().to_owned()),
-                step: Set(machine.step().to_owned()),
+                step: Set(step.to_owned()),
                 progress: Set(0),
                 attempts: Set(0),
                 deadline_at: Set(None),
@@ -238,6 +250,7 @@ pub(crate) async fn write_subtasks(
                 started_at: Set(None),
                 updated_at: Set(now),
                 finished_at: Set(None),
+                gateway_id: Set(d.gateway_id.clone()),
                 ..Default::default()
             }
         });

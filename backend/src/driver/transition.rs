@@ -361,6 +361,8 @@ pub(super) async fn refresh_task(
         status: status.as_str().to_owned(),
         task_progress: progress,
         status_desc,
+        app_id: task.app_id,
+        task_type: task.task_type,
         at,
     };
     let id = write_outbox(txn, &event, at).await?;

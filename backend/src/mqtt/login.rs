@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use protocol::mqtt_auth::{ClientId, SigType, verify_password};
-use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::v4::ConnectReturnCode;
 use sea_orm::EntityTrait;
 use secrecy::ExposeSecret;
 
+use super::codec::Connect;
 use super::{Ctx, lock};
 use crate::storage::entity::devices;
 
@@ -20,8 +21,9 @@ use crate::storage::entity::devices;
 /// at once, none of which may be refused for the others being checked).
 pub(super) async fn authenticate(
     ctx: &Ctx,
-    connect: &rumqttc::mqttbytes::v4::Connect,
+    connect: &Connect,
     peer: SocketAddr,
+    secure: bool,
 ) -> Result<String, ConnectReturnCode> {
     let client = ClientId::parse(&connect.client_id).map_err(|_| ConnectReturnCode::BadClientId)?;
     let now = ctx.state.clock.now();
@@ -37,7 +39,7 @@ pub(super) async fn authenticate(
             return Err(ConnectReturnCode::ServiceUnavailable);
         }
     }
-    let checked = check_login(ctx, connect, &client, now).await;
+    let checked = check_login(ctx, connect, &client, now, secure).await;
     let mut failures = lock(&ctx.failures);
     let (by_device, by_address) = &mut *failures;
     match checked {
@@ -50,15 +52,16 @@ pub(super) async fn authenticate(
 /// The login check proper (see [`authenticate`]).
 async fn check_login(
     ctx: &Ctx,
-    connect: &rumqttc::mqttbytes::v4::Connect,
+    connect: &Connect,
     client: &ClientId<'_>,
     now: domain::Timestamp,
+    secure: bool,
 ) -> Result<String, ConnectReturnCode> {
-    let login = connect
+    let (username, password) = connect
         .login
         .as_ref()
         .ok_or(ConnectReturnCode::BadUserNamePassword)?;
-    if login.username != client.device_id {
+    if username != client.device_id {
         return Err(ConnectReturnCode::BadUserNamePassword);
     }
     if client.sig_type == SigType::TimestampCheck
@@ -81,10 +84,16 @@ async fn check_login(
         tracing::warn!(device_id = %device.id, error.message = %e, "mqtt: device secret cannot be opened");
         ConnectReturnCode::ServiceUnavailable
     })?;
-    if !verify_password(secret.expose_secret(), client.timestamp, &login.password) {
+    if !verify_password(secret.expose_secret(), client.timestamp, password) {
         return Err(ConnectReturnCode::BadUserNamePassword);
     }
     if device.status == "FROZEN" {
+        return Err(ConnectReturnCode::NotAuthorized);
+    }
+    // IoTDA's `secure_access`: such a device logs in over TLS (8883) only. Checked after the password,
+    // so the answer says nothing about a device to who does not hold its secret.
+    if device.secure_access && !secure {
+        tracing::info!(device_id = %device.id, "mqtt: a secure_access device refused on plain MQTT");
         return Err(ConnectReturnCode::NotAuthorized);
     }
     Ok(device.id)
@@ -101,10 +110,6 @@ fn timestamp_fresh(ts: &str, now: domain::Timestamp, skew: Duration) -> bool {
     let skew = i64::try_from(skew.as_millis()).unwrap_or(i64::MAX);
     let now = now.as_millis();
     now >= start.saturating_sub(skew) && now < end.saturating_add(skew)
-}
-
-pub(super) fn refuse(code: ConnectReturnCode) -> Packet {
-    Packet::ConnAck(ConnAck::new(code, false))
 }
 
 #[cfg(test)]

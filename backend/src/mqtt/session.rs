@@ -1,5 +1,6 @@
-//! One device connection, from CONNECT to close: the MQTT 3.1.1 codec, keep-alive, the ACL, and the
-//! routing of publishes and subscriptions to and from the router (on the blocking pool).
+//! One device connection, from CONNECT to close: keep-alive, the ACL, and the routing of publishes and
+//! subscriptions to and from the router (on the blocking pool). The wire format (MQTT 3.1, 3.1.1 or 5.0,
+//! as the device's CONNECT chooses) is `codec`'s.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,20 +8,19 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, PubComp, PubRec, Publish, SubAck,
-    SubscribeReasonCode, UnsubAck,
-};
-use rumqttc::mqttbytes::{self, QoS};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::ConnectReturnCode;
 use rumqttd::Notification;
 use rumqttd::local::LinkTx;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::login::{authenticate, refuse};
+use super::codec::{self, CodecError, Connect, Incoming, Outgoing, Version};
+use super::login::authenticate;
 use super::{Ctx, DOWN_QUEUE, MAX_CONNECT, SessionHandle, device_link, internal, lock, own_prefix};
 use crate::driver::DeviceEvent;
 use crate::metrics::{DirectionLabels, ReasonLabels};
+
 /// Why a session ended (for the log).
 enum End {
     Closed,
@@ -50,9 +50,15 @@ impl std::fmt::Display for End {
     }
 }
 
-/// One connection, from CONNECT to close.
-pub(super) async fn session<S>(ctx: &Arc<Ctx>, stream: S, peer: SocketAddr, stop: CancellationToken)
-where
+/// One connection, from CONNECT to close; `secure` when it came over TLS (a device with `secure_access`
+/// is refused otherwise).
+pub(super) async fn session<S>(
+    ctx: &Arc<Ctx>,
+    stream: S,
+    peer: SocketAddr,
+    secure: bool,
+    stop: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -61,24 +67,16 @@ where
     // Nothing larger than a CONNECT is read before the login is checked.
     let first = tokio::time::timeout(
         ctx.settings.connect_timeout,
-        read_packet(&mut rd, &mut buf, max.min(MAX_CONNECT)),
+        read_connect(&mut rd, &mut buf, max.min(MAX_CONNECT)),
     )
     .await;
-    let connect = match first {
-        Ok(Ok(Some(Packet::Connect(c)))) => c,
-        Ok(Err(ReadError::Codec(mqttbytes::Error::InvalidProtocolLevel(level)))) => {
+    let (version, connect) = match first {
+        Ok(Ok(Some(c))) => c,
+        Ok(Err(ReadError::Codec(CodecError::Level(level)))) => {
             tracing::info!(%peer, level, "mqtt: refused protocol level");
             refused(ctx, "protocol_version");
-            let _ = write(
-                &mut wr,
-                refuse(ConnectReturnCode::RefusedProtocolVersion),
-                max,
-            )
-            .await;
-            return;
-        }
-        Ok(Ok(Some(_))) => {
-            tracing::debug!(%peer, "mqtt: first packet is not CONNECT");
+            let refusal = Outgoing::ConnAck(ConnectReturnCode::RefusedProtocolVersion);
+            let _ = write(&mut wr, Version::V4, refusal, max).await;
             return;
         }
         Ok(Err(ReadError::Codec(e))) => {
@@ -90,11 +88,12 @@ where
     // Over the cap: "server unavailable" before any work (the login is not even checked); devices retry.
     if ctx.connections.load(Ordering::Relaxed) > ctx.settings.max_connections {
         refused(ctx, "busy");
-        let _ = write(&mut wr, refuse(ConnectReturnCode::ServiceUnavailable), max).await;
+        let refusal = Outgoing::ConnAck(ConnectReturnCode::ServiceUnavailable);
+        let _ = write(&mut wr, version, refusal, max).await;
         let _ = wr.shutdown().await;
         return;
     }
-    let device_id = match authenticate(ctx, &connect, peer).await {
+    let device_id = match authenticate(ctx, &connect, peer, secure).await {
         Ok(id) => id,
         Err(code) => {
             // Debug-formatted: a client id is the client's text, and may hold line breaks.
@@ -109,7 +108,7 @@ where
                     _ => "other",
                 },
             );
-            let _ = write(&mut wr, refuse(code), max).await;
+            let _ = write(&mut wr, version, Outgoing::ConnAck(code), max).await;
             let _ = wr.shutdown().await;
             return;
         }
@@ -148,6 +147,7 @@ where
             rd: &mut rd,
             wr: &mut wr,
             buf: &mut buf,
+            version,
         },
         &mut down_rx,
         &kick,
@@ -176,17 +176,18 @@ where
     let _ = wr.shutdown().await;
 }
 
-/// A session's socket halves and read buffer.
+/// A session's socket halves, read buffer and wire version.
 struct Io<'a, R, W> {
     rd: &'a mut R,
     wr: &'a mut W,
     buf: &'a mut BytesMut,
+    version: Version,
 }
 
 async fn run_session<R, W>(
     ctx: &Arc<Ctx>,
     device_id: &str,
-    connect: &rumqttc::mqttbytes::v4::Connect,
+    connect: &Connect,
     io: Io<'_, R, W>,
     down_rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
     kick: &CancellationToken,
@@ -196,7 +197,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let Io { rd, wr, buf } = io;
+    let Io {
+        rd,
+        wr,
+        buf,
+        version,
+    } = io;
     let max = ctx.settings.max_packet_size;
     let down = protocol::ota::down_topic(device_id);
     // rumqttd's link set-up blocks (it waits on the router thread's reply): keep it off the async workers,
@@ -218,7 +224,8 @@ where
         Ok(Ok(link)) => link,
         Ok(Err(e)) => {
             tracing::warn!(device_id, error.message = %e, "mqtt: router refused the session");
-            let _ = write(wr, refuse(ConnectReturnCode::ServiceUnavailable), max).await;
+            let refusal = Outgoing::ConnAck(ConnectReturnCode::ServiceUnavailable);
+            let _ = write(wr, version, refusal, max).await;
             return End::RouterDropped;
         }
         Err(e) => {
@@ -229,7 +236,8 @@ where
     let mut tx = Some(tx);
     if let Err(e) = write(
         wr,
-        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+        version,
+        Outgoing::ConnAck(ConnectReturnCode::Success),
         max,
     )
     .await
@@ -257,7 +265,7 @@ where
             () = stop.cancelled() => break End::Shutdown,
             () = kick.cancelled() => break End::Kicked,
             () = keepalive => break End::KeepAlive,
-            packet = read_packet(rd, buf, max) => {
+            packet = read_packet(rd, buf, version, max) => {
                 let packet = match packet {
                     Ok(Some(p)) => p,
                     Ok(None) => break End::Closed,
@@ -282,7 +290,7 @@ where
                 match reply {
                     Reply::None => {}
                     Reply::Send(p) => {
-                        if let Err(e) = write(wr, p, max).await {
+                        if let Err(e) = write(wr, version, p, max).await {
                             break End::Io(e);
                         }
                     }
@@ -291,8 +299,8 @@ where
             }
             Some(payload) = down_rx.recv() => {
                 sent_out(ctx);
-                let out = Publish::from_bytes(down.clone(), QoS::AtMostOnce, payload);
-                if let Err(e) = write(wr, Packet::Publish(out), max).await {
+                let out = Outgoing::Publish { topic: down.clone(), payload };
+                if let Err(e) = write(wr, version, out, max).await {
                     break End::Io(e);
                 }
             }
@@ -300,8 +308,8 @@ where
                 Ok(Some(Notification::Forward(f))) => {
                     sent_out(ctx);
                     let topic = format!("${}", String::from_utf8_lossy(&f.publish.topic));
-                    let out = Publish::from_bytes(topic, QoS::AtMostOnce, f.publish.payload);
-                    if let Err(e) = write(wr, Packet::Publish(out), max).await {
+                    let out = Outgoing::Publish { topic, payload: f.publish.payload };
+                    if let Err(e) = write(wr, version, out, max).await {
                         break End::Io(e);
                     }
                 }
@@ -325,7 +333,7 @@ where
 
 enum Reply {
     None,
-    Send(Packet),
+    Send(Outgoing),
     Disconnect,
 }
 
@@ -399,72 +407,81 @@ fn sent_out(ctx: &Ctx) {
 }
 
 /// One packet from a logged-in device: ACL, acknowledgements; what to route, and what to answer.
+///
+/// A device publishes its system events on its own uplink topic; its other topics under
+/// `$oc/devices/{id}/` and its custom topics (any not starting with `$`) are accepted and go nowhere.
+/// Another device's `$oc` topic, or any other `$` topic, ends the session.
 fn on_packet(
     ctx: &Ctx,
     device_id: &str,
     topics: &Topics<'_>,
-    packet: Packet,
+    packet: Incoming,
 ) -> Result<(Vec<Route>, Reply), End> {
     let mut routes = Vec::new();
     let reply = match packet {
-        Packet::Publish(p) => {
+        Incoming::Publish {
+            topic,
+            payload,
+            qos,
+            pkid,
+        } => {
             let messages = &ctx.state.metrics.mqtt_messages;
             messages
                 .get_or_create(&DirectionLabels { direction: "in" })
                 .inc();
-            if !p.topic.starts_with(topics.prefix) {
+            if topic.starts_with('$') && !topic.starts_with(topics.prefix) {
                 refused(ctx, "acl");
-                return Err(End::Acl(format!("publish to {:?}", p.topic)));
+                return Err(End::Acl(format!("publish to {topic:?}")));
             }
-            if p.topic == topics.up {
-                routes.push(Route::Publish(internal(topics.up).to_owned(), p.payload));
+            if topic == topics.up {
+                routes.push(Route::Publish(internal(topics.up).to_owned(), payload));
             } else {
-                tracing::debug!(device_id, topic = ?p.topic, "mqtt: publish outside sys/events/up dropped");
+                tracing::debug!(device_id, topic = ?topic, "mqtt: publish outside sys/events/up dropped");
             }
-            match p.qos {
+            match qos {
                 QoS::AtMostOnce => Reply::None,
-                QoS::AtLeastOnce => Reply::Send(Packet::PubAck(PubAck::new(p.pkid))),
-                QoS::ExactlyOnce => Reply::Send(Packet::PubRec(PubRec::new(p.pkid))),
+                QoS::AtLeastOnce => Reply::Send(Outgoing::PubAck(pkid)),
+                QoS::ExactlyOnce => Reply::Send(Outgoing::PubRec(pkid)),
             }
         }
-        Packet::PubRel(r) => Reply::Send(Packet::PubComp(PubComp::new(r.pkid))),
-        Packet::Subscribe(s) => {
-            let mut codes = Vec::with_capacity(s.filters.len());
-            for f in &s.filters {
-                match subscription(ctx, device_id, topics, &f.path) {
+        Incoming::PubRel(pkid) => Reply::Send(Outgoing::PubComp(pkid)),
+        Incoming::Subscribe { pkid, filters } => {
+            let mut granted = Vec::with_capacity(filters.len());
+            for (path, qos) in &filters {
+                match subscription(ctx, device_id, topics, path) {
                     Ok(new) => {
-                        routes.extend(new.then(|| Route::Subscribe(internal(&f.path).to_owned())));
-                        let qos = if f.qos == QoS::AtMostOnce {
+                        routes.extend(new.then(|| Route::Subscribe(internal(path).to_owned())));
+                        granted.push(Some(if *qos == QoS::AtMostOnce {
                             QoS::AtMostOnce
                         } else {
                             QoS::AtLeastOnce
-                        };
-                        codes.push(SubscribeReasonCode::Success(qos));
+                        }));
                     }
                     Err(why) => {
-                        tracing::info!(device_id, filter = ?f.path, why, "mqtt: subscription refused");
-                        codes.push(SubscribeReasonCode::Failure);
+                        tracing::info!(device_id, filter = ?path, why, "mqtt: subscription refused");
+                        granted.push(None);
                     }
                 }
             }
-            Reply::Send(Packet::SubAck(SubAck::new(s.pkid, codes)))
+            Reply::Send(Outgoing::SubAck { pkid, granted })
         }
-        Packet::Unsubscribe(u) => {
-            for f in &u.topics {
+        Incoming::Unsubscribe { pkid, topics: filters } => {
+            for f in &filters {
                 if f.starts_with(topics.prefix) && f != topics.down && f != topics.up {
                     routes.push(Route::Unsubscribe(internal(f).to_owned()));
                 }
             }
-            Reply::Send(Packet::UnsubAck(UnsubAck::new(u.pkid)))
+            Reply::Send(Outgoing::UnsubAck {
+                pkid,
+                count: filters.len(),
+            })
         }
-        Packet::PingReq => Reply::Send(Packet::PingResp),
-        Packet::Disconnect => Reply::Disconnect,
+        Incoming::PingReq => Reply::Send(Outgoing::PingResp),
+        Incoming::Disconnect => Reply::Disconnect,
         // Acknowledgements of our QoS 0 downlinks cannot arrive; ignore strays.
-        Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) | Packet::PingResp => {
-            Reply::None
-        }
-        Packet::Connect(_) => return Err(End::Protocol("second CONNECT".to_owned())),
-        Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) => {
+        Incoming::Ack => Reply::None,
+        Incoming::Connect(_) => return Err(End::Protocol("second CONNECT".to_owned())),
+        Incoming::ServerOnly => {
             return Err(End::Protocol(
                 "server-to-client packet from a client".to_owned(),
             ));
@@ -482,6 +499,11 @@ fn subscription(
     filter: &str,
 ) -> Result<bool, &'static str> {
     let Some(rest) = filter.strip_prefix(topics.prefix) else {
+        // A custom topic: granted, but nothing is ever published to it (devices' custom topics go
+        // nowhere), so the router is not told.
+        if !filter.starts_with('$') && rumqttc::mqttbytes::valid_filter(filter) {
+            return Ok(false);
+        }
         return Err("outside the device's own topics");
     };
     if rest.is_empty() || !rumqttc::mqttbytes::valid_filter(filter) {
@@ -509,27 +531,71 @@ fn subscription(
 #[derive(Debug)]
 enum ReadError {
     Io(std::io::Error),
-    Codec(mqttbytes::Error),
+    Codec(CodecError),
+}
+
+/// Reads more of the stream into `buf`; false at its clean end.
+async fn fill<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    at_least: usize,
+) -> Result<bool, ReadError> {
+    buf.reserve(at_least.max(64));
+    let read = rd.read_buf(buf).await.map_err(ReadError::Io)?;
+    if read == 0 {
+        return if buf.is_empty() {
+            Ok(false)
+        } else {
+            Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+        };
+    }
+    Ok(true)
+}
+
+/// Reads the CONNECT, in whichever version the device speaks; `None` at a clean end of stream.
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<(Version, Connect)>, ReadError> {
+    let version = loop {
+        match codec::connect_version(buf) {
+            Ok(v) => break v,
+            Err(CodecError::Insufficient(n)) => {
+                if buf.len() > max {
+                    return Err(ReadError::Codec(CodecError::Malformed(
+                        "CONNECT too large".into(),
+                    )));
+                }
+                if !fill(rd, buf, n).await? {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(ReadError::Codec(e)),
+        }
+    };
+    match read_packet(rd, buf, version, max).await? {
+        Some(Incoming::Connect(c)) => Ok(Some((version, c))),
+        Some(_) => Err(ReadError::Codec(CodecError::Malformed(
+            "the first packet is not CONNECT".into(),
+        ))),
+        None => Ok(None),
+    }
 }
 
 /// Reads one packet; `None` at a clean end of stream.
 async fn read_packet<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
+    version: Version,
     max: usize,
-) -> Result<Option<Packet>, ReadError> {
+) -> Result<Option<Incoming>, ReadError> {
     loop {
-        match Packet::read(buf, max) {
+        match codec::read(version, buf, max) {
             Ok(p) => return Ok(Some(p)),
-            Err(mqttbytes::Error::InsufficientBytes(n)) => {
-                buf.reserve(n.max(64));
-                let read = rd.read_buf(buf).await.map_err(ReadError::Io)?;
-                if read == 0 {
-                    return if buf.is_empty() {
-                        Ok(None)
-                    } else {
-                        Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()))
-                    };
+            Err(CodecError::Insufficient(n)) => {
+                if !fill(rd, buf, n).await? {
+                    return Ok(None);
                 }
             }
             Err(e) => return Err(ReadError::Codec(e)),
@@ -539,13 +605,13 @@ async fn read_packet<R: AsyncRead + Unpin>(
 
 async fn write<W: AsyncWrite + Unpin>(
     wr: &mut W,
-    packet: Packet,
+    version: Version,
+    packet: Outgoing,
     max: usize,
 ) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(64);
-    packet
-        .write(&mut out, max)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    codec::write(version, packet, &mut out, max)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     wr.write_all(&out).await?;
     wr.flush().await
 }

@@ -163,16 +163,19 @@ async fn router_notification(
     }
 }
 
-/// The driver events in one uplink message (`$ota` events; others are logged and ignored).
+/// The driver events in one uplink message (`$ota` and `$sdk_info` events; others are logged and
+/// ignored). A message about another device (`object_device_id`, a gateway reporting for a child) is
+/// handed over as the gateway's, for the driver to check that the child is the gateway's.
 fn uplink_events(device_id: &str, payload: &[u8], out: &mut Vec<(String, DeviceEvent)>) {
-    let events = match protocol::ota::parse_uplink(payload) {
-        Ok(events) => events,
+    let message = match protocol::ota::parse_uplink_message(payload) {
+        Ok(message) => message,
         Err(e) => {
             tracing::warn!(device_id, error.message = %e, "mqtt: unreadable uplink ignored");
             return;
         }
     };
-    for event in events {
+    let child = message.object_device_id.filter(|o| o != device_id);
+    for event in message.events {
         let event = match event {
             protocol::ota::Uplink::VersionReport {
                 sw_version,
@@ -192,6 +195,15 @@ fn uplink_events(device_id: &str, payload: &[u8], out: &mut Vec<(String, DeviceE
                 version,
                 description,
             },
+            protocol::ota::Uplink::SdkInfo {
+                device_sdk_version,
+                sw_version,
+                fw_version,
+            } => DeviceEvent::SdkInfo {
+                device_sdk_version,
+                sw_version,
+                fw_version,
+            },
             protocol::ota::Uplink::Other {
                 service_id,
                 event_type,
@@ -200,6 +212,15 @@ fn uplink_events(device_id: &str, payload: &[u8], out: &mut Vec<(String, DeviceE
                 continue;
             }
         };
-        out.push((device_id.to_owned(), event));
+        match &child {
+            None => out.push((device_id.to_owned(), event)),
+            Some(child) => out.push((
+                child.clone(),
+                DeviceEvent::FromGateway {
+                    gateway: device_id.to_owned(),
+                    event: Box::new(event),
+                },
+            )),
+        }
     }
 }

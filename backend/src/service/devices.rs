@@ -1,7 +1,7 @@
 //! Devices: registration (with a secret shown once and stored sealed) and listing with filters.
 
 use domain::device::{DeviceStatus, NodeId, ProtocolType, check_secret};
-use domain::{DeviceId, text};
+use domain::{DeviceId, Timestamp, text};
 use sea_orm::sea_query::{Expr, ExprTrait, Func};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, Set,
@@ -31,6 +31,9 @@ pub struct NewDevice {
     pub extension_info: Option<serde_json::Value>,
     /// Whether the device must use a secure protocol (default true).
     pub secure_access: Option<bool>,
+    /// The gateway a child device is reached through (a device of this project, itself directly
+    /// connected or a first-level child: at most two levels of children, as IoTDA allows).
+    pub gateway_id: Option<String>,
 }
 
 /// A registered device and its secret, which is shown to the operator this once.
@@ -70,6 +73,29 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
         None if protocol == ProtocolType::CoAP => SecretString::from(ids::hex_secret(32)),
         None => SecretString::from(ids::alphanumeric(24)),
     };
+    let gateway = match new.gateway_id.as_deref().map(str::trim).filter(|g| !g.is_empty()) {
+        None => None,
+        Some(g) if g == device_id.as_str() => None,
+        Some(g) => {
+            let parent = devices::Entity::find_by_id(g.to_owned())
+                .filter(devices::Column::ProjectId.eq(project_id))
+                .one(&state.db)
+                .await?
+                .ok_or_else(|| Error::not_found("gateway", g))?;
+            let grandparent = match parent.gateway_id.as_deref() {
+                Some(gp) => devices::Entity::find_by_id(gp.to_owned()).one(&state.db).await?,
+                None => None,
+            };
+            if grandparent.is_some_and(|gp| gp.gateway_id.is_some()) {
+                return Err(domain::ValidationError::new(
+                    "gateway_id",
+                    format!("{g} is a second-level child; children may be nested two levels deep"),
+                )
+                .into());
+            }
+            Some(parent.id)
+        }
+    };
     let now = state.clock.now().as_millis();
     let device = devices::ActiveModel {
         id: Set(device_id.to_string()),
@@ -79,8 +105,8 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
         node_id: Set(node.to_string()),
         device_name: Set(text::bounded("device_name", &new.device_name, 256, false)?),
         description: Set(text::bounded("description", &new.description, 2048, false)?),
-        gateway_id: Set(None),
-        node_type: Set("GATEWAY".to_owned()),
+        node_type: Set(if gateway.is_some() { "ENDPOINT" } else { "GATEWAY" }.to_owned()),
+        gateway_id: Set(gateway),
         auth_type: Set("SECRET".to_owned()),
         secret_enc: Set(Some(
             state
@@ -149,6 +175,14 @@ pub struct DeviceFilter {
     pub protocol: String,
     /// Only devices reporting this software or firmware version (exact).
     pub version: String,
+    /// Only the children of this gateway (IoTDA's `gateway_id`): one level, or with `cascade` two.
+    pub gateway_id: Option<String>,
+    /// With `gateway_id`: the children's children too (IoTDA's `is_cascade_query`).
+    pub cascade: bool,
+    /// Only devices registered at or after this time (IoTDA's `start_time`).
+    pub registered_from: Option<Timestamp>,
+    /// Only devices registered at or before this time (IoTDA's `end_time`).
+    pub registered_until: Option<Timestamp>,
     /// The order (and IoTDA's marker).
     pub order: super::ListOrder,
 }
@@ -205,6 +239,27 @@ pub async fn list(
                     .to_owned(),
             ),
         );
+    }
+    if let Some(g) = filter.gateway_id.as_deref() {
+        let mut children = Condition::any().add(devices::Column::GatewayId.eq(g));
+        if filter.cascade {
+            children = children.add(
+                devices::Column::GatewayId.in_subquery(
+                    sea_orm::sea_query::Query::select()
+                        .column(devices::Column::Id)
+                        .from(devices::Entity)
+                        .and_where(devices::Column::GatewayId.eq(g))
+                        .to_owned(),
+                ),
+            );
+        }
+        cond = cond.add(children);
+    }
+    if let Some(t) = filter.registered_from {
+        cond = cond.add(devices::Column::CreatedAt.gte(t.as_millis()));
+    }
+    if let Some(t) = filter.registered_until {
+        cond = cond.add(devices::Column::CreatedAt.lte(t.as_millis()));
     }
     if !filter.version.trim().is_empty() {
         let v = filter.version.trim();
@@ -301,6 +356,16 @@ pub async fn delete(state: &AppState, project_id: &str, device_id: &str) -> Resu
         return Err(Error::Conflict(format!(
             "device {device_id} is being upgraded by task {}; stop the task (or the device in it) first",
             open.task_id
+        )));
+    }
+    if let Some(child) = devices::Entity::find()
+        .filter(devices::Column::GatewayId.eq(device_id))
+        .one(&state.db)
+        .await?
+    {
+        return Err(Error::Conflict(format!(
+            "device {device_id} is the gateway of {} (and maybe others); delete its child devices first",
+            child.id
         )));
     }
     devices::Entity::delete_by_id(device_id.to_owned())

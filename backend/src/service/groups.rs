@@ -3,7 +3,7 @@
 use domain::text;
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 
-use super::{Page, Paged};
+use super::{ListOrder, Page, Paged};
 use crate::storage::entity::{device_group_members, device_groups};
 use crate::{AppState, Error, Result, ids};
 
@@ -218,7 +218,7 @@ pub async fn remove_device(
     Ok(())
 }
 
-/// The devices of a group, most recently added first.
+/// The devices of a group: most recently added first, or in IoTDA's order ([`ListOrder::ById`]).
 ///
 /// # Errors
 /// [`Error::NotFound`]; [`Error::Db`].
@@ -227,14 +227,18 @@ pub async fn members(
     project_id: &str,
     group_id: &str,
     page: Page,
+    order: &ListOrder,
 ) -> Result<Paged<crate::storage::entity::devices::Model>> {
     use crate::storage::entity::devices;
     get(state, project_id, group_id).await?;
     let query = device_group_members::Entity::find()
-        .filter(device_group_members::Column::GroupId.eq(group_id))
-        .order_by_desc(device_group_members::Column::AddedAt)
-        .order_by_desc(device_group_members::Column::DeviceId);
-    let page = super::fetch_page(&state.db, query, page).await?;
+        .filter(device_group_members::Column::GroupId.eq(group_id));
+    // The console shows the latest additions first; IoTDA pages by descending device id after a marker.
+    let query = order.apply(query, device_group_members::Column::DeviceId, |q| {
+        q.order_by_desc(device_group_members::Column::AddedAt)
+            .order_by_desc(device_group_members::Column::DeviceId)
+    });
+    let page = super::fetch_ordered(&state.db, query, page).await?;
     let mut rows: std::collections::HashMap<String, devices::Model> = devices::Entity::find()
         .filter(devices::Column::Id.is_in(page.items.iter().map(|m| m.device_id.clone())))
         .all(&state.db)

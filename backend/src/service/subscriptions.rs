@@ -51,22 +51,82 @@ pub async fn create(
     event: &str,
     url: &str,
 ) -> Result<Created> {
+    insert(
+        state,
+        project_id,
+        Subject { resource, event },
+        url,
+        Forwarding::default(),
+    )
+    .await
+}
+
+/// What is subscribed to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Subject<'a> {
+    pub(crate) resource: &'a str,
+    pub(crate) event: &'a str,
+}
+
+impl Subject<'_> {
+    /// Checks the resource and the event.
+    pub(crate) fn check(&self, field: &str) -> Result<()> {
+        if outbox_kind(self.resource.trim()).is_none() {
+            return Err(domain::ValidationError::new(
+                format!("{field}resource"),
+                format!("must be {BATCHTASK} or {BATCHTASK_DEVICE}"),
+            )
+            .into());
+        }
+        if self.event.trim() != "update" {
+            return Err(domain::ValidationError::new(format!("{field}event"), "must be update").into());
+        }
+        Ok(())
+    }
+}
+
+/// How a subscription came to be: `POST subscriptions` (the default), or a routing rule's HTTP
+/// forwarding action.
+#[derive(Debug)]
+pub(crate) struct Forwarding {
+    /// The rule, for an action.
+    pub(crate) rule_id: Option<String>,
+    /// The signing secret the caller chose (an action's `token`); `None`: a new random one.
+    pub(crate) secret: Option<SecretString>,
+    /// Whether it delivers now (an action delivers while its rule is active).
+    pub(crate) enabled: bool,
+    /// The field the URL came in, for errors.
+    pub(crate) url_field: &'static str,
+}
+
+impl Default for Forwarding {
+    fn default() -> Self {
+        Self {
+            rule_id: None,
+            secret: None,
+            enabled: true,
+            url_field: "callbackurl",
+        }
+    }
+}
+
+/// Stores a subscription of `url` to `subject`.
+pub(crate) async fn insert(
+    state: &AppState,
+    project_id: &str,
+    subject: Subject<'_>,
+    url: &str,
+    how: Forwarding,
+) -> Result<Created> {
     let allow_http = state.settings.notify.allow_http;
     let allow_private = state.settings.notify.allow_private;
-    let resource = resource.trim();
-    if outbox_kind(resource).is_none() {
-        return Err(domain::ValidationError::new(
-            "resource",
-            format!("must be {BATCHTASK} or {BATCHTASK_DEVICE}"),
-        )
-        .into());
-    }
-    if event.trim() != "update" {
-        return Err(domain::ValidationError::new("event", "must be update").into());
-    }
-    let url = check_url(url, allow_http, allow_private)?;
+    subject.check("")?;
+    let resource = subject.resource.trim();
+    let url = check_url(url, how.url_field, allow_http, allow_private)?;
     let id = ids::uuid_like();
-    let secret = SecretString::from(ids::token());
+    let secret = how
+        .secret
+        .unwrap_or_else(|| SecretString::from(ids::token()));
     let now = state.clock.now().as_millis();
     let app = super::projects::default_app(state, project_id).await?;
     let subscription = notification_subscriptions::ActiveModel {
@@ -76,9 +136,10 @@ pub async fn create(
         url: Set(url),
         secret_enc: Set(state.sealer.seal(&id, secret.expose_secret())),
         kinds: Set(serde_json::json!([resource]).to_string()),
-        enabled: Set(true),
+        enabled: Set(how.enabled),
         created_at: Set(now),
         updated_at: Set(now),
+        rule_id: Set(how.rule_id),
     }
     .insert(&state.db)
     .await?;
@@ -89,13 +150,19 @@ pub async fn create(
     })
 }
 
-fn check_url(url: &str, allow_http: bool, allow_private: bool) -> Result<String> {
+/// Checks a callback URL given in `field`.
+pub(crate) fn check_url(
+    url: &str,
+    field: &str,
+    allow_http: bool,
+    allow_private: bool,
+) -> Result<String> {
     let parsed = url::Url::parse(url.trim())
-        .map_err(|e| domain::ValidationError::new("callbackurl", format!("not a URL ({e})")))?;
+        .map_err(|e| domain::ValidationError::new(field, format!("not a URL ({e})")))?;
     let scheme_ok = parsed.scheme() == "https" || (allow_http && parsed.scheme() == "http");
     if !scheme_ok || parsed.host().is_none() {
         return Err(domain::ValidationError::new(
-            "callbackurl",
+            field,
             "must be an https:// URL with a host",
         )
         .into());
@@ -111,14 +178,14 @@ fn check_url(url: &str, allow_http: bool, allow_private: bool) -> Result<String>
     };
     if private && !allow_private {
         return Err(domain::ValidationError::new(
-            "callbackurl",
+            field,
             "must not point at a loopback or private address (notifications.allow_private allows it)",
         )
         .into());
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(domain::ValidationError::new(
-            "callbackurl",
+            field,
             "must not carry credentials; deliveries are signed instead",
         )
         .into());
@@ -215,14 +282,14 @@ mod tests {
     #[test]
     fn callback_urls_are_https_without_credentials() {
         assert_eq!(
-            check_url("https://app.example.com/hook", false, false).unwrap(),
+            check_url("https://app.example.com/hook", "callbackurl", false, false).unwrap(),
             "https://app.example.com/hook"
         );
-        assert!(check_url("http://app.example.com/hook", false, false).is_err());
-        assert!(check_url("http://127.0.0.1:9000/hook", true, true).is_ok());
-        assert!(check_url("http://127.0.0.1:9000/hook", true, false).is_err());
-        assert!(check_url("https://user:pw@app.example.com/", false, false).is_err());
-        assert!(check_url("not a url", false, false).is_err());
-        assert!(check_url("ftp://x/", true, true).is_err());
+        assert!(check_url("http://app.example.com/hook", "callbackurl", false, false).is_err());
+        assert!(check_url("http://127.0.0.1:9000/hook", "callbackurl", true, true).is_ok());
+        assert!(check_url("http://127.0.0.1:9000/hook", "callbackurl", true, false).is_err());
+        assert!(check_url("https://user:pw@app.example.com/", "callbackurl", false, false).is_err());
+        assert!(check_url("not a url", "callbackurl", false, false).is_err());
+        assert!(check_url("ftp://x/", "callbackurl", true, true).is_err());
     }
 }

@@ -55,6 +55,12 @@ pub struct NewTask {
     pub request_id: Option<String>,
     /// Waves, thresholds, pacing and windows (an Updraft extension); `None` starts every target at once.
     pub rollout: Option<domain::rollout::Rollout>,
+    /// IoTDA's `need_confirm`: every device waits (`Waitting`, step `unconfirmed`) until
+    /// [`confirm`] lets it start.
+    pub need_confirm: bool,
+    /// IoTDA's `task_mode`: `GATEWAY` tells child devices how many of their gateway's children the task
+    /// upgrades (`sub_device_count`); `None` otherwise.
+    pub gateway_mode: bool,
 }
 
 /// Checks a rollout policy (its groups must be the project's) and completes it with a seed.
@@ -164,8 +170,8 @@ pub async fn create(state: &AppState, project_id: &str, new: NewTask) -> Result<
         app_id: Set(package.app_id.clone()),
         task_name: Set(task_name),
         task_type: Set(task_type.as_str().to_owned()),
-        task_mode: Set(None),
-        need_confirm: Set(false),
+        task_mode: Set(new.gateway_mode.then(|| "GATEWAY".to_owned())),
+        need_confirm: Set(new.need_confirm),
         task_ext_info: Set(new.task_ext_info.as_ref().map(ToString::to_string)),
         targets_filter: Set(filter.as_ref().map(to_json)),
         document: Set(to_json(&document)),
@@ -199,7 +205,7 @@ pub async fn create(state: &AppState, project_id: &str, new: NewTask) -> Result<
     let txn = crate::db::begin_write(&state.db).await?;
     let task = task.insert(&txn).await?;
     if let Some(devices) = devices {
-        write_subtasks(&txn, now, &task.id, &devices).await?;
+        write_subtasks(&txn, now, &task.id, &devices, new.need_confirm).await?;
     }
     txn.commit().await?;
     let scheduled = schedule.is_some_and(|t| t > now);
@@ -389,13 +395,12 @@ pub async fn list(
     if let Some(s) = filter.status {
         cond = cond.add(tasks::Column::Status.eq(s.as_str()));
     }
-    if let Some(m) = &filter.marker {
-        cond = cond.add(tasks::Column::Id.lt(m.as_str()));
-    }
-    let query = tasks::Entity::find()
-        .filter(cond)
-        .order_by_desc(tasks::Column::Id);
-    super::fetch_page(&state.db, query, page).await
+    // Newest first either way; `page.count` counts every match, not only those after the marker.
+    let order = super::ListOrder::ById {
+        marker: filter.marker.clone(),
+    };
+    let query = order.apply(tasks::Entity::find().filter(cond), tasks::Column::Id, |q| q);
+    super::fetch_ordered(&state.db, query, page).await
 }
 
 /// One task.
@@ -417,9 +422,13 @@ pub struct DetailFilter {
     pub status: Option<SubtaskStatus>,
     /// Only this device.
     pub target: Option<String>,
+    /// `None`: creation order (the console's). `Some(after)`: IoTDA's order, newest subtask first,
+    /// starting after the subtask whose row id is `after` (the previous page's marker, `None` for the
+    /// first page).
+    pub descending_after: Option<Option<i64>>,
 }
 
-/// A task's subtasks (IoTDA `task_details`), in creation order.
+/// A task's subtasks (IoTDA `task_details`), in creation order or IoTDA's (see [`DetailFilter`]).
 ///
 /// # Errors
 /// [`Error::NotFound`]; [`Error::Db`].
@@ -438,7 +447,17 @@ pub async fn details(
     if let Some(t) = &filter.target {
         query = query.filter(subtasks::Column::DeviceId.eq(t.as_str()));
     }
-    super::fetch_page(&state.db, query.order_by_asc(subtasks::Column::Id), page).await
+    match filter.descending_after {
+        None => super::fetch_page(&state.db, query.order_by_asc(subtasks::Column::Id), page).await,
+        Some(after) => {
+            let counted = query.clone();
+            let mut query = query.order_by_desc(subtasks::Column::Id);
+            if let Some(after) = after {
+                query = query.filter(subtasks::Column::Id.lt(after));
+            }
+            super::fetch_ordered(&state.db, (query, Some(counted)), page).await
+        }
+    }
 }
 
 /// One subtask's step history, oldest first.
@@ -608,16 +627,29 @@ async fn select(
     statuses: &[SubtaskStatus],
     verb: &str,
 ) -> Result<(Vec<i64>, Vec<TargetResult>)> {
+    select_in_step(state, task_id, targets, statuses, None, verb).await
+}
+
+/// [`select`], and only subtasks in `step` when one is given.
+async fn select_in_step(
+    state: &AppState,
+    task_id: &str,
+    targets: Option<&[String]>,
+    statuses: &[SubtaskStatus],
+    step: Option<&str>,
+    verb: &str,
+) -> Result<(Vec<i64>, Vec<TargetResult>)> {
     let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
     let Some(targets) = targets.filter(|t| !t.is_empty()) else {
-        let ids = subtasks::Entity::find()
+        let mut query = subtasks::Entity::find()
             .select_only()
             .column(subtasks::Column::Id)
             .filter(subtasks::Column::TaskId.eq(task_id))
-            .filter(subtasks::Column::Status.is_in(statuses))
-            .into_tuple::<i64>()
-            .all(&state.db)
-            .await?;
+            .filter(subtasks::Column::Status.is_in(statuses));
+        if let Some(step) = step {
+            query = query.filter(subtasks::Column::Step.eq(step));
+        }
+        let ids = query.into_tuple::<i64>().all(&state.db).await?;
         return Ok((ids, Vec::new()));
     };
     if targets.len() > MAX_COMMAND_TARGETS {
@@ -648,6 +680,12 @@ async fn select(
                 results.push(TargetResult::failed(
                     t.clone(),
                     format!("cannot {verb} device {t}: its subtask is {}", r.status),
+                ));
+            }
+            Some(r) if step.is_some_and(|s| s != r.step) => {
+                results.push(TargetResult::failed(
+                    t.clone(),
+                    format!("cannot {verb} device {t}: its subtask is at step {}", r.step),
                 ));
             }
             Some(r) => {
@@ -758,6 +796,56 @@ pub async fn retry(
     .await?;
     state.driver.restart(state, ids).await?;
     tracing::info!(task_id, "task retry requested");
+    Ok(results)
+}
+
+/// Confirms a `need_confirm` task's devices (all that wait for confirmation, or the named ones): they
+/// become `pending` and start as any task's devices do (its rollout, if it has one, still decides when).
+///
+/// # Errors
+/// [`Error::Conflict`] when the task has completed, is stopping, or has not started yet (it is
+/// scheduled); [`Error::Validation`] for more than 100 targets; [`Error::NotFound`]; [`Error::Db`].
+pub async fn confirm(
+    state: &AppState,
+    project_id: &str,
+    task_id: &str,
+    targets: Option<&[String]>,
+) -> Result<Vec<TargetResult>> {
+    let task = get(state, project_id, task_id).await?;
+    let status = TaskStatus::parse(&task.status)?;
+    if status.is_completed() || status == TaskStatus::Stopping {
+        return Err(Error::Conflict(format!(
+            "task {task_id} is {}; only a running task's devices can be confirmed",
+            status.as_str()
+        )));
+    }
+    if matches!(status, TaskStatus::Waiting | TaskStatus::Initializing) {
+        return Err(Error::Conflict(format!(
+            "task {task_id} is {}: it has not started; confirm its devices once it is Processing",
+            status.as_str()
+        )));
+    }
+    let (ids, results) = select_in_step(
+        state,
+        task_id,
+        targets,
+        &[SubtaskStatus::Waiting],
+        Some(crate::driver::UNCONFIRMED),
+        "confirm",
+    )
+    .await?;
+    for chunk in ids.chunks(INSERT_BATCH) {
+        subtasks::Entity::update_many()
+            .col_expr(subtasks::Column::Step, Expr::value("pending"))
+            .filter(subtasks::Column::Id.is_in(chunk.to_vec()))
+            .filter(subtasks::Column::Step.eq(crate::driver::UNCONFIRMED))
+            .exec(&state.db)
+            .await?;
+    }
+    if !ids.is_empty() {
+        state.driver.start_task(state, task_id).await?;
+    }
+    tracing::info!(task_id, confirmed = ids.len(), "devices of the task confirmed");
     Ok(results)
 }
 

@@ -18,6 +18,7 @@ pub mod outbox;
 pub mod packages;
 pub mod products;
 pub mod projects;
+pub mod routing_rules;
 pub mod sessions;
 pub mod subtask_steps;
 pub mod subtasks;

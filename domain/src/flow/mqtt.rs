@@ -13,7 +13,8 @@
 //! is sent the same event again (deadlines unchanged): the first one may have been lost with the connection.
 //! An operator retry (`Start`) restarts a failed, retry-waiting or stopped subtask with fresh attempts.
 //!
-//! Progress reports with result 0 update the progress; a non-zero result fails with that code's meaning.
+//! Progress reports with result 0 update the progress; a non-zero result fails with that code's meaning,
+//! and so does a report of 100 % on a version that is not the package's (`VERSION_MISMATCH`, at once).
 //! A `version_report` of the target version while upgrading also counts as success (a device that rebooted
 //! into the new image and reported its versions, as the SDKs do on connect). Leaving `Upgrading` for any
 //! reason revokes the subtask's download tokens. Stop ends any phase that is not final.
@@ -404,6 +405,21 @@ impl Subtask {
                 let on_target = version == Some(plan.target.as_str());
                 match result_code {
                     0 | 3 if on_target => self.succeed(),
+                    // A finished upgrade (100 %) on a version that is not the package's: the install
+                    // did not take, and waiting for the deadline would only hide it.
+                    0 if progress.is_some_and(|p| p >= 100) => match version {
+                        Some(v) if !v.is_empty() => self.fail(
+                            now,
+                            plan,
+                            Failure::WrongVersion {
+                                reported: v.to_owned(),
+                            },
+                        ),
+                        _ => {
+                            self.progress = 99;
+                            Vec::new()
+                        }
+                    },
                     0 => {
                         if let Some(p) = progress {
                             let p = u8::try_from(p.clamp(0, 100)).unwrap_or(0);
@@ -600,10 +616,10 @@ mod tests {
         );
         assert_eq!(s.progress, 40);
         assert!(
-            s.handle(T0.plus(3 * MIN), &p, progress(0, 100, "1.0"))
+            s.handle(T0.plus(3 * MIN), &p, progress(0, 99, "1.0"))
                 .is_empty()
         );
-        assert_eq!(s.progress, 99, "100% on the old version is not done yet");
+        assert_eq!(s.progress, 99);
         assert_eq!(
             s.handle(T0.plus(4 * MIN), &p, progress(0, 100, "2.0")),
             [Effect::RevokeTokens]
@@ -624,6 +640,36 @@ mod tests {
         s.handle(T0, &p, Input::Start);
         assert!(s.handle(T0, &p, report("2.0")).is_empty());
         assert_eq!(s.phase, Phase::Succeeded { already: true });
+    }
+
+    #[test]
+    fn a_finished_upgrade_on_another_version_fails_at_once() {
+        let p = plan();
+        let mut s = upgrading(&p);
+        assert!(s.handle(T0.plus(MIN), &p, progress(0, 60, "1.0")).is_empty());
+        assert_eq!(
+            s.handle(T0.plus(2 * MIN), &p, progress(0, 100, "1.0")),
+            [Effect::RevokeTokens],
+            "a success report on the old version ends the attempt, not the 24-hour deadline"
+        );
+        assert_eq!(
+            s.failure(),
+            Some(&Failure::WrongVersion {
+                reported: "1.0".into()
+            })
+        );
+        assert_eq!(s.status(), SubtaskStatus::Fail);
+        assert_eq!(s.failure().map(Failure::code).as_deref(), Some("VERSION_MISMATCH"));
+        // Without a version, 100 % says nothing about what runs: keep waiting.
+        let mut s = upgrading(&p);
+        let no_version = Input::Progress {
+            result_code: 0,
+            progress: Some(100),
+            version: None,
+            description: None,
+        };
+        assert!(s.handle(T0.plus(MIN), &p, no_version).is_empty());
+        assert_eq!((s.step(), s.progress), ("upgrading", 99));
     }
 
     #[test]

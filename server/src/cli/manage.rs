@@ -550,6 +550,8 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
                     task_ext_info: None,
                     request_id: None,
                     rollout,
+                    need_confirm: false,
+                    gateway_mode: false,
                 },
             )
             .await?;

@@ -100,6 +100,9 @@ pub async fn run(settings: Settings, args: SimMqttArgs) -> Result<()> {
                         device_id: Some(id.clone()),
                         device_name: format!("simulated {id}"),
                         secret: Some(secret.clone()),
+                        // IoTDA's `secure_access`: a device registered to connect over plain MQTT must
+                        // not require TLS.
+                        secure_access: Some(args.tls),
                         ..Default::default()
                     },
                 )

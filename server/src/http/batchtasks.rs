@@ -36,7 +36,6 @@ pub(crate) struct TaskPolicy {
 
 /// IoTDA's `CreateBatchTask` body.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 #[schema(as = CreateBatchTask)]
 pub(crate) struct CreateBody {
     /// The resource space; when given, the project's default one.
@@ -46,10 +45,11 @@ pub(crate) struct CreateBody {
     task_name: String,
     /// `softwareUpgrade` or `firmwareUpgrade`.
     task_type: String,
-    /// Not supported (gateway mode): must be absent or empty.
+    /// `GATEWAY`: each child device upgraded through its gateway is told `task_id` and
+    /// `sub_device_count` (how many of the gateway's children the task upgrades).
     #[serde(default)]
     task_mode: Option<String>,
-    /// Not supported: must be absent or `false`.
+    /// `true`: every device waits (`Waitting`) until ConfirmBatchTask lets it start.
     #[serde(default)]
     need_confirm: Option<bool>,
     /// Free-form data kept with the task (at most 512 characters as JSON).
@@ -151,10 +151,10 @@ pub(crate) struct TaskJson {
     task_name: String,
     /// `softwareUpgrade` or `firmwareUpgrade`.
     task_type: String,
-    /// Never set (gateway mode is not supported).
+    /// `GATEWAY`, when given at creation.
     #[serde(skip_serializing_if = "Option::is_none")]
     task_mode: Option<String>,
-    /// Always `false`.
+    /// Whether its devices wait for ConfirmBatchTask.
     need_confirm: bool,
     /// The free-form data given at creation.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -256,23 +256,22 @@ pub(super) async fn create(
     body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, IotdaError> {
     let project_id = project(caller.as_deref(), &project_id)?;
-    let Json(body) = body.map_err(|e| IotdaError::bad_request(e.body_text()))?;
+    let Json(body) = body.map_err(IotdaError::from)?;
     TaskType::parse(body.task_type.trim()).map_err(|_| {
         IotdaError::bad_request(format!(
             "task_type: {:?} is not supported; Updraft runs softwareUpgrade and firmwareUpgrade tasks",
             body.task_type
         ))
     })?;
-    if body.need_confirm == Some(true) {
-        return Err(IotdaError::bad_request(
-            "need_confirm: tasks that wait for confirmation are not supported",
-        ));
-    }
-    if body.task_mode.as_deref().is_some_and(|m| !m.is_empty()) {
-        return Err(IotdaError::bad_request(
-            "task_mode: gateway mode is not supported",
-        ));
-    }
+    let gateway_mode = match body.task_mode.as_deref().map(str::trim) {
+        None | Some("") => false,
+        Some("GATEWAY") => true,
+        Some(other) => {
+            return Err(IotdaError::bad_request(format!(
+                "task_mode: {other:?} is not supported; give GATEWAY or nothing"
+            )));
+        }
+    };
     if body.document_source.is_some() {
         return Err(IotdaError::bad_request(
             "document_source: upgrade tasks take targets or targets_filter",
@@ -323,6 +322,8 @@ pub(super) async fn create(
                     .map_err(|e| IotdaError::bad_request(format!("rollout: {e}")))
             })
             .transpose()?,
+        need_confirm: body.need_confirm.unwrap_or(false),
+        gateway_mode,
     };
     let task = tasks::create(&state.app, &project_id, new).await?;
     let id = task.id.clone();
@@ -470,8 +471,9 @@ pub(super) struct ShowQuery {
     #[serde(default)]
     #[param(value_type = Option<u32>, minimum = 1, maximum = 50)]
     limit: Option<String>,
-    /// Accepted for compatibility; ignored (this list pages with `offset`).
+    /// The `page.marker` of the previous page (24 hex digits): devices after it, newest subtask first.
     #[serde(default)]
+    #[param(pattern = "^[0-9a-fA-F]{24}$")]
     marker: Option<String>,
     /// Devices to skip, 0-500 (default 0).
     #[serde(default)]
@@ -503,7 +505,8 @@ struct DetailJson {
     output: String,
     /// Why it failed (empty unless it did).
     error: ErrorInfo,
-    /// Where the upgrade is: `pending`, `wait_online`, `version_query`, `upgrading`, `retry_wait` or
+    /// Where the upgrade is: `unconfirmed` (waiting for ConfirmBatchTask), `pending`, `wait_online`,
+    /// `version_query`, `upgrading`, `retry_wait` or
     /// `done` (Updraft's).
     step: String,
     /// Upgrade progress in percent, as the device reports it (Updraft's).
@@ -553,8 +556,7 @@ pub(super) async fn show(
     Query(q): Query<ShowQuery>,
 ) -> Result<Response, IotdaError> {
     let project_id = project(caller.as_deref(), &project_id)?;
-    let (page, _) = paging(q.limit.as_deref(), q.offset.as_deref(), None)?;
-    let _ = q.marker;
+    let (page, marker) = paging(q.limit.as_deref(), q.offset.as_deref(), q.marker.as_deref())?;
     let status = q
         .task_detail_status
         .as_deref()
@@ -567,9 +569,10 @@ pub(super) async fn show(
     let filter = DetailFilter {
         status,
         target: q.target.filter(|t| !t.trim().is_empty()),
+        descending_after: Some(marker.as_deref().and_then(detail_marker)),
     };
     let details = tasks::details(&state.app, &project_id, &task_id, &filter, page).await?;
-    let marker = details.items.last().map(|s| s.id.to_string());
+    let marker = details.items.last().map(|s| format!("{:024x}", s.id));
     let task_details = details
         .items
         .into_iter()
@@ -599,9 +602,16 @@ pub(super) async fn show(
     .into_response())
 }
 
-/// `BatchTargets`: an optional body for stop and retry.
+/// A task-detail marker (24 hex digits, as IoTDA's ids) as the subtask row id it names; IoTDA's
+/// default marker (all `f`) and anything past the largest id mean "from the newest".
+fn detail_marker(marker: &str) -> Option<i64> {
+    u128::from_str_radix(marker, 16)
+        .ok()
+        .and_then(|m| i64::try_from(m).ok())
+}
+
+/// `BatchTargets`: an optional body for stop, retry and confirm.
 #[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 #[schema(as = BatchTargets)]
 pub(super) struct TargetsBody {
     /// Only these devices (at most 100); absent or empty: all of the task's devices.
@@ -649,15 +659,15 @@ fn targets_body(body: &axum::body::Bytes) -> Result<TargetsBody, IotdaError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(TargetsBody::default());
     }
-    serde_json::from_slice(body)
-        .map_err(|e| IotdaError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(IotdaError::json)
 }
 
-/// Which command a `POST .../{task_id}/{stop|retry}` runs.
+/// Which command a `POST .../{task_id}/{stop|retry|confirm}` runs.
 #[derive(Clone, Copy)]
 enum Command {
     Stop,
     Retry,
+    Confirm,
 }
 
 async fn command(
@@ -673,6 +683,7 @@ async fn command(
     let targets = match command {
         Command::Stop => tasks::stop(app, &project_id, &task_id, targets).await?,
         Command::Retry => tasks::retry(app, &project_id, &task_id, targets).await?,
+        Command::Confirm => tasks::confirm(app, &project_id, &task_id, targets).await?,
     };
     let targets = targets.into_iter().map(TargetResultJson::from).collect();
     Ok(Json(TargetsResult { targets }).into_response())
@@ -727,7 +738,7 @@ pub(super) async fn resume(
     ),
     responses(
         (status = 200, description = "One outcome per device.", body = TargetsResult),
-        (status = 400, description = "An invalid body (more than 100 targets, unknown fields).", body = IotdaErrorBody),
+        (status = 400, description = "An invalid body (more than 100 targets).", body = IotdaErrorBody),
         (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
         (status = 404, description = "No such project or task.", body = IotdaErrorBody),
         (status = 409, description = "The task has completed or is stopping.", body = IotdaErrorBody),
@@ -760,7 +771,7 @@ pub(super) async fn stop(
     ),
     responses(
         (status = 200, description = "One outcome per device.", body = TargetsResult),
-        (status = 400, description = "An invalid body (more than 100 targets, unknown fields).", body = IotdaErrorBody),
+        (status = 400, description = "An invalid body (more than 100 targets).", body = IotdaErrorBody),
         (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
         (status = 404, description = "No such project or task.", body = IotdaErrorBody),
         (status = 409, description = "The task is `Success`, `Stopped`, `Stopping`, `Waitting` or `Initializing`, or its package was deleted.", body = IotdaErrorBody),
@@ -773,6 +784,41 @@ pub(super) async fn retry(
     body: axum::body::Bytes,
 ) -> Result<Response, IotdaError> {
     command(state, ids, caller.as_deref(), &body, Command::Retry).await
+}
+
+/// `POST /v5/iot/{project_id}/batchtasks/{task_id}/confirm`.
+#[utoipa::path(
+    post,
+    path = "/v5/iot/{project_id}/batchtasks/{task_id}/confirm",
+    operation_id = "ConfirmBatchTask",
+    tag = "batchtasks",
+    summary = "Let a need_confirm task's devices start, or some of them",
+    description = "A task created with `need_confirm: true` keeps every device `Waitting` (step \
+                   `unconfirmed`) until this call; confirmed devices start as any task's do.",
+    params(
+        ("project_id" = String, Path, description = "The project."),
+        ("task_id" = String, Path, description = "The task."),
+    ),
+    request_body(
+        content = Option<TargetsBody>,
+        content_type = "application/json",
+        description = "Optional: without a body (or `targets`) every device waiting for confirmation is confirmed.",
+    ),
+    responses(
+        (status = 200, description = "One outcome per named device (none without `targets`).", body = TargetsResult),
+        (status = 400, description = "An invalid body (more than 100 targets).", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such project or task.", body = IotdaErrorBody),
+        (status = 409, description = "The task has completed, is stopping, or has not started (scheduled).", body = IotdaErrorBody),
+    ),
+)]
+pub(super) async fn confirm(
+    State(state): State<ServerState>,
+    Path(ids): Path<(String, String)>,
+    caller: Option<axum::Extension<Caller>>,
+    body: axum::body::Bytes,
+) -> Result<Response, IotdaError> {
+    command(state, ids, caller.as_deref(), &body, Command::Confirm).await
 }
 
 /// `DELETE /v5/iot/{project_id}/batchtasks/{task_id}`.

@@ -59,7 +59,8 @@ pub(super) struct AddDeviceBody {
     /// A description.
     #[serde(default)]
     description: String,
-    /// Not supported (child devices): must be absent or empty.
+    /// The parent's device id, which makes this a child device reached through that gateway (its
+    /// upgrades go over the gateway's connection); absent: directly connected.
     gateway_id: Option<String>,
     /// The resource space; when given, one of the project's.
     app_id: Option<String>,
@@ -116,7 +117,7 @@ struct DeviceJson {
     device_id: String,
     /// The device's own identifier (IMEI, MAC, serial number).
     node_id: String,
-    /// The device itself (every device is directly connected).
+    /// The gateway a child device is reached through; the device itself when directly connected.
     gateway_id: String,
     /// Its name.
     device_name: String,
@@ -253,14 +254,6 @@ pub(super) async fn add_device(
 ) -> Result<Response, IotdaError> {
     let project_id = project(caller.as_deref(), &project_id)?;
     let b = body(b)?;
-    if b.gateway_id
-        .as_deref()
-        .is_some_and(|g| !g.trim().is_empty())
-    {
-        return Err(IotdaError::bad_request(
-            "gateway_id: child devices are not supported; register directly connected devices",
-        ));
-    }
     if b.shadow.is_some() {
         return Err(IotdaError::bad_request(
             "shadow: device shadows are not supported",
@@ -303,6 +296,7 @@ pub(super) async fn add_device(
             secret: auth.secret.map(SecretString::from),
             extension_info: b.extension_info,
             secure_access: auth.secure_access,
+            gateway_id: b.gateway_id,
         },
     )
     .await?;
@@ -332,8 +326,14 @@ pub(super) struct DeviceQuery {
     node_id: Option<String>,
     /// Only devices with this name.
     device_name: Option<String>,
-    /// A gateway's child devices: always none (every device is directly connected).
+    /// Only this gateway's child devices.
     gateway_id: Option<String>,
+    /// With `gateway_id`: `true` for its children's children too (default `false`: one level).
+    is_cascade_query: Option<String>,
+    /// Only devices registered at or after this time (`yyyyMMddTHHmmssZ`, UTC).
+    start_time: Option<String>,
+    /// Only devices registered at or before this time (`yyyyMMddTHHmmssZ`, UTC).
+    end_time: Option<String>,
 }
 
 /// `ListDevices`' answer.
@@ -376,21 +376,38 @@ pub(super) async fn list_devices(
     )?;
     check_app(&state, &project_id, q.app_id.as_deref()).await?;
     let s = |v: &Option<String>| v.as_deref().unwrap_or_default().trim().to_owned();
-    if !s(&q.gateway_id).is_empty() {
-        // Every Updraft device is directly connected: no device has children.
-        return Ok(Json(DeviceList {
-            devices: Vec::new(),
-            page: PageInfo {
-                count: 0,
-                marker: None,
-            },
-        })
-        .into_response());
+    let cascade = match s(&q.is_cascade_query).to_ascii_lowercase().as_str() {
+        "" | "false" => false,
+        "true" => true,
+        other => {
+            return Err(IotdaError::bad_request(format!(
+                "is_cascade_query: {other:?} is not true or false"
+            )));
+        }
+    };
+    let time = |name: &str, v: &Option<String>| {
+        Some(s(v))
+            .filter(|v| !v.is_empty())
+            .map(|v| Timestamp::parse_compact(name, &v))
+            .transpose()
+            .map_err(|e| IotdaError::bad_time(e.to_string()))
+    };
+    let (from, until) = (time("start_time", &q.start_time)?, time("end_time", &q.end_time)?);
+    if let (Some(from), Some(until)) = (from, until)
+        && from > until
+    {
+        return Err(IotdaError::start_after_end(
+            "start_time must not be later than end_time",
+        ));
     }
     let filter = devices::DeviceFilter {
         product_id: s(&q.product_id),
         node_id: s(&q.node_id),
         device_name: s(&q.device_name),
+        gateway_id: Some(s(&q.gateway_id)).filter(|g| !g.is_empty()),
+        cascade,
+        registered_from: from,
+        registered_until: until,
         order,
         ..Default::default()
     };

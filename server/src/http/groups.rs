@@ -360,7 +360,7 @@ pub(super) struct MembersQuery {
     /// Devices to skip, 0-500 (default 0).
     #[param(value_type = Option<u32>, minimum = 0, maximum = 500)]
     offset: Option<String>,
-    /// Not supported: this list pages with `offset` only, so it must be absent or empty.
+    /// The `page.marker` of the previous page (a device id): devices after it, by descending id.
     marker: Option<String>,
 }
 
@@ -384,7 +384,7 @@ struct MemberJson {
 struct MemberList {
     /// This page of the group's devices.
     devices: Vec<MemberJson>,
-    /// Paging (`count` only).
+    /// Paging.
     page: PageInfo,
 }
 
@@ -398,7 +398,7 @@ struct MemberList {
     params(("project_id" = String, Path, description = "The project."), ("group_id" = String, Path, description = "The group."), MembersQuery),
     responses(
         (status = 200, description = "A page of the group's devices.", body = MemberList),
-        (status = 400, description = "An invalid paging parameter, or a `marker`.", body = IotdaErrorBody),
+        (status = 400, description = "An invalid paging parameter.", body = IotdaErrorBody),
         (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
         (status = 404, description = "No such project or group.", body = IotdaErrorBody),
     ),
@@ -410,13 +410,14 @@ pub(super) async fn group_devices(
     Query(q): Query<MembersQuery>,
 ) -> Result<Response, IotdaError> {
     let project_id = project(caller.as_deref(), &project_id)?;
-    if q.marker.as_deref().is_some_and(|m| !m.trim().is_empty()) {
-        return Err(IotdaError::bad_request(
-            "marker: this list pages with offset only",
-        ));
-    }
-    let (page, _) = super::paging::paging(q.limit.as_deref(), q.offset.as_deref(), None)?;
-    let result = groups::members(&state.app, &project_id, &group_id, page).await?;
+    let (page, order) = id_paging(
+        q.limit.as_deref(),
+        q.offset.as_deref(),
+        q.marker.as_deref(),
+        128,
+    )?;
+    let result = groups::members(&state.app, &project_id, &group_id, page, &order).await?;
+    let marker = result.items.last().map(|d| d.id.clone());
     let devices = result
         .items
         .into_iter()
@@ -431,7 +432,7 @@ pub(super) async fn group_devices(
         devices,
         page: PageInfo {
             count: result.total,
-            marker: None,
+            marker,
         },
     })
     .into_response())

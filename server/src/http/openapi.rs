@@ -9,7 +9,9 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, Securi
 use utoipa::{Modify, OpenApi};
 
 use super::auth::SESSION_COOKIE;
-use super::{audit, batchtasks, devices, groups, packages, products, subscriptions};
+use super::{
+    audit, batchtasks, devices, groups, packages, products, routing, spaces, subscriptions,
+};
 
 /// The security scheme of signed requests.
 const SIGNATURE_SCHEME: &str = "sdk_hmac_sha256";
@@ -60,6 +62,7 @@ too. State-changing requests must also come from the console's origin (`Origin` 
         batchtasks::delete,
         batchtasks::stop,
         batchtasks::retry,
+        batchtasks::confirm,
         batchtasks::resume,
         devices::add_device,
         devices::list_devices,
@@ -80,6 +83,17 @@ too. State-changing requests must also come from the console's origin (`Origin` 
         products::show_product,
         products::update_product,
         products::delete_product,
+        spaces::list,
+        spaces::show,
+        routing::create_rule,
+        routing::list_rules,
+        routing::show_rule,
+        routing::update_rule,
+        routing::delete_rule,
+        routing::create_action,
+        routing::list_actions,
+        routing::show_action,
+        routing::delete_action,
         subscriptions::create,
         subscriptions::list,
         subscriptions::show,
@@ -94,6 +108,8 @@ too. State-changing requests must also come from the console's origin (`Origin` 
         (name = "devices", description = "Directly connected devices that log in with a secret."),
         (name = "device-group", description = "Static device groups, the targets of group tasks."),
         (name = "products", description = "Products: the kinds of device, and what packages are for."),
+        (name = "apps", description = "Resource spaces (IoTDA's applications): where a client finds its `app_id`."),
+        (name = "routing-rule", description = "IoTDA's routing rules: how an IoTDA application subscribes to batch-task notifications."),
         (name = "subscriptions", description = "Push notifications of task and device changes."),
         (name = "audit", description = "Who changed what: the audit trail (Updraft's)."),
     ),

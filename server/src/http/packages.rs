@@ -55,7 +55,6 @@ pub(crate) struct FileLocation {
 
 /// IoTDA's `CreateOtaPackage` body, plus Updraft's optional `file_name` and `segment_size`.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 #[schema(as = CreateOtaPackage)]
 struct CreateBody {
     /// The resource space; when given, it must be the product's.
@@ -242,14 +241,13 @@ pub(super) async fn create(
     let row = if content_type.starts_with("multipart/form-data") {
         let multipart = axum::extract::Multipart::from_request(req, &state)
             .await
-            .map_err(|e| IotdaError::bad_request(e.body_text()))?;
+            .map_err(|e| IotdaError::malformed(e.body_text()))?;
         upload(&state, &project_id, multipart).await?
     } else if content_type.starts_with("application/json") {
         let body = axum::body::to_bytes(req.into_body(), 1024 * 1024)
             .await
             .map_err(|e| IotdaError::bad_request(format!("reading the body: {e}")))?;
-        let body: CreateBody = serde_json::from_slice(&body)
-            .map_err(|e| IotdaError::bad_request(format!("invalid JSON body: {e}")))?;
+        let body: CreateBody = serde_json::from_slice(&body).map_err(IotdaError::json)?;
         register(&state, &project_id, body).await?
     } else {
         return Err(IotdaError::unsupported_media_type(
@@ -343,7 +341,7 @@ async fn text_field(
     while let Some(chunk) = field
         .chunk()
         .await
-        .map_err(|e| IotdaError::bad_request(e.body_text()))?
+        .map_err(|e| IotdaError::malformed(e.body_text()))?
     {
         if bytes.len() + chunk.len() > MAX_TEXT_FIELD {
             return Err(IotdaError::bad_request(format!(
@@ -361,7 +359,7 @@ async fn upload(
     mut multipart: axum::extract::Multipart,
 ) -> Result<backend::storage::entity::packages::Model, IotdaError> {
     let mut meta = PackageMetaInput::default();
-    let bad = |e: axum::extract::multipart::MultipartError| IotdaError::bad_request(e.body_text());
+    let bad = |e: axum::extract::multipart::MultipartError| IotdaError::malformed(e.body_text());
     while let Some(field) = multipart.next_field().await.map_err(bad)? {
         let name = field.name().unwrap_or_default().to_owned();
         if name == "file" {

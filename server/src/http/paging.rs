@@ -25,8 +25,11 @@ pub(crate) fn paging(
     offset: Option<&str>,
     marker: Option<&str>,
 ) -> Result<(Page, Option<String>), IotdaError> {
-    let number =
-        |name: &str, v: Option<&str>, default: u64, range: std::ops::RangeInclusive<u64>| match v
+    let number = |name: &str,
+                  v: Option<&str>,
+                  default: u64,
+                  range: std::ops::RangeInclusive<u64>,
+                  error: fn(String) -> IotdaError| match v
             .map(str::trim)
             .filter(|v| !v.is_empty())
         {
@@ -36,15 +39,16 @@ pub(crate) fn paging(
                 .ok()
                 .filter(|n| range.contains(n))
                 .ok_or_else(|| {
-                    IotdaError::bad_request(format!(
+                    error(format!(
                         "{name}: must be an integer from {} to {}",
                         range.start(),
                         range.end()
                     ))
                 }),
         };
-    let limit = number("limit", limit, 10, 1..=50)?;
-    let offset = number("offset", offset, 0, 0..=500)?;
+    // IoTDA has its own code for a `limit` out of range.
+    let limit = number("limit", limit, 10, 1..=50, IotdaError::bad_limit)?;
+    let offset = number("offset", offset, 0, 0..=500, IotdaError::bad_request)?;
     let marker = match marker.map(str::trim).filter(|m| !m.is_empty()) {
         None => None,
         Some(m) if m.len() == 24 && m.bytes().all(|b| b.is_ascii_hexdigit()) => {

@@ -23,14 +23,14 @@ use super::signed::project;
 type Ext = Option<axum::Extension<Caller>>;
 
 /// The console user of a session-authenticated call (absent for signed calls).
-type User = Option<axum::Extension<backend::service::auth::CurrentUser>>;
+pub(super) type User = Option<axum::Extension<backend::service::auth::CurrentUser>>;
 
 /// Subscriptions are managed by administrators: a console session of another user is refused (an
 /// application's access key was itself created by an administrator).
-fn admin_only(user: &User) -> Result<(), IotdaError> {
+pub(super) fn admin_only(user: &User) -> Result<(), IotdaError> {
     match user {
         Some(u) if !u.is_admin => Err(IotdaError::forbidden(
-            "only an administrator may manage subscriptions",
+            "only an administrator may manage subscriptions and routing rules",
         )),
         _ => Ok(()),
     }
@@ -128,7 +128,7 @@ pub(super) async fn create(
 ) -> Result<Response, IotdaError> {
     admin_only(&user)?;
     let project_id = project(caller.as_deref(), &project_id)?;
-    let Json(b) = body.map_err(|e| IotdaError::bad_request(e.body_text()))?;
+    let Json(b) = body.map_err(IotdaError::from)?;
     if b.channel
         .as_deref()
         .is_some_and(|c| !c.trim().eq_ignore_ascii_case("HTTP"))

@@ -104,14 +104,14 @@ fn the_test_signer_reproduces_the_documented_example() {
 /// An application: a credential and how to call the API with it.
 pub(crate) struct Application<'a> {
     app: &'a TestApp,
-    project: String,
+    pub(crate) project: String,
     ak: String,
     sk: String,
     /// Seconds added to the server's clock when dating a request.
     date_offset: i64,
 }
 
-const EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+pub(crate) const EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 impl Application<'_> {
     fn date(&self) -> String {
@@ -148,7 +148,7 @@ impl Application<'_> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn send(
+    pub(crate) async fn send(
         &self,
         method: &str,
         path: &str,

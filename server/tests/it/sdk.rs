@@ -58,6 +58,8 @@ async fn the_official_python_sdk_runs_an_upgrade_end_to_end() {
             &app.state,
             &project,
             devices::NewDevice {
+                // Plain MQTT: IoTDA refuses a `secure_access` device on 1883.
+                secure_access: Some(false),
                 product_id: "meter".into(),
                 node_id: id.into(),
                 device_id: Some(id.into()),
@@ -131,5 +133,93 @@ async fn the_official_python_sdk_runs_an_upgrade_end_to_end() {
         2
     );
     devices.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_official_python_sdk_pages_confirms_and_routes() {
+    use backend::service::groups;
+    let python = sdk_python();
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    app.clock.set(Timestamp::from_millis(
+        chrono::Utc::now().timestamp_millis(),
+    ));
+    let fx = crate::tasks::fixture(&app).await;
+    // 2 000 devices for the task, the first 1 000 of them in a group.
+    let group = groups::create(&app.state, &fx.project, "big", "").await.unwrap();
+    let mut ids = Vec::with_capacity(2000);
+    for i in 0..2000 {
+        let id = format!("many-{i:04}");
+        devices::register(
+            &app.state,
+            &fx.project,
+            devices::NewDevice {
+                product_id: "meter".into(),
+                node_id: id.clone(),
+                device_id: Some(id.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        if i < 1000 {
+            groups::add_device(&app.state, &fx.project, &group.id, &id)
+                .await
+                .unwrap();
+        }
+        ids.push(id);
+    }
+    let list = dir.path().join("devices.txt");
+    std::fs::write(&list, ids.join("\n")).unwrap();
+    let cred = credentials::create(&app.state, &fx.project, "sdk test")
+        .await
+        .unwrap();
+    let out = tokio::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../end2end/sdk/iotda_sdk_compat.py"
+        ))
+        .env("UPDRAFT_ENDPOINT", &app.base)
+        .env("UPDRAFT_AK", &cred.credential.access_key)
+        .env("UPDRAFT_SK", cred.secret_key.expose_secret())
+        .env("UPDRAFT_PROJECT", &fx.project)
+        .env("UPDRAFT_CA", app.data_dir.join("tls").join("ca.pem"))
+        .env("UPDRAFT_PACKAGE", &fx.package)
+        .env("UPDRAFT_TASK_DEVICES", &list)
+        .env("UPDRAFT_GROUP", &group.id)
+        .env("UPDRAFT_HOOK_URL", "https://127.0.0.1:9/hook")
+        .env("HOME", dir.path())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), out)
+        .await
+        .expect("the SDK script finished")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(r["apps"], 1, "{r}");
+    assert_eq!(r["default_app"], true, "{r}");
+    assert_eq!(r["need_confirm"], true, "{r}");
+    assert_eq!(r["task_devices"], 2000, "every device reached by marker: {r}");
+    assert_eq!(r["task_pages_count"], serde_json::json!([2000]), "{r}");
+    assert_eq!(r["all_waiting"], true, "{r}");
+    assert_eq!(
+        r["confirmed"],
+        serde_json::json!(["success", "success", "success"])
+    );
+    assert_eq!(r["group_devices"], 1000, "every member reached by marker: {r}");
+    assert_eq!(r["group_pages_count"], serde_json::json!([1000]), "{r}");
+    assert_eq!(r["rule_active_at_creation"], false, "{r}");
+    assert_eq!(r["rule_active"], true, "{r}");
+    assert_eq!(r["action_rule"], true, "{r}");
+    assert_eq!(r["action_url"], "https://127.0.0.1:9/hook");
+    assert_eq!(r["rules"], serde_json::json!(["batchtask_to_billing"]));
+    assert_eq!(r["actions"], 1);
     app.stop().await;
 }

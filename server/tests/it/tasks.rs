@@ -78,6 +78,8 @@ pub(crate) async fn register(app: &TestApp, fx: &Fixture, id: &str) -> SimDevice
         &app.state,
         &fx.project,
         devices::NewDevice {
+            // Plain MQTT: IoTDA refuses a `secure_access` device on 1883.
+            secure_access: Some(false),
             product_id: PRODUCT.into(),
             node_id: id.into(),
             device_id: Some(id.into()),
@@ -188,7 +190,7 @@ async fn subtask(app: &TestApp, task_id: &str, device: &str) -> subtasks::Model 
 }
 
 /// Polls until the subtask of `device` satisfies `done`.
-async fn wait_subtask(
+pub(crate) async fn wait_subtask(
     app: &TestApp,
     task_id: &str,
     device: &str,
@@ -528,14 +530,14 @@ async fn every_wait_times_out_on_the_manual_clock_and_a_retry_succeeds() {
 }
 
 /// A hand-driven device: logs in (without subscribing) and hands every down message to the test.
-struct RawDevice {
+pub(crate) struct RawDevice {
     client: AsyncClient,
     down: tokio::sync::mpsc::UnboundedReceiver<Value>,
     up: String,
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn raw_device(app: &TestApp, dev: &SimDevice) -> RawDevice {
+pub(crate) async fn raw_device(app: &TestApp, dev: &SimDevice) -> RawDevice {
     use backend::clock::Clock;
     let (client_id, password) =
         server::sim::login(&dev.device_id, &dev.secret, 1, app.clock.now().as_millis());
@@ -561,34 +563,48 @@ async fn raw_device(app: &TestApp, dev: &SimDevice) -> RawDevice {
 }
 
 impl RawDevice {
-    async fn next(&mut self, event_type: &str) -> Value {
+    pub(crate) async fn next(&mut self, event_type: &str) -> Value {
+        self.next_message(event_type).await["services"][0]["paras"].clone()
+    }
+
+    /// The next whole message of `event_type` (with its `object_device_id`).
+    pub(crate) async fn next_message(&mut self, event_type: &str) -> Value {
         loop {
             let m = tokio::time::timeout(Duration::from_secs(10), self.down.recv())
                 .await
                 .unwrap_or_else(|_| panic!("no {event_type} within 10 s"))
                 .expect("connection open");
-            let service = &m["services"][0];
-            if service["event_type"] == event_type {
-                return service["paras"].clone();
+            if m["services"][0]["event_type"] == event_type {
+                return m;
             }
         }
     }
 
-    async fn send(&self, event_type: &str, paras: Value) {
+    /// Whether nothing arrives within `wait`.
+    pub(crate) async fn quiet(&mut self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, self.down.recv()).await.is_err()
+    }
+
+    pub(crate) async fn send(&self, event_type: &str, paras: Value) {
         let msg =
             json!({"services": [{"service_id": "$ota", "event_type": event_type, "paras": paras}]});
+        self.publish(&msg).await;
+    }
+
+    /// Publishes `msg` on the device's system uplink topic.
+    pub(crate) async fn publish(&self, msg: &Value) {
         self.client
             .publish(
                 &self.up,
                 QoS::AtLeastOnce,
                 false,
-                serde_json::to_vec(&msg).unwrap(),
+                serde_json::to_vec(msg).unwrap(),
             )
             .await
             .unwrap();
     }
 
-    async fn close(self) {
+    pub(crate) async fn close(self) {
         let _ = self.client.disconnect().await;
         self.task.abort();
     }

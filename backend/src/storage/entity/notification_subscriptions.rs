@@ -17,6 +17,9 @@ pub struct Model {
     pub enabled: bool,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The routing rule whose HTTP forwarding action this is (IoTDA's routing API); `None` for a
+    /// subscription made with `POST subscriptions`.
+    pub rule_id: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

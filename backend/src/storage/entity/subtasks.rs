@@ -30,6 +30,8 @@ pub struct Model {
     pub finished_at: Option<i64>,
     /// The rollout wave (0 without waves).
     pub wave: i32,
+    /// The gateway the device is reached through (a child device's), as when the subtask was written.
+    pub gateway_id: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -9,7 +9,8 @@
 #   * Debian's chromium and the end2end npm packages (Playwright without a browser download)
 #   * cargo-nextest if missing
 #   * moto_server (an S3-compatible server the tests start), in a private venv if not on PATH
-#   * huaweicloudsdkiotda (Huawei's application SDK, for the API compatibility test), in a private venv
+#   * huaweicloudsdkiotda (Huawei's application SDK, for the API compatibility test) and paho-mqtt (an
+#     independent MQTT 3.1/5.0 client, for the device-login tests), in a private venv
 #
 # Never Debian's binaryen: its wasm-opt 108 silently breaks the hydrate bundle.
 # Env: SKIP_BROWSER=1 skips chromium and npm (build-only machines).
@@ -88,10 +89,11 @@ fi
 
 # --- Huawei's IoTDA application SDK (the API compatibility test drives Updraft with it) -------------
 IOTDA_VENV="${HOME}/.cache/updraft/iotda-venv"
-if [ ! -x "$IOTDA_VENV/bin/python" ] || ! "$IOTDA_VENV/bin/python" -c 'import huaweicloudsdkiotda' 2>/dev/null; then
-  log "installing huaweicloudsdkiotda into $IOTDA_VENV (the official SDK, for the API compatibility test)"
+# Eclipse Paho (paho-mqtt) beside it: the independent MQTT 3.1 / 5.0 client of the device-login tests.
+if [ ! -x "$IOTDA_VENV/bin/python" ] || ! "$IOTDA_VENV/bin/python" -c 'import huaweicloudsdkiotda, paho.mqtt' 2>/dev/null; then
+  log "installing huaweicloudsdkiotda and paho-mqtt into $IOTDA_VENV (the official SDK and an independent MQTT client, for the tests)"
   python3 -m venv "$IOTDA_VENV"
-  "$IOTDA_VENV/bin/pip" install --quiet --disable-pip-version-check 'huaweicloudsdkiotda==3.1.219'
+  "$IOTDA_VENV/bin/pip" install --quiet --disable-pip-version-check 'huaweicloudsdkiotda==3.1.219' 'paho-mqtt==2.1.0'
 fi
 
 # --- end2end --------------------------------------------------------------------------------------

@@ -465,7 +465,10 @@ fn notification_body(record: &outbox::Model) -> Result<Vec<u8>> {
 /// of one change (retries, and every receiver) carries the same one and a receiver can drop repeats.
 fn request_id(record: &outbox::Model) -> String {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(format!("updraft-outbox:{}:{}", record.id, record.created_at));
+    let digest = Sha256::digest(format!(
+        "updraft-outbox:{}:{}",
+        record.id, record.created_at
+    ));
     let hex = hex::encode(&digest[..16]);
     format!(
         "{}-{}-{}-{}-{}",

@@ -158,7 +158,9 @@ impl Driver {
                 // instance, or before this transaction on this one) either committed first and is seen,
                 // or waits for this transaction and then finds the started subtask (see `open_steps`).
                 // A child device is as connected as the gateway it is reached through.
-                let reach = |r: &subtasks::Model| r.gateway_id.clone().unwrap_or_else(|| r.device_id.clone());
+                let reach = |r: &subtasks::Model| {
+                    r.gateway_id.clone().unwrap_or_else(|| r.device_id.clone())
+                };
                 let online = locked_online(&txn, rows.values().map(reach)).await?;
                 for (id, step) in &mut steps {
                     if let Step::Begin { online: o } | Step::Start { online: o } = step {

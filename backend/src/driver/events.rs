@@ -43,7 +43,7 @@ pub enum DeviceEvent {
         /// The gateway that sent it.
         gateway: String,
         /// What it said.
-        event: Box<DeviceEvent>,
+        event: Box<Self>,
     },
     /// `upgrade_progress_report`.
     Progress {

@@ -36,7 +36,11 @@ pub(super) async fn through_gateways(
         .map(|(id, _)| id.clone())
         .collect();
     let children = children_of(state, connecting).await?;
-    if children.is_empty() && !events.iter().any(|(_, e)| matches!(e, DeviceEvent::FromGateway { .. })) {
+    if children.is_empty()
+        && !events
+            .iter()
+            .any(|(_, e)| matches!(e, DeviceEvent::FromGateway { .. }))
+    {
         return Ok(events);
     }
     let mut out = Vec::with_capacity(events.len());
@@ -88,7 +92,10 @@ async fn gateways_of(state: &Context, mut ids: Vec<String>) -> Result<HashMap<St
 }
 
 /// The children of each of `ids` that has any.
-async fn children_of(state: &Context, mut ids: Vec<String>) -> Result<HashMap<String, Vec<String>>> {
+async fn children_of(
+    state: &Context,
+    mut ids: Vec<String>,
+) -> Result<HashMap<String, Vec<String>>> {
     ids.sort_unstable();
     ids.dedup();
     let mut out: HashMap<String, Vec<String>> = HashMap::new();

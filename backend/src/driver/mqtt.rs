@@ -14,7 +14,10 @@ pub(super) async fn carry_out(fx: &mut Effects<'_>, effect: Effect) -> Result<()
     let row = fx.row;
     let event_time = fx.now.to_compact();
     // A child device is reached through its gateway's topic; `object_device_id` names the child.
-    let to = row.gateway_id.clone().unwrap_or_else(|| row.device_id.clone());
+    let to = row
+        .gateway_id
+        .clone()
+        .unwrap_or_else(|| row.device_id.clone());
     match effect {
         Effect::SendVersionQuery => {
             let info = task_info(fx).await?;

@@ -106,15 +106,23 @@ impl std::fmt::Display for CodecError {
 ///
 /// # Errors
 /// [`CodecError::Insufficient`] until the protocol level is in; [`CodecError::Level`] for a level other
-/// than 3, 4 or 5; [`CodecError::Malformed`] for anything that is not a CONNECT.
-pub(super) fn connect_version(buf: &mut BytesMut) -> Result<Version, CodecError> {
+/// than 3, 4 or 5; [`CodecError::Malformed`] for anything that is not a CONNECT, or one longer than
+/// `max` (refused from its header, before its bytes arrive).
+pub(super) fn connect_version(buf: &mut BytesMut, max: usize) -> Result<Version, CodecError> {
     let Some(&first) = buf.first() else {
         return Err(CodecError::Insufficient(2));
     };
     if first >> 4 != 1 {
-        return Err(CodecError::Malformed("the first packet is not CONNECT".into()));
+        return Err(CodecError::Malformed(
+            "the first packet is not CONNECT".into(),
+        ));
     }
     let (len, header) = remaining_length(&buf[1..])?;
+    if len > max {
+        return Err(CodecError::Malformed(format!(
+            "a CONNECT of {len} bytes (at most {max} before the login)"
+        )));
+    }
     // The protocol name's length, then the name.
     let start = 1 + header;
     let need = |n: usize| {
@@ -136,7 +144,7 @@ pub(super) fn connect_version(buf: &mut BytesMut) -> Result<Version, CodecError>
             // Same packet with 3.1.1's name and level: two bytes shorter.
             let mut rewritten = BytesMut::with_capacity(buf.len());
             rewritten.extend_from_slice(&[first]);
-            encode_length(len - 2, &mut rewritten);
+            encode_length(len.saturating_sub(2), &mut rewritten);
             rewritten.extend_from_slice(&[0, 4]);
             rewritten.extend_from_slice(b"MQTT");
             rewritten.extend_from_slice(&[4]);
@@ -334,7 +342,12 @@ pub(super) fn write(
                     pkid,
                     granted
                         .into_iter()
-                        .map(|g| g.map_or(v4::SubscribeReasonCode::Failure, v4::SubscribeReasonCode::Success))
+                        .map(|g| {
+                            g.map_or(
+                                v4::SubscribeReasonCode::Failure,
+                                v4::SubscribeReasonCode::Success,
+                            )
+                        })
                         .collect(),
                 )),
                 Outgoing::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(pkid)),
@@ -343,7 +356,10 @@ pub(super) fn write(
                     v4::Packet::Publish(v4::Publish::from_bytes(topic, QoS::AtMostOnce, payload))
                 }
             };
-            packet.write(out, max).map(|_| ()).map_err(|e| e.to_string())
+            packet
+                .write(out, max)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         }
         Version::V5 => {
             let packet = match packet {
@@ -411,7 +427,7 @@ mod tests {
         v31.extend_from_slice(b"MQIsdp");
         v31.extend_from_slice(&[3]);
         v31.extend_from_slice(&v311[2 + 2 + 4 + 1..]);
-        assert_eq!(connect_version(&mut v31).unwrap(), Version::V4);
+        assert_eq!(connect_version(&mut v31, 1 << 16).unwrap(), Version::V4);
         assert_eq!(v31, v311);
         let Incoming::Connect(c) = read(Version::V4, &mut v31, 1 << 16).unwrap() else {
             panic!("not a CONNECT");
@@ -434,16 +450,16 @@ mod tests {
         v5::Packet::Connect(c, None, Some(v5::Login::new("dev", "pw")))
             .write(&mut buf, None)
             .unwrap();
-        v5::Packet::Publish(v5::Publish::new(
+        let mut publish = v5::Publish::new(
             "$oc/devices/dev/sys/events/up",
             mqtt5::QoS::AtLeastOnce,
             Bytes::from_static(b"{}"),
             None,
-        ))
-        .write(&mut buf, None)
-        .unwrap();
+        );
+        publish.pkid = 1;
+        v5::Packet::Publish(publish).write(&mut buf, None).unwrap();
         buf.extend_from_slice(&[0xE0, 0]); // a bare DISCONNECT
-        assert_eq!(connect_version(&mut buf).unwrap(), Version::V5);
+        assert_eq!(connect_version(&mut buf, 1 << 16).unwrap(), Version::V5);
         let Incoming::Connect(c) = read(Version::V5, &mut buf, 1 << 16).unwrap() else {
             panic!("not a CONNECT");
         };
@@ -476,15 +492,18 @@ mod tests {
         let mut v311 = connect_v4("x");
         let level = 2 + 2 + 4;
         v311[level] = 6;
-        assert!(matches!(connect_version(&mut v311), Err(CodecError::Level(6))));
+        assert!(matches!(
+            connect_version(&mut v311, 1 << 16),
+            Err(CodecError::Level(6))
+        ));
         let mut ping = BytesMut::from(&[0xC0u8, 0][..]);
         assert!(matches!(
-            connect_version(&mut ping),
+            connect_version(&mut ping, 1 << 16),
             Err(CodecError::Malformed(_))
         ));
         let mut partial = BytesMut::from(&connect_v4("x")[..5]);
         assert!(matches!(
-            connect_version(&mut partial),
+            connect_version(&mut partial, 1 << 16),
             Err(CodecError::Insufficient(_))
         ));
     }

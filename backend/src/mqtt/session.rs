@@ -465,7 +465,10 @@ fn on_packet(
             }
             Reply::Send(Outgoing::SubAck { pkid, granted })
         }
-        Incoming::Unsubscribe { pkid, topics: filters } => {
+        Incoming::Unsubscribe {
+            pkid,
+            topics: filters,
+        } => {
             for f in &filters {
                 if f.starts_with(topics.prefix) && f != topics.down && f != topics.up {
                     routes.push(Route::Unsubscribe(internal(f).to_owned()));
@@ -559,7 +562,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Option<(Version, Connect)>, ReadError> {
     let version = loop {
-        match codec::connect_version(buf) {
+        match codec::connect_version(buf, max) {
             Ok(v) => break v,
             Err(CodecError::Insufficient(n)) => {
                 if buf.len() > max {

@@ -73,7 +73,12 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
         None if protocol == ProtocolType::CoAP => SecretString::from(ids::hex_secret(32)),
         None => SecretString::from(ids::alphanumeric(24)),
     };
-    let gateway = match new.gateway_id.as_deref().map(str::trim).filter(|g| !g.is_empty()) {
+    let gateway = match new
+        .gateway_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+    {
         None => None,
         Some(g) if g == device_id.as_str() => None,
         Some(g) => {
@@ -83,7 +88,11 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
                 .await?
                 .ok_or_else(|| Error::not_found("gateway", g))?;
             let grandparent = match parent.gateway_id.as_deref() {
-                Some(gp) => devices::Entity::find_by_id(gp.to_owned()).one(&state.db).await?,
+                Some(gp) => {
+                    devices::Entity::find_by_id(gp.to_owned())
+                        .one(&state.db)
+                        .await?
+                }
                 None => None,
             };
             if grandparent.is_some_and(|gp| gp.gateway_id.is_some()) {
@@ -105,7 +114,12 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
         node_id: Set(node.to_string()),
         device_name: Set(text::bounded("device_name", &new.device_name, 256, false)?),
         description: Set(text::bounded("description", &new.description, 2048, false)?),
-        node_type: Set(if gateway.is_some() { "ENDPOINT" } else { "GATEWAY" }.to_owned()),
+        node_type: Set(if gateway.is_some() {
+            "ENDPOINT"
+        } else {
+            "GATEWAY"
+        }
+        .to_owned()),
         gateway_id: Set(gateway),
         auth_type: Set("SECRET".to_owned()),
         secret_enc: Set(Some(

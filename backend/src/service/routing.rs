@@ -102,7 +102,12 @@ pub async fn create_rule(
         "GLOBAL" => None,
         "APP" => {
             let default = super::projects::default_app(state, project_id).await?;
-            match new.app_id.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
+            match new
+                .app_id
+                .as_deref()
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+            {
                 None => Some(default.id),
                 Some(a) if a == default.id => Some(default.id),
                 Some(a) => {
@@ -248,11 +253,20 @@ pub async fn update_rule(
         // A subscription only receives what happened after it was (re)enabled: its `created_at` is
         // the cut-off `notify` applies, so an activation moves it.
         let mut subs = notification_subscriptions::Entity::update_many()
-            .col_expr(notification_subscriptions::Column::Enabled, Expr::value(active))
-            .col_expr(notification_subscriptions::Column::UpdatedAt, Expr::value(now))
+            .col_expr(
+                notification_subscriptions::Column::Enabled,
+                Expr::value(active),
+            )
+            .col_expr(
+                notification_subscriptions::Column::UpdatedAt,
+                Expr::value(now),
+            )
             .filter(notification_subscriptions::Column::RuleId.eq(rule.id.as_str()));
         if active && !rule.active {
-            subs = subs.col_expr(notification_subscriptions::Column::CreatedAt, Expr::value(now));
+            subs = subs.col_expr(
+                notification_subscriptions::Column::CreatedAt,
+                Expr::value(now),
+            );
         }
         subs.exec(&txn).await?;
     }

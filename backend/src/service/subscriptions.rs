@@ -79,7 +79,9 @@ impl Subject<'_> {
             .into());
         }
         if self.event.trim() != "update" {
-            return Err(domain::ValidationError::new(format!("{field}event"), "must be update").into());
+            return Err(
+                domain::ValidationError::new(format!("{field}event"), "must be update").into(),
+            );
         }
         Ok(())
     }
@@ -161,11 +163,9 @@ pub(crate) fn check_url(
         .map_err(|e| domain::ValidationError::new(field, format!("not a URL ({e})")))?;
     let scheme_ok = parsed.scheme() == "https" || (allow_http && parsed.scheme() == "http");
     if !scheme_ok || parsed.host().is_none() {
-        return Err(domain::ValidationError::new(
-            field,
-            "must be an https:// URL with a host",
-        )
-        .into());
+        return Err(
+            domain::ValidationError::new(field, "must be an https:// URL with a host").into(),
+        );
     }
     let private = match parsed.host() {
         Some(url::Host::Ipv4(ip)) => domain::net::is_private(ip.into()),
@@ -288,7 +288,15 @@ mod tests {
         assert!(check_url("http://app.example.com/hook", "callbackurl", false, false).is_err());
         assert!(check_url("http://127.0.0.1:9000/hook", "callbackurl", true, true).is_ok());
         assert!(check_url("http://127.0.0.1:9000/hook", "callbackurl", true, false).is_err());
-        assert!(check_url("https://user:pw@app.example.com/", "callbackurl", false, false).is_err());
+        assert!(
+            check_url(
+                "https://user:pw@app.example.com/",
+                "callbackurl",
+                false,
+                false
+            )
+            .is_err()
+        );
         assert!(check_url("not a url", "callbackurl", false, false).is_err());
         assert!(check_url("ftp://x/", "callbackurl", true, true).is_err());
     }

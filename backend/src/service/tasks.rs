@@ -685,7 +685,10 @@ async fn select_in_step(
             Some(r) if step.is_some_and(|s| s != r.step) => {
                 results.push(TargetResult::failed(
                     t.clone(),
-                    format!("cannot {verb} device {t}: its subtask is at step {}", r.step),
+                    format!(
+                        "cannot {verb} device {t}: its subtask is at step {}",
+                        r.step
+                    ),
                 ));
             }
             Some(r) => {
@@ -845,7 +848,11 @@ pub async fn confirm(
     if !ids.is_empty() {
         state.driver.start_task(state, task_id).await?;
     }
-    tracing::info!(task_id, confirmed = ids.len(), "devices of the task confirmed");
+    tracing::info!(
+        task_id,
+        confirmed = ids.len(),
+        "devices of the task confirmed"
+    );
     Ok(results)
 }
 

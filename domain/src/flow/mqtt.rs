@@ -646,7 +646,10 @@ mod tests {
     fn a_finished_upgrade_on_another_version_fails_at_once() {
         let p = plan();
         let mut s = upgrading(&p);
-        assert!(s.handle(T0.plus(MIN), &p, progress(0, 60, "1.0")).is_empty());
+        assert!(
+            s.handle(T0.plus(MIN), &p, progress(0, 60, "1.0"))
+                .is_empty()
+        );
         assert_eq!(
             s.handle(T0.plus(2 * MIN), &p, progress(0, 100, "1.0")),
             [Effect::RevokeTokens],
@@ -659,7 +662,10 @@ mod tests {
             })
         );
         assert_eq!(s.status(), SubtaskStatus::Fail);
-        assert_eq!(s.failure().map(Failure::code).as_deref(), Some("VERSION_MISMATCH"));
+        assert_eq!(
+            s.failure().map(Failure::code).as_deref(),
+            Some("VERSION_MISMATCH")
+        );
         // Without a version, 100 % says nothing about what runs: keep waiting.
         let mut s = upgrading(&p);
         let no_version = Input::Progress {

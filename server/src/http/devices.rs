@@ -392,7 +392,10 @@ pub(super) async fn list_devices(
             .transpose()
             .map_err(|e| IotdaError::bad_time(e.to_string()))
     };
-    let (from, until) = (time("start_time", &q.start_time)?, time("end_time", &q.end_time)?);
+    let (from, until) = (
+        time("start_time", &q.start_time)?,
+        time("end_time", &q.end_time)?,
+    );
     if let (Some(from), Some(until)) = (from, until)
         && from > until
     {

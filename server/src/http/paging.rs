@@ -25,14 +25,12 @@ pub(crate) fn paging(
     offset: Option<&str>,
     marker: Option<&str>,
 ) -> Result<(Page, Option<String>), IotdaError> {
-    let number = |name: &str,
-                  v: Option<&str>,
-                  default: u64,
-                  range: std::ops::RangeInclusive<u64>,
-                  error: fn(String) -> IotdaError| match v
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-        {
+    let number =
+        |name: &str,
+         v: Option<&str>,
+         default: u64,
+         range: std::ops::RangeInclusive<u64>,
+         error: fn(String) -> IotdaError| match v.map(str::trim).filter(|v| !v.is_empty()) {
             None => Ok(default),
             Some(v) => v
                 .parse::<u64>()

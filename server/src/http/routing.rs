@@ -544,8 +544,7 @@ pub(super) async fn list_actions(
         64,
     )?;
     let _ = (q.app_type, q.app_id);
-    if q
-        .channel
+    if q.channel
         .as_deref()
         .is_some_and(|c| !c.trim().is_empty() && c.trim() != routing::HTTP_FORWARDING)
     {
@@ -557,8 +556,7 @@ pub(super) async fn list_actions(
         .into_response());
     }
     let result =
-        routing::list_actions(&state.app, &project_id, q.rule_id.as_deref(), page, &order)
-            .await?;
+        routing::list_actions(&state.app, &project_id, q.rule_id.as_deref(), page, &order).await?;
     let marker = result.items.last().map(|a| a.id.clone());
     Ok(Json(ActionList {
         actions: result

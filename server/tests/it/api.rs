@@ -704,7 +704,7 @@ async fn products_devices_and_groups_through_the_signed_api() {
     let msg = refused(
         a.call("GET", "/devices", &[("limit", "51")], None).await,
         400,
-        "IOTDA.000006",
+        "IOTDA.000017",
     )
     .await;
     assert!(msg.contains("limit"), "{msg}");
@@ -1004,6 +1004,13 @@ const API_ROUTES: &[(&str, &[&str])] = &[
     ("/subscriptions/{subscription_id}/deliveries", &["get"]),
     ("/audit-logs", &["get"]),
     ("/batchtasks/{task_id}/resume", &["post"]),
+    ("/batchtasks/{task_id}/confirm", &["post"]),
+    ("/apps", &["get"]),
+    ("/apps/{app_id}", &["get"]),
+    ("/routing-rule/rules", &["get", "post"]),
+    ("/routing-rule/rules/{rule_id}", &["get", "put", "delete"]),
+    ("/routing-rule/actions", &["get", "post"]),
+    ("/routing-rule/actions/{action_id}", &["get", "delete"]),
 ];
 
 /// The schema `schema` refers to (`{"$ref": "#/components/schemas/X"}`), or `schema` itself.

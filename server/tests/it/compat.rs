@@ -9,7 +9,7 @@ use backend::service::{devices, groups};
 use domain::Timestamp;
 use serde_json::{Value, json};
 
-use crate::api::{EMPTY, Application, application, json_of};
+use crate::api::{Application, EMPTY, application, json_of};
 use crate::helpers::{TestApp, spawn_app};
 use crate::tasks::{Fixture, fixture};
 
@@ -54,7 +54,10 @@ async fn page_to_the_end(
             query.push(("marker", m.as_str()));
         }
         let page = json_of(a.call("GET", rest, &query, None).await, 200).await;
-        assert_eq!(page["page"]["count"], count, "{rest}: every page counts every match");
+        assert_eq!(
+            page["page"]["count"], count,
+            "{rest}: every page counts every match"
+        );
         let got = page[items].as_array().unwrap();
         seen.extend(got.iter().map(|i| i[key].as_str().unwrap().to_owned()));
         if got.len() < 10 {
@@ -85,12 +88,22 @@ async fn markers_page_task_devices_groups_and_tasks_to_the_end() {
     );
     let targets = page_to_the_end(&a, &rest, &[], "task_details", "target", 27).await;
     assert_eq!(targets.len(), 27);
-    assert_eq!(targets.iter().collect::<HashSet<_>>().len(), 27, "no repeats");
+    assert_eq!(
+        targets.iter().collect::<HashSet<_>>().len(),
+        27,
+        "no repeats"
+    );
     // Newest subtask first, as IoTDA lists.
     assert_eq!(targets[0], "pg-026");
     // IoTDA's documented default marker starts from the newest.
     let fs = json_of(
-        a.call("GET", &rest, &[("marker", "ffffffffffffffffffffffff")], None).await,
+        a.call(
+            "GET",
+            &rest,
+            &[("marker", "ffffffffffffffffffffffff")],
+            None,
+        )
+        .await,
         200,
     )
     .await;
@@ -98,9 +111,13 @@ async fn markers_page_task_devices_groups_and_tasks_to_the_end() {
     let bad = json_of(a.call("GET", &rest, &[("marker", "12")], None).await, 400).await;
     assert_eq!(bad["error_code"], "IOTDA.000006");
 
-    let group = groups::create(&app.state, &fx.project, "paged", "").await.unwrap();
+    let group = groups::create(&app.state, &fx.project, "paged", "")
+        .await
+        .unwrap();
     for id in &ids {
-        groups::add_device(&app.state, &fx.project, &group.id, id).await.unwrap();
+        groups::add_device(&app.state, &fx.project, &group.id, id)
+            .await
+            .unwrap();
     }
     let members = page_to_the_end(
         &a,
@@ -116,9 +133,9 @@ async fn markers_page_task_devices_groups_and_tasks_to_the_end() {
     assert_eq!(members, sorted, "every member once, by descending id");
 
     // ListBatchTasks: page.count is every match, whatever the marker.
-    for n in 0..11 {
+    for (n, id) in ids.iter().take(11).enumerate() {
         let body = json!({"task_name": format!("more_{n}"), "task_type": "softwareUpgrade",
-                          "targets": [ids[n]], "document": {"package_ids": [fx.package]}});
+                          "targets": [id], "document": {"package_ids": [fx.package]}});
         json_of(a.call("POST", "/batchtasks", &[], Some(&body)).await, 201).await;
     }
     let listed = page_to_the_end(
@@ -192,14 +209,23 @@ async fn need_confirm_tasks_wait_for_confirm_batch_task() {
     );
     // Confirmed again: it no longer waits for confirmation.
     let again = json_of(
-        a.call("POST", &confirm, &[], Some(&json!({"targets": ["cf-000"]}))).await,
+        a.call("POST", &confirm, &[], Some(&json!({"targets": ["cf-000"]})))
+            .await,
         200,
     )
     .await;
     assert_eq!(again["targets"][0]["status"], "failure", "{again}");
     // No body confirms every device that waits (the SDK sends none when the caller gives none).
     let all = a
-        .send("POST", &format!("/v5/iot/{}{confirm}", a.project), &[], "application/json", Vec::new(), EMPTY, &[])
+        .send(
+            "POST",
+            &format!("/v5/iot/{}{confirm}", a.project),
+            &[],
+            "application/json",
+            Vec::new(),
+            EMPTY,
+            &[],
+        )
         .await;
     json_of(all, 200).await;
     let shown = json_of(a.call("GET", &rest, &[], None).await, 200).await;
@@ -207,7 +233,11 @@ async fn need_confirm_tasks_wait_for_confirm_batch_task() {
         steps(&shown).iter().all(|(_, step)| step == "wait_online"),
         "{shown}"
     );
-    json_of(a.call("POST", &format!("{rest}/stop"), &[], None).await, 200).await;
+    json_of(
+        a.call("POST", &format!("{rest}/stop"), &[], None).await,
+        200,
+    )
+    .await;
     let refused = json_of(a.call("POST", &confirm, &[], None).await, 409).await;
     assert_eq!(refused["error_code"], "IOTDA.000007");
 
@@ -218,13 +248,21 @@ async fn need_confirm_tasks_wait_for_confirm_batch_task() {
                       "document": {"package_ids": [fx.package]}});
     let task = json_of(a.call("POST", "/batchtasks", &[], Some(&body)).await, 201).await;
     let refused = json_of(
-        a.call("POST", &format!("/batchtasks/{}/confirm", task["task_id"].as_str().unwrap()), &[], None)
-            .await,
+        a.call(
+            "POST",
+            &format!("/batchtasks/{}/confirm", task["task_id"].as_str().unwrap()),
+            &[],
+            None,
+        )
+        .await,
         409,
     )
     .await;
     assert!(
-        refused["error_msg"].as_str().unwrap().contains("not started"),
+        refused["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("not started"),
         "{refused}"
     );
     app.stop().await;
@@ -253,39 +291,57 @@ async fn errors_carry_iotdas_codes_and_unknown_fields_are_ignored() {
         (body.to_vec(), hash)
     };
     let (body, hash) = raw(b"{\"task_name\": ");
-    let r = a.send("POST", &path, &[], "application/json", body, &hash, &[]).await;
+    let r = a
+        .send("POST", &path, &[], "application/json", body, &hash, &[])
+        .await;
     assert_eq!(json_of(r, 400).await["error_code"], "IOTDA.000008");
     let (body, hash) = raw(b"{\"task_name\": 5, \"task_type\": \"softwareUpgrade\"}");
-    let r = a.send("POST", &path, &[], "application/json", body, &hash, &[]).await;
+    let r = a
+        .send("POST", &path, &[], "application/json", body, &hash, &[])
+        .await;
     assert_eq!(json_of(r, 400).await["error_code"], "IOTDA.000006");
     let (body, hash) = raw(b"task_name=x");
-    let r = a.send("POST", &path, &[], "text/plain", body, &hash, &[]).await;
+    let r = a
+        .send("POST", &path, &[], "text/plain", body, &hash, &[])
+        .await;
     assert_eq!(json_of(r, 415).await["error_code"], "IOTDA.000008");
     let r = a
-        .call("GET", "/batchtasks", &[("task_type", "softwareUpgrade"), ("limit", "0")], None)
+        .call(
+            "GET",
+            "/batchtasks",
+            &[("task_type", "softwareUpgrade"), ("limit", "0")],
+            None,
+        )
         .await;
     assert_eq!(json_of(r, 400).await["error_code"], "IOTDA.000017");
 
     // ListDevices' registration window.
-    let r = a.call("GET", "/devices", &[("start_time", "2026-12-06")], None).await;
+    let r = a
+        .call("GET", "/devices", &[("start_time", "2026-12-06")], None)
+        .await;
     assert_eq!(json_of(r, 400).await["error_code"], "IOTDA.000009");
     let r = a
         .call(
             "GET",
             "/devices",
-            &[("start_time", "20261207T000000Z"), ("end_time", "20261206T000000Z")],
+            &[
+                ("start_time", "20261207T000000Z"),
+                ("end_time", "20261206T000000Z"),
+            ],
             None,
         )
         .await;
     assert_eq!(json_of(r, 400).await["error_code"], "IOTDA.000010");
     let late = json_of(
-        a.call("GET", "/devices", &[("start_time", middle.as_str())], None).await,
+        a.call("GET", "/devices", &[("start_time", middle.as_str())], None)
+            .await,
         200,
     )
     .await;
     assert_eq!(late["page"]["count"], 3, "{late}");
     let early = json_of(
-        a.call("GET", "/devices", &[("end_time", middle.as_str())], None).await,
+        a.call("GET", "/devices", &[("end_time", middle.as_str())], None)
+            .await,
         200,
     )
     .await;
@@ -307,17 +363,23 @@ async fn show_applications_tells_a_client_its_app_id() {
     // The one a device's record names.
     let device = offline_devices(&app, &fx, "ap", 1).await;
     let shown = json_of(
-        a.call("GET", &format!("/devices/{}", device[0]), &[], None).await,
+        a.call("GET", &format!("/devices/{}", device[0]), &[], None)
+            .await,
         200,
     )
     .await;
     assert_eq!(shown["app_id"], app_id);
-    let one = json_of(a.call("GET", &format!("/apps/{app_id}"), &[], None).await, 200).await;
+    let one = json_of(
+        a.call("GET", &format!("/apps/{app_id}"), &[], None).await,
+        200,
+    )
+    .await;
     assert_eq!(one["app_id"], app_id);
     assert!(one["create_time"].as_str().unwrap().ends_with('Z'));
     json_of(a.call("GET", "/apps/nope", &[], None).await, 404).await;
     let others = json_of(
-        a.call("GET", "/apps", &[("default_app", "false")], None).await,
+        a.call("GET", "/apps", &[("default_app", "false")], None)
+            .await,
         200,
     )
     .await;

@@ -713,7 +713,7 @@ async fn event_streams_are_capped_per_session() {
     let refused = open().await.unwrap();
     assert_eq!(refused.status(), 429);
     let body: serde_json::Value = refused.json().await.unwrap();
-    assert_eq!(body["error_code"], "IOTDA.000011");
+    assert_eq!(body["error_code"], "UPDRAFT.000429");
     // Another session has its own streams; a closed stream gives its place back.
     drop(held.pop());
     let mut reopened = None;

@@ -465,7 +465,10 @@ async fn a_routing_rule_forwards_iotdas_batch_task_notification_while_active() {
         201,
     )
     .await;
-    assert_eq!(rule["active"], false, "created inactive, as on IoTDA: {rule}");
+    assert_eq!(
+        rule["active"], false,
+        "created inactive, as on IoTDA: {rule}"
+    );
     let rule_id = rule["rule_id"].as_str().unwrap().to_owned();
     let refused = json_of(
         a.call(
@@ -478,7 +481,13 @@ async fn a_routing_rule_forwards_iotdas_batch_task_notification_while_active() {
         400,
     )
     .await;
-    assert!(refused["error_msg"].as_str().unwrap().contains("subject.resource"), "{refused}");
+    assert!(
+        refused["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("subject.resource"),
+        "{refused}"
+    );
     let action = json_of(
         a.call(
             "POST",
@@ -492,14 +501,24 @@ async fn a_routing_rule_forwards_iotdas_batch_task_notification_while_active() {
     )
     .await;
     let action_id = action["action_id"].as_str().unwrap().to_owned();
-    assert_eq!(action["channel_detail"]["http_forwarding"]["token"], "tok-123");
+    assert_eq!(
+        action["channel_detail"]["http_forwarding"]["token"],
+        "tok-123"
+    );
 
     // Inactive: a task's changes are not forwarded.
-    let first = tasks::create(&app.state, &fx.project, crate::tasks::new_task(&fx, "quiet", &[&d]))
-        .await
-        .unwrap();
+    let first = tasks::create(
+        &app.state,
+        &fx.project,
+        crate::tasks::new_task(&fx, "quiet", &[&d]),
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(received.accepted().is_empty(), "nothing while the rule is inactive");
+    assert!(
+        received.accepted().is_empty(),
+        "nothing while the rule is inactive"
+    );
 
     let active = json_of(
         a.call(
@@ -514,7 +533,9 @@ async fn a_routing_rule_forwards_iotdas_batch_task_notification_while_active() {
     .await;
     assert_eq!(active["active"], true);
     app.clock.advance(Duration::from_millis(10));
-    tasks::stop(&app.state, &fx.project, &first.id, None).await.unwrap();
+    tasks::stop(&app.state, &fx.project, &first.id, None)
+        .await
+        .unwrap();
     eventually("the stop's notification", || {
         received
             .accepted()
@@ -524,18 +545,28 @@ async fn a_routing_rule_forwards_iotdas_batch_task_notification_while_active() {
     .await;
     let apps = json_of(a.call("GET", "/apps", &[], None).await, 200).await;
     for (headers, raw) in received.accepted_raw() {
-        assert!(verify("tok-123", &headers, &raw), "signed with the action's token");
+        assert!(
+            verify("tok-123", &headers, &raw),
+            "signed with the action's token"
+        );
         let b: Value = serde_json::from_slice(&raw).unwrap();
         assert_eq!(b["resource"], "batchtask");
         assert_eq!(b["event"], "update");
         // IoTDA's shape: a string timestamp, a request id, and the body's app_id and task_type.
         let ms = b["event_time_ms"].as_str().unwrap();
-        assert!(ms.len() == 24 && ms.ends_with('Z') && ms.contains('.'), "{b}");
+        assert!(
+            ms.len() == 24 && ms.ends_with('Z') && ms.contains('.'),
+            "{b}"
+        );
         let request_id = b["request_id"].as_str().unwrap();
         assert_eq!(request_id.len(), 36, "{b}");
         assert_eq!(request_id.matches('-').count(), 4, "{b}");
         let body = &b["notify_data"]["body"];
-        assert_eq!(body["task_id"], first.id.as_str(), "only what happened after the activation");
+        assert_eq!(
+            body["task_id"],
+            first.id.as_str(),
+            "only what happened after the activation"
+        );
         assert_eq!(body["task_type"], "softwareUpgrade");
         assert_eq!(body["app_id"], apps["applications"][0]["app_id"]);
         assert!(body["status_desc"].is_string(), "{b}");
@@ -554,25 +585,52 @@ async fn a_routing_rule_forwards_iotdas_batch_task_notification_while_active() {
     )
     .await;
     let before = received.accepted().len();
-    let second = tasks::create(&app.state, &fx.project, crate::tasks::new_task(&fx, "after", &[&d]))
+    let second = tasks::create(
+        &app.state,
+        &fx.project,
+        crate::tasks::new_task(&fx, "after", &[&d]),
+    )
+    .await
+    .unwrap();
+    tasks::stop(&app.state, &fx.project, &second.id, None)
         .await
         .unwrap();
-    tasks::stop(&app.state, &fx.project, &second.id, None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(received.accepted().len(), before);
     let listed = json_of(
-        a.call("GET", "/routing-rule/actions", &[("rule_id", rule_id.as_str())], None).await,
+        a.call(
+            "GET",
+            "/routing-rule/actions",
+            &[("rule_id", rule_id.as_str())],
+            None,
+        )
+        .await,
         200,
     )
     .await;
     assert_eq!(listed["count"], 1, "{listed}");
-    assert!(listed["actions"][0]["channel_detail"]["http_forwarding"].get("token").is_none());
+    assert!(
+        listed["actions"][0]["channel_detail"]["http_forwarding"]
+            .get("token")
+            .is_none()
+    );
     let deleted = a
-        .call("DELETE", &format!("/routing-rule/rules/{rule_id}"), &[], None)
+        .call(
+            "DELETE",
+            &format!("/routing-rule/rules/{rule_id}"),
+            &[],
+            None,
+        )
         .await;
     assert_eq!(deleted.status().as_u16(), 204);
     json_of(
-        a.call("GET", &format!("/routing-rule/actions/{action_id}"), &[], None).await,
+        a.call(
+            "GET",
+            &format!("/routing-rule/actions/{action_id}"),
+            &[],
+            None,
+        )
+        .await,
         404,
     )
     .await;

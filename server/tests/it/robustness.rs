@@ -76,7 +76,7 @@ async fn connections_past_the_caps_get_connack_3_and_503_with_retry_after() {
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "2");
     let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["error_code"], "IOTDA.000012", "{body}");
+    assert_eq!(body["error_code"], "UPDRAFT.000503", "{body}");
     // A connection that closes frees its place.
     drop(a);
     let mut served = false;

@@ -15,7 +15,7 @@ use crate::helpers::spawn_app;
 use crate::tasks::fleet;
 
 /// The SDK's Python, from the venv scripts/setup.sh creates.
-fn sdk_python() -> PathBuf {
+pub(crate) fn sdk_python() -> PathBuf {
     let venv = std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_default()
@@ -147,7 +147,9 @@ async fn the_official_python_sdk_pages_confirms_and_routes() {
     ));
     let fx = crate::tasks::fixture(&app).await;
     // 2 000 devices for the task, the first 1 000 of them in a group.
-    let group = groups::create(&app.state, &fx.project, "big", "").await.unwrap();
+    let group = groups::create(&app.state, &fx.project, "big", "")
+        .await
+        .unwrap();
     let mut ids = Vec::with_capacity(2000);
     for i in 0..2000 {
         let id = format!("many-{i:04}");
@@ -206,14 +208,20 @@ async fn the_official_python_sdk_pages_confirms_and_routes() {
     assert_eq!(r["apps"], 1, "{r}");
     assert_eq!(r["default_app"], true, "{r}");
     assert_eq!(r["need_confirm"], true, "{r}");
-    assert_eq!(r["task_devices"], 2000, "every device reached by marker: {r}");
+    assert_eq!(
+        r["task_devices"], 2000,
+        "every device reached by marker: {r}"
+    );
     assert_eq!(r["task_pages_count"], serde_json::json!([2000]), "{r}");
     assert_eq!(r["all_waiting"], true, "{r}");
     assert_eq!(
         r["confirmed"],
         serde_json::json!(["success", "success", "success"])
     );
-    assert_eq!(r["group_devices"], 1000, "every member reached by marker: {r}");
+    assert_eq!(
+        r["group_devices"], 1000,
+        "every member reached by marker: {r}"
+    );
     assert_eq!(r["group_pages_count"], serde_json::json!([1000]), "{r}");
     assert_eq!(r["rule_active_at_creation"], false, "{r}");
     assert_eq!(r["rule_active"], true, "{r}");

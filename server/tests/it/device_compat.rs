@@ -1,6 +1,7 @@
-//! IoTDA's device-side behaviours a switching fleet relies on, through a hand-driven MQTT device: gateway
+//! IoTDA's device-side behaviours a switching fleet relies on, through hand-driven MQTT devices: gateway
 //! OTA (a child device upgraded through its gateway's connection), `task_ext_info` in the events, a
-//! success report on the wrong version, and `$sdk_info`.
+//! success report on the wrong version, `$sdk_info`, MQTT 3.1 and 5.0 logins (Eclipse Paho) with custom
+//! topics, and `secure_access` on plain MQTT.
 
 use std::time::Duration;
 
@@ -25,7 +26,11 @@ async fn a_child_device_is_upgraded_through_its_gateway() {
     let gateway = register(&app, &fx, "gw-1").await;
     let other = register(&app, &fx, "gw-2").await;
     // Children are registered through the API, as IoTDA applications do.
-    for (child, parent) in [("child-1", "gw-1"), ("child-2", "gw-1"), ("stranger", "gw-2")] {
+    for (child, parent) in [
+        ("child-1", "gw-1"),
+        ("child-2", "gw-1"),
+        ("stranger", "gw-2"),
+    ] {
         let body = json!({"product_id": "meter", "node_id": child, "device_id": child,
                           "gateway_id": parent, "future_sdk_field": true});
         let d = json_of(a.call("POST", "/devices", &[], Some(&body)).await, 201).await;
@@ -33,7 +38,8 @@ async fn a_child_device_is_upgraded_through_its_gateway() {
         assert_eq!(d["node_type"], "ENDPOINT", "{d}");
     }
     let listed = json_of(
-        a.call("GET", "/devices", &[("gateway_id", "gw-1")], None).await,
+        a.call("GET", "/devices", &[("gateway_id", "gw-1")], None)
+            .await,
         200,
     )
     .await;
@@ -78,14 +84,25 @@ async fn a_child_device_is_upgraded_through_its_gateway() {
     }
     queried.sort();
     assert_eq!(queried, ["child-1", "child-2"]);
-    assert!(gw2.quiet(Duration::from_millis(300)).await, "nothing for gw-2");
+    assert!(
+        gw2.quiet(Duration::from_millis(300)).await,
+        "nothing for gw-2"
+    );
 
     // Another gateway cannot speak for gw-1's children: its report is dropped.
-    gw2.publish(&child_event("child-1", "version_report", json!({"sw_version": "2.0"})))
-        .await;
+    gw2.publish(&child_event(
+        "child-1",
+        "version_report",
+        json!({"sw_version": "2.0"}),
+    ))
+    .await;
     // gw-1 answers for child-1 only; child-2 stays silent.
-    gw.publish(&child_event("child-1", "version_report", json!({"sw_version": "1.0"})))
-        .await;
+    gw.publish(&child_event(
+        "child-1",
+        "version_report",
+        json!({"sw_version": "1.0"}),
+    ))
+    .await;
     let up = gw.next_message("software_upgrade").await;
     assert_eq!(up["object_device_id"], "child-1", "{up}");
     let paras = &up["services"][0]["paras"];
@@ -121,7 +138,10 @@ async fn a_child_device_is_upgraded_through_its_gateway() {
         .into_iter()
         .find(|s| s.device_id == "child-2")
         .unwrap();
-    assert_eq!(child2.step, "version_query", "child-2 still waits for its report");
+    assert_eq!(
+        child2.step, "version_query",
+        "child-2 still waits for its report"
+    );
     // The child's record has its new version; the gateway's own is untouched.
     assert_eq!(row("child-1").await.sw_version.as_deref(), Some("2.0"));
     assert_eq!(row("gw-1").await.sw_version, None);
@@ -153,7 +173,8 @@ async fn a_success_report_on_the_wrong_version_fails_at_once() {
     assert_eq!(query["task_ext_info"], json!({"batch": 7}), "{query}");
     assert_eq!(query["task_id"], task.id.as_str());
     assert!(query.get("sub_device_count").is_none(), "{query}");
-    raw.send("version_report", json!({"sw_version": "1.0"})).await;
+    raw.send("version_report", json!({"sw_version": "1.0"}))
+        .await;
     let up = raw.next("software_upgrade").await;
     assert_eq!(up["task_ext_info"], json!({"batch": 7}), "{up}");
     raw.send(
@@ -203,4 +224,130 @@ async fn sdk_info_reports_update_the_device_record() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("the $sdk_info report never reached the device record");
+}
+
+/// Runs `end2end/sdk/mqtt_versions.py` (Eclipse Paho) as `dev` in MQTT `version`; its JSON result.
+async fn paho(app: &crate::helpers::TestApp, dev: &server::sim::SimDevice, version: &str) -> Value {
+    use backend::clock::Clock;
+    // Signature type 0: the password is checked without the hour (the test's clock is not the
+    // client's).
+    let (client_id, password) =
+        server::sim::login(&dev.device_id, &dev.secret, 0, app.clock.now().as_millis());
+    let out = tokio::process::Command::new(crate::sdk::sdk_python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../end2end/sdk/mqtt_versions.py"
+        ))
+        .env("MQTT_HOST", "127.0.0.1")
+        .env("MQTT_PORT", app.mqtt.port().to_string())
+        .env("MQTT_VERSION", version)
+        .env("DEVICE_ID", &dev.device_id)
+        .env("CLIENT_ID", client_id)
+        .env("PASSWORD", password)
+        .env("SW_VERSION", "2.0")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("the Paho client finished")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "Paho client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn mqtt_3_1_and_5_0_devices_log_in_publish_custom_topics_and_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let fx = fixture(&app).await;
+    for version in ["31", "5"] {
+        let d = register(&app, &fx, &format!("dev-v{version}")).await;
+        let run = paho(&app, &d, version);
+        let started = async {
+            wait_device_status(&app, &d.device_id, "ONLINE").await;
+            tasks::create(
+                &app.state,
+                &fx.project,
+                new_task(&fx, &format!("v{version}"), &[&d]),
+            )
+            .await
+            .unwrap()
+        };
+        let (result, task) = tokio::join!(run, started);
+        assert_eq!(result["connack"], 0, "MQTT {version}: {result}");
+        assert_eq!(
+            result["custom_acked"], true,
+            "a custom topic is acknowledged: {result}"
+        );
+        assert_eq!(
+            result["version_query"]["topic"],
+            format!("$oc/devices/{}/sys/events/down", d.device_id),
+            "{result}"
+        );
+        assert_eq!(
+            result["version_query"]["paras"]["task_id"],
+            task.id.as_str()
+        );
+        // It reported the target version: already upgraded.
+        wait_subtask(&app, &task.id, &d.device_id, "success", |s| {
+            s.status == SubtaskStatus::Success.as_str()
+        })
+        .await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_secure_access_device_is_refused_on_plain_mqtt_and_served_over_tls() {
+    use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet};
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let fx = fixture(&app).await;
+    let secret = "secret_secure-1";
+    backend::service::devices::register(
+        &app.state,
+        &fx.project,
+        backend::service::devices::NewDevice {
+            product_id: "meter".into(),
+            node_id: "secure-1".into(),
+            device_id: Some("secure-1".into()),
+            secret: Some(secrecy::SecretString::from(secret)),
+            // IoTDA's default: TLS only.
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    use backend::clock::Clock;
+    let (client_id, password) =
+        server::sim::login("secure-1", secret, 1, app.clock.now().as_millis());
+    let mut plain = MqttOptions::new(client_id.clone(), "127.0.0.1", app.mqtt.port());
+    plain.set_credentials("secure-1", password.clone());
+    let (_c, mut events) = AsyncClient::new(plain, 4);
+    let refused = loop {
+        match events.poll().await {
+            Err(ConnectionError::ConnectionRefused(code)) => break code,
+            Err(e) => panic!("{e}"),
+            Ok(_) => {}
+        }
+    };
+    assert_eq!(refused, ConnectReturnCode::NotAuthorized);
+    // Over TLS the same login is served.
+    let mut tls = MqttOptions::new(client_id, "localhost", app.mqtts.port());
+    tls.set_credentials("secure-1", password);
+    tls.set_transport(rumqttc::Transport::tls(app.ca_pem.clone(), None, None));
+    let (_c, mut events) = AsyncClient::new(tls, 4);
+    let ack = loop {
+        if let Event::Incoming(Packet::ConnAck(a)) = events.poll().await.unwrap() {
+            break a;
+        }
+    };
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    wait_device_status(&app, "secure-1", "ONLINE").await;
+    app.stop().await;
 }

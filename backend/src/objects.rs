@@ -82,6 +82,9 @@ pub struct StoreSettings {
     pub offload: bool,
     /// The most distinct local package files open at once (each is shared by all its downloads).
     pub max_open_files: usize,
+    /// Other bucket names a registration may give for this store: the OBS bucket an IoTDA
+    /// application's code already names.
+    pub bucket_aliases: Vec<String>,
 }
 
 /// What a completed write or a digest measured.
@@ -101,6 +104,7 @@ pub struct PackageStore {
     signer: Option<Arc<object_store::aws::AmazonS3>>,
     offload: bool,
     bucket: Arc<str>,
+    bucket_aliases: Arc<[String]>,
     max_package_size: u64,
     /// The local directory's files being served (`None` for S3).
     open_files: Option<Arc<OpenFiles>>,
@@ -195,6 +199,9 @@ impl PackageStore {
     /// [`Error::Internal`] when the directory cannot be created or the S3 settings are incomplete.
     pub fn open(settings: &StoreSettings) -> Result<Self> {
         domain::package::parse_bucket_name(&settings.bucket)?;
+        for alias in &settings.bucket_aliases {
+            domain::package::parse_bucket_name(alias)?;
+        }
         let mut signer = None;
         let mut open_files = None;
         let inner: Arc<dyn ObjectStore> = match &settings.location {
@@ -253,6 +260,7 @@ impl PackageStore {
             signer,
             offload: settings.offload,
             bucket: Arc::from(settings.bucket.as_str()),
+            bucket_aliases: settings.bucket_aliases.clone().into(),
             max_package_size: settings.max_package_size,
             open_files,
         })
@@ -287,6 +295,12 @@ impl PackageStore {
     #[must_use]
     pub fn bucket(&self) -> &str {
         &self.bucket
+    }
+
+    /// Whether a registration naming `bucket` means this store: its bucket, or one of its aliases.
+    #[must_use]
+    pub fn answers_to(&self, bucket: &str) -> bool {
+        bucket == &*self.bucket || self.bucket_aliases.iter().any(|a| a == bucket)
     }
 
     /// The largest package accepted, in bytes.

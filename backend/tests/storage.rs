@@ -63,6 +63,7 @@ async fn state_on(db: DatabaseConnection, dir: &tempfile::TempDir) -> (AppState,
         max_package_size: 64 * 1024 * 1024,
         offload: false,
         max_open_files: 64,
+        bucket_aliases: Vec::new(),
     })
     .expect("package store");
     let state = AppState::new(
@@ -1584,6 +1585,7 @@ async fn read_ahead_chunks_count_in_the_gauge_from_the_start_of_their_read() {
         max_package_size: 1024 * 1024,
         offload: false,
         max_open_files: 64,
+        bucket_aliases: Vec::new(),
     })
     .unwrap();
     let key = domain::package::ObjectKey::parse("firmware/gauge.bin").unwrap();

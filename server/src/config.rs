@@ -234,6 +234,9 @@ pub struct PackageSettings {
     pub max_open_files: usize,
     /// The S3-compatible bucket (with `store = "s3"`).
     pub s3: S3Settings,
+    /// Other bucket names CreateOtaPackage may give for this store (their `region_name` is kept as
+    /// given): the OBS buckets an IoTDA application's code already names, so it needs no change.
+    pub bucket_aliases: Vec<String>,
 }
 
 /// An S3-compatible bucket. Credentials may also come from the usual `AWS_*` environment variables.
@@ -523,6 +526,7 @@ impl Default for PackageSettings {
             max_size: 4 * 1024 * 1024 * 1024,
             max_open_files: 64,
             s3: S3Settings::default(),
+            bucket_aliases: Vec::new(),
         }
     }
 }
@@ -708,6 +712,14 @@ impl Settings {
         }
         if self.admin.username.trim().is_empty() {
             problems.push("  - admin.username must not be empty".to_owned());
+        }
+        for alias in &self.packages.bucket_aliases {
+            if let Err(e) = domain::package::parse_bucket_name(alias) {
+                problems.push(format!(
+                    "  - packages.bucket_aliases: {alias:?}: {}",
+                    e.message
+                ));
+            }
         }
         if let Err(e) = domain::package::parse_bucket_name(&self.packages.bucket) {
             problems.push(format!("  - packages.bucket: {}", e.message));
@@ -1041,6 +1053,7 @@ impl Settings {
             max_package_size: self.packages.max_size,
             offload: self.packages.s3.offload,
             max_open_files: self.packages.max_open_files,
+            bucket_aliases: self.packages.bucket_aliases.clone(),
         }
     }
 }

@@ -386,3 +386,52 @@ async fn show_applications_tells_a_client_its_app_id() {
     assert_eq!(others["applications"], json!([]));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn create_ota_package_accepts_the_configured_bucket_aliases() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = crate::helpers::settings_for(dir.path());
+    // The OBS bucket the application's code already names.
+    settings.packages.bucket_aliases = vec!["acme-firmware".into()];
+    let app = crate::helpers::spawn_with(settings).await;
+    let fx = fixture(&app).await;
+    let a = application(&app, &fx.project).await;
+    let object = app.data_dir.join("packages").join("fw/app-3.0.bin");
+    std::fs::create_dir_all(object.parent().unwrap()).unwrap();
+    std::fs::write(&object, vec![7u8; 4096]).unwrap();
+    let body = |bucket: &str| {
+        json!({"package_type": "softwarePackage", "product_id": "meter", "version": "3.0",
+               "file_location": {"obs_location": {"region_name": "cn-north-4", "bucket_name": bucket,
+                                                  "object_key": "fw/app-3.0.bin"}}})
+    };
+    let refused = json_of(
+        a.call(
+            "POST",
+            "/ota-upgrades/packages",
+            &[],
+            Some(&body("someone-elses")),
+        )
+        .await,
+        400,
+    )
+    .await;
+    assert!(
+        refused["error_msg"].as_str().unwrap().contains("bucket"),
+        "{refused}"
+    );
+    let created = json_of(
+        a.call(
+            "POST",
+            "/ota-upgrades/packages",
+            &[],
+            Some(&body("acme-firmware")),
+        )
+        .await,
+        201,
+    )
+    .await;
+    let obs = &created["file_location"]["obs_location"];
+    assert_eq!(obs["region_name"], "cn-north-4", "{created}");
+    assert_eq!(created["file_size"], 4096, "{created}");
+    app.stop().await;
+}

@@ -198,6 +198,7 @@ fn audited(command: &Command) -> Option<(String, &'static str, Option<String>)> 
             let id = match command {
                 T::Stop { task, .. }
                 | T::Retry { task, .. }
+                | T::Confirm { task, .. }
                 | T::Resume { task }
                 | T::Delete { task } => Some(task.clone()),
                 _ => None,

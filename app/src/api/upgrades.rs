@@ -112,6 +112,8 @@ pub struct TaskView {
     pub devices: PageOf<SubtaskRow>,
     /// Its rollout, when it has one.
     pub rollout: Option<super::rollouts::RolloutCard>,
+    /// Devices waiting for confirmation (a `need_confirm` task).
+    pub unconfirmed: u64,
 }
 
 /// One device in a task.
@@ -306,7 +308,9 @@ pub async fn task_detail(
         .rollout_view(&state, &task)
         .await?
         .map(super::rollouts::RolloutCard::of);
+    let unconfirmed = tasks::unconfirmed(&state, &task_id).await?;
     Ok(TaskView {
+        unconfirmed,
         rollout,
         package_id: task.package_id.clone(),
         retry_count: task.retry_count,
@@ -388,6 +392,7 @@ pub async fn create_task(
     #[server(default)] retry_count: String,
     #[server(default)] retry_interval: String,
     #[server(default)] rollout: super::rollouts::RolloutForm,
+    #[server(default)] need_confirm: String,
 ) -> Result<String, ApiError> {
     use backend::service::{packages, tasks};
     use domain::ValidationError;
@@ -448,7 +453,7 @@ pub async fn create_task(
         task_ext_info: None,
         request_id: super::ssr::request_id().await,
         rollout: rollout.rollout()?,
-        need_confirm: false,
+        need_confirm: need_confirm == "on",
         gateway_mode: false,
     };
     let task = tasks::create(&state, &user.project_id, new)
@@ -474,14 +479,37 @@ fn rename_fields(e: backend::Error) -> ApiError {
 #[server(prefix = "/api", endpoint = "stop_task")]
 pub async fn stop_task(task_id: String, device_ids: String) -> Result<CommandResult, ApiError> {
     let (state, user) = super::ssr::context().await?;
-    command(&state, &user.project_id, &task_id, &device_ids, true).await
+    command(&state, &user.project_id, &task_id, &device_ids, Verb::Stop).await
 }
 
 /// Retries a task's failed and stopped devices (empty `device_ids`: all of them).
 #[server(prefix = "/api", endpoint = "retry_task")]
 pub async fn retry_task(task_id: String, device_ids: String) -> Result<CommandResult, ApiError> {
     let (state, user) = super::ssr::context().await?;
-    command(&state, &user.project_id, &task_id, &device_ids, false).await
+    command(&state, &user.project_id, &task_id, &device_ids, Verb::Retry).await
+}
+
+/// Lets a `need_confirm` task's waiting devices start (empty `device_ids`: all of them).
+#[server(prefix = "/api", endpoint = "confirm_task")]
+pub async fn confirm_task(task_id: String, device_ids: String) -> Result<CommandResult, ApiError> {
+    let (state, user) = super::ssr::context().await?;
+    command(
+        &state,
+        &user.project_id,
+        &task_id,
+        &device_ids,
+        Verb::Confirm,
+    )
+    .await
+}
+
+/// What a task command does.
+#[cfg(feature = "ssr")]
+#[derive(Clone, Copy)]
+enum Verb {
+    Stop,
+    Retry,
+    Confirm,
 }
 
 #[cfg(feature = "ssr")]
@@ -490,7 +518,7 @@ async fn command(
     project_id: &str,
     task_id: &str,
     device_ids: &str,
-    stop: bool,
+    verb: Verb,
 ) -> Result<CommandResult, ApiError> {
     use backend::service::tasks;
     let targets = if device_ids.trim().is_empty() {
@@ -502,10 +530,11 @@ async fn command(
             tasks::MAX_COMMAND_TARGETS,
         )?)
     };
-    let results = if stop {
-        tasks::stop(state, project_id, task_id, targets.as_deref()).await?
-    } else {
-        tasks::retry(state, project_id, task_id, targets.as_deref()).await?
+    let targets = targets.as_deref();
+    let results = match verb {
+        Verb::Stop => tasks::stop(state, project_id, task_id, targets).await?,
+        Verb::Retry => tasks::retry(state, project_id, task_id, targets).await?,
+        Verb::Confirm => tasks::confirm(state, project_id, task_id, targets).await?,
     };
     Ok(CommandResult {
         applied: targets

@@ -11,8 +11,8 @@ use leptos_router::hooks::{use_navigate, use_params_map, use_query_map};
 
 use crate::api::groups::list_groups;
 use crate::api::upgrades::{
-    CreateTask, DeleteTask, RetryTask, StopTask, TaskRow, list_packages, list_tasks, step_history,
-    target_count, task_detail,
+    ConfirmTask, CreateTask, DeleteTask, RetryTask, StopTask, TaskRow, list_packages, list_tasks,
+    step_history, target_count, task_detail,
 };
 use crate::browser::live_updates;
 use crate::components::{
@@ -137,6 +137,8 @@ pub fn NewTaskPage() -> impl IntoView {
                     <fieldset>
                         <legend>"Retry policy"</legend>
                         <label class="inline"><input type="checkbox" name="retry" value="on" on:change=move |ev| set_retry.set(event_target_checked(&ev)) />"Retry failed devices"</label>
+                        <label class="inline"><input type="checkbox" name="need_confirm" value="on" id="need-confirm" />"Wait for confirmation"</label>
+                        <span class="hint">"Each device waits until you confirm it on the task's page (IoTDA's need_confirm)"</span>
                         <div class="row" hidden=move || !retry.get()>
                             <label>"Attempts" <input name="retry_count" type="number" min="1" max="5" value="2" /></label>
                             <label>"Every (minutes)" <input name="retry_interval" type="number" min="5" max="1440" value="5" /></label>
@@ -234,12 +236,14 @@ pub fn TaskPage() -> impl IntoView {
     let retry = ServerAction::<RetryTask>::new();
     let delete = ServerAction::<DeleteTask>::new();
     let resume = ServerAction::<crate::api::rollouts::ResumeTask>::new();
+    let confirm = ServerAction::<ConfirmTask>::new();
     let (tick, live) = live_updates(move || params.read().get("id"));
     let commands = move || {
         (
             stop.version().get(),
             retry.version().get(),
             resume.version().get(),
+            confirm.version().get(),
         )
     };
     let detail = Resource::new(
@@ -288,6 +292,11 @@ pub fn TaskPage() -> impl IntoView {
             set_last_command.set(Some(r));
         }
     });
+    Effect::new(move |_| {
+        if let Some(r) = confirm.value().get() {
+            set_last_command.set(Some(r));
+        }
+    });
     let command_message = move || {
         Some(match last_command.get()? {
             Ok(r) if r.refused.is_empty() => view! { <p class="alert ok" role="status" id="command-result">"Done."</p> }.into_any(),
@@ -306,7 +315,8 @@ pub fn TaskPage() -> impl IntoView {
                     let t = d.task.clone();
                     let task_id = t.task_id.clone();
                     let (task_id2, task_id3) = (task_id.clone(), task_id.clone());
-                    let (stop_id, retry_id, delete_id) = (task_id.clone(), task_id.clone(), task_id);
+                    let (stop_id, retry_id, confirm_id) = (task_id.clone(), task_id.clone(), task_id.clone());
+                    let delete_id = task_id;
                     let ids: Vec<String> = d.devices.items.iter().map(|s| s.device_id.clone()).collect();
                     let status_filter = param("status");
                     let base = format!("/upgrades/tasks/{}?status={}", t.task_id, encode(&status_filter));
@@ -329,6 +339,15 @@ pub fn TaskPage() -> impl IntoView {
                                     <input type="hidden" name="device_ids" value="" />
                                     <button type="submit" id="retry-task">"Retry failed"</button>
                                 </ActionForm>
+                                {(d.unconfirmed > 0).then(|| view! {
+                                    <ActionForm action=confirm>
+                                        <input type="hidden" name="task_id" value=confirm_id.clone() />
+                                        <input type="hidden" name="device_ids" value="" />
+                                        <button type="submit" class="primary" id="confirm-task">
+                                            {format!("Confirm {} waiting device{}", d.unconfirmed, if d.unconfirmed == 1 { "" } else { "s" })}
+                                        </button>
+                                    </ActionForm>
+                                })}
                                 <ActionForm action=delete>
                                     <input type="hidden" name="task_id" value=delete_id.clone() />
                                     <button type="submit" class="danger" id="delete-task">"Delete"</button>

@@ -856,6 +856,19 @@ pub async fn confirm(
     Ok(results)
 }
 
+/// How many of a task's devices wait for confirmation.
+///
+/// # Errors
+/// [`Error::Db`].
+pub async fn unconfirmed(state: &AppState, task_id: &str) -> Result<u64> {
+    use sea_orm::PaginatorTrait;
+    Ok(subtasks::Entity::find()
+        .filter(subtasks::Column::TaskId.eq(task_id))
+        .filter(subtasks::Column::Step.eq(crate::driver::UNCONFIRMED))
+        .count(&state.db)
+        .await?)
+}
+
 /// Deletes a completed task with its subtasks, history and tokens.
 ///
 /// # Errors

@@ -156,6 +156,9 @@ pub enum TaskCommand {
         /// rollouts"), e.g. `{"waves": [{"percent": 1}, {"percent": 10}], "max_per_minute": 100}`.
         #[arg(long)]
         rollout: Option<String>,
+        /// Every device waits until `updraft task confirm` (IoTDA's `need_confirm`).
+        #[arg(long)]
+        need_confirm: bool,
     },
     /// List tasks.
     List,
@@ -174,6 +177,14 @@ pub enum TaskCommand {
     },
     /// Retry a task's failed and stopped devices (or the given ones).
     Retry {
+        /// The task id.
+        task: String,
+        /// Only these devices.
+        #[arg(long = "device", value_delimiter = ',')]
+        devices: Vec<String>,
+    },
+    /// Let a `--need-confirm` task's waiting devices start (or the given ones).
+    Confirm {
         /// The task id.
         task: String,
         /// Only these devices.
@@ -474,6 +485,7 @@ pub fn task_json(t: &backend::storage::entity::tasks::Model) -> serde_json::Valu
         "task_type": t.task_type,
         "status": t.status,
         "status_desc": t.status_desc,
+        "need_confirm": t.need_confirm,
         "document": serde_json::from_str::<serde_json::Value>(&t.document).unwrap_or_default(),
         "task_policy": {
             "schedule_time": t.schedule_time.map(|s| Timestamp::from_millis(s).to_compact()),
@@ -518,6 +530,7 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
             retry_count,
             retry_interval,
             rollout,
+            need_confirm,
         } => {
             let rollout = rollout
                 .map(|r| {
@@ -550,7 +563,7 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
                     task_ext_info: None,
                     request_id: None,
                     rollout,
-                    need_confirm: false,
+                    need_confirm,
                     gateway_mode: false,
                 },
             )
@@ -628,6 +641,10 @@ pub async fn task(settings: Settings, cmd: TaskCommand, json_out: bool) -> Resul
         TaskCommand::Retry { task, devices } => {
             let r = tasks::retry(&state, &project, &task, Some(&devices)).await?;
             print_targets(json_out, "retry", &r);
+        }
+        TaskCommand::Confirm { task, devices } => {
+            let r = tasks::confirm(&state, &project, &task, Some(&devices)).await?;
+            print_targets(json_out, "confirm", &r);
         }
         TaskCommand::Resume { task } => {
             let t = tasks::resume(&state, &project, &task).await?;

@@ -369,6 +369,33 @@ fn devices_groups_and_tasks_are_scripted_from_the_command_line() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("only a paused task resumes"));
+    // A task whose devices wait for confirmation; not started yet (no server runs here), so there is
+    // nothing to confirm.
+    let confirming = cli_json(
+        d,
+        &[
+            "task",
+            "create",
+            "--name",
+            "confirm_me",
+            "--package",
+            &package,
+            "--group",
+            group_id,
+            "--need-confirm",
+        ],
+    );
+    assert_eq!(confirming["need_confirm"], true, "{confirming}");
+    let out = updraft(d)
+        .args(["task", "confirm", confirming["task_id"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has not started"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // No server runs here: the task waits for one to start it (and to resolve its group then).
     assert_eq!(task["status"], "Waitting");
     assert_eq!(task["task_type"], "softwareUpgrade");

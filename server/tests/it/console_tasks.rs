@@ -364,6 +364,46 @@ async fn the_console_imports_groups_uploads_and_runs_a_task_with_live_events() {
     .await;
     assert_eq!(package_view["tasks"][0]["task_id"], task.as_str());
 
+    // "Wait for confirmation": the device waits until the task page's Confirm.
+    let mut args = task_form("confirmed", "", "");
+    args[1].1 = &package;
+    args[2].1 = "devices";
+    args[4].1 = "meter_n2";
+    args.push(("need_confirm", "on"));
+    let waiting = call(&app, &cookie, "create_task", &args, 200)
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let detail = |task: String| {
+        let (app, cookie) = (&app, cookie.clone());
+        async move {
+            call(
+                app,
+                &cookie,
+                "task_detail",
+                &[("task_id", &task), ("status", ""), ("offset", "0")],
+                200,
+            )
+            .await
+        }
+    };
+    let view = detail(waiting.clone()).await;
+    assert_eq!(view["unconfirmed"], 1, "{view}");
+    assert_eq!(view["devices"]["items"][0]["step"], "unconfirmed");
+    let confirmed = call(
+        &app,
+        &cookie,
+        "confirm_task",
+        &[("task_id", &waiting), ("device_ids", "")],
+        200,
+    )
+    .await;
+    assert_eq!(confirmed["refused"], serde_json::json!([]), "{confirmed}");
+    let view = detail(waiting.clone()).await;
+    assert_eq!(view["unconfirmed"], 0, "{view}");
+    assert_ne!(view["devices"]["items"][0]["step"], "unconfirmed");
+
     let failed = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             let rows = call(&app, &cookie, "failed_deliveries", &[], 200).await;

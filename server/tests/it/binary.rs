@@ -428,6 +428,9 @@ fn devices_groups_and_tasks_are_scripted_from_the_command_line() {
 
     let stopped = cli_json(d, &["task", "stop", &task_id]);
     assert_eq!(stopped["targets"], serde_json::json!([]));
+    let confirming_id = confirming["task_id"].as_str().unwrap();
+    cli_json(d, &["task", "stop", confirming_id]);
+    cli_json(d, &["task", "delete", confirming_id]);
     assert_eq!(
         cli_json(d, &["task", "list"])["batchtasks"][0]["status"],
         "Stopped"
@@ -452,9 +455,13 @@ fn devices_groups_and_tasks_are_scripted_from_the_command_line() {
         seen,
         [
             ("cli task delete", "success"),
+            ("cli task delete", "success"),
+            ("cli task stop", "success"),
             ("cli task stop", "success"),
             ("cli task create", "failure"),
             ("cli task delete", "failure"),
+            ("cli task confirm", "failure"),
+            ("cli task create", "success"),
             ("cli task resume", "failure"),
             ("cli task create", "success"),
             ("cli package upload", "success"),

@@ -477,14 +477,14 @@ fn devices_groups_and_tasks_are_scripted_from_the_command_line() {
             .iter()
             .all(|e| e["actor_type"] == "cli" && e["actor"] == "ops-alice")
     );
-    assert_eq!(entries[3]["resource_id"], task_id.as_str());
+    assert_eq!(entries[5]["resource_id"], task_id.as_str());
     assert!(
-        entries[3]["detail"]
+        entries[5]["detail"]
             .as_str()
             .unwrap()
             .contains("stop it before deleting it"),
         "{}",
-        entries[3]
+        entries[5]
     );
 }
 

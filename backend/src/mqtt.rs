@@ -76,6 +76,9 @@ pub struct MqttSettings {
     pub max_connections: usize,
     /// Subscription filters a device may create in the router, in the life of the process.
     pub max_subscriptions: usize,
+    /// Refuse a device with `secure_access` on plain MQTT (IoTDA's rule); off only to keep a fleet
+    /// registered before Updraft enforced it connecting while its devices are updated.
+    pub enforce_secure_access: bool,
 }
 
 impl Default for MqttSettings {
@@ -87,6 +90,7 @@ impl Default for MqttSettings {
             // The router reserves (virtual) slots for this many up front.
             max_connections: 200_000,
             max_subscriptions: 16,
+            enforce_secure_access: true,
         }
     }
 }

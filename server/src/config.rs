@@ -354,6 +354,10 @@ pub struct MqttSettings {
     /// Subscription filters a device may create, in the life of the process (the router never frees
     /// one); more get SUBACK 0x80.
     pub max_subscriptions: usize,
+    /// Refuse a device with `secure_access` on plain MQTT with CONNACK 5, as IoTDA does (default). Turn
+    /// off only while a fleet registered before Updraft enforced it moves to TLS or has
+    /// `secure_access: false` set.
+    pub enforce_secure_access: bool,
 }
 
 /// The device CoAP endpoint (LwM2M registration, PCP software upgrades) and the LwM2M flow's timeouts
@@ -502,6 +506,7 @@ impl Default for MqttSettings {
             max_connections: None,
             max_packet_size: d.max_packet_size,
             max_subscriptions: d.max_subscriptions,
+            enforce_secure_access: d.enforce_secure_access,
         }
     }
 }
@@ -962,6 +967,7 @@ impl Settings {
             timestamp_skew: self.mqtt.timestamp_skew,
             max_packet_size: self.mqtt.max_packet_size,
             max_subscriptions: self.mqtt.max_subscriptions,
+            enforce_secure_access: self.mqtt.enforce_secure_access,
             max_connections: self
                 .mqtt
                 .max_connections

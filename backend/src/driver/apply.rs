@@ -102,7 +102,7 @@ impl Driver {
             let _w = self.inner.write.lock().await;
             let now = state.clock.now();
             let mut steps = steps;
-            steps.extend(open_steps(state, devices).await?);
+            steps.extend(open_steps(&state.db, state, devices).await?);
             let lease_until = now.as_millis()
                 + i64::try_from(state.settings.cluster.lease.as_millis()).unwrap_or(i64::MAX / 4);
             let lease = state.clustered().then(|| Lease {
@@ -133,6 +133,28 @@ impl Driver {
                         .chain(rows.values().map(|r| r.device_id.as_str())),
                 )
                 .await?;
+                // The device events' subtasks looked up again, now under the devices' locks: a task
+                // that started after `open_steps` looked (its begin read the device before this
+                // transaction recorded the connection) has subtasks this event must reach, or their
+                // devices would wait for a connection already made.
+                let fresh: Vec<(i64, Step<'_>)> = open_steps(&txn, state, devices)
+                    .await?
+                    .into_iter()
+                    .filter(|(id, _)| !rows.contains_key(id))
+                    .collect();
+                if !fresh.is_empty() {
+                    let fresh_ids: Vec<i64> = fresh.iter().map(|(id, _)| *id).collect();
+                    for (id, row) in read_rows(&txn, &fresh_ids).await? {
+                        if let Some(plan) = self.plan(state, &row.task_id).await? {
+                            plans.insert(id, plan);
+                        }
+                        rows.insert(id, row);
+                    }
+                    ids.extend(fresh_ids);
+                    ids.sort_unstable();
+                    ids.dedup();
+                    steps.extend(fresh);
+                }
                 // Disconnects checked again: the device may have connected to another instance since
                 // `open_steps` looked.
                 let elsewhere = connected_elsewhere(&txn, state.instance_id(), devices).await?;
@@ -331,6 +353,7 @@ impl Driver {
 
 /// The open subtasks each event applies to, in event order.
 async fn open_steps<'a>(
+    db: &impl sea_orm::ConnectionTrait,
     state: &Context,
     events: &'a [(String, DeviceEvent)],
 ) -> Result<Vec<(i64, Step<'a>)>> {
@@ -350,7 +373,7 @@ async fn open_steps<'a>(
             .filter(subtasks::Column::Status.is_in(SubtaskStatus::OPEN.map(SubtaskStatus::as_str)))
             .order_by_asc(subtasks::Column::Id)
             .into_tuple()
-            .all(&state.db)
+            .all(db)
             .await?;
         for (id, device) in rows {
             open.entry(device).or_default().push(id);

@@ -92,7 +92,7 @@ async fn check_login(
     }
     // IoTDA's `secure_access`: such a device logs in over TLS (8883) only. Checked after the password,
     // so the answer says nothing about a device to who does not hold its secret.
-    if device.secure_access && !secure {
+    if device.secure_access && !secure && ctx.settings.enforce_secure_access {
         tracing::info!(device_id = %device.id, "mqtt: a secure_access device refused on plain MQTT");
         return Err(ConnectReturnCode::NotAuthorized);
     }

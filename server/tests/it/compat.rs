@@ -14,7 +14,12 @@ use crate::helpers::{TestApp, spawn_app};
 use crate::tasks::{Fixture, fixture};
 
 /// Registers `n` offline devices `{prefix}-000`... of the fixture's product.
-async fn offline_devices(app: &TestApp, fx: &Fixture, prefix: &str, n: usize) -> Vec<String> {
+pub(crate) async fn offline_devices(
+    app: &TestApp,
+    fx: &Fixture,
+    prefix: &str,
+    n: usize,
+) -> Vec<String> {
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let id = format!("{prefix}-{i:03}");

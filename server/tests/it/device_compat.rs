@@ -233,31 +233,21 @@ async fn paho(app: &crate::helpers::TestApp, dev: &server::sim::SimDevice, versi
     // client's).
     let (client_id, password) =
         server::sim::login(&dev.device_id, &dev.secret, 0, app.clock.now().as_millis());
-    let out = tokio::process::Command::new(crate::sdk::sdk_python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../end2end/sdk/mqtt_versions.py"
-        ))
-        .env("MQTT_HOST", "127.0.0.1")
-        .env("MQTT_PORT", app.mqtt.port().to_string())
-        .env("MQTT_VERSION", version)
-        .env("DEVICE_ID", &dev.device_id)
-        .env("CLIENT_ID", client_id)
-        .env("PASSWORD", password)
-        .env("SW_VERSION", "2.0")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("the Paho client finished")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "Paho client failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    let port = app.mqtt.port().to_string();
+    crate::sdk::run_script(
+        "mqtt_versions.py",
+        &[
+            ("MQTT_HOST", crate::sdk::os("127.0.0.1")),
+            ("MQTT_PORT", crate::sdk::os(&port)),
+            ("MQTT_VERSION", crate::sdk::os(version)),
+            ("DEVICE_ID", crate::sdk::os(&dev.device_id)),
+            ("CLIENT_ID", crate::sdk::os(&client_id)),
+            ("PASSWORD", crate::sdk::os(&password)),
+            ("SW_VERSION", crate::sdk::os("2.0")),
+        ],
+        Duration::from_secs(60),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -349,5 +339,22 @@ async fn a_secure_access_device_is_refused_on_plain_mqtt_and_served_over_tls() {
     };
     assert_eq!(ack.code, ConnectReturnCode::Success);
     wait_device_status(&app, "secure-1", "ONLINE").await;
+    app.stop().await;
+
+    // The switch for a fleet registered before Updraft enforced it: plain logins are served again.
+    let mut settings = crate::helpers::settings_for(dir.path());
+    settings.mqtt.enforce_secure_access = false;
+    let app = crate::helpers::spawn_with(settings).await;
+    let (client_id, password) =
+        server::sim::login("secure-1", secret, 1, app.clock.now().as_millis());
+    let mut plain = MqttOptions::new(client_id, "127.0.0.1", app.mqtt.port());
+    plain.set_credentials("secure-1", password);
+    let (_c, mut events) = AsyncClient::new(plain, 4);
+    let ack = loop {
+        if let Event::Incoming(Packet::ConnAck(a)) = events.poll().await.unwrap() {
+            break a;
+        }
+    };
+    assert_eq!(ack.code, ConnectReturnCode::Success);
     app.stop().await;
 }

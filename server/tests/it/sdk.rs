@@ -15,7 +15,7 @@ use crate::helpers::spawn_app;
 use crate::tasks::fleet;
 
 /// The SDK's Python, from the venv scripts/setup.sh creates.
-pub(crate) fn sdk_python() -> PathBuf {
+fn sdk_python() -> PathBuf {
     let venv = std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_default()
@@ -28,9 +28,42 @@ pub(crate) fn sdk_python() -> PathBuf {
     venv
 }
 
+/// `s` as an environment value.
+pub(crate) fn os(s: &str) -> &std::ffi::OsStr {
+    std::ffi::OsStr::new(s)
+}
+
+/// Runs `end2end/sdk/{script}` with the venv's Python and `envs`; the JSON of its last output line
+/// (the scripts print their results so).
+pub(crate) async fn run_script(
+    script: &str,
+    envs: &[(&str, &std::ffi::OsStr)],
+    timeout: Duration,
+) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../end2end/sdk")
+        .join(script);
+    let out = tokio::process::Command::new(sdk_python())
+        .arg(path)
+        .envs(envs.iter().copied())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(timeout, out)
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not finish within {timeout:?}"))
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{script} printed no JSON result ({e}):\n{stdout}"))
+}
+
 #[tokio::test]
 async fn the_official_python_sdk_runs_an_upgrade_end_to_end() {
-    let python = sdk_python();
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_app(dir.path()).await;
     // The SDK dates its requests with the real clock.
@@ -87,35 +120,25 @@ async fn the_official_python_sdk_runs_an_upgrade_end_to_end() {
         .unwrap();
     let ca = app.data_dir.join("tls").join("ca.pem");
 
-    let out = tokio::process::Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../end2end/sdk/iotda_sdk_check.py"
-        ))
-        .env("UPDRAFT_ENDPOINT", &app.base)
-        .env("UPDRAFT_AK", &cred.credential.access_key)
-        .env("UPDRAFT_SK", cred.secret_key.expose_secret())
-        .env("UPDRAFT_PROJECT", &project)
-        .env("UPDRAFT_CA", &ca)
-        .env("UPDRAFT_BUCKET", "updraft")
-        .env("UPDRAFT_OBJECT_KEY", key)
-        .env("UPDRAFT_PRODUCT", "meter")
-        .env("UPDRAFT_DEVICES", "sdk-1,sdk-2")
-        .env("UPDRAFT_IDLE_DEVICE", "sdk-idle")
-        .env("HOME", dir.path()) // the SDK writes ~/.huaweicloud/application_id
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), out)
-        .await
-        .expect("the SDK script finished")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK script failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let result = run_script(
+        "iotda_sdk_check.py",
+        &[
+            ("UPDRAFT_ENDPOINT", os(&app.base)),
+            ("UPDRAFT_AK", os(&cred.credential.access_key)),
+            ("UPDRAFT_SK", os(cred.secret_key.expose_secret())),
+            ("UPDRAFT_PROJECT", os(&project)),
+            ("UPDRAFT_CA", ca.as_os_str()),
+            ("UPDRAFT_BUCKET", os("updraft")),
+            ("UPDRAFT_OBJECT_KEY", os(key)),
+            ("UPDRAFT_PRODUCT", os("meter")),
+            ("UPDRAFT_DEVICES", os("sdk-1,sdk-2")),
+            ("UPDRAFT_IDLE_DEVICE", os("sdk-idle")),
+            // The SDK writes ~/.huaweicloud/application_id.
+            ("HOME", dir.path().as_os_str()),
+        ],
+        Duration::from_secs(120),
+    )
+    .await;
     assert_eq!(result["package_version"], "2.0", "{result}");
     assert_eq!(result["status"], "Success", "{result}");
     assert_eq!(result["success"], 2, "{result}");
@@ -139,7 +162,6 @@ async fn the_official_python_sdk_runs_an_upgrade_end_to_end() {
 #[tokio::test]
 async fn the_official_python_sdk_pages_confirms_and_routes() {
     use backend::service::groups;
-    let python = sdk_python();
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_app(dir.path()).await;
     app.clock.set(Timestamp::from_millis(
@@ -150,61 +172,35 @@ async fn the_official_python_sdk_pages_confirms_and_routes() {
     let group = groups::create(&app.state, &fx.project, "big", "")
         .await
         .unwrap();
-    let mut ids = Vec::with_capacity(2000);
-    for i in 0..2000 {
-        let id = format!("many-{i:04}");
-        devices::register(
-            &app.state,
-            &fx.project,
-            devices::NewDevice {
-                product_id: "meter".into(),
-                node_id: id.clone(),
-                device_id: Some(id.clone()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        if i < 1000 {
-            groups::add_device(&app.state, &fx.project, &group.id, &id)
-                .await
-                .unwrap();
-        }
-        ids.push(id);
+    let ids = crate::compat::offline_devices(&app, &fx, "many", 2000).await;
+    for id in &ids[..1000] {
+        groups::add_device(&app.state, &fx.project, &group.id, id)
+            .await
+            .unwrap();
     }
     let list = dir.path().join("devices.txt");
     std::fs::write(&list, ids.join("\n")).unwrap();
     let cred = credentials::create(&app.state, &fx.project, "sdk test")
         .await
         .unwrap();
-    let out = tokio::process::Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../end2end/sdk/iotda_sdk_compat.py"
-        ))
-        .env("UPDRAFT_ENDPOINT", &app.base)
-        .env("UPDRAFT_AK", &cred.credential.access_key)
-        .env("UPDRAFT_SK", cred.secret_key.expose_secret())
-        .env("UPDRAFT_PROJECT", &fx.project)
-        .env("UPDRAFT_CA", app.data_dir.join("tls").join("ca.pem"))
-        .env("UPDRAFT_PACKAGE", &fx.package)
-        .env("UPDRAFT_TASK_DEVICES", &list)
-        .env("UPDRAFT_GROUP", &group.id)
-        .env("UPDRAFT_HOOK_URL", "https://127.0.0.1:9/hook")
-        .env("HOME", dir.path())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(300), out)
-        .await
-        .expect("the SDK script finished")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "SDK script failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let ca = app.data_dir.join("tls").join("ca.pem");
+    let r = run_script(
+        "iotda_sdk_compat.py",
+        &[
+            ("UPDRAFT_ENDPOINT", os(&app.base)),
+            ("UPDRAFT_AK", os(&cred.credential.access_key)),
+            ("UPDRAFT_SK", os(cred.secret_key.expose_secret())),
+            ("UPDRAFT_PROJECT", os(&fx.project)),
+            ("UPDRAFT_CA", ca.as_os_str()),
+            ("UPDRAFT_PACKAGE", os(&fx.package)),
+            ("UPDRAFT_TASK_DEVICES", list.as_os_str()),
+            ("UPDRAFT_GROUP", os(&group.id)),
+            ("UPDRAFT_HOOK_URL", os("https://127.0.0.1:9/hook")),
+            ("HOME", dir.path().as_os_str()),
+        ],
+        Duration::from_secs(300),
+    )
+    .await;
     assert_eq!(r["apps"], 1, "{r}");
     assert_eq!(r["default_app"], true, "{r}");
     assert_eq!(r["need_confirm"], true, "{r}");

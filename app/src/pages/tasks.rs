@@ -133,12 +133,12 @@ pub fn NewTaskPage() -> impl IntoView {
                         <input type="hidden" name="tz_offset" prop:value=move || tz_offset().to_string() />
                         <span class="hint">"Your local time (UTC without JavaScript); at most 7 days ahead"</span>
                         <FieldError error field="schedule_time" />
+                        <label class="inline"><input type="checkbox" name="need_confirm" value="on" id="need-confirm" />"Wait for my confirmation"</label>
+                        <span class="hint">"Devices start only when you confirm them on the task's page"</span>
                     </fieldset>
                     <fieldset>
                         <legend>"Retry policy"</legend>
                         <label class="inline"><input type="checkbox" name="retry" value="on" on:change=move |ev| set_retry.set(event_target_checked(&ev)) />"Retry failed devices"</label>
-                        <label class="inline"><input type="checkbox" name="need_confirm" value="on" id="need-confirm" />"Wait for confirmation"</label>
-                        <span class="hint">"Each device waits until you confirm it on the task's page (IoTDA's need_confirm)"</span>
                         <div class="row" hidden=move || !retry.get()>
                             <label>"Attempts" <input name="retry_count" type="number" min="1" max="5" value="2" /></label>
                             <label>"Every (minutes)" <input name="retry_interval" type="number" min="5" max="1440" value="5" /></label>

@@ -174,7 +174,7 @@ pub async fn register(
     object: BucketObject,
 ) -> Result<packages::Model> {
     let bucket = domain::package::parse_bucket_name(object.bucket_name.trim())?;
-    if !state.store.answers_to(&bucket) {
+    if !state.store.answers_to(bucket) {
         return Err(ValidationError::new(
             "bucket_name",
             format!(

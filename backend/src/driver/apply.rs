@@ -130,7 +130,9 @@ impl Driver {
                     devices
                         .iter()
                         .map(|(d, _)| d.as_str())
-                        .chain(rows.values().map(|r| r.device_id.as_str())),
+                        .chain(rows.values().map(|r| r.device_id.as_str()))
+                        // The gateways that children are reached through, read below for their state.
+                        .chain(rows.values().filter_map(|r| r.gateway_id.as_deref())),
                 )
                 .await?;
                 // The device events' subtasks looked up again, now under the devices' locks: a task
@@ -371,6 +373,9 @@ async fn open_steps<'a>(
             .column(subtasks::Column::DeviceId)
             .filter(subtasks::Column::DeviceId.is_in(chunk.iter().copied()))
             .filter(subtasks::Column::Status.is_in(SubtaskStatus::OPEN.map(SubtaskStatus::as_str)))
+            // A subtask waiting for confirmation does not follow its device: what the device does is
+            // read when it is confirmed and begins (a connect would otherwise rewrite its step).
+            .filter(subtasks::Column::Step.ne(super::UNCONFIRMED))
             .order_by_asc(subtasks::Column::Id)
             .into_tuple()
             .all(db)

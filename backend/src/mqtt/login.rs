@@ -39,24 +39,39 @@ pub(super) async fn authenticate(
             return Err(ConnectReturnCode::ServiceUnavailable);
         }
     }
-    let checked = check_login(ctx, connect, &client, now, secure).await;
-    let mut failures = lock(&ctx.failures);
-    let (by_device, by_address) = &mut *failures;
-    match checked {
-        Ok(_) | Err(ConnectReturnCode::ServiceUnavailable) => by_device.forgive(&device_key, now),
-        Err(_) => by_address.record_failure(&address_key, now),
+    let checked = check_login(ctx, connect, &client, now).await;
+    {
+        let mut failures = lock(&ctx.failures);
+        let (by_device, by_address) = &mut *failures;
+        match checked {
+            Ok(_) | Err(ConnectReturnCode::ServiceUnavailable) => {
+                by_device.forgive(&device_key, now);
+            }
+            Err(_) => by_address.record_failure(&address_key, now),
+        }
     }
-    checked
+    let (device_id, secure_access) = checked?;
+    // IoTDA's `secure_access`: such a device logs in over TLS (8883) only. Decided after the password
+    // (the answer says nothing about a device to who does not hold its secret), and not counted as a
+    // failed login: a fleet on plain MQTT behind one carrier address must not get that address
+    // throttled for the devices there that do use TLS.
+    if secure_access && !secure && ctx.settings.enforce_secure_access {
+        tracing::info!(
+            device_id,
+            "mqtt: a secure_access device refused on plain MQTT"
+        );
+        return Err(ConnectReturnCode::NotAuthorized);
+    }
+    Ok(device_id)
 }
 
-/// The login check proper (see [`authenticate`]).
+/// The login check proper (see [`authenticate`]): the device id and its `secure_access`.
 async fn check_login(
     ctx: &Ctx,
     connect: &Connect,
     client: &ClientId<'_>,
     now: domain::Timestamp,
-    secure: bool,
-) -> Result<String, ConnectReturnCode> {
+) -> Result<(String, bool), ConnectReturnCode> {
     let (username, password) = connect
         .login
         .as_ref()
@@ -90,13 +105,7 @@ async fn check_login(
     if device.status == "FROZEN" {
         return Err(ConnectReturnCode::NotAuthorized);
     }
-    // IoTDA's `secure_access`: such a device logs in over TLS (8883) only. Checked after the password,
-    // so the answer says nothing about a device to who does not hold its secret.
-    if device.secure_access && !secure && ctx.settings.enforce_secure_access {
-        tracing::info!(device_id = %device.id, "mqtt: a secure_access device refused on plain MQTT");
-        return Err(ConnectReturnCode::NotAuthorized);
-    }
-    Ok(device.id)
+    Ok((device.id, device.secure_access))
 }
 
 /// Whether the UTC hour `YYYYMMDDHH` overlaps `now ± skew`.

@@ -31,8 +31,8 @@ pub struct NewDevice {
     pub extension_info: Option<serde_json::Value>,
     /// Whether the device must use a secure protocol (default true).
     pub secure_access: Option<bool>,
-    /// The gateway a child device is reached through (a device of this project, itself directly
-    /// connected or a first-level child: at most two levels of children, as IoTDA allows).
+    /// The gateway a child device is reached through: a directly connected device of this project (one
+    /// level of children; IoTDA allows two).
     pub gateway_id: Option<String>,
 }
 
@@ -87,18 +87,14 @@ pub async fn register(state: &AppState, project_id: &str, new: NewDevice) -> Res
                 .one(&state.db)
                 .await?
                 .ok_or_else(|| Error::not_found("gateway", g))?;
-            let grandparent = match parent.gateway_id.as_deref() {
-                Some(gp) => {
-                    devices::Entity::find_by_id(gp.to_owned())
-                        .one(&state.db)
-                        .await?
-                }
-                None => None,
-            };
-            if grandparent.is_some_and(|gp| gp.gateway_id.is_some()) {
+            // A child is reached through its gateway's connection: the gateway must have one.
+            if parent.gateway_id.is_some() {
                 return Err(domain::ValidationError::new(
                     "gateway_id",
-                    format!("{g} is a second-level child; children may be nested two levels deep"),
+                    format!(
+                        "{g} is itself a child device; Updraft reaches children through a directly \
+                         connected gateway (one level)"
+                    ),
                 )
                 .into());
             }

@@ -317,7 +317,7 @@ pub async fn create_action(
         )
         .into());
     }
-    subscriptions::insert(
+    let mut created = subscriptions::insert(
         state,
         project_id,
         Subject {
@@ -332,7 +332,22 @@ pub async fn create_action(
             url_field: "channel_detail.http_forwarding.url",
         },
     )
-    .await
+    .await?;
+    // The rule read again now that the action is stored: an activation that committed in between did
+    // not see it (one after this read does).
+    let now_active = get_rule(state, project_id, rule_id).await?.active;
+    if now_active != created.subscription.enabled {
+        notification_subscriptions::Entity::update_many()
+            .col_expr(
+                notification_subscriptions::Column::Enabled,
+                Expr::value(now_active),
+            )
+            .filter(notification_subscriptions::Column::Id.eq(created.subscription.id.as_str()))
+            .exec(&state.db)
+            .await?;
+        created.subscription.enabled = now_active;
+    }
+    Ok(created)
 }
 
 /// `project_id`'s actions (of one rule, when given), by descending id after the marker.

@@ -845,9 +845,10 @@ pub async fn confirm(
             .exec(&state.db)
             .await?;
     }
-    if !ids.is_empty() {
-        state.driver.start_task(state, task_id).await?;
-    }
+    // Always: a confirmation whose start failed half-way (the database busy) is carried through by the
+    // next call, even one that finds nothing left to confirm (starting only begins `pending`
+    // subtasks, so it is safe to repeat).
+    state.driver.start_task(state, task_id).await?;
     tracing::info!(
         task_id,
         confirmed = ids.len(),

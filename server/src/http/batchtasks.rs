@@ -655,11 +655,24 @@ struct TargetsResult {
 }
 
 /// An optional JSON body: absent or empty means `{}` (the SDK sends nothing when the caller gives none).
+/// Fields besides `targets` are ignored, but a body with fields and no `targets` is refused: a
+/// misspelt key (`target`, `device_ids`) would otherwise mean every device of the task.
 fn targets_body(body: &axum::body::Bytes) -> Result<TargetsBody, IotdaError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(TargetsBody::default());
     }
-    serde_json::from_slice(body).map_err(IotdaError::json)
+    let value: Value = serde_json::from_slice(body).map_err(IotdaError::json)?;
+    if let Some(fields) = value.as_object()
+        && !fields.is_empty()
+        && !fields.contains_key("targets")
+    {
+        let names: Vec<&str> = fields.keys().map(String::as_str).collect();
+        return Err(IotdaError::bad_request(format!(
+            "targets: missing (the body has {}); send {{}} or no body for every device",
+            names.join(", ")
+        )));
+    }
+    serde_json::from_value(value).map_err(IotdaError::json)
 }
 
 /// Which command a `POST .../{task_id}/{stop|retry|confirm}` runs.

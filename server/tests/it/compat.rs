@@ -197,6 +197,13 @@ async fn need_confirm_tasks_wait_for_confirm_batch_task() {
             .all(|d| d["status"] == "Waitting")
     );
     let confirm = format!("{rest}/confirm");
+    // A misspelt key is refused rather than read as "every device".
+    let misspelt = json!({"target": ["cf-000"]});
+    let refused = json_of(a.call("POST", &confirm, &[], Some(&misspelt)).await, 400).await;
+    assert!(
+        refused["error_msg"].as_str().unwrap().contains("targets"),
+        "{refused}"
+    );
     let one = json!({"targets": ["cf-000", "nobody"]});
     let answer = json_of(a.call("POST", &confirm, &[], Some(&one)).await, 200).await;
     assert_eq!(answer["targets"][0]["target"], "cf-000");

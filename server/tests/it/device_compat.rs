@@ -52,6 +52,16 @@ async fn a_child_device_is_upgraded_through_its_gateway() {
     ids.sort_unstable();
     assert_eq!(ids, ["child-1", "child-2"], "{listed}");
     assert_eq!(listed["page"]["count"], 2);
+    // Children are reached through a directly connected gateway: no grandchildren.
+    let nested = json!({"product_id": "meter", "node_id": "grandchild", "gateway_id": "child-1"});
+    let refused = json_of(a.call("POST", "/devices", &[], Some(&nested)).await, 400).await;
+    assert!(
+        refused["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("gateway_id"),
+        "{refused}"
+    );
     let refused = json_of(a.call("DELETE", "/devices/gw-1", &[], None).await, 409).await;
     assert!(
         refused["error_msg"].as_str().unwrap().contains("child"),
@@ -356,5 +366,39 @@ async fn a_secure_access_device_is_refused_on_plain_mqtt_and_served_over_tls() {
         }
     };
     assert_eq!(ack.code, ConnectReturnCode::Success);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_device_that_connects_before_its_confirmation_still_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let fx = fixture(&app).await;
+    let d = register(&app, &fx, "dev-unconfirmed").await;
+    let mut new = new_task(&fx, "confirm_first", &[&d]);
+    new.need_confirm = true;
+    let task = tasks::create(&app.state, &fx.project, new).await.unwrap();
+    // The device connects (and reconnects) while its subtask waits for confirmation.
+    for _ in 0..2 {
+        let mut raw = raw_device(&app, &d).await;
+        wait_device_status(&app, "dev-unconfirmed", "ONLINE").await;
+        assert!(
+            raw.quiet(Duration::from_millis(300)).await,
+            "nothing sent before the confirmation"
+        );
+        raw.close().await;
+        wait_device_status(&app, "dev-unconfirmed", "OFFLINE").await;
+    }
+    let row = &crate::tasks::subtask_rows(&app, &task.id).await[0];
+    assert_eq!(row.step, "unconfirmed", "{row:?}");
+    // Confirmed while connected: it starts with the connection it has.
+    let mut raw = raw_device(&app, &d).await;
+    wait_device_status(&app, "dev-unconfirmed", "ONLINE").await;
+    tasks::confirm(&app.state, &fx.project, &task.id, None)
+        .await
+        .unwrap();
+    let query = raw.next("version_query").await;
+    assert_eq!(query["task_id"], task.id.as_str());
+    raw.close().await;
     app.stop().await;
 }

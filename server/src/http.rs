@@ -251,6 +251,7 @@ pub fn router(state: ServerState) -> Router {
         .route(
             "/v5/iot/{project_id}/routing-rule/actions/{action_id}",
             get(routing::show_action)
+                .put(routing::update_action)
                 .delete(routing::delete_action)
                 .layer(timeout),
         )

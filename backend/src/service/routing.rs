@@ -350,6 +350,49 @@ pub async fn create_action(
     Ok(created)
 }
 
+/// Changes an action's URL and/or signing token (`None` keeps it).
+///
+/// # Errors
+/// [`Error::Validation`] for another channel or a bad URL; [`Error::NotFound`]; [`Error::Db`].
+pub async fn update_action(
+    state: &AppState,
+    project_id: &str,
+    action_id: &str,
+    channel: Option<&str>,
+    url: Option<&str>,
+    token: Option<SecretString>,
+) -> Result<notification_subscriptions::Model> {
+    use secrecy::ExposeSecret;
+    let action = get_action(state, project_id, action_id).await?;
+    if channel.is_some_and(|c| !c.trim().is_empty() && c.trim() != HTTP_FORWARDING) {
+        return Err(domain::ValidationError::new(
+            "channel",
+            format!("must be {HTTP_FORWARDING}: Updraft forwards over HTTPS only"),
+        )
+        .into());
+    }
+    let mut update = notification_subscriptions::ActiveModel {
+        id: Set(action.id.clone()),
+        updated_at: Set(state.clock.now().as_millis()),
+        ..Default::default()
+    };
+    if let Some(url) = url {
+        let notify = &state.settings.notify;
+        update.url = Set(subscriptions::check_url(
+            url,
+            "channel_detail.http_forwarding.url",
+            notify.allow_http,
+            notify.allow_private,
+        )?);
+    }
+    if let Some(token) = token {
+        update.secret_enc = Set(state.sealer.seal(&action.id, token.expose_secret()));
+    }
+    let action = update.update(&state.db).await?;
+    tracing::info!(action_id, "rule action updated");
+    Ok(action)
+}
+
 /// `project_id`'s actions (of one rule, when given), by descending id after the marker.
 ///
 /// # Errors

@@ -93,6 +93,7 @@ too. State-changing requests must also come from the console's origin (`Origin` 
         routing::create_action,
         routing::list_actions,
         routing::show_action,
+        routing::update_action,
         routing::delete_action,
         subscriptions::create,
         subscriptions::list,

@@ -594,6 +594,64 @@ pub(super) async fn show_action(
     Ok(Json(ActionJson::new(action, None)).into_response())
 }
 
+/// IoTDA's `UpdateActionReq`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(as = UpdateActionReq)]
+pub(super) struct UpdateActionBody {
+    /// `HTTP_FORWARDING` (the only channel).
+    #[serde(default)]
+    channel: Option<String>,
+    /// A new `http_forwarding.url` and/or `token`; absent fields are kept.
+    #[serde(default)]
+    channel_detail: Option<ChannelDetailJson>,
+}
+
+/// `PUT /v5/iot/{project_id}/routing-rule/actions/{action_id}`.
+#[utoipa::path(
+    put,
+    path = "/v5/iot/{project_id}/routing-rule/actions/{action_id}",
+    operation_id = "UpdateRuleAction",
+    tag = "routing-rule",
+    summary = "Change a rule action's URL or signing token",
+    params(("project_id" = String, Path, description = "The project."), ("action_id" = String, Path, description = "The action.")),
+    request_body(content = UpdateActionBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The action (without its token).", body = ActionJson),
+        (status = 400, description = "Another channel, or a bad URL.", body = IotdaErrorBody),
+        (status = 401, description = "Not signed in, or a bad signature.", body = IotdaErrorBody),
+        (status = 404, description = "No such action.", body = IotdaErrorBody),
+    ),
+)]
+pub(super) async fn update_action(
+    State(state): State<ServerState>,
+    Path((project_id, action_id)): Path<(String, String)>,
+    caller: Ext,
+    user: User,
+    body: Result<Json<UpdateActionBody>, JsonRejection>,
+) -> Result<Response, IotdaError> {
+    admin_only(&user)?;
+    let project_id = project(caller.as_deref(), &project_id)?;
+    let b = super::iotda::body(body)?;
+    let forwarding = b.channel_detail.and_then(|c| c.http_forwarding);
+    let (url, token) = match forwarding {
+        Some(f) => (
+            Some(f.url).filter(|u| !u.trim().is_empty()),
+            f.token.filter(|t| !t.is_empty()).map(SecretString::from),
+        ),
+        None => (None, None),
+    };
+    let action = routing::update_action(
+        &state.app,
+        &project_id,
+        &action_id,
+        b.channel.as_deref(),
+        url.as_deref(),
+        token,
+    )
+    .await?;
+    Ok(Json(ActionJson::new(action, None)).into_response())
+}
+
 /// `DELETE /v5/iot/{project_id}/routing-rule/actions/{action_id}`.
 #[utoipa::path(
     delete,

@@ -1010,7 +1010,10 @@ const API_ROUTES: &[(&str, &[&str])] = &[
     ("/routing-rule/rules", &["get", "post"]),
     ("/routing-rule/rules/{rule_id}", &["get", "put", "delete"]),
     ("/routing-rule/actions", &["get", "post"]),
-    ("/routing-rule/actions/{action_id}", &["get", "delete"]),
+    (
+        "/routing-rule/actions/{action_id}",
+        &["get", "put", "delete"],
+    ),
 ];
 
 /// The schema `schema` refers to (`{"$ref": "#/components/schemas/X"}`), or `schema` itself.

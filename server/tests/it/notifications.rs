@@ -505,6 +505,30 @@ async fn a_routing_rule_forwards_iotdas_batch_task_notification_while_active() {
         action["channel_detail"]["http_forwarding"]["token"],
         "tok-123"
     );
+    // UpdateRuleAction: a bad URL is refused; a new token signs from then on.
+    let bad = json_of(
+        a.call(
+            "PUT",
+            &format!("/routing-rule/actions/{action_id}"),
+            &[],
+            Some(&serde_json::json!({"channel_detail": {"http_forwarding": {"url": "ftp://x/"}}})),
+        )
+        .await,
+        400,
+    )
+    .await;
+    assert!(bad["error_msg"].as_str().unwrap().contains("url"), "{bad}");
+    json_of(
+        a.call(
+            "PUT",
+            &format!("/routing-rule/actions/{action_id}"),
+            &[],
+            Some(&serde_json::json!({"channel_detail": {"http_forwarding": {"url": url, "token": "tok-456"}}})),
+        )
+        .await,
+        200,
+    )
+    .await;
 
     // Inactive: a task's changes are not forwarded.
     let first = tasks::create(
@@ -546,8 +570,8 @@ async fn a_routing_rule_forwards_iotdas_batch_task_notification_while_active() {
     let apps = json_of(a.call("GET", "/apps", &[], None).await, 200).await;
     for (headers, raw) in received.accepted_raw() {
         assert!(
-            verify("tok-123", &headers, &raw),
-            "signed with the action's token"
+            verify("tok-456", &headers, &raw),
+            "signed with the action's new token"
         );
         let b: Value = serde_json::from_slice(&raw).unwrap();
         assert_eq!(b["resource"], "batchtask");

@@ -102,7 +102,11 @@ impl Driver {
             let _w = self.inner.write.lock().await;
             let now = state.clock.now();
             let mut steps = steps;
-            steps.extend(open_steps(&state.db, state, devices).await?);
+            // With several instances the device events' subtasks are looked up in the transaction,
+            // under the devices' locks (below).
+            if !state.clustered() {
+                steps.extend(open_steps(&state.db, state, devices).await?);
+            }
             let lease_until = now.as_millis()
                 + i64::try_from(state.settings.cluster.lease.as_millis()).unwrap_or(i64::MAX / 4);
             let lease = state.clustered().then(|| Lease {
@@ -135,30 +139,28 @@ impl Driver {
                         .chain(rows.values().filter_map(|r| r.gateway_id.as_deref())),
                 )
                 .await?;
-                // The device events' subtasks looked up again, now under the devices' locks: a task
-                // that started after `open_steps` looked (its begin read the device before this
-                // transaction recorded the connection) has subtasks this event must reach, or their
-                // devices would wait for a connection already made.
-                let fresh: Vec<(i64, Step<'_>)> = open_steps(&txn, state, devices)
-                    .await?
-                    .into_iter()
-                    .filter(|(id, _)| !rows.contains_key(id))
+                // The device events' subtasks, looked up under the devices' locks: a task another
+                // instance began before these locks (reading the device as it was) is seen here, so its
+                // devices do not wait for a connection already made; one beginning after them reads
+                // what this transaction records.
+                let found = open_steps(&txn, state, devices).await?;
+                let new_ids: Vec<i64> = found
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .filter(|id| !rows.contains_key(id))
                     .collect();
-                if !fresh.is_empty() {
-                    let fresh_ids: Vec<i64> = fresh.iter().map(|(id, _)| *id).collect();
-                    for (id, row) in read_rows(&txn, &fresh_ids).await? {
-                        if let Some(plan) = self.plan(state, &row.task_id).await? {
-                            plans.insert(id, plan);
-                        }
-                        rows.insert(id, row);
+                for (id, row) in read_rows(&txn, &new_ids).await? {
+                    if let Some(plan) = self.plan(state, &row.task_id).await? {
+                        plans.insert(id, plan);
                     }
-                    ids.extend(fresh_ids);
-                    ids.sort_unstable();
-                    ids.dedup();
-                    steps.extend(fresh);
+                    rows.insert(id, row);
                 }
-                // Disconnects checked again: the device may have connected to another instance since
-                // `open_steps` looked.
+                ids.extend(new_ids);
+                ids.sort_unstable();
+                ids.dedup();
+                steps.extend(found);
+                // Disconnects checked under the locks: the device may have connected to another
+                // instance meanwhile.
                 let elsewhere = connected_elsewhere(&txn, state.instance_id(), devices).await?;
                 if !elsewhere.is_empty() {
                     steps.retain(|(id, step)| {

@@ -24,25 +24,16 @@ pub(super) async fn through_gateways(
         .filter(|(_, e)| matches!(e, DeviceEvent::FromGateway { .. }))
         .map(|(id, _)| id.clone())
         .collect();
-    let parents = gateways_of(state, relayed).await?;
     let connecting: Vec<String> = events
         .iter()
-        .filter(|(_, e)| {
-            matches!(
-                e,
-                DeviceEvent::Online | DeviceEvent::Offline | DeviceEvent::Lost { .. }
-            )
-        })
+        .filter(|(_, e)| is_connection(e))
         .map(|(id, _)| id.clone())
         .collect();
     let children = children_of(state, connecting).await?;
-    if children.is_empty()
-        && !events
-            .iter()
-            .any(|(_, e)| matches!(e, DeviceEvent::FromGateway { .. }))
-    {
+    if children.is_empty() && relayed.is_empty() {
         return Ok(events);
     }
+    let parents = gateways_of(state, relayed).await?;
     let mut out = Vec::with_capacity(events.len());
     for (device_id, event) in events {
         match event {
@@ -58,11 +49,10 @@ pub(super) async fn through_gateways(
                 }
             }
             event => {
-                let kids = match event {
-                    DeviceEvent::Online | DeviceEvent::Offline | DeviceEvent::Lost { .. } => {
-                        children.get(&device_id).cloned().unwrap_or_default()
-                    }
-                    _ => Vec::new(),
+                let kids = if is_connection(&event) {
+                    children.get(&device_id).cloned().unwrap_or_default()
+                } else {
+                    Vec::new()
                 };
                 out.push((device_id, event.clone()));
                 out.extend(kids.into_iter().map(|child| (child, event.clone())));
@@ -70,6 +60,14 @@ pub(super) async fn through_gateways(
         }
     }
     Ok(out)
+}
+
+/// A connect or a disconnect: what a gateway's children share with it.
+const fn is_connection(event: &DeviceEvent) -> bool {
+    matches!(
+        event,
+        DeviceEvent::Online | DeviceEvent::Offline | DeviceEvent::Lost { .. }
+    )
 }
 
 /// The gateway of each of `ids` that has one.

@@ -96,13 +96,21 @@ pub(super) async fn carry_out(fx: &mut Effects<'_>, effect: Effect) -> Result<()
 async fn task_info(fx: &Effects<'_>) -> Result<protocol::ota::TaskInfo> {
     use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
     let sub_device_count = match (&fx.row.gateway_id, fx.plan.gateway_mode) {
-        (Some(gateway), true) => Some(
-            subtasks::Entity::find()
-                .filter(subtasks::Column::TaskId.eq(fx.row.task_id.as_str()))
-                .filter(subtasks::Column::GatewayId.eq(gateway.as_str()))
-                .count(fx.txn)
-                .await?,
-        ),
+        (Some(gateway), true) => {
+            let known = super::lock(&fx.plan.sub_devices).get(gateway).copied();
+            Some(match known {
+                Some(n) => n,
+                None => {
+                    let n = subtasks::Entity::find()
+                        .filter(subtasks::Column::TaskId.eq(fx.row.task_id.as_str()))
+                        .filter(subtasks::Column::GatewayId.eq(gateway.as_str()))
+                        .count(fx.txn)
+                        .await?;
+                    super::lock(&fx.plan.sub_devices).insert(gateway.clone(), n);
+                    n
+                }
+            })
+        }
         _ => None,
     };
     Ok(protocol::ota::TaskInfo {

@@ -16,7 +16,7 @@ use crate::{Context, Result};
 
 /// What a task's subtasks need to run, read once per task and cached (a task's package and policy never
 /// change after creation).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(super) struct TaskPlan {
     pub(super) project_id: String,
     pub(super) plan: FlowPlan,
@@ -32,6 +32,9 @@ pub(super) struct TaskPlan {
     pub(super) task_ext_info: Option<serde_json::Value>,
     /// `task_mode` `GATEWAY`: child devices are told `sub_device_count`.
     pub(super) gateway_mode: bool,
+    /// `sub_device_count` per gateway, counted once when first needed (a task's devices do not change
+    /// once it has started).
+    pub(super) sub_devices: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Driver {
@@ -113,6 +116,7 @@ impl Driver {
             firmware_download,
             rollout: task.rollout.is_some(),
             gateway_mode: task.task_mode.as_deref() == Some("GATEWAY"),
+            sub_devices: std::sync::Mutex::default(),
             task_ext_info: task
                 .task_ext_info
                 .as_deref()

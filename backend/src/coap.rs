@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::blocks::BlockServing;
 use self::cache::PackageCache;
-pub use self::dtls::{Datagrams, DtlsSettings, application_records};
+pub use self::dtls::{Datagrams, DtlsSettings, application_records, buffer_of, recycle};
 use self::dtls::{Dtls, KeyLookup, Psk};
 use self::pcp::Serving;
 use self::registry::Registry;
@@ -289,13 +289,16 @@ impl CoapEndpoint {
             }
         });
         let mut buf = vec![0u8; 2048];
+        let mut messages = Vec::new();
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 r = dtls.recv(&mut buf) => match r {
                     Ok((n, addr)) => {
-                        for message in dtls.receive(&buf[..n], addr) {
+                        dtls.receive(&buf[..n], addr, &mut messages);
+                        for message in messages.drain(..) {
                             self.message(&message, dtls::secure(addr));
+                            dtls::recycle(message);
                         }
                     }
                     Err(e) => tracing::debug!(error.message = %e, "CoAPS receive"),

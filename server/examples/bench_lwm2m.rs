@@ -15,8 +15,9 @@
 //!    to its cap.
 //!
 //! The segment run is made three times: over CoAP, then over CoAPS (DTLS 1.2, PSK) with each suite IoTDA
-//! serves (AES-128-CCM-8, then AES-128-CBC with HMAC-SHA256), for the ratios in one run (`--skip-dtls`
-//! skips the DTLS runs). Over DTLS the fleet's handshakes and
+//! serves (AES-128-CCM-8, then AES-128-CBC with HMAC-SHA256; `--suites` to choose), for the ratios in one
+//! run (`--skip-dtls` skips the DTLS runs). `--rounds N` makes the three N times in turn and prints the
+//! ratios' medians; `--segments-only` stops after them. Over DTLS the fleet's handshakes and
 //! registrations are timed (handshakes per second), with the process's resident memory before and after
 //! (an upper bound of a session's memory: both ends' sessions live in this process). `--dtls` makes the
 //! block-wise and campaign runs use CoAPS too.
@@ -73,6 +74,20 @@ struct Args {
     /// Skip the segment run over DTLS (by default it follows the plain one, for comparison).
     #[arg(long)]
     skip_dtls: bool,
+    /// The cipher suites of the DTLS segment runs (OpenSSL's names, comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "PSK-AES128-CCM8,PSK-AES128-CBC-SHA256"
+    )]
+    suites: Vec<String>,
+    /// Segment runs (plain, then each suite) made this many times in turn; the ratios' medians are
+    /// printed (the machine's noise shows in the spread).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Only the segment runs (no block-wise run, no campaign).
+    #[arg(long)]
+    segments_only: bool,
 }
 
 /// This process's resident memory, in KiB.
@@ -115,6 +130,8 @@ struct Server {
     coap: std::net::SocketAddr,
     coaps: std::net::SocketAddr,
     project: String,
+    /// Fleets made so far (each gives its node ids a prefix of its own).
+    fleets: std::sync::atomic::AtomicUsize,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
     _dir: tempfile::TempDir,
@@ -147,6 +164,7 @@ async fn start() -> Result<Server> {
         coap,
         coaps,
         project,
+        fleets: std::sync::atomic::AtomicUsize::new(0),
         stop: Some(tx),
         task,
         _dir: dir,
@@ -197,17 +215,14 @@ impl Server {
             body,
         )
         .await?;
+        // Node ids are unique across the runs (an endpoint name finds one device): a prefix per fleet,
+        // then 7 digits.
+        let prefix = self.fleets.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > 10_000_000 {
+            bail!("at most 10 000 000 devices in a fleet");
+        }
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
-            // Node ids are unique across the runs: an endpoint name finds one device.
-            let prefix = match name {
-                "stream" => "1",
-                "campaign" => "2",
-                "blocks" => "3",
-                "streams" => "4",
-                "streamc" => "5",
-                _ => bail!("no node id prefix for {name}"),
-            };
             let node = format!("{prefix}{i:07}");
             devices::register(
                 &self.state,
@@ -437,6 +452,47 @@ async fn downloading(
     Ok((first.elapsed().as_secs_f64(), cpu_before, cpu_ns()))
 }
 
+/// The segment runs, `args.rounds` times: plain, then over DTLS with each suite; prints each round's
+/// DTLS figures as a share of the plain one of the same round, and their medians.
+async fn segment_runs(server: &Server, sim: &tokio::runtime::Handle, args: &Args) -> Result<()> {
+    let suites: &[String] = if args.skip_dtls { &[] } else { &args.suites };
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); suites.len()];
+    for round in 1..=args.rounds.max(1) {
+        let plain = segment_run(server, sim, args, &format!("stream{round}"), None).await?;
+        let mut line = Vec::new();
+        for (k, suite) in suites.iter().enumerate() {
+            // Updraft prefers the first of IoTDA's suites when a device offers both.
+            let name = format!("stream{round}s{k}");
+            let secure = segment_run(server, sim, args, &name, Some(suite)).await?;
+            ratios[k].push(secure / plain);
+            line.push(format!(
+                "{suite} {secure:.0}/s = {:.0} %",
+                secure * 100.0 / plain
+            ));
+        }
+        if !suites.is_empty() {
+            println!(
+                "segments over DTLS (round {round}): {} of plain ({plain:.0}/s)",
+                line.join(", ")
+            );
+        }
+    }
+    if args.rounds > 1 {
+        for (suite, mut r) in suites.iter().zip(ratios) {
+            r.sort_by(f64::total_cmp);
+            let shown: Vec<String> = r.iter().map(|x| format!("{:.0}", x * 100.0)).collect();
+            let n = r.len();
+            let median = f64::midpoint(r[(n - 1) / 2], r[n / 2]);
+            println!(
+                "segments over DTLS ({suite}): median {:.0} % of plain over {n} rounds ({} %)",
+                median * 100.0,
+                shown.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -457,24 +513,10 @@ async fn run(args: Args, sim: tokio::runtime::Handle) -> Result<()> {
     let server = start().await?;
 
     if !args.campaign_only {
-        let plain = segment_run(&server, &sim, &args, "stream", None).await?;
-        if !args.skip_dtls {
-            // Both suites IoTDA serves; Updraft prefers the first when a device offers both.
-            let mut ratios = Vec::new();
-            for (name, suite) in [
-                ("streams", "PSK-AES128-CCM8"),
-                ("streamc", "PSK-AES128-CBC-SHA256"),
-            ] {
-                let secure = segment_run(&server, &sim, &args, name, Some(suite)).await?;
-                ratios.push(format!(
-                    "{suite} {secure:.0}/s = {:.0} %",
-                    secure * 100.0 / plain
-                ));
-            }
-            println!(
-                "segments over DTLS: {} of plain ({plain:.0}/s) in this run",
-                ratios.join(", ")
-            );
+        segment_runs(&server, &sim, &args).await?;
+        if args.segments_only {
+            server.stop().await;
+            return Ok(());
         }
     }
 

@@ -18,6 +18,7 @@
 //!   read after its timer expired), drops handshakes older than [`DtlsSettings::handshake_timeout`] and
 //!   sessions idle for [`DtlsSettings::idle_timeout`], and keeps at most [`DtlsSettings::max_sessions`].
 
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -132,14 +133,61 @@ impl std::fmt::Debug for Psk {
 /// Finds the key of a PSK identity (`None`: no such device, or it may not use DTLS).
 pub(super) type KeyLookup = Arc<dyn Fn(String) -> BoxFuture<'static, Option<Psk>> + Send + Sync>;
 
+/// Spare datagram buffers kept per thread, at most.
+const SPARE_BUFFERS: usize = 64;
+/// Buffers larger than this are not kept (a datagram fits in far less).
+const SPARE_CAPACITY: usize = 4096;
+
+thread_local! {
+    /// Datagram buffers done with (read by OpenSSL, sent, handed up and handled), for the next ones: a
+    /// record in or out of a session costs no allocation. Per thread, so an idle session holds none.
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// The list of datagrams a session's write produced, between the session's lock and the socket.
+    static OUTGOING: Cell<Vec<Vec<u8>>> = const { Cell::new(Vec::new()) };
+}
+
+/// A buffer holding a copy of `bytes` (a spare one when there is one).
+pub fn buffer_of(bytes: &[u8]) -> Vec<u8> {
+    let mut buffer = SPARE
+        .try_with(|s| s.try_borrow_mut().ok()?.pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    buffer.clear();
+    buffer.extend_from_slice(bytes);
+    buffer
+}
+
+/// Gives a datagram buffer back for reuse (see [`buffer_of`]).
+pub fn recycle(buffer: Vec<u8>) {
+    if buffer.capacity() > SPARE_CAPACITY {
+        return;
+    }
+    let _ = SPARE.try_with(|s| {
+        if let Ok(mut spare) = s.try_borrow_mut()
+            && spare.len() < SPARE_BUFFERS
+        {
+            spare.push(buffer);
+        }
+    });
+}
+
 /// An OpenSSL object's view of the network: datagrams in, datagrams out (one read is one datagram, one
 /// write one datagram). The socket stays with its owner, async; the simulator's DTLS client uses it too.
+/// Its buffers come from and go back to this thread's spares ([`buffer_of`], [`recycle`]).
 #[derive(Debug, Default)]
 pub struct Datagrams {
-    /// Received datagrams, for OpenSSL to read.
+    /// Received datagrams, for OpenSSL to read ([`Datagrams::push`]).
     pub inbox: VecDeque<Vec<u8>>,
-    /// What OpenSSL wrote, to send.
+    /// What OpenSSL wrote, to send (and then [`recycle`]).
     pub outbox: Vec<Vec<u8>>,
+}
+
+impl Datagrams {
+    /// A received datagram, for OpenSSL to read.
+    pub fn push(&mut self, datagram: &[u8]) {
+        self.inbox.push_back(buffer_of(datagram));
+    }
 }
 
 impl Read for Datagrams {
@@ -148,6 +196,7 @@ impl Read for Datagrams {
             Some(d) => {
                 let n = d.len().min(buf.len());
                 buf[..n].copy_from_slice(&d[..n]);
+                recycle(d);
                 Ok(n)
             }
             None => Err(io::ErrorKind::WouldBlock.into()),
@@ -157,7 +206,7 @@ impl Read for Datagrams {
 
 impl Write for Datagrams {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.outbox.push(buf.to_vec());
+        self.outbox.push(buffer_of(buf));
         Ok(buf.len())
     }
 
@@ -426,9 +475,15 @@ impl Dtls {
             .and_then(|p| p.device_id.clone())
     }
 
-    /// A datagram from `addr`: fed to its session (a new one for a ClientHello); returns the CoAP
-    /// messages it carried. A flight naming a PSK identity waits for the key's lookup, spawned here.
-    pub(super) fn receive(self: &Arc<Self>, datagram: &[u8], addr: SocketAddr) -> Vec<Vec<u8>> {
+    /// A datagram from `addr`: fed to its session (a new one for a ClientHello); the CoAP messages it
+    /// carried are added to `messages` (buffers to [`recycle`] once handled). A flight naming a PSK
+    /// identity waits for the key's lookup, spawned here.
+    pub(super) fn receive(
+        self: &Arc<Self>,
+        datagram: &[u8],
+        addr: SocketAddr,
+        messages: &mut Vec<Vec<u8>>,
+    ) {
         let mut peers = lock(&self.peers);
         let now = Instant::now();
         let hello = client_hello(datagram);
@@ -439,17 +494,18 @@ impl Dtls {
             // session): it replaces the session only once it echoes its cookie, which proves the address;
             // until then a throwaway object answers with a HelloVerifyRequest and the session stays.
             if self.per_source.check_key(&addr).is_err() {
-                return Vec::new();
+                return;
             }
             if cookie.len() != COOKIE_LEN
                 || !openssl::memcmp::eq(cookie, &cookie_of(&self.secret, addr))
             {
                 drop(peers);
                 if let Ok(mut throwaway) = self.open(addr) {
-                    let (out, _, _) = Self::feed(&mut throwaway, datagram);
-                    self.transmit(&out, addr);
+                    let mut out = Vec::new();
+                    Self::feed(&mut throwaway, datagram, &mut out, &mut Vec::new());
+                    self.transmit(&mut out, addr);
                 }
-                return Vec::new();
+                return;
             }
             if let Some(old) = peers.remove(&addr) {
                 self.end(addr, &old);
@@ -458,7 +514,7 @@ impl Dtls {
         if !peers.contains_key(&addr) {
             // Only a ClientHello opens a session.
             if hello.is_none() || self.per_source.check_key(&addr).is_err() {
-                return Vec::new();
+                return;
             }
             // At the cap the oldest handshake goes: found at the front of the queue, whatever the number
             // of sessions (a flood of ClientHellos from many sources costs each no scan).
@@ -483,19 +539,19 @@ impl Dtls {
                     if hello.is_some_and(|c| !c.is_empty())
                         && let Some(first) = before_cookie(datagram)
                     {
-                        let _ = Self::feed(&mut peer, &first);
+                        Self::feed(&mut peer, &first, &mut Vec::new(), &mut Vec::new());
                     }
                     handshakes.push_back((addr, peer.started));
                     peers.insert(addr, peer);
                 }
                 Err(e) => {
                     tracing::warn!(%addr, error.message = %e, "DTLS: a session could not be opened");
-                    return Vec::new();
+                    return;
                 }
             }
         }
         let Some(peer) = peers.get_mut(&addr) else {
-            return Vec::new();
+            return;
         };
         peer.last_seen = now;
         if peer.device_id.is_none() {
@@ -504,7 +560,7 @@ impl Dtls {
                 if held.len() < MAX_HELD {
                     held.push(datagram.to_vec());
                 }
-                return Vec::new();
+                return;
             }
             if let Some(identity) = psk_identity(datagram) {
                 let mut slot = lock(&peer.keys);
@@ -518,17 +574,18 @@ impl Dtls {
                         let found = (this.lookup)(identity).await;
                         this.resume(addr, found);
                     });
-                    return Vec::new();
+                    return;
                 }
             }
         }
-        let (out, plain, end) = Self::feed(peer, datagram);
+        let mut out = OUTGOING.take();
+        let end = Self::feed(peer, datagram, &mut out, messages);
         if end && let Some(old) = peers.remove(&addr) {
             self.end(addr, &old);
         }
         drop(peers);
-        self.transmit(&out, addr);
-        plain
+        self.transmit(&mut out, addr);
+        OUTGOING.set(out);
     }
 
     /// The key lookup for `addr`'s handshake answered: feed the flight it held.
@@ -544,9 +601,7 @@ impl Dtls {
         let mut out = Vec::new();
         let mut end = false;
         for datagram in &flight {
-            let (o, _, e) = Self::feed(peer, datagram);
-            out.extend(o);
-            end |= e;
+            end |= Self::feed(peer, datagram, &mut out, &mut Vec::new());
             if end {
                 break;
             }
@@ -555,7 +610,7 @@ impl Dtls {
             self.end(addr, &old);
         }
         drop(peers);
-        self.transmit(&out, addr);
+        self.transmit(&mut out, addr);
     }
 
     /// Sends `plain` (a CoAP message) to `addr` through its session; false when it has none.
@@ -569,9 +624,11 @@ impl Dtls {
             tracing::debug!(%addr, error.message = %e, "DTLS: write failed");
             return false;
         }
-        let out = std::mem::take(&mut peer.stream.get_mut().outbox);
+        let mut out = OUTGOING.take();
+        out.append(&mut peer.stream.get_mut().outbox);
         drop(peers);
-        self.transmit(&out, addr);
+        self.transmit(&mut out, addr);
+        OUTGOING.set(out);
         true
     }
 
@@ -587,7 +644,8 @@ impl Dtls {
                     return false;
                 }
                 if peer.held.is_none() {
-                    let (out, _, end) = Self::feed(peer, &[]);
+                    let mut out = Vec::new();
+                    let end = Self::feed(peer, &[], &mut out, &mut Vec::new());
                     if !out.is_empty() {
                         sends.push((*addr, out));
                     }
@@ -627,8 +685,8 @@ impl Dtls {
             }
         }
         drop(peers);
-        for (addr, out) in sends {
-            self.transmit(&out, addr);
+        for (addr, mut out) in sends {
+            self.transmit(&mut out, addr);
         }
     }
 
@@ -652,13 +710,17 @@ impl Dtls {
         })
     }
 
-    /// Feeds a datagram (none: just a look at the timers) to `peer`; returns the datagrams to send, the
-    /// application data it carried, and whether the session ended.
-    fn feed(peer: &mut Peer, datagram: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>, bool) {
+    /// Feeds a datagram (none: just a look at the timers) to `peer`: adds the datagrams to send to
+    /// `out` and the application data it carried to `plain`; returns whether the session ended.
+    fn feed(
+        peer: &mut Peer,
+        datagram: &[u8],
+        out: &mut Vec<Vec<u8>>,
+        plain: &mut Vec<Vec<u8>>,
+    ) -> bool {
         if !datagram.is_empty() {
-            peer.stream.get_mut().inbox.push_back(datagram.to_vec());
+            peer.stream.get_mut().push(datagram);
         }
-        let mut plain = Vec::new();
         let mut end = false;
         if peer.device_id.is_none() {
             match peer.stream.do_handshake() {
@@ -682,10 +744,14 @@ impl Dtls {
                 static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 2048]);
             }
             let records = application_records(datagram);
+            let mut read = 0;
             BUF.with_borrow_mut(|buf| {
-                while records.is_none_or(|n| plain.len() < n) {
+                while records.is_none_or(|n| read < n) {
                     match peer.stream.ssl_read(buf) {
-                        Ok(n) => plain.push(buf[..n].to_vec()),
+                        Ok(n) => {
+                            plain.push(buffer_of(&buf[..n]));
+                            read += 1;
+                        }
                         Err(e) if e.code() == ErrorCode::WANT_READ => break,
                         Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
                             // close_notify: the device ended its session.
@@ -702,15 +768,17 @@ impl Dtls {
                 }
             });
         }
-        let out = std::mem::take(&mut peer.stream.get_mut().outbox);
-        (out, plain, end)
+        out.append(&mut peer.stream.get_mut().outbox);
+        end
     }
 
-    fn transmit(&self, datagrams: &[Vec<u8>], addr: SocketAddr) {
-        for d in datagrams {
-            if let Err(e) = self.socket.try_send_to(d, addr) {
+    /// Sends `datagrams` to `addr`, emptying the list (its buffers go back to the spares).
+    fn transmit(&self, datagrams: &mut Vec<Vec<u8>>, addr: SocketAddr) {
+        for d in datagrams.drain(..) {
+            if let Err(e) = self.socket.try_send_to(&d, addr) {
                 tracing::debug!(%addr, error.message = %e, "DTLS: send dropped");
             }
+            recycle(d);
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Result;
-use backend::coap::{Datagrams, application_records};
+use backend::coap::{Datagrams, application_records, recycle};
 use openssl::ssl::{ErrorCode, Ssl, SslContextBuilder, SslMethod, SslStream, SslVersion};
 use tokio::net::UdpSocket;
 
@@ -92,7 +92,7 @@ impl Link {
             }
             // OpenSSL resends its flight when asked again after its timer ran out.
             match tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut buf)).await {
-                Ok(r) => stream.get_mut().inbox.push_back(buf[..r?].to_vec()),
+                Ok(r) => stream.get_mut().push(&buf[..r?]),
                 Err(_) if tokio::time::Instant::now() >= deadline => {
                     anyhow::bail!("DTLS handshake timed out")
                 }
@@ -113,15 +113,22 @@ impl Link {
         match self {
             Self::Plain(socket) => socket.send(message).await.map(drop),
             Self::Dtls { socket, session } => {
-                let out = {
-                    let stream = &mut lock(session).stream;
-                    stream.ssl_write(message).map_err(io::Error::other)?;
-                    std::mem::take(&mut stream.get_mut().outbox)
-                };
-                for d in out {
-                    socket.send(&d).await?;
+                lock(session)
+                    .stream
+                    .ssl_write(message)
+                    .map_err(io::Error::other)?;
+                // One datagram at a time, in order (a write makes one, usually): no list to allocate.
+                loop {
+                    let next = {
+                        let mut session = lock(session);
+                        let outbox = &mut session.stream.get_mut().outbox;
+                        (!outbox.is_empty()).then(|| outbox.remove(0))
+                    };
+                    let Some(d) = next else { return Ok(()) };
+                    let sent = socket.send(&d).await;
+                    recycle(d);
+                    sent?;
                 }
-                Ok(())
             }
         }
     }
@@ -152,7 +159,7 @@ impl Link {
                     }
                     let n = socket.recv(&mut raw).await?;
                     let mut session = lock(session);
-                    session.stream.get_mut().inbox.push_back(raw[..n].to_vec());
+                    session.stream.get_mut().push(&raw[..n]);
                     session.unread = application_records(&raw[..n]);
                 }
             }

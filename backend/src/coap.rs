@@ -372,14 +372,15 @@ impl CoapEndpoint {
     /// [`dtls::secure`] address): what the transport hands up goes to its layer.
     fn message(&self, bytes: &[u8], addr: SocketAddr) {
         match self.inner.transport.receive(bytes, addr) {
-            Some(Incoming::Request(packet)) => self.request(packet, addr),
+            Some(Incoming::Request(packet, fingerprint)) => self.request(packet, fingerprint, addr),
             Some(Incoming::Notification(packet)) => self.notification(packet, addr),
             None => {}
         }
     }
 
-    /// A request from a device: a block download, or the registration interface.
-    fn request(&self, packet: Packet, addr: SocketAddr) {
+    /// A request from a device (`fingerprint`: of its bytes, for duplicate detection): a block download,
+    /// or the registration interface.
+    fn request(&self, packet: Packet, fingerprint: u64, addr: SocketAddr) {
         // Block GETs are safe to answer twice; remembering every answered block for the exchange
         // lifetime would hold hundreds of megabytes during a campaign.
         if blocks::is_block_request(&packet) {
@@ -396,7 +397,7 @@ impl CoapEndpoint {
             && self
                 .inner
                 .transport
-                .duplicate(addr, packet.header.message_id)
+                .duplicate(addr, packet.header.message_id, fingerprint)
         {
             return;
         }

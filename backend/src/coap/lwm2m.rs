@@ -106,7 +106,7 @@ impl CoapEndpoint {
             });
         let reg_id = hex::encode(rand::random::<[u8; 6]>());
         let now = self.inner.state.clock.now();
-        self.inner.registry.insert(Session {
+        let displaced = self.inner.registry.insert(Session {
             device_id: device.id.clone(),
             addr,
             reg_id: reg_id.clone(),
@@ -115,6 +115,10 @@ impl CoapEndpoint {
             observe_token: None,
             firmware_tokens: [None, None],
         });
+        if let Some(gone) = displaced {
+            tracing::info!(device_id = %gone, %addr, by = %device.id, "LwM2M: another device registered from this device's address; its registration ended");
+            self.event(&gone, DeviceEvent::Offline);
+        }
         self.count_registrations();
         tracing::debug!(device_id = %device.id, endpoint, %addr, "LwM2M registered");
         (ResponseType::Created, Some(reg_id))

@@ -52,11 +52,21 @@ impl Sessions {
         Some(s)
     }
 
-    fn insert(&mut self, s: Session) {
+    /// Records `s` (replacing its device's earlier registration); returns the registration of another
+    /// device it displaced from its address.
+    fn insert(&mut self, s: Session) -> Option<Session> {
         self.remove(&s.device_id);
+        let displaced = match self.by_addr.get(&s.addr) {
+            Some(other) => {
+                let other = other.clone();
+                self.remove(&other)
+            }
+            None => None,
+        };
         self.by_reg.insert(s.reg_id.clone(), s.device_id.clone());
         self.by_addr.insert(s.addr, s.device_id.clone());
         self.by_device.insert(s.device_id.clone(), s);
+        displaced
     }
 }
 
@@ -82,9 +92,13 @@ pub(super) struct Registry {
 }
 
 impl Registry {
-    /// Records a registration (replacing the device's earlier one).
-    pub(super) fn insert(&self, session: Session) {
-        lock(&self.sessions).insert(session);
+    /// Records a registration (replacing the device's earlier one). A registration of another device
+    /// at the same address ends: that device is no longer there (a NAT gave its address and port to
+    /// this one), and what is meant for it must not reach this one. Returns that device.
+    pub(super) fn insert(&self, session: Session) -> Option<String> {
+        lock(&self.sessions)
+            .insert(session)
+            .map(|displaced| displaced.device_id)
     }
 
     /// The device's registration.
@@ -282,6 +296,28 @@ mod tests {
         assert!(r.by_reg("r1").is_none());
         assert_eq!(r.addrs(), HashSet::from(["10.0.0.2:5683".parse().unwrap()]));
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn a_registration_from_another_devices_address_ends_that_devices_registration() {
+        let r = Registry::default();
+        assert_eq!(r.insert(session("d1", "10.0.0.1:5683", "r1")), None);
+        assert_eq!(
+            r.insert(session("d1", "10.0.0.1:5683", "r2")),
+            None,
+            "itself again"
+        );
+        // d2 got d1's NAT address and port: d1 is not there any more.
+        assert_eq!(
+            r.insert(session("d2", "10.0.0.1:5683", "r3")),
+            Some("d1".to_owned())
+        );
+        assert!(r.session("d1").is_none() && r.by_reg("r2").is_none());
+        assert_eq!(r.session("d2").unwrap().reg_id, "r3");
+        assert_eq!(r.len(), 1);
+        // Another address displaces nobody.
+        assert_eq!(r.insert(session("d1", "10.0.0.9:5683", "r4")), None);
+        assert_eq!(r.len(), 2);
     }
 
     #[test]

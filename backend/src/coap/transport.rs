@@ -33,8 +33,9 @@ pub(super) type Token = [u8; 8];
 
 /// What the transport hands up.
 pub(super) enum Incoming {
-    /// A request from a device (not yet checked for duplicates: see [`Transport::duplicate`]).
-    Request(Packet),
+    /// A request from a device (not yet checked for duplicates: see [`Transport::duplicate`]), and the
+    /// fingerprint of its bytes.
+    Request(Packet, u64),
     /// A response that answers none of our requests: a notification of an observation. A confirmable
     /// one is already acknowledged, and a duplicate is not handed up.
     Notification(Packet),
@@ -58,8 +59,9 @@ struct Pending {
     answer: Option<oneshot::Sender<Option<Packet>>>,
 }
 
-/// A confirmable message already handled: its reply (none while in progress), and until when it counts.
-type Seen = (Option<Vec<u8>>, Instant);
+/// A confirmable message already handled: the fingerprint of its bytes, its reply (none while in
+/// progress), and until when it counts.
+type Seen = (u64, Option<Vec<u8>>, Instant);
 
 #[derive(Default)]
 struct Exchanges {
@@ -95,6 +97,8 @@ pub(super) struct Transport {
     /// Confirmable messages remembered for duplicate detection at most (a flood from ever new source
     /// ports would otherwise fill the map for `EXCHANGE_LIFETIME`); past this, new ones are dropped.
     max_seen: usize,
+    /// Fingerprints messages (seeded per process, so no one can make two differ and collide).
+    fingerprints: foldhash::quality::RandomState,
     /// Counts the requests sent again (the instance's `updraft_coap_retransmissions`).
     pub(super) retransmitted: prometheus_client::metrics::counter::Counter,
 }
@@ -111,6 +115,7 @@ impl Transport {
             earlier_due: Notify::new(),
             next_mid: Mutex::default(),
             max_seen: 200_000,
+            fingerprints: foldhash::quality::RandomState::default(),
             retransmitted: prometheus_client::metrics::counter::Counter::default(),
         }
     }
@@ -163,7 +168,9 @@ impl Transport {
         let ty = packet.header.get_type();
         let mid = packet.header.message_id;
         match packet.header.code {
-            MessageClass::Request(_) => return Some(Incoming::Request(packet)),
+            MessageClass::Request(_) => {
+                return Some(Incoming::Request(packet, self.fingerprint(bytes)));
+            }
             MessageClass::Empty => match ty {
                 MessageType::Acknowledgement => self.acknowledged(addr, mid, None),
                 MessageType::Reset => self.reset_exchange(addr, mid),
@@ -177,7 +184,7 @@ impl Transport {
                 MessageType::Confirmable | MessageType::NonConfirmable => {
                     if ty == MessageType::Confirmable {
                         let ack = empty_ack(mid);
-                        let first = !self.duplicate(addr, mid);
+                        let first = !self.duplicate(addr, mid, self.fingerprint(bytes));
                         self.remember(addr, mid, ack.clone());
                         self.send(&ack, addr);
                         if !first {
@@ -196,30 +203,48 @@ impl Transport {
         None
     }
 
-    /// Whether a confirmable message was seen before; if so, its reply (when ready) is sent again.
-    pub(super) fn duplicate(&self, addr: SocketAddr, mid: u16) -> bool {
+    /// The fingerprint of a message's bytes (see [`Transport::duplicate`]).
+    pub(super) fn fingerprint(&self, bytes: &[u8]) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.fingerprints, bytes)
+    }
+
+    /// Whether a confirmable message (its `fingerprint` that of its bytes) was seen before; if so, its
+    /// reply (when ready) is sent again. A retransmission is the same message; another message under
+    /// a message id seen from this address is a new one (another device behind the same NAT address and
+    /// port, a device whose message ids wrapped), handled and remembered in place of the old: it must
+    /// not get the old one's reply (a registration answered with another device's location).
+    pub(super) fn duplicate(&self, addr: SocketAddr, mid: u16, fingerprint: u64) -> bool {
         let mut ex = lock(&self.exchanges);
-        if let Some((reply, _)) = ex.seen.get(&(addr, mid)) {
-            if let Some(reply) = reply.clone() {
-                drop(ex);
-                self.send(&reply, addr);
+        let until = Instant::now() + self.exchange_lifetime;
+        match ex.seen.get_mut(&(addr, mid)) {
+            Some((seen, reply, _)) if *seen == fingerprint => {
+                if let Some(reply) = reply.clone() {
+                    drop(ex);
+                    self.send(&reply, addr);
+                }
+                return true;
             }
-            return true;
+            Some(other) => {
+                *other = (fingerprint, None, until);
+                return false;
+            }
+            None => {}
         }
         if ex.seen.len() >= self.max_seen {
             // Treated as already seen (dropped): memory for duplicate detection is bounded.
             return true;
         }
-        let until = Instant::now() + self.exchange_lifetime;
-        ex.seen.insert((addr, mid), (None, until));
+        ex.seen.insert((addr, mid), (fingerprint, None, until));
         false
     }
 
+    /// The reply to the message `mid` from `addr`, remembered for its retransmissions.
     fn remember(&self, addr: SocketAddr, mid: u16, reply: Vec<u8>) {
         let until = Instant::now() + self.exchange_lifetime;
-        lock(&self.exchanges)
-            .seen
-            .insert((addr, mid), (Some(reply), until));
+        if let Some(seen) = lock(&self.exchanges).seen.get_mut(&(addr, mid)) {
+            seen.1 = Some(reply);
+            seen.2 = until;
+        }
     }
 
     /// Sends `response` to `request`, remembered as the reply to repeat when a confirmable request comes
@@ -466,7 +491,7 @@ impl Transport {
     pub(super) fn forget_old(&self, known: &HashSet<SocketAddr>) {
         let instant = Instant::now();
         let mut ex = lock(&self.exchanges);
-        ex.seen.retain(|_, (_, until)| *until > instant);
+        ex.seen.retain(|_, (_, _, until)| *until > instant);
         let busy: HashSet<SocketAddr> = ex.pending.values().map(|p| p.addr).collect();
         drop(ex);
         lock(&self.next_mid).retain(|addr, _| known.contains(addr) || busy.contains(addr));
@@ -613,10 +638,10 @@ mod tests {
         request.header.set_type(MessageType::Confirmable);
         request.header.message_id = 7;
         let bytes = request.to_bytes().unwrap();
-        let Some(Incoming::Request(first)) = transport.receive(&bytes, from) else {
+        let Some(Incoming::Request(first, fingerprint)) = transport.receive(&bytes, from) else {
             panic!("a request is handed up");
         };
-        assert!(!transport.duplicate(from, 7));
+        assert!(!transport.duplicate(from, 7, fingerprint));
         let response = transport.response_for(&first, ResponseType::Created, from);
         transport.reply(from, &first, &response);
         assert_eq!(
@@ -624,12 +649,57 @@ mod tests {
             MessageClass::Response(ResponseType::Created)
         );
         // The same message again: answered from memory.
-        assert!(transport.duplicate(from, 7));
+        let Some(Incoming::Request(_, same)) = transport.receive(&bytes, from) else {
+            panic!("a request is handed up");
+        };
+        assert_eq!(same, fingerprint);
+        assert!(transport.duplicate(from, 7, same));
         let again = recv(&peer).await;
         assert_eq!(again.header.message_id, 7);
         assert_eq!(
             again.header.code,
             MessageClass::Response(ResponseType::Created)
+        );
+    }
+
+    #[tokio::test]
+    async fn another_request_under_a_seen_message_id_is_new_and_not_answered_from_memory() {
+        // Another device behind the same NAT address and port, whose message id happens to be one the
+        // address used: it must not get the earlier device's registration answer.
+        let (transport, peer) = pair(1000, 4).await;
+        let from = peer.local_addr().unwrap();
+        let register = |ep: &str| {
+            let mut request = get("rd");
+            request.header.code = MessageClass::Request(coap_lite::RequestType::Post);
+            request.header.set_type(MessageType::Confirmable);
+            request.header.message_id = 7;
+            request.set_token(b"reg".to_vec());
+            request.add_option(CoapOption::UriQuery, format!("ep={ep}").into_bytes());
+            request.to_bytes().unwrap()
+        };
+        let Some(Incoming::Request(first, a)) = transport.receive(&register("dev-a"), from) else {
+            panic!("a request is handed up");
+        };
+        assert!(!transport.duplicate(from, 7, a));
+        let created = transport.response_for(&first, ResponseType::Created, from);
+        transport.reply(from, &first, &created);
+        recv(&peer).await;
+        let Some(Incoming::Request(second, b)) = transport.receive(&register("dev-b"), from) else {
+            panic!("a request is handed up");
+        };
+        assert_ne!(a, b);
+        assert!(!transport.duplicate(from, 7, b), "a new request, handled");
+        let refused = transport.response_for(&second, ResponseType::Forbidden, from);
+        transport.reply(from, &second, &refused);
+        assert_eq!(
+            recv(&peer).await.header.code,
+            MessageClass::Response(ResponseType::Forbidden)
+        );
+        // Its retransmission gets its own answer; the first device's is forgotten.
+        assert!(transport.duplicate(from, 7, b));
+        assert_eq!(
+            recv(&peer).await.header.code,
+            MessageClass::Response(ResponseType::Forbidden)
         );
     }
 

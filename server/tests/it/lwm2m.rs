@@ -581,3 +581,75 @@ async fn unknown_endpoints_are_refused_and_corrupt_pcp_frames_are_dropped() {
     assert!(read_seen, "the platform read /4/0 after the intact answer");
     app.stop().await;
 }
+
+/// A device's side of `socket`: the platform's observe requests (`/19/0/0`) are answered, the answers to
+/// the device's requests go to `answers`.
+async fn observed_device(
+    socket: Arc<tokio::net::UdpSocket>,
+    answers: tokio::sync::mpsc::UnboundedSender<Packet>,
+) {
+    let mut buf = [0u8; 1500];
+    while let Ok(n) = socket.recv(&mut buf).await {
+        let Ok(p) = Packet::from_bytes(&buf[..n]) else {
+            continue;
+        };
+        if p.header.get_type() == MessageType::Acknowledgement {
+            let _ = answers.send(p);
+        } else if p.header.code == MessageClass::Request(RequestType::Get) {
+            let mut ack = Packet::new();
+            ack.header.set_type(MessageType::Acknowledgement);
+            ack.header.message_id = p.header.message_id;
+            ack.header.code = MessageClass::Response(ResponseType::Content);
+            ack.set_token(p.get_token().to_vec());
+            ack.set_observe_value(1);
+            let _ = socket.send(&ack.to_bytes().unwrap()).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_device_given_another_devices_address_and_message_id_registers_as_itself() {
+    // A NAT gives the address and port a device registered from to another device, whose message id
+    // happens to be the one the first used: the second is registered (not answered with the first's
+    // registration), and the first, no longer there, goes offline.
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(dir.path()).await;
+    let (_fx, nodes) = fixture(&app, 2).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.connect(app.coap).await.unwrap();
+    let socket = Arc::new(socket);
+    let (tx, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    let device = tokio::spawn(observed_device(socket.clone(), tx));
+    let mut register = async |node: &str| {
+        let bytes = register_packet(node, 9).to_bytes().unwrap();
+        socket.send(&bytes).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), answers.recv())
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert_eq!(answer.header.message_id, 9);
+        answer
+    };
+
+    let first = register(&nodes[0]).await;
+    assert_eq!(
+        first.header.code,
+        MessageClass::Response(ResponseType::Created)
+    );
+    crate::tasks::wait_device_status(&app, &device_id(&nodes[0]), "ONLINE").await;
+
+    let second = register(&nodes[1]).await;
+    assert_eq!(
+        second.header.code,
+        MessageClass::Response(ResponseType::Created)
+    );
+    assert_ne!(
+        second.get_option(CoapOption::LocationPath),
+        first.get_option(CoapOption::LocationPath),
+        "a registration of its own, not the first device's answer again"
+    );
+    crate::tasks::wait_device_status(&app, &device_id(&nodes[1]), "ONLINE").await;
+    crate::tasks::wait_device_status(&app, &device_id(&nodes[0]), "OFFLINE").await;
+    device.abort();
+    app.stop().await;
+}

@@ -359,6 +359,20 @@ impl Subtask {
                 };
                 Vec::new()
             }
+            // A report the device sent just before it went away (its disconnect overtook the report
+            // on the way in): it runs the target, so that is success; another version is noted and the
+            // device is asked again when it is back.
+            (Phase::WaitOnline { .. }, Input::VersionReport { sw, fw }) => {
+                let Some(current) = reported(plan.kind, sw, fw) else {
+                    return Vec::new();
+                };
+                self.source_version = Some(current.to_owned());
+                if current == plan.target {
+                    self.progress = 100;
+                    self.phase = Phase::Succeeded { already: true };
+                }
+                Vec::new()
+            }
             (Phase::WaitVersion { .. }, Input::VersionReport { sw, fw }) => {
                 let Some(current) = reported(plan.kind, sw, fw) else {
                     return Vec::new();
@@ -741,6 +755,27 @@ mod tests {
         };
         assert!(s.handle(T0, &fw, empty).is_empty());
         assert_eq!(s.step(), "version_query", "an empty report is ignored");
+    }
+
+    #[test]
+    fn a_report_overtaken_by_the_devices_disconnect_still_counts() {
+        let p = plan();
+        // On the target: success, though the device is offline by now.
+        let mut s = Subtask::new(true);
+        assert_eq!(s.handle(T0, &p, Input::Start), [Effect::SendVersionQuery]);
+        assert!(s.handle(T0, &p, Input::Offline).is_empty());
+        assert!(s.handle(T0, &p, report("2.0")).is_empty());
+        assert_eq!(s.phase, Phase::Succeeded { already: true });
+        assert_eq!(s.progress, 100);
+        // On another version: noted; nothing is sent to an offline device, and it is asked again when
+        // it is back.
+        let mut s = Subtask::new(true);
+        s.handle(T0, &p, Input::Start);
+        s.handle(T0, &p, Input::Offline);
+        assert!(s.handle(T0, &p, report("1.0")).is_empty());
+        assert!(matches!(s.phase, Phase::WaitOnline { .. }));
+        assert_eq!(s.source_version.as_deref(), Some("1.0"));
+        assert_eq!(s.handle(T0, &p, Input::Online), [Effect::SendVersionQuery]);
     }
 
     #[test]

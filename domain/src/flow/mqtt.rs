@@ -359,10 +359,13 @@ impl Subtask {
                 };
                 Vec::new()
             }
-            // A report the device sent just before it went away (its disconnect overtook the report
-            // on the way in): it runs the target, so that is success; another version is noted and the
-            // device is asked again when it is back.
-            (Phase::WaitOnline { .. }, Input::VersionReport { sw, fw }) => {
+            // In WaitOnline: a report the device sent just before it went away (its disconnect overtook
+            // the report on the way in). On the target that is success; another version is noted, and
+            // the device is asked again when it is back.
+            (
+                Phase::WaitVersion { .. } | Phase::WaitOnline { .. },
+                Input::VersionReport { sw, fw },
+            ) => {
                 let Some(current) = reported(plan.kind, sw, fw) else {
                     return Vec::new();
                 };
@@ -370,17 +373,8 @@ impl Subtask {
                 if current == plan.target {
                     self.progress = 100;
                     self.phase = Phase::Succeeded { already: true };
-                }
-                Vec::new()
-            }
-            (Phase::WaitVersion { .. }, Input::VersionReport { sw, fw }) => {
-                let Some(current) = reported(plan.kind, sw, fw) else {
-                    return Vec::new();
-                };
-                self.source_version = Some(current.to_owned());
-                if current == plan.target {
-                    self.progress = 100;
-                    self.phase = Phase::Succeeded { already: true };
+                    Vec::new()
+                } else if matches!(self.phase, Phase::WaitOnline { .. }) {
                     Vec::new()
                 } else if !plan.accepts(current) {
                     self.fail(

@@ -295,6 +295,18 @@ pub async fn delete_rule(state: &AppState, project_id: &str, rule_id: &str) -> R
     Ok(())
 }
 
+/// An action's channel: HTTP forwarding is the only one.
+fn check_channel(channel: &str) -> Result<()> {
+    if channel.trim() == HTTP_FORWARDING {
+        return Ok(());
+    }
+    Err(domain::ValidationError::new(
+        "channel",
+        format!("must be {HTTP_FORWARDING}: Updraft forwards over HTTPS only"),
+    )
+    .into())
+}
+
 /// Adds an HTTP forwarding action to a rule: a subscription of `url` to the rule's subject, signed with
 /// `token` (or a new random secret), delivering while the rule is active.
 ///
@@ -310,13 +322,7 @@ pub async fn create_action(
     token: Option<SecretString>,
 ) -> Result<subscriptions::Created> {
     let rule = get_rule(state, project_id, rule_id).await?;
-    if channel.trim() != HTTP_FORWARDING {
-        return Err(domain::ValidationError::new(
-            "channel",
-            format!("must be {HTTP_FORWARDING}: Updraft forwards over HTTPS only"),
-        )
-        .into());
-    }
+    check_channel(channel)?;
     let mut created = subscriptions::insert(
         state,
         project_id,
@@ -364,12 +370,8 @@ pub async fn update_action(
 ) -> Result<notification_subscriptions::Model> {
     use secrecy::ExposeSecret;
     let action = get_action(state, project_id, action_id).await?;
-    if channel.is_some_and(|c| !c.trim().is_empty() && c.trim() != HTTP_FORWARDING) {
-        return Err(domain::ValidationError::new(
-            "channel",
-            format!("must be {HTTP_FORWARDING}: Updraft forwards over HTTPS only"),
-        )
-        .into());
+    if let Some(c) = channel.filter(|c| !c.trim().is_empty()) {
+        check_channel(c)?;
     }
     let mut update = notification_subscriptions::ActiveModel {
         id: Set(action.id.clone()),
